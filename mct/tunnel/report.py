@@ -1,0 +1,320 @@
+"""Sweep report: a table of trials (markdown + CSV), plots, and the scaling-law fits in fits.json.
+
+A trial record is a dict with `trial`, `params` (the swept values: lr, width or d_model, parametrization,
+batch_size, ...), `n_params`, `tokens`, `flops`, `train_loss`, `eval_loss`, `scalingbench_loss`, `wall_s`
+and `state` in {"complete", "diverged", "failed"}. Only complete trials enter plots and fits; the others are
+marked in the table.
+"""
+
+import csv
+import json
+import math
+import pathlib
+import re
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from mct.tunnel import fits
+
+STATES = ("complete", "diverged", "failed")
+METRICS = ("eval_loss", "train_loss", "scalingbench_loss")
+_NUMBER_COLUMNS = ("n_params", "tokens", "flops", "train_loss", "eval_loss", "scalingbench_loss", "wall_s")
+_MIN_DISTINCT_SIZES = 3  # distinct N and distinct D needed to separate the two terms of L(N, D)
+_MIN_ENVELOPE_POINTS = 4
+
+
+def load_records(path: str) -> list[dict]:
+    """Reads trial records from a JSONL file (one record per line) and checks them."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"records file {path!r} does not exist")
+    records = []
+    for line_number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+    check_records(records)
+    return records
+
+
+def check_records(records: Sequence[dict]) -> None:
+    """Raises ValueError naming the record and field when a record is malformed."""
+    if not records:
+        raise ValueError("no trial records")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"record {i}: expected an object, got {type(record).__name__}")
+        name = f"record {i} (trial {record.get('trial', '?')})"
+        for key in ("trial", "params", "state"):
+            if key not in record:
+                raise ValueError(f"{name}: missing field {key!r}")
+        if not isinstance(record["params"], dict):
+            raise ValueError(f"{name}: field 'params' must be an object")
+        if record["state"] not in STATES:
+            raise ValueError(f"{name}: field 'state' is {record['state']!r}, expected one of {STATES}")
+        for key in _NUMBER_COLUMNS:
+            value = record.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"{name}: field {key!r} must be a number or null, got {value!r}")
+
+
+def _number(value) -> float | None:
+    """The value as a finite float, else None (missing, null, NaN, inf, text)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _width(params: dict) -> float | None:
+    return _number(params.get("width", params.get("d_model")))
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _table(records: Sequence[dict], metric: str) -> tuple[list[str], list[list]]:
+    """Header and rows: complete trials by metric first, then diverged and failed ones."""
+    param_names = sorted({name for r in records for name in r["params"]})
+    header = ["trial", "state", *param_names, *_NUMBER_COLUMNS]
+
+    def order(record: dict) -> tuple:
+        value = _number(record.get(metric))
+        return (STATES.index(record["state"]), value is None, value or 0.0)
+
+    rows = [
+        [
+            r["trial"],
+            r["state"],
+            *(r["params"].get(n) for n in param_names),
+            *(r.get(c) for c in _NUMBER_COLUMNS),
+        ]
+        for r in sorted(records, key=order)
+    ]
+    return header, rows
+
+
+def _write_csv(path: pathlib.Path, header: list[str], rows: list[list]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+
+
+def _write_markdown(path: pathlib.Path, header: list[str], rows: list[list], metric: str) -> None:
+    counts = {s: sum(row[1] == s for row in rows) for s in STATES}
+    lines = [
+        f"# Sweep report ({metric})",
+        "",
+        ", ".join(f"{n} {s}" for s, n in counts.items()) + "; diverged and failed trials are in bold.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        cells = [_format(v) for v in row]
+        if row[1] != "complete":
+            cells[1] = f"**{row[1]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _plot_lr_transfer(records: list[dict], metric: str, path: pathlib.Path) -> bool:
+    """Loss vs lr, one line per width (best over other hyperparameters), one panel per parametrization."""
+    by_parametrization: dict[str, dict[float | None, dict[float, float]]] = {}
+    for r in records:
+        lr = _number(r["params"].get("lr"))
+        if lr is None or lr <= 0:
+            continue
+        lines = by_parametrization.setdefault(str(r["params"].get("parametrization", "mup")), {})
+        points = lines.setdefault(_width(r["params"]), {})
+        points[lr] = min(points.get(lr, math.inf), r[metric])
+    if not by_parametrization:
+        return False
+    names = sorted(by_parametrization, key=lambda p: (p != "mup", p))
+    fig = Figure(figsize=(5 * len(names), 4), layout="constrained")
+    axes = fig.subplots(1, len(names), sharey=True, squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        lines = by_parametrization[name]
+        for width in sorted(lines, key=lambda w: -1.0 if w is None else w):
+            lrs = sorted(lines[width])
+            label = "all" if width is None else f"width {width:g}"
+            ax.plot(lrs, [lines[width][lr] for lr in lrs], marker="o", label=label)
+        ax.set(xscale="log", xlabel="learning rate", title=name)
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel(metric)
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _swept_params(records: list[dict]) -> list[str]:
+    """Numeric hyperparameters that take two or more values among the trials."""
+    names = sorted({name for r in records for name in r["params"]})
+    values = {n: {_number(r["params"].get(n)) for r in records} - {None} for n in names}
+    return [n for n in names if len(values[n]) >= 2]
+
+
+def _plot_param(records: list[dict], name: str, metric: str, path: pathlib.Path) -> None:
+    points = [(_number(r["params"].get(name)), r[metric]) for r in records]
+    x, y = np.array([p for p in points if p[0] is not None]).T
+    fig = Figure(figsize=(5, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(x, y)
+    if x.min() > 0 and x.max() >= 10 * x.min():
+        ax.set_xscale("log")
+    ax.set(xlabel=name, ylabel=metric, title=f"{metric} vs {name}")
+    fig.savefig(path, dpi=100)
+
+
+def _plot_compute(
+    compute: np.ndarray,
+    loss: np.ndarray,
+    envelope_fit: fits.ComputeFit | None,
+    metric: str,
+    path: pathlib.Path,
+) -> None:
+    envelope_c, envelope_loss = fits.loss_envelope(compute, loss)
+    fig = Figure(figsize=(5, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(compute, loss, s=12, alpha=0.5, label="trials")
+    ax.scatter(envelope_c, envelope_loss, color="C1", label="envelope")
+    if envelope_fit is not None:
+        grid = np.geomspace(compute.min(), compute.max(), 100)
+        ax.plot(grid, envelope_fit.predict(grid)[0], color="C1", label=f"fit: a={envelope_fit.a:.3f}")
+    ax.set(xscale="log", xlabel="compute (FLOPs)", ylabel=metric, title="loss vs compute")
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+
+
+def _best_by(records: list[dict], key, metric: str) -> list[dict]:
+    """The record with the lowest metric in each group of `key(record)`."""
+    best: dict = {}
+    for r in records:
+        group = key(r)
+        if group not in best or r[metric] < best[group][metric]:
+            best[group] = r
+    return list(best.values())
+
+
+def _fit_loss_nd(records: list[dict], metric: str) -> fits.NDFit:
+    sized = [r for r in records if _number(r.get("n_params")) and _number(r.get("tokens"))]
+    points = _best_by(sized, lambda r: (r["n_params"], r["tokens"]), metric)
+    for key, label in (("n_params", "N"), ("tokens", "D")):
+        distinct = len({r[key] for r in points})
+        if distinct < _MIN_DISTINCT_SIZES:
+            raise ValueError(f"L(N, D) needs {_MIN_DISTINCT_SIZES} or more distinct {label}, got {distinct}")
+    return fits.fit_loss_nd(*(np.array([r[k] for r in points]) for k in ("n_params", "tokens", metric)))
+
+
+def _batch_size_points(records: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(best loss, its batch size) per (N, D) where several batch sizes ran; batch size in tokens when
+    params hold seq_len, else in the sweep's unit (sequences)."""
+    with_bs = [r for r in records if _number(r["params"].get("batch_size"))]
+    groups: dict[tuple, list[dict]] = {}
+    for r in with_bs:
+        groups.setdefault((r.get("n_params"), r.get("tokens")), []).append(r)
+    best = [
+        min(group, key=lambda r: r[metric])
+        for group in groups.values()
+        if len({r["params"]["batch_size"] for r in group}) >= 2
+    ]
+    in_tokens = all(_number(r["params"].get("seq_len")) for r in best)
+    sizes = [r["params"]["batch_size"] * (r["params"]["seq_len"] if in_tokens else 1) for r in best]
+    return (
+        np.array([r[metric] for r in best]),
+        np.array(sizes, dtype=np.float64),
+        "tokens" if in_tokens else "sequences",
+    )
+
+
+def _fit_all(
+    records: list[dict], metric: str, predict: tuple[float, float] | None
+) -> tuple[dict, fits.ComputeFit | None]:
+    """fits.json content: each fit, or the reason it was skipped; plus the prediction at `predict`."""
+    result: dict = {"metric": metric, "num_complete": len(records), "skipped": {}}
+    nd_fit = envelope_fit = None
+    try:
+        nd_fit = _fit_loss_nd(records, metric)
+        result["loss_nd"] = nd_fit.to_dict()
+    except ValueError as e:
+        result["skipped"]["loss_nd"] = str(e)
+    costed = [r for r in records if _number(r.get("flops"))]
+    envelope_c, envelope_loss = fits.loss_envelope([r["flops"] for r in costed], [r[metric] for r in costed])
+    try:
+        if len(envelope_c) < _MIN_ENVELOPE_POINTS:
+            raise ValueError(
+                f"the envelope needs {_MIN_ENVELOPE_POINTS} or more points, got {len(envelope_c)}"
+            )
+        envelope_fit = fits.fit_loss_compute(envelope_c, envelope_loss)
+        result["loss_compute"] = {**envelope_fit.to_dict(), "envelope_points": len(envelope_c)}
+    except ValueError as e:
+        result["skipped"]["loss_compute"] = str(e)
+    try:
+        losses, sizes, unit = _batch_size_points(records, metric)
+        result["batch_size"] = {**fits.fit_batch_size_law(losses, sizes).to_dict(), "unit": unit}
+    except ValueError as e:
+        result["skipped"]["batch_size"] = f"{e} (best batch size per (N, D) with 2 or more batch sizes)"
+    if predict is not None:
+        n, d = predict
+        prediction: dict = {"N": n, "D": d, "compute": 6.0 * n * d}
+        if nd_fit is not None:
+            mean, std = nd_fit.predict(n, d)
+            n_opt, d_opt = nd_fit.compute_optimal(6.0 * n * d)
+            prediction |= {"loss": float(mean), "loss_std": float(std), "compute_optimal_N": n_opt}
+            prediction |= {"compute_optimal_D": d_opt, "compute_optimal_D_over_N": d_opt / n_opt}
+        if envelope_fit is not None:
+            mean, std = envelope_fit.predict(6.0 * n * d)
+            prediction |= {"envelope_loss": float(mean), "envelope_loss_std": float(std)}
+        result["prediction"] = prediction
+    return result, envelope_fit
+
+
+def write_report(
+    records: Sequence[dict],
+    out_dir: str,
+    *,
+    predict: tuple[float, float] | None = None,
+    metric: str = "eval_loss",
+) -> dict:
+    """Writes trials.csv, trials.md, the PNG plots and fits.json under out_dir; returns their paths and fits.
+
+    `metric` is the loss the plots and fits use; `predict` = (N, D) adds a loss prediction to fits.json.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_records(records)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = _table(records, metric)
+    _write_csv(out / "trials.csv", header, rows)
+    _write_markdown(out / "trials.md", header, rows, metric)
+
+    usable = [r for r in records if r["state"] == "complete" and (_number(r.get(metric)) or 0.0) > 0.0]
+    plots = []
+    if usable and _plot_lr_transfer(usable, metric, out / "loss_vs_lr.png"):
+        plots.append(out / "loss_vs_lr.png")
+    for name in _swept_params(usable):
+        path = out / f"loss_vs_param_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
+        _plot_param(usable, name, metric, path)
+        plots.append(path)
+    fit_results, envelope_fit = _fit_all(usable, metric, predict)
+    costed = [r for r in usable if _number(r.get("flops"))]
+    if costed:
+        compute = np.array([r["flops"] for r in costed], dtype=np.float64)
+        loss = np.array([r[metric] for r in costed], dtype=np.float64)
+        _plot_compute(compute, loss, envelope_fit, metric, out / "loss_vs_compute.png")
+        plots.append(out / "loss_vs_compute.png")
+    (out / "fits.json").write_text(json.dumps(fit_results, indent=2) + "\n", encoding="utf-8")
+    return {
+        "csv": str(out / "trials.csv"),
+        "markdown": str(out / "trials.md"),
+        "fits_json": str(out / "fits.json"),
+        "plots": [str(p) for p in plots],
+        "fits": fit_results,
+    }
