@@ -50,6 +50,16 @@ def test_loss_nd_noisy_data_within_standard_errors():
     assert 0 < std_inside < std < 0.1
 
 
+def test_prediction_std_is_calibrated_across_noise_draws():
+    """Over refits to fresh noise, (prediction - truth) / predicted std has a spread near 1."""
+    z = []
+    for seed in range(20):
+        fit = fits.fit_loss_nd(*grid_nd(noise=0.005, seed=seed))
+        mean, std = fit.predict(8e9, 1e12)
+        z.append((mean - true_loss_nd(8e9, 1e12)) / std)
+    assert 0.6 < np.std(z) < 1.6 and abs(np.mean(z)) < 0.7
+
+
 def test_predict_broadcasts():
     fit = fits.fit_loss_nd(*grid_nd(noise=0.0))
     mean, std = fit.predict(np.array([[1e8], [1e9]]), np.array([1e10, 1e11, 1e12]))

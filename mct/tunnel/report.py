@@ -14,6 +14,8 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib import ticker
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from mct.tunnel import fits
@@ -125,6 +127,12 @@ def _write_markdown(path: pathlib.Path, header: list[str], rows: list[list], met
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _log_x(ax: Axes) -> None:
+    """Log x axis labelled at powers of ten only (minor labels overlap on short ranges)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def _plot_lr_transfer(records: list[dict], metric: str, path: pathlib.Path) -> bool:
     """Loss vs lr, one line per width (best over other hyperparameters), one panel per parametrization."""
     by_parametrization: dict[str, dict[float | None, dict[float, float]]] = {}
@@ -146,7 +154,8 @@ def _plot_lr_transfer(records: list[dict], metric: str, path: pathlib.Path) -> b
             lrs = sorted(lines[width])
             label = "all" if width is None else f"width {width:g}"
             ax.plot(lrs, [lines[width][lr] for lr in lrs], marker="o", label=label)
-        ax.set(xscale="log", xlabel="learning rate", title=name)
+        _log_x(ax)
+        ax.set(xlabel="learning rate", title=name)
         ax.legend(fontsize="small")
     axes[0].set_ylabel(metric)
     fig.savefig(path, dpi=100)
@@ -167,7 +176,7 @@ def _plot_param(records: list[dict], name: str, metric: str, path: pathlib.Path)
     ax = fig.subplots()
     ax.scatter(x, y)
     if x.min() > 0 and x.max() >= 10 * x.min():
-        ax.set_xscale("log")
+        _log_x(ax)
     ax.set(xlabel=name, ylabel=metric, title=f"{metric} vs {name}")
     fig.savefig(path, dpi=100)
 
@@ -187,7 +196,8 @@ def _plot_compute(
     if envelope_fit is not None:
         grid = np.geomspace(compute.min(), compute.max(), 100)
         ax.plot(grid, envelope_fit.predict(grid)[0], color="C1", label=f"fit: a={envelope_fit.a:.3f}")
-    ax.set(xscale="log", xlabel="compute (FLOPs)", ylabel=metric, title="loss vs compute")
+    _log_x(ax)
+    ax.set(xlabel="compute (FLOPs)", ylabel=metric, title="loss vs compute")
     ax.legend(fontsize="small")
     fig.savefig(path, dpi=100)
 
