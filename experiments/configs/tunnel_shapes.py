@@ -1,0 +1,36 @@
+"""The ModelTunnel wind-tunnel proxy shapes (DESIGN.md section 2): name -> (d_model, d_mlp, heads, layers)."""
+
+import ml_collections
+
+from experiments.configs.base import base_config, model_config
+
+TUNNEL_SHAPES = {
+    "9m": (320, 800, 5, 8),
+    "30m": (512, 1280, 8, 12),
+    "70m": (640, 1600, 10, 14),
+    "100m": (768, 1920, 12, 16),
+    "170m": (896, 2240, 14, 18),
+    "200m": (1024, 2560, 16, 20),
+    "500m": (1344, 3360, 21, 24),
+}
+TUNNEL_VOCAB = 32768
+
+
+def tunnel_config(name: str) -> ml_collections.ConfigDict:
+    """A proxy run: head_dim 64, multi-head attention, tied embeddings, on the default corpus."""
+    d_model, d_mlp, heads, layers = TUNNEL_SHAPES[name]
+    c = base_config()
+    c.workdir = f"/tmp/mct-tunnel-{name}"
+    c.model = model_config(
+        n_layers=layers, d_model=d_model, n_heads=heads, n_kv_heads=heads, head_dim=64, d_mlp=d_mlp,
+        vocab_size=TUNNEL_VOCAB,
+    )  # fmt: skip
+    c.data.vocab_size = TUNNEL_VOCAB
+    c.data.seq_len = 1024
+    c.train.steps = 2000
+    c.train.batch_size = 32
+    c.schedule.warmup_steps = 100
+    c.schedule.decay_steps = 200
+    c.eval.every_steps = 500
+    c.checkpoint.every_steps = 500
+    return c

@@ -1,0 +1,138 @@
+"""MiniCPM decoder (Flax NNX) with muP scalings, GQA, RoPE/LongRoPE and a scanned layer stack.
+
+DESIGN.md section 2: h0 = scale_emb * E[x]; every residual branch is scaled by scale_depth / sqrt(L);
+logits = lm_head(h_L / m) with m = d_model / dim_model_base, in fp32. Parameters are fp32 and carry two
+metadata fields: `logical_axes` (names the sharding rules map to mesh axes) and `lr_group` ("hidden" for
+muP hidden matrices, which get lr / m, or "vector" for embeddings and norms, which get lr).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from mct.attention import attend
+from mct.rope import apply_rope, rope_tables
+from mct.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def width_multiplier(cfg: ml_collections.ConfigDict) -> float:
+    """muP's m = d_model / dim_model_base; 1 under standard parametrization."""
+    return cfg.d_model / cfg.dim_model_base if cfg.parametrization == "mup" else 1.0
+
+
+def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """RMSNorm with the variance computed in fp32."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight).astype(x.dtype)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float | None, lr_group: str) -> nnx.Param:
+    """A normal(0, std) parameter (ones when std is None) annotated with its logical axes and lr group."""
+    value = jnp.ones(shape, jnp.float32) if std is None else std * jax.random.normal(rngs.params(), shape)
+    return nnx.Param(value, logical_axes=axes, lr_group=lr_group)
+
+
+class MiniCPM(nnx.Module):
+    """The decoder. Layer weights are stacked on a leading `layers` axis and applied with lax.scan."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        L, d, f, V = cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.vocab_size
+        hq, hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        hidden_std = cfg.init_std / math.sqrt(width_multiplier(cfg))
+        self.embed = _param(rngs, (V, d), ("vocab", "embed"), cfg.init_std, "vector")
+        self.wq = _param(rngs, (L, d, hq, hd), ("layers", "embed", "heads", "head_dim"), hidden_std, "hidden")
+        self.wk = _param(rngs, (L, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), hidden_std, "hidden")
+        self.wv = _param(rngs, (L, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), hidden_std, "hidden")
+        self.wo = _param(rngs, (L, hq, hd, d), ("layers", "heads", "head_dim", "embed"), hidden_std, "hidden")
+        self.w_gate = _param(rngs, (L, d, f), ("layers", "embed", "mlp"), hidden_std, "hidden")
+        self.w_up = _param(rngs, (L, d, f), ("layers", "embed", "mlp"), hidden_std, "hidden")
+        self.w_down = _param(rngs, (L, f, d), ("layers", "mlp", "embed"), hidden_std, "hidden")
+        self.attn_norm = _param(rngs, (L, d), ("layers", "norm"), None, "vector")
+        self.mlp_norm = _param(rngs, (L, d), ("layers", "norm"), None, "vector")
+        self.final_norm = _param(rngs, (d,), ("norm",), None, "vector")
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (d, V), ("embed", "vocab"), hidden_std, "hidden")
+
+    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
+        """tokens, positions, segment_ids: [batch, seq] -> final hidden states [batch, seq, d_model]."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.compute_dtype)
+        inv_freq, mscale = rope_tables(cfg.rope, cfg.head_dim, tokens.shape[1], cfg.max_position)
+        branch_scale = cfg.scale_depth / math.sqrt(cfg.n_layers)
+
+        def layer(h, w):  # h: [batch, seq, d_model]
+            w = {name: value.astype(dtype) for name, value in w.items()}
+            x = rms_norm(h, w["attn_norm"], cfg.rms_eps)
+            q = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wq"]), ("batch", None, "heads", None))
+            k = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wk"]), ("batch", None, "kv_heads", None))
+            v = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wv"]), ("batch", None, "kv_heads", None))
+            q, k = apply_rope(q, positions, inv_freq, mscale), apply_rope(k, positions, inv_freq, mscale)
+            o = attend(q, k, v, segment_ids, cfg)  # [batch, seq, q_heads, head_dim]
+            h = h + branch_scale * jnp.einsum("bshk,hkd->bsd", o, w["wo"])
+            x = rms_norm(h, w["mlp_norm"], cfg.rms_eps)
+            gate = constrain(jnp.einsum("bsd,df->bsf", x, w["w_gate"]), ("batch", None, "mlp"))
+            up = jnp.einsum("bsd,df->bsf", x, w["w_up"])
+            h = h + branch_scale * jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w["w_down"])
+            return constrain(h, ("batch", None, None)), None
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
+        stacked = {
+            name: getattr(self, name)[...]
+            for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "attn_norm", "mlp_norm")
+        }
+        h = cfg.scale_emb * jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        h, _ = jax.lax.scan(layer, constrain(h, ("batch", None, None)), stacked)
+        return rms_norm(h, self.final_norm[...], cfg.rms_eps)
+
+    def head_weight(self) -> jnp.ndarray:
+        """The output projection [d_model, vocab] with muP's 1/m folded in (fp32)."""
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return w / width_multiplier(self.cfg)
+
+
+def count_params(cfg: ml_collections.ConfigDict) -> int:
+    """Parameter count from the shapes alone (no arrays are built)."""
+    model = nnx.eval_shape(lambda: MiniCPM(cfg, rngs=nnx.Rngs(0)))
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+class ParamsModel:
+    """MiniCPM as pure functions of a plain nested dict of arrays (what the optimizer and orbax see).
+
+    `bind(params)` rebuilds the NNX module around a params dict, inside or outside jit; `metadata(key)` gives
+    a dict of the same structure holding each parameter's `logical_axes` or `lr_group`.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        self.cfg = cfg
+        self.graphdef, self._abstract = nnx.split(nnx.eval_shape(lambda: MiniCPM(cfg, rngs=nnx.Rngs(0))))
+
+    def init(self, seed: int) -> dict:
+        return nnx.to_pure_dict(nnx.state(MiniCPM(self.cfg, rngs=nnx.Rngs(seed))))
+
+    def abstract(self) -> dict:
+        """Shapes and dtypes of the params dict, as jax.ShapeDtypeStruct leaves."""
+        return nnx.to_pure_dict(self._abstract)
+
+    def bind(self, params: dict) -> MiniCPM:
+        state = jax.tree.map(lambda v: v, self._abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def metadata(self, key: str) -> dict:
+        tree = jax.tree.map(
+            lambda v: v.replace(v.get_metadata()[key]), self._abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+        return nnx.to_pure_dict(tree)

@@ -1,0 +1,261 @@
+"""Pre-training entry point: python -m mct.train --config experiments/configs/tiny_cpu.py --config.workdir DIR
+
+Builds the mesh, model, optimizer and data from one ml_collections config, resumes from the workdir's
+latest committed checkpoint (or starts a decay branch from another run's stable checkpoint), then runs
+jitted steps with periodic eval, metrics and async orbax checkpoints. SIGTERM saves and exits 0.
+"""
+
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import app
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from data_pipelines.loader import make_eval_batches, make_train_iterator, merge_states
+from mct.checkpoint import Checkpointer, abstract_with_shardings, model_signature
+from mct.distributed import gather_json, global_batch
+from mct.flops import measure_matmul_peak, train_flops_per_token
+from mct.metrics import MetricsWriter
+from mct.model import ParamsModel
+from mct.optimizer import make_optimizer
+from mct.schedule import schedule_from_config
+from mct.sharding import ConfigError, logical_spec, make_mesh, named
+from mct.train_step import make_eval_step, make_train_step
+from mct.validate import validate_config
+
+log = logging.getLogger("mct.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the workdir keeps its last good checkpoint."""
+
+
+def state_specs(model: ParamsModel, tx: optax.GradientTransformation):
+    """PartitionSpecs of {"params", "opt_state"}: optimizer moments are sharded like their params."""
+    params = jax.tree.map(logical_spec, model.metadata("logical_axes"), is_leaf=lambda x: isinstance(x, tuple))
+    opt_state = optax.tree_map_params(
+        tx,
+        lambda _, spec: spec,
+        jax.eval_shape(tx.init, model.abstract()),
+        params,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    return {"params": params, "opt_state": opt_state}
+
+
+def apply_branch(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A decay branch runs from branch_step for decay_steps: its train.steps is their sum."""
+    if config.schedule.branch_from:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.train.steps = config.schedule.branch_step + config.schedule.decay_steps
+    return config
+
+
+def restore_branch_source(config, abstract_state):
+    """(state, data_state) from the stable-phase checkpoint a decay branch starts from; never writes there."""
+    s = config.schedule
+    source = Checkpointer(s.branch_from, read_only=True)
+    meta = source.check_compatible(s.branch_step, config.model) if s.branch_step in source.all_steps() else None
+    if meta is None:
+        raise ConfigError(
+            f"config schedule.branch_step={s.branch_step}: no committed checkpoint at that step in "
+            f"{s.branch_from} (have {source.all_steps()})"
+        )
+    if s.branch_step >= meta["decay_start"]:
+        raise ConfigError(
+            f"config schedule.branch_step={s.branch_step} is in the decay phase of {s.branch_from} (decay starts at "
+            f"step {meta['decay_start']}); a branch must start from a stable-phase checkpoint"
+        )
+    state, data_state, _ = source.restore(s.branch_step, abstract_state)
+    source.close()
+    if meta["data_mixture"] != config.data.mixture.to_dict():
+        log.info("decay branch switches the data mixture: the data iterator starts fresh")
+        data_state = None
+    return state, data_state
+
+
+def _metrics_line(m: dict) -> str:
+    return f"loss {m['loss']:.4f} | {m['tokens_per_s']:,.0f} tok/s | mfu {m['mfu']:.3f} | lr {m['lr']:.2e}"
+
+
+def train(config: ml_collections.ConfigDict) -> dict:
+    """Runs (or resumes) training to config.train.steps; returns the last step's metrics and eval loss."""
+    config = apply_branch(config)
+    validate_config(config, jax.device_count(), jax.process_count())
+    mesh = make_mesh(config.mesh)
+    model = ParamsModel(config.model)
+    tx = make_optimizer(config, model)
+    schedule = schedule_from_config(config)
+    pid, nproc = jax.process_index(), jax.process_count()
+    steps, batch_size, seq = config.train.steps, config.train.batch_size, config.data.seq_len
+
+    with jax.set_mesh(mesh):
+        shardings = named(mesh, state_specs(model, tx))
+        abstract_state = abstract_with_shardings(
+            {"params": model.abstract(), "opt_state": jax.eval_shape(tx.init, model.abstract())}, shardings
+        )
+        ckpt = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep,
+                            async_save=config.checkpoint.async_save)  # fmt: skip
+        start, data_state = 0, None
+        latest = ckpt.latest_step()
+        if latest is not None:
+            ckpt.check_compatible(latest, config.model)
+            state, data_state, _ = ckpt.restore(latest, abstract_state)
+            start = latest
+            log.info("resumed from %s step %d", ckpt.directory, latest)
+        elif config.schedule.branch_from:
+            state, data_state = restore_branch_source(config, abstract_state)
+            start = config.schedule.branch_step
+            log.info("decay branch from %s step %d", config.schedule.branch_from, start)
+        else:
+            init = jax.jit(lambda: {"params": (p := model.init(config.seed)), "opt_state": tx.init(p)},
+                           out_shardings=shardings)  # fmt: skip
+            state = init()
+
+        local_batch = batch_size // nproc
+        train_iter = make_train_iterator(
+            config.data, batch_size=local_batch, process_index=pid, process_count=nproc,
+            model_vocab_size=config.model.vocab_size, state=data_state,
+        )  # fmt: skip
+        batch_sharding = NamedSharding(mesh, logical_spec(("batch", None)))
+        eval_batches = [
+            global_batch(b, batch_sharding)
+            for b in make_eval_batches(
+                config.data, batch_size=local_batch, num_batches=config.data.eval_batches,
+                process_index=pid, process_count=nproc, model_vocab_size=config.model.vocab_size,
+            )
+        ]  # fmt: skip
+        step_fn = jax.jit(
+            make_train_step(model, tx, schedule, config.train.grad_accum),
+            in_shardings=(shardings, batch_sharding, None),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(make_eval_step(model))
+
+        def evaluate(params) -> float:
+            sums = [eval_fn(params, b) for b in eval_batches]
+            total, count = (sum(float(x[i]) for x in sums) for i in (0, 1))
+            return total / max(count, 1.0)
+
+        meta = {
+            "config": config.to_dict(),
+            "model_signature": model_signature(config.model),
+            "data_mixture": config.data.mixture.to_dict(),
+            "decay_start": steps - config.schedule.decay_steps,
+        }
+
+        def save(step: int, force: bool = False) -> None:
+            data = merge_states(gather_json(train_iter.get_state()))
+            ckpt.save(step, state, data, {**meta, "step": step}, force=force)
+
+        stop = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+        writer = MetricsWriter(config.workdir, enabled=pid == 0)
+        flops_per_step = train_flops_per_token(config.model, seq) * batch_size * seq
+        peak = measure_matmul_peak(dtype=jnp.dtype(config.model.compute_dtype))
+        bar = tqdm(total=steps, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
+        last = {"step": start}
+        nonfinite_run = nonfinite_total = 0
+        pending = None  # (step, device metrics) of the step before the one in flight: read without stalling
+        t_mark, step_mark = time.perf_counter(), start
+
+        def finish(step: int, device_metrics) -> None:
+            nonlocal nonfinite_run, nonfinite_total, t_mark, step_mark
+            m = jax.device_get(device_metrics)
+            if not m["ok"]:
+                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+                log.warning("step %d: non-finite loss or gradient, update skipped", step)
+                if nonfinite_run >= config.train.max_consecutive_nonfinite:
+                    raise TrainingDiverged(
+                        f"stopping: {nonfinite_run} consecutive non-finite steps up to step {step} "
+                        f"(train.max_consecutive_nonfinite); last good checkpoint: step {ckpt.latest_step()} "
+                        f"in {ckpt.directory}"
+                    )
+            else:
+                nonfinite_run = 0
+            if step == start + 1:  # exclude compilation from the rates
+                t_mark, step_mark = time.perf_counter(), step
+            if step % config.train.log_every_steps == 0 or step == steps:
+                elapsed = time.perf_counter() - t_mark
+                n = max(step - step_mark, 1)
+                rate = n / elapsed if elapsed > 0 and step > step_mark else float("nan")
+                line = {
+                    "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                    "tokens_per_s": rate * batch_size * seq, "mfu": rate * flops_per_step / peak,
+                    "nonfinite_steps": nonfinite_total,
+                }  # fmt: skip
+                writer.write(step, line)
+                bar.set_postfix_str(_metrics_line(line))
+                last.update(line, step=step)
+                t_mark, step_mark = time.perf_counter(), step
+
+        step = start
+        try:
+            for step in range(start, steps):
+                if stop.is_set():
+                    break
+                batch = global_batch(next(train_iter), batch_sharding)
+                state, metrics = step_fn(state, batch, jnp.int32(step))
+                if pending is not None:
+                    finish(*pending)
+                pending = (step + 1, metrics)
+                bar.update(1)
+                done = step + 1
+                if done % config.eval.every_steps == 0 or done == steps:
+                    finish(*pending)
+                    pending = None
+                    last["eval_loss"] = evaluate(state["params"])
+                    writer.write(done, {"eval_loss": last["eval_loss"]})
+                    bar.write(f"step {done}: eval loss {last['eval_loss']:.4f}")
+                if done % config.checkpoint.every_steps == 0 or done == steps:
+                    save(done)
+            else:
+                step = steps
+            if pending is not None:
+                finish(*pending)
+            if stop.is_set():
+                log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
+                if step not in ckpt.all_steps():
+                    save(step, force=True)
+        finally:
+            ckpt.wait()
+            ckpt.close()
+            bar.close()
+            writer.close()
+        last["nonfinite_steps"] = nonfinite_total
+        last["preempted"] = stop.is_set()
+        return last
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections).", lock_config=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        result = train(_CONFIG.value)
+    except (ConfigError, TrainingDiverged, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if jax.process_index() == 0:
+        finite = {k: v for k, v in result.items() if not (isinstance(v, float) and math.isnan(v))}
+        print("done:", finite)
+
+
+if __name__ == "__main__":
+    app.run(main)
