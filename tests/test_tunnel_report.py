@@ -123,6 +123,17 @@ def test_plots_are_written(written):
     assert image.imread(out / "loss_vs_lr.png").shape[1] == 1000  # one panel each for mup and sp
 
 
+def test_dotted_config_keys_count_as_plain_names(tmp_path):
+    renames = {"lr": "optimizer.lr", "width": "model.d_model", "batch_size": "train.batch_size"}
+    renames |= {"seq_len": "data.seq_len", "parametrization": "model.parametrization"}
+    records = synthetic_records()
+    for r in records:
+        r["params"] = {renames[k]: v for k, v in r["params"].items()}
+    result = report.write_report(records, str(tmp_path))
+    assert result["fits"]["batch_size"]["gamma"] == pytest.approx(BATCH_GAMMA, rel=1e-6)
+    assert image.imread(tmp_path / "loss_vs_lr.png").shape[1] == 1000
+
+
 def test_few_trials_skip_fits_with_reasons(tmp_path):
     records = [r for r in synthetic_records() if r["params"].get("parametrization") == "mup"][:5]
     result = report.write_report(records, str(tmp_path), predict=None, metric="scalingbench_loss")

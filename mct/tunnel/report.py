@@ -1,9 +1,9 @@
 """Sweep report: a table of trials (markdown + CSV), plots, and the scaling-law fits in fits.json.
 
 A trial record is a dict with `trial`, `params` (the swept values: lr, width or d_model, parametrization,
-batch_size, ...), `n_params`, `tokens`, `flops`, `train_loss`, `eval_loss`, `scalingbench_loss`, `wall_s`
-and `state` in {"complete", "diverged", "failed"}. Only complete trials enter plots and fits; the others are
-marked in the table.
+batch_size (sequences), seq_len, ...; a dotted key such as "optimizer.lr" also counts as "lr"), `n_params`,
+`tokens`, `flops`, `train_loss`, `eval_loss`, `scalingbench_loss`, `wall_s` and `state` in {"complete",
+"diverged", "failed"}. Only complete trials enter plots and fits; the others are marked in the table.
 """
 
 import csv
@@ -71,8 +71,17 @@ def _number(value) -> float | None:
     return float(value)
 
 
+def _param(params: dict, *names: str):
+    """The first of `names` in params, also as the last part of a dotted key ("optimizer.lr" for "lr")."""
+    for name in names:
+        for key, value in params.items():
+            if key == name or key.endswith("." + name):
+                return value
+    return None
+
+
 def _width(params: dict) -> float | None:
-    return _number(params.get("width", params.get("d_model")))
+    return _number(_param(params, "width", "d_model"))
 
 
 def _format(value) -> str:
@@ -137,10 +146,10 @@ def _plot_lr_transfer(records: list[dict], metric: str, path: pathlib.Path) -> b
     """Loss vs lr, one line per width (best over other hyperparameters), one panel per parametrization."""
     by_parametrization: dict[str, dict[float | None, dict[float, float]]] = {}
     for r in records:
-        lr = _number(r["params"].get("lr"))
+        lr = _number(_param(r["params"], "lr"))
         if lr is None or lr <= 0:
             continue
-        lines = by_parametrization.setdefault(str(r["params"].get("parametrization", "mup")), {})
+        lines = by_parametrization.setdefault(str(_param(r["params"], "parametrization") or "mup"), {})
         points = lines.setdefault(_width(r["params"]), {})
         points[lr] = min(points.get(lr, math.inf), r[metric])
     if not by_parametrization:
@@ -225,17 +234,19 @@ def _fit_loss_nd(records: list[dict], metric: str) -> fits.NDFit:
 def _batch_size_points(records: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(best loss, its batch size) per (N, D) where several batch sizes ran; batch size in tokens when
     params hold seq_len, else in the sweep's unit (sequences)."""
-    with_bs = [r for r in records if _number(r["params"].get("batch_size"))]
+    with_bs = [r for r in records if _number(_param(r["params"], "batch_size"))]
     groups: dict[tuple, list[dict]] = {}
     for r in with_bs:
         groups.setdefault((r.get("n_params"), r.get("tokens")), []).append(r)
     best = [
         min(group, key=lambda r: r[metric])
         for group in groups.values()
-        if len({r["params"]["batch_size"] for r in group}) >= 2
+        if len({_param(r["params"], "batch_size") for r in group}) >= 2
     ]
-    in_tokens = all(_number(r["params"].get("seq_len")) for r in best)
-    sizes = [r["params"]["batch_size"] * (r["params"]["seq_len"] if in_tokens else 1) for r in best]
+    in_tokens = all(_number(_param(r["params"], "seq_len")) for r in best)
+    sizes = [
+        _param(r["params"], "batch_size") * (_param(r["params"], "seq_len") if in_tokens else 1) for r in best
+    ]
     return (
         np.array([r[metric] for r in best]),
         np.array(sizes, dtype=np.float64),
