@@ -37,7 +37,7 @@ def make_train_step(model: ParamsModel, tx: optax.GradientTransformation, schedu
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
