@@ -1,0 +1,167 @@
+"""Raw inputs -> text documents: path and glob expansion, txt/jsonl (optionally .gz/.zst) and parquet readers,
+and the embedded default corpus (the Python standard library's own sources).
+
+A bad file or record never stops preparation: it becomes a `Skipped` with a reason that the manifest counts.
+"""
+
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import os
+import pathlib
+import sysconfig
+from collections.abc import Iterator
+
+import pyarrow
+import pyarrow.parquet as pq
+import zstandard
+
+# Reasons a document or file is skipped (the manifest counts each).
+UNSUPPORTED = "unsupported file type"
+UNREADABLE = "unreadable file"
+NOT_UTF8 = "not UTF-8"
+INVALID_JSON = "invalid JSON"
+MISSING_FIELD = "missing text field"
+NOT_A_STRING = "text field is not a string"
+EMPTY = "empty document"
+
+_TEXT_SUFFIXES = (".txt", ".md", ".py")  # one file = one document
+_COMPRESSED_SUFFIXES = (".gz", ".zst")
+_DEFAULT_CORPUS_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib"}
+
+
+class InputError(ValueError):
+    """A path or glob on the command line that names nothing readable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    key: str  # stable name used for the train/eval split: "name", "name:line" (JSONL) or "name:row" (parquet)
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    source: str  # the file, or "file:line" / "file:row" for one record
+    reason: str
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Files named by paths or globs, in the order given (each glob sorted); missing paths and empty globs raise."""
+    files: list[str] = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            matches = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
+            if not matches:
+                raise InputError(f"input {pattern!r}: the glob matches no files")
+        elif not os.path.exists(pattern):
+            raise InputError(f"input {pattern!r}: no such file")
+        elif os.path.isdir(pattern):
+            raise InputError(f"input {pattern!r} is a directory; pass a glob such as '{pattern}/**/*.jsonl'")
+        else:
+            matches = [pattern]
+        files.extend(m for m in matches if m not in files)
+    return files
+
+
+def default_corpus_files() -> tuple[pathlib.Path, list[pathlib.Path]]:
+    """(root, files): the standard library's .py sources, without site-packages, test suites and idlelib."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p
+        for p in sorted(root.rglob("*.py"))
+        if not _DEFAULT_CORPUS_EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]) and p.is_file()
+    ]
+    return root, files
+
+
+def file_kind(path: str) -> str | None:
+    """"text", "jsonl" or "parquet" from the file name (compression suffix ignored); None if unsupported."""
+    name = path.lower()
+    for suffix in _COMPRESSED_SUFFIXES:
+        name = name.removesuffix(suffix)
+    if name.endswith(_TEXT_SUFFIXES):
+        return "text"
+    if name.endswith(".jsonl"):
+        return "jsonl"
+    if name.endswith(".parquet") and name == path.lower():
+        return "parquet"
+    return None
+
+
+def read_documents(path: str, text_field: str, name: str | None = None) -> Iterator[Document | Skipped]:
+    """Documents of one input file (keys start with `name`, default the path); problems come out as Skipped."""
+    name = path if name is None else name
+    kind = file_kind(path)
+    try:
+        if kind == "text":
+            yield _read_text_file(path, name)
+        elif kind == "jsonl":
+            yield from _read_jsonl(path, name, text_field)
+        elif kind == "parquet":
+            yield from _read_parquet(path, name, text_field)
+        else:
+            yield Skipped(name, UNSUPPORTED)
+    except (OSError, EOFError, zstandard.ZstdError, pyarrow.ArrowException):
+        # Documents read before a corrupt block stay; the rest of the file is skipped.
+        yield Skipped(name, UNREADABLE)
+
+
+def _open_binary(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        return io.BufferedReader(zstandard.open(path, "rb"))  # adds line iteration
+    return open(path, "rb")
+
+
+def _text_document(key: str, text: str) -> Document | Skipped:
+    return Document(key, text) if text.strip() else Skipped(key, EMPTY)
+
+
+def _read_text_file(path: str, name: str) -> Document | Skipped:
+    with _open_binary(path) as f:
+        data = f.read()
+    try:
+        return _text_document(name, data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return Skipped(name, NOT_UTF8)
+
+
+def _read_jsonl(path: str, name: str, text_field: str) -> Iterator[Document | Skipped]:
+    with _open_binary(path) as f:
+        for line_number, raw in enumerate(f, start=1):
+            key = f"{name}:{line_number}"
+            if not raw.strip():
+                continue  # blank lines separate nothing and are not documents
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield Skipped(key, NOT_UTF8)
+                continue
+            except json.JSONDecodeError:
+                yield Skipped(key, INVALID_JSON)
+                continue
+            yield _field_document(key, record.get(text_field) if isinstance(record, dict) else None)
+
+
+def _field_document(key: str, value: object) -> Document | Skipped:
+    if value is None:
+        return Skipped(key, MISSING_FIELD)
+    if not isinstance(value, str):
+        return Skipped(key, NOT_A_STRING)
+    return _text_document(key, value)
+
+
+def _read_parquet(path: str, name: str, text_field: str) -> Iterator[Document | Skipped]:
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
+        yield Skipped(name, MISSING_FIELD)
+        return
+    row = 0
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            yield _field_document(f"{name}:{row}", value)

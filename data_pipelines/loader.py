@@ -1,0 +1,305 @@
+"""Training and eval batches from prepared datasets with grain, resumable exactly and elastically.
+
+Per logical shard s (of data_cfg.num_logical_shards): every mixture component's documents -> seeded global
+shuffle (reshuffled each epoch) -> documents s, s + K, s + 2K, ... -> length filter -> chunks of <= seq_len
+pairs -> token-weighted mixture -> grain first-fit packing. Process p owns the shards s with s % P == p and
+fills each batch row from its shard with the fewest rows so far. The iterator state holds every owned shard's
+position (a few integers each, never per-document state), so a run saved on 4 processes resumes on 2 or 1
+with each document seen exactly once per epoch.
+"""
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+from tokenizers import Tokenizer
+
+from data_pipelines import shards
+from data_pipelines.mixing import DocumentChunks, TokenWeightedMixture
+from data_pipelines.prepare import prepare_default_corpus
+from data_pipelines.shards import DatasetError
+from data_pipelines.tokenizer import sha256_hex
+
+DEFAULT_CORPUS = "default"
+_STATE_FORMAT = "mct-data-iterator-v1"
+Batch = dict[str, np.ndarray]
+
+
+def resolve_dataset(path: str, *, cache_dir: str, vocab_size: int) -> pathlib.Path:
+    """The prepared dataset directory for a mixture path. "default" prepares the embedded default corpus once
+    into cache_dir/default-v{vocab_size} (cache_dir "" -> $MCT_CACHE or ~/.cache/mct) and reuses it.
+    """
+    if path != DEFAULT_CORPUS:
+        directory = pathlib.Path(path).expanduser()
+        shards.manifest_path(directory)  # raises if never prepared or unfinished
+        return directory
+    cache = pathlib.Path(cache_dir or os.environ.get("MCT_CACHE") or "~/.cache/mct").expanduser()
+    directory = cache / f"default-v{vocab_size}"
+    if not (directory / shards.MANIFEST).is_file():
+        logging.info("preparing the default corpus (Python standard library sources) into %s", directory)
+        try:
+            prepare_default_corpus(directory, vocab_size)
+        except FileExistsError:
+            if not (directory / shards.MANIFEST).is_file():  # not just another process finishing first
+                raise
+    logging.info("default corpus: %s", directory)
+    return directory
+
+
+def load_tokenizer(dataset_dir: str | pathlib.Path) -> Tokenizer:
+    """The tokenizer a dataset was prepared with (checked against the manifest's hash)."""
+    manifest = shards.read_manifest(dataset_dir)
+    path = pathlib.Path(dataset_dir) / shards.TOKENIZER
+    if not path.is_file():
+        raise DatasetError(f"dataset {dataset_dir} has no {shards.TOKENIZER}")
+    data = path.read_bytes()
+    if sha256_hex(data) != manifest["tokenizer_sha256"]:
+        raise DatasetError(f"{path} does not match the tokenizer_sha256 in {shards.MANIFEST}")
+    return Tokenizer.from_str(data.decode("utf-8"))
+
+
+class DataIterator:
+    """Batches for one process: dicts of tokens, targets, segment_ids, positions (int32) and loss_mask
+    (float32), each [batch_size, seq_len]. get_state() is JSON-able and holds this process's logical shards.
+    """
+
+    def __init__(self, shard_iterators: dict[int, grain.DatasetIterator], *, batch_size: int, seq_len: int,
+                 fingerprint: dict, stop_at_end: bool, description: str):  # fmt: skip
+        self._shards, self._batch_size, self._seq_len = shard_iterators, batch_size, seq_len
+        self._fingerprint, self._stop_at_end, self._description = fingerprint, stop_at_end, description
+        self._rows = dict.fromkeys(shard_iterators, 0)  # rows emitted per logical shard
+        self._exhausted: set[int] = set()
+
+    def __iter__(self) -> "DataIterator":
+        return self
+
+    def __next__(self) -> Batch:
+        rows = []
+        while len(rows) < self._batch_size:
+            live = [s for s in self._shards if s not in self._exhausted]
+            if not live:
+                break
+            shard = min(live, key=lambda s: (self._rows[s], s))
+            try:
+                rows.append(next(self._shards[shard]))
+            except StopIteration:
+                self._exhausted.add(shard)
+                continue
+            self._rows[shard] += 1
+        if len(rows) < self._batch_size and not self._stop_at_end:
+            raise DatasetError(f"{self._description}: no document passes the mixture's filters in logical shards "
+                               f"{sorted(self._shards)}; use fewer logical shards or more data")  # fmt: skip
+        if not rows:
+            raise StopIteration
+        return _batch(rows, self._batch_size, self._seq_len)
+
+    def get_state(self) -> dict:
+        return {
+            "format": _STATE_FORMAT,
+            "fingerprint": self._fingerprint,
+            "shards": {
+                str(s): {"rows": self._rows[s], "exhausted": s in self._exhausted, "pipeline": it.get_state()}
+                for s, it in self._shards.items()
+            },
+        }
+
+    def set_state(self, state: dict) -> None:
+        _check_state(state, self._fingerprint)
+        for s, it in self._shards.items():
+            entry = state["shards"].get(str(s))
+            if entry is None:
+                raise ValueError(f"data iterator state lacks logical shard {s}: combine every process's "
+                                 "get_state() with merge_states before resuming on another process count")  # fmt: skip
+            it.set_state(entry["pipeline"])
+            self._rows[s] = entry["rows"]
+            if entry["exhausted"]:
+                self._exhausted.add(s)
+            else:
+                self._exhausted.discard(s)
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One global state from every process's get_state(); set_state accepts it on any process count."""
+    if not states:
+        raise ValueError("merge_states needs at least one state")
+    for i, state in enumerate(states):
+        _check_state(state, states[0]["fingerprint"], f"state {i}")
+    merged: dict[str, dict] = {}
+    for i, state in enumerate(states):
+        for shard, entry in state["shards"].items():
+            if shard in merged:
+                raise ValueError(f"logical shard {shard} appears in more than one state (again in state {i})")
+            merged[shard] = entry
+    num_shards = states[0]["fingerprint"]["num_logical_shards"]
+    missing = sorted(set(range(num_shards)) - {int(s) for s in merged})
+    if missing:
+        raise ValueError(f"the states lack logical shards {missing[:10]}...: pass every process's state")
+    return {**states[0], "shards": {str(s): merged[str(s)] for s in range(num_shards)}}
+
+
+def make_train_iterator(
+    data_cfg: ml_collections.ConfigDict, *, batch_size: int, process_index: int, process_count: int,
+    model_vocab_size: int, state: dict | None = None,
+) -> DataIterator:  # fmt: skip
+    """This process's training batches (its logical shards s % process_count == process_index)."""
+    num_shards = data_cfg.num_logical_shards
+    if not 0 <= process_index < process_count <= num_shards:
+        raise ValueError(f"process {process_index} of {process_count}: need 0 <= index < count <= "
+                         f"data num_logical_shards ({num_shards})")  # fmt: skip
+    components = _mixture_components(data_cfg, model_vocab_size, "train")
+    shard_iterators = {
+        s: _packed_shard(data_cfg, components, "train", s, num_shards, shuffle=True, num_epochs=data_cfg.num_epochs)
+        for s in range(process_index, num_shards, process_count)
+    }
+    iterator = DataIterator(
+        shard_iterators, batch_size=batch_size, seq_len=data_cfg.seq_len,
+        fingerprint=_fingerprint(data_cfg, components), stop_at_end=data_cfg.num_epochs > 0,
+        description=f"train data for process {process_index} of {process_count}",
+    )  # fmt: skip
+    if state is not None:
+        iterator.set_state(state)
+    return iterator
+
+
+def make_eval_batches(
+    data_cfg: ml_collections.ConfigDict, *, batch_size: int, num_batches: int, process_index: int,
+    process_count: int, model_vocab_size: int,
+) -> list[Batch]:  # fmt: skip
+    """`num_batches` fixed batches from the eval splits (documents process_index::process_count, in order,
+    cycled if too few), packed and mixed like training data.
+    """
+    components = _mixture_components(data_cfg, model_vocab_size, "eval")
+    shard = _packed_shard(data_cfg, components, "eval", process_index, process_count, shuffle=False, num_epochs=0)
+    iterator = DataIterator(
+        {process_index: shard}, batch_size=batch_size, seq_len=data_cfg.seq_len, fingerprint={},
+        stop_at_end=False, description=f"eval data for process {process_index} of {process_count}",
+    )  # fmt: skip
+    return [next(iterator) for _ in range(num_batches)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Component:
+    name: str
+    config: dict  # path, weight, min_tokens, max_tokens
+    documents: shards.ShardedDocuments
+    manifest: dict
+
+
+def _mixture_components(data_cfg: ml_collections.ConfigDict, model_vocab_size: int, split: str) -> list[_Component]:
+    """The mixture's components with weight > 0, sorted by name, each checked against the model's vocab."""
+    mixture = data_cfg.mixture.to_dict()
+    if not mixture:
+        raise ValueError("data config mixture is empty")
+    opened: dict[pathlib.Path, tuple[dict, shards.ShardedDocuments]] = {}  # one reader cache per dataset
+    components = []
+    for name in sorted(mixture):
+        config = _component_config(name, mixture[name])
+        if config["weight"] == 0:
+            continue
+        directory = resolve_dataset(config["path"], cache_dir=data_cfg.cache_dir, vocab_size=data_cfg.vocab_size)
+        if directory not in opened:
+            manifest = shards.read_manifest(directory)
+            opened[directory] = manifest, shards.ShardedDocuments(directory, manifest, split)
+        manifest, documents = opened[directory]
+        if manifest["vocab_size"] > model_vocab_size:
+            raise DatasetError(f"dataset {directory} (mixture component {name!r}) has vocab size "
+                               f"{manifest['vocab_size']}, more than the model's vocab size {model_vocab_size}")  # fmt: skip
+        if len(documents) == 0:
+            raise DatasetError(f"dataset {directory} (mixture component {name!r}) has no {split} documents")
+        components.append(_Component(name, config, documents, manifest))
+    if not components:
+        raise ValueError("data config mixture: every component has weight 0")
+    hashes = {c.name: c.manifest["tokenizer_sha256"][:12] for c in components}
+    if len(set(hashes.values())) > 1:
+        raise DatasetError(f"mixture components were tokenized with different tokenizers: {hashes}")
+    return components
+
+
+def _component_config(name: str, entry: dict) -> dict:
+    """Validated path, weight, min_tokens, max_tokens of one mixture entry."""
+    config = {"path": entry.get("path"), "weight": entry.get("weight", 1.0),
+              "min_tokens": entry.get("min_tokens", 0), "max_tokens": entry.get("max_tokens", 0)}  # fmt: skip
+    if not isinstance(config["path"], str) or not config["path"]:
+        raise ValueError(f"data config mixture.{name}.path must name a dataset directory or 'default'")
+    if not isinstance(config["weight"], int | float) or config["weight"] < 0:
+        raise ValueError(f"data config mixture.{name}.weight must be a number >= 0, got {config['weight']!r}")
+    low, high = config["min_tokens"], config["max_tokens"]
+    if not (isinstance(low, int) and isinstance(high, int) and low >= 0 and high >= 0 and (high == 0 or high >= low)):
+        raise ValueError(f"data config mixture.{name}: need 0 <= min_tokens <= max_tokens (max 0 = no limit), "
+                         f"got {low}, {high}")  # fmt: skip
+    return config
+
+
+def _packed_shard(data_cfg: ml_collections.ConfigDict, components: list[_Component], split: str, shard: int,
+                  num_shards: int, *, shuffle: bool, num_epochs: int) -> grain.DatasetIterator:  # fmt: skip
+    """Packed rows of one logical shard: {"pairs": [seq_len, 2], "pairs_segment_ids", "pairs_positions"}."""
+
+    def make_streams() -> dict[str, DocumentChunks]:
+        streams = {}
+        for c in components:
+            docs = grain.MapDataset.source(c.documents)
+            if shuffle:
+                docs = docs.shuffle(seed=_seed(data_cfg.seed, split, c.name))
+            streams[c.name] = DocumentChunks(
+                docs[shard::num_shards], seq_len=data_cfg.seq_len, min_tokens=c.config["min_tokens"],
+                max_tokens=c.config["max_tokens"], num_epochs=num_epochs,
+            )  # fmt: skip
+        return streams
+
+    mixture = TokenWeightedMixture(make_streams, {c.name: float(c.config["weight"]) for c in components})
+    packed = grain.experimental.FirstFitPackIterDataset(
+        mixture, length_struct={"pairs": data_cfg.seq_len}, num_packing_bins=data_cfg.packing_bins,
+        seed=_seed(data_cfg.seed, "pack", str(shard)), shuffle_bins=shuffle,
+    )  # fmt: skip
+    return iter(packed)
+
+
+def _batch(rows: list[dict[str, np.ndarray]], batch_size: int, seq_len: int) -> Batch:
+    """Stacks packed rows into a batch; missing rows (end of a finite epoch) are padding."""
+    pairs = np.zeros((batch_size, seq_len, 2), np.int32)  # [batch, seq, (input, target)]
+    segment_ids = np.zeros((batch_size, seq_len), np.int32)  # 0 = padding
+    positions = np.zeros((batch_size, seq_len), np.int32)
+    for i, row in enumerate(rows):
+        pairs[i], segment_ids[i], positions[i] = row["pairs"], row["pairs_segment_ids"], row["pairs_positions"]
+    return {
+        "tokens": np.ascontiguousarray(pairs[..., 0]),
+        "targets": np.ascontiguousarray(pairs[..., 1]),
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "loss_mask": (segment_ids > 0).astype(np.float32),
+    }
+
+
+def _seed(*parts: int | str) -> int:
+    """A stable 32-bit seed from its parts (grain's shuffle takes seeds below 2**32)."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "big")
+
+
+def _fingerprint(data_cfg: ml_collections.ConfigDict, components: list[_Component]) -> dict:
+    """What a saved state is only valid for: the settings that decide which rows come out in which order."""
+    return {
+        "seq_len": data_cfg.seq_len,
+        "seed": data_cfg.seed,
+        "num_logical_shards": data_cfg.num_logical_shards,
+        "packing_bins": data_cfg.packing_bins,
+        "num_epochs": data_cfg.num_epochs,
+        "mixture": {
+            c.name: {**c.config, "documents": len(c.documents), "tokenizer_sha256": c.manifest["tokenizer_sha256"]}
+            for c in components
+        },
+    }
+
+
+def _check_state(state: dict, fingerprint: dict, what: str = "data iterator state") -> None:
+    if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+        raise ValueError(f"{what} is not a data iterator state ({_STATE_FORMAT})")
+    if state["fingerprint"] != fingerprint:
+        changed = sorted(k for k in fingerprint.keys() | state["fingerprint"].keys()
+                         if fingerprint.get(k) != state["fingerprint"].get(k))  # fmt: skip
+        raise ValueError(f"{what} was saved with different data settings ({', '.join(changed)}); a changed "
+                         "mixture or packing starts without a state")  # fmt: skip

@@ -1,0 +1,231 @@
+"""Raw text -> tokenizer.json + ArrayRecord shards per split + manifest.json; deterministic and atomic.
+
+    python -m data_pipelines.prepare --input 'raw/*.jsonl.zst' --input books.parquet --vocab_size 32768 --out DIR
+    python -m data_pipelines.prepare --vocab_size 8192 --out DIR     # no --input: the embedded default corpus
+
+Documents go to the eval split by a stable hash of their key (file name, plus line or row), so the same inputs
+and settings give byte-identical output. Files are read and tokenized in a process pool, one task per file.
+The output is written to a temporary sibling directory and renamed when complete.
+"""
+
+import contextlib
+import hashlib
+import multiprocessing
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+from absl import app, flags, logging
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from data_pipelines import documents, shards
+from data_pipelines import tokenizer as tok
+
+_MAX_SKIP_EXAMPLES = 100
+_TASK = tuple[str, str, str]  # (path, name, text_field)
+
+
+def prepare_dataset(
+    out_dir: str | pathlib.Path,
+    inputs: list[str] | None = None,
+    *,
+    text_field: str = "text",
+    tokenizer_path: str | None = None,
+    vocab_size: int = 8192,
+    eval_fraction: float = 0.05,
+    shard_tokens: int = 1 << 25,
+    workers: int = 0,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Prepares `inputs` (paths or globs; None or [] = the default corpus) into `out_dir`; returns it.
+
+    Trains a byte-level BPE of `vocab_size` on the train split unless `tokenizer_path` names a tokenizer.json.
+    `workers` 0 = one per CPU; 1 runs in this process.
+    """
+    out = pathlib.Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output {out} already exists; remove it or choose another --out")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    tasks, input_names = _input_tasks(inputs, text_field)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
+    try:
+        with _worker_pool(workers) as imap:
+            if tokenizer_path:
+                tokenizer = tok.read_tokenizer_file(tokenizer_path)
+            else:
+                texts = _train_split_texts(imap, tasks, eval_fraction, progress)
+                tokenizer = tok.train_bpe_tokenizer(texts, vocab_size)
+            tokenizer_json = tok.tokenizer_bytes(tokenizer)
+            (tmp / shards.TOKENIZER).write_bytes(tokenizer_json)
+            manifest = _write_shards(imap, tasks, tmp, tokenizer, eval_fraction, shard_tokens, progress)
+        manifest.update(
+            inputs=input_names,
+            text_field=text_field,
+            eval_fraction=eval_fraction,
+            shard_tokens=shard_tokens,
+            vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+            tokenizer_sha256=tok.sha256_hex(tokenizer_json),
+            tokenizer_source=str(tokenizer_path) if tokenizer_path else f"trained, vocab_size {vocab_size}",
+            special_tokens=tok.special_token_ids(tokenizer),
+        )
+        shards.write_manifest(tmp, manifest)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            raise FileExistsError(f"output {out} appeared while preparing it (another run?)") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logging.info(
+        "prepared %s: %s", out,
+        {s: (e["documents"], e["tokens"]) for s, e in manifest["splits"].items()},
+    )  # fmt: skip
+    return out
+
+
+def prepare_default_corpus(out_dir: str | pathlib.Path, vocab_size: int, progress: bool = True) -> pathlib.Path:
+    """The embedded default corpus (the Python standard library's .py sources) with a trained tokenizer."""
+    return prepare_dataset(out_dir, None, vocab_size=vocab_size, progress=progress)
+
+
+def is_eval_document(key: str, eval_fraction: float) -> bool:
+    """Stable train/eval assignment: the first 8 bytes of sha256(key) as a fraction of 2**64."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < eval_fraction * 2**64
+
+
+def _input_tasks(inputs: list[str] | None, text_field: str) -> tuple[list[_TASK], list[str]]:
+    """One task per input file, and the input names the manifest lists."""
+    if inputs:
+        files = documents.expand_inputs(inputs)
+        return [(f, f, text_field) for f in files], files
+    root, files = documents.default_corpus_files()
+    names = [p.relative_to(root).as_posix() for p in files]
+    tasks = [(str(p), name, text_field) for p, name in zip(files, names)]
+    return tasks, [f"default corpus: python {platform.python_version()} stdlib {root}", *names]
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int) -> Iterator:
+    """Yields an ordered `imap(fn, tasks)`: a spawn process pool, or the builtin map for one worker."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        yield map
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+        yield pool.imap
+
+
+def _init_worker() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
+
+
+def _train_split_texts(imap, tasks: list[_TASK], eval_fraction: float, progress: bool) -> Iterator[str]:
+    """Texts of the train-split documents, in input order, to train the tokenizer on."""
+    read_tasks = [(*task, eval_fraction) for task in tasks]
+    for texts in tqdm(imap(_read_train_texts, read_tasks), total=len(tasks), desc="tokenizer", disable=not progress):
+        yield from texts
+
+
+def _read_train_texts(task: tuple[str, str, str, float]) -> list[str]:
+    path, name, text_field, eval_fraction = task
+    return [
+        d.text
+        for d in documents.read_documents(path, text_field, name)
+        if isinstance(d, documents.Document) and not is_eval_document(d.key, eval_fraction)
+    ]
+
+
+_worker_tokenizers: dict[str, Tokenizer] = {}  # tokenizer.json path -> loaded tokenizer, per worker process
+
+
+def _tokenize_file(task: tuple[str, str, str, str]) -> list[tuple[str, np.ndarray] | documents.Skipped]:
+    """One input file -> (key, [BOS] + ids + [EOS] as int32) per document, or Skipped records."""
+    path, name, text_field, tokenizer_file = task
+    tokenizer = _worker_tokenizers.get(tokenizer_file)
+    if tokenizer is None:
+        tokenizer = _worker_tokenizers[tokenizer_file] = Tokenizer.from_file(tokenizer_file)
+        tokenizer.encode_special_tokens = True  # "<s>" inside a document is text, not a control token
+    bos, eos = tokenizer.token_to_id(tok.BOS), tokenizer.token_to_id(tok.EOS)
+    items = list(documents.read_documents(path, text_field, name))
+    docs = [d for d in items if isinstance(d, documents.Document)]
+    encodings = iter(tokenizer.encode_batch_fast([d.text for d in docs], add_special_tokens=False))
+    return [
+        item if isinstance(item, documents.Skipped)
+        else (item.key, np.array([bos, *next(encodings).ids, eos], dtype=shards.TOKEN_DTYPE))
+        for item in items
+    ]  # fmt: skip
+
+
+def _write_shards(
+    imap, tasks: list[_TASK], directory: pathlib.Path, tokenizer: Tokenizer, eval_fraction: float,
+    shard_tokens: int, progress: bool,
+) -> dict:  # fmt: skip
+    """Tokenizes every input into the split writers; returns the manifest's counts, splits and skipped."""
+    tokenizer_file = str(directory / shards.TOKENIZER)
+    writers = {split: shards.ShardWriter(directory, split, shard_tokens) for split in shards.SPLITS}
+    skipped: dict[str, int] = {}
+    examples: list[dict[str, str]] = []
+    results = imap(_tokenize_file, [(*task, tokenizer_file) for task in tasks])
+    for items in tqdm(results, total=len(tasks), desc="tokenize", disable=not progress):
+        for item in items:
+            if isinstance(item, documents.Skipped):
+                skipped[item.reason] = skipped.get(item.reason, 0) + 1
+                if len(examples) < _MAX_SKIP_EXAMPLES:
+                    examples.append({"source": item.source, "reason": item.reason})
+                continue
+            key, tokens = item
+            writers["eval" if is_eval_document(key, eval_fraction) else "train"].write(tokens)
+    splits = {split: writer.close() for split, writer in writers.items()}
+    total = sum(s["documents"] for s in splits.values())
+    if total == 0:
+        raise documents.InputError(f"no documents: every input was skipped ({skipped})")
+    return {
+        "format": shards.FORMAT,
+        "format_version": shards.FORMAT_VERSION,
+        "token_dtype": "int32 little-endian, one record per document: [BOS] + ids + [EOS]",
+        "documents": total,
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "splits": splits,
+        "skipped": {"total": sum(skipped.values()), "by_reason": skipped, "examples": examples},
+    }
+
+
+def _define_flags() -> None:
+    flags.DEFINE_multi_string("input", None, "File or glob (.txt, .jsonl[.gz|.zst], .parquet); repeatable. "
+                              "None: the embedded default corpus.")  # fmt: skip
+    flags.DEFINE_string("text_field", "text", "JSONL/parquet field holding the document text.")
+    flags.DEFINE_string("tokenizer", None, "tokenizer.json to use instead of training one.")
+    flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size of the trained byte-level BPE.")
+    flags.DEFINE_string("out", None, "Output dataset directory (must not exist).", required=True)
+    flags.DEFINE_float("eval_fraction", 0.05, "Fraction of documents in the held-out eval split.")
+    flags.DEFINE_integer("shard_tokens", 1 << 25, "Tokens per ArrayRecord shard (about).")
+    flags.DEFINE_integer("workers", 0, "Worker processes (0 = one per CPU).")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    f = flags.FLAGS
+    if f.tokenizer and f["vocab_size"].present:
+        raise app.UsageError("pass either --tokenizer or --vocab_size, not both")
+    try:
+        prepare_dataset(
+            f.out, f.input, text_field=f.text_field, tokenizer_path=f.tokenizer, vocab_size=f.vocab_size,
+            eval_fraction=f.eval_fraction, shard_tokens=f.shard_tokens, workers=f.workers,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

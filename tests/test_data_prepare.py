@@ -1,0 +1,204 @@
+"""data_pipelines.prepare: inputs of every kind, skipped records, determinism, atomic output, tokenizer."""
+
+import collections
+import gzip
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from array_record.python import array_record_module
+
+from data_pipelines import documents, prepare, shards
+from data_pipelines.loader import load_tokenizer, resolve_dataset
+from data_pipelines.tokenizer import SPECIAL_TOKENS
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _jsonl(records) -> bytes:
+    return b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in records)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[pathlib.Path, list[str], collections.Counter]:
+    """A directory of inputs of every supported kind plus broken ones; (dir, valid texts, expected skips)."""
+    root = tmp_path_factory.mktemp("corpus")
+    texts = [f"document number {i}: the river model reads {'shard ' * (i % 7)}data. ü ∑ 🙂 <s> end" for i in range(40)]
+    (root / "a.txt").write_text(texts[0], encoding="utf-8")
+    (root / "b.txt").write_text("  \n ", encoding="utf-8")  # empty document
+    (root / "c.txt").write_bytes("caf\xe9 latin-1".encode("latin-1"))  # not UTF-8
+    (root / "d.jsonl").write_bytes(_jsonl([
+        {"text": texts[1]}, b"{not json", {"body": "no text field"}, {"text": 5}, {"text": ""}, b"",
+        b'{"text": "caf\xe9"}', {"text": texts[2], "meta": 1},
+    ]))  # fmt: skip
+    (root / "e.jsonl.gz").write_bytes(gzip.compress(_jsonl({"text": t} for t in texts[3:15])))
+    (root / "f.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl({"text": t} for t in texts[15:27])))
+    pq.write_table(pa.table({"text": [*texts[27:40], None], "id": list(range(14))}), root / "g.parquet")
+    pq.write_table(pa.table({"body": ["x"]}), root / "h.parquet")  # lacks the text column
+    (root / "i.csv").write_text("text\nhello\n")  # unsupported type
+    (root / "j.jsonl.gz").write_bytes(gzip.compress(_jsonl([{"text": "lost"}] * 50))[:12])  # truncated in the header
+    skips = collections.Counter({
+        documents.EMPTY: 2, documents.NOT_UTF8: 2, documents.INVALID_JSON: 1, documents.MISSING_FIELD: 3,
+        documents.NOT_A_STRING: 1, documents.UNSUPPORTED: 1, documents.UNREADABLE: 1,
+    })  # fmt: skip
+    return root, texts, skips
+
+
+def _read_split(dataset: pathlib.Path, split: str) -> list[np.ndarray]:
+    """Every record of a split, read with array_record directly (independent of the loader)."""
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    out = []
+    for shard in manifest["splits"][split]["shards"]:
+        reader = array_record_module.ArrayRecordReader(str(dataset / shard["file"]))
+        out += [np.frombuffer(r, dtype="<i4") for r in reader.read_all()]
+        reader.close()
+    return out
+
+
+def _tree_bytes(directory: pathlib.Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_prepare_counts_skips_and_round_trip(corpus, tmp_path):
+    root, texts, skips = corpus
+    out = prepare.prepare_dataset(tmp_path / "ds", [str(root / "*")], vocab_size=300, eval_fraction=0.3,
+                                  shard_tokens=200, workers=1, progress=False)  # fmt: skip
+    manifest = shards.read_manifest(out)
+    assert collections.Counter(manifest["skipped"]["by_reason"]) == skips
+    assert manifest["skipped"]["total"] == sum(skips.values())
+    assert {"source": f"{root}/d.jsonl:2", "reason": documents.INVALID_JSON} in manifest["skipped"]["examples"]
+    assert manifest["inputs"] == sorted(str(p) for p in root.iterdir())
+    assert manifest["special_tokens"] == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+
+    tokenizer = load_tokenizer(out)
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    decoded, total_tokens = [], 0
+    for split in ("train", "eval"):
+        records = _read_split(out, split)
+        entry = manifest["splits"][split]
+        assert entry["documents"] == len(records) == sum(s["documents"] for s in entry["shards"])
+        assert entry["tokens"] == sum(r.size for r in records)
+        assert len(entry["shards"]) > 1  # shard_tokens=200 rolls over
+        total_tokens += entry["tokens"]
+        for record in records:
+            assert record[0] == bos and record[-1] == eos and record.max() < manifest["vocab_size"]
+            assert bos not in record[1:-1]  # "<s>" inside a text is text, not the control token
+            decoded.append(tokenizer.decode(record[1:-1].tolist(), skip_special_tokens=False))
+    assert manifest["documents"] == len(texts) and manifest["tokens"] == total_tokens
+    assert sorted(decoded) == sorted(texts)  # every valid document once, exactly as written
+    assert manifest["splits"]["eval"]["documents"] > 0 and manifest["splits"]["train"]["documents"] > 0
+
+
+def test_prepare_is_deterministic_and_pool_matches_single_process(corpus, tmp_path):
+    root, _, _ = corpus
+    runs = [
+        prepare.prepare_dataset(tmp_path / f"run{i}", [str(root / "*")], vocab_size=300, workers=workers,
+                                progress=False)  # fmt: skip
+        for i, workers in enumerate((2, 2, 1))
+    ]
+    first = _tree_bytes(runs[0])
+    assert {"manifest.json", "tokenizer.json", "train-00000.arrayrecord"} <= set(first)
+    for run in runs[1:]:
+        assert _tree_bytes(run) == first
+
+
+def test_eval_split_follows_the_key_hash(corpus, tmp_path):
+    root, texts, _ = corpus
+    out = prepare.prepare_dataset(tmp_path / "ds", [str(root / "e.jsonl.gz")], vocab_size=300, eval_fraction=0.5,
+                                  workers=1, progress=False)  # fmt: skip
+    tokenizer = load_tokenizer(out)
+    eval_texts = {tokenizer.decode(r[1:-1].tolist()) for r in _read_split(out, "eval")}
+    expected = set()
+    for line, text in enumerate(texts[3:15], start=1):
+        key = f"{root}/e.jsonl.gz:{line}".encode()
+        fraction = int.from_bytes(__import__("hashlib").sha256(key).digest()[:8], "big") / 2**64
+        if fraction < 0.5:
+            expected.add(text)
+    assert eval_texts == expected and 0 < len(expected) < 12
+
+
+def test_interrupted_prepare_leaves_nothing_a_loader_accepts(corpus, tmp_path, monkeypatch):
+    root, _, _ = corpus
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards, "write_manifest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset(tmp_path / "ds", [str(root / "*.txt")], vocab_size=300, workers=1, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary sibling
+    with pytest.raises(shards.DatasetError, match="no manifest.json"):
+        resolve_dataset(str(tmp_path / "ds"), cache_dir="", vocab_size=300)
+    # A run killed hard leaves shards without a manifest: still refused.
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "train-00000.arrayrecord").write_bytes(b"partial")
+    with pytest.raises(shards.DatasetError, match="did not finish"):
+        resolve_dataset(str(half), cache_dir="", vocab_size=300)
+
+
+def test_given_tokenizer_is_used_and_validated(corpus, tmp_path):
+    root, _, _ = corpus
+    first = prepare.prepare_dataset(tmp_path / "a", [str(root / "*.jsonl*")], vocab_size=300, workers=1,
+                                    progress=False)  # fmt: skip
+    second = prepare.prepare_dataset(tmp_path / "b", [str(root / "g.parquet")], workers=1, progress=False,
+                                     tokenizer_path=str(first / "tokenizer.json"))  # fmt: skip
+    assert (second / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    assert shards.read_manifest(second)["tokenizer_sha256"] == shards.read_manifest(first)["tokenizer_sha256"]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        prepare.prepare_dataset(tmp_path / "c", [str(root / "a.txt")], tokenizer_path=str(tmp_path / "bad.json"),
+                                workers=1, progress=False)  # fmt: skip
+
+
+def test_bad_inputs_are_clear_errors(corpus, tmp_path):
+    root, _, _ = corpus
+    with pytest.raises(documents.InputError, match="nothere.jsonl.*no such file"):
+        prepare.prepare_dataset(tmp_path / "x", [str(root / "a.txt"), "nothere.jsonl"], workers=1)
+    with pytest.raises(documents.InputError, match=r"\*.xyz.*matches no files"):
+        prepare.prepare_dataset(tmp_path / "x", [str(root / "*.xyz")], workers=1)
+    with pytest.raises(documents.InputError, match="every input was skipped"):
+        prepare.prepare_dataset(tmp_path / "x", [str(root / "b.txt"), str(root / "i.csv")], workers=1,
+                                progress=False)  # fmt: skip
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="taken"):
+        prepare.prepare_dataset(tmp_path / "taken", [str(root / "a.txt")], workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_cli_reports_a_missing_input_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipelines.prepare", "--input", str(tmp_path / "none*.jsonl"),
+         "--out", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "none*.jsonl" in result.stderr and "matches no files" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_default_corpus_listing():
+    root, files = documents.default_corpus_files()
+    assert len(files) > 500
+    parts = {part for p in files for part in p.relative_to(root).parts[:-1]}
+    assert not parts & {"site-packages", "test", "tests", "idlelib"}
+    assert all(p.suffix == ".py" for p in files) and root / "argparse.py" in files
+
+
+def test_default_dataset_is_prepared_once_into_the_cache(tmp_path, monkeypatch):
+    root, files = documents.default_corpus_files()
+    monkeypatch.setattr(documents, "default_corpus_files", lambda: (root, files[:30]))
+    path = resolve_dataset("default", cache_dir=str(tmp_path), vocab_size=300)
+    assert path == tmp_path / "default-v300"
+    manifest = shards.read_manifest(path)
+    assert manifest["inputs"][1:] == [p.relative_to(root).as_posix() for p in files[:30]]
+    stamp = (path / "manifest.json").stat().st_mtime_ns
+    assert resolve_dataset("default", cache_dir=str(tmp_path), vocab_size=300) == path
+    assert (path / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
