@@ -16,7 +16,9 @@ def mixture_component(
     path: str, weight: float = 1.0, min_tokens: int = 0, max_tokens: int = 0
 ) -> ml_collections.ConfigDict:
     """One dataset in a mixture, optionally restricted to a document-length range."""
-    return ml_collections.ConfigDict(dict(path=path, weight=weight, min_tokens=min_tokens, max_tokens=max_tokens))
+    return ml_collections.ConfigDict(
+        dict(path=path, weight=weight, min_tokens=min_tokens, max_tokens=max_tokens)
+    )
 
 
 def default_data_config() -> ml_collections.ConfigDict:

@@ -49,7 +49,7 @@ class Skipped:
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files named by paths or globs, in the order given (each glob sorted); missing paths and empty globs raise."""
+    """Files named by paths or globs, in order (each glob sorted); a missing path or empty glob raises."""
     files: list[str] = []
     for pattern in patterns:
         if any(c in pattern for c in "*?["):
@@ -78,7 +78,7 @@ def default_corpus_files() -> tuple[pathlib.Path, list[pathlib.Path]]:
 
 
 def file_kind(path: str) -> str | None:
-    """"text", "jsonl" or "parquet" from the file name (compression suffix ignored); None if unsupported."""
+    """ "text", "jsonl" or "parquet" from the file name (compression suffix ignored); None if unsupported."""
     name = path.lower()
     for suffix in _COMPRESSED_SUFFIXES:
         name = name.removesuffix(suffix)
@@ -92,7 +92,7 @@ def file_kind(path: str) -> str | None:
 
 
 def read_documents(path: str, text_field: str, name: str | None = None) -> Iterator[Document | Skipped]:
-    """Documents of one input file (keys start with `name`, default the path); problems come out as Skipped."""
+    """Documents of one input file (keys start with `name`, default the path); problems become Skipped."""
     name = path if name is None else name
     kind = file_kind(path)
     try:

@@ -68,8 +68,16 @@ class DataIterator:
     (float32), each [batch_size, seq_len]. get_state() is JSON-able and holds this process's logical shards.
     """
 
-    def __init__(self, shard_iterators: dict[int, grain.DatasetIterator], *, batch_size: int, seq_len: int,
-                 fingerprint: dict, stop_at_end: bool, description: str):  # fmt: skip
+    def __init__(
+        self,
+        shard_iterators: dict[int, grain.DatasetIterator],
+        *,
+        batch_size: int,
+        seq_len: int,
+        fingerprint: dict,
+        stop_at_end: bool,
+        description: str,
+    ):
         self._shards, self._batch_size, self._seq_len = shard_iterators, batch_size, seq_len
         self._fingerprint, self._stop_at_end, self._description = fingerprint, stop_at_end, description
         self._rows = dict.fromkeys(shard_iterators, 0)  # rows emitted per logical shard
@@ -92,8 +100,10 @@ class DataIterator:
                 continue
             self._rows[shard] += 1
         if len(rows) < self._batch_size and not self._stop_at_end:
-            raise DatasetError(f"{self._description}: no document passes the mixture's filters in logical shards "
-                               f"{sorted(self._shards)}; use fewer logical shards or more data")  # fmt: skip
+            raise DatasetError(
+                f"{self._description}: no document passes the mixture's filters in logical shards "
+                f"{sorted(self._shards)}; use fewer logical shards or more data"
+            )
         if not rows:
             raise StopIteration
         return _batch(rows, self._batch_size, self._seq_len)
@@ -113,8 +123,10 @@ class DataIterator:
         for s, it in self._shards.items():
             entry = state["shards"].get(str(s))
             if entry is None:
-                raise ValueError(f"data iterator state lacks logical shard {s}: combine every process's "
-                                 "get_state() with merge_states before resuming on another process count")  # fmt: skip
+                raise ValueError(
+                    f"data iterator state lacks logical shard {s}: combine every process's "
+                    "get_state() with merge_states before resuming on another process count"
+                )
             it.set_state(entry["pipeline"])
             self._rows[s] = entry["rows"]
             if entry["exhausted"]:
@@ -143,42 +155,65 @@ def merge_states(states: list[dict]) -> dict:
 
 
 def make_train_iterator(
-    data_cfg: ml_collections.ConfigDict, *, batch_size: int, process_index: int, process_count: int,
-    model_vocab_size: int, state: dict | None = None,
-) -> DataIterator:  # fmt: skip
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    model_vocab_size: int,
+    state: dict | None = None,
+) -> DataIterator:
     """This process's training batches (its logical shards s % process_count == process_index)."""
     num_shards = data_cfg.num_logical_shards
     if not 0 <= process_index < process_count <= num_shards:
-        raise ValueError(f"process {process_index} of {process_count}: need 0 <= index < count <= "
-                         f"data num_logical_shards ({num_shards})")  # fmt: skip
+        raise ValueError(
+            f"process {process_index} of {process_count}: need 0 <= index < count <= "
+            f"data num_logical_shards ({num_shards})"
+        )
     components = _mixture_components(data_cfg, model_vocab_size, "train")
     shard_iterators = {
-        s: _packed_shard(data_cfg, components, "train", s, num_shards, shuffle=True, num_epochs=data_cfg.num_epochs)
+        s: _packed_shard(
+            data_cfg, components, "train", s, num_shards, shuffle=True, num_epochs=data_cfg.num_epochs
+        )
         for s in range(process_index, num_shards, process_count)
     }
     iterator = DataIterator(
-        shard_iterators, batch_size=batch_size, seq_len=data_cfg.seq_len,
-        fingerprint=_fingerprint(data_cfg, components), stop_at_end=data_cfg.num_epochs > 0,
+        shard_iterators,
+        batch_size=batch_size,
+        seq_len=data_cfg.seq_len,
+        fingerprint=_fingerprint(data_cfg, components),
+        stop_at_end=data_cfg.num_epochs > 0,
         description=f"train data for process {process_index} of {process_count}",
-    )  # fmt: skip
+    )
     if state is not None:
         iterator.set_state(state)
     return iterator
 
 
 def make_eval_batches(
-    data_cfg: ml_collections.ConfigDict, *, batch_size: int, num_batches: int, process_index: int,
-    process_count: int, model_vocab_size: int,
-) -> list[Batch]:  # fmt: skip
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    num_batches: int,
+    process_index: int,
+    process_count: int,
+    model_vocab_size: int,
+) -> list[Batch]:
     """`num_batches` fixed batches from the eval splits (documents process_index::process_count, in order,
     cycled if too few), packed and mixed like training data.
     """
     components = _mixture_components(data_cfg, model_vocab_size, "eval")
-    shard = _packed_shard(data_cfg, components, "eval", process_index, process_count, shuffle=False, num_epochs=0)
+    shard = _packed_shard(
+        data_cfg, components, "eval", process_index, process_count, shuffle=False, num_epochs=0
+    )
     iterator = DataIterator(
-        {process_index: shard}, batch_size=batch_size, seq_len=data_cfg.seq_len, fingerprint={},
-        stop_at_end=False, description=f"eval data for process {process_index} of {process_count}",
-    )  # fmt: skip
+        {process_index: shard},
+        batch_size=batch_size,
+        seq_len=data_cfg.seq_len,
+        fingerprint={},
+        stop_at_end=False,
+        description=f"eval data for process {process_index} of {process_count}",
+    )
     return [next(iterator) for _ in range(num_batches)]
 
 
@@ -190,7 +225,9 @@ class _Component:
     manifest: dict
 
 
-def _mixture_components(data_cfg: ml_collections.ConfigDict, model_vocab_size: int, split: str) -> list[_Component]:
+def _mixture_components(
+    data_cfg: ml_collections.ConfigDict, model_vocab_size: int, split: str
+) -> list[_Component]:
     """The mixture's components with weight > 0, sorted by name, each checked against the model's vocab."""
     mixture = data_cfg.mixture.to_dict()
     if not mixture:
@@ -201,14 +238,18 @@ def _mixture_components(data_cfg: ml_collections.ConfigDict, model_vocab_size: i
         config = _component_config(name, mixture[name])
         if config["weight"] == 0:
             continue
-        directory = resolve_dataset(config["path"], cache_dir=data_cfg.cache_dir, vocab_size=data_cfg.vocab_size)
+        directory = resolve_dataset(
+            config["path"], cache_dir=data_cfg.cache_dir, vocab_size=data_cfg.vocab_size
+        )
         if directory not in opened:
             manifest = shards.read_manifest(directory)
             opened[directory] = manifest, shards.ShardedDocuments(directory, manifest, split)
         manifest, documents = opened[directory]
         if manifest["vocab_size"] > model_vocab_size:
-            raise DatasetError(f"dataset {directory} (mixture component {name!r}) has vocab size "
-                               f"{manifest['vocab_size']}, more than the model's vocab size {model_vocab_size}")  # fmt: skip
+            raise DatasetError(
+                f"dataset {directory} (mixture component {name!r}) has vocab size "
+                f"{manifest['vocab_size']}, more than the model's vocab size {model_vocab_size}"
+            )
         if len(documents) == 0:
             raise DatasetError(f"dataset {directory} (mixture component {name!r}) has no {split} documents")
         components.append(_Component(name, config, documents, manifest))
@@ -222,21 +263,41 @@ def _mixture_components(data_cfg: ml_collections.ConfigDict, model_vocab_size: i
 
 def _component_config(name: str, entry: dict) -> dict:
     """Validated path, weight, min_tokens, max_tokens of one mixture entry."""
-    config = {"path": entry.get("path"), "weight": entry.get("weight", 1.0),
-              "min_tokens": entry.get("min_tokens", 0), "max_tokens": entry.get("max_tokens", 0)}  # fmt: skip
+    config = {
+        "path": entry.get("path"),
+        "weight": entry.get("weight", 1.0),
+        "min_tokens": entry.get("min_tokens", 0),
+        "max_tokens": entry.get("max_tokens", 0),
+    }
     if not isinstance(config["path"], str) or not config["path"]:
         raise ValueError(f"data config mixture.{name}.path must name a dataset directory or 'default'")
     if not isinstance(config["weight"], int | float) or config["weight"] < 0:
         raise ValueError(f"data config mixture.{name}.weight must be a number >= 0, got {config['weight']!r}")
     low, high = config["min_tokens"], config["max_tokens"]
-    if not (isinstance(low, int) and isinstance(high, int) and low >= 0 and high >= 0 and (high == 0 or high >= low)):
-        raise ValueError(f"data config mixture.{name}: need 0 <= min_tokens <= max_tokens (max 0 = no limit), "
-                         f"got {low}, {high}")  # fmt: skip
+    if not (
+        isinstance(low, int)
+        and isinstance(high, int)
+        and low >= 0
+        and high >= 0
+        and (high == 0 or high >= low)
+    ):
+        raise ValueError(
+            f"data config mixture.{name}: need 0 <= min_tokens <= max_tokens (max 0 = no limit), "
+            f"got {low}, {high}"
+        )
     return config
 
 
-def _packed_shard(data_cfg: ml_collections.ConfigDict, components: list[_Component], split: str, shard: int,
-                  num_shards: int, *, shuffle: bool, num_epochs: int) -> grain.DatasetIterator:  # fmt: skip
+def _packed_shard(
+    data_cfg: ml_collections.ConfigDict,
+    components: list[_Component],
+    split: str,
+    shard: int,
+    num_shards: int,
+    *,
+    shuffle: bool,
+    num_epochs: int,
+) -> grain.DatasetIterator:
     """Packed rows of one logical shard: {"pairs": [seq_len, 2], "pairs_segment_ids", "pairs_positions"}."""
 
     def make_streams() -> dict[str, DocumentChunks]:
@@ -246,16 +307,22 @@ def _packed_shard(data_cfg: ml_collections.ConfigDict, components: list[_Compone
             if shuffle:
                 docs = docs.shuffle(seed=_seed(data_cfg.seed, split, c.name))
             streams[c.name] = DocumentChunks(
-                docs[shard::num_shards], seq_len=data_cfg.seq_len, min_tokens=c.config["min_tokens"],
-                max_tokens=c.config["max_tokens"], num_epochs=num_epochs,
-            )  # fmt: skip
+                docs[shard::num_shards],
+                seq_len=data_cfg.seq_len,
+                min_tokens=c.config["min_tokens"],
+                max_tokens=c.config["max_tokens"],
+                num_epochs=num_epochs,
+            )
         return streams
 
     mixture = TokenWeightedMixture(make_streams, {c.name: float(c.config["weight"]) for c in components})
     packed = grain.experimental.FirstFitPackIterDataset(
-        mixture, length_struct={"pairs": data_cfg.seq_len}, num_packing_bins=data_cfg.packing_bins,
-        seed=_seed(data_cfg.seed, "pack", str(shard)), shuffle_bins=shuffle,
-    )  # fmt: skip
+        mixture,
+        length_struct={"pairs": data_cfg.seq_len},
+        num_packing_bins=data_cfg.packing_bins,
+        seed=_seed(data_cfg.seed, "pack", str(shard)),
+        shuffle_bins=shuffle,
+    )
     return iter(packed)
 
 
@@ -265,7 +332,11 @@ def _batch(rows: list[dict[str, np.ndarray]], batch_size: int, seq_len: int) -> 
     segment_ids = np.zeros((batch_size, seq_len), np.int32)  # 0 = padding
     positions = np.zeros((batch_size, seq_len), np.int32)
     for i, row in enumerate(rows):
-        pairs[i], segment_ids[i], positions[i] = row["pairs"], row["pairs_segment_ids"], row["pairs_positions"]
+        pairs[i], segment_ids[i], positions[i] = (
+            row["pairs"],
+            row["pairs_segment_ids"],
+            row["pairs_positions"],
+        )
     return {
         "tokens": np.ascontiguousarray(pairs[..., 0]),
         "targets": np.ascontiguousarray(pairs[..., 1]),
@@ -289,7 +360,11 @@ def _fingerprint(data_cfg: ml_collections.ConfigDict, components: list[_Componen
         "packing_bins": data_cfg.packing_bins,
         "num_epochs": data_cfg.num_epochs,
         "mixture": {
-            c.name: {**c.config, "documents": len(c.documents), "tokenizer_sha256": c.manifest["tokenizer_sha256"]}
+            c.name: {
+                **c.config,
+                "documents": len(c.documents),
+                "tokenizer_sha256": c.manifest["tokenizer_sha256"],
+            }
             for c in components
         },
     }
@@ -299,7 +374,12 @@ def _check_state(state: dict, fingerprint: dict, what: str = "data iterator stat
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise ValueError(f"{what} is not a data iterator state ({_STATE_FORMAT})")
     if state["fingerprint"] != fingerprint:
-        changed = sorted(k for k in fingerprint.keys() | state["fingerprint"].keys()
-                         if fingerprint.get(k) != state["fingerprint"].get(k))  # fmt: skip
-        raise ValueError(f"{what} was saved with different data settings ({', '.join(changed)}); a changed "
-                         "mixture or packing starts without a state")  # fmt: skip
+        changed = sorted(
+            k
+            for k in fingerprint.keys() | state["fingerprint"].keys()
+            if fingerprint.get(k) != state["fingerprint"].get(k)
+        )
+        raise ValueError(
+            f"{what} was saved with different data settings ({', '.join(changed)}); a changed "
+            "mixture or packing starts without a state"
+        )

@@ -12,13 +12,15 @@ import numpy as np
 class DocumentChunks:
     """One component's documents in one logical shard, as chunks `[n, 2]` of (input, target) token pairs.
 
-    A document d = [BOS, ..., EOS] gives the pairs (d[i], d[i + 1]); a document with more than seq_len pairs is
+    A document d = [BOS, ..., EOS] gives the pairs (d[i], d[i + 1]); one with more than seq_len pairs is
     split into consecutive chunks of seq_len pairs (the last one shorter), never dropped. `docs` holds one
     epoch of this shard's documents; index e * len(docs) + j is document j of epoch e (grain reshuffles
     every epoch). `num_epochs` 0 repeats forever. A shard with no document passing the filter is exhausted.
     """
 
-    def __init__(self, docs: grain.MapDataset, *, seq_len: int, min_tokens: int, max_tokens: int, num_epochs: int):
+    def __init__(
+        self, docs: grain.MapDataset, *, seq_len: int, min_tokens: int, max_tokens: int, num_epochs: int
+    ):
         self._docs, self._epoch_len = docs, len(docs)
         self._seq_len, self._num_epochs = seq_len, num_epochs
         self._min_tokens, self._max_tokens = max(min_tokens, 2), max_tokens or np.iinfo(np.int64).max
@@ -106,7 +108,10 @@ class _MixtureIterator(grain.DatasetIterator):
         raise StopIteration
 
     def get_state(self) -> dict:
-        return {"tokens": dict(self._tokens), "components": {n: s.get_state() for n, s in self._streams.items()}}
+        return {
+            "tokens": dict(self._tokens),
+            "components": {n: s.get_state() for n, s in self._streams.items()},
+        }
 
     def set_state(self, state: dict) -> None:
         self._tokens = dict(state["tokens"])

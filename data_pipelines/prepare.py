@@ -1,6 +1,6 @@
 """Raw text -> tokenizer.json + ArrayRecord shards per split + manifest.json; deterministic and atomic.
 
-    python -m data_pipelines.prepare --input 'raw/*.jsonl.zst' --input books.parquet --vocab_size 32768 --out DIR
+    python -m data_pipelines.prepare --input 'raw/*.jsonl.zst' --input b.parquet --vocab_size 32768 --out DIR
     python -m data_pipelines.prepare --vocab_size 8192 --out DIR     # no --input: the embedded default corpus
 
 Documents go to the eval split by a stable hash of their key (file name, plus line or row), so the same inputs
@@ -86,13 +86,16 @@ def prepare_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logging.info(
-        "prepared %s: %s", out,
+        "prepared %s: %s",
+        out,
         {s: (e["documents"], e["tokens"]) for s, e in manifest["splits"].items()},
-    )  # fmt: skip
+    )
     return out
 
 
-def prepare_default_corpus(out_dir: str | pathlib.Path, vocab_size: int, progress: bool = True) -> pathlib.Path:
+def prepare_default_corpus(
+    out_dir: str | pathlib.Path, vocab_size: int, progress: bool = True
+) -> pathlib.Path:
     """The embedded default corpus (the Python standard library's .py sources) with a trained tokenizer."""
     return prepare_dataset(out_dir, None, vocab_size=vocab_size, progress=progress)
 
@@ -132,7 +135,9 @@ def _init_worker() -> None:
 def _train_split_texts(imap, tasks: list[_TASK], eval_fraction: float, progress: bool) -> Iterator[str]:
     """Texts of the train-split documents, in input order, to train the tokenizer on."""
     read_tasks = [(*task, eval_fraction) for task in tasks]
-    for texts in tqdm(imap(_read_train_texts, read_tasks), total=len(tasks), desc="tokenizer", disable=not progress):
+    for texts in tqdm(
+        imap(_read_train_texts, read_tasks), total=len(tasks), desc="tokenizer", disable=not progress
+    ):
         yield from texts
 
 
@@ -160,16 +165,22 @@ def _tokenize_file(task: tuple[str, str, str, str]) -> list[tuple[str, np.ndarra
     docs = [d for d in items if isinstance(d, documents.Document)]
     encodings = iter(tokenizer.encode_batch_fast([d.text for d in docs], add_special_tokens=False))
     return [
-        item if isinstance(item, documents.Skipped)
+        item
+        if isinstance(item, documents.Skipped)
         else (item.key, np.array([bos, *next(encodings).ids, eos], dtype=shards.TOKEN_DTYPE))
         for item in items
-    ]  # fmt: skip
+    ]
 
 
 def _write_shards(
-    imap, tasks: list[_TASK], directory: pathlib.Path, tokenizer: Tokenizer, eval_fraction: float,
-    shard_tokens: int, progress: bool,
-) -> dict:  # fmt: skip
+    imap,
+    tasks: list[_TASK],
+    directory: pathlib.Path,
+    tokenizer: Tokenizer,
+    eval_fraction: float,
+    shard_tokens: int,
+    progress: bool,
+) -> dict:
     """Tokenizes every input into the split writers; returns the manifest's counts, splits and skipped."""
     tokenizer_file = str(directory / shards.TOKENIZER)
     writers = {split: shards.ShardWriter(directory, split, shard_tokens) for split in shards.SPLITS}
@@ -201,8 +212,11 @@ def _write_shards(
 
 
 def _define_flags() -> None:
-    flags.DEFINE_multi_string("input", None, "File or glob (.txt, .jsonl[.gz|.zst], .parquet); repeatable. "
-                              "None: the embedded default corpus.")  # fmt: skip
+    flags.DEFINE_multi_string(
+        "input",
+        None,
+        "File or glob (.txt, .jsonl[.gz|.zst], .parquet); repeatable. None: the embedded default corpus.",
+    )
     flags.DEFINE_string("text_field", "text", "JSONL/parquet field holding the document text.")
     flags.DEFINE_string("tokenizer", None, "tokenizer.json to use instead of training one.")
     flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size of the trained byte-level BPE.")
@@ -219,9 +233,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("pass either --tokenizer or --vocab_size, not both")
     try:
         prepare_dataset(
-            f.out, f.input, text_field=f.text_field, tokenizer_path=f.tokenizer, vocab_size=f.vocab_size,
-            eval_fraction=f.eval_fraction, shard_tokens=f.shard_tokens, workers=f.workers,
-        )  # fmt: skip
+            f.out,
+            f.input,
+            text_field=f.text_field,
+            tokenizer_path=f.tokenizer,
+            vocab_size=f.vocab_size,
+            eval_fraction=f.eval_fraction,
+            shard_tokens=f.shard_tokens,
+            workers=f.workers,
+        )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")
 

@@ -1,5 +1,5 @@
-"""A tokenized dataset on disk: ArrayRecord shards (one record per document: int32 little-endian token ids) and
-manifest.json (counts, tokenizer hash), which marks the dataset complete. Writing, validating, lazy reading.
+"""A tokenized dataset on disk: ArrayRecord shards (one record per document: int32 little-endian token
+ids) and manifest.json (counts, tokenizer hash), which marks the dataset complete. Write, validate, read.
 """
 
 import collections
@@ -26,7 +26,7 @@ class DatasetError(ValueError):
 
 
 class ShardWriter:
-    """Writes one split's documents into shard files of about `shard_tokens` tokens, counting what each holds."""
+    """Writes one split's documents into shards of about `shard_tokens` tokens, counting what each holds."""
 
     def __init__(self, directory: pathlib.Path, split: str, shard_tokens: int):
         self._directory, self._split, self._shard_tokens = directory, split, shard_tokens
@@ -65,12 +65,12 @@ def write_manifest(directory: pathlib.Path, manifest: dict) -> None:
 
 
 def manifest_path(dataset_dir: str | pathlib.Path) -> pathlib.Path:
-    """The manifest.json of a dataset directory; DatasetError if there is none (never prepared, or interrupted)."""
+    """A dataset's manifest.json path; DatasetError if there is none (never prepared, or unfinished)."""
     path = pathlib.Path(dataset_dir) / MANIFEST
     if not path.is_file():
         raise DatasetError(
-            f"dataset {dataset_dir} has no {MANIFEST}: it was never prepared (python -m data_pipelines.prepare "
-            f"--out {dataset_dir}), or its preparation did not finish"
+            f"dataset {dataset_dir} has no {MANIFEST}: it was never prepared (python -m "
+            f"data_pipelines.prepare --out {dataset_dir}), or its preparation did not finish"
         )
     return path
 
@@ -103,7 +103,9 @@ class ShardedDocuments:
 
     def __init__(self, dataset_dir: pathlib.Path, manifest: dict, split: str, max_open_files: int = 64):
         if split not in manifest["splits"]:
-            raise DatasetError(f"dataset {dataset_dir} has no {split!r} split (has {sorted(manifest['splits'])})")
+            raise DatasetError(
+                f"dataset {dataset_dir} has no {split!r} split (has {sorted(manifest['splits'])})"
+            )
         shards = manifest["splits"][split]["shards"]
         self._dataset_dir = dataset_dir
         self._files = [s["file"] for s in shards]

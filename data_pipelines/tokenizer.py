@@ -33,7 +33,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def read_tokenizer_file(path: str | pathlib.Path) -> Tokenizer:
-    """Loads a tokenizer.json, with an error naming the file when it is missing, malformed or lacks BOS/EOS."""
+    """Loads a tokenizer.json; the error names the file when it is missing, malformed or lacks BOS/EOS."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")

@@ -29,24 +29,48 @@ def _jsonl(records) -> bytes:
 def corpus(tmp_path_factory) -> tuple[pathlib.Path, list[str], collections.Counter]:
     """A directory of inputs of every supported kind plus broken ones; (dir, valid texts, expected skips)."""
     root = tmp_path_factory.mktemp("corpus")
-    texts = [f"document number {i}: the river model reads {'shard ' * (i % 7)}data. ü ∑ 🙂 <s> end" for i in range(40)]
+    texts = [
+        f"document number {i}: the river model reads {'shard ' * (i % 7)}data. ü ∑ 🙂 <s> end"
+        for i in range(40)
+    ]
     (root / "a.txt").write_text(texts[0], encoding="utf-8")
     (root / "b.txt").write_text("  \n ", encoding="utf-8")  # empty document
     (root / "c.txt").write_bytes("caf\xe9 latin-1".encode("latin-1"))  # not UTF-8
-    (root / "d.jsonl").write_bytes(_jsonl([
-        {"text": texts[1]}, b"{not json", {"body": "no text field"}, {"text": 5}, {"text": ""}, b"",
-        b'{"text": "caf\xe9"}', {"text": texts[2], "meta": 1},
-    ]))  # fmt: skip
+    (root / "d.jsonl").write_bytes(
+        _jsonl(
+            [
+                {"text": texts[1]},
+                b"{not json",
+                {"body": "no text field"},
+                {"text": 5},
+                {"text": ""},
+                b"",
+                b'{"text": "caf\xe9"}',
+                {"text": texts[2], "meta": 1},
+            ]
+        )
+    )
     (root / "e.jsonl.gz").write_bytes(gzip.compress(_jsonl({"text": t} for t in texts[3:15])))
-    (root / "f.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl({"text": t} for t in texts[15:27])))
+    (root / "f.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(_jsonl({"text": t} for t in texts[15:27]))
+    )
     pq.write_table(pa.table({"text": [*texts[27:40], None], "id": list(range(14))}), root / "g.parquet")
     pq.write_table(pa.table({"body": ["x"]}), root / "h.parquet")  # lacks the text column
     (root / "i.csv").write_text("text\nhello\n")  # unsupported type
-    (root / "j.jsonl.gz").write_bytes(gzip.compress(_jsonl([{"text": "lost"}] * 50))[:12])  # truncated in the header
-    skips = collections.Counter({
-        documents.EMPTY: 2, documents.NOT_UTF8: 2, documents.INVALID_JSON: 1, documents.MISSING_FIELD: 3,
-        documents.NOT_A_STRING: 1, documents.UNSUPPORTED: 1, documents.UNREADABLE: 1,
-    })  # fmt: skip
+    (root / "j.jsonl.gz").write_bytes(
+        gzip.compress(_jsonl([{"text": "lost"}] * 50))[:12]
+    )  # truncated in the header
+    skips = collections.Counter(
+        {
+            documents.EMPTY: 2,
+            documents.NOT_UTF8: 2,
+            documents.INVALID_JSON: 1,
+            documents.MISSING_FIELD: 3,
+            documents.NOT_A_STRING: 1,
+            documents.UNSUPPORTED: 1,
+            documents.UNREADABLE: 1,
+        }
+    )
     return root, texts, skips
 
 
@@ -67,12 +91,21 @@ def _tree_bytes(directory: pathlib.Path) -> dict[str, bytes]:
 
 def test_prepare_counts_skips_and_round_trip(corpus, tmp_path):
     root, texts, skips = corpus
-    out = prepare.prepare_dataset(tmp_path / "ds", [str(root / "*")], vocab_size=300, eval_fraction=0.3,
-                                  shard_tokens=200, workers=1, progress=False)  # fmt: skip
+    out = prepare.prepare_dataset(
+        tmp_path / "ds",
+        [str(root / "*")],
+        vocab_size=300,
+        eval_fraction=0.3,
+        shard_tokens=200,
+        workers=1,
+        progress=False,
+    )
     manifest = shards.read_manifest(out)
     assert collections.Counter(manifest["skipped"]["by_reason"]) == skips
     assert manifest["skipped"]["total"] == sum(skips.values())
-    assert {"source": f"{root}/d.jsonl:2", "reason": documents.INVALID_JSON} in manifest["skipped"]["examples"]
+    assert {"source": f"{root}/d.jsonl:2", "reason": documents.INVALID_JSON} in manifest["skipped"][
+        "examples"
+    ]
     assert manifest["inputs"] == sorted(str(p) for p in root.iterdir())
     assert manifest["special_tokens"] == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
 
@@ -98,8 +131,9 @@ def test_prepare_counts_skips_and_round_trip(corpus, tmp_path):
 def test_prepare_is_deterministic_and_pool_matches_single_process(corpus, tmp_path):
     root, _, _ = corpus
     runs = [
-        prepare.prepare_dataset(tmp_path / f"run{i}", [str(root / "*")], vocab_size=300, workers=workers,
-                                progress=False)  # fmt: skip
+        prepare.prepare_dataset(
+            tmp_path / f"run{i}", [str(root / "*")], vocab_size=300, workers=workers, progress=False
+        )
         for i, workers in enumerate((2, 2, 1))
     ]
     first = _tree_bytes(runs[0])
@@ -110,8 +144,14 @@ def test_prepare_is_deterministic_and_pool_matches_single_process(corpus, tmp_pa
 
 def test_eval_split_follows_the_key_hash(corpus, tmp_path):
     root, texts, _ = corpus
-    out = prepare.prepare_dataset(tmp_path / "ds", [str(root / "e.jsonl.gz")], vocab_size=300, eval_fraction=0.5,
-                                  workers=1, progress=False)  # fmt: skip
+    out = prepare.prepare_dataset(
+        tmp_path / "ds",
+        [str(root / "e.jsonl.gz")],
+        vocab_size=300,
+        eval_fraction=0.5,
+        workers=1,
+        progress=False,
+    )
     tokenizer = load_tokenizer(out)
     eval_texts = {tokenizer.decode(r[1:-1].tolist()) for r in _read_split(out, "eval")}
     expected = set()
@@ -131,7 +171,9 @@ def test_interrupted_prepare_leaves_nothing_a_loader_accepts(corpus, tmp_path, m
 
     monkeypatch.setattr(shards, "write_manifest", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare_dataset(tmp_path / "ds", [str(root / "*.txt")], vocab_size=300, workers=1, progress=False)
+        prepare.prepare_dataset(
+            tmp_path / "ds", [str(root / "*.txt")], vocab_size=300, workers=1, progress=False
+        )
     assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary sibling
     with pytest.raises(shards.DatasetError, match="no manifest.json"):
         resolve_dataset(str(tmp_path / "ds"), cache_dir="", vocab_size=300)
@@ -145,16 +187,27 @@ def test_interrupted_prepare_leaves_nothing_a_loader_accepts(corpus, tmp_path, m
 
 def test_given_tokenizer_is_used_and_validated(corpus, tmp_path):
     root, _, _ = corpus
-    first = prepare.prepare_dataset(tmp_path / "a", [str(root / "*.jsonl*")], vocab_size=300, workers=1,
-                                    progress=False)  # fmt: skip
-    second = prepare.prepare_dataset(tmp_path / "b", [str(root / "g.parquet")], workers=1, progress=False,
-                                     tokenizer_path=str(first / "tokenizer.json"))  # fmt: skip
+    first = prepare.prepare_dataset(
+        tmp_path / "a", [str(root / "*.jsonl*")], vocab_size=300, workers=1, progress=False
+    )
+    second = prepare.prepare_dataset(
+        tmp_path / "b",
+        [str(root / "g.parquet")],
+        workers=1,
+        progress=False,
+        tokenizer_path=str(first / "tokenizer.json"),
+    )
     assert (second / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
     assert shards.read_manifest(second)["tokenizer_sha256"] == shards.read_manifest(first)["tokenizer_sha256"]
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json"):
-        prepare.prepare_dataset(tmp_path / "c", [str(root / "a.txt")], tokenizer_path=str(tmp_path / "bad.json"),
-                                workers=1, progress=False)  # fmt: skip
+        prepare.prepare_dataset(
+            tmp_path / "c",
+            [str(root / "a.txt")],
+            tokenizer_path=str(tmp_path / "bad.json"),
+            workers=1,
+            progress=False,
+        )
 
 
 def test_bad_inputs_are_clear_errors(corpus, tmp_path):
@@ -164,8 +217,9 @@ def test_bad_inputs_are_clear_errors(corpus, tmp_path):
     with pytest.raises(documents.InputError, match=r"\*.xyz.*matches no files"):
         prepare.prepare_dataset(tmp_path / "x", [str(root / "*.xyz")], workers=1)
     with pytest.raises(documents.InputError, match="every input was skipped"):
-        prepare.prepare_dataset(tmp_path / "x", [str(root / "b.txt"), str(root / "i.csv")], workers=1,
-                                progress=False)  # fmt: skip
+        prepare.prepare_dataset(
+            tmp_path / "x", [str(root / "b.txt"), str(root / "i.csv")], workers=1, progress=False
+        )
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "f").write_text("x")
     with pytest.raises(FileExistsError, match="taken"):
@@ -175,10 +229,20 @@ def test_bad_inputs_are_clear_errors(corpus, tmp_path):
 
 def test_cli_reports_a_missing_input_without_a_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "data_pipelines.prepare", "--input", str(tmp_path / "none*.jsonl"),
-         "--out", str(tmp_path / "out")],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "data_pipelines.prepare",
+            "--input",
+            str(tmp_path / "none*.jsonl"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "none*.jsonl" in result.stderr and "matches no files" in result.stderr
     assert "Traceback" not in result.stderr
