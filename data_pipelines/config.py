@@ -42,13 +42,13 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 def long_context_mixture(path: str, max_tokens: int, weight: float = 1.0) -> ml_collections.ConfigDict:
     """Length buckets of one dataset at equal weights: 0-4K, 4-12K, 12-24K, 24-32K tokens when max_tokens is
-    32K, scaled proportionally for other maxima (tiny configs). Components are named long_{min}_{max}.
+    32K, scaled proportionally for other maxima (tiny configs). Components: long{i}_{min}_{max}.
     """
     edges = [round(f * max_tokens) for f in _LONG_CONTEXT_EDGES]
     if len(set(edges)) != len(edges):
         raise ValueError(f"long_context_mixture: max_tokens {max_tokens} is too small for four buckets")
     mixture = ml_collections.ConfigDict()
-    for low, high in zip(edges[:-1], edges[1:]):
+    for i, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
         min_tokens = low + 1 if low else 0
-        mixture[f"long_{min_tokens}_{high}"] = mixture_component(path, weight / 4, min_tokens, high)
+        mixture[f"long{i}_{min_tokens}_{high}"] = mixture_component(path, weight / 4, min_tokens, high)
     return mixture

@@ -125,7 +125,11 @@ class ShardedDocuments:
             raise IndexError(f"document {index} out of range [0, {len(self)})")
         shard = int(np.searchsorted(self._ends, index, side="right"))
         first = int(self._ends[shard - 1]) if shard else 0
-        record = self._reader(shard).read([index - first])[0]
+        try:
+            record = self._reader(shard).read([index - first])[0]
+        except RuntimeError as e:  # array_record reports I/O and corruption as RuntimeError
+            path = self._dataset_dir / self._files[shard]
+            raise DatasetError(f"dataset {self._dataset_dir}: cannot read shard {path}: {e}") from None
         return np.frombuffer(record, dtype=TOKEN_DTYPE)
 
     def _reader(self, shard: int) -> array_record_module.ArrayRecordReader:
@@ -134,10 +138,9 @@ class ShardedDocuments:
             self._readers.move_to_end(shard)
             return reader
         path = self._dataset_dir / self._files[shard]
-        try:
-            reader = array_record_module.ArrayRecordReader(str(path), _READER_OPTIONS)
-        except Exception as e:  # array_record raises bare RuntimeError/ValueError with a C++ status message
-            raise DatasetError(f"dataset {self._dataset_dir}: cannot open shard {path}: {e}") from None
+        if not path.is_file():
+            raise DatasetError(f"dataset {self._dataset_dir}: cannot open shard {path}: no such file")
+        reader = array_record_module.ArrayRecordReader(str(path), _READER_OPTIONS)
         self._readers[shard] = reader
         if len(self._readers) > self._max_open_files:
             self._readers.popitem(last=False)[1].close()
