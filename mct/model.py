@@ -7,6 +7,8 @@ muP hidden matrices, which get lr / m, or "vector" for embeddings and norms, whi
 """
 
 import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,61 @@ def _param(rngs: nnx.Rngs, shape, axes, std: float | None, lr_group: str) -> nnx
     return nnx.Param(value, logical_axes=axes, lr_group=lr_group)
 
 
+LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "attn_norm", "mlp_norm")
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for decoding; slot i holds position i of each row."""
+
+    k: jnp.ndarray  # [layers, batch, capacity, kv_heads, head_dim]
+    v: jnp.ndarray  # [layers, batch, capacity, kv_heads, head_dim]
+
+
+def decoder_layer(cfg: ml_collections.ConfigDict, h: jnp.ndarray, w: dict, positions: jnp.ndarray, rope,
+                  attention: Callable) -> tuple[jnp.ndarray, Any]:  # fmt: skip
+    """One pre-norm block: h + s * Attn(RMSNorm(h)), then + s * SwiGLU(RMSNorm(h)), s = scale_depth / sqrt(L).
+
+    h: [batch, seq, d_model]; w: one layer's weights (LAYER_WEIGHTS); positions: [batch, seq]; rope: the
+    (inv_freq, mscale) of rope_tables; attention(q, k, v) -> (output [batch, seq, q_heads, head_dim], aux)
+    sees post-RoPE q and k. Returns the new h and attention's aux (the updated cache when decoding).
+    """
+    dtype = jnp.dtype(cfg.compute_dtype)
+    branch_scale = cfg.scale_depth / math.sqrt(cfg.n_layers)
+    w = {name: value.astype(dtype) for name, value in w.items()}
+    x = rms_norm(h, w["attn_norm"], cfg.rms_eps)
+    q = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wq"]), ("batch", None, "heads", None))
+    k = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wk"]), ("batch", None, "kv_heads", None))
+    v = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wv"]), ("batch", None, "kv_heads", None))
+    q, k = apply_rope(q, positions, *rope), apply_rope(k, positions, *rope)
+    o, aux = attention(q, k, v)  # o: [batch, seq, q_heads, head_dim]
+    h = h + branch_scale * jnp.einsum("bshk,hkd->bsd", o, w["wo"])
+    x = rms_norm(h, w["mlp_norm"], cfg.rms_eps)
+    gate = constrain(jnp.einsum("bsd,df->bsf", x, w["w_gate"]), ("batch", None, "mlp"))
+    up = jnp.einsum("bsd,df->bsf", x, w["w_up"])
+    h = h + branch_scale * jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w["w_down"])
+    return h, aux
+
+
+def _write_cache(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
+    """cache [batch, capacity, kv_heads, head_dim] with new [batch, T, ...] written at slots start[b]..."""
+    write_row = lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0))
+    return jax.vmap(write_row)(cache, new, start)
+
+
+def cached_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    """GQA attention of q [batch, T, q_heads, head_dim] over cache slots 0..position of each query.
+
+    k, v: [batch, capacity, kv_heads, head_dim]; positions: [batch, T]. Softmax scale 1/sqrt(head_dim).
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)  # [batch, T, kv_heads, group, head_dim]
+    scores = jnp.einsum("bthgd,bshd->bhgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
+    visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]  # [batch, T, capacity]
+    probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhgts,bshd->bthgd", probs, v).reshape(b, t, hq, d)
+
+
 class MiniCPM(nnx.Module):
     """The decoder. Layer weights are stacked on a leading `layers` axis and applied with lax.scan."""
 
@@ -67,34 +124,54 @@ class MiniCPM(nnx.Module):
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
         """tokens, positions, segment_ids: [batch, seq] -> final hidden states [batch, seq, d_model]."""
         cfg = self.cfg
-        dtype = jnp.dtype(cfg.compute_dtype)
-        inv_freq, mscale = rope_tables(cfg.rope, cfg.head_dim, tokens.shape[1], cfg.max_position)
-        branch_scale = cfg.scale_depth / math.sqrt(cfg.n_layers)
+        rope = rope_tables(cfg.rope, cfg.head_dim, tokens.shape[1], cfg.max_position)
 
         def layer(h, w):  # h: [batch, seq, d_model]
-            w = {name: value.astype(dtype) for name, value in w.items()}
-            x = rms_norm(h, w["attn_norm"], cfg.rms_eps)
-            q = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wq"]), ("batch", None, "heads", None))
-            k = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wk"]), ("batch", None, "kv_heads", None))
-            v = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wv"]), ("batch", None, "kv_heads", None))
-            q, k = apply_rope(q, positions, inv_freq, mscale), apply_rope(k, positions, inv_freq, mscale)
-            o = attend(q, k, v, segment_ids, cfg)  # [batch, seq, q_heads, head_dim]
-            h = h + branch_scale * jnp.einsum("bshk,hkd->bsd", o, w["wo"])
-            x = rms_norm(h, w["mlp_norm"], cfg.rms_eps)
-            gate = constrain(jnp.einsum("bsd,df->bsf", x, w["w_gate"]), ("batch", None, "mlp"))
-            up = jnp.einsum("bsd,df->bsf", x, w["w_up"])
-            h = h + branch_scale * jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w["w_down"])
+            attention = lambda q, k, v: (attend(q, k, v, segment_ids, cfg), None)
+            h, _ = decoder_layer(cfg, h, w, positions, rope, attention)
             return constrain(h, ("batch", None, None)), None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
-        stacked = {
-            name: getattr(self, name)[...]
-            for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "attn_norm", "mlp_norm")
-        }
-        h = cfg.scale_emb * jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-        h, _ = jax.lax.scan(layer, constrain(h, ("batch", None, None)), stacked)
+        h0 = constrain(self._embed(tokens), ("batch", None, None))
+        h, _ = jax.lax.scan(layer, h0, self._layer_weights())
         return rms_norm(h, self.final_norm[...], cfg.rms_eps)
+
+    def extend(
+        self, tokens: jnp.ndarray, positions: jnp.ndarray, cache: KVCache
+    ) -> tuple[jnp.ndarray, KVCache]:
+        """Decoding: runs `tokens` [batch, T] at `positions` [batch, T] against a KV cache.
+
+        Each row's positions must be consecutive (p, ..., p+T-1); their keys/values go into cache slots
+        p..p+T-1 (slot == position) and every query sees the slots up to its own position, so rows may sit at
+        different positions (prompts of different lengths). RoPE tables are those of a sequence as long as
+        the cache (LongRoPE keeps one factor list per generation). Returns the final hidden states
+        [batch, T, d_model] and the updated cache.
+        """
+        cfg = self.cfg
+        rope = rope_tables(cfg.rope, cfg.head_dim, cache.k.shape[2], cfg.max_position)
+
+        def layer(h, layer_inputs):
+            w, k_cache, v_cache = layer_inputs  # caches: [batch, capacity, kv_heads, head_dim]
+
+            def attention(q, k, v):
+                k_cache_new = _write_cache(k_cache, k, positions[:, 0])
+                v_cache_new = _write_cache(v_cache, v, positions[:, 0])
+                return cached_attention(q, k_cache_new, v_cache_new, positions), (k_cache_new, v_cache_new)
+
+            return decoder_layer(cfg, h, w, positions, rope, attention)
+
+        h, (k, v) = jax.lax.scan(layer, self._embed(tokens), (self._layer_weights(), cache.k, cache.v))
+        return rms_norm(h, self.final_norm[...], cfg.rms_eps), KVCache(k, v)
+
+    def _embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        """h0 = scale_emb * E[tokens]: [batch, seq] -> [batch, seq, d_model]."""
+        dtype = jnp.dtype(self.cfg.compute_dtype)
+        return self.cfg.scale_emb * jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+
+    def _layer_weights(self) -> dict:
+        """The stacked per-layer weights, each with a leading [layers] axis (what lax.scan iterates over)."""
+        return {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
 
     def head_weight(self) -> jnp.ndarray:
         """The output projection [d_model, vocab] with muP's 1/m folded in (fp32)."""
