@@ -62,8 +62,8 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             raise InputError(f"input {pattern!r} is a directory; pass a glob such as '{pattern}/**/*.jsonl'")
         else:
             matches = [pattern]
-        files.extend(m for m in matches if m not in files)
-    return files
+        files.extend(matches)
+    return list(dict.fromkeys(files))  # a file named twice is read once
 
 
 def default_corpus_files() -> tuple[pathlib.Path, list[pathlib.Path]]:

@@ -28,7 +28,7 @@ from data_pipelines import documents, shards
 from data_pipelines import tokenizer as tok
 
 _MAX_SKIP_EXAMPLES = 100
-_TASK = tuple[str, str, str]  # (path, name, text_field)
+_Task = tuple[str, str, str]  # (path, name, text_field)
 
 
 def prepare_dataset(
@@ -106,7 +106,7 @@ def is_eval_document(key: str, eval_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < eval_fraction * 2**64
 
 
-def _input_tasks(inputs: list[str] | None, text_field: str) -> tuple[list[_TASK], list[str]]:
+def _input_tasks(inputs: list[str] | None, text_field: str) -> tuple[list[_Task], list[str]]:
     """One task per input file, and the input names the manifest lists."""
     if inputs:
         files = documents.expand_inputs(inputs)
@@ -132,7 +132,7 @@ def _init_worker() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
 
 
-def _train_split_texts(imap, tasks: list[_TASK], eval_fraction: float, progress: bool) -> Iterator[str]:
+def _train_split_texts(imap, tasks: list[_Task], eval_fraction: float, progress: bool) -> Iterator[str]:
     """Texts of the train-split documents, in input order, to train the tokenizer on."""
     read_tasks = [(*task, eval_fraction) for task in tasks]
     for texts in tqdm(
@@ -174,7 +174,7 @@ def _tokenize_file(task: tuple[str, str, str, str]) -> list[tuple[str, np.ndarra
 
 def _write_shards(
     imap,
-    tasks: list[_TASK],
+    tasks: list[_Task],
     directory: pathlib.Path,
     tokenizer: Tokenizer,
     eval_fraction: float,
