@@ -1,0 +1,42 @@
+"""The grouped-query row layout shared by the blockwise attention paths.
+
+The G query heads that share a kv head are laid out as adjacent rows, token-major, so one query block of
+`n` tokens is `n * G` rows of a single matmul against that kv head's keys (G fills the M dimension).
+"""
+
+import jax.numpy as jnp
+
+
+def to_group_rows(x: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
+    """[batch, seq, q_heads, d] -> [batch, kv_heads, seq * group, d]; row t * group + g is token t, head g."""
+    b, s, h, d = x.shape
+    g = h // kv_heads
+    return x.reshape(b, s, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, s * g, d)
+
+
+def from_group_rows(x: jnp.ndarray, q_heads: int) -> jnp.ndarray:
+    """Inverse of `to_group_rows`: [batch, kv_heads, seq * group, d] -> [batch, seq, q_heads, d]."""
+    b, kv, rows, d = x.shape
+    g = q_heads // kv
+    return x.reshape(b, kv, rows // g, g, d).transpose(0, 2, 1, 3, 4).reshape(b, rows // g, q_heads, d)
+
+
+def heads_major(x: jnp.ndarray) -> jnp.ndarray:
+    """[batch, seq, kv_heads, d] -> [batch, kv_heads, seq, d]."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def check_gqa_shapes(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray | None) -> None:
+    """Raises ValueError naming the argument whose shape breaks the GQA attention contract."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        shapes = f"{q.shape}, {k.shape}, {v.shape}"
+        raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim]; got {shapes}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    b, s, h, d = q.shape
+    if k.shape[0] != b or k.shape[1] != s or k.shape[3] != d:
+        raise ValueError(f"k/v {k.shape} do not match q {q.shape} in batch, seq or head_dim")
+    if h % k.shape[2]:
+        raise ValueError(f"q_heads {h} is not a multiple of kv_heads {k.shape[2]}")
+    if segment_ids is not None and segment_ids.shape != (b, s):
+        raise ValueError(f"segment_ids must be [batch, seq] = {(b, s)}; got {segment_ids.shape}")
