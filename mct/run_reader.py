@@ -1,0 +1,93 @@
+"""Reads a training run's workdir without building its train state: the committed step, the run config, the
+tokenizer, and each parameter (or one layer of it) straight from the orbax checkpoint through tensorstore, so
+export and decoding never need the optimizer state or a whole model gathered at once.
+"""
+
+import pathlib
+
+import ml_collections
+import numpy as np
+import tensorstore as ts
+from tokenizers import Tokenizer
+
+from data_pipelines.loader import load_tokenizer, resolve_dataset
+from data_pipelines.tokenizer import read_tokenizer_file
+from mct.checkpoint import Checkpointer
+from mct.model import ParamsModel
+
+TOKENIZER_FILE = "tokenizer.json"  # a workdir may hold its tokenizer (mct.import_hf writes it there)
+
+
+class RunCheckpoint:
+    """One committed checkpoint of WORKDIR (the latest unless `step` is given), read one array at a time."""
+
+    def __init__(self, workdir: str | pathlib.Path, step: int | None = None):
+        self.workdir = pathlib.Path(workdir)
+        if not (self.workdir / "checkpoints").is_dir():
+            raise FileNotFoundError(f"{workdir} is not a training workdir: it has no checkpoints/ directory")
+        ckpt = Checkpointer(str(self.workdir), read_only=True)
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{workdir} has no committed checkpoint (interrupted saves do not count)")
+        self.step = ckpt.latest_step() if step is None else step
+        if self.step not in steps:
+            raise FileNotFoundError(f"{workdir} has no committed checkpoint at step {step}; it has {steps}")
+        meta = ckpt.read_meta(self.step)
+        ckpt.close()
+        if "config" not in meta:
+            raise ValueError(f"{workdir} step {self.step}: the checkpoint's meta lacks the run 'config'")
+        self.config = ml_collections.ConfigDict(meta["config"])
+        self.model_cfg = self.config.model
+        self.shapes = {name: x.shape for name, x in ParamsModel(self.model_cfg).abstract().items()}
+        self._state_dir = self.workdir.absolute() / "checkpoints" / str(self.step) / "state"
+        self._arrays: dict[str, ts.TensorStore] = {}
+
+    def read(self, name: str, index=()) -> np.ndarray:
+        """Parameter `name` (a key of the params dict), or the part `index` selects (e.g. one layer: 3)."""
+        if name not in self.shapes:
+            raise KeyError(f"unknown parameter {name!r}; the model has {sorted(self.shapes)}")
+        if name not in self._arrays:
+            self._arrays[name] = self._open(name)
+        return np.asarray(self._arrays[name][index].read().result())
+
+    def read_params(self) -> dict[str, np.ndarray]:
+        """Every parameter, as a params dict of host arrays (for decoding, where the model fits in memory)."""
+        return {name: self.read(name) for name in self.shapes}
+
+    def _open(self, name: str) -> ts.TensorStore:
+        # orbax stores the item `state` as one OCDBT database; leaf ("params", name) is the zarr array at key
+        # "params.<name>" in it.
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "ocdbt", "base": f"file://{self._state_dir}", "path": f"params.{name}"},
+        }
+        try:
+            array = ts.open(spec, read=True).result()
+        except ValueError as e:
+            raise ValueError(f"{self._state_dir}: cannot read parameter {name!r} ({e})") from None
+        if tuple(array.shape) != tuple(self.shapes[name]):
+            raise ValueError(
+                f"{self._state_dir}: parameter {name!r} has shape {tuple(array.shape)}, but the run config's "
+                f"model needs {tuple(self.shapes[name])}"
+            )
+        return array
+
+
+def load_run_tokenizer(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> Tokenizer:
+    """The run's tokenizer: WORKDIR/tokenizer.json if present, else that of its data mixture's dataset."""
+    own = pathlib.Path(workdir) / TOKENIZER_FILE
+    if own.is_file():
+        return read_tokenizer_file(own)
+    errors = []
+    for name, component in sorted(config.data.mixture.items()):
+        try:
+            directory = resolve_dataset(
+                component.path, cache_dir=config.data.cache_dir, vocab_size=config.data.vocab_size
+            )
+            return load_tokenizer(directory)
+        except (OSError, ValueError) as e:
+            errors.append(f"mixture component {name!r}: {e}")
+    raise FileNotFoundError(
+        f"no tokenizer for {workdir}: no {own} and none from the run's data ({'; '.join(errors)}); "
+        "pass a tokenizer.json explicitly"
+    )

@@ -1,0 +1,160 @@
+"""KV-cache decoding against full forward passes: logits, greedy tokens, sampling, EOS, errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments.configs.base import model_config
+from mct.decoding import Sampling, forward, generate, init_cache, output_head, params_model, token_probs
+from mct.model import ParamsModel
+
+
+def tiny_cfg(**overrides):
+    cfg = model_config(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=97)
+    cfg.attention = "naive"
+    cfg.max_position = 256
+    cfg.update(overrides)
+    return cfg
+
+
+def random_params(cfg, seed: int = 0) -> dict:
+    params = ParamsModel(cfg).init(seed)
+    rng = np.random.default_rng(seed)
+    for name in ("attn_norm", "mlp_norm", "final_norm"):
+        params[name] = params[name] + 0.3 * rng.standard_normal(params[name].shape).astype(np.float32)
+    return params
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _training_logits(model, params, tokens):  # tokens [batch, seq] -> logits [batch, seq, vocab]
+    m = model.bind(params)
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return jnp.einsum("bsd,dv->bsv", m(tokens, pos, jnp.ones_like(tokens)), m.head_weight())
+
+
+def full_logits(cfg, params, tokens: list[int], pad_to: int = 16) -> np.ndarray:
+    """Logits [len, vocab] of one sequence by the training forward pass (no cache); causal, so the padding
+    after it (to one compiled length) changes nothing."""
+    padded = np.zeros((1, max(pad_to, len(tokens))), np.int32)
+    padded[0, : len(tokens)] = tokens
+    return np.asarray(_training_logits(params_model(cfg), params, jnp.asarray(padded)))[0, : len(tokens)]
+
+
+def test_cache_logits_match_full_forward_for_ragged_batch():
+    cfg = tiny_cfg(tie_embeddings=False, n_kv_heads=1)
+    params = random_params(cfg)
+    model = params_model(cfg)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (9, 4, 12)]
+    prompt_len = [5, 2, 7]
+    cache = init_cache(cfg, 3, 16)
+    head = output_head(model, params)
+    step = jax.jit(forward, static_argnums=0)
+    # Prefill the right-padded prompts, then feed the rest one row-dependent position at a time.
+    block = np.zeros((3, 7), np.int32)
+    for b, s in enumerate(seqs):
+        block[b, : prompt_len[b]] = s[: prompt_len[b]]
+    logits, cache = step(model, params, head, jnp.asarray(block), jnp.zeros(3, jnp.int32), cache)
+    got = [list(np.asarray(logits)[b, : prompt_len[b]]) for b in range(3)]
+    pos = np.array(prompt_len)
+    for _ in range(max(len(s) - p for s, p in zip(seqs, prompt_len))):
+        tok = np.array([s[min(p, len(s) - 1)] for s, p in zip(seqs, pos)], np.int32)
+        logits, cache = step(model, params, head, jnp.asarray(tok[:, None]), jnp.asarray(pos), cache)
+        for b in range(3):
+            if pos[b] < len(seqs[b]):
+                got[b].append(np.asarray(logits)[b, 0])
+        pos = pos + 1
+    for b, s in enumerate(seqs):
+        np.testing.assert_allclose(np.stack(got[b]), full_logits(cfg, params, s), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generate_matches_argmax_of_full_forward():
+    cfg = tiny_cfg()
+    params = random_params(cfg, seed=1)
+    prompts = [[5, 17, 3], [9], [40, 41, 42, 43, 44, 45]]
+    streamed = [[] for _ in prompts]
+
+    def on_tokens(new):
+        for row, tokens in enumerate(new):
+            streamed[row].extend(tokens)
+
+    out = generate(cfg, params, prompts, max_new_tokens=6, on_tokens=on_tokens)
+    assert out == streamed
+    for prompt, tokens in zip(prompts, out):
+        seq = list(prompt)
+        for _ in range(6):
+            seq.append(int(np.argmax(full_logits(cfg, params, seq)[-1])))
+        assert tokens == seq[len(prompt) :]
+
+
+def test_eos_ends_a_row_and_is_not_returned():
+    cfg = tiny_cfg()
+    params = random_params(cfg, seed=2)
+    prompts = [[1, 2, 3], [7, 8]]
+    free = generate(cfg, params, prompts, max_new_tokens=5)
+    eos = free[0][2]  # row 0 must stop right before its third token
+    out = generate(cfg, params, prompts, max_new_tokens=5, eos_id=eos)
+    assert out[0] == free[0][:2]
+    cut = free[1].index(eos) if eos in free[1] else 5
+    assert out[1] == free[1][:cut]
+
+
+def numpy_token_probs(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    z = logits / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = np.zeros_like(p)
+    for row in range(p.shape[0]):
+        order = np.argsort(-p[row], kind="stable")
+        mass = 0.0
+        for i in order:
+            if mass >= top_p:
+                break
+            out[row, i] = p[row, i]
+            mass += p[row, i]
+    return out / out.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5)])
+def test_token_probs_matches_numpy(temperature, top_p):
+    logits = np.random.default_rng(3).standard_normal((5, 40)).astype(np.float32) * 2
+    got = np.asarray(token_probs(jnp.asarray(logits), Sampling(temperature, top_p)))
+    np.testing.assert_allclose(got, numpy_token_probs(logits, temperature, top_p), atol=1e-6)
+    greedy = np.asarray(token_probs(jnp.asarray(logits), Sampling()))
+    np.testing.assert_array_equal(greedy, np.eye(40)[logits.argmax(-1)])
+
+
+def test_sampled_tokens_follow_the_model_distribution():
+    cfg = tiny_cfg(vocab_size=12)
+    params = random_params(cfg, seed=4)
+    sampling = Sampling(temperature=0.9, top_p=0.95)
+    prompt = [3, 7, 1]
+    n = 4000
+    out = np.array(generate(cfg, params, [prompt] * n, max_new_tokens=2, sampling=sampling, seed=0))
+    probs = lambda seq: numpy_token_probs(full_logits(cfg, params, seq)[-1:], 0.9, 0.95)[0]
+    first = probs(prompt)
+    second = sum(first[x] * probs(prompt + [x]) for x in range(12) if first[x] > 0)
+    for tokens, want in ((out[:, 0], first), (out[:, 1], second)):
+        observed = np.bincount(tokens, minlength=12)
+        assert observed[want == 0].sum() == 0  # nothing outside the top-p set
+        support = want > 0
+        expected = n * want[support].astype(np.float64) / want[support].astype(np.float64).sum()
+        _, p_value = stats.chisquare(observed[support], expected)
+        assert p_value > 1e-3
+
+
+def test_errors_name_the_problem():
+    cfg = tiny_cfg()
+    params = random_params(cfg)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(cfg, params, [[1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_position"):
+        generate(cfg, params, [[1]], max_new_tokens=cfg.max_position)
+    sparse = tiny_cfg(attention="infllm_v2")
+    sparse.sparse.dense_len = 8
+    with pytest.raises(NotImplementedError, match="dense_len=8"):
+        init_cache(sparse, 1, 16)
