@@ -1,0 +1,6 @@
+"""InfLLM v2 trainable sparse attention: block selection and block-sparse attention (DESIGN.md section 3)."""
+
+from pallas_kernels.infllm_v2.config import SparseConfig
+from pallas_kernels.infllm_v2.selection import select_blocks
+
+__all__ = ["SparseConfig", "select_blocks"]
