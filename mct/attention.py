@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pallas_kernels.blockwise_attention import causal_attention
+
 
 def naive_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
     """Materialises the [seq, seq] scores: the simple reference, fine for short sequences."""
@@ -28,6 +30,8 @@ def attend(
     q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, cfg: ml_collections.ConfigDict
 ) -> jnp.ndarray:
     """Runs the attention implementation named by `cfg.attention` (a model config)."""
+    if cfg.attention == "blockwise":
+        return causal_attention(q, k, v, segment_ids=segment_ids, block_size=cfg.attention_block)
     if cfg.attention == "naive":
         return naive_attention(q, k, v, segment_ids)
     raise ValueError(f"config model.attention: unknown implementation {cfg.attention!r}")

@@ -36,7 +36,9 @@ class Checkpointer:
             read_only=read_only,
             create=not read_only,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -61,7 +63,9 @@ class Checkpointer:
     def restore(self, step: int, abstract_state) -> tuple[dict, dict, dict]:
         """Restores (state, data_state, meta) onto the shardings given by `abstract_state`'s leaves."""
         if step not in self.all_steps():
-            raise FileNotFoundError(f"checkpoint step {step} not found in {self.directory}; have {self.all_steps()}")
+            raise FileNotFoundError(
+                f"checkpoint step {step} not found in {self.directory}; have {self.all_steps()}"
+            )
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(

@@ -70,7 +70,9 @@ def param_specs(params: nnx.State):
 
 
 def named(mesh: jax.sharding.Mesh, specs):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
 
 
 def constrain(x: jax.Array, axes) -> jax.Array:

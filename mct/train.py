@@ -41,16 +41,19 @@ class TrainingDiverged(RuntimeError):
 
 
 def state_specs(model: ParamsModel, tx: optax.GradientTransformation):
-    """PartitionSpecs of {"params", "opt_state"}: optimizer moments are sharded like their params."""
-    params = jax.tree.map(logical_spec, model.metadata("logical_axes"), is_leaf=lambda x: isinstance(x, tuple))
-    opt_state = optax.tree_map_params(
-        tx,
-        lambda _, spec: spec,
-        jax.eval_shape(tx.init, model.abstract()),
-        params,
-        transform_non_params=lambda _: PartitionSpec(),
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    """PartitionSpecs of {"params", "opt_state"}: an optimizer leaf stored under a parameter's name with that
+    parameter's shape (Adam's moments) is sharded like it; everything else (counts) is replicated."""
+    params = jax.tree.map(
+        logical_spec, model.metadata("logical_axes"), is_leaf=lambda x: isinstance(x, tuple)
     )
+    shapes = {name: x.shape for name, x in model.abstract().items()}
+
+    def spec(path, leaf) -> PartitionSpec:
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        name = next((n for n in reversed(names) if n in params), None)
+        return params[name] if name is not None and shapes[name] == leaf.shape else PartitionSpec()
+
+    opt_state = jax.tree_util.tree_map_with_path(spec, jax.eval_shape(tx.init, model.abstract()))
     return {"params": params, "opt_state": opt_state}
 
 
@@ -66,7 +69,9 @@ def restore_branch_source(config, abstract_state):
     """(state, data_state) from the stable-phase checkpoint a decay branch starts from; never writes there."""
     s = config.schedule
     source = Checkpointer(s.branch_from, read_only=True)
-    meta = source.check_compatible(s.branch_step, config.model) if s.branch_step in source.all_steps() else None
+    meta = (
+        source.check_compatible(s.branch_step, config.model) if s.branch_step in source.all_steps() else None
+    )
     if meta is None:
         raise ConfigError(
             f"config schedule.branch_step={s.branch_step}: no committed checkpoint at that step in "
@@ -89,11 +94,13 @@ def _metrics_line(m: dict) -> str:
     return f"loss {m['loss']:.4f} | {m['tokens_per_s']:,.0f} tok/s | mfu {m['mfu']:.3f} | lr {m['lr']:.2e}"
 
 
-def train(config: ml_collections.ConfigDict) -> dict:
-    """Runs (or resumes) training to config.train.steps; returns the last step's metrics and eval loss."""
+def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dict:
+    """Runs (or resumes) training to config.train.steps on `devices` (default: all); returns the last logged
+    metrics and eval loss."""
     config = apply_branch(config)
-    validate_config(config, jax.device_count(), jax.process_count())
-    mesh = make_mesh(config.mesh)
+    devices = jax.devices() if devices is None else devices
+    validate_config(config, len(devices), jax.process_count())
+    mesh = make_mesh(config.mesh, devices)
     model = ParamsModel(config.model)
     tx = make_optimizer(config, model)
     schedule = schedule_from_config(config)
@@ -241,12 +248,15 @@ def train(config: ml_collections.ConfigDict) -> dict:
         return last
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (ml_collections).", lock_config=True
+)
 
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and grain log every save at INFO
+    log.setLevel(logging.INFO)
     try:
         result = train(_CONFIG.value)
     except (ConfigError, TrainingDiverged, FileNotFoundError) as e:

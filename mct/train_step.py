@@ -42,7 +42,13 @@ def make_train_step(model: ParamsModel, tx: optax.GradientTransformation, schedu
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step_index), "ok": ok, "tokens": count}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(step_index),
+            "ok": ok,
+            "tokens": count,
+        }
         return new_state, metrics
 
     return step

@@ -5,7 +5,7 @@ import ml_collections
 from mct.schedule import DECAY_SHAPES
 from mct.sharding import ConfigError, mesh_shape
 
-ATTENTION_IMPLEMENTATIONS = ("blockwise", "naive", "cudnn", "infllm_v2")
+ATTENTION_IMPLEMENTATIONS = ("blockwise", "naive", "infllm_v2")
 
 
 def validate_config(config: ml_collections.ConfigDict, n_devices: int, n_processes: int = 1) -> None:
@@ -31,14 +31,18 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, n_process
         raise ConfigError(f"config model.loss_chunk={m.loss_chunk} does not divide data.seq_len={d.seq_len}")
     dp = data * fsdp
     if t.batch_size % t.grad_accum:
-        raise ConfigError(f"config train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+        raise ConfigError(
+            f"config train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+        )
     if (t.batch_size // t.grad_accum) % dp:
         raise ConfigError(
             f"config train.batch_size={t.batch_size} (micro-batch {t.batch_size // t.grad_accum}) is not divisible "
             f"by mesh data x fsdp = {data} x {fsdp}"
         )
     if t.batch_size % n_processes:
-        raise ConfigError(f"config train.batch_size={t.batch_size} is not divisible by the {n_processes} processes")
+        raise ConfigError(
+            f"config train.batch_size={t.batch_size} is not divisible by the {n_processes} processes"
+        )
     s = config.schedule
     if s.decay_shape not in DECAY_SHAPES:
         raise ConfigError(f"config schedule.decay_shape={s.decay_shape!r} is not one of {DECAY_SHAPES}")

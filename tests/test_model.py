@@ -36,9 +36,16 @@ def perturbed_params(model: ParamsModel, seed: int = 0) -> dict:
         {"tie_embeddings": False, "n_kv_heads": 1},
         {"parametrization": "sp", "n_kv_heads": 4},
         # LongRoPE: the sequence (24) exceeds the original context (16), so the long factors apply.
-        {"rope": {"type": "longrope", "original_max_position": 16, "theta": 10000.0,
-                  "short_factor": tuple(1.0 + 0.1 * i for i in range(8)),
-                  "long_factor": tuple(1.0 + 0.5 * i for i in range(8))}, "max_position": 64},
+        {
+            "rope": {
+                "type": "longrope",
+                "original_max_position": 16,
+                "theta": 10000.0,
+                "short_factor": tuple(1.0 + 0.1 * i for i in range(8)),
+                "long_factor": tuple(1.0 + 0.5 * i for i in range(8)),
+            },
+            "max_position": 64,
+        },
     ],
     ids=["mup-gqa2", "untied-mqa", "sp-mha", "longrope"],
 )
@@ -85,7 +92,9 @@ def test_packed_documents_match_separate_runs(attention):
     }  # fmt: skip
     got = np.asarray(token_losses(m, packed))[0]
     alone = [
-        np.asarray(token_losses(m, _batch(d[None], np.ones((1, len(d) - 1), np.int32), np.arange(len(d) - 1)[None])))[0]
+        np.asarray(
+            token_losses(m, _batch(d[None], np.ones((1, len(d) - 1), np.int32), np.arange(len(d) - 1)[None]))
+        )[0]
         for d in (doc_a, doc_b)
     ]
     np.testing.assert_allclose(got, np.concatenate(alone), rtol=1e-5, atol=1e-5)

@@ -36,7 +36,9 @@ def test_wsd_values(shape, end_factor):
     assert math.isclose(float(lr(T)), PEAK, rel_tol=1e-6)  # decay start: f(0) = 1
     want_end = LR_MIN + (PEAK - LR_MIN) * end_factor
     assert math.isclose(float(lr(T + DECAY)), want_end, rel_tol=1e-5, abs_tol=1e-9)
-    mid = {"exponential": 0.5 ** (DECAY / 2 / 8), "linear": 0.5, "cosine": 0.5, "1-sqrt": 1 - math.sqrt(0.5)}[shape]
+    mid = {"exponential": 0.5 ** (DECAY / 2 / 8), "linear": 0.5, "cosine": 0.5, "1-sqrt": 1 - math.sqrt(0.5)}[
+        shape
+    ]
     assert math.isclose(float(lr(T + DECAY // 2)), LR_MIN + (PEAK - LR_MIN) * mid, rel_tol=1e-5)
     values = [float(lr(s)) for s in range(T, T + DECAY + 1)]
     assert all(a >= b for a, b in zip(values, values[1:]))
@@ -44,7 +46,9 @@ def test_wsd_values(shape, end_factor):
 
 def small_config(**train):
     c = base_config()
-    c.model = model_config(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=101)
+    c.model = model_config(
+        n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=101
+    )
     c.model.attention = "naive"
     c.train.steps = 100
     c.schedule.warmup_steps = 0

@@ -38,8 +38,8 @@ def model_config(
                 short_factor=(),  # one factor per frequency (head_dim // 2); () = all 1
                 long_factor=(),
             ),
-            # Attention dispatch: "blockwise" (flash-style XLA), "naive" (materialised scores), "cudnn"
-            # (jax.nn.dot_product_attention), "infllm_v2" (sparse, dense below sparse.dense_len).
+            # Attention dispatch (mct/attention.py): "blockwise" (flash-style XLA), "naive" (materialised
+            # scores), "infllm_v2" (trainable sparse; dense below sparse.dense_len).
             attention="blockwise",
             attention_block=256,
             sparse=dict(

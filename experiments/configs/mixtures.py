@@ -11,7 +11,10 @@ DATA_ROOT = "/data/mct"
 
 def _mix(weights: dict[str, float], root: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
-        {name: dict(path=f"{root}/{name}", weight=w, min_tokens=0, max_tokens=0) for name, w in weights.items()}
+        {
+            name: dict(path=f"{root}/{name}", weight=w, min_tokens=0, max_tokens=0)
+            for name, w in weights.items()
+        }
     )
 
 
