@@ -1,0 +1,182 @@
+"""Exports a training checkpoint as a Hugging Face model directory (safetensors + config + tokenizer).
+
+    python -m mct.export --workdir DIR [--step N] --format minicpm|llama --out OUT [--freq_vocab FILE]
+
+Tensors stream one at a time (one layer of one parameter, read through tensorstore) into safetensors shards
+of at most --max_shard_mb, so no process ever holds more than one shard. Everything is written into a
+temporary sibling of OUT and renamed at the end: a failed export leaves nothing behind.
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import ml_dtypes
+import numpy as np
+from absl import app, flags
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from data_pipelines.freq_vocab import read_freq_vocab
+from data_pipelines.tokenizer import BOS, EOS, PAD, read_tokenizer_file, special_token_ids, tokenizer_bytes
+from mct import hf_layout
+from mct.run_reader import RunCheckpoint, load_run_tokenizer
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+INDEX_FILE = "model.safetensors.index.json"
+FREQ_VOCAB_FILE = "freq_vocab.json"
+
+
+def shard_plan(plan: list[hf_layout.TensorSpec], itemsize: int, max_shard_bytes: int) -> list[list]:
+    """Tensors grouped in order into shards of at most max_shard_bytes (a larger tensor gets its own)."""
+    shards, size = [[]], 0
+    for spec in plan:
+        nbytes = int(np.prod(spec.shape)) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def shard_file_names(num_shards: int) -> list[str]:
+    if num_shards == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+
+def write_json(path: pathlib.Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_tensors(run: RunCheckpoint, layout: str, out: pathlib.Path, dtype: np.dtype, max_shard_bytes: int):
+    """Writes the safetensors shards (and their index when there are several) into `out`."""
+    plan = hf_layout.tensor_plan(run.model_cfg, layout)
+    shards = shard_plan(plan, dtype.itemsize, max_shard_bytes)
+    names = shard_file_names(len(shards))
+    weight_map = {}
+    with tqdm(total=len(plan), desc="export", unit="tensor") as bar:
+        for specs, name in zip(shards, names):
+            tensors = {}
+            for spec in specs:
+                value = run.read(spec.param, () if spec.layer is None else spec.layer)
+                tensors[spec.name] = hf_layout.to_hf(spec, value, dtype)
+                weight_map[spec.name] = name
+                bar.update(1)
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(int(np.prod(s.shape)) * dtype.itemsize for s in plan)
+        write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def write_tokenizer(tokenizer: Tokenizer, out: pathlib.Path, max_length: int) -> dict[str, int]:
+    """tokenizer.json plus the configs a PreTrainedTokenizerFast loads with it; returns the special ids."""
+    (out / "tokenizer.json").write_bytes(tokenizer_bytes(tokenizer))
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    ids = special_token_ids(tokenizer)
+    special = {role: token for role, token in special.items() if token in ids}
+    write_json(out / "special_tokens_map.json", special)
+    write_json(
+        out / "tokenizer_config.json",
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+         "clean_up_tokenization_spaces": False, **special},
+    )  # fmt: skip
+    return ids
+
+
+@contextlib.contextmanager
+def fresh_directory(out: str | pathlib.Path):
+    """Yields a temporary sibling of `out` to fill; it becomes `out` on success and vanishes on failure.
+
+    `out` must not exist or be an empty directory, so nothing is ever overwritten.
+    """
+    out = pathlib.Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output {out} already exists and is not empty; choose another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export(
+    workdir: str,
+    out: str,
+    layout: str,
+    *,
+    step: int | None = None,
+    dtype: str = "float32",
+    max_shard_bytes: int = 2 << 30,
+    tokenizer_path: str | None = None,
+    freq_vocab: str | None = None,
+) -> pathlib.Path:
+    """Exports WORKDIR's checkpoint (latest unless `step`) in `layout` to the new directory `out`."""
+    hf_layout.check_layout(layout)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    run = RunCheckpoint(workdir, step)
+    cfg = run.model_cfg
+    if tokenizer_path:
+        tokenizer = read_tokenizer_file(tokenizer_path)
+    else:
+        tokenizer = load_run_tokenizer(workdir, run.config)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "
+            f"{cfg.vocab_size}"
+        )
+    if freq_vocab:
+        read_freq_vocab(freq_vocab, cfg.vocab_size)  # refuse a malformed or mismatched file before writing
+    with fresh_directory(out) as tmp:
+        write_tensors(run, layout, tmp, DTYPES[dtype], max_shard_bytes)
+        ids = write_tokenizer(tokenizer, tmp, cfg.max_position)
+        config = hf_layout.hf_config(cfg, layout, ids, dtype)
+        write_json(tmp / "config.json", config)
+        generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        write_json(tmp / "generation_config.json", generation)
+        if freq_vocab:
+            shutil.copyfile(freq_vocab, tmp / FREQ_VOCAB_FILE)
+    return pathlib.Path(out)
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest committed one).")
+    flags.DEFINE_enum("format", "minicpm", hf_layout.LAYOUTS, "minicpm, or llama (muP folded in).")
+    flags.DEFINE_string("out", None, "New (or empty) output directory.", required=True)
+    flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Tensor dtype in the safetensors files.")
+    flags.DEFINE_integer("max_shard_mb", 2048, "Largest safetensors shard, in MiB.")
+    flags.DEFINE_string("tokenizer", None, "tokenizer.json (default: the run's own).")
+    flags.DEFINE_string("freq_vocab", None, "FR-Spec vocabulary file to include (data_pipelines.freq_vocab).")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    f = flags.FLAGS
+    try:
+        out = export(
+            f.workdir, f.out, f.format, step=f.step, dtype=f.dtype, max_shard_bytes=f.max_shard_mb << 20,
+            tokenizer_path=f.tokenizer, freq_vocab=f.freq_vocab,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"exported the {f.format} layout to {out}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

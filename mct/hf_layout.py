@@ -1,0 +1,250 @@
+"""The Hugging Face checkpoint layouts that export writes and import reads: tensor names, [out, in]
+orientation, config.json fields, and the muP scales that the Llama layout folds into the weights.
+
+`minicpm`: MiniCPM's own names and config (scale_emb, scale_depth, dim_model_base, LongRoPE rope_scaling,
+sparse_config), computed exactly like mct.model. `llama`: stock Llama; embedding x scale_emb, o_proj and
+down_proj x scale_depth/sqrt(L), lm_head x 1/m (m = d_model/dim_model_base), untied unless the embedding and
+head scales coincide. Both layouts list every tensor with the parameter (and layer) it comes from, so export
+and import are one table read in two directions.
+"""
+
+import dataclasses
+import math
+
+import ml_collections
+import numpy as np
+
+from mct.model import width_multiplier
+
+LAYOUTS = ("minicpm", "llama")
+ARCHITECTURES = {"minicpm": "MiniCPMForCausalLM", "llama": "LlamaForCausalLM"}
+# What config.json carries for import to undo the Llama layout's folding (ignored by Llama loaders).
+MUP_RECORD = "mct_folded_mup"
+SPARSE_FIELDS = ("kernel_size", "kernel_stride", "init_blocks", "block_size", "window_size", "topk",
+                 "use_nope", "dense_len")  # fmt: skip
+_UNFOLD_SEARCH_ULPS = 3  # fl(fl(x * s) / s) lies within 2 ulps of x
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One HF tensor: hf = orient(params[param][layer]) * scale, shape `shape`."""
+
+    name: str
+    param: str
+    layer: int | None
+    scale: float
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedScales:
+    """The multipliers the Llama layout folds in (all 1 for the MiniCPM layout)."""
+
+    embed: float
+    branch: float
+    head: float
+
+    @classmethod
+    def of(cls, cfg: ml_collections.ConfigDict, layout: str) -> "FoldedScales":
+        if layout == "minicpm":
+            return cls(1.0, 1.0, 1.0)
+        return cls(cfg.scale_emb, cfg.scale_depth / math.sqrt(cfg.n_layers), 1.0 / width_multiplier(cfg))
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+
+
+def ties_head(cfg: ml_collections.ConfigDict, layout: str) -> bool:
+    """Whether the HF checkpoint ties lm_head to the embedding (Llama: only if both fold the same scale)."""
+    scales = FoldedScales.of(cfg, layout)
+    return cfg.tie_embeddings and np.float32(scales.embed) == np.float32(scales.head)
+
+
+def tensor_plan(cfg: ml_collections.ConfigDict, layout: str) -> list[TensorSpec]:
+    """Every tensor of the HF checkpoint, in a fixed order, with its source parameter."""
+    check_layout(layout)
+    s = FoldedScales.of(cfg, layout)
+    d, f, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    plan = [TensorSpec("model.embed_tokens.weight", "embed", None, s.embed, (V, d))]
+    for i in range(cfg.n_layers):
+        prefix = f"model.layers.{i}."
+        plan += [
+            TensorSpec(prefix + "input_layernorm.weight", "attn_norm", i, 1.0, (d,)),
+            TensorSpec(prefix + "self_attn.q_proj.weight", "wq", i, 1.0, (q, d)),
+            TensorSpec(prefix + "self_attn.k_proj.weight", "wk", i, 1.0, (kv, d)),
+            TensorSpec(prefix + "self_attn.v_proj.weight", "wv", i, 1.0, (kv, d)),
+            TensorSpec(prefix + "self_attn.o_proj.weight", "wo", i, s.branch, (d, q)),
+            TensorSpec(prefix + "post_attention_layernorm.weight", "mlp_norm", i, 1.0, (d,)),
+            TensorSpec(prefix + "mlp.gate_proj.weight", "w_gate", i, 1.0, (f, d)),
+            TensorSpec(prefix + "mlp.up_proj.weight", "w_up", i, 1.0, (f, d)),
+            TensorSpec(prefix + "mlp.down_proj.weight", "w_down", i, s.branch, (d, f)),
+        ]
+    plan.append(TensorSpec("model.norm.weight", "final_norm", None, 1.0, (d,)))
+    if not cfg.tie_embeddings:
+        plan.append(TensorSpec("lm_head.weight", "lm_head", None, s.head, (V, d)))
+    elif not ties_head(cfg, layout):  # the embedding, read again with the head's scale
+        plan.append(TensorSpec("lm_head.weight", "embed", None, s.head, (V, d)))
+    return plan
+
+
+def to_hf(spec: TensorSpec, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The HF tensor from the mct parameter (one layer of a stacked one), scaled in fp32, cast to dtype."""
+    value = np.asarray(value, np.float32)
+    if spec.param in ("wq", "wk", "wv"):  # [d, heads, head_dim] -> [heads * head_dim, d]
+        value = value.reshape(value.shape[0], -1).T
+    elif spec.param == "wo":  # [heads, head_dim, d] -> [d, heads * head_dim]
+        value = value.reshape(-1, value.shape[-1]).T
+    elif spec.param in ("w_gate", "w_up", "w_down", "lm_head"):  # [in, out] -> [out, in]
+        value = value.T
+    if spec.scale != 1.0:
+        value = value * np.float32(spec.scale)
+    return np.ascontiguousarray(value.astype(dtype))
+
+
+def from_hf(spec: TensorSpec, tensor: np.ndarray, param_shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse orientation of to_hf (no unscaling): HF tensor -> mct layout of shape param_shape."""
+    if spec.param in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"):
+        tensor = tensor.T
+    return np.asarray(tensor).reshape(param_shape)
+
+
+def unfold(folded: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """The fp32 weights x with (x * scale).astype(y.dtype) == y for every (y, scale) given, where x exists.
+
+    y / scale alone can miss by an ulp, which would break export -> import -> export bit-identity; the exact
+    preimage lies within a few ulps, so each element tries the nearest candidates in turn. Elements with no
+    preimage (weights folded elsewhere) keep y / scale.
+    """
+    y0, s0 = folded[0]
+    base = np.asarray(y0, np.float32) / np.float32(s0)
+    if all(s == 1.0 for _, s in folded):
+        return base
+    found = np.zeros(base.shape, bool)
+    result = base.copy()
+    for offset in range(_UNFOLD_SEARCH_ULPS + 1):
+        for direction in (np.inf, -np.inf) if offset else (np.inf,):
+            candidate = base
+            for _ in range(offset):
+                candidate = np.nextafter(candidate, np.float32(direction))
+            ok = ~found
+            for y, s in folded:
+                ok &= (candidate * np.float32(s)).astype(y.dtype) == y
+            result = np.where(ok, candidate, result)
+            found |= ok
+    return result
+
+
+def _rope_fields(cfg: ml_collections.ConfigDict) -> dict:
+    rope = cfg.rope
+    fields = {"rope_theta": rope.theta, "rope_scaling": None}
+    if rope.type == "longrope":
+        ones = [1.0] * (cfg.head_dim // 2)
+        fields["rope_scaling"] = {
+            "rope_type": "longrope",
+            "short_factor": list(rope.short_factor) or ones,
+            "long_factor": list(rope.long_factor) or ones,
+            "original_max_position_embeddings": rope.original_max_position,
+        }
+    return fields
+
+
+def hf_config(cfg: ml_collections.ConfigDict, layout: str, special_ids: dict[str, int], dtype: str) -> dict:
+    """config.json for the layout. special_ids: the tokenizer's bos/eos/pad ids ("<s>", "</s>", "<pad>")."""
+    check_layout(layout)
+    config = {
+        "architectures": [ARCHITECTURES[layout]],
+        "model_type": layout,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_mlp,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position,
+        "rms_norm_eps": cfg.rms_eps,
+        **_rope_fields(cfg),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": bool(ties_head(cfg, layout)),
+        "bos_token_id": special_ids.get("<s>"),
+        "eos_token_id": special_ids.get("</s>"),
+        "pad_token_id": special_ids.get("<pad>"),
+        "torch_dtype": dtype,
+    }
+    mup = {
+        "scale_emb": cfg.scale_emb,
+        "scale_depth": cfg.scale_depth,
+        "dim_model_base": round(cfg.d_model / width_multiplier(cfg)),
+    }
+    if layout == "minicpm":
+        config.update(mup)
+        if cfg.attention == "infllm_v2":
+            config["sparse_config"] = {k: cfg.sparse[k] for k in SPARSE_FIELDS}
+    else:
+        config[MUP_RECORD] = {**mup, "tie_embeddings": cfg.tie_embeddings}
+    return config
+
+
+def layout_of(hf: dict, path: str) -> str:
+    """Which layout a config.json describes ("minicpm" or "llama")."""
+    model_type = hf.get("model_type")
+    if model_type not in LAYOUTS:
+        raise ValueError(f"{path}: model_type {model_type!r} is not one of {LAYOUTS}")
+    return model_type
+
+
+def model_fields(hf: dict, path: str, unfold_mup: bool) -> dict:
+    """mct model config fields from a config.json. A Llama layout reads as scale-free (scale_emb 1, branch
+    scale 1, m 1) unless unfold_mup, which restores the muP scales recorded at export."""
+
+    def need(key, source=hf, where=""):
+        if key not in source:
+            raise ValueError(f"{path}: config lacks the field {where}{key!r}")
+        return source[key]
+
+    layout = layout_of(hf, path)
+    n_layers, d_model = need("num_hidden_layers"), need("hidden_size")
+    fields = dict(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=need("num_attention_heads"),
+        n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        head_dim=hf.get("head_dim") or d_model // hf["num_attention_heads"],
+        d_mlp=need("intermediate_size"),
+        vocab_size=need("vocab_size"),
+        rms_eps=need("rms_norm_eps"),
+        max_position=need("max_position_embeddings"),
+        parametrization="mup",
+    )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs 'silu')")
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "longrope"):
+        raise ValueError(f"{path}: rope_scaling type {rope_type!r} is not supported (default or longrope)")
+    fields["rope"] = dict(
+        theta=float(hf.get("rope_theta", 10000.0)),
+        type=rope_type,
+        original_max_position=scaling.get("original_max_position_embeddings", fields["max_position"]),
+        short_factor=tuple(scaling.get("short_factor", ())),
+        long_factor=tuple(scaling.get("long_factor", ())),
+    )
+    tied = bool(hf.get("tie_word_embeddings", False))
+    if layout == "minicpm":
+        mup = {k: need(k) for k in ("scale_emb", "scale_depth", "dim_model_base")}
+    elif unfold_mup:
+        record = need(MUP_RECORD)
+        mup = {k: need(k, record, f"{MUP_RECORD}.") for k in ("scale_emb", "scale_depth", "dim_model_base")}
+        tied = bool(need("tie_embeddings", record, f"{MUP_RECORD}."))
+    else:
+        mup = {"scale_emb": 1.0, "scale_depth": math.sqrt(n_layers), "dim_model_base": d_model}
+    fields.update(mup, tie_embeddings=tied)
+    if "sparse_config" in hf:
+        fields["attention"] = "infllm_v2"
+        fields["sparse"] = {k: hf["sparse_config"][k] for k in SPARSE_FIELDS if k in hf["sparse_config"]}
+    return fields

@@ -1,0 +1,152 @@
+"""Imports a Hugging Face Llama- or MiniCPM-layout safetensors checkpoint as an mct workdir that mct.train
+continues from (step 0, fresh optimizer state, fresh data iterator).
+
+    python -m mct.import_hf --hf_dir DIR --out WORKDIR [--unfold_mup] [--config experiments/configs/x.py]
+
+The model shape comes from config.json; everything else (optimizer, schedule, data) from --config (default:
+experiments/configs/base.py), whose optimizer the saved state is built for. A Llama layout reads as a
+scale-free model unless --unfold_mup restores the muP scales recorded at export. Exporting the result again in
+the same layout reproduces the input files bit for bit.
+"""
+
+import collections
+import json
+import pathlib
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from safetensors import safe_open
+
+from data_pipelines.tokenizer import read_tokenizer_file
+from experiments.configs.base import base_config
+from mct import hf_layout
+from mct.checkpoint import Checkpointer, model_signature
+from mct.export import INDEX_FILE, fresh_directory
+from mct.model import ParamsModel
+from mct.optimizer import make_optimizer
+from mct.run_reader import TOKENIZER_FILE
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters save; recomputed from the config
+
+
+class SafetensorsDir:
+    """An HF directory's tensors (model.safetensors, or the shards its index names), read one at a time."""
+
+    def __init__(self, hf_dir: pathlib.Path):
+        self.hf_dir = hf_dir
+        index = hf_dir / INDEX_FILE
+        if index.is_file():
+            try:
+                self.files = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index} is not a safetensors index with a 'weight_map': {e}") from None
+        elif (hf_dir / "model.safetensors").is_file():
+            with safe_open(hf_dir / "model.safetensors", "np") as f:
+                self.files = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor {INDEX_FILE}")
+
+    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Tensor `name`, checked to have `shape`."""
+        if name not in self.files:
+            raise ValueError(f"{self.hf_dir}: the checkpoint lacks the tensor {name!r}")
+        path = self.hf_dir / self.files[name]
+        with safe_open(path, "np") as f:
+            tensor = f.get_tensor(name)
+        if tensor.shape != shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tensor.shape}, config.json implies {shape}")
+        return tensor
+
+
+def read_hf_config(hf_dir: pathlib.Path) -> dict:
+    path = hf_dir / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def import_params(hf_dir: pathlib.Path, model_cfg: ml_collections.ConfigDict, layout: str) -> dict:
+    """The checkpoint's params dict (fp32), tensor by tensor, undoing the layout's orientation and scales."""
+    weights = SafetensorsDir(hf_dir)
+    plan = hf_layout.tensor_plan(model_cfg, layout)
+    unexpected = set(weights.files) - {s.name for s in plan} - {"lm_head.weight"}
+    unexpected = sorted(n for n in unexpected if not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        raise ValueError(f"{hf_dir}: tensors this model has no place for (biases? another architecture?): "
+                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")  # fmt: skip
+    shapes = {name: x.shape for name, x in ParamsModel(model_cfg).abstract().items()}
+    params = {name: np.empty(shape, np.float32) for name, shape in shapes.items()}
+    sources = collections.defaultdict(list)  # (param, layer) -> its tensors (the embedding may have two)
+    for spec in plan:
+        sources[spec.param, spec.layer].append(spec)
+    for (param, layer), specs in sources.items():
+        shape = shapes[param][1:] if layer is not None else shapes[param]
+        folded = [(hf_layout.from_hf(s, weights.read(s.name, s.shape), shape), s.scale) for s in specs]
+        params[param][layer if layer is not None else ...] = hf_layout.unfold(folded)
+    return params
+
+
+def import_hf(
+    hf_dir: str, out: str, *, unfold_mup: bool = False, config: ml_collections.ConfigDict | None = None
+) -> pathlib.Path:
+    """Writes the new workdir `out` holding the HF checkpoint of `hf_dir` as step 0; returns its path."""
+    hf_path = pathlib.Path(hf_dir)
+    hf = read_hf_config(hf_path)
+    layout = hf_layout.layout_of(hf, str(hf_path / "config.json"))
+    config = ml_collections.ConfigDict((config or base_config()).to_dict())
+    config.model.update(hf_layout.model_fields(hf, str(hf_path / "config.json"), unfold_mup))
+    config.workdir = str(out)
+    params = import_params(hf_path, config.model, layout)
+    tokenizer = hf_path / TOKENIZER_FILE
+    if tokenizer.is_file():
+        read_tokenizer_file(tokenizer)  # refuse a broken tokenizer before writing anything
+
+    model = ParamsModel(config.model)
+    params = jax.tree.map(jnp.asarray, params)
+    state = {"params": params, "opt_state": jax.jit(make_optimizer(config, model).init)(params)}
+    meta = {
+        "config": config.to_dict(),
+        "model_signature": model_signature(config.model),
+        "data_mixture": config.data.mixture.to_dict(),
+        "decay_start": config.train.steps - config.schedule.decay_steps,
+        "step": 0,
+        "imported_from": str(hf_path.absolute()),
+    }
+    with fresh_directory(out) as tmp:
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        ckpt = Checkpointer(str(tmp), async_save=False)
+        ckpt.save(0, state, None, meta)
+        ckpt.wait()
+        ckpt.close()
+    return pathlib.Path(out)
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("hf_dir", None, "HF model directory (config.json + safetensors).", required=True)
+    flags.DEFINE_string("out", None, "New (or empty) mct workdir to write.", required=True)
+    flags.DEFINE_bool("unfold_mup", False, "Llama layout: restore the muP scales folded in at export.")
+    config_flags.DEFINE_config_file("config", None, "Training config the workdir is meant for.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    f = flags.FLAGS
+    try:
+        out = import_hf(f.hf_dir, f.out, unfold_mup=f.unfold_mup, config=f.config)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"imported {f.hf_dir} into {out} (step 0); train on with --config.workdir={out}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
