@@ -17,6 +17,7 @@ from pallas_kernels.gqa_layout import check_gqa_shapes, from_group_rows, heads_m
 DEFAULT_BLOCK_SIZE = 128
 
 
+@functools.partial(jax.jit, static_argnames=("block_size",))
 def causal_attention(
     q: jnp.ndarray,
     k: jnp.ndarray,

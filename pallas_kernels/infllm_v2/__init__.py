@@ -1,6 +1,7 @@
 """InfLLM v2 trainable sparse attention: block selection and block-sparse attention (DESIGN.md section 3)."""
 
+from pallas_kernels.infllm_v2.api import IMPLEMENTATIONS, attention, sparse_attention
 from pallas_kernels.infllm_v2.config import SparseConfig
 from pallas_kernels.infllm_v2.selection import select_blocks
 
-__all__ = ["SparseConfig", "select_blocks"]
+__all__ = ["IMPLEMENTATIONS", "SparseConfig", "attention", "select_blocks", "sparse_attention"]

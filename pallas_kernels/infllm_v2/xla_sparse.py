@@ -1,0 +1,191 @@
+"""Block-sparse attention in XLA, query block by query block, with a blockwise custom VJP.
+
+For one query block (block_size tokens x G heads = the matmul's rows) and kv head, the union of the blocks
+its tokens selected is gathered once, in chunks of `_UNION_CHUNK` blocks, and each token keeps only its own
+selection through a mask (plus causal and same-document). Memory stays bounded by one chunk per step;
+time grows with the union size, which is close to topk when neighbouring queries select alike.
+The backward recomputes each chunk, keeps dQ per query block and scatter-adds dK/dV into the chosen blocks.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.blockwise_attention import finish_softmax, online_softmax_step
+from pallas_kernels.gqa_layout import from_group_rows, heads_major, to_group_rows
+
+_UNION_CHUNK = 16  # blocks gathered per step
+
+
+def xla_sparse_attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    block_indices: jnp.ndarray,
+    segment_ids: jnp.ndarray,
+    block_size: int,
+) -> jnp.ndarray:
+    """q: [b, seq, q_heads, d]; k, v: [b, seq, kv_heads, d]; block_indices: [b, kv_heads, seq, topk] (-1 =
+    none); segment_ids: [b, seq] int32. Returns [b, seq, q_heads, d]."""
+    seq, q_heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
+    pad = -seq % block_size
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
+        block_indices = jnp.pad(block_indices, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=-1)
+    bitmaps = _selection_bitmaps(lax.stop_gradient(block_indices), block_size)
+    out = _sparse(
+        block_size, to_group_rows(q, kv_heads), heads_major(k), heads_major(v), bitmaps, segment_ids
+    )
+    return from_group_rows(out, q_heads)[:, :seq]
+
+
+def _selection_bitmaps(block_indices: jnp.ndarray, block_size: int) -> jnp.ndarray:
+    """[b, kv, seq, topk] indices -> [b, kv, seq, n_blocks] bool: which blocks each token selected."""
+    b, kv, seq, topk = block_indices.shape
+    n_blocks = seq // block_size
+    target = jnp.where(block_indices < 0, n_blocks, block_indices)  # -1 -> a dropped column
+    bi, hi, ti, _ = jnp.indices((b, kv, seq, topk), sparse=True)
+    bitmap = jnp.zeros((b, kv, seq, n_blocks + 1), bool).at[bi, hi, ti, target].set(True)
+    return bitmap[..., :n_blocks]
+
+
+def _union_list(bitmap: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Selected blocks of a query block: ([b, kv, n_blocks] ascending list, zero-filled; [b, kv] count)."""
+    union = bitmap.any(axis=2)  # [b, kv, n_blocks]
+    n_blocks = union.shape[-1]
+    slot = jnp.where(union, jnp.cumsum(union, axis=-1) - 1, n_blocks)
+    bi, hi, _ = jnp.indices(union.shape, sparse=True)
+    blocks = jnp.zeros(union.shape, jnp.int32).at[bi, hi, slot].set(jnp.arange(n_blocks), mode="drop")
+    return blocks, union.sum(axis=-1)
+
+
+def _chunk(x_blocks: jnp.ndarray, blocks: jnp.ndarray) -> jnp.ndarray:
+    """Gathers [b, kv, c] blocks of x_blocks [b, kv, n_blocks, block, d] -> [b, kv, c * block, d]."""
+    b, kv, c = blocks.shape
+    got = jnp.take_along_axis(x_blocks, blocks[..., None, None], axis=2)
+    return got.reshape(b, kv, c * x_blocks.shape[3], x_blocks.shape[4])
+
+
+def _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size, group):
+    """[b, kv, rows, c * block] visibility of a gathered chunk to the rows of query block i."""
+    b, kv, c = blocks.shape
+    chosen = jnp.take_along_axis(bitmap_i, blocks[:, :, None, :], axis=3) & valid[:, :, None, :]
+    q_pos = i * block_size + jnp.arange(block_size)
+    k_pos = blocks[..., None] * block_size + jnp.arange(block_size)  # [b, kv, c, block]
+    causal = k_pos[:, :, None] <= q_pos[None, None, :, None, None]  # [b, kv, t, c, block]
+    seg_k = jnp.take_along_axis(seg_blocks[:, None], blocks[..., None], axis=2)  # [b, kv, c, block]
+    same = (seg_k[:, :, None] == seg_i[:, None, :, None, None]) & (seg_i != 0)[:, None, :, None, None]
+    mask = chosen[..., None] & causal & same  # [b, kv, t, c, block]
+    return jnp.repeat(mask.reshape(b, kv, block_size, c * block_size), group, axis=2)
+
+
+def _query_block_chunks(bitmaps, i, block_size):
+    """Per query block i: its bitmap slice, union list, count and the number of chunks to visit."""
+    bitmap_i = lax.dynamic_slice_in_dim(bitmaps, i * block_size, block_size, axis=2)  # [b, kv, t, n_blocks]
+    union, count = _union_list(bitmap_i)
+    chunk = min(_UNION_CHUNK, union.shape[-1])
+    union = jnp.pad(union, ((0, 0), (0, 0), (0, -union.shape[-1] % chunk)))
+    n_chunks = (count.max() + chunk - 1) // chunk
+    return bitmap_i, union, count, chunk, n_chunks
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse(block_size, q, k, v, bitmaps, segment_ids):
+    """q: [b, kv, seq * group, d] (group rows); k, v: [b, kv, seq, d]; bitmaps: [b, kv, seq, n_blocks]."""
+    return _forward(block_size, q, k, v, bitmaps, segment_ids)[0]
+
+
+def _forward(block_size, q, k, v, bitmaps, segment_ids):
+    b, kv, rows, d = q.shape
+    seq = k.shape[2]
+    group, n_blocks = rows // seq, seq // block_size
+    rb = block_size * group
+    k_blocks, v_blocks = (x.reshape(b, kv, n_blocks, block_size, d) for x in (k, v))
+    seg_blocks = segment_ids.reshape(b, n_blocks, block_size)
+    scale = d**-0.5
+
+    def query_block(_, i):
+        qi = lax.dynamic_slice_in_dim(q, i * rb, rb, axis=2) * scale
+        seg_i = lax.dynamic_slice_in_dim(segment_ids, i * block_size, block_size, axis=1)
+        bitmap_i, union, count, chunk, n_chunks = _query_block_chunks(bitmaps, i, block_size)
+
+        def step(ci, state):
+            blocks = lax.dynamic_slice_in_dim(union, ci * chunk, chunk, axis=2)
+            valid = ci * chunk + jnp.arange(chunk) < count[..., None]
+            mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size, group)
+            return online_softmax_step(state, qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), mask)
+
+        m = jnp.full((b, kv, rb), -jnp.inf, jnp.float32)
+        state = lax.fori_loop(
+            0, n_chunks, step, (m, jnp.zeros_like(m), jnp.zeros((b, kv, rb, d), jnp.float32))
+        )
+        out, lse = finish_softmax(state)
+        return None, (out.astype(q.dtype), lse)
+
+    _, (out, lse) = lax.scan(query_block, None, jnp.arange(n_blocks))
+    return jnp.moveaxis(out, 0, 2).reshape(q.shape), jnp.moveaxis(lse, 0, 2).reshape(b, kv, rows)
+
+
+def _sparse_fwd(block_size, q, k, v, bitmaps, segment_ids):
+    out, lse = _forward(block_size, q, k, v, bitmaps, segment_ids)
+    return out, (q, k, v, bitmaps, segment_ids, out, lse)
+
+
+def _sparse_bwd(block_size, residuals, d_out):
+    q, k, v, bitmaps, segment_ids, out, lse = residuals
+    b, kv, rows, d = q.shape
+    seq = k.shape[2]
+    group, n_blocks = rows // seq, seq // block_size
+    rb = block_size * group
+    k_blocks, v_blocks = (x.reshape(b, kv, n_blocks, block_size, d) for x in (k, v))
+    seg_blocks = segment_ids.reshape(b, n_blocks, block_size)
+    scale = d**-0.5
+    delta = jnp.einsum("bhrd,bhrd->bhr", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    bi, hi, _ = jnp.indices((b, kv, 1), sparse=True)
+
+    def query_block(carry, i):
+        qi = lax.dynamic_slice_in_dim(q, i * rb, rb, axis=2) * scale
+        do_i = lax.dynamic_slice_in_dim(d_out, i * rb, rb, axis=2)
+        lse_i = lax.dynamic_slice_in_dim(lse, i * rb, rb, axis=2)
+        delta_i = lax.dynamic_slice_in_dim(delta, i * rb, rb, axis=2)
+        seg_i = lax.dynamic_slice_in_dim(segment_ids, i * block_size, block_size, axis=1)
+        bitmap_i, union, count, chunk, n_chunks = _query_block_chunks(bitmaps, i, block_size)
+
+        def step(ci, state):
+            dq_i, dk_blocks, dv_blocks = state
+            blocks = lax.dynamic_slice_in_dim(union, ci * chunk, chunk, axis=2)
+            valid = ci * chunk + jnp.arange(chunk) < count[..., None]
+            mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size, group)
+            kc, vc = _chunk(k_blocks, blocks), _chunk(v_blocks, blocks)
+            s = jnp.einsum("bhrd,bhcd->bhrc", qi, kc, preferred_element_type=jnp.float32)
+            p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+            dp = jnp.einsum("bhrd,bhcd->bhrc", do_i, vc, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_i[..., None])
+            dq_i = dq_i + jnp.einsum(
+                "bhrc,bhcd->bhrd", ds.astype(kc.dtype), kc, preferred_element_type=jnp.float32
+            )
+            dk_c = jnp.einsum("bhrc,bhrd->bhcd", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
+            dv_c = jnp.einsum(
+                "bhrc,bhrd->bhcd", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32
+            )
+            shape = (b, kv, chunk, block_size, d)
+            # Invalid slots carry exact zeros (fully masked), so adding them to block 0 changes nothing.
+            dk_blocks = dk_blocks.at[bi, hi, blocks].add(dk_c.reshape(shape))
+            dv_blocks = dv_blocks.at[bi, hi, blocks].add(dv_c.reshape(shape))
+            return dq_i, dk_blocks, dv_blocks
+
+        dq_i, dk_blocks, dv_blocks = lax.fori_loop(
+            0, n_chunks, step, (jnp.zeros((b, kv, rb, d), jnp.float32), *carry)
+        )
+        return (dk_blocks, dv_blocks), (dq_i * scale).astype(q.dtype)
+
+    zeros = jnp.zeros((b, kv, n_blocks, block_size, d), jnp.float32)
+    (dk, dv), dq = lax.scan(query_block, (zeros, zeros), jnp.arange(n_blocks))
+    dq = jnp.moveaxis(dq, 0, 2).reshape(q.shape)
+    return dq, dk.reshape(k.shape).astype(k.dtype), dv.reshape(v.shape).astype(v.dtype), None, None
+
+
+_sparse.defvjp(_sparse_fwd, _sparse_bwd)
