@@ -22,7 +22,7 @@ ARCHITECTURES = {"minicpm": "MiniCPMForCausalLM", "llama": "LlamaForCausalLM"}
 MUP_RECORD = "mct_folded_mup"
 SPARSE_FIELDS = ("kernel_size", "kernel_stride", "init_blocks", "block_size", "window_size", "topk",
                  "use_nope", "dense_len")  # fmt: skip
-_UNFOLD_SEARCH_ULPS = 3  # fl(fl(x * s) / s) lies within 2 ulps of x
+_UNFOLD_SEARCH_ULPS = 3  # how far from the interval's middle unfold looks for an exact preimage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,26 +112,30 @@ def from_hf(spec: TensorSpec, tensor: np.ndarray, param_shape: tuple[int, ...]) 
 
 
 def unfold(folded: list[tuple[np.ndarray, float]]) -> np.ndarray:
-    """The fp32 weights x with (x * scale).astype(y.dtype) == y for every (y, scale) given, where x exists.
+    """fp32 weights x with (x * scale).astype(y.dtype) == y for every (y, scale > 0) given, where x exists.
 
-    y / scale alone can miss by an ulp, which would break export -> import -> export bit-identity; the exact
-    preimage lies within a few ulps, so each element tries the nearest candidates in turn. Elements with no
-    preimage (weights folded elsewhere) keep y / scale.
+    y / scale of one constraint often breaks another (a tied embedding exported as both embed_tokens and
+    lm_head, or bf16 rounding), which would break export -> import -> export bit-identity. So: intersect each
+    y's rounding interval mapped back through its scale, start from the middle, and try the nearest floats
+    in turn. Elements with no preimage (weights folded elsewhere) keep that middle.
     """
-    y0, s0 = folded[0]
-    base = np.asarray(y0, np.float32) / np.float32(s0)
-    if all(s == 1.0 for _, s in folded):
-        return base
-    found = np.zeros(base.shape, bool)
-    result = base.copy()
+    low, high = -np.inf, np.inf
+    for y, scale in folded:
+        y64 = y.astype(np.float64)
+        below = np.nextafter(y, np.array(-np.inf, y.dtype)).astype(np.float64)
+        above = np.nextafter(y, np.array(np.inf, y.dtype)).astype(np.float64)
+        low = np.maximum(low, (y64 + below) / 2 / scale)
+        high = np.minimum(high, (y64 + above) / 2 / scale)
+    middle = ((low + high) / 2).astype(np.float32)
+    result, found = middle.copy(), np.zeros(middle.shape, bool)
     for offset in range(_UNFOLD_SEARCH_ULPS + 1):
-        for direction in (np.inf, -np.inf) if offset else (np.inf,):
-            candidate = base
+        for direction in (np.float32(np.inf), np.float32(-np.inf)) if offset else (np.float32(np.inf),):
+            candidate = middle
             for _ in range(offset):
-                candidate = np.nextafter(candidate, np.float32(direction))
+                candidate = np.nextafter(candidate, direction)
             ok = ~found
-            for y, s in folded:
-                ok &= (candidate * np.float32(s)).astype(y.dtype) == y
+            for y, scale in folded:
+                ok &= (candidate * np.float32(scale)).astype(y.dtype) == y
             result = np.where(ok, candidate, result)
             found |= ok
     return result
