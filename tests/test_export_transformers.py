@@ -1,0 +1,56 @@
+"""A stock transformers LlamaForCausalLM loads the `llama` export and computes the JAX model's logits and greedy
+tokens. Skipped unless torch and transformers are installed."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mct.decoding import generate
+from mct.export import export
+from mct.model import ParamsModel
+from tests.data_fixtures import make_tiny_dataset
+from tests.test_export import LONGROPE, save_random_run, tiny_run_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("data"), vocab_size=300)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"tie_embeddings": False, "n_kv_heads": 1, "rope": LONGROPE, "max_position": 64}],
+    ids=["tied-mup", "untied-mqa-longrope"],
+)
+def test_llama_export_matches_transformers(tmp_path, dataset, overrides):
+    config = tiny_run_config(tmp_path / "wd", dataset, **overrides)
+    params = save_random_run(tmp_path / "wd", config)
+    cfg = config.model
+    hf_dir = export(tmp_path / "wd", tmp_path / "hf", "llama")
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+    # Logits on random sequences; 24 tokens pass LongRoPE's original 16 positions, so its long factors apply.
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 24))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    m = ParamsModel(cfg).bind(params)
+    positions = np.broadcast_to(np.arange(24), tokens.shape)
+    hidden = m(jnp.asarray(tokens), jnp.asarray(positions), jnp.ones(tokens.shape, jnp.int32))
+    got = np.asarray(jnp.einsum("bsd,dv->bsv", hidden, m.head_weight()))
+    max_abs = np.abs(got - want).max()
+    assert max_abs < 1e-4 * np.abs(want).max(), f"max abs difference {max_abs}"
+
+    # Greedy generation: transformers' tokens up to its first EOS are mct.generate's (which drops the EOS).
+    # The prompt alone passes LongRoPE's original context, so both pick the long factors for every step
+    # (transformers switches lists by the current length, mct once per generation by prompt + new tokens).
+    eos = 2
+    prompt = [1] + list(range(40, 57))
+    with torch.no_grad():
+        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                             pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
+    if eos in hf_out:
+        hf_out = hf_out[: hf_out.index(eos)]
+    assert generate(cfg, params, [prompt], max_new_tokens=12, eos_id=eos)[0] == hf_out
