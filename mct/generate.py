@@ -1,0 +1,81 @@
+"""Text generation from a training checkpoint, streaming the continuation as it is decoded.
+
+    python -m mct.generate --workdir DIR --prompt "def main(" [--prompt "..."] [--max_new_tokens N
+        --temperature T --top_p P --seed S --step N]
+
+Prompts are encoded with the run's tokenizer and start with BOS, like training documents; EOS ends a row.
+One prompt streams token by token; several are decoded as one batch and printed when done.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from tokenizers import Tokenizer
+
+from data_pipelines.tokenizer import BOS, EOS
+from mct.decoding import Sampling, generate
+from mct.run_reader import RunCheckpoint, load_run_tokenizer
+
+
+class StreamPrinter:
+    """Prints one row's continuation as it grows, holding back bytes that do not yet form a character."""
+
+    def __init__(self, tokenizer: Tokenizer, out=sys.stdout):
+        self._tokenizer, self._out = tokenizer, out
+        self._ids: list[int] = []
+        self._printed = 0
+
+    def __call__(self, new: list[list[int]]) -> None:
+        self._ids.extend(new[0])
+        text = self._tokenizer.decode(self._ids)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence decodes to U+FFFD until it completes
+            self._out.write(text[self._printed :])
+            self._out.flush()
+            self._printed = len(text)
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
+    bos = tokenizer.token_to_id(BOS)
+    return [[bos] + tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest committed one).")
+    flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for a batch.", required=True)
+    flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt at most.")
+    flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # keep orbax's restore chatter out of the stream
+    f = flags.FLAGS
+    try:
+        run = RunCheckpoint(f.workdir, f.step)
+        tokenizer = load_run_tokenizer(f.workdir, run.config)
+        sampling = Sampling(f.temperature, f.top_p)
+        params = run.read_params()
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    prompts = encode_prompts(tokenizer, f.prompt)
+    single = len(prompts) == 1
+    if single:
+        sys.stdout.write(f.prompt[0])
+    outputs = generate(
+        run.model_cfg, params, prompts, max_new_tokens=f.max_new_tokens, sampling=sampling,
+        eos_id=tokenizer.token_to_id(EOS), seed=f.seed, on_tokens=StreamPrinter(tokenizer) if single else None,
+    )  # fmt: skip
+    if single:
+        print()
+        return
+    for prompt, tokens in zip(f.prompt, outputs):
+        print(f"--- {prompt!r} ({len(tokens)} tokens)\n{prompt}{tokenizer.decode(tokens)}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
