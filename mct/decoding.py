@@ -34,6 +34,9 @@ class Sampling:
             raise ValueError(f"sampling needs temperature >= 0 and 0 < top_p <= 1, got {self}")
 
 
+GREEDY = Sampling()
+
+
 def token_probs(logits: jnp.ndarray, sampling: Sampling) -> jnp.ndarray:
     """The distribution decoding draws from: logits [..., vocab] -> probabilities [..., vocab] (fp32).
 
@@ -150,7 +153,8 @@ class Outputs:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="cache")
-def _prefill(model: ParamsModel, sampling: Sampling, params, head, tokens, lengths, cache, key):
+def prefill(model: ParamsModel, sampling: Sampling, params, head, tokens, lengths, cache, key):
+    """Caches right-padded prompts tokens [batch, P] (lengths [batch]); samples each row's next token."""
     logits, cache = forward(model, params, head, tokens, jnp.zeros_like(lengths), cache, last=lengths - 1)
     return sample(token_probs(logits, sampling), key), cache
 
@@ -167,7 +171,7 @@ def generate(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     eos_id: int | None = None,
     seed: int = 0,
     on_tokens: TokenCallback | None = None,
@@ -180,7 +184,7 @@ def generate(
     outputs = Outputs(len(prompts), max_new_tokens, eos_id, on_tokens)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
-    next_tokens, cache = _prefill(model, sampling, params, head, tokens, lengths, cache, sub)
+    next_tokens, cache = prefill(model, sampling, params, head, tokens, lengths, cache, sub)
     positions = jnp.asarray(lengths)
     while True:
         outputs.add(np.asarray(next_tokens)[:, None])
