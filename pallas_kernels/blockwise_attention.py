@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import flash_math
 from pallas_kernels.gqa_layout import check_gqa_shapes, from_group_rows, heads_major, to_group_rows
 
 DEFAULT_BLOCK_SIZE = 128
@@ -85,11 +86,6 @@ def first_key_blocks(segment_ids: jnp.ndarray | None, block: int, num_blocks: in
     return run_start.reshape(-1, num_blocks, block).min(axis=(0, 2)) // block
 
 
-def _matmul(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """einsum in b's dtype (a is cast to it) with fp32 accumulation and result."""
-    return jnp.einsum(spec, a.astype(b.dtype), b, preferred_element_type=jnp.float32)
-
-
 def _block(x: jnp.ndarray, index, size: int) -> jnp.ndarray:
     """Block `index` (may be traced) of `size` along axis 2."""
     return lax.dynamic_slice_in_dim(x, index * size, size, axis=2)
@@ -109,32 +105,6 @@ def _pair_mask(segment_ids, qi, kj, block: int, group: int, diagonal: bool):
     return mask
 
 
-def online_softmax_step(state, q_blk, k_blk, v_blk, mask):
-    """Folds one key block into the running (max, sum, acc) of an fp32 online softmax.
-
-    q_blk: [b, h, rows, d] (pre-scaled); k_blk, v_blk: [b, h, cols, d]; mask: broadcastable to
-    [b, h, rows, cols] or None. Rows that have seen nothing keep max -inf, sum 0 and acc 0.
-    """
-    m, total, acc = state  # [b, h, rows], [b, h, rows], [b, h, rows, d]
-    s = _matmul("bhrd,bhcd->bhrc", q_blk, k_blk)
-    if mask is not None:
-        s = jnp.where(mask, s, -jnp.inf)
-    m_new = jnp.maximum(m, s.max(axis=-1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe[..., None])
-    alpha = jnp.exp(m - m_safe)
-    acc = acc * alpha[..., None] + _matmul("bhrc,bhcd->bhrd", p, v_blk)
-    return m_new, total * alpha + p.sum(axis=-1), acc
-
-
-def finish_softmax(state):
-    """(max, sum, acc) -> (out [b, h, rows, d], lse [b, h, rows]); empty rows give 0 and lse +inf."""
-    m, total, acc = state
-    empty = total == 0.0
-    total = jnp.where(empty, 1.0, total)
-    return acc / total[..., None], jnp.where(empty, jnp.inf, m + jnp.log(total))
-
-
 def _forward(block, q, k, v, segment_ids):
     b, kv, rows, d = q.shape
     num_blocks = k.shape[2] // block
@@ -144,22 +114,21 @@ def _forward(block, q, k, v, segment_ids):
 
     def query_block(_, i):
         qi = _block(q, i, block * group) * scale  # [b, kv, block * group, d]
-        m = jnp.full((b, kv, block * group), -jnp.inf, jnp.float32)
-        state = (m, jnp.zeros_like(m), jnp.zeros((b, kv, block * group, d), jnp.float32))
+        state = flash_math.init_state((b, kv, block * group), d)
 
         def off_diagonal(j, state):
             mask = _pair_mask(segment_ids, i, j, block, group, diagonal=False)
-            return online_softmax_step(state, qi, _block(k, j, block), _block(v, j, block), mask)
+            return flash_math.fold(state, qi, _block(k, j, block), _block(v, j, block), mask)
 
         state = lax.fori_loop(first[i], i, off_diagonal, state)
         mask = _pair_mask(segment_ids, i, i, block, group, diagonal=True)
-        state = online_softmax_step(state, qi, _block(k, i, block), _block(v, i, block), mask)
-        out, lse = finish_softmax(state)
+        state = flash_math.fold(state, qi, _block(k, i, block), _block(v, i, block), mask)
+        out, lse = flash_math.finish(state)
         return None, (out.astype(q.dtype), lse)
 
     _, (out, lse) = lax.scan(query_block, None, jnp.arange(num_blocks))
     # [num_blocks, b, kv, block * group, ...] -> [b, kv, rows, ...]
-    return jnp.moveaxis(out, 0, 2).reshape(q.shape), jnp.moveaxis(lse, 0, 2).reshape(b, kv, rows)
+    return jnp.moveaxis(out, 0, 2).reshape(q.shape), jnp.moveaxis(lse, 0, 2).reshape(b, kv, rows, 1)
 
 
 def _backward(block, q, k, v, segment_ids, out, lse, d_out):
@@ -168,31 +137,23 @@ def _backward(block, q, k, v, segment_ids, out, lse, d_out):
     group = rows // k.shape[2]
     first = first_key_blocks(segment_ids, block, num_blocks)
     scale = d**-0.5
-    delta = jnp.einsum("bhrd,bhrd->bhr", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True)
     rb = block * group
 
     def query_block(carry, i):
         dk, dv = carry
-        qi = _block(q, i, rb) * scale
-        doi = _block(d_out, i, rb)
-        lse_i, delta_i = _block(lse[..., None], i, rb)[..., 0], _block(delta[..., None], i, rb)[..., 0]
+        qi, doi = _block(q, i, rb) * scale, _block(d_out, i, rb)
+        lse_i, delta_i = _block(lse, i, rb), _block(delta, i, rb)
 
         def pair(j, state, diagonal):
             dq_i, dk, dv = state
-            kj, vj = _block(k, j, block), _block(v, j, block)
-            # Transposed scores [b, kv, cols, rows]: dK and dV then come from plain (non-transposed) matmuls.
-            s_t = _matmul("bhcd,bhrd->bhcr", kj, qi)
-            p_t = jnp.exp(s_t - lse_i[:, :, None, :])
             mask = _pair_mask(segment_ids, i, j, block, group, diagonal)
-            if mask is not None:
-                p_t = jnp.where(jnp.swapaxes(mask, -1, -2), p_t, 0.0)
-            dv_j = _matmul("bhcr,bhrd->bhcd", p_t, doi)
-            ds_t = p_t * (_matmul("bhcd,bhrd->bhcr", vj, doi) - delta_i[:, :, None, :])
-            dk_j = _matmul("bhcr,bhrd->bhcd", ds_t, qi)
-            dq_i = dq_i + _matmul("bhcr,bhcd->bhrd", ds_t, kj)
+            dq_j, dk_j, dv_j = flash_math.block_grads(
+                qi, _block(k, j, block), _block(v, j, block), doi, lse_i, delta_i, mask
+            )
             dk = lax.dynamic_update_slice_in_dim(dk, _block(dk, j, block) + dk_j, j * block, axis=2)
             dv = lax.dynamic_update_slice_in_dim(dv, _block(dv, j, block) + dv_j, j * block, axis=2)
-            return dq_i, dk, dv
+            return dq_i + dq_j, dk, dv
 
         state = (jnp.zeros((b, kv, rb, d), jnp.float32), dk, dv)
         state = lax.fori_loop(first[i], i, functools.partial(pair, diagonal=False), state)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.blockwise_attention import finish_softmax, online_softmax_step
+from pallas_kernels import flash_math
 from pallas_kernels.gqa_layout import from_group_rows, heads_major, to_group_rows
 
 _UNION_CHUNK = 16  # blocks gathered per step
@@ -116,17 +116,14 @@ def _forward(block_size, q, k, v, bitmaps, segment_ids):
             blocks = lax.dynamic_slice_in_dim(union, ci * chunk, chunk, axis=2)
             valid = ci * chunk + jnp.arange(chunk) < count[..., None]
             mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size, group)
-            return online_softmax_step(state, qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), mask)
+            return flash_math.fold(state, qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), mask)
 
-        m = jnp.full((b, kv, rb), -jnp.inf, jnp.float32)
-        state = lax.fori_loop(
-            0, n_chunks, step, (m, jnp.zeros_like(m), jnp.zeros((b, kv, rb, d), jnp.float32))
-        )
-        out, lse = finish_softmax(state)
+        state = lax.fori_loop(0, n_chunks, step, flash_math.init_state((b, kv, rb), d))
+        out, lse = flash_math.finish(state)
         return None, (out.astype(q.dtype), lse)
 
     _, (out, lse) = lax.scan(query_block, None, jnp.arange(n_blocks))
-    return jnp.moveaxis(out, 0, 2).reshape(q.shape), jnp.moveaxis(lse, 0, 2).reshape(b, kv, rows)
+    return jnp.moveaxis(out, 0, 2).reshape(q.shape), jnp.moveaxis(lse, 0, 2).reshape(b, kv, rows, 1)
 
 
 def _sparse_fwd(block_size, q, k, v, bitmaps, segment_ids):
@@ -143,7 +140,7 @@ def _sparse_bwd(block_size, residuals, d_out):
     k_blocks, v_blocks = (x.reshape(b, kv, n_blocks, block_size, d) for x in (k, v))
     seg_blocks = segment_ids.reshape(b, n_blocks, block_size)
     scale = d**-0.5
-    delta = jnp.einsum("bhrd,bhrd->bhr", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True)
     bi, hi, _ = jnp.indices((b, kv, 1), sparse=True)
 
     def query_block(carry, i):
@@ -159,23 +156,14 @@ def _sparse_bwd(block_size, residuals, d_out):
             blocks = lax.dynamic_slice_in_dim(union, ci * chunk, chunk, axis=2)
             valid = ci * chunk + jnp.arange(chunk) < count[..., None]
             mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size, group)
-            kc, vc = _chunk(k_blocks, blocks), _chunk(v_blocks, blocks)
-            s = jnp.einsum("bhrd,bhcd->bhrc", qi, kc, preferred_element_type=jnp.float32)
-            p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-            dp = jnp.einsum("bhrd,bhcd->bhrc", do_i, vc, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_i[..., None])
-            dq_i = dq_i + jnp.einsum(
-                "bhrc,bhcd->bhrd", ds.astype(kc.dtype), kc, preferred_element_type=jnp.float32
-            )
-            dk_c = jnp.einsum("bhrc,bhrd->bhcd", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
-            dv_c = jnp.einsum(
-                "bhrc,bhrd->bhcd", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32
+            dq_c, dk_c, dv_c = flash_math.block_grads(
+                qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), do_i, lse_i, delta_i, mask
             )
             shape = (b, kv, chunk, block_size, d)
             # Invalid slots carry exact zeros (fully masked), so adding them to block 0 changes nothing.
             dk_blocks = dk_blocks.at[bi, hi, blocks].add(dk_c.reshape(shape))
             dv_blocks = dv_blocks.at[bi, hi, blocks].add(dv_c.reshape(shape))
-            return dq_i, dk_blocks, dv_blocks
+            return dq_i + dq_c, dk_blocks, dv_blocks
 
         dq_i, dk_blocks, dv_blocks = lax.fori_loop(
             0, n_chunks, step, (jnp.zeros((b, kv, rb, d), jnp.float32), *carry)
