@@ -1,20 +1,25 @@
 """Text generation from a training checkpoint, streaming the continuation as it is decoded.
 
     python -m mct.generate --workdir DIR --prompt "def main(" [--prompt "..."] [--max_new_tokens N
-        --temperature T --top_p P --seed S --step N]
+        --temperature T --top_p P --seed S --step N] [--draft_workdir DIR --freq_vocab FILE --num_draft K]
 
 Prompts are encoded with the run's tokenizer and start with BOS, like training documents; EOS ends a row.
-One prompt streams token by token; several are decoded as one batch and printed when done.
+One prompt streams token by token; several are decoded as one batch and printed when done. With
+--draft_workdir, a smaller model of the same tokenizer drafts tokens (FR-Spec speculative decoding, its LM
+head cut to the --freq_vocab ids); the output distribution is the same.
 """
 
+import functools
 import sys
 
 from absl import app, flags, logging
 from tokenizers import Tokenizer
 
+from data_pipelines.freq_vocab import read_freq_vocab
 from data_pipelines.tokenizer import BOS, EOS
 from mct.decoding import Sampling, generate
 from mct.run_reader import RunCheckpoint, load_run_tokenizer
+from mct.speculative import speculative_generate
 
 
 class StreamPrinter:
@@ -47,6 +52,9 @@ def _define_flags() -> None:
     flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_string("draft_workdir", None, "Speculative decoding: the draft model's training workdir.")
+    flags.DEFINE_string("freq_vocab", None, "Speculative decoding: FR-Spec ids the draft head keeps.")
+    flags.DEFINE_integer("num_draft", 4, "Speculative decoding: draft tokens per target pass.")
 
 
 def main(argv: list[str]) -> None:
@@ -58,6 +66,15 @@ def main(argv: list[str]) -> None:
         tokenizer = load_run_tokenizer(f.workdir, run.config)
         sampling = Sampling(f.temperature, f.top_p)
         params = run.read_params()
+        decode = functools.partial(generate, run.model_cfg, params)
+        if f.draft_workdir:
+            draft = RunCheckpoint(f.draft_workdir)
+            vocab = read_freq_vocab(f.freq_vocab, run.model_cfg.vocab_size) if f.freq_vocab else None
+            speculative = functools.partial(
+                speculative_generate, run.model_cfg, params, draft.model_cfg, draft.read_params(),
+                num_draft=f.num_draft, draft_vocab=vocab,
+            )  # fmt: skip
+            decode = lambda prompts, **kwargs: speculative(prompts, **kwargs)[0]
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -65,8 +82,8 @@ def main(argv: list[str]) -> None:
     single = len(prompts) == 1
     if single:
         sys.stdout.write(f.prompt[0])
-    outputs = generate(
-        run.model_cfg, params, prompts, max_new_tokens=f.max_new_tokens, sampling=sampling,
+    outputs = decode(
+        prompts, max_new_tokens=f.max_new_tokens, sampling=sampling,
         eos_id=tokenizer.token_to_id(EOS), seed=f.seed, on_tokens=StreamPrinter(tokenizer) if single else None,
     )  # fmt: skip
     if single:

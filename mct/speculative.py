@@ -118,7 +118,9 @@ def speculative_generate(
         raise ValueError(f"draft_vocab ids must lie in [0, {shared}) (both models' vocabularies)")
     target, draft = decoding.params_model(target_cfg), decoding.params_model(draft_cfg)
     tokens, lengths = decoding.pad_prompts(prompts)
-    batch, capacity = len(prompts), tokens.shape[1] + max_new_tokens + num_draft
+    # A row may overshoot max_new_tokens by num_draft in its last round, and a finished row keeps running
+    # (frozen) rounds that write num_draft + 1 slots past its end: room for both.
+    batch, capacity = len(prompts), tokens.shape[1] + max_new_tokens + 2 * num_draft + 1
     target_cache = decoding.init_cache(target_cfg, batch, capacity)
     draft_cache = decoding.init_cache(draft_cfg, batch, capacity)
     target_head = decoding.output_head(target, target_params)
