@@ -4,13 +4,19 @@ Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. Only committed steps are
 a save interrupted by a kill leaves a tmp directory that orbax ignores. Saves are async by default.
 """
 
+import logging
 import pathlib
+import time
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from mct.sharding import ConfigError
+
+log = logging.getLogger(__name__)
+COMMIT_MARKER = "commit_success.txt"
+ITEMS = ("state", "data", "meta")
 
 # Model fields that must match for a checkpoint to be restored into a run.
 SHAPE_KEYS = (
@@ -88,6 +94,39 @@ class Checkpointer:
                 "use a new workdir or the matching config"
             )
         return meta
+
+    def is_complete(self, step: int) -> bool:
+        """Every commit marker of the step is present (a copied or half-deleted checkpoint lacks some)."""
+        step_dir = self.directory / str(step)
+        return all((d / COMMIT_MARKER).is_file() for d in (step_dir, *(step_dir / item for item in ITEMS)))
+
+    def restore_latest(self, abstract_state, model_cfg: ml_collections.ConfigDict):
+        """(step, state, data_state) of the newest checkpoint that restores, or None when there is none.
+
+        An incomplete or unreadable checkpoint is moved aside to STEP.corrupt-TIME (never deleted) with a
+        warning, and the previous one is tried; if none is left, the error says so. An incompatible model
+        is a ConfigError, not corruption.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                if not self.is_complete(step):
+                    raise FileNotFoundError(f"missing {COMMIT_MARKER}")
+                self.check_compatible(step, model_cfg)
+                state, data_state, _ = self.restore(step, abstract_state)
+                return step, state, data_state
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint is unusable
+                aside = self.directory / f"{step}.corrupt-{int(time.time())}"
+                log.warning("checkpoint %s/%d is unreadable (%s); moved to %s, trying the previous one",
+                            self.directory, step, str(e).splitlines()[0][:200], aside.name)  # fmt: skip
+                if jax.process_index() == 0:
+                    (self.directory / str(step)).rename(aside)
+                self.manager.reload()
+        if steps:
+            raise FileNotFoundError(f"no readable checkpoint left in {self.directory} (tried steps {steps})")
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

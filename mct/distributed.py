@@ -1,4 +1,7 @@
-"""Multi-process helpers: batches from per-process data, gathering small host objects."""
+"""Multi-process helpers: joining a jax.distributed job, batches from per-process data, gathering host objects.
+
+One process per host (TPU VM worker, SLURM task, or a local process rehearsing a pod on this machine).
+"""
 
 import json
 
@@ -6,6 +9,34 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
+
+
+def initialize(
+    *,
+    coordinator: str = "",
+    num_processes: int = 1,
+    process_id: int = 0,
+    cpu_devices_per_process: int = 0,
+    heartbeat_timeout_s: int = 100,
+    auto: bool = False,
+) -> None:
+    """Joins the job before any other JAX call. `auto` lets JAX detect the cluster (TPU pods, SLURM);
+    otherwise an explicit coordinator address with num_processes > 1. cpu_devices_per_process > 0 simulates
+    hosts on CPU (gloo collectives). A peer that stops heartbeating ends every process after the timeout."""
+    if cpu_devices_per_process:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", cpu_devices_per_process)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if auto:
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
+    elif num_processes > 1:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=120,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+        )
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -16,14 +16,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import app
+from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from data_pipelines.loader import make_eval_batches, make_train_iterator, merge_states
+from data_pipelines.shards import DatasetError
 from mct.checkpoint import Checkpointer, abstract_with_shardings, model_signature
-from mct.distributed import gather_json, global_batch
+from mct.distributed import gather_json, global_batch, initialize
 from mct.flops import measure_matmul_peak, train_flops_per_token
 from mct.metrics import MetricsWriter
 from mct.model import ParamsModel
@@ -115,12 +116,10 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
         ckpt = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep,
                             async_save=config.checkpoint.async_save)  # fmt: skip
         start, data_state = 0, None
-        latest = ckpt.latest_step()
-        if latest is not None:
-            ckpt.check_compatible(latest, config.model)
-            state, data_state, _ = ckpt.restore(latest, abstract_state)
-            start = latest
-            log.info("resumed from %s step %d", ckpt.directory, latest)
+        restored = ckpt.restore_latest(abstract_state, config.model)
+        if restored is not None:
+            start, state, data_state = restored
+            log.info("resumed from %s step %d", ckpt.directory, start)
         elif config.schedule.branch_from:
             state, data_state = restore_branch_source(config, abstract_state)
             start = config.schedule.branch_step
@@ -194,12 +193,10 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
                     )
             else:
                 nonfinite_run = 0
-            if step == start + 1:  # exclude compilation from the rates
-                t_mark, step_mark = time.perf_counter(), step
             if step % config.train.log_every_steps == 0 or step == steps:
                 elapsed = time.perf_counter() - t_mark
                 n = max(step - step_mark, 1)
-                rate = n / elapsed if elapsed > 0 and step > step_mark else float("nan")
+                rate = n / elapsed  # the first interval includes compilation
                 line = {
                     "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                     "tokens_per_s": rate * batch_size * seq, "mfu": rate * flops_per_step / peak,
@@ -227,7 +224,8 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
                     pending = None
                     last["eval_loss"] = evaluate(state["params"])
                     writer.write(done, {"eval_loss": last["eval_loss"]})
-                    bar.write(f"step {done}: eval loss {last['eval_loss']:.4f}")
+                    if pid == 0:
+                        bar.write(f"step {done}: eval loss {last['eval_loss']:.4f}")
                 if done % config.checkpoint.every_steps == 0 or done == steps:
                     save(done)
             else:
@@ -251,15 +249,32 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (ml_collections).", lock_config=True
 )
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join the jax.distributed job JAX detects (TPU, SLURM)."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", "", "host:port of process 0, for an explicit multi-process job."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the explicit job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in the explicit job.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices_per_process", 0, "Simulate this many CPU devices per process."
+)
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 100, "Seconds before a silent peer ends the job.")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and grain log every save at INFO
+    for noisy in ("absl", "jax"):  # orbax, grain and jax.distributed log every save / connection at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
+    initialize(
+        coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+        cpu_devices_per_process=_CPU_DEVICES.value, heartbeat_timeout_s=_HEARTBEAT.value, auto=_DISTRIBUTED.value,
+    )  # fmt: skip
     try:
         result = train(_CONFIG.value)
-    except (ConfigError, TrainingDiverged, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, TrainingDiverged, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if jax.process_index() == 0:

@@ -231,3 +231,26 @@ def test_unknown_config_key_is_a_clear_cli_error(tmp_path, dataset):
     assert out.returncode != 0
     assert "n_layerz" in out.stderr.decode()
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "marker"])
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, dataset, reference_run, damage):
+    shutil.copytree(reference_run[0] / "checkpoints", tmp_path / "checkpoints")
+    step_dir = tmp_path / "checkpoints" / "10"
+    if damage == "truncate":
+        for f in (step_dir / "state").rglob("d/*"):
+            f.write_bytes(f.read_bytes()[:7])
+    else:
+        (step_dir / "state" / "commit_success.txt").unlink()
+    train(make_config(tmp_path, dataset), devices=ONE)
+    assert sorted(losses(tmp_path)) == [6, 7, 8, 9, 10]  # resumed from step 5
+    assert list((tmp_path / "checkpoints").glob("10.corrupt-*"))  # kept aside, not deleted
+    assert Checkpointer(tmp_path, read_only=True).all_steps() == [5, 10]
+
+
+def test_no_readable_checkpoint_is_a_clear_error(tmp_path, dataset, reference_run):
+    shutil.copytree(reference_run[0] / "checkpoints", tmp_path / "checkpoints")
+    for step in ("5", "10"):
+        (tmp_path / "checkpoints" / step / "commit_success.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="no readable checkpoint left"):
+        train(make_config(tmp_path, dataset), devices=ONE)

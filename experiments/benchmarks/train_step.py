@@ -1,0 +1,79 @@
+"""Times one jitted training step of a config on synthetic tokens and reports MFU.
+
+python -m experiments.benchmarks.train_step --config experiments/configs/tunnel_30m.py --seq 1024 --batch 8 --json
+
+MFU = analytic model FLOPs per step (mct/flops.py: 6 * matmul params * tokens + 6 * layers * seq * heads *
+head_dim * tokens) / median step time / fp32 matmul FLOP/s measured in the same process.
+"""
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mct.flops import matmul_params, measure_matmul_peak, train_flops_per_token
+from mct.model import ParamsModel
+from mct.optimizer import make_optimizer
+from mct.schedule import schedule_from_config
+from mct.train_step import make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
+_SEQ = flags.DEFINE_integer("seq", 1024, "Sequence length.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    seq, batch = _SEQ.value, _BATCH.value
+    model = ParamsModel(config.model)
+    tx = make_optimizer(config, model)
+    step = jax.jit(make_train_step(model, tx, schedule_from_config(config), 1), donate_argnums=0)
+    params = model.init(0)
+    state = {"params": params, "opt_state": tx.init(params)}
+    rng = np.random.default_rng(0)
+    data = {
+        "tokens": jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, seq)), jnp.int32),
+        "targets": jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, seq)), jnp.int32),
+        "segment_ids": jnp.ones((batch, seq), jnp.int32),
+        "positions": jnp.tile(jnp.arange(seq, dtype=jnp.int32), (batch, 1)),
+        "loss_mask": jnp.ones((batch, seq), jnp.float32),
+    }
+    for i in range(2):
+        state, metrics = step(state, data, jnp.int32(i))
+    jax.block_until_ready(metrics)
+    times = []
+    for i in range(_STEPS.value):
+        t = time.perf_counter()
+        state, metrics = step(state, data, jnp.int32(i))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    peak = measure_matmul_peak(dtype=jnp.dtype(config.model.compute_dtype))
+    step_time = statistics.median(times)
+    flops = train_flops_per_token(config.model, seq) * batch * seq
+    result = {
+        "model_flops_per_step": flops,
+        "n_params": matmul_params(config.model),
+        "n_layers": config.model.n_layers,
+        "d_model": config.model.d_model,
+        "seq": seq,
+        "tokens_per_step": batch * seq,
+        "step_time_s": step_time,
+        "matmul_peak_flops": peak,
+        "mfu": flops / step_time / peak,
+        "attention": config.model.attention,
+    }
+    if not _JSON.value:
+        print(f"step {step_time:.3f} s | {batch * seq / step_time:,.0f} tok/s | mfu {result['mfu']:.3f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
