@@ -28,9 +28,11 @@ def default_data_config() -> ml_collections.ConfigDict:
             seq_len=4096,
             mixture=ml_collections.ConfigDict({"default": mixture_component("default")}),
             seed=0,
-            # Elastic resume: data is split into this many logical shards, each packed and positioned on its
-            # own; shard s belongs to process s % process_count. Keep it well above the process count.
-            num_logical_shards=32,
+            # Data is split into this many logical shards, each packed and positioned on its own (elastic
+            # resume); global batch rows read fixed shards (batch_layout), so batches do not depend on the
+            # process count. Must be a multiple of the process count and divide or be a multiple of the global
+            # train.batch_size: 8 fits batches of 8, 16, ... on 1, 2, 4 or 8 processes; raise it for more hosts.
+            num_logical_shards=8,
             packing_bins=32,  # first-fit packing bins per logical shard: more bins, less padding, more memory
             cache_dir="",  # "" -> $MCT_CACHE or ~/.cache/mct; holds the prepared default corpus
             vocab_size=8192,  # only for training the default corpus tokenizer

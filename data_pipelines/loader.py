@@ -2,10 +2,12 @@
 
 Per logical shard s (of data_cfg.num_logical_shards): every mixture component's documents -> seeded global
 shuffle (reshuffled each epoch) -> documents s, s + K, s + 2K, ... -> length filter -> chunks of <= seq_len
-pairs -> token-weighted mixture -> grain first-fit packing. Process p owns the shards s with s % P == p and
-fills each batch row from its shard with the fewest rows so far. The iterator state holds every owned shard's
-position (a few integers each, never per-document state), so a run saved on 4 processes resumes on 2 or 1
-with each document seen exactly once per epoch.
+pairs -> token-weighted mixture -> grain first-fit packing. Each global batch row reads the logical shard that
+batch_layout assigns it, so global batches are the same on any process count; process p owns a contiguous
+block of shards. The iterator state holds the step and every owned shard's position (a few integers each,
+never per-document state), so a run saved on 4 processes resumes on 2 or 1 with each document seen exactly
+once per epoch. With num_epochs > 0 a used-up shard's rows are padding and a process stops once all its
+shards are used up (processes may stop at different steps: bound multi-process runs by train.steps).
 """
 
 import dataclasses
@@ -20,13 +22,14 @@ from absl import logging
 from tokenizers import Tokenizer
 
 from data_pipelines import shards
+from data_pipelines.batch_layout import BatchLayout
 from data_pipelines.mixing import DocumentChunks, TokenWeightedMixture
 from data_pipelines.prepare import prepare_default_corpus
 from data_pipelines.shards import DatasetError
 from data_pipelines.tokenizer import sha256_hex
 
 DEFAULT_CORPUS = "default"
-_STATE_FORMAT = "mct-data-iterator-v1"
+_STATE_FORMAT = "mct-data-iterator-v2"
 Batch = dict[str, np.ndarray]
 
 
@@ -65,55 +68,58 @@ def load_tokenizer(dataset_dir: str | pathlib.Path) -> Tokenizer:
 
 class DataIterator:
     """Batches for one process: dicts of tokens, targets, segment_ids, positions (int32) and loss_mask
-    (float32), each [batch_size, seq_len]. get_state() is JSON-able and holds this process's logical shards.
+    (float32), each [batch_size, seq_len]; row i is global row process_index * batch_size + i, read from the
+    logical shard the layout assigns it. get_state() is JSON-able: the step and this process's shards.
     """
 
     def __init__(
         self,
         shard_iterators: dict[int, grain.DatasetIterator],
         *,
-        batch_size: int,
+        layout: BatchLayout,
+        process_index: int,
         seq_len: int,
         fingerprint: dict,
         stop_at_end: bool,
         description: str,
     ):
-        self._shards, self._batch_size, self._seq_len = shard_iterators, batch_size, seq_len
-        self._fingerprint, self._stop_at_end, self._description = fingerprint, stop_at_end, description
-        self._rows = dict.fromkeys(shard_iterators, 0)  # rows emitted per logical shard
+        self._shards, self._layout, self._process_index = shard_iterators, layout, process_index
+        self._seq_len, self._fingerprint = seq_len, fingerprint
+        self._stop_at_end, self._description = stop_at_end, description
+        self._step = 0  # batches emitted; the same on every process
         self._exhausted: set[int] = set()
 
     def __iter__(self) -> "DataIterator":
         return self
 
     def __next__(self) -> Batch:
-        rows = []
-        while len(rows) < self._batch_size:
-            live = [s for s in self._shards if s not in self._exhausted]
-            if not live:
-                break
-            shard = min(live, key=lambda s: (self._rows[s], s))
+        rows = [self._next_row(s) for s in self._layout.row_shards(self._process_index, self._step)]
+        if all(row is None for row in rows) and len(self._exhausted) == len(self._shards):
+            raise StopIteration
+        self._step += 1
+        return _batch(rows, self._seq_len)
+
+    def _next_row(self, shard: int) -> dict[str, np.ndarray] | None:
+        """The next packed row of `shard`; None (a padding row) once a finite epoch has used it up."""
+        if shard not in self._exhausted:
             try:
-                rows.append(next(self._shards[shard]))
+                return next(self._shards[shard])
             except StopIteration:
                 self._exhausted.add(shard)
-                continue
-            self._rows[shard] += 1
-        if len(rows) < self._batch_size and not self._stop_at_end:
+        if not self._stop_at_end:
             raise DatasetError(
-                f"{self._description}: no document passes the mixture's filters in logical shards "
-                f"{sorted(self._shards)}; use fewer logical shards or more data"
+                f"{self._description}: no document passes the mixture's filters in logical shard {shard} of "
+                f"{self._layout.num_shards}; use fewer data.num_logical_shards or more data"
             )
-        if not rows:
-            raise StopIteration
-        return _batch(rows, self._batch_size, self._seq_len)
+        return None
 
     def get_state(self) -> dict:
         return {
             "format": _STATE_FORMAT,
             "fingerprint": self._fingerprint,
+            "step": self._step,
             "shards": {
-                str(s): {"rows": self._rows[s], "exhausted": s in self._exhausted, "pipeline": it.get_state()}
+                str(s): {"exhausted": s in self._exhausted, "pipeline": it.get_state()}
                 for s, it in self._shards.items()
             },
         }
@@ -128,11 +134,11 @@ class DataIterator:
                     "get_state() with merge_states before resuming on another process count"
                 )
             it.set_state(entry["pipeline"])
-            self._rows[s] = entry["rows"]
             if entry["exhausted"]:
                 self._exhausted.add(s)
             else:
                 self._exhausted.discard(s)
+        self._step = state["step"]
 
 
 def merge_states(states: list[dict]) -> dict:
@@ -141,6 +147,11 @@ def merge_states(states: list[dict]) -> dict:
         raise ValueError("merge_states needs at least one state")
     for i, state in enumerate(states):
         _check_state(state, states[0]["fingerprint"], f"state {i}")
+        if state["step"] != states[0]["step"]:
+            raise ValueError(
+                f"state {i} was saved at data step {state['step']}, state 0 at step {states[0]['step']}: "
+                "merge the states of one step"
+            )
     merged: dict[str, dict] = {}
     for i, state in enumerate(states):
         for shard, entry in state["shards"].items():
@@ -163,23 +174,21 @@ def make_train_iterator(
     model_vocab_size: int,
     state: dict | None = None,
 ) -> DataIterator:
-    """This process's training batches (its logical shards s % process_count == process_index)."""
-    num_shards = data_cfg.num_logical_shards
-    if not 0 <= process_index < process_count <= num_shards:
-        raise ValueError(
-            f"process {process_index} of {process_count}: need 0 <= index < count <= "
-            f"data num_logical_shards ({num_shards})"
-        )
+    """This process's `batch_size` rows of each global batch of batch_size * process_count rows; the global
+    batches are the same for any process count (see batch_layout).
+    """
+    layout = BatchLayout(data_cfg.num_logical_shards, batch_size * process_count, process_count)
     components = _mixture_components(data_cfg, model_vocab_size, "train")
     shard_iterators = {
         s: _packed_shard(
-            data_cfg, components, "train", s, num_shards, shuffle=True, num_epochs=data_cfg.num_epochs
+            data_cfg, components, "train", s, layout.num_shards, shuffle=True, num_epochs=data_cfg.num_epochs
         )
-        for s in range(process_index, num_shards, process_count)
+        for s in layout.process_shards(process_index)
     }
     iterator = DataIterator(
         shard_iterators,
-        batch_size=batch_size,
+        layout=layout,
+        process_index=process_index,
         seq_len=data_cfg.seq_len,
         fingerprint=_fingerprint(data_cfg, components),
         stop_at_end=data_cfg.num_epochs > 0,
@@ -199,16 +208,19 @@ def make_eval_batches(
     process_count: int,
     model_vocab_size: int,
 ) -> list[Batch]:
-    """`num_batches` fixed batches from the eval splits (documents process_index::process_count, in order,
-    cycled if too few), packed and mixed like training data.
+    """This process's rows of `num_batches` fixed global batches from the eval splits: the logical shards'
+    documents in order (cycled if too few), packed, mixed and laid out like training data.
     """
+    layout = BatchLayout(data_cfg.num_logical_shards, batch_size * process_count, process_count)
     components = _mixture_components(data_cfg, model_vocab_size, "eval")
-    shard = _packed_shard(
-        data_cfg, components, "eval", process_index, process_count, shuffle=False, num_epochs=0
-    )
+    shard_iterators = {
+        s: _packed_shard(data_cfg, components, "eval", s, layout.num_shards, shuffle=False, num_epochs=0)
+        for s in layout.process_shards(process_index)
+    }
     iterator = DataIterator(
-        {process_index: shard},
-        batch_size=batch_size,
+        shard_iterators,
+        layout=layout,
+        process_index=process_index,
         seq_len=data_cfg.seq_len,
         fingerprint={},
         stop_at_end=False,
@@ -326,17 +338,18 @@ def _packed_shard(
     return iter(packed)
 
 
-def _batch(rows: list[dict[str, np.ndarray]], batch_size: int, seq_len: int) -> Batch:
-    """Stacks packed rows into a batch; missing rows (end of a finite epoch) are padding."""
-    pairs = np.zeros((batch_size, seq_len, 2), np.int32)  # [batch, seq, (input, target)]
-    segment_ids = np.zeros((batch_size, seq_len), np.int32)  # 0 = padding
-    positions = np.zeros((batch_size, seq_len), np.int32)
+def _batch(rows: list[dict[str, np.ndarray] | None], seq_len: int) -> Batch:
+    """Stacks packed rows into a batch; None rows (shards past the end of a finite epoch) are padding."""
+    pairs = np.zeros((len(rows), seq_len, 2), np.int32)  # [batch, seq, (input, target)]
+    segment_ids = np.zeros((len(rows), seq_len), np.int32)  # 0 = padding
+    positions = np.zeros((len(rows), seq_len), np.int32)
     for i, row in enumerate(rows):
-        pairs[i], segment_ids[i], positions[i] = (
-            row["pairs"],
-            row["pairs_segment_ids"],
-            row["pairs_positions"],
-        )
+        if row is not None:
+            pairs[i], segment_ids[i], positions[i] = (
+                row["pairs"],
+                row["pairs_segment_ids"],
+                row["pairs_positions"],
+            )
     return {
         "tokens": np.ascontiguousarray(pairs[..., 0]),
         "targets": np.ascontiguousarray(pairs[..., 1]),

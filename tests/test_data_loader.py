@@ -1,4 +1,5 @@
-"""data_pipelines.loader: packing, mixtures, process shards, exact and elastic resume, eval, errors, scale.
+"""data_pipelines.loader: packing, mixtures, process shards, global batches independent of the process count,
+exact and elastic resume, eval, errors, scale.
 
 References are computed independently: shard records read with array_record directly and cut into chunks
 d[kL : kL + L + 1] in NumPy; the loader's rows are cut back into chunks by segment id, compared as multisets.
@@ -162,12 +163,13 @@ def test_processes_get_disjoint_shards_that_cover_the_data(datasets):
         num_epochs=1,
         num_logical_shards=6,
     )
-    per_process = [
-        _all_chunks(
-            make_train_iterator(cfg, batch_size=3, process_index=p, process_count=3, model_vocab_size=VOCAB)
-        )
+    iterators = [
+        make_train_iterator(cfg, batch_size=2, process_index=p, process_count=3, model_vocab_size=VOCAB)
         for p in range(3)
     ]
+    for p, it in enumerate(iterators):
+        assert sorted(map(int, it.get_state()["shards"])) == [2 * p, 2 * p + 1]  # a contiguous block
+    per_process = [_all_chunks(it) for it in iterators]
     for p in range(3):
         for q in range(p + 1, 3):
             assert not per_process[p].keys() & per_process[q].keys()
@@ -176,20 +178,23 @@ def test_processes_get_disjoint_shards_that_cover_the_data(datasets):
     ) + _reference_chunks(datasets["b"], 64)
 
 
-def test_resume_is_exact_with_packing_and_mixture(datasets):
+@pytest.mark.parametrize("num_shards, batch_size", [(4, 4), (8, 1)])  # K <= B, and K > B (rows rotate)
+def test_resume_is_exact_with_packing_and_mixture(datasets, num_shards, batch_size):
     mixture = {
         "a": dict(path=str(datasets["a"]), weight=2.0),
         "b": dict(path=str(datasets["b"]), min_tokens=10),
     }
-    cfg = _config(mixture, num_logical_shards=4)
-    make = dict(batch_size=3, process_count=2, model_vocab_size=VOCAB)
+    cfg = _config(mixture, num_logical_shards=num_shards)
+    make = dict(batch_size=batch_size, process_count=2, model_vocab_size=VOCAB)
     runs, states = [], []
     for p in range(2):
         it = make_train_iterator(cfg, process_index=p, **make)
         for _ in range(7):
             next(it)
         states.append(_json(it.get_state()))
-        assert sorted(states[-1]["shards"]) == [str(s) for s in range(p, 4, 2)]  # only its own shards
+        owned = range(p * num_shards // 2, (p + 1) * num_shards // 2)
+        assert sorted(map(int, states[-1]["shards"])) == list(owned)  # only its own shards
+        assert states[-1]["step"] == 7
         runs.append([next(it) for _ in range(12)])
     merged = merge_states(states)
     for p in range(2):
@@ -219,6 +224,80 @@ def test_elastic_resume_4_2_1_sees_every_document_once(datasets):
             states.append(_json(it.get_state()))
         state = merge_states(states)
     assert seen == _reference_chunks(datasets["a"], 64) + _reference_chunks(datasets["b"], 64)
+
+
+def _global_batches(cfg, global_batch: int, process_count: int, steps: int, state=None) -> list[dict]:
+    """`steps` global batches: each process's batches concatenated in process order (as a multi-host step
+    assembles them with make_array_from_process_local_data), and the merged state after them.
+    """
+    iterators = [
+        make_train_iterator(
+            cfg,
+            batch_size=global_batch // process_count,
+            process_index=p,
+            process_count=process_count,
+            model_vocab_size=VOCAB,
+            state=state,
+        )
+        for p in range(process_count)
+    ]
+    batches = []
+    for _ in range(steps):
+        local = [next(it) for it in iterators]
+        batches.append({key: np.concatenate([b[key] for b in local]) for key in local[0]})
+    return batches, merge_states([_json(it.get_state()) for it in iterators])
+
+
+def _assert_same_batches(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for x, y in zip(got, expected):
+        for key in y:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+# K < B (two rows per shard), K == B, K > B (each row rotates over four shards)
+@pytest.mark.parametrize("num_shards, global_batch", [(4, 8), (8, 8), (16, 4)])
+def test_global_batches_do_not_depend_on_the_process_count(datasets, num_shards, global_batch):
+    mixture = {
+        "a": dict(path=str(datasets["a"]), weight=3.0),
+        "b": dict(path=str(datasets["b"]), min_tokens=10),
+    }
+    cfg = _config(mixture, num_logical_shards=num_shards)
+    one, _ = _global_batches(cfg, global_batch, 1, steps=9)
+    assert all(b["tokens"].shape == (global_batch, 64) for b in one)
+    assert np.mean([b["loss_mask"].mean() for b in one]) > 0.6  # real packed data, not padding
+    for count in (2, 4):
+        _assert_same_batches(_global_batches(cfg, global_batch, count, steps=9)[0], one)
+
+
+def test_resume_on_another_process_count_continues_the_same_global_batches(datasets):
+    cfg = _config(
+        {"a": dict(path=str(datasets["a"]), weight=2.0), "b": dict(path=str(datasets["b"]))},
+        num_logical_shards=16,
+    )
+    uninterrupted, _ = _global_batches(cfg, 4, 1, steps=12)
+    first, state = _global_batches(cfg, 4, 4, steps=5)  # step 5: mid-rotation over 16 / 4 shards
+    assert state["step"] == 5
+    _assert_same_batches(first, uninterrupted[:5])
+    for count in (2, 1):
+        _assert_same_batches(_global_batches(cfg, 4, count, steps=7, state=state)[0], uninterrupted[5:])
+
+
+def test_eval_batches_do_not_depend_on_the_process_count(datasets):
+    cfg = _config({"a": dict(path=str(datasets["a"])), "b": dict(path=str(datasets["b"]))})
+    make = dict(num_batches=3, model_vocab_size=VOCAB)
+    one = make_eval_batches(cfg, batch_size=4, process_index=0, process_count=1, **make)
+    assert np.mean([b["loss_mask"].mean() for b in one]) > 0.5
+    for count in (2, 4):
+        per_process = [
+            make_eval_batches(cfg, batch_size=4 // count, process_index=p, process_count=count, **make)
+            for p in range(count)
+        ]
+        concatenated = [
+            {key: np.concatenate([batches[i][key] for batches in per_process]) for key in one[0]}
+            for i in range(3)
+        ]
+        _assert_same_batches(concatenated, one)
 
 
 def test_resume_cost_does_not_grow_with_steps(datasets, monkeypatch):
@@ -280,12 +359,23 @@ def test_bad_inputs_are_clear_errors(datasets, tmp_path):
         make_train_iterator(
             _config({"x": dict(path=a, min_tokens=50, max_tokens=10)}), model_vocab_size=VOCAB, **make
         )
-    with pytest.raises(ValueError, match="num_logical_shards"):
+    for num_shards, batch_size, count in ((2, 2, 3), (6, 2, 2), (8, 3, 2)):
+        with pytest.raises(
+            ValueError, match=rf"num_logical_shards \({num_shards}\).*batch_size \({batch_size * count}\)"
+        ):
+            make_train_iterator(
+                _config({"x": dict(path=a)}, num_logical_shards=num_shards),
+                batch_size=batch_size,
+                process_index=0,
+                process_count=count,
+                model_vocab_size=VOCAB,
+            )
+    with pytest.raises(ValueError, match=r"process index 2 is not in \[0, 2\)"):
         make_train_iterator(
-            _config({"x": dict(path=a)}, num_logical_shards=2),
+            _config({"x": dict(path=a)}),
             batch_size=2,
-            process_index=0,
-            process_count=3,
+            process_index=2,
+            process_count=2,
             model_vocab_size=VOCAB,
         )
     with pytest.raises(DatasetError, match="no document passes"):
@@ -307,7 +397,13 @@ def test_bad_inputs_are_clear_errors(datasets, tmp_path):
         merge_states([half])
     with pytest.raises(ValueError, match="more than one state"):
         merge_states([state, state])
-    with pytest.raises(ValueError, match="lacks logical shard 1"):
+    later = make_train_iterator(
+        _config({"x": dict(path=a)}), batch_size=2, process_index=1, process_count=2, model_vocab_size=VOCAB
+    )
+    next(later)
+    with pytest.raises(ValueError, match="state 1 was saved at data step 1, state 0 at step 0"):
+        merge_states([half, later.get_state()])
+    with pytest.raises(ValueError, match="lacks logical shard 4"):
         make_train_iterator(_config({"x": dict(path=a)}), model_vocab_size=VOCAB, state=half, **make)
 
 
@@ -333,6 +429,6 @@ def test_a_manifest_of_100k_shards_opens_without_touching_files(tmp_path):
     shards.write_manifest(tmp_path, manifest)  # no shard file exists: opening must be lazy
     cfg = _config({"big": dict(path=str(tmp_path))}, num_logical_shards=64)
     it = make_train_iterator(cfg, batch_size=2, process_index=1, process_count=4, model_vocab_size=VOCAB)
-    assert sorted(map(int, it.get_state()["shards"])) == list(range(1, 64, 4))
+    assert sorted(map(int, it.get_state()["shards"])) == list(range(16, 32))
     with pytest.raises(DatasetError, match=r"cannot open shard .*train-\d{6}.arrayrecord"):
         next(it)
