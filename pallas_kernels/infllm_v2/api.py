@@ -8,6 +8,8 @@ import jax.numpy as jnp
 from pallas_kernels.blockwise_attention import causal_attention
 from pallas_kernels.gqa_layout import check_gqa_shapes
 from pallas_kernels.infllm_v2.config import SparseConfig
+from pallas_kernels.infllm_v2.pallas_gpu import pallas_gpu_sparse_attention
+from pallas_kernels.infllm_v2.pallas_tpu import pallas_tpu_sparse_attention
 from pallas_kernels.infllm_v2.reference import reference_sparse_attention
 from pallas_kernels.infllm_v2.selection import select_blocks
 from pallas_kernels.infllm_v2.xla_sparse import xla_sparse_attention
@@ -56,13 +58,9 @@ def sparse_attention(
     if implementation == "xla":
         return xla_sparse_attention(q, k, v, block_indices, segment_ids, cfg.block_size)
     if implementation == "pallas_gpu":
-        from pallas_kernels.infllm_v2.pallas_gpu import pallas_gpu_sparse_attention
-
         return pallas_gpu_sparse_attention(
             q, k, v, block_indices, segment_ids, cfg.block_size, interpret=interpret
         )
-    from pallas_kernels.infllm_v2.pallas_tpu import pallas_tpu_sparse_attention
-
     return pallas_tpu_sparse_attention(
         q, k, v, block_indices, segment_ids, cfg.block_size, interpret=interpret
     )

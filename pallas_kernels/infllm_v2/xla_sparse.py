@@ -15,6 +15,7 @@ from jax import lax
 
 from pallas_kernels import flash_math
 from pallas_kernels.gqa_layout import from_group_rows, heads_major, to_group_rows
+from pallas_kernels.infllm_v2.kernel_common import pad_to_blocks
 
 _UNION_CHUNK = 16  # blocks gathered per step
 
@@ -30,11 +31,7 @@ def xla_sparse_attention(
     """q: [b, seq, q_heads, d]; k, v: [b, seq, kv_heads, d]; block_indices: [b, kv_heads, seq, topk] (-1 =
     none); segment_ids: [b, seq] int32. Returns [b, seq, q_heads, d]."""
     seq, q_heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
-    pad = -seq % block_size
-    if pad:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
-        block_indices = jnp.pad(block_indices, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=-1)
+    q, k, v, block_indices, segment_ids = pad_to_blocks(q, k, v, block_indices, segment_ids, block_size)
     bitmaps = _selection_bitmaps(lax.stop_gradient(block_indices), block_size)
     out = _sparse(
         block_size, to_group_rows(q, kv_heads), heads_major(k), heads_major(v), bitmaps, segment_ids
