@@ -1,0 +1,144 @@
+"""On one GPU: InfLLM v2 `pallas_gpu` kernels against `reference`, then sparse vs cuDNN attention timings.
+
+    python3 -m experiments.device.check_gpu --seq 32768,65536,131072
+
+Correctness (bf16 and fp32, --check_seq tokens, packed documents, GQA 16/2): forward and gradients of the Triton
+kernels and of the `xla` path against the materialised reference, as max |error| / max |reference|.
+Timing (0.5B head shapes: batch 1, 16 q heads, 2 kv heads, head_dim 64, bf16, default SparseConfig):
+median wall time of forward and forward+backward of the whole sparse attention (selection included) and
+of jax.nn.dot_product_attention(implementation="cudnn", is_causal=True). Exits 1 if a check fails.
+"""
+
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from pallas_kernels.infllm_v2 import SparseConfig, select_blocks, sparse_attention
+
+_SEQ = flags.DEFINE_list("seq", ["32768", "65536", "131072"], "Sequence lengths to time.")
+_REPS = flags.DEFINE_integer("reps", 5, "Timed runs per measurement (median).")
+_CHECK_SEQ = flags.DEFINE_integer("check_seq", 2048, "Sequence length of the correctness checks.")
+_SKIP_TIMING = flags.DEFINE_bool("skip_timing", False, "Only run the correctness checks.")
+
+TOLERANCE = {jnp.float32: 2e-2, jnp.bfloat16: 5e-2}  # relative to max |reference|; Triton fp32 dots use TF32
+
+
+def random_inputs(seq, dtype, seed=0, batch=1, q_heads=16, kv_heads=2, head_dim=64):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (batch, seq, q_heads, head_dim), dtype)
+    k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim), dtype)
+    v = jax.random.normal(keys[2], (batch, seq, kv_heads, head_dim), dtype)
+    return q, k, v
+
+
+def packed_segments(seq, batch=1):
+    """Four documents of uneven length and a padding tail."""
+    bounds = np.array([0, seq // 7, seq // 2, seq - seq // 5, seq - seq // 16])
+    seg = np.zeros((batch, seq), np.int32)
+    for doc, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+        seg[:, start:end] = doc
+    return jnp.asarray(seg)
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
+
+
+def outputs_and_grads(impl, cfg, q, k, v, seg, idx, w):
+    """(out, dq, dk, dv) of sum(out * w) for one implementation, on fixed block indices."""
+
+    def loss(q, k, v):
+        out = sparse_attention(q, k, v, cfg, segment_ids=seg, implementation=impl, block_indices=idx)
+        return jnp.sum(out.astype(jnp.float32) * w), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return (out, *grads)
+
+
+def check_correctness() -> bool:
+    """pallas_gpu and xla vs reference; prints one line per (dtype, implementation)."""
+    cfg = SparseConfig(window_size=512, topk=16, dense_len=0)  # 32 blocks at 2K, 16 chosen: truly sparse
+    seq = _CHECK_SEQ.value
+    seg = packed_segments(seq)
+    ok = True
+    print(f"correctness: seq {seq}, {cfg}")
+    for dtype in (jnp.bfloat16, jnp.float32):
+        q, k, v = random_inputs(seq, dtype)
+        w = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+        idx = select_blocks(q, k, cfg, seg)
+        with jax.default_matmul_precision("highest"):
+            want = outputs_and_grads("reference", cfg, q, k, v, seg, idx, w)
+        for impl in ("pallas_gpu", "xla"):
+            errors = [
+                relative_error(g, r) for g, r in zip(outputs_and_grads(impl, cfg, q, k, v, seg, idx, w), want)
+            ]
+            passed = max(errors) <= TOLERANCE[dtype]
+            ok &= passed
+            names = ("out", "dq", "dk", "dv")
+            detail = " ".join(f"{n}={e:.2e}" for n, e in zip(names, errors))
+            print(f"  {jnp.dtype(dtype).name:9s} {impl:10s} {detail}  {'PASS' if passed else 'FAIL'}")
+    return ok
+
+
+def median_ms(fn, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def fwd_and_fwdbwd_ms(attn, q, k, v, reps):
+    forward = jax.jit(attn)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+    return median_ms(forward, q, k, v, reps=reps), median_ms(grads, q, k, v, reps=reps)
+
+
+def time_lengths(seqs: list[int], reps: int) -> None:
+    cfg = SparseConfig()
+    sparse = lambda q, k, v: sparse_attention(q, k, v, cfg, implementation="pallas_gpu")
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    header = ("seq", "select", "sparse fwd", "cudnn fwd", "x fwd", "sparse f+b", "cudnn f+b", "x f+b")
+    print("timing (ms, median; sparse includes selection; x = cudnn / sparse):")
+    print("  " + " ".join(f"{h:>11s}" for h in header))
+    for seq in seqs:
+        q, k, v = random_inputs(seq, jnp.bfloat16)
+        select_ms = median_ms(jax.jit(lambda q, k: select_blocks(q, k, cfg)), q, k, reps=reps)
+        sparse_fwd, sparse_fb = fwd_and_fwdbwd_ms(sparse, q, k, v, reps)
+        dense_fwd, dense_fb = fwd_and_fwdbwd_ms(cudnn, q, k, v, reps)
+        row = (
+            seq,
+            select_ms,
+            sparse_fwd,
+            dense_fwd,
+            dense_fwd / sparse_fwd,
+            sparse_fb,
+            dense_fb,
+            dense_fb / sparse_fb,
+        )
+        print("  " + " ".join(f"{x:11d}" if isinstance(x, int) else f"{x:11.2f}" for x in row), flush=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
+    if device.platform != "gpu":
+        sys.exit("check_gpu: no GPU visible to JAX (needs a CUDA jax/jaxlib)")
+    ok = check_correctness()
+    if not _SKIP_TIMING.value:
+        time_lengths([int(s) for s in _SEQ.value], _REPS.value)
+    print("ALL CHECKS PASSED" if ok else "SOME CHECKS FAILED")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    app.run(main)
