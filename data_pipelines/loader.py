@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+from typing import Literal
 
 import grain
 import ml_collections
@@ -70,6 +71,9 @@ class DataIterator:
     """Batches for one process: dicts of tokens, targets, segment_ids, positions (int32) and loss_mask
     (float32), each [batch_size, seq_len]; row i is global row process_index * batch_size + i, read from the
     logical shard the layout assigns it. get_state() is JSON-able: the step and this process's shards.
+    `at_end` says what a shard without more rows gives: "stop" (finite epochs: padding rows, and StopIteration
+    once all this process's shards are used up), "pad" (eval: padding rows) or "error" (endless training: a
+    shard without a usable document is a DatasetError).
     """
 
     def __init__(
@@ -80,12 +84,12 @@ class DataIterator:
         process_index: int,
         seq_len: int,
         fingerprint: dict,
-        stop_at_end: bool,
+        at_end: Literal["stop", "pad", "error"],
         description: str,
     ):
         self._shards, self._layout, self._process_index = shard_iterators, layout, process_index
         self._seq_len, self._fingerprint = seq_len, fingerprint
-        self._stop_at_end, self._description = stop_at_end, description
+        self._at_end, self._description = at_end, description
         self._step = 0  # batches emitted; the same on every process
         self._exhausted: set[int] = set()
 
@@ -94,19 +98,23 @@ class DataIterator:
 
     def __next__(self) -> Batch:
         rows = [self._next_row(s) for s in self._layout.row_shards(self._process_index, self._step)]
-        if all(row is None for row in rows) and len(self._exhausted) == len(self._shards):
+        if (
+            self._at_end == "stop"
+            and all(row is None for row in rows)
+            and self._exhausted == set(self._shards)
+        ):
             raise StopIteration
         self._step += 1
         return _batch(rows, self._seq_len)
 
     def _next_row(self, shard: int) -> dict[str, np.ndarray] | None:
-        """The next packed row of `shard`; None (a padding row) once a finite epoch has used it up."""
+        """The next packed row of `shard`; None (a padding row) once it has none left."""
         if shard not in self._exhausted:
             try:
                 return next(self._shards[shard])
             except StopIteration:
                 self._exhausted.add(shard)
-        if not self._stop_at_end:
+        if self._at_end == "error":
             raise DatasetError(
                 f"{self._description}: no document passes the mixture's filters in logical shard {shard} of "
                 f"{self._layout.num_shards}; use fewer data.num_logical_shards or more data"
@@ -191,7 +199,7 @@ def make_train_iterator(
         process_index=process_index,
         seq_len=data_cfg.seq_len,
         fingerprint=_fingerprint(data_cfg, components),
-        stop_at_end=data_cfg.num_epochs > 0,
+        at_end="stop" if data_cfg.num_epochs > 0 else "error",
         description=f"train data for process {process_index} of {process_count}",
     )
     if state is not None:
@@ -209,7 +217,8 @@ def make_eval_batches(
     model_vocab_size: int,
 ) -> list[Batch]:
     """This process's rows of `num_batches` fixed global batches from the eval splits: the logical shards'
-    documents in order (cycled if too few), packed, mixed and laid out like training data.
+    documents in order (cycled if too few), packed, mixed and laid out like training data. Rows of a logical
+    shard without eval documents are padding.
     """
     layout = BatchLayout(data_cfg.num_logical_shards, batch_size * process_count, process_count)
     components = _mixture_components(data_cfg, model_vocab_size, "eval")
@@ -223,7 +232,7 @@ def make_eval_batches(
         process_index=process_index,
         seq_len=data_cfg.seq_len,
         fingerprint={},
-        stop_at_end=False,
+        at_end="pad",
         description=f"eval data for process {process_index} of {process_count}",
     )
     return [next(iterator) for _ in range(num_batches)]
@@ -339,7 +348,7 @@ def _packed_shard(
 
 
 def _batch(rows: list[dict[str, np.ndarray] | None], seq_len: int) -> Batch:
-    """Stacks packed rows into a batch; None rows (shards past the end of a finite epoch) are padding."""
+    """Stacks packed rows into a batch; None rows (shards without more rows) are padding."""
     pairs = np.zeros((len(rows), seq_len, 2), np.int32)  # [batch, seq, (input, target)]
     segment_ids = np.zeros((len(rows), seq_len), np.int32)  # 0 = padding
     positions = np.zeros((len(rows), seq_len), np.int32)
