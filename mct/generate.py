@@ -34,9 +34,16 @@ class StreamPrinter:
         self._ids.extend(new[0])
         text = self._tokenizer.decode(self._ids)
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence decodes to U+FFFD until it completes
-            self._out.write(text[self._printed :])
-            self._out.flush()
-            self._printed = len(text)
+            self._write(text)
+
+    def finish(self) -> None:
+        """Prints what is held back (bytes that never completed a character) and ends the line."""
+        self._write(self._tokenizer.decode(self._ids) + "\n")
+
+    def _write(self, text: str) -> None:
+        self._out.write(text[self._printed :])
+        self._out.flush()
+        self._printed = len(text)
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -79,15 +86,15 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     prompts = encode_prompts(tokenizer, f.prompt)
-    single = len(prompts) == 1
-    if single:
+    stream = StreamPrinter(tokenizer) if len(prompts) == 1 else None
+    if stream:
         sys.stdout.write(f.prompt[0])
     outputs = decode(
-        prompts, max_new_tokens=f.max_new_tokens, sampling=sampling,
-        eos_id=tokenizer.token_to_id(EOS), seed=f.seed, on_tokens=StreamPrinter(tokenizer) if single else None,
+        prompts, max_new_tokens=f.max_new_tokens, sampling=sampling, eos_id=tokenizer.token_to_id(EOS),
+        seed=f.seed, on_tokens=stream,
     )  # fmt: skip
-    if single:
-        print()
+    if stream:
+        stream.finish()
         return
     for prompt, tokens in zip(f.prompt, outputs):
         print(f"--- {prompt!r} ({len(tokens)} tokens)\n{prompt}{tokenizer.decode(tokens)}")

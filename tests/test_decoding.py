@@ -1,6 +1,9 @@
-"""KV-cache decoding against full forward passes: logits, greedy tokens, sampling, EOS, errors."""
+"""KV-cache decoding against full forward passes (logits, greedy tokens, sampling, EOS, errors); the CLI."""
 
 import functools
+import io
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +11,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from data_pipelines.tokenizer import read_tokenizer_file
 from experiments.configs.base import model_config
 from mct.decoding import Sampling, forward, generate, init_cache, output_head, params_model, token_probs
+from mct.generate import StreamPrinter, encode_prompts
 from mct.model import ParamsModel
+from tests.data_fixtures import make_tiny_dataset
+from tests.test_export import save_random_run, tiny_run_config
 
 
 def tiny_cfg(**overrides):
@@ -158,3 +165,32 @@ def test_errors_name_the_problem():
     sparse.sparse.dense_len = 8
     with pytest.raises(NotImplementedError, match="dense_len=8"):
         init_cache(sparse, 1, 16)
+
+
+def test_stream_printer_holds_back_incomplete_characters(tmp_path):
+    tokenizer = read_tokenizer_file(make_tiny_dataset(tmp_path, vocab_size=300) / "tokenizer.json")
+    ids = tokenizer.encode("river é data", add_special_tokens=False).ids
+    out = io.StringIO()
+    printer = StreamPrinter(tokenizer, out)
+    seen = []
+    for token in ids:  # byte-level BPE: "é" is two bytes, possibly two tokens
+        printer([[token]])
+        seen.append(out.getvalue())
+    assert out.getvalue() == "river é data"
+    assert all("\ufffd" not in text for text in seen)
+    half = tokenizer.encode("é", add_special_tokens=False).ids[:1]  # half a character, never completed
+    printer([[ids[-1]]])
+    printer([half])
+    printer.finish()
+    assert out.getvalue() == tokenizer.decode(ids + [ids[-1]] + half) + "\n"
+
+
+def test_generate_cli_prints_the_greedy_continuation(tmp_path):
+    config = tiny_run_config(tmp_path / "wd", make_tiny_dataset(tmp_path, vocab_size=300))
+    params = save_random_run(tmp_path / "wd", config)
+    tokenizer = read_tokenizer_file(tmp_path / "dataset" / "tokenizer.json")
+    want = generate(config.model, params, encode_prompts(tokenizer, ["the river"]), max_new_tokens=8, eos_id=2)
+    cmd = [sys.executable, "-m", "mct.generate", f"--workdir={tmp_path / 'wd'}", "--prompt=the river",
+           "--max_new_tokens=8"]  # fmt: skip
+    printed = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    assert printed == "the river" + tokenizer.decode(want[0]) + "\n"
