@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from data_pipelines.freq_vocab import build_freq_vocab
 from experiments.configs.tiny_cpu import get_config
 from mct import hf_layout
 from mct.checkpoint import Checkpointer, model_signature
-from mct.export import INDEX_FILE, export
+from mct.export import FREQ_VOCAB_FILE, INDEX_FILE, export
 from mct.import_hf import import_hf
 from mct.model import ParamsModel
 from mct.run_reader import RunCheckpoint
@@ -101,7 +102,9 @@ def test_layouts_hold_the_documented_tensors(tmp_path, dataset):
     cfg = config.model
     m = cfg.d_model / cfg.dim_model_base
     branch = cfg.scale_depth / math.sqrt(cfg.n_layers)
-    out = {layout: export(tmp_path / "wd", tmp_path / layout, layout) for layout in hf_layout.LAYOUTS}
+    freq = tmp_path / "freq.json"
+    freq.write_text(json.dumps(build_freq_vocab(dataset, 32)))
+    out = {layout: export(tmp_path / "wd", tmp_path / layout, layout, freq_vocab=freq) for layout in hf_layout.LAYOUTS}
     with safe_open(out["minicpm"] / "model.safetensors", "np") as mini, \
          safe_open(out["llama"] / "model.safetensors", "np") as llama:  # fmt: skip
         q = mini.get_tensor("model.layers.1.self_attn.q_proj.weight")  # [heads * head_dim, d] = W^T
@@ -121,6 +124,7 @@ def test_layouts_hold_the_documented_tensors(tmp_path, dataset):
     generation = json.loads((out["llama"] / "generation_config.json").read_text())
     assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     assert (out["llama"] / "tokenizer.json").read_bytes() == (dataset / "tokenizer.json").read_bytes()
+    assert (out["minicpm"] / FREQ_VOCAB_FILE).read_bytes() == freq.read_bytes()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
@@ -173,6 +177,9 @@ def test_export_refuses_bad_input_and_leaves_nothing(tmp_path, run_config, monke
         export(config.workdir, tmp_path / "o3", "minicpm", step=999)  # the run has step 7 only
     with pytest.raises(ValueError, match="unknown layout"):
         export(config.workdir, tmp_path / "o4", "gpt2")
+    (tmp_path / "freq.json").write_text(json.dumps({"format": "mct-freq-vocab", "ids": [1, 5000]}))
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        export(config.workdir, tmp_path / "o6", "minicpm", freq_vocab=tmp_path / "freq.json")
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
@@ -186,7 +193,7 @@ def test_export_refuses_bad_input_and_leaves_nothing(tmp_path, run_config, monke
     monkeypatch.setattr(hf_layout, "to_hf", broken)
     with pytest.raises(OSError, match="disk full"):
         export(config.workdir, tmp_path / "o5", "llama")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "taken", "uncommitted"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "freq.json", "taken", "uncommitted"]
 
 
 def test_import_refuses_bad_input(tmp_path, run_config):
