@@ -20,6 +20,7 @@ from pallas_kernels.gqa_layout import check_gqa_shapes
 from pallas_kernels.infllm_v2.config import SparseConfig
 
 _QUERY_CHUNK = 256  # queries scored per step: bounds the [chunk, heads, kernels] score buffer
+_CAUSAL_BANDS = 4  # query bands, each scoring only the kernels and blocks its last query can see
 _LSE_POOL = 4  # the LSE approximation pools with 4x the kernel size and stride
 
 
@@ -35,7 +36,7 @@ def select_blocks(
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     q, k = lax.stop_gradient(q), lax.stop_gradient(k)
-    return _select_blocks(q, k, segment_ids.astype(jnp.int32), cfg)
+    return _select_blocks(q, k, segment_ids.astype(jnp.int32), cfg, _QUERY_CHUNK)
 
 
 def mean_pool(x: jnp.ndarray, kernel: int, stride: int) -> jnp.ndarray:
@@ -64,8 +65,8 @@ def _kernel_segments(segment_ids: jnp.ndarray, n_windows: int, kernel: int, stri
     return jnp.where(first == last, first, -1)
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def _select_blocks(q, k, segment_ids, cfg: SparseConfig):
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _select_blocks(q, k, segment_ids, cfg: SparseConfig, query_chunk: int):
     b, seq, q_heads, d = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
@@ -80,7 +81,7 @@ def _select_blocks(q, k, segment_ids, cfg: SparseConfig):
     c2_end = jnp.arange(c2.shape[2]) * coarse_stride + coarse_kernel - 1
     doc_start = document_starts(segment_ids)
 
-    chunk = min(_QUERY_CHUNK, seq)
+    chunk = min(query_chunk, seq)
     pad = -seq % chunk
     qg = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))) * d**-0.5
     qg = qg.reshape(b, -1, chunk, kv_heads, group, d).transpose(1, 0, 3, 2, 4, 5)  # [n, b, kv, chunk, g, d]
@@ -93,14 +94,16 @@ def _select_blocks(q, k, segment_ids, cfg: SparseConfig):
         ok = (kernel_seg[:, None, :] == seg[:, :, None]) & (kernel_end[None, None, :] <= pos[None, :, None])
         return ok[:, None, :, None, :]
 
-    def chunk_scores(args):
+    def chunk_scores(args, n_c1, n_c2, n_blocks):
+        """Selection for one query chunk, looking at the first n_c1 / n_c2 kernels and n_blocks blocks."""
         qc, seg, start, pos = args  # [b, kv, chunk, g, d], [b, chunk], [b, chunk], [chunk]
-        s1 = jnp.einsum("bhtgd,bhcd->bhtgc", qc, c1)  # [b, kv, chunk, g, n_c1]
-        vis1 = visible(seg, pos, c1_seg, c1_end)
+        s1 = jnp.einsum("bhtgd,bhcd->bhtgc", qc, c1[:, :, :n_c1])  # [b, kv, chunk, g, n_c1]
+        vis1 = visible(seg, pos, c1_seg[:, :n_c1], c1_end[:n_c1])
         s1 = jnp.where(vis1, s1, -jnp.inf)
         if cfg.lse_approx:
-            s2 = jnp.einsum("bhtgd,bhcd->bhtgc", qc, c2)
-            lse = jax.nn.logsumexp(jnp.where(visible(seg, pos, c2_seg, c2_end), s2, -jnp.inf), axis=-1)
+            s2 = jnp.einsum("bhtgd,bhcd->bhtgc", qc, c2[:, :, :n_c2])
+            vis2 = visible(seg, pos, c2_seg[:, :n_c2], c2_end[:n_c2])
+            lse = jax.nn.logsumexp(jnp.where(vis2, s2, -jnp.inf), axis=-1)
             # No coarse key visible yet (a document's first tokens): normalise by the best fine score.
             lse = jnp.where(jnp.isfinite(lse), lse, s1.max(axis=-1))
         else:
@@ -111,7 +114,19 @@ def _select_blocks(q, k, segment_ids, cfg: SparseConfig):
         block_scores = _pool_to_blocks(probs, n_blocks, cfg)  # [b, kv, chunk, n_blocks]
         return _top_blocks(block_scores, seg, start, pos, cfg)
 
-    picked = lax.map(chunk_scores, (qg, seg_q, start_q, pos_q))  # [n, b, kv, chunk, topk]
+    # Causal bands: later queries see more, so each band gets its own static kernel and block counts.
+    n_chunks = (seq + pad) // chunk
+    n_bands = min(_CAUSAL_BANDS, n_chunks)
+    picked = []
+    for band in range(n_bands):
+        lo, hi = band * n_chunks // n_bands, (band + 1) * n_chunks // n_bands
+        end = min(hi * chunk, seq)  # one past the band's last real query
+        n_c1 = min(c1.shape[2], max(0, (end - cfg.kernel_size) // cfg.kernel_stride + 1))
+        n_c2 = min(c2.shape[2], max(0, (end - coarse_kernel) // coarse_stride + 1))
+        limits = dict(n_c1=n_c1, n_c2=n_c2, n_blocks=min(n_blocks, -(-end // cfg.block_size)))
+        band_args = tuple(x[lo:hi] for x in (qg, seg_q, start_q, pos_q))
+        picked.append(lax.map(functools.partial(chunk_scores, **limits), band_args))
+    picked = jnp.concatenate(picked)  # [n_chunks, b, kv, chunk, topk]
     return picked.transpose(1, 2, 0, 3, 4).reshape(b, kv_heads, seq + pad, cfg.topk)[:, :, :seq]
 
 
