@@ -15,9 +15,8 @@ from data_pipelines.tokenizer import read_tokenizer_file
 from experiments.configs.base import model_config
 from mct.decoding import Sampling, forward, generate, init_cache, output_head, params_model, token_probs
 from mct.generate import StreamPrinter, encode_prompts
-from mct.model import ParamsModel
 from tests.data_fixtures import make_tiny_dataset
-from tests.test_export import save_random_run, tiny_run_config
+from tests.test_export import random_params, save_random_run, tiny_run_config
 
 
 def tiny_cfg(**overrides):
@@ -26,14 +25,6 @@ def tiny_cfg(**overrides):
     cfg.max_position = 256
     cfg.update(overrides)
     return cfg
-
-
-def random_params(cfg, seed: int = 0) -> dict:
-    params = ParamsModel(cfg).init(seed)
-    rng = np.random.default_rng(seed)
-    for name in ("attn_norm", "mlp_norm", "final_norm"):
-        params[name] = params[name] + 0.3 * rng.standard_normal(params[name].shape).astype(np.float32)
-    return params
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -103,11 +94,12 @@ def test_eos_ends_a_row_and_is_not_returned():
     params = random_params(cfg, seed=2)
     prompts = [[1, 2, 3], [7, 8]]
     free = generate(cfg, params, prompts, max_new_tokens=5)
-    eos = free[0][2]  # row 0 must stop right before its third token
+    eos = free[0][2]  # row 0 stops at its third token at the latest
     out = generate(cfg, params, prompts, max_new_tokens=5, eos_id=eos)
-    assert out[0] == free[0][:2]
-    cut = free[1].index(eos) if eos in free[1] else 5
-    assert out[1] == free[1][:cut]
+    assert len(out[0]) <= 2
+    for row in range(2):
+        cut = free[row].index(eos) if eos in free[row] else 5
+        assert out[row] == free[row][:cut]
 
 
 def numpy_token_probs(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:

@@ -14,9 +14,10 @@ from data_pipelines.freq_vocab import build_freq_vocab
 from experiments.configs.tiny_cpu import get_config
 from mct import hf_layout
 from mct.checkpoint import Checkpointer, model_signature
+from mct.decoding import params_model
 from mct.export import FREQ_VOCAB_FILE, INDEX_FILE, export
 from mct.import_hf import import_hf
-from mct.model import ParamsModel
+from mct.model import width_multiplier
 from mct.run_reader import RunCheckpoint
 from mct.train import train
 from tests.data_fixtures import make_tiny_dataset
@@ -36,12 +37,23 @@ def tiny_run_config(workdir, dataset, **model_overrides):
     return c
 
 
-def save_random_run(workdir, config, seed=0) -> dict:
-    """A checkpoint of random params (with non-trivial norms) in the train layout, without training."""
-    params = ParamsModel(config.model).init(seed)
+def random_params(model_cfg, seed: int = 0) -> dict:
+    """Random weights shaped like ParamsModel's (muP init scales, norms around 1), drawn in NumPy: fast."""
     rng = np.random.default_rng(seed)
-    for name in ("attn_norm", "mlp_norm", "final_norm"):
-        params[name] = params[name] + 0.3 * rng.standard_normal(params[name].shape).astype(np.float32)
+    hidden_std = model_cfg.init_std / math.sqrt(width_multiplier(model_cfg))
+    params = {}
+    for name, x in params_model(model_cfg).abstract().items():
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        if name.endswith("norm"):
+            params[name] = 1.0 + 0.3 * noise
+        else:
+            params[name] = noise * np.float32(model_cfg.init_std if name == "embed" else hidden_std)
+    return params
+
+
+def save_random_run(workdir, config, seed=0) -> dict:
+    """A checkpoint of random params in the train layout, without training."""
+    params = random_params(config.model, seed)
     ckpt = Checkpointer(str(workdir), async_save=False)
     meta = {"config": config.to_dict(), "model_signature": model_signature(config.model), "step": 7}
     ckpt.save(7, {"params": params, "opt_state": {}}, None, meta)
