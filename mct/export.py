@@ -132,7 +132,7 @@ def export(
     if tokenizer_path:
         tokenizer = read_tokenizer_file(tokenizer_path)
     else:
-        tokenizer = load_run_tokenizer(workdir, run.config)
+        tokenizer = load_run_tokenizer(run)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "

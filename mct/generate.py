@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     try:
         run = RunCheckpoint(f.workdir, f.step)
-        tokenizer = load_run_tokenizer(f.workdir, run.config)
+        tokenizer = load_run_tokenizer(run)
         sampling = Sampling(f.temperature, f.top_p)
         params = run.read_params()
         decode = functools.partial(generate, run.model_cfg, params)

@@ -7,11 +7,13 @@ import pathlib
 
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorstore as ts
 from tokenizers import Tokenizer
 
-from data_pipelines.loader import load_tokenizer, resolve_dataset
-from data_pipelines.tokenizer import read_tokenizer_file
+from data_pipelines.loader import resolve_dataset
+from data_pipelines.shards import TOKENIZER
+from data_pipelines.tokenizer import read_tokenizer_file, sha256_hex
 from mct.checkpoint import Checkpointer
 from mct.model import ParamsModel
 
@@ -33,10 +35,14 @@ class RunCheckpoint:
         if self.step not in steps:
             raise FileNotFoundError(f"{workdir} has no committed checkpoint at step {step}; it has {steps}")
         meta = ckpt.read_meta(self.step)
+        data_state = ckpt.manager.restore(self.step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
         ckpt.close()
         if "config" not in meta:
             raise ValueError(f"{workdir} step {self.step}: the checkpoint's meta lacks the run 'config'")
         self.config = ml_collections.ConfigDict(meta["config"])
+        # The tokenizers the run's data was prepared with (none for an imported run, which has no data state).
+        mixture = (data_state or {}).get("fingerprint", {}).get("mixture", {})
+        self.tokenizer_sha256 = {c["tokenizer_sha256"] for c in mixture.values() if "tokenizer_sha256" in c}
         self.model_cfg = self.config.model
         self.shapes = {name: x.shape for name, x in ParamsModel(self.model_cfg).abstract().items()}
         self._state_dir = self.workdir.absolute() / "checkpoints" / str(self.step) / "state"
@@ -73,21 +79,26 @@ class RunCheckpoint:
         return array
 
 
-def load_run_tokenizer(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> Tokenizer:
-    """The run's tokenizer: WORKDIR/tokenizer.json if present, else that of its data mixture's dataset."""
-    own = pathlib.Path(workdir) / TOKENIZER_FILE
-    if own.is_file():
-        return read_tokenizer_file(own)
-    errors = []
-    for name, component in sorted(config.data.mixture.items()):
+def load_run_tokenizer(run: RunCheckpoint) -> Tokenizer:
+    """The run's tokenizer: WORKDIR/tokenizer.json if present, else its data mixture's; it must be the one
+    the checkpoint's data state recorded (a dataset prepared again may hold another)."""
+    candidates = [run.workdir / TOKENIZER_FILE]
+    problems = []
+    data = run.config.data
+    for name, component in sorted(data.mixture.items()):
         try:
-            directory = resolve_dataset(
-                component.path, cache_dir=config.data.cache_dir, vocab_size=config.data.vocab_size
+            candidates.append(
+                resolve_dataset(component.path, cache_dir=data.cache_dir, vocab_size=data.vocab_size) / TOKENIZER
             )
-            return load_tokenizer(directory)
         except (OSError, ValueError) as e:
-            errors.append(f"mixture component {name!r}: {e}")
+            problems.append(f"mixture component {name!r}: {e}")
+    for path in candidates:
+        if not path.is_file():
+            continue
+        if run.tokenizer_sha256 and sha256_hex(path.read_bytes()) not in run.tokenizer_sha256:
+            problems.append(f"{path} is not the tokenizer the run was trained with")
+            continue
+        return read_tokenizer_file(path)
     raise FileNotFoundError(
-        f"no tokenizer for {workdir}: no {own} and none from the run's data ({'; '.join(errors)}); "
-        "pass a tokenizer.json explicitly"
+        f"no tokenizer for {run.workdir}: {'; '.join(problems) or 'none found'}; pass a tokenizer.json explicitly"
     )

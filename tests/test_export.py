@@ -4,6 +4,7 @@ clearly and leaves nothing behind."""
 import filecmp
 import json
 import math
+import pathlib
 
 import ml_dtypes
 import numpy as np
@@ -175,6 +176,12 @@ def test_imported_llama_export_trains_on_from_its_weights(tmp_path, run_config):
     after = RunCheckpoint(workdir, step=1).read_params()
     for name, value in imported.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
+    # The run's data state names its tokenizer: a different WORKDIR/tokenizer.json is passed over.
+    other = make_tiny_dataset(tmp_path / "other", vocab_size=290, tag="other")
+    (workdir / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())
+    again = export(workdir, tmp_path / "again", "minicpm")
+    dataset_tokenizer = pathlib.Path(run_config.data.mixture.default.path) / "tokenizer.json"
+    assert (again / "tokenizer.json").read_bytes() == dataset_tokenizer.read_bytes()
 
 
 def test_export_refuses_bad_input_and_leaves_nothing(tmp_path, run_config, monkeypatch):
