@@ -1,7 +1,8 @@
 """InfLLM v2 block-sparse attention as Pallas Triton kernels (GPU), with a custom VJP.
 
 One program = one query token x the G heads of one kv head (the group fills the dot's M dimension, zero
-padded to 16 rows, Triton's minimum). Forward: loop over the token's selected K/V blocks with an online
+padded to 16 rows, Triton's minimum); the token (or K/V block) is the first grid axis, the only one CUDA
+lets exceed 65535. Forward: loop over the token's selected K/V blocks with an online
 softmax; saves O and the LSE. Backward: dQ over the same blocks; dK/dV by one program per K/V block that
 walks the queries which selected it (the transposed selection). All dots accumulate in fp32.
 """
@@ -55,12 +56,12 @@ def _sparse(block_size, interpret, q, k, v, block_indices, segment_ids):
 
 def _token_specs(b_seq_kv_shape_tail):
     """BlockSpec of one token's rows, [rows, ...], for arrays laid out [b, seq, kv, rows, ...]."""
-    return pl.BlockSpec((None, None, None, *b_seq_kv_shape_tail), lambda b, h, t: (b, t, h, 0, 0))
+    return pl.BlockSpec((None, None, None, *b_seq_kv_shape_tail), lambda t, b, h: (b, t, h, 0, 0))
 
 
 def _whole_per_head(seq, tail):
     """BlockSpec of a whole sequence of one (batch, kv head), for arrays laid out [b, seq, kv, ...]."""
-    return pl.BlockSpec((None, seq, None, *tail), lambda b, h, i: (b, 0, h) + (0,) * len(tail))
+    return pl.BlockSpec((None, seq, None, *tail), lambda i, b, h: (b, 0, h) + (0,) * len(tail))
 
 
 def _forward(block_size, interpret, q, k, v, block_indices, segment_ids):
@@ -68,10 +69,10 @@ def _forward(block_size, interpret, q, k, v, block_indices, segment_ids):
     kernel = functools.partial(_forward_kernel, block_size=block_size, scale=d**-0.5)
     out, lse = pl.pallas_call(
         kernel,
-        grid=(b, kv, seq),
+        grid=(seq, b, kv),
         in_specs=[
-            pl.BlockSpec((None, None, None, block_indices.shape[-1]), lambda b, h, t: (b, h, t, 0)),
-            pl.BlockSpec((None, seq), lambda b, h, t: (b, 0)),
+            pl.BlockSpec((None, None, None, block_indices.shape[-1]), lambda t, b, h: (b, h, t, 0)),
+            pl.BlockSpec((None, seq), lambda t, b, h: (b, 0)),
             _token_specs((rows, d)),
             _whole_per_head(seq, (d,)),
             _whole_per_head(seq, (d,)),
@@ -89,7 +90,7 @@ def _forward(block_size, interpret, q, k, v, block_indices, segment_ids):
 
 
 def _forward_kernel(idx_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_size, scale):
-    t = pl.program_id(2)
+    t = pl.program_id(0)
     q = (q_ref[...] * scale).astype(q_ref.dtype)  # [rows, d]
     seg_t = seg_ref[t]
 
@@ -119,10 +120,10 @@ def _sparse_bwd(block_size, interpret, residuals, d_out):
     delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_size=block_size, scale=scale),
-        grid=(b, kv, seq),
+        grid=(seq, b, kv),
         in_specs=[
-            pl.BlockSpec((None, None, None, block_indices.shape[-1]), lambda b, h, t: (b, h, t, 0)),
-            pl.BlockSpec((None, seq), lambda b, h, t: (b, 0)),
+            pl.BlockSpec((None, None, None, block_indices.shape[-1]), lambda t, b, h: (b, h, t, 0)),
+            pl.BlockSpec((None, seq), lambda t, b, h: (b, 0)),
             _token_specs((rows, d)),
             _whole_per_head(seq, (d,)),
             _whole_per_head(seq, (d,)),
@@ -139,14 +140,14 @@ def _sparse_bwd(block_size, interpret, residuals, d_out):
 
     topk = block_indices.shape[-1]
     _, pair_token, offsets = transposed_selection(block_indices, n_blocks)
-    key_block = pl.BlockSpec((None, block_size, None, d), lambda b, h, j: (b, j, h, 0))
+    key_block = pl.BlockSpec((None, block_size, None, d), lambda j, b, h: (b, j, h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, block_size=block_size, scale=scale),
-        grid=(b, kv, n_blocks),
+        grid=(n_blocks, b, kv),
         in_specs=[
-            pl.BlockSpec((None, None, n_blocks + 1), lambda b, h, j: (b, h, 0)),
-            pl.BlockSpec((None, None, seq * topk), lambda b, h, j: (b, h, 0)),
-            pl.BlockSpec((None, seq), lambda b, h, j: (b, 0)),
+            pl.BlockSpec((None, None, n_blocks + 1), lambda j, b, h: (b, h, 0)),
+            pl.BlockSpec((None, None, seq * topk), lambda j, b, h: (b, h, 0)),
+            pl.BlockSpec((None, seq), lambda j, b, h: (b, 0)),
             _whole_per_head(seq, (rows, d)),
             key_block,
             key_block,
@@ -166,7 +167,7 @@ def _sparse_bwd(block_size, interpret, residuals, d_out):
 def _dq_kernel(
     idx_ref, seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block_size, scale
 ):
-    t = pl.program_id(2)
+    t = pl.program_id(0)
     q = (q_ref[...] * scale).astype(q_ref.dtype)
     do, lse, delta = do_ref[...], lse_ref[...], delta_ref[...]
     seg_t = seg_ref[t]
@@ -199,7 +200,7 @@ def _dkdv_kernel(
     block_size,
     scale,
 ):
-    j = pl.program_id(2)
+    j = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]  # [block, d]
     seg_keys = seg_ref[pl.ds(j * block_size, block_size)][None, :]
 
