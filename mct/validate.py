@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from data_pipelines.batch_layout import BatchLayout
 from mct.schedule import DECAY_SHAPES
 from mct.sharding import ConfigError, mesh_shape
 
@@ -43,6 +44,10 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, n_process
         raise ConfigError(
             f"config train.batch_size={t.batch_size} is not divisible by the {n_processes} processes"
         )
+    try:
+        BatchLayout(d.num_logical_shards, t.batch_size, n_processes)
+    except ValueError as e:
+        raise ConfigError(f"config data/train: {e}") from None
     s = config.schedule
     if s.decay_shape not in DECAY_SHAPES:
         raise ConfigError(f"config schedule.decay_shape={s.decay_shape!r} is not one of {DECAY_SHAPES}")

@@ -6,77 +6,23 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import pytest
 
-from experiments.configs import tiny_cpu
-from experiments.configs.base import model_config
 from mct.checkpoint import Checkpointer
 from mct.sharding import ConfigError
 from mct.train import TrainingDiverged, train
 from tests.data_fixtures import make_tiny_dataset
+from tests.tiny_runs import REPO, VOCAB, cli, first_metrics, losses, make_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-VOCAB = 320
+ONE = jax.devices()[:1]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> pathlib.Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("data"), vocab_size=VOCAB, num_docs=200)
-
-
-# The tiny run every test trains: overrides of experiments/configs/tiny_cpu.py, usable in-process and as CLI flags.
-def overrides(dataset: pathlib.Path, **extra) -> dict:
-    o = {
-        "model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2,
-        "model.head_dim": 16, "model.d_mlp": 128, "model.vocab_size": VOCAB,
-        "data.mixture.default.path": str(dataset), "data.seq_len": 32, "data.eval_batches": 2,
-        "data.num_logical_shards": 8, "train.batch_size": 8, "train.steps": 10, "train.log_every_steps": 1,
-        "schedule.warmup_steps": 2, "schedule.decay_steps": 3, "eval.every_steps": 5,
-        "checkpoint.every_steps": 5, "checkpoint.max_to_keep": 10, "mesh.data": 1,
-    }  # fmt: skip
-    o.update(extra)
-    return o
-
-
-def make_config(workdir, dataset, **extra):
-    c = tiny_cpu.get_config()
-    c.model = model_config(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=128,
-                           vocab_size=VOCAB)  # fmt: skip
-    for key, value in overrides(dataset, **extra).items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    c.workdir = str(workdir)
-    return c
-
-
-def cli(workdir, dataset, **extra) -> list[str]:
-    flags = [f"--config.{k}={v}" for k, v in overrides(dataset, **extra).items()]
-    return [sys.executable, "-m", "mct.train", "--config", str(REPO / "experiments/configs/tiny_cpu.py"),
-            f"--config.workdir={workdir}", *flags]  # fmt: skip
-
-
-def losses(workdir) -> dict[int, float]:
-    """step -> train loss from metrics.jsonl (a resumed run's later lines win)."""
-    out = {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if "loss" in m:
-            out[m["step"]] = m["loss"]
-    return out
-
-
-def first_metrics(workdir) -> dict:
-    return json.loads((pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()[0])
-
-
-ONE = jax.devices()[:1]
 
 
 @pytest.fixture(scope="module")

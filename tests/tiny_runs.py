@@ -1,0 +1,59 @@
+"""The tiny training run tests share: config overrides usable in-process and as CLI flags, metric readers."""
+
+import json
+import pathlib
+import sys
+
+from experiments.configs import tiny_cpu
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+VOCAB = 320
+
+
+# The tiny run every test trains: overrides of experiments/configs/tiny_cpu.py, usable in-process and as CLI flags.
+def overrides(dataset: pathlib.Path, **extra) -> dict:
+    o = {
+        "model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2,
+        "model.head_dim": 16, "model.d_mlp": 128, "model.vocab_size": VOCAB,
+        "data.mixture.default.path": str(dataset), "data.seq_len": 32, "data.eval_batches": 2,
+        "data.num_logical_shards": 8, "train.batch_size": 8, "train.steps": 10, "train.log_every_steps": 1,
+        "schedule.warmup_steps": 2, "schedule.decay_steps": 3, "eval.every_steps": 5,
+        "checkpoint.every_steps": 5, "checkpoint.max_to_keep": 10, "mesh.data": 1,
+    }  # fmt: skip
+    o.update(extra)
+    return o
+
+
+def make_config(workdir, dataset, **extra):
+    c = tiny_cpu.get_config()
+    for key, value in overrides(dataset, **extra).items():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    c.workdir = str(workdir)
+    return c
+
+
+def train_flags(workdir, dataset, **extra) -> list[str]:
+    flags = [f"--config.{k}={v}" for k, v in overrides(dataset, **extra).items()]
+    return ["--config", str(REPO / "experiments/configs/tiny_cpu.py"), f"--config.workdir={workdir}", *flags]
+
+
+def cli(workdir, dataset, **extra) -> list[str]:
+    return [sys.executable, "-m", "mct.train", *train_flags(workdir, dataset, **extra)]
+
+
+def losses(workdir) -> dict[int, float]:
+    """step -> train loss from metrics.jsonl (a resumed run's later lines win)."""
+    out = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if "loss" in m:
+            out[m["step"]] = m["loss"]
+    return out
+
+
+def first_metrics(workdir) -> dict:
+    return json.loads((pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()[0])
