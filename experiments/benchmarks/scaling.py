@@ -54,9 +54,8 @@ def main(argv):
     for r in results:
         r["overhead_s"] = r["step_time_s"] - r["processes"] * base
         if not _JSON.value:
-            print(
-                f"{r['processes']} processes: {r['step_time_s'] * 1e3:.1f} ms/step, overhead {r['overhead_s'] * 1e3:.1f} ms"
-            )
+            ms, overhead = r["step_time_s"] * 1e3, r["overhead_s"] * 1e3
+            print(f"{r['processes']} processes: {ms:.1f} ms/step, overhead {overhead:.1f} ms")
     print(json.dumps({"results": results}))
 
 
