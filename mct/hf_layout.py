@@ -128,16 +128,19 @@ def unfold(folded: list[tuple[np.ndarray, float]]) -> np.ndarray:
         high = np.minimum(high, (y64 + above) / 2 / scale)
     middle = ((low + high) / 2).astype(np.float32)
     result, found = middle.copy(), np.zeros(middle.shape, bool)
-    for offset in range(_UNFOLD_SEARCH_ULPS + 1):
-        for direction in (np.float32(np.inf), np.float32(-np.inf)) if offset else (np.float32(np.inf),):
-            candidate = middle
-            for _ in range(offset):
-                candidate = np.nextafter(candidate, direction)
+    up = down = middle
+    candidates = [middle]
+    for _ in range(_UNFOLD_SEARCH_ULPS + 1):
+        for candidate in candidates:
             ok = ~found
             for y, scale in folded:
                 ok &= (candidate * np.float32(scale)).astype(y.dtype) == y
             result = np.where(ok, candidate, result)
             found |= ok
+        if found.all():
+            break
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        candidates = [up, down]
     return result
 
 

@@ -23,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from safetensors import safe_open
 
+from data_pipelines.shards import TOKENIZER
 from data_pipelines.tokenizer import read_tokenizer_file
 from experiments.configs.base import base_config
 from mct import hf_layout
@@ -30,7 +31,6 @@ from mct.checkpoint import Checkpointer, model_signature
 from mct.export import INDEX_FILE, fresh_directory
 from mct.model import ParamsModel
 from mct.optimizer import make_optimizer
-from mct.run_reader import TOKENIZER_FILE
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters save; recomputed from the config
 
@@ -104,7 +104,7 @@ def import_hf(
     config.model.update(hf_layout.model_fields(hf, str(hf_path / "config.json"), unfold_mup))
     config.workdir = str(out)
     params = import_params(hf_path, config.model, layout)
-    tokenizer = hf_path / TOKENIZER_FILE
+    tokenizer = hf_path / TOKENIZER
     if tokenizer.is_file():
         read_tokenizer_file(tokenizer)  # refuse a broken tokenizer before writing anything
 
@@ -121,7 +121,7 @@ def import_hf(
     }
     with fresh_directory(out) as tmp:
         if tokenizer.is_file():
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            shutil.copyfile(tokenizer, tmp / TOKENIZER)
         ckpt = Checkpointer(str(tmp), async_save=False)
         ckpt.save(0, state, None, meta)
         ckpt.wait()

@@ -17,8 +17,6 @@ from data_pipelines.tokenizer import read_tokenizer_file, sha256_hex
 from mct.checkpoint import Checkpointer
 from mct.model import ParamsModel
 
-TOKENIZER_FILE = "tokenizer.json"  # a workdir may hold its tokenizer (mct.import_hf writes it there)
-
 
 class RunCheckpoint:
     """One committed checkpoint of WORKDIR (the latest unless `step` is given), read one array at a time."""
@@ -82,7 +80,7 @@ class RunCheckpoint:
 def load_run_tokenizer(run: RunCheckpoint) -> Tokenizer:
     """The run's tokenizer: WORKDIR/tokenizer.json if present, else its data mixture's; it must be the one
     the checkpoint's data state recorded (a dataset prepared again may hold another)."""
-    candidates = [run.workdir / TOKENIZER_FILE]
+    candidates = [run.workdir / TOKENIZER]  # mct.import_hf puts the tokenizer there
     problems = []
     data = run.config.data
     for name, component in sorted(data.mixture.items()):
