@@ -20,6 +20,7 @@ from data_pipelines import shards
 from data_pipelines.freq_vocab import build_freq_vocab
 from data_pipelines.loader import resolve_dataset
 from experiments.configs.tiny_cpu import get_config
+from mct.checkpoint import Checkpointer
 from mct.decoding import generate
 from mct.run_reader import RunCheckpoint
 from mct.speculative import speculative_generate
@@ -38,7 +39,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line
 
 
 def train_run(name: str, shape: dict) -> RunCheckpoint:
-    """Trains (or finds finished) a run of the tiny_cpu config with the given model shape."""
+    """Trains (unless already done) a run of the tiny_cpu config with the given model shape."""
     config = get_config()
     config.workdir = str(pathlib.Path(_WORK_DIR.value) / name)
     config.model.update(shape)
@@ -48,7 +49,11 @@ def train_run(name: str, shape: dict) -> RunCheckpoint:
     config.schedule.warmup_steps = max(1, _TRAIN_STEPS.value // 10)
     config.schedule.decay_steps = max(1, _TRAIN_STEPS.value // 5)
     config.eval.every_steps = config.checkpoint.every_steps = _TRAIN_STEPS.value
-    train(config)
+    ckpt = Checkpointer(config.workdir)
+    finished = ckpt.latest_step() == config.train.steps
+    ckpt.close()
+    if not finished:
+        train(config)
     return RunCheckpoint(config.workdir)
 
 
