@@ -121,21 +121,26 @@ class MiniCPM(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (d, V), ("embed", "vocab"), hidden_std, "hidden")
 
-    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
-        """tokens, positions, segment_ids: [batch, seq] -> final hidden states [batch, seq, d_model]."""
+    def __call__(
+        self, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray, *, return_layers: bool = False
+    ):
+        """tokens, positions, segment_ids: [batch, seq] -> final hidden states [batch, seq, d_model]; with
+        return_layers also every layer's output residual stream [layers, batch, seq, d_model] (coord checks)."""
         cfg = self.cfg
         rope = rope_tables(cfg.rope, cfg.head_dim, tokens.shape[1], cfg.max_position)
 
         def layer(h, w):  # h: [batch, seq, d_model]
             attention = lambda q, k, v: (attend(q, k, v, segment_ids, cfg), None)
             h, _ = decoder_layer(cfg, h, w, positions, rope, attention)
-            return constrain(h, ("batch", None, None)), None
+            h = constrain(h, ("batch", None, None))
+            return h, (h if return_layers else None)
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
         h0 = constrain(self._embed(tokens), ("batch", None, None))
-        h, _ = jax.lax.scan(layer, h0, self._layer_weights())
-        return rms_norm(h, self.final_norm[...], cfg.rms_eps)
+        h, layers = jax.lax.scan(layer, h0, self._layer_weights())
+        h = rms_norm(h, self.final_norm[...], cfg.rms_eps)
+        return (h, layers) if return_layers else h
 
     def extend(
         self, tokens: jnp.ndarray, positions: jnp.ndarray, cache: KVCache

@@ -21,8 +21,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from data_pipelines.loader import make_eval_batches, make_train_iterator, merge_states
+from data_pipelines.loader import (
+    load_tokenizer,
+    make_eval_batches,
+    make_train_iterator,
+    merge_states,
+    resolve_dataset,
+)
 from data_pipelines.shards import DatasetError
+from data_pipelines.tokenizer import BOS, EOS, special_token_ids
 from mct.checkpoint import Checkpointer, abstract_with_shardings, model_signature
 from mct.distributed import gather_json, global_batch, initialize
 from mct.flops import measure_matmul_peak, train_flops_per_token
@@ -32,6 +39,7 @@ from mct.optimizer import make_optimizer
 from mct.schedule import schedule_from_config
 from mct.sharding import ConfigError, logical_spec, make_mesh, named
 from mct.train_step import make_eval_step, make_train_step
+from mct.tunnel.scalingbench import make_scalingbench_batches
 from mct.validate import validate_config
 
 log = logging.getLogger("mct.train")
@@ -91,6 +99,20 @@ def restore_branch_source(config, abstract_state):
     return state, data_state
 
 
+def scalingbench_batches(config: ml_collections.ConfigDict) -> list[dict]:
+    """ScalingBench (eval.scalingbench: "default" or a JSONL path) in global batches, tokenized with the
+    tokenizer of the first dataset of the mixture."""
+    first = next(iter(config.data.mixture.values()))
+    dataset = resolve_dataset(first.path, cache_dir=config.data.cache_dir, vocab_size=config.data.vocab_size)
+    tokenizer = load_tokenizer(dataset)
+    ids = special_token_ids(tokenizer)
+    path = None if config.eval.scalingbench == "default" else config.eval.scalingbench
+    return make_scalingbench_batches(
+        tokenizer, seq_len=config.data.seq_len, batch_size=config.train.batch_size, path=path,
+        bos_id=ids[BOS], eos_id=ids[EOS],
+    )  # fmt: skip
+
+
 def _metrics_line(m: dict) -> str:
     return f"loss {m['loss']:.4f} | {m['tokens_per_s']:,.0f} tok/s | mfu {m['mfu']:.3f} | lr {m['lr']:.2e}"
 
@@ -142,6 +164,13 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
                 process_index=pid, process_count=nproc, model_vocab_size=config.model.vocab_size,
             )
         ]  # fmt: skip
+        eval_sets = {"eval_loss": eval_batches}
+        if config.eval.scalingbench:
+            rows = slice(pid * local_batch, (pid + 1) * local_batch)
+            eval_sets["scalingbench_loss"] = [
+                global_batch({k: v[rows] for k, v in b.items()}, batch_sharding)
+                for b in scalingbench_batches(config)
+            ]
         step_fn = jax.jit(
             make_train_step(model, tx, schedule, config.train.grad_accum),
             in_shardings=(shardings, batch_sharding, None),
@@ -150,10 +179,14 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
         )
         eval_fn = jax.jit(make_eval_step(model))
 
-        def evaluate(params) -> float:
-            sums = [eval_fn(params, b) for b in eval_batches]
-            total, count = (sum(float(x[i]) for x in sums) for i in (0, 1))
-            return total / max(count, 1.0)
+        def evaluate(params) -> dict[str, float]:
+            """Mean token loss of every eval set (held-out split, ScalingBench solutions)."""
+            out = {}
+            for name, batches in eval_sets.items():
+                sums = [eval_fn(params, b) for b in batches]
+                total, count = (sum(float(x[i]) for x in sums) for i in (0, 1))
+                out[name] = total / max(count, 1.0)
+            return out
 
         meta = {
             "config": config.to_dict(),
@@ -222,10 +255,11 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
                 if done % config.eval.every_steps == 0 or done == steps:
                     finish(*pending)
                     pending = None
-                    last["eval_loss"] = evaluate(state["params"])
-                    writer.write(done, {"eval_loss": last["eval_loss"]})
+                    losses = evaluate(state["params"])
+                    last.update(losses)
+                    writer.write(done, losses)
                     if pid == 0:
-                        bar.write(f"step {done}: eval loss {last['eval_loss']:.4f}")
+                        bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
                 if done % config.checkpoint.every_steps == 0 or done == steps:
                     save(done)
             else:

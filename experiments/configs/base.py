@@ -96,5 +96,6 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.checkpoint = dict(every_steps=50, max_to_keep=3, async_save=True)
-    c.eval = dict(every_steps=50)  # batches per eval: data.eval_batches
+    # batches per eval: data.eval_batches; scalingbench: "" (off), "default" (embedded) or a JSONL path
+    c.eval = dict(every_steps=50, scalingbench="")
     return c

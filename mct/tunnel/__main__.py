@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mct.tunnel import fits, report
+from mct.tunnel import coord_check, fits, report, sweep
 
 _MIN_FIT_ROWS = 6  # L(N, D) has 5 parameters; one more row leaves a degree of freedom for the errors
 
@@ -80,7 +80,10 @@ def _run_fit(args: argparse.Namespace) -> None:
 
 
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--records", required=True, help="JSONL file of trial records")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--records", help="JSONL file of trial records")
+    source.add_argument("--study", help="Optuna study name (with --storage)")
+    parser.add_argument("--storage", help="Optuna storage URL of --study, e.g. sqlite:///WORKDIR/study.db")
     parser.add_argument("--out", required=True, help="directory for trials.md/csv, plots and fits.json")
     parser.add_argument("--predict", type=_parse_n_d, help="N,D at which fits.json predicts the loss")
     parser.add_argument("--metric", default="eval_loss", choices=report.METRICS, help="loss to plot and fit")
@@ -89,9 +92,10 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_report(args: argparse.Namespace) -> None:
     """Writes the sweep report for the records file."""
-    written = report.write_report(
-        report.load_records(args.records), args.out, predict=args.predict, metric=args.metric
-    )
+    if args.study and not args.storage:
+        raise ValueError("--study needs --storage")
+    trials = sweep.records(args.study, args.storage) if args.study else report.load_records(args.records)
+    written = report.write_report(trials, args.out, predict=args.predict, metric=args.metric)
     if args.json:
         print(json.dumps(written))
         return
@@ -101,12 +105,53 @@ def _run_report(args: argparse.Namespace) -> None:
         print(f"skipped {name}: {reason}")
 
 
-# name -> (add arguments, run, help). New subcommands (sweep, worker, coord_check) go here.
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="study file, e.g. experiments/tunnel/lr_transfer.py")
+    parser.add_argument("--workers", type=int, default=1, help="trials at once, as separate local processes")
+
+
+def _run_sweep(args: argparse.Namespace) -> None:
+    """Runs (or resumes) the study until it has all its trials, then prints its table."""
+    study = sweep.load_study_config(args.config)
+    sweep.sweep(study, workers=args.workers)
+    print(f"study {study.name!r}: {sweep.storage_url(study)}")
+    for r in sweep.records(study.name, sweep.storage_url(study)):
+        print(r["trial"], r["state"], r["params"], r.get(study.metric))
+
+
+def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", required=True, help="study name")
+    parser.add_argument("--storage", required=True, help="Optuna storage URL shared by the workers")
+
+
+def _run_worker(args: argparse.Namespace) -> None:
+    """Takes trials of an existing study (possibly from another machine) until it is complete."""
+    sweep.work(sweep.study_from_storage(args.study, args.storage), args.storage)
+
+
+def _add_coord_check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="coord_check.png", help="PNG to write")
+    parser.add_argument("--widths", default="64,128,256,512", help="comma-separated d_model values")
+    parser.add_argument("--steps", type=int, default=5, help="AdamW steps before measuring")
+
+
+def _run_coord_check(args: argparse.Namespace) -> None:
+    """Activation scales per layer across widths, muP vs standard parametrization, as a PNG."""
+    widths = tuple(int(w) for w in args.widths.split(","))
+    result = coord_check.coord_check(widths, steps=args.steps)
+    print(coord_check.plot_coord_check(result, args.out))
+    print(json.dumps(result))
+
+
+# name -> (add arguments, run, help).
 COMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None], str]
 ] = {
     "fit": (_add_fit_arguments, _run_fit, "fit L(N, D) to a CSV of N, D, loss"),
     "report": (_add_report_arguments, _run_report, "tables, plots and fits for a sweep's trial records"),
+    "sweep": (_add_sweep_arguments, _run_sweep, "run or resume a wind-tunnel study"),
+    "worker": (_add_worker_arguments, _run_worker, "take trials of a shared study"),
+    "coord_check": (_add_coord_check_arguments, _run_coord_check, "muP coordinate check plot"),
 }
 
 

@@ -1,0 +1,245 @@
+"""Wind-tunnel sweeps: Optuna studies whose trials are real `mct.train` runs of small muP proxies.
+
+A study file (experiments/tunnel/*.py) gives a ConfigDict: the proxy family (widths, layers), the search space
+(lists of values per hyperparameter), the token budget per trial, the WSD shape and the target metric. Trials
+live in an Optuna RDB storage (SQLite in the workdir by default, PostgreSQL on a cluster) so that many workers
+on many machines can share one study and an interrupted sweep resumes: a trial whose worker died stops
+heartbeating, is marked failed and re-queued with the same parameters, and its training resumes from its
+workdir's checkpoint (trial workdirs are keyed by their parameters).
+"""
+
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import pathlib
+import subprocess
+import sys
+import time
+
+import ml_collections
+import optuna
+
+from mct.flops import matmul_params, train_flops_per_token
+from mct.train import TrainingDiverged, train
+
+log = logging.getLogger(__name__)
+
+# search-space name -> training config key it sets
+PARAM_KEYS = {
+    "lr": "optimizer.lr",
+    "init_std": "model.init_std",
+    "scale_emb": "model.scale_emb",
+    "scale_depth": "model.scale_depth",
+    "batch_size": "train.batch_size",
+    "parametrization": "model.parametrization",
+    "weight_decay": "optimizer.weight_decay",
+}
+SHAPE_PARAMS = ("width", "tokens")  # set the model width and the trial's token budget
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+
+
+def default_study() -> ml_collections.ConfigDict:
+    """Every field a study file may set (study files override these)."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="study",
+            workdir="/tmp/mct-tunnel/study",
+            storage="",  # Optuna RDB URL; "" -> sqlite:///WORKDIR/study.db
+            base_config="experiments/configs/tiny_cpu.py",  # training config the proxies start from
+            width=256,  # d_model when "width" is not swept
+            n_layers=4,
+            head_dim=32,
+            mlp_ratio=2.5,
+            space={"lr": [0.01]},  # name -> values; names: width, tokens and the keys of PARAM_KEYS
+            tokens=1_000_000,  # per trial, when "tokens" is not swept
+            warmup_frac=0.1,
+            decay_frac=0.2,
+            metric="eval_loss",  # eval_loss | scalingbench_loss | train_loss
+            scalingbench="default",
+            sampler="grid",  # grid | tpe
+            n_trials=0,  # 0 -> the grid size
+            seed=0,
+            heartbeat_s=30,
+            checkpoint_every=0,  # 0 -> only at the end of a trial
+            overrides={},  # nested training-config fields, e.g. {"data": {"seq_len": 128}}
+        )
+    )
+
+
+def study_from_storage(name: str, url: str) -> ml_collections.ConfigDict:
+    """The config a study was created with (what a worker on another machine needs)."""
+    s = optuna.load_study(study_name=name, storage=_storage(url))
+    if "study_config" not in s.user_attrs:
+        raise ValueError(f"study {name!r} in {url} has no stored config; start it with `mct.tunnel sweep`")
+    return ml_collections.ConfigDict(json.loads(s.user_attrs["study_config"]))
+
+
+def load_study_config(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a study file."""
+    spec = importlib.util.spec_from_file_location("study_config", path)
+    if spec is None or not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"study config {path!r} does not exist")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def storage_url(study: ml_collections.ConfigDict) -> str:
+    return study.storage or f"sqlite:///{pathlib.Path(study.workdir).absolute() / 'study.db'}"
+
+
+def _storage(url: str, study: ml_collections.ConfigDict | None = None) -> optuna.storages.RDBStorage:
+    heartbeat = study.heartbeat_s if study is not None else 60
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=heartbeat,
+        grace_period=2 * heartbeat,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+    )
+
+
+def grid_size(study: ml_collections.ConfigDict) -> int:
+    return math.prod(len(v) for v in study.space.values())
+
+
+def trial_config(study: ml_collections.ConfigDict, params: dict, workdir: str) -> ml_collections.ConfigDict:
+    """The training config of one trial: the study's base config at the trial's width, hyperparameters and
+    token budget, with a WSD schedule (warmup/decay fractions of the steps) and one eval at the end."""
+    spec = importlib.util.spec_from_file_location("base_config", study.base_config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    width = params.get("width", study.width)
+    heads = width // study.head_dim
+    c.model.update(dict(n_layers=study.n_layers, d_model=width, n_heads=heads, n_kv_heads=heads,
+                        head_dim=study.head_dim, d_mlp=int(study.mlp_ratio * width)))  # fmt: skip
+    for name, value in params.items():
+        if name in SHAPE_PARAMS:
+            continue
+        section, key = PARAM_KEYS[name].split(".")
+        c[section][key] = value
+    _merge(c, study.overrides)
+    tokens = params.get("tokens", study.tokens)
+    steps = max(1, round(tokens / (c.train.batch_size * c.data.seq_len)))
+    c.train.steps = steps
+    c.schedule.warmup_steps = max(1, round(study.warmup_frac * steps))
+    c.schedule.decay_steps = max(1, round(study.decay_frac * steps))
+    c.eval.every_steps = steps
+    c.eval.scalingbench = study.scalingbench
+    c.checkpoint.every_steps = study.checkpoint_every or steps
+    c.train.log_every_steps = max(1, steps // 10)
+    c.workdir = workdir
+    return c
+
+
+def _merge(config: ml_collections.ConfigDict, overrides) -> None:
+    """Sets every leaf of the nested `overrides` in `config` (unknown keys are errors)."""
+    for key, value in overrides.items():
+        if key not in config:
+            raise KeyError(f"study overrides: the training config has no field {key!r}")
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            _merge(config[key], value)
+        else:
+            config[key] = value
+
+
+def _trial_workdir(study: ml_collections.ConfigDict, params: dict) -> str:
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return str(pathlib.Path(study.workdir).absolute() / "trials" / key)
+
+
+def _suggest(trial: optuna.Trial, study: ml_collections.ConfigDict) -> dict:
+    return {name: trial.suggest_categorical(name, list(values)) for name, values in study.space.items()}
+
+
+def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
+    """Trains one proxy; records config, tokens, FLOPs, losses and wall time as the trial's `record`."""
+    params = _suggest(trial, study)
+    config = trial_config(study, params, _trial_workdir(study, params))
+    tokens = config.train.steps * config.train.batch_size * config.data.seq_len
+    record = {
+        "trial": trial.number, "params": {**params, "width": config.model.d_model}, "config": config.to_dict(),
+        "n_params": matmul_params(config.model), "tokens": tokens,
+        "flops": train_flops_per_token(config.model, config.data.seq_len) * tokens,
+    }  # fmt: skip
+    start = time.time()
+    try:
+        result = train(config)
+    except TrainingDiverged as e:
+        trial.set_user_attr("record", {**record, "state": "diverged", "error": str(e), "wall_s": time.time() - start})
+        return float("inf")  # never a good loss; the record says why
+    except Exception as e:
+        trial.set_user_attr("record", {**record, "state": "failed", "error": repr(e), "wall_s": time.time() - start})
+        raise
+    record |= {
+        "state": "complete", "wall_s": time.time() - start, "train_loss": result.get("loss"),
+        "eval_loss": result.get("eval_loss"), "scalingbench_loss": result.get("scalingbench_loss"),
+    }  # fmt: skip
+    trial.set_user_attr("record", record)
+    value = record[study.metric]
+    return value if value is not None and math.isfinite(value) else float("inf")
+
+
+def open_study(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Study:
+    """Creates the study (or loads it to resume), remembering the study config for workers."""
+    url = url or storage_url(study)
+    pathlib.Path(study.workdir).mkdir(parents=True, exist_ok=True)
+    sampler = (
+        optuna.samplers.GridSampler({k: list(v) for k, v in study.space.items()}, seed=study.seed)
+        if study.sampler == "grid"
+        else optuna.samplers.TPESampler(seed=study.seed)
+    )
+    s = optuna.create_study(
+        study_name=study.name, storage=_storage(url, study), sampler=sampler, direction="minimize",
+        load_if_exists=True,
+    )  # fmt: skip
+    s.set_user_attr("study_config", study.to_json())
+    return s
+
+
+def _finished(s: optuna.Study) -> int:
+    """Trials that ended by themselves (completed, diverged or crashed), not those whose worker died."""
+    return sum(
+        1
+        for t in s.get_trials(deepcopy=False, states=FINISHED)
+        if t.state == optuna.trial.TrialState.COMPLETE or "record" in t.user_attrs
+    )
+
+
+def work(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Study:
+    """Runs trials in this process until the study has its n_trials (the grid size for a grid search)."""
+    s = open_study(study, url)
+    target = study.n_trials or grid_size(study)
+
+    def stop_when_done(st: optuna.Study, _trial) -> None:
+        if _finished(st) >= target:
+            st.stop()
+
+    if _finished(s) < target:
+        s.optimize(lambda t: run_trial(study, t), callbacks=[stop_when_done], catch=(Exception,))
+    return s
+
+
+def sweep(study: ml_collections.ConfigDict, workers: int = 1) -> optuna.Study:
+    """The study to completion with `workers` local processes (1: in this process)."""
+    if workers <= 1:
+        return work(study)
+    open_study(study)  # create it once, before the workers race to
+    command = [sys.executable, "-m", "mct.tunnel", "worker", "--study", study.name, "--storage", storage_url(study)]
+    procs = [subprocess.Popen(command) for _ in range(workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        log.warning("sweep workers exited with %s", codes)
+    return open_study(study)
+
+
+def records(study_name: str, url: str) -> list[dict]:
+    """Every trial's record (complete, diverged, failed), for mct.tunnel.report."""
+    s = optuna.load_study(study_name=study_name, storage=_storage(url))
+    out = []
+    for t in s.get_trials(deepcopy=False):
+        if "record" in t.user_attrs:
+            out.append(t.user_attrs["record"])
+    return out

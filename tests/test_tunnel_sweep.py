@@ -1,0 +1,89 @@
+"""Wind-tunnel sweeps end to end (real tiny training runs as Optuna trials) and the muP coordinate check."""
+
+import subprocess
+import sys
+import time
+
+import optuna
+
+from mct.tunnel import sweep
+from mct.tunnel.coord_check import coord_check
+from tests.data_fixtures import make_tiny_dataset
+from tests.tiny_runs import REPO, VOCAB
+
+STUDY_FILE = '''
+from mct.tunnel.sweep import default_study
+
+def get_config():
+    c = default_study()
+    c.name = "tiny"
+    c.workdir = "{workdir}"
+    c.base_config = "{repo}/experiments/configs/tiny_cpu.py"
+    c.n_layers = 2
+    c.head_dim = 16
+    c.space = {{"width": [32, 64], "lr": [0.01, 1e30]}}  # lr 1e30 overflows: a diverged trial per width
+    c.tokens = 8 * 32 * 8
+    c.heartbeat_s = 1
+    c.scalingbench = ""
+    c.overrides = {{
+        "data": {{"mixture": {{"default": {{"path": "{dataset}"}}}}, "seq_len": 32, "eval_batches": 1}},
+        "model": {{"vocab_size": {vocab}}},
+        "train": {{"batch_size": 8, "max_consecutive_nonfinite": 2}},
+        "mesh": {{"data": -1}},
+    }}
+    return c
+'''
+
+
+def _count_done(storage: str) -> int:
+    try:
+        return sweep._finished(optuna.load_study(study_name="tiny", storage=storage))
+    except KeyError:  # not created yet
+        return 0
+
+
+def test_study_completes_resumes_after_interrupt_and_records_divergence(tmp_path):
+    dataset = make_tiny_dataset(tmp_path / "data", vocab_size=VOCAB, num_docs=100)
+    study_file = tmp_path / "study.py"
+    workdir = tmp_path / "study"
+    study_file.write_text(STUDY_FILE.format(workdir=workdir, repo=REPO, dataset=dataset, vocab=VOCAB))
+    command = [sys.executable, "-m", "mct.tunnel", "sweep", "--config", str(study_file)]
+    storage = f"sqlite:///{workdir / 'study.db'}"
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while (workdir / "study.db").exists() is False or _count_done(storage) < 1:
+        assert first.poll() is None, first.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.5)
+    first.kill()  # interrupted mid-study, maybe mid-trial
+    first.wait()
+    time.sleep(2.5)  # past the heartbeat grace period: the running trial is stale
+    done = subprocess.run(command, cwd=REPO, capture_output=True, timeout=400)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    records = sweep.records("tiny", storage)
+    finished = {(r["params"]["width"], r["params"]["lr"]): r for r in records if r["state"] != "failed"}
+    assert set(finished) == {(32, 0.01), (64, 0.01), (32, 1e30), (64, 1e30)}
+    for width in (32, 64):
+        good, bad = finished[(width, 0.01)], finished[(width, 1e30)]
+        assert good["state"] == "complete" and good["eval_loss"] < 6.0
+        assert bad["state"] == "diverged" and "non-finite" in bad["error"]
+        for key in ("config", "tokens", "flops", "train_loss", "wall_s", "n_params"):
+            assert key in good
+    out = tmp_path / "report"
+    shown = subprocess.run(
+        [sys.executable, "-m", "mct.tunnel", "report", "--study", "tiny", "--storage", storage, "--out", str(out)],
+        cwd=REPO, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr.decode()[-3000:]
+    assert (out / "trials.md").read_text().count("diverged") >= 2
+    assert (out / "loss_vs_lr.png").stat().st_size > 0
+
+
+def test_coordinate_check_is_flat_under_mup_and_grows_under_sp():
+    result = coord_check(widths=(64, 512), steps=3, n_layers=2)
+    mup, sp = result["mup"], result["sp"]
+    for layer in range(2):  # muP: activation scale within 1.5x from width 64 to 512 (measured ~1.2x)
+        ratio = mup[512]["layers"][layer] / mup[64]["layers"][layer]
+        assert 1 / 1.5 < ratio < 1.5
+    assert sp[512]["logits"] / sp[64]["logits"] > 2  # standard parametrization: logits grow with width
+    assert sp[512]["layers"][-1] / sp[64]["layers"][-1] > 4
