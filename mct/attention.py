@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pallas_kernels import infllm_v2
 from pallas_kernels.blockwise_attention import causal_attention
 
 
@@ -26,6 +27,12 @@ def naive_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids:
     return out.reshape(b, s, hq, d)
 
 
+def sparse_config(cfg: ml_collections.ConfigDict) -> infllm_v2.SparseConfig:
+    """The InfLLM v2 settings of a model config (model.sparse, less the implementation choice)."""
+    fields = {k: v for k, v in cfg.sparse.items() if k != "implementation"}
+    return infllm_v2.SparseConfig(**fields)
+
+
 def attend(
     q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, cfg: ml_collections.ConfigDict
 ) -> jnp.ndarray:
@@ -34,4 +41,8 @@ def attend(
         return causal_attention(q, k, v, segment_ids=segment_ids, block_size=cfg.attention_block)
     if cfg.attention == "naive":
         return naive_attention(q, k, v, segment_ids)
+    if cfg.attention == "infllm_v2":  # dense below sparse.dense_len tokens, block-sparse from there
+        return infllm_v2.attention(
+            q, k, v, sparse_config(cfg), segment_ids=segment_ids, implementation=cfg.sparse.implementation
+        )
     raise ValueError(f"config model.attention: unknown implementation {cfg.attention!r}")

@@ -3,8 +3,10 @@
 import ml_collections
 
 from data_pipelines.batch_layout import BatchLayout
+from mct.attention import sparse_config
 from mct.schedule import DECAY_SHAPES
 from mct.sharding import ConfigError, mesh_shape
+from pallas_kernels import infllm_v2
 
 ATTENTION_IMPLEMENTATIONS = ("blockwise", "naive", "infllm_v2")
 
@@ -26,6 +28,16 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, n_process
         raise ConfigError(f"config model.head_dim={m.head_dim} must be even for RoPE")
     if m.attention not in ATTENTION_IMPLEMENTATIONS:
         raise ConfigError(f"config model.attention={m.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    if m.attention == "infllm_v2":
+        try:
+            sparse_config(m)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config model.sparse: {e}") from None
+        if m.sparse.implementation not in infllm_v2.IMPLEMENTATIONS:
+            raise ConfigError(
+                f"config model.sparse.implementation={m.sparse.implementation!r} is not one of "
+                f"{infllm_v2.IMPLEMENTATIONS}"
+            )
     if m.parametrization not in ("mup", "sp"):
         raise ConfigError(f"config model.parametrization={m.parametrization!r} must be 'mup' or 'sp'")
     if m.loss_chunk and d.seq_len % m.loss_chunk:

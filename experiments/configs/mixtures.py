@@ -6,6 +6,8 @@ keeps them. Weights are relative.
 
 import ml_collections
 
+from data_pipelines.config import long_context_mixture
+
 DATA_ROOT = "/data/mct"
 
 
@@ -26,3 +28,8 @@ def pretrain_mixture(root: str = DATA_ROOT) -> ml_collections.ConfigDict:
 def anneal_mixture(root: str = DATA_ROOT) -> ml_collections.ConfigDict:
     """Decay-phase (annealing) mix: high-quality text plus SFT-like instruction data."""
     return _mix({"web_hq": 0.40, "code": 0.20, "math": 0.20, "sft_like": 0.20}, root)
+
+
+def long_context_stage_mixture(root: str = DATA_ROOT, max_tokens: int = 32768) -> ml_collections.ConfigDict:
+    """Long-context stage: length buckets 0-4K / 4-12K / 12-24K / 24-32K at 1:1:1:1 of long documents."""
+    return long_context_mixture(f"{root}/long", max_tokens)
