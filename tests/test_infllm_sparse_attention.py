@@ -93,7 +93,7 @@ def test_xla_matches_reference(case):
     assert_matches_reference("xla", case)
 
 
-@pytest.mark.parametrize("case", CASES[1:])
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_pallas_interpret_matches_reference(impl, case):
     assert_matches_reference(impl, case)
