@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mct.model import KVCache, ParamsModel
+from mct.model import KVCache, ParamsModel, compute_dtype
 
 # on_tokens(new): the tokens each row committed in this step (possibly none), for streaming.
 TokenCallback = Callable[[list[list[int]]], None]
@@ -73,7 +73,7 @@ def init_cache(cfg: ml_collections.ConfigDict, batch: int, capacity: int) -> KVC
             f"implemented yet (asked for {capacity} positions); keep prompt + new tokens within dense_len"
         )
     shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+    return KVCache(jnp.zeros(shape, compute_dtype(cfg)), jnp.zeros(shape, compute_dtype(cfg)))
 
 
 def forward(model: ParamsModel, params: dict, head: jnp.ndarray, tokens: jnp.ndarray, start: jnp.ndarray,

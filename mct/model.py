@@ -26,6 +26,13 @@ REMAT_POLICIES = {
 }
 
 
+def compute_dtype(cfg: ml_collections.ConfigDict) -> jnp.dtype:
+    """model.compute_dtype; "auto" is bfloat16 on accelerators and float32 on CPU (where bf16 is slower)."""
+    if cfg.compute_dtype == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(cfg.compute_dtype)
+
+
 def width_multiplier(cfg: ml_collections.ConfigDict) -> float:
     """muP's m = d_model / dim_model_base; 1 under standard parametrization."""
     return cfg.d_model / cfg.dim_model_base if cfg.parametrization == "mup" else 1.0
@@ -62,7 +69,7 @@ def decoder_layer(cfg: ml_collections.ConfigDict, h: jnp.ndarray, w: dict, posit
     (inv_freq, mscale) of rope_tables; attention(q, k, v) -> (output [batch, seq, q_heads, head_dim], aux)
     sees post-RoPE q and k. Returns the new h and attention's aux (the updated cache when decoding).
     """
-    dtype = jnp.dtype(cfg.compute_dtype)
+    dtype = compute_dtype(cfg)
     branch_scale = cfg.scale_depth / math.sqrt(cfg.n_layers)
     w = {name: value.astype(dtype) for name, value in w.items()}
     x = rms_norm(h, w["attn_norm"], cfg.rms_eps)
@@ -171,7 +178,7 @@ class MiniCPM(nnx.Module):
 
     def _embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
         """h0 = scale_emb * E[tokens]: [batch, seq] -> [batch, seq, d_model]."""
-        dtype = jnp.dtype(self.cfg.compute_dtype)
+        dtype = compute_dtype(self.cfg)
         return self.cfg.scale_emb * jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
 
     def _layer_weights(self) -> dict:

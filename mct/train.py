@@ -7,6 +7,8 @@ jitted steps with periodic eval, metrics and async orbax checkpoints. SIGTERM sa
 
 import logging
 import math
+import pathlib
+import shutil
 import signal
 import sys
 import threading
@@ -34,7 +36,7 @@ from mct.checkpoint import Checkpointer, abstract_with_shardings, model_signatur
 from mct.distributed import gather_json, global_batch, initialize
 from mct.flops import measure_matmul_peak, train_flops_per_token
 from mct.metrics import MetricsWriter
-from mct.model import ParamsModel
+from mct.model import ParamsModel, compute_dtype
 from mct.optimizer import make_optimizer
 from mct.schedule import schedule_from_config
 from mct.sharding import ConfigError, logical_spec, make_mesh, named
@@ -86,7 +88,7 @@ def restore_branch_source(config, abstract_state):
             f"config schedule.branch_step={s.branch_step}: no committed checkpoint at that step in "
             f"{s.branch_from} (have {source.all_steps()})"
         )
-    if s.branch_step >= meta["decay_start"]:
+    if s.branch_step > meta["decay_start"]:  # at decay_start itself the lr is still the stable one
         raise ConfigError(
             f"config schedule.branch_step={s.branch_step} is in the decay phase of {s.branch_from} (decay starts at "
             f"step {meta['decay_start']}); a branch must start from a stable-phase checkpoint"
@@ -102,15 +104,26 @@ def restore_branch_source(config, abstract_state):
 def scalingbench_batches(config: ml_collections.ConfigDict) -> list[dict]:
     """ScalingBench (eval.scalingbench: "default" or a JSONL path) in global batches, tokenized with the
     tokenizer of the first dataset of the mixture."""
-    first = next(iter(config.data.mixture.values()))
-    dataset = resolve_dataset(first.path, cache_dir=config.data.cache_dir, vocab_size=config.data.vocab_size)
-    tokenizer = load_tokenizer(dataset)
+    tokenizer = load_tokenizer(first_dataset(config))
     ids = special_token_ids(tokenizer)
     path = None if config.eval.scalingbench == "default" else config.eval.scalingbench
     return make_scalingbench_batches(
         tokenizer, seq_len=config.data.seq_len, batch_size=config.train.batch_size, path=path,
         bos_id=ids[BOS], eos_id=ids[EOS],
     )  # fmt: skip
+
+
+def first_dataset(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """The prepared directory of the mixture's first dataset (whose tokenizer the run uses)."""
+    first = next(iter(config.data.mixture.values()))
+    return resolve_dataset(first.path, cache_dir=config.data.cache_dir, vocab_size=config.data.vocab_size)
+
+
+def keep_tokenizer(config: ml_collections.ConfigDict) -> None:
+    """Copies the run's tokenizer.json into the workdir, so export and generation need no dataset."""
+    target = pathlib.Path(config.workdir) / "tokenizer.json"
+    if not target.exists():
+        shutil.copyfile(first_dataset(config) / "tokenizer.json", target)
 
 
 def _metrics_line(m: dict) -> str:
@@ -204,8 +217,10 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
         writer = MetricsWriter(config.workdir, enabled=pid == 0)
+        if pid == 0:
+            keep_tokenizer(config)
         flops_per_step = train_flops_per_token(config.model, seq) * batch_size * seq
-        peak = measure_matmul_peak(dtype=jnp.dtype(config.model.compute_dtype))
+        peak = measure_matmul_peak(dtype=compute_dtype(config.model))
         bar = tqdm(total=steps, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
         last = {"step": start}
         nonfinite_run = nonfinite_total = 0

@@ -87,3 +87,27 @@ def test_coordinate_check_is_flat_under_mup_and_grows_under_sp():
         assert 1 / 1.5 < ratio < 1.5
     assert sp[512]["logits"] / sp[64]["logits"] > 2  # standard parametrization: logits grow with width
     assert sp[512]["layers"][-1] / sp[64]["layers"][-1] > 4
+
+
+def test_decay_branches_share_one_stable_run(tmp_path):
+    """study.decay_tokens: one stable run per trial, a WSD decay branch per token budget, one record each."""
+    dataset = make_tiny_dataset(tmp_path / "data", vocab_size=VOCAB, num_docs=100)
+    study = sweep.default_study()
+    study.update(dict(name="branches", workdir=str(tmp_path / "study"), n_layers=2, head_dim=16, width=32,
+                      space={"lr": [0.01]}, decay_tokens=(8 * 32 * 10, 8 * 32 * 20), decay_frac=0.2,
+                      scalingbench=""))  # fmt: skip
+    study.overrides = {
+        "data": {"mixture": {"default": {"path": str(dataset)}}, "seq_len": 32, "eval_batches": 1},
+        "model": {"vocab_size": VOCAB}, "train": {"batch_size": 8}, "mesh": {"data": -1},
+    }  # fmt: skip
+    stable, branches = sweep.decay_branch_configs(
+        sweep.trial_config(study, {"lr": 0.01}, str(tmp_path / "t")), study.decay_tokens, study.decay_frac
+    )
+    assert stable.train.steps == 16 and stable.schedule.decay_steps == 0
+    assert [(b.schedule.branch_step, b.schedule.decay_steps) for b in branches] == [
+        (8, 2), (16, 4),
+    ]  # fmt: skip
+    sweep.work(study)
+    records = sweep.records("branches", sweep.storage_url(study))
+    assert [r["tokens"] for r in records] == [8 * 32 * 10, 8 * 32 * 20]
+    assert all(r["state"] == "complete" and r["eval_loss"] > 0 for r in records)

@@ -17,7 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mct.flops import matmul_params, measure_matmul_peak, train_flops_per_token
-from mct.model import ParamsModel
+from mct.model import ParamsModel, compute_dtype
 from mct.optimizer import make_optimizer
 from mct.schedule import schedule_from_config
 from mct.train_step import make_train_step
@@ -55,7 +55,7 @@ def main(argv):
         state, metrics = step(state, data, jnp.int32(i))
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
-    peak = measure_matmul_peak(dtype=jnp.dtype(config.model.compute_dtype))
+    peak = measure_matmul_peak(dtype=compute_dtype(config.model))
     step_time = statistics.median(times)
     flops = train_flops_per_token(config.model, seq) * batch * seq
     result = {

@@ -54,7 +54,7 @@ def model_config(
                 use_nope=False,
                 implementation="xla",
             ),
-            compute_dtype="float32",
+            compute_dtype="auto",  # auto: bfloat16 on GPU/TPU, float32 on CPU; params stay float32
             remat="none",  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
             loss_chunk=0,  # tokens per cross-entropy chunk (0 = whole sequence at once)
         )

@@ -54,6 +54,7 @@ def default_study() -> ml_collections.ConfigDict:
             mlp_ratio=2.5,
             space={"lr": [0.01]},  # name -> values; names: width, tokens and the keys of PARAM_KEYS
             tokens=1_000_000,  # per trial, when "tokens" is not swept
+            decay_tokens=(),  # token budgets D of decay branches from one stable run per trial (L(N, D) fits)
             warmup_frac=0.1,
             decay_frac=0.2,
             metric="eval_loss",  # eval_loss | scalingbench_loss | train_loss
@@ -154,31 +155,72 @@ def _suggest(trial: optuna.Trial, study: ml_collections.ConfigDict) -> dict:
     return {name: trial.suggest_categorical(name, list(values)) for name, values in study.space.items()}
 
 
-def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
-    """Trains one proxy; records config, tokens, FLOPs, losses and wall time as the trial's `record`."""
-    params = _suggest(trial, study)
-    config = trial_config(study, params, _trial_workdir(study, params))
+def decay_branch_configs(config: ml_collections.ConfigDict, decay_tokens, decay_frac: float):
+    """WSD's cheap data axis: one stable run (no decay) checkpointed at every branch start, and one decay
+    branch per token budget D that restores the stable checkpoint at (1 - decay_frac) * D and decays to D."""
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    ends = sorted({max(2, round(d / tokens_per_step)) for d in decay_tokens})
+    starts = [end - max(1, round(decay_frac * end)) for end in ends]
+    stable = ml_collections.ConfigDict(config.to_dict())
+    stable.workdir = f"{config.workdir}/stable"
+    stable.train.steps = max(starts)
+    stable.schedule.decay_steps = 0
+    stable.checkpoint.every_steps = math.gcd(*starts)
+    stable.checkpoint.max_to_keep = max(starts) // stable.checkpoint.every_steps + 1
+    stable.eval.every_steps = max(starts)
+    branches = []
+    for start, end in zip(starts, ends):
+        branch = ml_collections.ConfigDict(config.to_dict())
+        branch.workdir = f"{config.workdir}/decay-{end}"
+        branch.schedule.branch_from = stable.workdir
+        branch.schedule.branch_step = start
+        branch.schedule.decay_steps = end - start
+        branch.eval.every_steps = end
+        branch.checkpoint.every_steps = end
+        branches.append(branch)
+    return stable, branches
+
+
+def _train_record(config: ml_collections.ConfigDict, base: dict) -> dict:
+    """Trains one run and describes it: tokens, FLOPs, losses, wall time (TrainingDiverged propagates)."""
     tokens = config.train.steps * config.train.batch_size * config.data.seq_len
-    record = {
-        "trial": trial.number, "params": {**params, "width": config.model.d_model}, "config": config.to_dict(),
-        "n_params": matmul_params(config.model), "tokens": tokens,
-        "flops": train_flops_per_token(config.model, config.data.seq_len) * tokens,
-    }  # fmt: skip
     start = time.time()
+    record = {**base, "config": config.to_dict(), "tokens": tokens,
+              "flops": train_flops_per_token(config.model, config.data.seq_len) * tokens}  # fmt: skip
     try:
         result = train(config)
-    except TrainingDiverged as e:
-        trial.set_user_attr("record", {**record, "state": "diverged", "error": str(e), "wall_s": time.time() - start})
-        return float("inf")  # never a good loss; the record says why
     except Exception as e:
-        trial.set_user_attr("record", {**record, "state": "failed", "error": repr(e), "wall_s": time.time() - start})
+        e.record = {**record, "wall_s": time.time() - start}
         raise
-    record |= {
+    return record | {
         "state": "complete", "wall_s": time.time() - start, "train_loss": result.get("loss"),
         "eval_loss": result.get("eval_loss"), "scalingbench_loss": result.get("scalingbench_loss"),
     }  # fmt: skip
-    trial.set_user_attr("record", record)
-    value = record[study.metric]
+
+
+def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
+    """Trains one proxy (or, with study.decay_tokens, one stable run and its decay branches) and stores
+    each run's record on the trial; the objective is the metric of the run with the most tokens."""
+    params = _suggest(trial, study)
+    config = trial_config(study, params, _trial_workdir(study, params))
+    base = {"trial": trial.number, "params": {**params, "width": config.model.d_model},
+            "n_params": matmul_params(config.model)}  # fmt: skip
+    records = []
+    try:
+        if study.decay_tokens:
+            stable, branches = decay_branch_configs(config, study.decay_tokens, study.decay_frac)
+            train(stable)
+            records = [_train_record(branch, base) for branch in branches]
+        else:
+            records = [_train_record(config, base)]
+    except TrainingDiverged as e:
+        trial.set_user_attr("records", [*records, {**getattr(e, "record", base), "state": "diverged", "error": str(e)}])
+        return float("inf")  # never a good loss; the record says why
+    except Exception as e:
+        trial.set_user_attr("records", [*records, {**getattr(e, "record", base), "state": "failed", "error": repr(e)}])
+        raise
+    trial.set_user_attr("records", records)
+    value = records[-1][study.metric]
     return value if value is not None and math.isfinite(value) else float("inf")
 
 
@@ -204,7 +246,7 @@ def _finished(s: optuna.Study) -> int:
     return sum(
         1
         for t in s.get_trials(deepcopy=False, states=FINISHED)
-        if t.state == optuna.trial.TrialState.COMPLETE or "record" in t.user_attrs
+        if t.state == optuna.trial.TrialState.COMPLETE or "records" in t.user_attrs
     )
 
 
@@ -238,8 +280,4 @@ def sweep(study: ml_collections.ConfigDict, workers: int = 1) -> optuna.Study:
 def records(study_name: str, url: str) -> list[dict]:
     """Every trial's record (complete, diverged, failed), for mct.tunnel.report."""
     s = optuna.load_study(study_name=study_name, storage=_storage(url))
-    out = []
-    for t in s.get_trials(deepcopy=False):
-        if "record" in t.user_attrs:
-            out.append(t.user_attrs["record"])
-    return out
+    return [r for t in s.get_trials(deepcopy=False) for r in t.user_attrs.get("records", [])]
