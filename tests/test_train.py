@@ -99,7 +99,7 @@ def test_sigkill_resumes_from_last_committed_checkpoint(tmp_path, dataset):
     train(make_config(reference, dataset, **args), devices=ONE)
     want, got = losses(reference), losses(tmp_path)
     for step in range(killed_at + 1, 41):  # the reference ran in this 8-device process: float noise only
-        assert got[step] == pytest.approx(want[step], rel=1e-5)
+        assert got[step] == pytest.approx(want[step], rel=1e-4)
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path, dataset):

@@ -11,7 +11,7 @@ from mct.tunnel.coord_check import coord_check
 from tests.data_fixtures import make_tiny_dataset
 from tests.tiny_runs import REPO, VOCAB
 
-STUDY_FILE = '''
+STUDY_FILE = """
 from mct.tunnel.sweep import default_study
 
 def get_config():
@@ -32,7 +32,7 @@ def get_config():
         "mesh": {{"data": -1}},
     }}
     return c
-'''
+"""
 
 
 def _count_done(storage: str) -> int:
@@ -101,13 +101,14 @@ def test_decay_branches_share_one_stable_run(tmp_path):
         "model": {"vocab_size": VOCAB}, "train": {"batch_size": 8}, "mesh": {"data": -1},
     }  # fmt: skip
     stable, branches = sweep.decay_branch_configs(
-        sweep.trial_config(study, {"lr": 0.01}, str(tmp_path / "t")), study.decay_tokens, study.decay_frac
+        sweep.trial_config(study, {"lr": 0.01}, str(tmp_path / "t")), study.decay_tokens, 0.2, 0.1
     )
-    assert stable.train.steps == 16 and stable.schedule.decay_steps == 0
+    assert stable.train.steps == 16 and stable.schedule.decay_steps == 0 and stable.schedule.warmup_steps == 1
     assert [(b.schedule.branch_step, b.schedule.decay_steps) for b in branches] == [
         (8, 2), (16, 4),
     ]  # fmt: skip
     sweep.work(study)
     records = sweep.records("branches", sweep.storage_url(study))
+    assert all(r["state"] == "complete" for r in records), records
     assert [r["tokens"] for r in records] == [8 * 32 * 10, 8 * 32 * 20]
     assert all(r["state"] == "complete" and r["eval_loss"] > 0 for r in records)

@@ -97,7 +97,7 @@ def _storage(url: str, study: ml_collections.ConfigDict | None = None) -> optuna
         url,
         heartbeat_interval=heartbeat,
         grace_period=2 * heartbeat,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
     )
 
 
@@ -155,9 +155,12 @@ def _suggest(trial: optuna.Trial, study: ml_collections.ConfigDict) -> dict:
     return {name: trial.suggest_categorical(name, list(values)) for name, values in study.space.items()}
 
 
-def decay_branch_configs(config: ml_collections.ConfigDict, decay_tokens, decay_frac: float):
+def decay_branch_configs(
+    config: ml_collections.ConfigDict, decay_tokens, decay_frac: float, warmup_frac: float
+):
     """WSD's cheap data axis: one stable run (no decay) checkpointed at every branch start, and one decay
-    branch per token budget D that restores the stable checkpoint at (1 - decay_frac) * D and decays to D."""
+    branch per token budget D that restores the stable checkpoint at (1 - decay_frac) * D and decays to D.
+    The warmup is warmup_frac of the first branch's start, so that every branch starts in the stable phase."""
     tokens_per_step = config.train.batch_size * config.data.seq_len
     ends = sorted({max(2, round(d / tokens_per_step)) for d in decay_tokens})
     starts = [end - max(1, round(decay_frac * end)) for end in ends]
@@ -165,6 +168,7 @@ def decay_branch_configs(config: ml_collections.ConfigDict, decay_tokens, decay_
     stable.workdir = f"{config.workdir}/stable"
     stable.train.steps = max(starts)
     stable.schedule.decay_steps = 0
+    stable.schedule.warmup_steps = max(1, round(warmup_frac * starts[0]))
     stable.checkpoint.every_steps = math.gcd(*starts)
     stable.checkpoint.max_to_keep = max(starts) // stable.checkpoint.every_steps + 1
     stable.eval.every_steps = max(starts)
@@ -175,6 +179,7 @@ def decay_branch_configs(config: ml_collections.ConfigDict, decay_tokens, decay_
         branch.schedule.branch_from = stable.workdir
         branch.schedule.branch_step = start
         branch.schedule.decay_steps = end - start
+        branch.train.steps = end
         branch.eval.every_steps = end
         branch.checkpoint.every_steps = end
         branches.append(branch)
@@ -208,16 +213,22 @@ def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
     records = []
     try:
         if study.decay_tokens:
-            stable, branches = decay_branch_configs(config, study.decay_tokens, study.decay_frac)
+            stable, branches = decay_branch_configs(
+                config, study.decay_tokens, study.decay_frac, study.warmup_frac
+            )
             train(stable)
             records = [_train_record(branch, base) for branch in branches]
         else:
             records = [_train_record(config, base)]
     except TrainingDiverged as e:
-        trial.set_user_attr("records", [*records, {**getattr(e, "record", base), "state": "diverged", "error": str(e)}])
+        trial.set_user_attr(
+            "records", [*records, {**getattr(e, "record", base), "state": "diverged", "error": str(e)}]
+        )
         return float("inf")  # never a good loss; the record says why
     except Exception as e:
-        trial.set_user_attr("records", [*records, {**getattr(e, "record", base), "state": "failed", "error": repr(e)}])
+        trial.set_user_attr(
+            "records", [*records, {**getattr(e, "record", base), "state": "failed", "error": repr(e)}]
+        )
         raise
     trial.set_user_attr("records", records)
     value = records[-1][study.metric]
@@ -269,7 +280,16 @@ def sweep(study: ml_collections.ConfigDict, workers: int = 1) -> optuna.Study:
     if workers <= 1:
         return work(study)
     open_study(study)  # create it once, before the workers race to
-    command = [sys.executable, "-m", "mct.tunnel", "worker", "--study", study.name, "--storage", storage_url(study)]
+    command = [
+        sys.executable,
+        "-m",
+        "mct.tunnel",
+        "worker",
+        "--study",
+        study.name,
+        "--storage",
+        storage_url(study),
+    ]
     procs = [subprocess.Popen(command) for _ in range(workers)]
     codes = [p.wait() for p in procs]
     if any(codes):
