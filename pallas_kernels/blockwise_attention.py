@@ -14,6 +14,7 @@ from jax import lax
 
 from pallas_kernels import flash_math
 from pallas_kernels.gqa_layout import check_gqa_shapes, from_group_rows, heads_major, to_group_rows
+from pallas_kernels.segments import document_starts
 
 DEFAULT_BLOCK_SIZE = 128
 
@@ -78,12 +79,8 @@ def first_key_blocks(segment_ids: jnp.ndarray | None, block: int, num_blocks: in
     if segment_ids is None:
         return jnp.zeros((num_blocks,), jnp.int32)
     pos = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
-    new_run = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-    )
-    run_start = lax.cummax(jnp.where(new_run, pos, 0), axis=1)  # [batch, seq]
-    run_start = jnp.where(segment_ids == 0, pos, run_start)
-    return run_start.reshape(-1, num_blocks, block).min(axis=(0, 2)) // block
+    starts = jnp.where(segment_ids == 0, pos, document_starts(segment_ids))  # [batch, seq]
+    return starts.reshape(-1, num_blocks, block).min(axis=(0, 2)) // block
 
 
 def _block(x: jnp.ndarray, index, size: int) -> jnp.ndarray:

@@ -18,6 +18,7 @@ from jax import lax
 
 from pallas_kernels.gqa_layout import check_gqa_shapes
 from pallas_kernels.infllm_v2.config import SparseConfig
+from pallas_kernels.segments import document_starts
 
 _QUERY_CHUNK = 256  # queries scored per step: bounds the [chunk, heads, kernels] score buffer
 _CAUSAL_BANDS = 4  # query bands, each scoring only the kernels and blocks its last query can see
@@ -47,15 +48,6 @@ def mean_pool(x: jnp.ndarray, kernel: int, stride: int) -> jnp.ndarray:
     per_window = kernel // stride
     total = sum(chunks[:, m : m + n_windows] for m in range(per_window))
     return total / kernel
-
-
-def document_starts(segment_ids: jnp.ndarray) -> jnp.ndarray:
-    """[batch, seq] int32: the position where each token's (contiguous) document begins."""
-    pos = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
-    new_doc = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-    )
-    return lax.cummax(jnp.where(new_doc, pos, 0), axis=1)
 
 
 def _kernel_segments(segment_ids: jnp.ndarray, n_windows: int, kernel: int, stride: int) -> jnp.ndarray:
