@@ -314,8 +314,12 @@ _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 100, "Seconds before a 
 
 def main(argv: list[str]) -> None:
     del argv
-    for noisy in ("absl", "jax"):  # orbax, grain and jax.distributed log every save / connection at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # orbax, grain and jax.distributed log every save / connection at INFO: keep warnings, and our own info
+    # lines (e.g. where the default corpus is prepared)
+    logging.getLogger("jax").setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(
+        lambda r: r.levelno >= logging.WARNING or "data_pipelines" in r.pathname or "/mct/" in r.pathname
+    )
     log.setLevel(logging.INFO)
     initialize(
         coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
