@@ -95,11 +95,12 @@ def test_sigkill_resumes_from_last_committed_checkpoint(tmp_path, dataset):
     assert killed_at < 40
     done = subprocess.run(cli(tmp_path, dataset, **args), cwd=REPO, env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    reference = tmp_path / "uninterrupted"
-    train(make_config(reference, dataset, **args), devices=ONE)
+    reference = tmp_path / "uninterrupted"  # same command, same environment: bit-identical numerics
+    done = subprocess.run(cli(reference, dataset, **args), cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
     want, got = losses(reference), losses(tmp_path)
-    for step in range(killed_at + 1, 41):  # the reference ran in this 8-device process: float noise only
-        assert got[step] == pytest.approx(want[step], rel=1e-4)
+    for step in range(killed_at + 1, 41):
+        assert got[step] == pytest.approx(want[step], rel=1e-6)
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path, dataset):
@@ -135,7 +136,7 @@ def test_decay_branch_leaves_source_untouched(tmp_path, dataset):
     assert first["lr"] == pytest.approx(config.optimizer.lr, rel=1e-6)  # f(0) = 1: the stable lr
     assert Checkpointer(branch, read_only=True).latest_step() == 14
     bad = make_config(
-        tmp_path / "bad", dataset, **{"schedule.branch_from": str(source), "schedule.branch_step": 15}
+        tmp_path / "bad", dataset, **{"schedule.branch_from": str(source), "schedule.branch_step": 20}
     )
     with pytest.raises(ConfigError, match="decay phase"):
         train(bad, devices=ONE)
