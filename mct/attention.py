@@ -4,12 +4,16 @@ q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segm
 (0 = padding). A token attends to itself and earlier tokens of its own segment. Softmax scale 1/sqrt(head_dim).
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from pallas_kernels import infllm_v2
 from pallas_kernels.blockwise_attention import causal_attention
+from pallas_kernels.gqa_layout import masked_attention
+from pallas_kernels.infllm_v2 import decode as infllm_v2_decode
 
 
 def naive_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
@@ -46,3 +50,46 @@ def attend(
             q, k, v, sparse_config(cfg), segment_ids=segment_ids, implementation=cfg.sparse.implementation
         )
     raise ValueError(f"config model.attention: unknown implementation {cfg.attention!r}")
+
+
+class KVCache(NamedTuple):
+    """Keys and values for decoding; slot i of a row holds its position i. Leading [layers] axis in the model."""
+
+    k: jnp.ndarray  # [layers, batch, capacity, kv_heads, head_dim]
+    v: jnp.ndarray  # [layers, batch, capacity, kv_heads, head_dim]
+    # InfLLM v2 past dense_len: sums of k over sparse.kernel_stride chunks (the compressed keys come from them)
+    k_sums: jnp.ndarray | None = None  # [layers, batch, capacity // kernel_stride, kv_heads, head_dim] fp32
+
+
+def _write(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
+    """cache [batch, capacity, kv_heads, head_dim] with new [batch, T, ...] written at slots start[b]..."""
+    write_row = lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0))
+    return jax.vmap(write_row)(cache, new, start)
+
+
+def cached_attend(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, positions: jnp.ndarray, cache: KVCache,
+    cfg: ml_collections.ConfigDict,
+) -> tuple[jnp.ndarray, KVCache]:  # fmt: skip
+    """Decoding: writes k, v [batch, T, kv_heads, d] into one layer's cache at positions [batch, T]
+    (consecutive per row), then attends q [batch, T, q_heads, d] to the slots up to each query's position.
+
+    Dense, or InfLLM v2 (infllm_v2.decode) when the cache carries k_sums. Returns (output, updated cache).
+    """
+    start = positions[:, 0]
+    k_cache, v_cache = _write(cache.k, k, start), _write(cache.v, v, start)
+    if cache.k_sums is not None:
+        sums = infllm_v2_decode.update_stride_sums(
+            cache.k_sums, k_cache, start, k.shape[1], cfg.sparse.kernel_stride
+        )
+        out = infllm_v2_decode.cached_attention(q, k_cache, v_cache, sums, positions, sparse_config(cfg))
+        return out, KVCache(k_cache, v_cache, sums)
+    b, t, q_heads, d = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, q_heads // kv_heads, d).transpose(0, 2, 1, 3, 4) * d**-0.5
+    visible = (
+        jnp.arange(k_cache.shape[1])[None, None, None, :] <= positions[:, None, :, None]
+    )  # [b, 1, T, cap]
+    visible = jnp.broadcast_to(visible, (b, kv_heads, t, k_cache.shape[1]))
+    out = masked_attention(qg, k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3), visible)
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, q_heads, d).astype(q.dtype), KVCache(k_cache, v_cache)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mct.model import KVCache, ParamsModel, compute_dtype
+from mct.attention import KVCache
+from mct.model import ParamsModel, compute_dtype
 
 # on_tokens(new): the tokens each row committed in this step (possibly none), for streaming.
 TokenCallback = Callable[[list[list[int]]], None]
@@ -64,16 +65,12 @@ def init_cache(cfg: ml_collections.ConfigDict, batch: int, capacity: int) -> KVC
     """An empty cache for `batch` rows of up to `capacity` positions, in the model's compute dtype."""
     if capacity > cfg.max_position:
         raise ValueError(f"decoding needs {capacity} positions, over model.max_position={cfg.max_position}")
-    if cfg.attention == "infllm_v2" and capacity > cfg.sparse.dense_len:
-        # Hook for InfLLM v2 sparse decoding: past dense_len each query attends only to its selected blocks.
-        # Plug the block-selection + block-sparse decode kernels (pallas_kernels/infllm_v2) into
-        # mct.model.cached_attention here; until then decoding stays dense and refuses longer contexts.
-        raise NotImplementedError(
-            f"InfLLM v2 sparse decoding past model.sparse.dense_len={cfg.sparse.dense_len} is not "
-            f"implemented yet (asked for {capacity} positions); keep prompt + new tokens within dense_len"
-        )
     shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, compute_dtype(cfg)), jnp.zeros(shape, compute_dtype(cfg)))
+    k_sums = None
+    if cfg.attention == "infllm_v2" and capacity >= cfg.sparse.dense_len:  # sparse past dense_len
+        sums_shape = (cfg.n_layers, batch, capacity // cfg.sparse.kernel_stride, cfg.n_kv_heads, cfg.head_dim)
+        k_sums = jnp.zeros(sums_shape, jnp.float32)
+    return KVCache(jnp.zeros(shape, compute_dtype(cfg)), jnp.zeros(shape, compute_dtype(cfg)), k_sums)
 
 
 def forward(model: ParamsModel, params: dict, head: jnp.ndarray, tokens: jnp.ndarray, start: jnp.ndarray,

@@ -8,14 +8,14 @@ muP hidden matrices, which get lr / m, or "vector" for embeddings and norms, whi
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from mct.attention import attend
+from mct.attention import KVCache, attend, cached_attend
 from mct.rope import apply_rope, rope_tables
 from mct.sharding import constrain
 
@@ -54,13 +54,6 @@ def _param(rngs: nnx.Rngs, shape, axes, std: float | None, lr_group: str) -> nnx
 LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "attn_norm", "mlp_norm")
 
 
-class KVCache(NamedTuple):
-    """Keys and values of every layer for decoding; slot i holds position i of each row."""
-
-    k: jnp.ndarray  # [layers, batch, capacity, kv_heads, head_dim]
-    v: jnp.ndarray  # [layers, batch, capacity, kv_heads, head_dim]
-
-
 def decoder_layer(cfg: ml_collections.ConfigDict, h: jnp.ndarray, w: dict, positions: jnp.ndarray, rope,
                   attention: Callable) -> tuple[jnp.ndarray, Any]:  # fmt: skip
     """One pre-norm block: h + s * Attn(RMSNorm(h)), then + s * SwiGLU(RMSNorm(h)), s = scale_depth / sqrt(L).
@@ -86,24 +79,16 @@ def decoder_layer(cfg: ml_collections.ConfigDict, h: jnp.ndarray, w: dict, posit
     return h, aux
 
 
-def _write_cache(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
-    """cache [batch, capacity, kv_heads, head_dim] with new [batch, T, ...] written at slots start[b]..."""
-    write_row = lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0))
-    return jax.vmap(write_row)(cache, new, start)
-
-
-def cached_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
-    """GQA attention of q [batch, T, q_heads, head_dim] over cache slots 0..position of each query.
-
-    k, v: [batch, capacity, kv_heads, head_dim]; positions: [batch, T]. Softmax scale 1/sqrt(head_dim).
-    """
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, hq // hkv, d)  # [batch, T, kv_heads, group, head_dim]
-    scores = jnp.einsum("bthgd,bshd->bhgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
-    visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]  # [batch, T, capacity]
-    probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhgts,bshd->bthgd", probs, v).reshape(b, t, hq, d)
+def scan_layers(cfg: ml_collections.ConfigDict, layer: Callable, h: jnp.ndarray, xs) -> tuple[jnp.ndarray, Any]:
+    """lax.scan(layer, h, xs) over the stacked layers, or the same loop unrolled when model.scan_layers is off
+    (longer compiles; XLA then lays out each layer's matmuls on its own, faster on CPU)."""
+    if cfg.scan_layers:
+        return jax.lax.scan(layer, h, xs)
+    outputs = []
+    for i in range(cfg.n_layers):
+        h, out = layer(h, jax.tree.map(lambda x, i=i: x[i], xs))
+        outputs.append(out)
+    return h, jax.tree.map(lambda *x: jnp.stack(x), *outputs)
 
 
 class MiniCPM(nnx.Module):
@@ -116,8 +101,12 @@ class MiniCPM(nnx.Module):
         hidden_std = cfg.init_std / math.sqrt(width_multiplier(cfg))
         self.embed = _param(rngs, (V, d), ("vocab", "embed"), cfg.init_std, "vector")
         self.wq = _param(rngs, (L, d, hq, hd), ("layers", "embed", "heads", "head_dim"), hidden_std, "hidden")
-        self.wk = _param(rngs, (L, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), hidden_std, "hidden")
-        self.wv = _param(rngs, (L, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), hidden_std, "hidden")
+        self.wk = _param(
+            rngs, (L, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), hidden_std, "hidden"
+        )
+        self.wv = _param(
+            rngs, (L, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), hidden_std, "hidden"
+        )
         self.wo = _param(rngs, (L, hq, hd, d), ("layers", "heads", "head_dim", "embed"), hidden_std, "hidden")
         self.w_gate = _param(rngs, (L, d, f), ("layers", "embed", "mlp"), hidden_std, "hidden")
         self.w_up = _param(rngs, (L, d, f), ("layers", "embed", "mlp"), hidden_std, "hidden")
@@ -129,7 +118,12 @@ class MiniCPM(nnx.Module):
             self.lm_head = _param(rngs, (d, V), ("embed", "vocab"), hidden_std, "hidden")
 
     def __call__(
-        self, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray, *, return_layers: bool = False
+        self,
+        tokens: jnp.ndarray,
+        positions: jnp.ndarray,
+        segment_ids: jnp.ndarray,
+        *,
+        return_layers: bool = False,
     ):
         """tokens, positions, segment_ids: [batch, seq] -> final hidden states [batch, seq, d_model]; with
         return_layers also every layer's output residual stream [layers, batch, seq, d_model] (coord checks)."""
@@ -145,7 +139,7 @@ class MiniCPM(nnx.Module):
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
         h0 = constrain(self._embed(tokens), ("batch", None, None))
-        h, layers = jax.lax.scan(layer, h0, self._layer_weights())
+        h, layers = scan_layers(cfg, layer, h0, self._layer_weights())
         h = rms_norm(h, self.final_norm[...], cfg.rms_eps)
         return (h, layers) if return_layers else h
 
@@ -156,25 +150,21 @@ class MiniCPM(nnx.Module):
 
         Each row's positions must be consecutive (p, ..., p+T-1); their keys/values go into cache slots
         p..p+T-1 (slot == position) and every query sees the slots up to its own position, so rows may sit at
-        different positions (prompts of different lengths). RoPE tables are those of a sequence as long as
+        different positions (prompts of different lengths); InfLLM v2 models attend sparsely from position
+        sparse.dense_len - 1 on (mct.attention.cached_attend). RoPE tables are those of a sequence as long as
         the cache (LongRoPE keeps one factor list per generation). Returns the final hidden states
         [batch, T, d_model] and the updated cache.
         """
         cfg = self.cfg
         rope = rope_tables(cfg.rope, cfg.head_dim, cache.k.shape[2], cfg.max_position)
 
-        def layer(h, layer_inputs):
-            w, k_cache, v_cache = layer_inputs  # caches: [batch, capacity, kv_heads, head_dim]
-
-            def attention(q, k, v):
-                k_cache_new = _write_cache(k_cache, k, positions[:, 0])
-                v_cache_new = _write_cache(v_cache, v, positions[:, 0])
-                return cached_attention(q, k_cache_new, v_cache_new, positions), (k_cache_new, v_cache_new)
-
+        def layer(h, xs):
+            w, layer_cache = xs  # one layer's weights and KVCache (no leading layers axis)
+            attention = lambda q, k, v: cached_attend(q, k, v, positions, layer_cache, cfg)
             return decoder_layer(cfg, h, w, positions, rope, attention)
 
-        h, (k, v) = jax.lax.scan(layer, self._embed(tokens), (self._layer_weights(), cache.k, cache.v))
-        return rms_norm(h, self.final_norm[...], cfg.rms_eps), KVCache(k, v)
+        h, cache = scan_layers(cfg, layer, self._embed(tokens), (self._layer_weights(), cache))
+        return rms_norm(h, self.final_norm[...], cfg.rms_eps), cache
 
     def _embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
         """h0 = scale_emb * E[tokens]: [batch, seq] -> [batch, seq, d_model]."""
@@ -222,6 +212,8 @@ class ParamsModel:
 
     def metadata(self, key: str) -> dict:
         tree = jax.tree.map(
-            lambda v: v.replace(v.get_metadata()[key]), self._abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)
+            lambda v: v.replace(v.get_metadata()[key]),
+            self._abstract,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
         )
         return nnx.to_pure_dict(tree)

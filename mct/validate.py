@@ -40,7 +40,7 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, n_process
             )
     if m.parametrization not in ("mup", "sp"):
         raise ConfigError(f"config model.parametrization={m.parametrization!r} must be 'mup' or 'sp'")
-    if m.loss_chunk and d.seq_len % m.loss_chunk:
+    if 0 < m.loss_chunk < d.seq_len and d.seq_len % m.loss_chunk:
         raise ConfigError(f"config model.loss_chunk={m.loss_chunk} does not divide data.seq_len={d.seq_len}")
     dp = data * fsdp
     if t.batch_size % t.grad_accum:

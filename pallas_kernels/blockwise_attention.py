@@ -102,6 +102,19 @@ def _pair_mask(segment_ids, qi, kj, block: int, group: int, diagonal: bool):
     return mask
 
 
+def _with_segment_mask(fn, segment_ids, qi, kj, block: int, group: int):
+    """fn(mask) for an off-diagonal block pair: mask None (no elementwise masking) when every row of both
+    blocks lies in one document, else the same-document mask; packed data mostly takes the cheap branch."""
+    if segment_ids is None:
+        return fn(None)
+    seg_q = lax.dynamic_slice_in_dim(segment_ids, qi * block, block, axis=1)  # [batch, block]
+    seg_k = lax.dynamic_slice_in_dim(segment_ids, kj * block, block, axis=1)
+    doc = seg_q[:, :1]
+    one_document = jnp.all((seg_q == doc) & (seg_k == doc) & (doc != 0))
+    masked = lambda: fn(_pair_mask(segment_ids, qi, kj, block, group, diagonal=False))
+    return lax.cond(one_document, lambda: fn(None), masked)
+
+
 def _forward(block, q, k, v, segment_ids):
     b, kv, rows, d = q.shape
     num_blocks = k.shape[2] // block
@@ -114,8 +127,8 @@ def _forward(block, q, k, v, segment_ids):
         state = flash_math.init_state((b, kv, block * group), d)
 
         def off_diagonal(j, state):
-            mask = _pair_mask(segment_ids, i, j, block, group, diagonal=False)
-            return flash_math.fold(state, qi, _block(k, j, block), _block(v, j, block), mask)
+            fold = lambda mask: flash_math.fold(state, qi, _block(k, j, block), _block(v, j, block), mask)
+            return _with_segment_mask(fold, segment_ids, i, j, block, group)
 
         state = lax.fori_loop(first[i], i, off_diagonal, state)
         mask = _pair_mask(segment_ids, i, i, block, group, diagonal=True)
@@ -144,10 +157,13 @@ def _backward(block, q, k, v, segment_ids, out, lse, d_out):
 
         def pair(j, state, diagonal):
             dq_i, dk, dv = state
-            mask = _pair_mask(segment_ids, i, j, block, group, diagonal)
-            dq_j, dk_j, dv_j = flash_math.block_grads(
+            grads = lambda mask: flash_math.block_grads(
                 qi, _block(k, j, block), _block(v, j, block), doi, lse_i, delta_i, mask
             )
+            if diagonal:
+                dq_j, dk_j, dv_j = grads(_pair_mask(segment_ids, i, j, block, group, diagonal=True))
+            else:
+                dq_j, dk_j, dv_j = _with_segment_mask(grads, segment_ids, i, j, block, group)
             dk = lax.dynamic_update_slice_in_dim(dk, _block(dk, j, block) + dk_j, j * block, axis=2)
             dv = lax.dynamic_update_slice_in_dim(dv, _block(dv, j, block) + dv_j, j * block, axis=2)
             return dq_i + dq_j, dk, dv

@@ -40,3 +40,19 @@ def check_gqa_shapes(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids
         raise ValueError(f"q_heads {h} is not a multiple of kv_heads {k.shape[2]}")
     if segment_ids is not None and segment_ids.shape != (b, s):
         raise ValueError(f"segment_ids must be [batch, seq] = {(b, s)}; got {segment_ids.shape}")
+
+
+def masked_attention(qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
+    """Softmax attention of grouped queries over keys they may see; fp32 scores, rows seeing nothing give 0.
+
+    qg: [b, kv, T, group, d], already scaled by 1/sqrt(d); k, v: [b, kv, n, d] (shared by all T queries) or
+    [b, kv, T, n, d] (one key set per query); visible: [b, kv, T, n] bool. Returns [b, kv, T, group, d].
+    """
+    keys = "bhnd" if k.ndim == 4 else "bhtnd"
+    scores = jnp.einsum(f"bhtgd,{keys}->bhtgn", qg, k, preferred_element_type=jnp.float32)
+    mask = visible[:, :, :, None, :]
+    probs = jnp.where(
+        mask, jnp.exp(scores - jnp.max(jnp.where(mask, scores, -1e30), axis=-1, keepdims=True)), 0.0
+    )
+    probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-30)
+    return jnp.einsum(f"bhtgn,{keys}->bhtgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)

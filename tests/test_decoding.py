@@ -42,8 +42,9 @@ def full_logits(cfg, params, tokens: list[int], pad_to: int = 16) -> np.ndarray:
     return np.asarray(_training_logits(params_model(cfg), params, jnp.asarray(padded)))[0, : len(tokens)]
 
 
-def test_cache_logits_match_full_forward_for_ragged_batch():
-    cfg = tiny_cfg(tie_embeddings=False, n_kv_heads=1)
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cache_logits_match_full_forward_for_ragged_batch(scan_layers):
+    cfg = tiny_cfg(tie_embeddings=False, n_kv_heads=1, scan_layers=scan_layers)
     params = random_params(cfg)
     model = params_model(cfg)
     rng = np.random.default_rng(0)
@@ -153,10 +154,6 @@ def test_errors_name_the_problem():
         generate(cfg, params, [[1], []], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_position"):
         generate(cfg, params, [[1]], max_new_tokens=cfg.max_position)
-    sparse = tiny_cfg(attention="infllm_v2")
-    sparse.sparse.dense_len = 8
-    with pytest.raises(NotImplementedError, match="dense_len=8"):
-        init_cache(sparse, 1, 16)
 
 
 def test_stream_printer_holds_back_incomplete_characters(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.base import model_config
-from mct.loss import token_losses
+from mct.loss import loss_sums, token_losses
 from mct.model import ParamsModel, count_params
 from tests import reference_model
 
@@ -34,7 +34,7 @@ def perturbed_params(model: ParamsModel, seed: int = 0) -> dict:
     [
         {},
         {"tie_embeddings": False, "n_kv_heads": 1},
-        {"parametrization": "sp", "n_kv_heads": 4},
+        {"parametrization": "sp", "n_kv_heads": 4, "scan_layers": False},
         # LongRoPE: the sequence (24) exceeds the original context (16), so the long factors apply.
         {
             "rope": {
@@ -47,7 +47,7 @@ def perturbed_params(model: ParamsModel, seed: int = 0) -> dict:
             "max_position": 64,
         },
     ],
-    ids=["mup-gqa2", "untied-mqa", "sp-mha", "longrope"],
+    ids=["mup-gqa2", "untied-mqa", "sp-mha-unrolled", "longrope"],
 )
 def test_forward_matches_numpy(overrides):
     cfg = tiny_model_cfg(**overrides)
@@ -100,24 +100,33 @@ def test_packed_documents_match_separate_runs(attention):
     np.testing.assert_allclose(got, np.concatenate(alone), rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_loss_equals_full():
-    cfg = tiny_model_cfg()
+@pytest.mark.parametrize("loss_chunk", [0, 8])
+def test_fused_loss_and_gradients_match_plain_autodiff(loss_chunk):
+    """The custom-VJP loss (chunked or not) against jax.grad of a plain log-softmax loss over full logits."""
+    cfg = tiny_model_cfg(tie_embeddings=False, loss_chunk=loss_chunk)
     model = ParamsModel(cfg)
-    params = model.init(0)
+    params = perturbed_params(model)
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, cfg.vocab_size, (2, 33))
     batch = _batch(tokens, np.ones((2, 32), np.int32), np.tile(np.arange(32), (2, 1)))
-    chunked = ParamsModel(tiny_model_cfg(loss_chunk=8))
+    batch["loss_mask"] = jnp.asarray(rng.random((2, 32)) < 0.7, jnp.float32)  # some tokens not counted
 
-    def total(mdl, p):
-        return jnp.sum(token_losses(mdl.bind(p), batch))
+    def plain(p):
+        m = model.bind(p)
+        h = m(batch["tokens"], batch["positions"], batch["segment_ids"])
+        logp = jax.nn.log_softmax(h @ m.head_weight(), axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * batch["loss_mask"])
 
-    np.testing.assert_allclose(total(model, params), total(chunked, params), rtol=1e-6)
-    g_full = jax.grad(lambda p: total(model, p))(params)
-    g_chunk = jax.grad(lambda p: total(chunked, p))(params)
-    for name in g_full:  # fp32 sums in another order: compare relative to the gradient's scale
-        scale = float(jnp.max(jnp.abs(g_full[name])))
-        np.testing.assert_allclose(g_full[name], g_chunk[name], rtol=1e-4, atol=1e-5 * scale)
+    fused = lambda p: loss_sums(model.bind(p), batch)[0]
+    np.testing.assert_allclose(fused(params), plain(params), rtol=1e-6)
+    np.testing.assert_allclose(
+        jnp.sum(token_losses(model.bind(params), batch) * batch["loss_mask"]), plain(params), rtol=1e-6
+    )
+    g_plain, g_fused = jax.grad(plain)(params), jax.grad(lambda p: 3.0 * fused(p))(params)
+    for name in g_plain:  # fp32 sums in another order: compare relative to the gradient's scale
+        scale = float(jnp.max(jnp.abs(g_plain[name])))
+        np.testing.assert_allclose(g_fused[name], 3.0 * g_plain[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name)
 
 
 @pytest.mark.parametrize(

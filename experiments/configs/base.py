@@ -55,6 +55,7 @@ def model_config(
                 implementation="xla",
             ),
             compute_dtype="auto",  # auto: bfloat16 on GPU/TPU, float32 on CPU; params stay float32
+            scan_layers=True,  # lax.scan over the stacked layers (False: unrolled, slower compile)
             remat="none",  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
             loss_chunk=0,  # tokens per cross-entropy chunk (0 = whole sequence at once)
         )

@@ -25,6 +25,8 @@ def tunnel_config(name: str) -> ml_collections.ConfigDict:
         n_layers=layers, d_model=d_model, n_heads=heads, n_kv_heads=heads, head_dim=64, d_mlp=d_mlp,
         vocab_size=TUNNEL_VOCAB,
     )  # fmt: skip
+    c.model.scan_layers = False  # <= 24 layers: unrolled compiles fast and runs faster on CPU
+    c.model.loss_chunk = 128  # [batch, 128, 32768] fp32 logits at a time instead of the whole sequence's
     c.data.vocab_size = TUNNEL_VOCAB
     c.data.seq_len = 1024
     c.train.steps = 2000

@@ -11,6 +11,7 @@ document. Padding queries (segment 0) select nothing. Ties in top-k go to the lo
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,14 +41,30 @@ def select_blocks(
     return _select_blocks(q, k, segment_ids.astype(jnp.int32), cfg, _QUERY_CHUNK)
 
 
-def mean_pool(x: jnp.ndarray, kernel: int, stride: int) -> jnp.ndarray:
-    """Means of the full windows x[stride * j : stride * j + kernel] along axis 1 (kernel % stride == 0)."""
-    n_chunks = x.shape[1] // stride
-    n_windows = max(0, (x.shape[1] - kernel) // stride + 1)
-    chunks = x[:, : n_chunks * stride].reshape(x.shape[0], n_chunks, stride, *x.shape[2:]).sum(axis=2)
-    per_window = kernel // stride
-    total = sum(chunks[:, m : m + n_windows] for m in range(per_window))
-    return total / kernel
+class CompressedKeys(NamedTuple):
+    """Mean-pooled keys and where each window lies: c1 at (kernel_size, kernel_stride), c2 4x coarser."""
+
+    c1: jnp.ndarray  # [batch, kv_heads, n_c1, head_dim] fp32
+    c1_seg: jnp.ndarray  # [batch, n_c1]: the window's segment, -1 if it spans two
+    c1_end: jnp.ndarray  # [n_c1]: position of the window's last token
+    c2: jnp.ndarray  # [batch, kv_heads, n_c2, head_dim] fp32
+    c2_seg: jnp.ndarray  # [batch, n_c2]
+    c2_end: jnp.ndarray  # [n_c2]
+
+
+def stride_sums(k: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """Sums of k [batch, seq, kv_heads, head_dim] over whole stride chunks -> [batch, seq // stride, kv, d] fp32.
+
+    Both compressions are built from these sums, so a decoding cache can keep them up to date chunk by chunk.
+    """
+    n = k.shape[1] // stride
+    return k[:, : n * stride].astype(jnp.float32).reshape(k.shape[0], n, stride, *k.shape[2:]).sum(axis=2)
+
+
+def _windows(sums: jnp.ndarray, per_window: int, kernel: int) -> jnp.ndarray:
+    """Means of per_window consecutive chunk sums [batch, n, ...] -> [batch, n - per_window + 1, ...]."""
+    n_windows = max(0, sums.shape[1] - per_window + 1)
+    return sum(sums[:, m : m + n_windows] for m in range(per_window)) / kernel
 
 
 def _kernel_segments(segment_ids: jnp.ndarray, n_windows: int, kernel: int, stride: int) -> jnp.ndarray:
@@ -57,55 +74,41 @@ def _kernel_segments(segment_ids: jnp.ndarray, n_windows: int, kernel: int, stri
     return jnp.where(first == last, first, -1)
 
 
+def compress_keys(sums: jnp.ndarray, segment_ids: jnp.ndarray, cfg: SparseConfig) -> CompressedKeys:
+    """The compressed keys from stride_sums(k, cfg.kernel_stride) and segment_ids [batch, seq]."""
+    per_window = cfg.kernel_size // cfg.kernel_stride
+    c1 = _windows(sums, per_window, cfg.kernel_size)  # [b, n_c1, kv, d]
+    n_coarse = sums.shape[1] // _LSE_POOL
+    coarse = sums[:, : n_coarse * _LSE_POOL].reshape(sums.shape[0], n_coarse, _LSE_POOL, *sums.shape[2:])
+    c2 = _windows(coarse.sum(axis=2), per_window, _LSE_POOL * cfg.kernel_size)
+    kernel2, stride2 = _LSE_POOL * cfg.kernel_size, _LSE_POOL * cfg.kernel_stride
+    return CompressedKeys(
+        c1=c1.transpose(0, 2, 1, 3),
+        c1_seg=_kernel_segments(segment_ids, c1.shape[1], cfg.kernel_size, cfg.kernel_stride),
+        c1_end=jnp.arange(c1.shape[1]) * cfg.kernel_stride + cfg.kernel_size - 1,
+        c2=c2.transpose(0, 2, 1, 3),
+        c2_seg=_kernel_segments(segment_ids, c2.shape[1], kernel2, stride2),
+        c2_end=jnp.arange(c2.shape[1]) * stride2 + kernel2 - 1,
+    )
+
+
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _select_blocks(q, k, segment_ids, cfg: SparseConfig, query_chunk: int):
     b, seq, q_heads, d = q.shape
     kv_heads = k.shape[2]
-    group = q_heads // kv_heads
     n_blocks = -(-seq // cfg.block_size)
-    k_heads = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [b, kv, seq, d]
-    c1 = mean_pool(k_heads.transpose(0, 2, 1, 3), cfg.kernel_size, cfg.kernel_stride).transpose(0, 2, 1, 3)
-    c1_seg = _kernel_segments(segment_ids, c1.shape[2], cfg.kernel_size, cfg.kernel_stride)
-    c1_end = jnp.arange(c1.shape[2]) * cfg.kernel_stride + cfg.kernel_size - 1
-    coarse_kernel, coarse_stride = _LSE_POOL * cfg.kernel_size, _LSE_POOL * cfg.kernel_stride
-    c2 = mean_pool(k_heads.transpose(0, 2, 1, 3), coarse_kernel, coarse_stride).transpose(0, 2, 1, 3)
-    c2_seg = _kernel_segments(segment_ids, c2.shape[2], coarse_kernel, coarse_stride)
-    c2_end = jnp.arange(c2.shape[2]) * coarse_stride + coarse_kernel - 1
+    keys = compress_keys(stride_sums(k, cfg.kernel_stride), segment_ids, cfg)
     doc_start = document_starts(segment_ids)
 
     chunk = min(query_chunk, seq)
     pad = -seq % chunk
-    qg = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))) * d**-0.5
-    qg = qg.reshape(b, -1, chunk, kv_heads, group, d).transpose(1, 0, 3, 2, 4, 5)  # [n, b, kv, chunk, g, d]
+    qg = group_queries(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))), kv_heads)  # [b, kv, seq + pad, g, d]
+    qg = jnp.moveaxis(qg.reshape(b, kv_heads, -1, chunk, *qg.shape[3:]), 2, 0)  # [n, b, kv, chunk, g, d]
     seg_q = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(b, -1, chunk).transpose(1, 0, 2)
     start_q = jnp.pad(doc_start, ((0, 0), (0, pad))).reshape(b, -1, chunk).transpose(1, 0, 2)
-    pos_q = jnp.arange(seq + pad, dtype=jnp.int32).reshape(-1, chunk)
+    pos_q = jnp.arange(seq + pad, dtype=jnp.int32).reshape(-1, 1, chunk)  # [n, 1, chunk]
 
-    def visible(seg, pos, kernel_seg, kernel_end):
-        """[b, 1, chunk, 1, n_kernels]: kernel wholly in the query's past and document."""
-        ok = (kernel_seg[:, None, :] == seg[:, :, None]) & (kernel_end[None, None, :] <= pos[None, :, None])
-        return ok[:, None, :, None, :]
-
-    def chunk_scores(args, n_c1, n_c2, n_blocks):
-        """Selection for one query chunk, looking at the first n_c1 / n_c2 kernels and n_blocks blocks."""
-        qc, seg, start, pos = args  # [b, kv, chunk, g, d], [b, chunk], [b, chunk], [chunk]
-        s1 = jnp.einsum("bhtgd,bhcd->bhtgc", qc, c1[:, :, :n_c1])  # [b, kv, chunk, g, n_c1]
-        vis1 = visible(seg, pos, c1_seg[:, :n_c1], c1_end[:n_c1])
-        s1 = jnp.where(vis1, s1, -jnp.inf)
-        if cfg.lse_approx:
-            s2 = jnp.einsum("bhtgd,bhcd->bhtgc", qc, c2[:, :, :n_c2])
-            vis2 = visible(seg, pos, c2_seg[:, :n_c2], c2_end[:n_c2])
-            lse = jax.nn.logsumexp(jnp.where(vis2, s2, -jnp.inf), axis=-1)
-            # No coarse key visible yet (a document's first tokens): normalise by the best fine score.
-            lse = jnp.where(jnp.isfinite(lse), lse, s1.max(axis=-1))
-        else:
-            lse = jax.nn.logsumexp(s1, axis=-1)
-        lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-        probs = jnp.exp(s1 - lse[..., None]).sum(axis=3)  # [b, kv, chunk, n_c1]
-        probs = jnp.where(vis1[:, :, :, 0], probs, -jnp.inf)
-        block_scores = _pool_to_blocks(probs, n_blocks, cfg)  # [b, kv, chunk, n_blocks]
-        return _top_blocks(block_scores, seg, start, pos, cfg)
-
+    coarse_kernel, coarse_stride = _LSE_POOL * cfg.kernel_size, _LSE_POOL * cfg.kernel_stride
     # Causal bands: later queries see more, so each band gets its own static kernel and block counts.
     n_chunks = (seq + pad) // chunk
     n_bands = min(_CAUSAL_BANDS, n_chunks)
@@ -113,13 +116,50 @@ def _select_blocks(q, k, segment_ids, cfg: SparseConfig, query_chunk: int):
     for band in range(n_bands):
         lo, hi = band * n_chunks // n_bands, (band + 1) * n_chunks // n_bands
         end = min(hi * chunk, seq)  # one past the band's last real query
-        n_c1 = min(c1.shape[2], max(0, (end - cfg.kernel_size) // cfg.kernel_stride + 1))
-        n_c2 = min(c2.shape[2], max(0, (end - coarse_kernel) // coarse_stride + 1))
+        n_c1 = min(keys.c1.shape[2], max(0, (end - cfg.kernel_size) // cfg.kernel_stride + 1))
+        n_c2 = min(keys.c2.shape[2], max(0, (end - coarse_kernel) // coarse_stride + 1))
         limits = dict(n_c1=n_c1, n_c2=n_c2, n_blocks=min(n_blocks, -(-end // cfg.block_size)))
         band_args = tuple(x[lo:hi] for x in (qg, seg_q, start_q, pos_q))
-        picked.append(lax.map(functools.partial(chunk_scores, **limits), band_args))
+        picked.append(
+            lax.map(lambda args, lim=limits: score_blocks(*args, keys=keys, cfg=cfg, **lim), band_args)
+        )
     picked = jnp.concatenate(picked)  # [n_chunks, b, kv, chunk, topk]
     return picked.transpose(1, 2, 0, 3, 4).reshape(b, kv_heads, seq + pad, cfg.topk)[:, :, :seq]
+
+
+def group_queries(q: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
+    """q [batch, seq, q_heads, d] -> fp32 [batch, kv_heads, seq, group, d], pre-scaled by 1/sqrt(d)."""
+    b, seq, q_heads, d = q.shape
+    qg = q.astype(jnp.float32).reshape(b, seq, kv_heads, q_heads // kv_heads, d) * d**-0.5
+    return qg.transpose(0, 2, 1, 3, 4)
+
+
+def score_blocks(qg, seg, start, pos, *, keys: CompressedKeys, cfg: SparseConfig, n_c1: int, n_c2: int,
+                 n_blocks: int) -> jnp.ndarray:  # fmt: skip
+    """Selected blocks [b, kv, T, topk] of queries qg [b, kv, T, g, d] (group_queries) whose segment, document
+    start and position are seg, start, pos [b or 1, T]; looks at the first n_c1 / n_c2 windows, n_blocks blocks."""
+
+    def visible(kernel_seg, kernel_end):
+        """[b, 1, T, 1, n_kernels]: window wholly in the query's past and document."""
+        ok = (kernel_seg[:, None, :] == seg[:, :, None]) & (kernel_end[None, None, :] <= pos[:, :, None])
+        return ok[:, None, :, None, :]
+
+    s1 = jnp.einsum("bhtgd,bhcd->bhtgc", qg, keys.c1[:, :, :n_c1])  # [b, kv, T, g, n_c1]
+    vis1 = visible(keys.c1_seg[:, :n_c1], keys.c1_end[:n_c1])
+    s1 = jnp.where(vis1, s1, -jnp.inf)
+    if cfg.lse_approx:
+        s2 = jnp.einsum("bhtgd,bhcd->bhtgc", qg, keys.c2[:, :, :n_c2])
+        vis2 = visible(keys.c2_seg[:, :n_c2], keys.c2_end[:n_c2])
+        lse = jax.nn.logsumexp(jnp.where(vis2, s2, -jnp.inf), axis=-1)
+        # No coarse key visible yet (a document's first tokens): normalise by the best fine score.
+        lse = jnp.where(jnp.isfinite(lse), lse, s1.max(axis=-1))
+    else:
+        lse = jax.nn.logsumexp(s1, axis=-1)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    probs = jnp.exp(s1 - lse[..., None]).sum(axis=3)  # [b, kv, T, n_c1]
+    probs = jnp.where(vis1[:, :, :, 0], probs, -jnp.inf)
+    block_scores = _pool_to_blocks(probs, n_blocks, cfg)  # [b, kv, T, n_blocks]
+    return _top_blocks(block_scores, seg, start, pos, cfg)
 
 
 def _pool_to_blocks(kernel_scores: jnp.ndarray, n_blocks: int, cfg: SparseConfig) -> jnp.ndarray:
@@ -146,7 +186,7 @@ def _top_blocks(block_scores, seg, start, pos, cfg: SparseConfig) -> jnp.ndarray
     """Forces init/local blocks, masks ineligible ones, takes top-k, sorts ascending with -1 padding."""
     n_blocks = block_scores.shape[-1]
     blocks = jnp.arange(n_blocks)[None, None, :]
-    own = (pos // cfg.block_size)[None, :, None]
+    own = (pos // cfg.block_size)[:, :, None]
     first = (start // cfg.block_size)[:, :, None]
     eligible = (blocks <= own) & (blocks >= first) & (seg[:, :, None] != 0)  # [b, chunk, n_blocks]
     forced = eligible & ((blocks < first + cfg.init_blocks) | (blocks > own - cfg.local_blocks))
