@@ -6,6 +6,17 @@ import pathlib
 from tensorboardX import SummaryWriter
 
 
+def logged_metrics(workdir: str) -> dict:
+    """The latest value of every metric in WORKDIR/metrics.jsonl ({} when there is none)."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    latest = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                latest.update(json.loads(line))
+    return latest
+
+
 class MetricsWriter:
     """Appends to the run's metrics; a resumed run continues the same files. Disabled off process 0."""
 

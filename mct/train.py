@@ -35,7 +35,7 @@ from data_pipelines.tokenizer import BOS, EOS, special_token_ids
 from mct.checkpoint import Checkpointer, abstract_with_shardings, model_signature
 from mct.distributed import gather_json, global_batch, initialize
 from mct.flops import measure_matmul_peak, train_flops_per_token
-from mct.metrics import MetricsWriter
+from mct.metrics import MetricsWriter, logged_metrics
 from mct.model import ParamsModel, compute_dtype
 from mct.optimizer import make_optimizer
 from mct.schedule import schedule_from_config
@@ -290,6 +290,9 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
             ckpt.close()
             bar.close()
             writer.close()
+        if start >= steps:  # resumed a finished run (e.g. a sweep trial re-queued after its worker died)
+            last.update({k: v for k, v in logged_metrics(config.workdir).items() if k not in ("step",)})
+            last.update(evaluate(state["params"]), step=steps)
         last["nonfinite_steps"] = nonfinite_total
         last["preempted"] = stop.is_set()
         return last

@@ -72,6 +72,16 @@ def test_resume_gives_identical_losses_and_restores_onto_another_mesh(tmp_path, 
         assert losses(other)[step] == pytest.approx(want[step], rel=1e-4)
 
 
+def test_resuming_a_finished_run_reports_its_final_metrics(tmp_path, dataset, reference_run):
+    """A sweep re-queues a trial whose worker died after the last checkpoint: nothing is left to train, and the
+    result must still carry the final train loss and a fresh eval of the restored params."""
+    ref_dir, ref_result = reference_run
+    shutil.copytree(ref_dir, tmp_path / "run")
+    result = train(make_config(tmp_path / "run", dataset), devices=ONE)
+    assert result["step"] == 10 and result["loss"] == ref_result["loss"]
+    assert result["eval_loss"] == pytest.approx(ref_result["eval_loss"], rel=1e-6)
+
+
 def _wait_for_checkpoint(workdir: pathlib.Path, proc: subprocess.Popen, at_least: int, timeout: float = 180):
     deadline = time.time() + timeout
     while time.time() < deadline:
