@@ -88,21 +88,21 @@ def _block(x: jnp.ndarray, index, size: int) -> jnp.ndarray:
     return lax.dynamic_slice_in_dim(x, index * size, size, axis=2)
 
 
-def _pair_mask(segment_ids, qi, kj, block: int, group: int, diagonal: bool):
-    """Visibility of key block kj to the rows of query block qi: [batch|1, 1, rows, block], or None if all."""
+def _pair_mask(segment_ids, qi, kj, block: int, diagonal: bool):
+    """Visibility of key block kj to the tokens of query block qi: [batch|1, 1, block, block] (one row per
+    token; flash_math spreads it over the token's G grouped rows), or None if all visible."""
     mask = None
     if diagonal:
-        rows = jnp.arange(block * group) // group
-        mask = (rows[:, None] >= jnp.arange(block)[None, :])[None, None]
+        mask = (jnp.arange(block)[:, None] >= jnp.arange(block)[None, :])[None, None]
     if segment_ids is not None:
-        seg_q = jnp.repeat(lax.dynamic_slice_in_dim(segment_ids, qi * block, block, axis=1), group, axis=1)
+        seg_q = lax.dynamic_slice_in_dim(segment_ids, qi * block, block, axis=1)
         seg_k = lax.dynamic_slice_in_dim(segment_ids, kj * block, block, axis=1)
         same = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] != 0)
         mask = same[:, None] if mask is None else mask & same[:, None]
     return mask
 
 
-def _with_segment_mask(fn, segment_ids, qi, kj, block: int, group: int):
+def _with_segment_mask(fn, segment_ids, qi, kj, block: int):
     """fn(mask) for an off-diagonal block pair: mask None (no elementwise masking) when every row of both
     blocks lies in one document, else the same-document mask; packed data mostly takes the cheap branch."""
     if segment_ids is None:
@@ -111,7 +111,7 @@ def _with_segment_mask(fn, segment_ids, qi, kj, block: int, group: int):
     seg_k = lax.dynamic_slice_in_dim(segment_ids, kj * block, block, axis=1)
     doc = seg_q[:, :1]
     one_document = jnp.all((seg_q == doc) & (seg_k == doc) & (doc != 0))
-    masked = lambda: fn(_pair_mask(segment_ids, qi, kj, block, group, diagonal=False))
+    masked = lambda: fn(_pair_mask(segment_ids, qi, kj, block, diagonal=False))
     return lax.cond(one_document, lambda: fn(None), masked)
 
 
@@ -128,10 +128,10 @@ def _forward(block, q, k, v, segment_ids):
 
         def off_diagonal(j, state):
             fold = lambda mask: flash_math.fold(state, qi, _block(k, j, block), _block(v, j, block), mask)
-            return _with_segment_mask(fold, segment_ids, i, j, block, group)
+            return _with_segment_mask(fold, segment_ids, i, j, block)
 
         state = lax.fori_loop(first[i], i, off_diagonal, state)
-        mask = _pair_mask(segment_ids, i, i, block, group, diagonal=True)
+        mask = _pair_mask(segment_ids, i, i, block, diagonal=True)
         state = flash_math.fold(state, qi, _block(k, i, block), _block(v, i, block), mask)
         out, lse = flash_math.finish(state)
         return None, (out.astype(q.dtype), lse)
@@ -161,9 +161,9 @@ def _backward(block, q, k, v, segment_ids, out, lse, d_out):
                 qi, _block(k, j, block), _block(v, j, block), doi, lse_i, delta_i, mask
             )
             if diagonal:
-                dq_j, dk_j, dv_j = grads(_pair_mask(segment_ids, i, j, block, group, diagonal=True))
+                dq_j, dk_j, dv_j = grads(_pair_mask(segment_ids, i, j, block, diagonal=True))
             else:
-                dq_j, dk_j, dv_j = _with_segment_mask(grads, segment_ids, i, j, block, group)
+                dq_j, dk_j, dv_j = _with_segment_mask(grads, segment_ids, i, j, block)
             dk = lax.dynamic_update_slice_in_dim(dk, _block(dk, j, block) + dk_j, j * block, axis=2)
             dv = lax.dynamic_update_slice_in_dim(dv, _block(dv, j, block) + dv_j, j * block, axis=2)
             return dq_i + dq_j, dk, dv

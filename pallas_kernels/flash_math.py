@@ -14,6 +14,28 @@ def matmul(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jnp.einsum(spec, a.astype(b.dtype), b, preferred_element_type=jnp.float32)
 
 
+def masked(s: jnp.ndarray, mask: jnp.ndarray | None, fill: float, transposed: bool = False) -> jnp.ndarray:
+    """where(mask, s, fill) for scores s [..., rows, cols] ([..., cols, rows] when transposed).
+
+    The mask may have rows / G rows: each of its rows then covers G consecutive rows of s (one token's G
+    grouped heads), so callers never materialise the mask repeated over the group.
+    """
+    if mask is None:
+        return s
+    if transposed:
+        mask = jnp.swapaxes(mask, -1, -2)
+    row_axis = -1 if transposed else -2
+    rows, mask_rows = s.shape[row_axis], mask.shape[row_axis]
+    if mask_rows in (1, rows):
+        return jnp.where(mask, s, fill)
+    group = rows // mask_rows
+    if transposed:  # [..., cols, rows] -> [..., cols, rows / G, G]
+        split = jnp.where(mask[..., None], s.reshape(*s.shape[:-1], mask_rows, group), fill)
+    else:  # [..., rows, cols] -> [..., rows / G, G, cols]
+        split = jnp.where(mask[..., None, :], s.reshape(*s.shape[:-2], mask_rows, group, s.shape[-1]), fill)
+    return split.reshape(s.shape)
+
+
 def init_state(rows_shape: tuple[int, ...], head_dim: int):
     """Empty state for rows of shape rows_shape (e.g. [b, h, rows] or [rows])."""
     m = jnp.full((*rows_shape, 1), -jnp.inf, jnp.float32)
@@ -22,11 +44,9 @@ def init_state(rows_shape: tuple[int, ...], head_dim: int):
 
 def fold(state, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | None):
     """Folds one key block in. q: [..., rows, d] (pre-scaled); k, v: [..., cols, d]; mask broadcastable to
-    [..., rows, cols] (True = visible) or None."""
+    [..., rows, cols] or [..., rows / G, cols] (see `masked`; True = visible) or None."""
     m, total, acc = state
-    s = matmul("...rd,...cd->...rc", q, k)
-    if mask is not None:
-        s = jnp.where(mask, s, -jnp.inf)
+    s = masked(matmul("...rd,...cd->...rc", q, k), mask, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp(s - m_safe)
@@ -52,9 +72,7 @@ def block_grads(q, k, v, d_out, lse, delta, mask):
     out * d_out): [..., rows, 1]; mask as in `fold`. Scores are formed transposed, [..., cols, rows], so that
     dK and dV are plain matmuls.
     """
-    p_t = jnp.exp(matmul("...cd,...rd->...cr", k, q) - jnp.swapaxes(lse, -1, -2))
-    if mask is not None:
-        p_t = jnp.where(jnp.swapaxes(mask, -1, -2), p_t, 0.0)
+    p_t = masked(jnp.exp(matmul("...cd,...rd->...cr", k, q) - jnp.swapaxes(lse, -1, -2)), mask, 0.0, True)
     dv = matmul("...cr,...rd->...cd", p_t, d_out)
     ds_t = p_t * (matmul("...cd,...rd->...cr", v, d_out) - jnp.swapaxes(delta, -1, -2))
     return matmul("...cr,...cd->...rd", ds_t, k), matmul("...cr,...rd->...cd", ds_t, q), dv

@@ -21,8 +21,8 @@ from pallas_kernels.gqa_layout import check_gqa_shapes
 from pallas_kernels.infllm_v2.config import SparseConfig
 from pallas_kernels.segments import document_starts
 
-_QUERY_CHUNK = 256  # queries scored per step: bounds the [chunk, heads, kernels] score buffer
-_CAUSAL_BANDS = 4  # query bands, each scoring only the kernels and blocks its last query can see
+_QUERY_CHUNK = 128  # queries scored per step: bounds the [chunk, heads, kernels] score buffer
+_CAUSAL_BANDS = 16  # query bands, each scoring only the kernels and blocks its last query can see
 _LSE_POOL = 4  # the LSE approximation pools with 4x the kernel size and stride
 
 

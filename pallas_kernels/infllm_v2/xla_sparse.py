@@ -66,8 +66,8 @@ def _chunk(x_blocks: jnp.ndarray, blocks: jnp.ndarray) -> jnp.ndarray:
     return got.reshape(b, kv, c * x_blocks.shape[3], x_blocks.shape[4])
 
 
-def _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size, group):
-    """[b, kv, rows, c * block] visibility of a gathered chunk to the rows of query block i."""
+def _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size):
+    """[b, kv, block, c * block] visibility of a gathered chunk to the tokens of query block i."""
     b, kv, c = blocks.shape
     chosen = jnp.take_along_axis(bitmap_i, blocks[:, :, None, :], axis=3) & valid[:, :, None, :]
     q_pos = i * block_size + jnp.arange(block_size)
@@ -76,7 +76,7 @@ def _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size, group
     seg_k = jnp.take_along_axis(seg_blocks[:, None], blocks[..., None], axis=2)  # [b, kv, c, block]
     same = (seg_k[:, :, None] == seg_i[:, None, :, None, None]) & (seg_i != 0)[:, None, :, None, None]
     mask = chosen[..., None] & causal & same  # [b, kv, t, c, block]
-    return jnp.repeat(mask.reshape(b, kv, block_size, c * block_size), group, axis=2)
+    return mask.reshape(b, kv, block_size, c * block_size)  # one row per token: flash_math spreads it over G
 
 
 def _query_block_chunks(bitmaps, i, block_size):
@@ -112,7 +112,7 @@ def _forward(block_size, q, k, v, bitmaps, segment_ids):
         def step(ci, state):
             blocks = lax.dynamic_slice_in_dim(union, ci * chunk, chunk, axis=2)
             valid = ci * chunk + jnp.arange(chunk) < count[..., None]
-            mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size, group)
+            mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size)
             return flash_math.fold(state, qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), mask)
 
         state = lax.fori_loop(0, n_chunks, step, flash_math.init_state((b, kv, rb), d))
@@ -152,7 +152,7 @@ def _sparse_bwd(block_size, residuals, d_out):
             dq_i, dk_blocks, dv_blocks = state
             blocks = lax.dynamic_slice_in_dim(union, ci * chunk, chunk, axis=2)
             valid = ci * chunk + jnp.arange(chunk) < count[..., None]
-            mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size, group)
+            mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size)
             dq_c, dk_c, dv_c = flash_math.block_grads(
                 qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), do_i, lse_i, delta_i, mask
             )
