@@ -130,6 +130,83 @@ def _metrics_line(m: dict) -> str:
     return f"loss {m['loss']:.4f} | {m['tokens_per_s']:,.0f} tok/s | mfu {m['mfu']:.3f} | lr {m['lr']:.2e}"
 
 
+def initial_state(config, ckpt: Checkpointer, model: ParamsModel, tx, shardings, abstract_state):
+    """(start step, state, data state): the workdir's latest committed checkpoint, else a decay branch's source
+    checkpoint, else a fresh initialisation (data state None: the iterator starts at the beginning)."""
+    restored = ckpt.restore_latest(abstract_state, config.model)
+    if restored is not None:
+        log.info("resumed from %s step %d", ckpt.directory, restored[0])
+        return restored
+    if config.schedule.branch_from:
+        state, data_state = restore_branch_source(config, abstract_state)
+        log.info("decay branch from %s step %d", config.schedule.branch_from, config.schedule.branch_step)
+        return config.schedule.branch_step, state, data_state
+    init = jax.jit(lambda: {"params": (p := model.init(config.seed)), "opt_state": tx.init(p)},
+                   out_shardings=shardings)  # fmt: skip
+    return 0, init(), None
+
+
+def make_eval_sets(config: ml_collections.ConfigDict, batch_sharding: NamedSharding) -> dict[str, list]:
+    """Global eval batches by metric name: the held-out split, and ScalingBench when eval.scalingbench is set."""
+    pid, nproc = jax.process_index(), jax.process_count()
+    local_batch = config.train.batch_size // nproc
+    held_out = make_eval_batches(
+        config.data, batch_size=local_batch, num_batches=config.data.eval_batches,
+        process_index=pid, process_count=nproc, model_vocab_size=config.model.vocab_size,
+    )  # fmt: skip
+    eval_sets = {"eval_loss": [global_batch(b, batch_sharding) for b in held_out]}
+    if config.eval.scalingbench:
+        rows = slice(pid * local_batch, (pid + 1) * local_batch)
+        eval_sets["scalingbench_loss"] = [
+            global_batch({k: v[rows] for k, v in b.items()}, batch_sharding)
+            for b in scalingbench_batches(config)
+        ]
+    return eval_sets
+
+
+class StepLog:
+    """Reads a finished step's metrics (one step late, so the host never stalls the device): counts non-finite
+    steps and stops the run after train.max_consecutive_nonfinite of them; every log_every_steps writes loss,
+    lr, grad norm, tokens/s and MFU to metrics.jsonl, TensorBoard and the progress bar."""
+
+    def __init__(self, config: ml_collections.ConfigDict, writer: MetricsWriter, bar: tqdm, start: int,
+                 ckpt: Checkpointer):  # fmt: skip
+        self.config, self.writer, self.bar, self.ckpt = config, writer, bar, ckpt
+        seq = config.data.seq_len
+        self.flops_per_step = train_flops_per_token(config.model, seq) * config.train.batch_size * seq
+        self.peak = measure_matmul_peak(dtype=compute_dtype(config.model))
+        self.last = {"step": start}
+        self.nonfinite_run = self.nonfinite_total = 0
+        self.t_mark, self.step_mark = time.perf_counter(), start
+
+    def finish(self, step: int, device_metrics) -> None:
+        c = self.config
+        m = jax.device_get(device_metrics)
+        if not m["ok"]:
+            self.nonfinite_run, self.nonfinite_total = self.nonfinite_run + 1, self.nonfinite_total + 1
+            log.warning("step %d: non-finite loss or gradient, update skipped", step)
+            if self.nonfinite_run >= c.train.max_consecutive_nonfinite:
+                raise TrainingDiverged(
+                    f"stopping: {self.nonfinite_run} consecutive non-finite steps up to step {step} "
+                    f"(train.max_consecutive_nonfinite); last good checkpoint: step {self.ckpt.latest_step()} "
+                    f"in {self.ckpt.directory}"
+                )
+        else:
+            self.nonfinite_run = 0
+        if step % c.train.log_every_steps == 0 or step == c.train.steps:
+            # the first interval of a run includes compilation
+            rate = max(step - self.step_mark, 1) / (time.perf_counter() - self.t_mark)
+            line = {
+                "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                "tokens_per_s": rate * c.train.batch_size * c.data.seq_len,
+                "mfu": rate * self.flops_per_step / self.peak, "nonfinite_steps": self.nonfinite_total,
+            }  # fmt: skip
+            self.writer.write(step, line)
+            self.bar.set_postfix_str(_metrics_line(line))
+            self.last.update(line, step=step)
+            self.t_mark, self.step_mark = time.perf_counter(), step
+
+
 def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dict:
     """Runs (or resumes) training to config.train.steps on `devices` (default: all); returns the last logged
     metrics and eval loss."""
@@ -141,7 +218,7 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
     tx = make_optimizer(config, model)
     schedule = schedule_from_config(config)
     pid, nproc = jax.process_index(), jax.process_count()
-    steps, batch_size, seq = config.train.steps, config.train.batch_size, config.data.seq_len
+    steps = config.train.steps
 
     with jax.set_mesh(mesh):
         shardings = named(mesh, state_specs(model, tx))
@@ -150,40 +227,15 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
         )
         ckpt = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep,
                             async_save=config.checkpoint.async_save)  # fmt: skip
-        start, data_state = 0, None
-        restored = ckpt.restore_latest(abstract_state, config.model)
-        if restored is not None:
-            start, state, data_state = restored
-            log.info("resumed from %s step %d", ckpt.directory, start)
-        elif config.schedule.branch_from:
-            state, data_state = restore_branch_source(config, abstract_state)
-            start = config.schedule.branch_step
-            log.info("decay branch from %s step %d", config.schedule.branch_from, start)
-        else:
-            init = jax.jit(lambda: {"params": (p := model.init(config.seed)), "opt_state": tx.init(p)},
-                           out_shardings=shardings)  # fmt: skip
-            state = init()
+        start, state, data_state = initial_state(config, ckpt, model, tx, shardings, abstract_state)
 
-        local_batch = batch_size // nproc
+        local_batch = config.train.batch_size // nproc
         train_iter = make_train_iterator(
             config.data, batch_size=local_batch, process_index=pid, process_count=nproc,
             model_vocab_size=config.model.vocab_size, state=data_state,
         )  # fmt: skip
         batch_sharding = NamedSharding(mesh, logical_spec(("batch", None)))
-        eval_batches = [
-            global_batch(b, batch_sharding)
-            for b in make_eval_batches(
-                config.data, batch_size=local_batch, num_batches=config.data.eval_batches,
-                process_index=pid, process_count=nproc, model_vocab_size=config.model.vocab_size,
-            )
-        ]  # fmt: skip
-        eval_sets = {"eval_loss": eval_batches}
-        if config.eval.scalingbench:
-            rows = slice(pid * local_batch, (pid + 1) * local_batch)
-            eval_sets["scalingbench_loss"] = [
-                global_batch({k: v[rows] for k, v in b.items()}, batch_sharding)
-                for b in scalingbench_batches(config)
-            ]
+        eval_sets = make_eval_sets(config, batch_sharding)
         step_fn = jax.jit(
             make_train_step(model, tx, schedule, config.train.grad_accum),
             in_shardings=(shardings, batch_sharding, None),
@@ -219,42 +271,9 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
         writer = MetricsWriter(config.workdir, enabled=pid == 0)
         if pid == 0:
             keep_tokenizer(config)
-        flops_per_step = train_flops_per_token(config.model, seq) * batch_size * seq
-        peak = measure_matmul_peak(dtype=compute_dtype(config.model))
         bar = tqdm(total=steps, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
-        last = {"step": start}
-        nonfinite_run = nonfinite_total = 0
+        step_log = StepLog(config, writer, bar, start, ckpt)
         pending = None  # (step, device metrics) of the step before the one in flight: read without stalling
-        t_mark, step_mark = time.perf_counter(), start
-
-        def finish(step: int, device_metrics) -> None:
-            nonlocal nonfinite_run, nonfinite_total, t_mark, step_mark
-            m = jax.device_get(device_metrics)
-            if not m["ok"]:
-                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-                log.warning("step %d: non-finite loss or gradient, update skipped", step)
-                if nonfinite_run >= config.train.max_consecutive_nonfinite:
-                    raise TrainingDiverged(
-                        f"stopping: {nonfinite_run} consecutive non-finite steps up to step {step} "
-                        f"(train.max_consecutive_nonfinite); last good checkpoint: step {ckpt.latest_step()} "
-                        f"in {ckpt.directory}"
-                    )
-            else:
-                nonfinite_run = 0
-            if step % config.train.log_every_steps == 0 or step == steps:
-                elapsed = time.perf_counter() - t_mark
-                n = max(step - step_mark, 1)
-                rate = n / elapsed  # the first interval includes compilation
-                line = {
-                    "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                    "tokens_per_s": rate * batch_size * seq, "mfu": rate * flops_per_step / peak,
-                    "nonfinite_steps": nonfinite_total,
-                }  # fmt: skip
-                writer.write(step, line)
-                bar.set_postfix_str(_metrics_line(line))
-                last.update(line, step=step)
-                t_mark, step_mark = time.perf_counter(), step
-
         step = start
         try:
             for step in range(start, steps):
@@ -263,15 +282,15 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
                 batch = global_batch(next(train_iter), batch_sharding)
                 state, metrics = step_fn(state, batch, jnp.int32(step))
                 if pending is not None:
-                    finish(*pending)
+                    step_log.finish(*pending)
                 pending = (step + 1, metrics)
                 bar.update(1)
                 done = step + 1
                 if done % config.eval.every_steps == 0 or done == steps:
-                    finish(*pending)
+                    step_log.finish(*pending)
                     pending = None
                     losses = evaluate(state["params"])
-                    last.update(losses)
+                    step_log.last.update(losses)
                     writer.write(done, losses)
                     if pid == 0:
                         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
@@ -280,7 +299,7 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
             else:
                 step = steps
             if pending is not None:
-                finish(*pending)
+                step_log.finish(*pending)
             if stop.is_set():
                 log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
                 if step not in ckpt.all_steps():
@@ -290,10 +309,11 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
             ckpt.close()
             bar.close()
             writer.close()
+        last = step_log.last
         if start >= steps:  # resumed a finished run (e.g. a sweep trial re-queued after its worker died)
-            last.update({k: v for k, v in logged_metrics(config.workdir).items() if k not in ("step",)})
+            last.update({k: v for k, v in logged_metrics(config.workdir).items() if k != "step"})
             last.update(evaluate(state["params"]), step=steps)
-        last["nonfinite_steps"] = nonfinite_total
+        last["nonfinite_steps"] = step_log.nonfinite_total
         last["preempted"] = stop.is_set()
         return last
 

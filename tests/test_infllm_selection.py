@@ -135,3 +135,18 @@ def test_config_rejects_bad_values():
         SparseConfig(topk=8)
     with pytest.raises(ValueError, match="multiples of kernel_stride"):
         SparseConfig(kernel_stride=24)
+
+
+def test_sort_free_top_k_matches_a_stable_sort():
+    """Ties (repeated values), +inf (forced), -inf (never) and rows with fewer than k candidates."""
+    rng = np.random.default_rng(7)
+    scores = rng.choice([0.0, 0.25, 0.5, 1.0, 3.0, np.inf, -np.inf], size=(4, 5, 40)).astype(np.float32)
+    scores[0, 0] = -np.inf  # nothing to choose
+    scores[1, :, :] = rng.random((5, 40)).astype(np.float32)  # distinct values
+    scores[2, 0, 3:] = -np.inf  # three candidates only
+    k = 6
+    got = np.asarray(selection.top_k_ascending(scores, k))
+    for row, want_from in zip(got.reshape(-1, k), scores.reshape(-1, 40)):
+        order = np.argsort(-want_from, kind="stable")[:k]  # largest first, ties to the lower index
+        want = np.sort(order[want_from[order] > -np.inf])
+        np.testing.assert_array_equal(row, np.concatenate([want, -np.ones(k - len(want), int)]))

@@ -73,6 +73,8 @@ def main(argv):
         "matmul_peak_flops": peak,
         "matmul_peak_range": [min(peaks), max(peaks)],
         "mfu": flops / step_time / peak,
+        # each step against the peak measured right after it: robust to drifts in the machine's speed
+        "mfu_per_step_median": statistics.median(flops / t / p for t, p in zip(times, peaks[1:])),
         "attention": config.model.attention,
     }
     if not _JSON.value:

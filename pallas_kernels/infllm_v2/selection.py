@@ -183,7 +183,7 @@ def _pool_to_blocks(kernel_scores: jnp.ndarray, n_blocks: int, cfg: SparseConfig
 
 
 def _top_blocks(block_scores, seg, start, pos, cfg: SparseConfig) -> jnp.ndarray:
-    """Forces init/local blocks, masks ineligible ones, takes top-k, sorts ascending with -1 padding."""
+    """Forces init/local blocks, masks ineligible ones, takes the top-k ascending with -1 padding."""
     n_blocks = block_scores.shape[-1]
     blocks = jnp.arange(n_blocks)[None, None, :]
     own = (pos // cfg.block_size)[:, :, None]
@@ -191,8 +191,35 @@ def _top_blocks(block_scores, seg, start, pos, cfg: SparseConfig) -> jnp.ndarray
     eligible = (blocks <= own) & (blocks >= first) & (seg[:, :, None] != 0)  # [b, chunk, n_blocks]
     forced = eligible & ((blocks < first + cfg.init_blocks) | (blocks > own - cfg.local_blocks))
     scores = jnp.where(forced[:, None], jnp.inf, jnp.where(eligible[:, None], block_scores, -jnp.inf))
-    if n_blocks < cfg.topk:
-        scores = jnp.pad(scores, [(0, 0)] * 3 + [(0, cfg.topk - n_blocks)], constant_values=-jnp.inf)
-    values, index = lax.top_k(scores, cfg.topk)
-    index = jnp.sort(jnp.where(values == -jnp.inf, n_blocks, index), axis=-1)
-    return jnp.where(index == n_blocks, -1, index).astype(jnp.int32)
+    return top_k_ascending(scores, cfg.topk)
+
+
+def top_k_ascending(scores: jnp.ndarray, k: int) -> jnp.ndarray:
+    """Indices of the k largest scores along the last axis, ascending, -1 padded; -inf never counts, ties go to
+    the lower index. Scores must be >= 0 or +-inf (block scores are sums of probabilities).
+
+    Sort-free: the k-th largest value is found by bisection on the float bits (monotone for non-negative
+    floats), then a cumulative sum places the chosen indices; XLA's CPU TopK and sort were most of the
+    selection's time. Returns int32 [..., k].
+    """
+    keys = jnp.where(scores > -jnp.inf, lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32), -1)
+
+    def bisect(_, bounds):  # invariant: at least k keys >= lo (when there are k valid keys at all)
+        lo, hi = bounds
+        mid = lo + (hi - lo + 1) // 2
+        enough = jnp.sum(keys >= mid[..., None], axis=-1) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    rows = keys.shape[:-1]
+    inf_bits = jnp.full(rows, 0x7F800000, jnp.int32)
+    kth, _ = lax.fori_loop(0, 31, bisect, (jnp.zeros(rows, jnp.int32), inf_bits))  # 2^31 > +inf's bits
+    above = keys > kth[..., None]
+    at = keys == kth[..., None]
+    quota = k - jnp.sum(above, axis=-1, keepdims=True)
+    # prefix sums by associative scan: XLA:CPU lowers jnp.cumsum to a quadratic reduce-window
+    prefix = lambda x: lax.associative_scan(jnp.add, x.astype(jnp.int32), axis=-1)
+    chosen = above | (at & (prefix(at) <= quota))
+    slot = jnp.where(chosen, prefix(chosen) - 1, k)  # k: dropped by the scatter
+    lead = tuple(i[..., None] for i in jnp.indices(rows, sparse=True))
+    index = jnp.broadcast_to(jnp.arange(keys.shape[-1], dtype=jnp.int32), keys.shape)
+    return jnp.full((*rows, k), -1, jnp.int32).at[(*lead, slot)].set(index, mode="drop")
