@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from data_pipelines.loader import resolve_dataset
 from data_pipelines.shards import TOKENIZER
 from data_pipelines.tokenizer import read_tokenizer_file, sha256_hex
+from experiments.configs.base import base_config
 from mct.checkpoint import Checkpointer
 from mct.model import ParamsModel
 
@@ -41,7 +42,11 @@ class RunCheckpoint:
         # The tokenizers the run's data was prepared with (none for an imported run, which has no data state).
         mixture = (data_state or {}).get("fingerprint", {}).get("mixture", {})
         self.tokenizer_sha256 = {c["tokenizer_sha256"] for c in mixture.values() if "tokenizer_sha256" in c}
-        self.model_cfg = self.config.model
+        # model keys added to mct since the run was saved (settings, never shapes) take their defaults
+        defaults = base_config().model
+        self.model_cfg = ml_collections.ConfigDict(
+            {**{k: v for k, v in defaults.items() if k not in self.config.model}, **self.config.model}
+        )
         self.shapes = {name: x.shape for name, x in ParamsModel(self.model_cfg).abstract().items()}
         self._state_dir = self.workdir.absolute() / "checkpoints" / str(self.step) / "state"
         self._arrays: dict[str, ts.TensorStore] = {}

@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 
+import ml_collections
 import ml_dtypes
 import numpy as np
 import pytest
@@ -236,3 +237,15 @@ def test_import_refuses_bad_input(tmp_path, run_config):
     with pytest.raises(ValueError, match="lacks the field 'mct_folded_mup'"):
         import_hf(hf, tmp_path / "w5", unfold_mup=True)
     assert not any(p.name.startswith(("w", ".w")) for p in tmp_path.iterdir())
+
+
+def test_run_saved_before_a_model_setting_existed_still_reads(tmp_path, dataset):
+    """A checkpoint whose saved model config predates a settings key (here scan_layers) reads with the default."""
+    config = tiny_run_config(tmp_path / "wd", dataset)
+    saved = config.to_dict()
+    del saved["model"]["scan_layers"]
+    old = ml_collections.ConfigDict(saved)
+    params = save_random_run(old.workdir, old)
+    run = RunCheckpoint(old.workdir)
+    assert run.model_cfg.scan_layers is True
+    np.testing.assert_array_equal(run.read("wq"), params["wq"])
