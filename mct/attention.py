@@ -91,5 +91,5 @@ def cached_attend(
         jnp.arange(k_cache.shape[1])[None, None, None, :] <= positions[:, None, :, None]
     )  # [b, 1, T, cap]
     visible = jnp.broadcast_to(visible, (b, kv_heads, t, k_cache.shape[1]))
-    out = masked_attention(qg, k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3), visible)
+    out = masked_attention(qg, k_cache, v_cache, visible)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, q_heads, d).astype(q.dtype), KVCache(k_cache, v_cache)

@@ -45,10 +45,10 @@ def check_gqa_shapes(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids
 def masked_attention(qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
     """Softmax attention of grouped queries over keys they may see; fp32 scores, rows seeing nothing give 0.
 
-    qg: [b, kv, T, group, d], already scaled by 1/sqrt(d); k, v: [b, kv, n, d] (shared by all T queries) or
-    [b, kv, T, n, d] (one key set per query); visible: [b, kv, T, n] bool. Returns [b, kv, T, group, d].
+    qg: [b, kv, T, group, d], already scaled by 1/sqrt(d); k, v: [b, n, kv, d] (a KV cache, shared by all T
+    queries) or [b, kv, T, n, d] (one key set per query); visible: [b, kv, T, n] bool. Returns [b, kv, T, group, d].
     """
-    keys = "bhnd" if k.ndim == 4 else "bhtnd"
+    keys = "bnhd" if k.ndim == 4 else "bhtnd"
     scores = jnp.einsum(f"bhtgd,{keys}->bhtgn", qg, k, preferred_element_type=jnp.float32)
     mask = visible[:, :, :, None, :]
     probs = jnp.where(

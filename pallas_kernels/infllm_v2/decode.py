@@ -71,7 +71,7 @@ def cached_attention(
     def dense(qc, pc):
         visible = slots[None, None, None, :] <= pc[:, None, :, None]  # [b, 1, chunk, capacity]
         visible = jnp.broadcast_to(visible, (b, kv_heads, chunk, capacity))
-        return masked_attention(qc, k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3), visible)
+        return masked_attention(qc, k_cache, v_cache, visible)
 
     def sparse(qc, pc):
         selected = score_blocks(
