@@ -216,7 +216,7 @@ def top_k_ascending(scores: jnp.ndarray, k: int) -> jnp.ndarray:
     above = keys > kth[..., None]
     at = keys == kth[..., None]
     quota = k - jnp.sum(above, axis=-1, keepdims=True)
-    # prefix sums by associative scan: XLA:CPU lowers jnp.cumsum to a quadratic reduce-window
+    # prefix sums by associative scan (jnp.cumsum becomes a reduce-window, which traced slower here)
     prefix = lambda x: lax.associative_scan(jnp.add, x.astype(jnp.int32), axis=-1)
     chosen = above | (at & (prefix(at) <= quota))
     slot = jnp.where(chosen, prefix(chosen) - 1, k)  # k: dropped by the scatter
