@@ -12,7 +12,7 @@ import ml_collections
 
 from pallas_kernels import infllm_v2
 from pallas_kernels.blockwise_attention import causal_attention
-from pallas_kernels.gqa_layout import masked_attention
+from pallas_kernels.gqa_layout import group_queries, masked_attention
 from pallas_kernels.infllm_v2 import decode as infllm_v2_decode
 
 
@@ -86,7 +86,7 @@ def cached_attend(
         return out, KVCache(k_cache, v_cache, sums)
     b, t, q_heads, d = q.shape
     kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, q_heads // kv_heads, d).transpose(0, 2, 1, 3, 4) * d**-0.5
+    qg = group_queries(q, kv_heads)  # [b, kv, T, group, d]
     visible = (
         jnp.arange(k_cache.shape[1])[None, None, None, :] <= positions[:, None, :, None]
     )  # [b, 1, T, cap]

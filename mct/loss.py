@@ -94,6 +94,5 @@ def loss_sums(model: MiniCPM, batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarra
     """(sum of masked token losses, number of counted tokens): summable across micro-batches and hosts."""
     mask = batch["loss_mask"].astype(jnp.float32)
     h = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [batch, seq, d_model]
-    return masked_loss_sum(h, model.head_weight(), batch["targets"], mask, model.cfg.loss_chunk), jnp.sum(
-        mask
-    )
+    total = masked_loss_sum(h, model.head_weight(), batch["targets"], mask, model.cfg.loss_chunk)
+    return total, jnp.sum(mask)

@@ -42,10 +42,17 @@ def check_gqa_shapes(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids
         raise ValueError(f"segment_ids must be [batch, seq] = {(b, s)}; got {segment_ids.shape}")
 
 
+def group_queries(q: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
+    """q [batch, seq, q_heads, d] -> fp32 [batch, kv_heads, seq, group, d], pre-scaled by 1/sqrt(d)."""
+    b, seq, q_heads, d = q.shape
+    qg = q.astype(jnp.float32).reshape(b, seq, kv_heads, q_heads // kv_heads, d) * d**-0.5
+    return qg.transpose(0, 2, 1, 3, 4)
+
+
 def masked_attention(qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
     """Softmax attention of grouped queries over keys they may see; fp32 scores, rows seeing nothing give 0.
 
-    qg: [b, kv, T, group, d], already scaled by 1/sqrt(d); k, v: [b, n, kv, d] (a KV cache, shared by all T
+    qg: [b, kv, T, group, d] from group_queries (scaled by 1/sqrt(d)); k, v: [b, n, kv, d] (a KV cache, shared by all T
     queries) or [b, kv, T, n, d] (one key set per query); visible: [b, kv, T, n] bool. Returns [b, kv, T, group, d].
     """
     keys = "bnhd" if k.ndim == 4 else "bhtnd"

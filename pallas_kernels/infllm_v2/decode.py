@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.gqa_layout import masked_attention
+from pallas_kernels.gqa_layout import group_queries, masked_attention
 from pallas_kernels.infllm_v2.config import SparseConfig
-from pallas_kernels.infllm_v2.selection import compress_keys, group_queries, score_blocks, stride_sums
+from pallas_kernels.infllm_v2.selection import compress_keys, score_blocks, stride_sums
 
 _QUERY_CHUNK = 16  # queries per step when many arrive at once (prefill): bounds the gathered blocks
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.gqa_layout import check_gqa_shapes
+from pallas_kernels.gqa_layout import check_gqa_shapes, group_queries
 from pallas_kernels.infllm_v2.config import SparseConfig
 from pallas_kernels.segments import document_starts
 
@@ -125,13 +125,6 @@ def _select_blocks(q, k, segment_ids, cfg: SparseConfig, query_chunk: int):
         )
     picked = jnp.concatenate(picked)  # [n_chunks, b, kv, chunk, topk]
     return picked.transpose(1, 2, 0, 3, 4).reshape(b, kv_heads, seq + pad, cfg.topk)[:, :, :seq]
-
-
-def group_queries(q: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
-    """q [batch, seq, q_heads, d] -> fp32 [batch, kv_heads, seq, group, d], pre-scaled by 1/sqrt(d)."""
-    b, seq, q_heads, d = q.shape
-    qg = q.astype(jnp.float32).reshape(b, seq, kv_heads, q_heads // kv_heads, d) * d**-0.5
-    return qg.transpose(0, 2, 1, 3, 4)
 
 
 def score_blocks(qg, seg, start, pos, *, keys: CompressedKeys, cfg: SparseConfig, n_c1: int, n_c2: int,
