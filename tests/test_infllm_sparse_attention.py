@@ -107,7 +107,7 @@ def test_pallas_tpu_faithful_interpreter_matches_reference():
 
 
 def test_xla_union_spans_several_chunks():
-    """topk large enough that a query block's union needs more than one gathered chunk."""
+    """topk large enough that a query block's union needs a whole gathered chunk and tail chunks."""
     cfg = dataclasses.replace(SMALL, block_size=8, kernel_size=4, kernel_stride=2, window_size=8, topk=20)
     assert_matches_reference("xla", (1, 200, 2, 1, True), cfg)
 

@@ -1,8 +1,9 @@
 """Block-sparse attention in XLA, query block by query block, with a blockwise custom VJP.
 
 For one query block (block_size tokens x G heads = the matmul's rows) and kv head, the union of the blocks
-its tokens selected is gathered once, in chunks of `_UNION_CHUNK` blocks, and each token keeps only its own
-selection through a mask (plus causal and same-document). Memory stays bounded by one chunk per step;
+its tokens selected is gathered once, in chunks of `_UNION_CHUNK` blocks and the remainder in chunks of
+`_TAIL_CHUNK` (a union of 97 blocks costs 100, not 112), and each token keeps only its own selection through
+a mask (plus causal and same-document). Memory stays bounded by one chunk per step;
 time grows with the union size, which is close to topk when neighbouring queries select alike.
 The backward recomputes each chunk, keeps dQ per query block and scatter-adds dK/dV into the chosen blocks.
 """
@@ -18,6 +19,7 @@ from pallas_kernels.gqa_layout import from_group_rows, heads_major, to_group_row
 from pallas_kernels.infllm_v2.kernel_common import pad_to_blocks
 
 _UNION_CHUNK = 16  # blocks gathered per step
+_TAIL_CHUNK = 4  # blocks gathered per step once fewer than _UNION_CHUNK remain
 
 
 def xla_sparse_attention(
@@ -79,14 +81,28 @@ def _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size):
     return mask.reshape(b, kv, block_size, c * block_size)  # one row per token: flash_math spreads it over G
 
 
-def _query_block_chunks(bitmaps, i, block_size):
-    """Per query block i: its bitmap slice, union list, count and the number of chunks to visit."""
+def _over_union(bitmaps, i, block_size, step, state):
+    """Folds step(bitmap_i, blocks [b, kv, c], valid [b, kv, c], state) over the union of query block i's
+    selections: whole chunks of _UNION_CHUNK blocks, then the rest in chunks of _TAIL_CHUNK."""
     bitmap_i = lax.dynamic_slice_in_dim(bitmaps, i * block_size, block_size, axis=2)  # [b, kv, t, n_blocks]
     union, count = _union_list(bitmap_i)
-    chunk = min(_UNION_CHUNK, union.shape[-1])
-    union = jnp.pad(union, ((0, 0), (0, 0), (0, -union.shape[-1] % chunk)))
-    n_chunks = (count.max() + chunk - 1) // chunk
-    return bitmap_i, union, count, chunk, n_chunks
+    n_blocks = union.shape[-1]
+    union = jnp.pad(union, ((0, 0), (0, 0), (0, _UNION_CHUNK)))  # every slice below stays in bounds
+    most = count.max()
+
+    def loop(first, chunk, n_steps, state):
+        def body(ci, state):
+            start = first + ci * chunk
+            blocks = lax.dynamic_slice_in_dim(union, start, chunk, axis=2)
+            return step(bitmap_i, blocks, start + jnp.arange(chunk) < count[..., None], state)
+
+        return lax.fori_loop(0, n_steps, body, state)
+
+    full = min(_UNION_CHUNK, n_blocks)
+    tail = min(_TAIL_CHUNK, full)
+    n_full = most // full
+    state = loop(0, full, n_full, state)
+    return loop(n_full * full, tail, (most - n_full * full + tail - 1) // tail, state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -107,15 +123,12 @@ def _forward(block_size, q, k, v, bitmaps, segment_ids):
     def query_block(_, i):
         qi = lax.dynamic_slice_in_dim(q, i * rb, rb, axis=2) * scale
         seg_i = lax.dynamic_slice_in_dim(segment_ids, i * block_size, block_size, axis=1)
-        bitmap_i, union, count, chunk, n_chunks = _query_block_chunks(bitmaps, i, block_size)
 
-        def step(ci, state):
-            blocks = lax.dynamic_slice_in_dim(union, ci * chunk, chunk, axis=2)
-            valid = ci * chunk + jnp.arange(chunk) < count[..., None]
+        def step(bitmap_i, blocks, valid, state):
             mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size)
             return flash_math.fold(state, qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), mask)
 
-        state = lax.fori_loop(0, n_chunks, step, flash_math.init_state((b, kv, rb), d))
+        state = _over_union(bitmaps, i, block_size, step, flash_math.init_state((b, kv, rb), d))
         out, lse = flash_math.finish(state)
         return None, (out.astype(q.dtype), lse)
 
@@ -146,24 +159,21 @@ def _sparse_bwd(block_size, residuals, d_out):
         lse_i = lax.dynamic_slice_in_dim(lse, i * rb, rb, axis=2)
         delta_i = lax.dynamic_slice_in_dim(delta, i * rb, rb, axis=2)
         seg_i = lax.dynamic_slice_in_dim(segment_ids, i * block_size, block_size, axis=1)
-        bitmap_i, union, count, chunk, n_chunks = _query_block_chunks(bitmaps, i, block_size)
 
-        def step(ci, state):
+        def step(bitmap_i, blocks, valid, state):
             dq_i, dk_blocks, dv_blocks = state
-            blocks = lax.dynamic_slice_in_dim(union, ci * chunk, chunk, axis=2)
-            valid = ci * chunk + jnp.arange(chunk) < count[..., None]
             mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size)
             dq_c, dk_c, dv_c = flash_math.block_grads(
                 qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), do_i, lse_i, delta_i, mask
             )
-            shape = (b, kv, chunk, block_size, d)
+            shape = (*blocks.shape, block_size, d)
             # Invalid slots carry exact zeros (fully masked), so adding them to block 0 changes nothing.
             dk_blocks = dk_blocks.at[bi, hi, blocks].add(dk_c.reshape(shape))
             dv_blocks = dv_blocks.at[bi, hi, blocks].add(dv_c.reshape(shape))
             return dq_i + dq_c, dk_blocks, dv_blocks
 
-        dq_i, dk_blocks, dv_blocks = lax.fori_loop(
-            0, n_chunks, step, (jnp.zeros((b, kv, rb, d), jnp.float32), *carry)
+        dq_i, dk_blocks, dv_blocks = _over_union(
+            bitmaps, i, block_size, step, (jnp.zeros((b, kv, rb, d), jnp.float32), *carry)
         )
         return (dk_blocks, dv_blocks), (dq_i * scale).astype(q.dtype)
 
