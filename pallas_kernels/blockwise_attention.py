@@ -156,9 +156,9 @@ def _backward(block, q, k, v, segment_ids, out, lse, d_out):
         lse_i, delta_i = _block(lse, i, rb), _block(delta, i, rb)
 
         def pair(j, state, diagonal):
-            dq_i, dk, dv = state
+            dq_t, dk, dv = state
             grads = lambda mask: flash_math.block_grads(
-                qi, _block(k, j, block), _block(v, j, block), doi, lse_i, delta_i, mask
+                qi, _block(k, j, block), _block(v, j, block), doi, lse_i, delta_i, mask, dq_transposed=True
             )
             if diagonal:
                 dq_j, dk_j, dv_j = grads(_pair_mask(segment_ids, i, j, block, diagonal=True))
@@ -166,12 +166,12 @@ def _backward(block, q, k, v, segment_ids, out, lse, d_out):
                 dq_j, dk_j, dv_j = _with_segment_mask(grads, segment_ids, i, j, block)
             dk = lax.dynamic_update_slice_in_dim(dk, _block(dk, j, block) + dk_j, j * block, axis=2)
             dv = lax.dynamic_update_slice_in_dim(dv, _block(dv, j, block) + dv_j, j * block, axis=2)
-            return dq_i + dq_j, dk, dv
+            return dq_t + dq_j, dk, dv
 
-        state = (jnp.zeros((b, kv, rb, d), jnp.float32), dk, dv)
+        state = (jnp.zeros((b, kv, d, rb), jnp.float32), dk, dv)  # dq^T: [b, kv, d, rb]
         state = lax.fori_loop(first[i], i, functools.partial(pair, diagonal=False), state)
-        dq_i, dk, dv = pair(i, state, diagonal=True)
-        return (dk, dv), (dq_i * scale).astype(q.dtype)
+        dq_t, dk, dv = pair(i, state, diagonal=True)
+        return (dk, dv), (jnp.swapaxes(dq_t, -1, -2) * scale).astype(q.dtype)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     (dk, dv), dq = lax.scan(query_block, (zeros, zeros), jnp.arange(num_blocks))

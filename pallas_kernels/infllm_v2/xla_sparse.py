@@ -161,21 +161,21 @@ def _sparse_bwd(block_size, residuals, d_out):
         seg_i = lax.dynamic_slice_in_dim(segment_ids, i * block_size, block_size, axis=1)
 
         def step(bitmap_i, blocks, valid, state):
-            dq_i, dk_blocks, dv_blocks = state
+            dq_t, dk_blocks, dv_blocks = state
             mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size)
             dq_c, dk_c, dv_c = flash_math.block_grads(
-                qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), do_i, lse_i, delta_i, mask
+                qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), do_i, lse_i, delta_i, mask, dq_transposed=True
             )
             shape = (*blocks.shape, block_size, d)
             # Invalid slots carry exact zeros (fully masked), so adding them to block 0 changes nothing.
             dk_blocks = dk_blocks.at[bi, hi, blocks].add(dk_c.reshape(shape))
             dv_blocks = dv_blocks.at[bi, hi, blocks].add(dv_c.reshape(shape))
-            return dq_i + dq_c, dk_blocks, dv_blocks
+            return dq_t + dq_c, dk_blocks, dv_blocks
 
-        dq_i, dk_blocks, dv_blocks = _over_union(
-            bitmaps, i, block_size, step, (jnp.zeros((b, kv, rb, d), jnp.float32), *carry)
-        )
-        return (dk_blocks, dv_blocks), (dq_i * scale).astype(q.dtype)
+        dq_t, dk_blocks, dv_blocks = _over_union(
+            bitmaps, i, block_size, step, (jnp.zeros((b, kv, d, rb), jnp.float32), *carry)
+        )  # dq_t: [b, kv, d, rb]
+        return (dk_blocks, dv_blocks), (jnp.swapaxes(dq_t, -1, -2) * scale).astype(q.dtype)
 
     zeros = jnp.zeros((b, kv, n_blocks, block_size, d), jnp.float32)
     (dk, dv), dq = lax.scan(query_block, (zeros, zeros), jnp.arange(n_blocks))
