@@ -68,17 +68,26 @@ def _chunk(x_blocks: jnp.ndarray, blocks: jnp.ndarray) -> jnp.ndarray:
     return got.reshape(b, kv, c * x_blocks.shape[3], x_blocks.shape[4])
 
 
-def _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size):
-    """[b, kv, block, c * block] visibility of a gathered chunk to the tokens of query block i."""
+def _with_chunk_mask(fn, bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size):
+    """fn(mask) for a gathered chunk and query block i: mask None (no elementwise masking) when every token
+    chose every block of the chunk and all of it lies before the query block, in the tokens' one document;
+    else the [b, kv, t, c * block] visibility. Neighbouring tokens mostly select alike, so most chunks skip."""
     b, kv, c = blocks.shape
-    chosen = jnp.take_along_axis(bitmap_i, blocks[:, :, None, :], axis=3) & valid[:, :, None, :]
-    q_pos = i * block_size + jnp.arange(block_size)
-    k_pos = blocks[..., None] * block_size + jnp.arange(block_size)  # [b, kv, c, block]
-    causal = k_pos[:, :, None] <= q_pos[None, None, :, None, None]  # [b, kv, t, c, block]
+    chosen = jnp.take_along_axis(bitmap_i, blocks[:, :, None, :], axis=3) & valid[:, :, None, :]  # [b,kv,t,c]
     seg_k = jnp.take_along_axis(seg_blocks[:, None], blocks[..., None], axis=2)  # [b, kv, c, block]
-    same = (seg_k[:, :, None] == seg_i[:, None, :, None, None]) & (seg_i != 0)[:, None, :, None, None]
-    mask = chosen[..., None] & causal & same  # [b, kv, t, c, block]
-    return mask.reshape(b, kv, block_size, c * block_size)  # one row per token: flash_math spreads it over G
+    doc = seg_i[:, :1]  # [b, 1]
+    one_document = jnp.all((seg_i == doc) & (doc != 0)) & jnp.all(seg_k == doc[:, :, None, None])
+    clear = jnp.all(chosen) & jnp.all(blocks < i) & one_document
+
+    def mask():
+        q_pos = i * block_size + jnp.arange(block_size)
+        k_pos = blocks[..., None] * block_size + jnp.arange(block_size)  # [b, kv, c, block]
+        causal = k_pos[:, :, None] <= q_pos[None, None, :, None, None]  # [b, kv, t, c, block]
+        same = (seg_k[:, :, None] == seg_i[:, None, :, None, None]) & (seg_i != 0)[:, None, :, None, None]
+        visible = chosen[..., None] & causal & same  # [b, kv, t, c, block]
+        return visible.reshape(b, kv, block_size, c * block_size)  # a row per token: flash_math spreads it
+
+    return lax.cond(clear, lambda: fn(None), lambda: fn(mask()))
 
 
 def _over_union(bitmaps, i, block_size, step, state):
@@ -125,8 +134,9 @@ def _forward(block_size, q, k, v, bitmaps, segment_ids):
         seg_i = lax.dynamic_slice_in_dim(segment_ids, i * block_size, block_size, axis=1)
 
         def step(bitmap_i, blocks, valid, state):
-            mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size)
-            return flash_math.fold(state, qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), mask)
+            k_c, v_c = _chunk(k_blocks, blocks), _chunk(v_blocks, blocks)
+            fold = lambda mask: flash_math.fold(state, qi, k_c, v_c, mask)
+            return _with_chunk_mask(fold, bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size)
 
         state = _over_union(bitmaps, i, block_size, step, flash_math.init_state((b, kv, rb), d))
         out, lse = flash_math.finish(state)
@@ -162,9 +172,12 @@ def _sparse_bwd(block_size, residuals, d_out):
 
         def step(bitmap_i, blocks, valid, state):
             dq_t, dk_blocks, dv_blocks = state
-            mask = _chunk_mask(bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size)
-            dq_c, dk_c, dv_c = flash_math.block_grads(
-                qi, _chunk(k_blocks, blocks), _chunk(v_blocks, blocks), do_i, lse_i, delta_i, mask, dq_transposed=True
+            k_c, v_c = _chunk(k_blocks, blocks), _chunk(v_blocks, blocks)
+            grads = lambda mask: flash_math.block_grads(
+                qi, k_c, v_c, do_i, lse_i, delta_i, mask, dq_transposed=True
+            )
+            dq_c, dk_c, dv_c = _with_chunk_mask(
+                grads, bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_size
             )
             shape = (*blocks.shape, block_size, d)
             # Invalid slots carry exact zeros (fully masked), so adding them to block 0 changes nothing.
