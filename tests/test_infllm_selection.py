@@ -2,10 +2,13 @@
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.gqa_layout import group_queries
 from pallas_kernels.infllm_v2 import SparseConfig, select_blocks, selection
+from pallas_kernels.infllm_v2.selection_gpu import pallas_gpu_block_scores
 
 SMALL = SparseConfig(
     block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=32, topk=6, dense_len=0
@@ -98,14 +101,21 @@ def packed_segments(rng, batch, seq):
         (1, 181, 8, 1, True, False),
     ],
 )
-def test_select_blocks_matches_numpy(batch, seq, q_heads, kv_heads, with_segments, lse_approx, monkeypatch):
+@pytest.mark.parametrize("implementation", selection.IMPLEMENTATIONS)
+def test_select_blocks_matches_numpy(
+    batch, seq, q_heads, kv_heads, with_segments, lse_approx, implementation, monkeypatch
+):
+    """Both implementations; pallas_gpu in interpret mode (several token tiles and block tiles)."""
     monkeypatch.setattr(selection, "_QUERY_CHUNK", 32)  # several query chunks and causal bands
     cfg = dataclasses.replace(SMALL, lse_approx=lse_approx)
     rng = np.random.default_rng(seq * 3 + q_heads)
     q = rng.standard_normal((batch, seq, q_heads, 8)).astype(np.float32)
     k = rng.standard_normal((batch, seq, kv_heads, 8)).astype(np.float32)
     seg = packed_segments(rng, batch, seq) if with_segments else np.ones((batch, seq), np.int32)
-    got = np.asarray(select_blocks(q, k, cfg, segment_ids=seg if with_segments else None))
+    got = select_blocks(
+        q, k, cfg, segment_ids=seg if with_segments else None, implementation=implementation, interpret=True
+    )
+    got = np.asarray(got)
     assert got.shape == (batch, kv_heads, seq, cfg.topk) and got.dtype == np.int32
     np.testing.assert_array_equal(got, numpy_select_blocks(q, k, cfg, seg))
 
@@ -150,3 +160,25 @@ def test_sort_free_top_k_matches_a_stable_sort():
         order = np.argsort(-want_from, kind="stable")[:k]  # largest first, ties to the lower index
         want = np.sort(order[want_from[order] > -np.inf])
         np.testing.assert_array_equal(row, np.concatenate([want, -np.ones(k - len(want), int)]))
+
+
+@pytest.mark.parametrize("lse_approx", [True, False])
+def test_pallas_gpu_block_scores_match_xla(lse_approx):
+    """The fused kernel's scores before top-k, interpret mode: also where the top-k cannot tell (rows at a
+    document's start that see no coarse key and select every block)."""
+    cfg = dataclasses.replace(SMALL, lse_approx=lse_approx)
+    rng = np.random.default_rng(11)
+    batch, seq, kv_heads = 2, 170, 2
+    q = jnp.asarray(rng.standard_normal((batch, seq, 8, 8)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, 8)).astype(np.float32))
+    seg = jnp.asarray(packed_segments(rng, batch, seq))
+    keys = selection.compress_keys(selection.stride_sums(k, cfg.kernel_stride), seg, cfg)
+    qg = group_queries(q, kv_heads)
+    n_blocks = -(-seq // cfg.block_size)
+    pos = jnp.arange(seq)[None]
+    limits = dict(n_c1=keys.c1.shape[2], n_c2=keys.c2.shape[2], n_blocks=n_blocks)
+    want = np.asarray(selection.block_scores(qg, seg, pos, keys=keys, cfg=cfg, **limits))
+    got = np.asarray(pallas_gpu_block_scores(qg, keys, seg, cfg, interpret=True))
+    assert got.shape == want.shape == (batch, kv_heads, seq, n_blocks)
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-5, atol=1e-6)

@@ -3,12 +3,16 @@
     python3 -m experiments.device.check_gpu --seq 32768,65536,131072
 
 Correctness (bf16 and fp32, --check_seq tokens, packed documents, GQA 16/2): forward and gradients of the Triton
-kernels and of the `xla` path against the materialised reference, as max |error| / max |reference|.
+kernels and of the `xla` path against the materialised reference, as max |error| / max |reference|; the fused
+selection kernel against the XLA selection, as the share of identical block indices (TF32 dots may flip
+near-ties).
 Timing (0.5B head shapes: batch 1, 16 q heads, 2 kv heads, head_dim 64, bf16, default SparseConfig):
-median wall time of forward and forward+backward of the whole sparse attention (selection included) and
-of jax.nn.dot_product_attention(implementation="cudnn", is_causal=True). Exits 1 if a check fails.
+median wall time of the selection (fused kernel and XLA), of forward and forward+backward of the whole sparse
+attention (fused selection included) and of jax.nn.dot_product_attention(implementation="cudnn",
+is_causal=True). Exits 1 if a check fails.
 """
 
+import functools
 import statistics
 import sys
 import time
@@ -26,6 +30,7 @@ _CHECK_SEQ = flags.DEFINE_integer("check_seq", 2048, "Sequence length of the cor
 _SKIP_TIMING = flags.DEFINE_bool("skip_timing", False, "Only run the correctness checks.")
 
 TOLERANCE = {jnp.float32: 2e-2, jnp.bfloat16: 5e-2}  # relative to max |reference|; Triton fp32 dots use TF32
+SELECTION_AGREEMENT = 0.99  # share of block indices the fused selection must share with the XLA one
 
 
 def random_inputs(seq, dtype, seed=0, batch=1, q_heads=16, kv_heads=2, head_dim=64):
@@ -72,6 +77,10 @@ def check_correctness() -> bool:
         q, k, v = random_inputs(seq, dtype)
         w = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
         idx = select_blocks(q, k, cfg, seg)
+        agreement = float(jnp.mean(select_blocks(q, k, cfg, seg, implementation="pallas_gpu") == idx))
+        ok &= agreement >= SELECTION_AGREEMENT
+        verdict = "PASS" if agreement >= SELECTION_AGREEMENT else "FAIL"
+        print(f"  {jnp.dtype(dtype).name:9s} selection  same indices={agreement:.4f}  {verdict}")
         with jax.default_matmul_precision("highest"):
             want = outputs_and_grads("reference", cfg, q, k, v, seg, idx, w)
         for impl in ("pallas_gpu", "xla"):
@@ -106,17 +115,32 @@ def time_lengths(seqs: list[int], reps: int) -> None:
     cfg = SparseConfig()
     sparse = lambda q, k, v: sparse_attention(q, k, v, cfg, implementation="pallas_gpu")
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    header = ("seq", "select", "sparse fwd", "cudnn fwd", "x fwd", "sparse f+b", "cudnn f+b", "x f+b")
+    selectors = [
+        jax.jit(functools.partial(select_blocks, cfg=cfg, implementation=impl))
+        for impl in ("pallas_gpu", "xla")
+    ]
+    header = (
+        "seq",
+        "select",
+        "select xla",
+        "sparse fwd",
+        "cudnn fwd",
+        "x fwd",
+        "sparse f+b",
+        "cudnn f+b",
+        "x f+b",
+    )
     print("timing (ms, median; sparse includes selection; x = cudnn / sparse):")
     print("  " + " ".join(f"{h:>11s}" for h in header))
     for seq in seqs:
         q, k, v = random_inputs(seq, jnp.bfloat16)
-        select_ms = median_ms(jax.jit(lambda q, k: select_blocks(q, k, cfg)), q, k, reps=reps)
+        select_ms, select_xla_ms = (median_ms(selector, q, k, reps=reps) for selector in selectors)
         sparse_fwd, sparse_fb = fwd_and_fwdbwd_ms(sparse, q, k, v, reps)
         dense_fwd, dense_fb = fwd_and_fwdbwd_ms(cudnn, q, k, v, reps)
         row = (
             seq,
             select_ms,
+            select_xla_ms,
             sparse_fwd,
             dense_fwd,
             dense_fwd / sparse_fwd,

@@ -33,7 +33,8 @@ def sparse_attention(
 
     q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids: [batch, seq]
     (0 = padding). block_indices: [batch, kv_heads, seq, topk] from `select_blocks`; computed from q, k when
-    None (pass it when cfg.use_nope, selecting from q, k without RoPE). Differentiable in q, k, v.
+    None (pass it when cfg.use_nope, selecting from q, k without RoPE; "pallas_gpu" also selects with its
+    fused kernel). Differentiable in q, k, v.
     implementation: "reference" (materialised, small sizes), "xla" (any backend), "pallas_gpu" (Triton),
     "pallas_tpu" (Mosaic); `interpret` runs the Pallas kernels in interpret mode (CPU tests).
     """
@@ -43,7 +44,8 @@ def sparse_attention(
     if block_indices is None:
         if cfg.use_nope:
             raise ValueError("SparseConfig.use_nope: pass block_indices selected from q, k without RoPE")
-        block_indices = select_blocks(q, k, cfg, segment_ids)
+        selector = "pallas_gpu" if implementation == "pallas_gpu" else "xla"
+        block_indices = select_blocks(q, k, cfg, segment_ids, implementation=selector, interpret=interpret)
     expected = (q.shape[0], k.shape[2], q.shape[1], cfg.topk)
     if block_indices.shape != expected:
         raise ValueError(

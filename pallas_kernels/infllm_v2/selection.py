@@ -19,6 +19,7 @@ from jax import lax
 
 from pallas_kernels.gqa_layout import check_gqa_shapes, group_queries
 from pallas_kernels.infllm_v2.config import SparseConfig
+from pallas_kernels.infllm_v2.selection_gpu import pallas_gpu_block_scores
 from pallas_kernels.segments import document_starts
 
 _QUERY_CHUNK = 128  # queries scored per step: bounds the [chunk, heads, kernels] score buffer
@@ -26,18 +27,33 @@ _CAUSAL_BANDS = 16  # query bands, each scoring only the kernels and blocks its 
 _LSE_POOL = 4  # the LSE approximation pools with 4x the kernel size and stride
 
 
+IMPLEMENTATIONS = ("xla", "pallas_gpu")
+
+
 def select_blocks(
-    q: jnp.ndarray, k: jnp.ndarray, cfg: SparseConfig, segment_ids: jnp.ndarray | None = None
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    cfg: SparseConfig,
+    segment_ids: jnp.ndarray | None = None,
+    *,
+    implementation: str = "xla",
+    interpret: bool = False,
 ) -> jnp.ndarray:
     """Selected K/V block indices per query: int32 [batch, kv_heads, seq, topk], ascending, -1 padded.
 
     q: [batch, seq, q_heads, head_dim]; k: [batch, seq, kv_heads, head_dim] (post-RoPE, or NoPE when
-    cfg.use_nope); segment_ids: [batch, seq] int, 0 = padding, documents contiguous.
+    cfg.use_nope); segment_ids: [batch, seq] int, 0 = padding, documents contiguous. implementation: "xla"
+    (query chunks, any backend) or "pallas_gpu" (block scores in one fused Triton kernel; `interpret` runs
+    it in interpret mode), both followed by the same top-k.
     """
     check_gqa_shapes(q, k, k, segment_ids)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"selection implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     q, k = lax.stop_gradient(q), lax.stop_gradient(k)
+    if implementation == "pallas_gpu":
+        return _select_blocks_fused(q, k, segment_ids.astype(jnp.int32), cfg, interpret)
     return _select_blocks(q, k, segment_ids.astype(jnp.int32), cfg, _QUERY_CHUNK)
 
 
@@ -127,10 +143,28 @@ def _select_blocks(q, k, segment_ids, cfg: SparseConfig, query_chunk: int):
     return picked.transpose(1, 2, 0, 3, 4).reshape(b, kv_heads, seq + pad, cfg.topk)[:, :, :seq]
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _select_blocks_fused(q, k, segment_ids, cfg: SparseConfig, interpret: bool):
+    keys = compress_keys(stride_sums(k, cfg.kernel_stride), segment_ids, cfg)
+    scores = pallas_gpu_block_scores(
+        group_queries(q, k.shape[2]), keys, segment_ids, cfg, interpret=interpret
+    )
+    pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+    return _top_blocks(scores, segment_ids, document_starts(segment_ids), pos, cfg)
+
+
 def score_blocks(qg, seg, start, pos, *, keys: CompressedKeys, cfg: SparseConfig, n_c1: int, n_c2: int,
                  n_blocks: int) -> jnp.ndarray:  # fmt: skip
     """Selected blocks [b, kv, T, topk] of queries qg [b, kv, T, g, d] (group_queries) whose segment, document
     start and position are seg, start, pos [b or 1, T]; looks at the first n_c1 / n_c2 windows, n_blocks blocks."""
+    scores = block_scores(qg, seg, pos, keys=keys, cfg=cfg, n_c1=n_c1, n_c2=n_c2, n_blocks=n_blocks)
+    return _top_blocks(scores, seg, start, pos, cfg)
+
+
+def block_scores(qg, seg, pos, *, keys: CompressedKeys, cfg: SparseConfig, n_c1: int, n_c2: int,
+                 n_blocks: int) -> jnp.ndarray:  # fmt: skip
+    """Steps 2-3 for queries as in `score_blocks`: [b, kv, T, n_blocks] group-summed probabilities max-pooled
+    onto blocks, -inf where no visible kernel reaches a block."""
 
     def visible(kernel_seg, kernel_end):
         """[b, 1, T, 1, n_kernels]: window wholly in the query's past and document."""
@@ -151,8 +185,7 @@ def score_blocks(qg, seg, start, pos, *, keys: CompressedKeys, cfg: SparseConfig
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     probs = jnp.exp(s1 - lse[..., None]).sum(axis=3)  # [b, kv, T, n_c1]
     probs = jnp.where(vis1[:, :, :, 0], probs, -jnp.inf)
-    block_scores = _pool_to_blocks(probs, n_blocks, cfg)  # [b, kv, T, n_blocks]
-    return _top_blocks(block_scores, seg, start, pos, cfg)
+    return _pool_to_blocks(probs, n_blocks, cfg)
 
 
 def _pool_to_blocks(kernel_scores: jnp.ndarray, n_blocks: int, cfg: SparseConfig) -> jnp.ndarray:
