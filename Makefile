@@ -18,4 +18,4 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15  # two workers (CI has 2 cores); a file stays on one
