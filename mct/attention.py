@@ -12,7 +12,7 @@ import ml_collections
 
 from pallas_kernels import infllm_v2
 from pallas_kernels.blockwise_attention import causal_attention
-from pallas_kernels.gqa_layout import group_queries, masked_attention
+from pallas_kernels.gqa_layout import cache_prefix_attention, group_queries
 from pallas_kernels.infllm_v2 import decode as infllm_v2_decode
 
 
@@ -85,11 +85,6 @@ def cached_attend(
         out = infllm_v2_decode.cached_attention(q, k_cache, v_cache, sums, positions, sparse_config(cfg))
         return out, KVCache(k_cache, v_cache, sums)
     b, t, q_heads, d = q.shape
-    kv_heads = k.shape[2]
-    qg = group_queries(q, kv_heads)  # [b, kv, T, group, d]
-    visible = (
-        jnp.arange(k_cache.shape[1])[None, None, None, :] <= positions[:, None, :, None]
-    )  # [b, 1, T, cap]
-    visible = jnp.broadcast_to(visible, (b, kv_heads, t, k_cache.shape[1]))
-    out = masked_attention(qg, k_cache, v_cache, visible)
+    qg = group_queries(q, k.shape[2])  # [b, kv, T, group, d]
+    out = cache_prefix_attention(qg, k_cache, v_cache, positions)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, q_heads, d).astype(q.dtype), KVCache(k_cache, v_cache)

@@ -63,3 +63,14 @@ def masked_attention(qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, visible: j
     )
     probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-30)
     return jnp.einsum(f"bhtgn,{keys}->bhtgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def cache_prefix_attention(
+    qg: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, positions: jnp.ndarray
+) -> jnp.ndarray:
+    """Dense decoding attention: grouped queries qg [b, kv, T, group, d] at positions [b, T] over a KV cache
+    k, v [b, capacity, kv, d] whose slot i holds position i; each query sees slots 0..its position."""
+    b, kv, t = qg.shape[:3]
+    slots = jnp.arange(k.shape[1])
+    visible = slots[None, None, None, :] <= positions[:, None, :, None]  # [b, 1, T, capacity]
+    return masked_attention(qg, k, v, jnp.broadcast_to(visible, (b, kv, t, k.shape[1])))

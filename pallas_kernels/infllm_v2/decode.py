@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.gqa_layout import group_queries, masked_attention
+from pallas_kernels.gqa_layout import cache_prefix_attention, group_queries, masked_attention
 from pallas_kernels.infllm_v2.config import SparseConfig
 from pallas_kernels.infllm_v2.selection import compress_keys, score_blocks, stride_sums
 
@@ -61,17 +61,13 @@ def cached_attention(
         for x in (k_cache, v_cache)
     )  # [b, kv, n_blocks, block, d]
     keys = compress_keys(sums, jnp.ones((b, capacity), jnp.int32), cfg)
-    slots = jnp.arange(capacity)
     chunk = min(t, _QUERY_CHUNK)
     pad = -t % chunk
     qg = group_queries(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))), kv_heads)  # [b, kv, T', g, d]
     qg = jnp.moveaxis(qg.reshape(b, kv_heads, -1, chunk, *qg.shape[3:]), 2, 0)  # [n, b, kv, chunk, g, d]
     pos = jnp.moveaxis(jnp.pad(positions, ((0, 0), (0, pad))).reshape(b, -1, chunk), 1, 0)  # [n, b, chunk]
 
-    def dense(qc, pc):
-        visible = slots[None, None, None, :] <= pc[:, None, :, None]  # [b, 1, chunk, capacity]
-        visible = jnp.broadcast_to(visible, (b, kv_heads, chunk, capacity))
-        return masked_attention(qc, k_cache, v_cache, visible)
+    dense = lambda qc, pc: cache_prefix_attention(qc, k_cache, v_cache, pc)
 
     def sparse(qc, pc):
         selected = score_blocks(
