@@ -2,6 +2,8 @@
 
 import dataclasses
 
+LSE_POOL = 4  # the LSE approximation's coarse keys C2 pool 4x the kernel size and stride
+
 
 @dataclasses.dataclass(frozen=True)
 class SparseConfig:
@@ -46,6 +48,16 @@ class SparseConfig:
                 f"SparseConfig.topk {self.topk} must cover the forced blocks: "
                 f"init_blocks {self.init_blocks} + local blocks {self.local_blocks}"
             )
+
+    @property
+    def coarse_kernel_size(self) -> int:
+        """Window of the coarse compressed keys C2 (LSE approximation)."""
+        return LSE_POOL * self.kernel_size
+
+    @property
+    def coarse_kernel_stride(self) -> int:
+        """Stride of the coarse compressed keys C2 (LSE approximation)."""
+        return LSE_POOL * self.kernel_stride
 
     @property
     def local_blocks(self) -> int:

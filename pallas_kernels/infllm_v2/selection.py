@@ -18,13 +18,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.gqa_layout import check_gqa_shapes, group_queries
-from pallas_kernels.infllm_v2.config import SparseConfig
+from pallas_kernels.infllm_v2.config import LSE_POOL, SparseConfig
 from pallas_kernels.infllm_v2.selection_gpu import pallas_gpu_block_scores
 from pallas_kernels.segments import document_starts
 
 _QUERY_CHUNK = 128  # queries scored per step: bounds the [chunk, heads, kernels] score buffer
 _CAUSAL_BANDS = 16  # query bands, each scoring only the kernels and blocks its last query can see
-_LSE_POOL = 4  # the LSE approximation pools with 4x the kernel size and stride
 
 
 IMPLEMENTATIONS = ("xla", "pallas_gpu")
@@ -94,10 +93,10 @@ def compress_keys(sums: jnp.ndarray, segment_ids: jnp.ndarray, cfg: SparseConfig
     """The compressed keys from stride_sums(k, cfg.kernel_stride) and segment_ids [batch, seq]."""
     per_window = cfg.kernel_size // cfg.kernel_stride
     c1 = _windows(sums, per_window, cfg.kernel_size)  # [b, n_c1, kv, d]
-    n_coarse = sums.shape[1] // _LSE_POOL
-    coarse = sums[:, : n_coarse * _LSE_POOL].reshape(sums.shape[0], n_coarse, _LSE_POOL, *sums.shape[2:])
-    c2 = _windows(coarse.sum(axis=2), per_window, _LSE_POOL * cfg.kernel_size)
-    kernel2, stride2 = _LSE_POOL * cfg.kernel_size, _LSE_POOL * cfg.kernel_stride
+    n_coarse = sums.shape[1] // LSE_POOL
+    coarse = sums[:, : n_coarse * LSE_POOL].reshape(sums.shape[0], n_coarse, LSE_POOL, *sums.shape[2:])
+    c2 = _windows(coarse.sum(axis=2), per_window, cfg.coarse_kernel_size)
+    kernel2, stride2 = cfg.coarse_kernel_size, cfg.coarse_kernel_stride
     return CompressedKeys(
         c1=c1.transpose(0, 2, 1, 3),
         c1_seg=_kernel_segments(segment_ids, c1.shape[1], cfg.kernel_size, cfg.kernel_stride),
@@ -124,7 +123,7 @@ def _select_blocks(q, k, segment_ids, cfg: SparseConfig, query_chunk: int):
     start_q = jnp.pad(doc_start, ((0, 0), (0, pad))).reshape(b, -1, chunk).transpose(1, 0, 2)
     pos_q = jnp.arange(seq + pad, dtype=jnp.int32).reshape(-1, 1, chunk)  # [n, 1, chunk]
 
-    coarse_kernel, coarse_stride = _LSE_POOL * cfg.kernel_size, _LSE_POOL * cfg.kernel_stride
+    coarse_kernel, coarse_stride = cfg.coarse_kernel_size, cfg.coarse_kernel_stride
     # Causal bands: later queries see more, so each band gets its own static kernel and block counts.
     n_chunks = (seq + pad) // chunk
     n_bands = min(_CAUSAL_BANDS, n_chunks)

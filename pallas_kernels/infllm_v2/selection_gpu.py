@@ -72,7 +72,7 @@ def pallas_gpu_block_scores(
     c1, c1_seg, c1_end = padded(keys.c1, keys.c1_seg, keys.c1_end, n_tiles * fine_tile)
     if cfg.lse_approx:
         c2, c2_seg, c2_end = padded(keys.c2, keys.c2_seg, keys.c2_end, _COARSE)
-        coarse = (4 * cfg.kernel_size, 4 * cfg.kernel_stride, keys.c2.shape[2])
+        coarse = (cfg.coarse_kernel_size, cfg.coarse_kernel_stride, keys.c2.shape[2])
     else:  # exact normaliser: pass 1 runs over the fine keys
         c2, c2_seg, c2_end = c1, c1_seg, c1_end
     fine = (cfg.kernel_size, cfg.kernel_stride, keys.c1.shape[2])
@@ -84,7 +84,7 @@ def pallas_gpu_block_scores(
         fine=fine,
         coarse=coarse if cfg.lse_approx else fine,
         coarse_tile=_COARSE if cfg.lse_approx else fine_tile,
-        coarse_reach=4 * cfg.kernel_size + 4 * cfg.kernel_stride if cfg.lse_approx else None,
+        coarse_reach=cfg.coarse_kernel_size + cfg.coarse_kernel_stride if cfg.lse_approx else None,
         n_tiles=n_tiles,
     )
     whole = lambda x: pl.BlockSpec((None, *x.shape[1:]), lambda t, bi, h: (bi,) + (0,) * (x.ndim - 1))
@@ -105,7 +105,7 @@ def pallas_gpu_block_scores(
             per_head(c2),
             whole(c2_seg),
             every(c2_end),
-        ],  # fmt: skip
+        ],
         out_specs=pl.BlockSpec((None, None, _TOKENS, n_tiles * _BLOCKS), lambda t, bi, h: (bi, h, t, 0)),
         out_shape=jax.ShapeDtypeStruct((b, kv, seq_pad, n_tiles * _BLOCKS), jnp.float32),
         compiler_params=plgpu.CompilerParams(**_COMPILER),
