@@ -33,6 +33,11 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int, n_process
             sparse_config(m)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config model.sparse: {e}") from None
+        if m.sparse.use_nope:
+            raise ConfigError(
+                "config model.sparse.use_nope=True is not supported: the model selects blocks from q, k after "
+                "RoPE (MiniCPM4's setting)"
+            )
         if m.sparse.implementation not in infllm_v2.IMPLEMENTATIONS:
             raise ConfigError(
                 f"config model.sparse.implementation={m.sparse.implementation!r} is not one of "

@@ -79,7 +79,11 @@ def test_sparse_attention_is_used_above_dense_len_and_training_lowers_the_loss()
 
 @pytest.mark.parametrize(
     "sparse, message",
-    [({"topk": 2}, "must cover the forced blocks"), ({"implementation": "cuda"}, "sparse.implementation")],
+    [
+        ({"topk": 2}, "must cover the forced blocks"),
+        ({"implementation": "cuda"}, "sparse.implementation"),
+        ({"use_nope": True}, "use_nope=True is not supported"),
+    ],
 )
 def test_bad_sparse_config_is_a_config_error(sparse, message):
     with pytest.raises(ConfigError, match=message):
