@@ -76,5 +76,5 @@ def block_grads(q, k, v, d_out, lse, delta, mask, dq_transposed: bool = False):
     p_t = masked(jnp.exp(matmul("...cd,...rd->...cr", k, q) - jnp.swapaxes(lse, -1, -2)), mask, 0.0, True)
     dv = matmul("...cr,...rd->...cd", p_t, d_out)
     ds_t = p_t * (matmul("...cd,...rd->...cr", v, d_out) - jnp.swapaxes(delta, -1, -2))
-    dq = matmul("...cd,...cr->...dr", k, ds_t) if dq_transposed else matmul("...cr,...cd->...rd", ds_t, k)
+    dq = matmul("...cr,...cd->...dr" if dq_transposed else "...cr,...cd->...rd", ds_t, k)
     return dq, matmul("...cr,...rd->...cd", ds_t, q), dv

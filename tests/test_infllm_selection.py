@@ -105,8 +105,9 @@ def packed_segments(rng, batch, seq):
 def test_select_blocks_matches_numpy(
     batch, seq, q_heads, kv_heads, with_segments, lse_approx, implementation, monkeypatch
 ):
-    """Both implementations; pallas_gpu in interpret mode (several token tiles and block tiles)."""
+    """Both implementations; pallas_gpu in interpret mode (several token tiles and top-k chunks)."""
     monkeypatch.setattr(selection, "_QUERY_CHUNK", 32)  # several query chunks and causal bands
+    monkeypatch.setattr(selection, "_TOP_K_CHUNK", 64)
     cfg = dataclasses.replace(SMALL, lse_approx=lse_approx)
     rng = np.random.default_rng(seq * 3 + q_heads)
     q = rng.standard_normal((batch, seq, q_heads, 8)).astype(np.float32)
@@ -162,13 +163,22 @@ def test_sort_free_top_k_matches_a_stable_sort():
         np.testing.assert_array_equal(row, np.concatenate([want, -np.ones(k - len(want), int)]))
 
 
-@pytest.mark.parametrize("lse_approx", [True, False])
-def test_pallas_gpu_block_scores_match_xla(lse_approx):
+SMALL_BLOCKS = dataclasses.replace(SMALL, block_size=8, kernel_size=4, kernel_stride=2, window_size=16)
+
+
+@pytest.mark.parametrize(
+    "cfg, seq",
+    [
+        (SMALL, 170),
+        (dataclasses.replace(SMALL, lse_approx=False), 170),
+        (SMALL_BLOCKS, 330),  # 42 blocks: several block tiles, the overlap carried across them
+    ],
+)
+def test_pallas_gpu_block_scores_match_xla(cfg, seq):
     """The fused kernel's scores before top-k, interpret mode: also where the top-k cannot tell (rows at a
     document's start that see no coarse key and select every block)."""
-    cfg = dataclasses.replace(SMALL, lse_approx=lse_approx)
     rng = np.random.default_rng(11)
-    batch, seq, kv_heads = 2, 170, 2
+    batch, kv_heads = 2, 2
     q = jnp.asarray(rng.standard_normal((batch, seq, 8, 8)).astype(np.float32))
     k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, 8)).astype(np.float32))
     seg = jnp.asarray(packed_segments(rng, batch, seq))

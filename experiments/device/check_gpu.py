@@ -4,8 +4,8 @@
 
 Correctness (bf16 and fp32, --check_seq tokens, packed documents, GQA 16/2): forward and gradients of the Triton
 kernels and of the `xla` path against the materialised reference, as max |error| / max |reference|; the fused
-selection kernel against the XLA selection, as the share of identical block indices (TF32 dots may flip
-near-ties).
+selection kernel against the XLA selection, as the share of the XLA selection's blocks it also chose (TF32 score
+dots may flip near-ties).
 Timing (0.5B head shapes: batch 1, 16 q heads, 2 kv heads, head_dim 64, bf16, default SparseConfig):
 median wall time of the selection (fused kernel and XLA), of forward and forward+backward of the whole sparse
 attention (fused selection included) and of jax.nn.dot_product_attention(implementation="cudnn",
@@ -30,7 +30,7 @@ _CHECK_SEQ = flags.DEFINE_integer("check_seq", 2048, "Sequence length of the cor
 _SKIP_TIMING = flags.DEFINE_bool("skip_timing", False, "Only run the correctness checks.")
 
 TOLERANCE = {jnp.float32: 2e-2, jnp.bfloat16: 5e-2}  # relative to max |reference|; Triton fp32 dots use TF32
-SELECTION_AGREEMENT = 0.99  # share of block indices the fused selection must share with the XLA one
+SELECTION_AGREEMENT = 0.99  # share of the XLA selection's blocks the fused selection must also choose
 
 
 def random_inputs(seq, dtype, seed=0, batch=1, q_heads=16, kv_heads=2, head_dim=64):
@@ -55,6 +55,14 @@ def relative_error(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
 
 
+def selection_overlap(got, want) -> float:
+    """Share of want's selected blocks that got also selected (block sets per query: a near-tie swap costs one
+    block, not every later slot of the ascending lists)."""
+    n_blocks = int(max(got.max(), want.max())) + 1
+    chosen = lambda idx: jax.nn.one_hot(idx, n_blocks, dtype=jnp.int32).sum(axis=-2)  # -1 rows are all zero
+    return float(jnp.sum(chosen(got) * chosen(want)) / jnp.maximum(jnp.sum(chosen(want)), 1))
+
+
 def outputs_and_grads(impl, cfg, q, k, v, seg, idx, w):
     """(out, dq, dk, dv) of sum(out * w) for one implementation, on fixed block indices."""
 
@@ -77,10 +85,10 @@ def check_correctness() -> bool:
         q, k, v = random_inputs(seq, dtype)
         w = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
         idx = select_blocks(q, k, cfg, seg)
-        agreement = float(jnp.mean(select_blocks(q, k, cfg, seg, implementation="pallas_gpu") == idx))
+        agreement = selection_overlap(select_blocks(q, k, cfg, seg, implementation="pallas_gpu"), idx)
         ok &= agreement >= SELECTION_AGREEMENT
         verdict = "PASS" if agreement >= SELECTION_AGREEMENT else "FAIL"
-        print(f"  {jnp.dtype(dtype).name:9s} selection  same indices={agreement:.4f}  {verdict}")
+        print(f"  {jnp.dtype(dtype).name:9s} selection  same blocks={agreement:.4f}  {verdict}")
         with jax.default_matmul_precision("highest"):
             want = outputs_and_grads("reference", cfg, q, k, v, seg, idx, w)
         for impl in ("pallas_gpu", "xla"):

@@ -23,6 +23,7 @@ from pallas_kernels.infllm_v2.selection_gpu import pallas_gpu_block_scores
 from pallas_kernels.segments import document_starts
 
 _QUERY_CHUNK = 128  # queries scored per step: bounds the [chunk, heads, kernels] score buffer
+_TOP_K_CHUNK = 1024  # queries per top-k step after the fused kernel
 _CAUSAL_BANDS = 16  # query bands, each scoring only the kernels and blocks its last query can see
 
 
@@ -144,12 +145,27 @@ def _select_blocks(q, k, segment_ids, cfg: SparseConfig, query_chunk: int):
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _select_blocks_fused(q, k, segment_ids, cfg: SparseConfig, interpret: bool):
+    b, seq, _, _ = q.shape
     keys = compress_keys(stride_sums(k, cfg.kernel_stride), segment_ids, cfg)
     scores = pallas_gpu_block_scores(
         group_queries(q, k.shape[2]), keys, segment_ids, cfg, interpret=interpret
     )
-    pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
-    return _top_blocks(scores, segment_ids, document_starts(segment_ids), pos, cfg)
+    # Top-k in query chunks: its temporaries are several times the [b, kv, chunk, n_blocks] scores.
+    chunk = min(_TOP_K_CHUNK, seq)
+    pos = jnp.arange(seq, dtype=jnp.int32)[None]
+    args = (
+        _query_chunks(scores, 2, chunk),
+        *(_query_chunks(x, 1, chunk) for x in (segment_ids, document_starts(segment_ids), pos)),
+    )
+    picked = lax.map(lambda a: _top_blocks(*a, cfg), args)  # [n_chunks, b, kv, chunk, topk]
+    return jnp.moveaxis(picked, 0, 2).reshape(b, k.shape[2], -1, cfg.topk)[:, :, :seq]
+
+
+def _query_chunks(x: jnp.ndarray, axis: int, chunk: int) -> jnp.ndarray:
+    """x with its query axis padded to whole chunks and split: [n_chunks, ..., chunk, ...]."""
+    pad = [(0, -x.shape[axis] % chunk if a == axis else 0) for a in range(x.ndim)]
+    split = jnp.pad(x, pad).reshape(*x.shape[:axis], -1, chunk, *x.shape[axis + 1 :])
+    return jnp.moveaxis(split, axis, 0)
 
 
 def score_blocks(qg, seg, start, pos, *, keys: CompressedKeys, cfg: SparseConfig, n_c1: int, n_c2: int,

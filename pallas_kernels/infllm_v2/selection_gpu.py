@@ -5,7 +5,7 @@ power of two). Pass 1 takes each row's normaliser: the LSE over the coarse keys 
 or over C1 when the LSE approximation is off; rows that see no coarse key yet (a document's first tokens)
 fall back to their best fine score, found in a short pass over the few fine keys near the tile. Pass 2
 walks the fine keys C1 up to the tile's last visible one: scores, probabilities, the sum over the group's
-heads (a [tokens, rows] 0/1 matmul) and the max over the kernels intersecting each block, written as
+heads (a [tokens, tokens x rows] 0/1 matmul) and the max over the kernels intersecting each block, written as
 [tokens, blocks] scores. Nothing [tokens, heads, kernels]-sized leaves the chip; top-k stays in XLA.
 """
 
@@ -50,9 +50,15 @@ def pallas_gpu_block_scores(
         raise ValueError(
             f"pallas_gpu selection needs kernel_size <= block_size + kernel_stride; got {cfg.kernel_size}"
         )
+    if not interpret and (per_block & (per_block - 1) or d & (d - 1) or d < 16):
+        raise ValueError(
+            f"pallas_gpu selection: Triton needs block_size / kernel_stride ({per_block}) and head_dim ({d}) to "
+            "be powers of two, head_dim >= 16"
+        )
     rows = pl.next_power_of_2(group)
     seq_pad = -(-seq // _TOKENS) * _TOKENS
-    n_tiles = -(-seq // cfg.block_size) // _BLOCKS + 1  # pass-2 steps that cover every block
+    n_blocks = -(-seq // cfg.block_size)
+    n_tiles = -(-n_blocks // _BLOCKS)  # pass-2 steps that cover every block
     fine_tile = _BLOCKS * per_block
 
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, seq_pad - seq), (0, rows - group), (0, 0)))
@@ -112,7 +118,7 @@ def pallas_gpu_block_scores(
         interpret=interpret,
         name="infllm_v2_block_scores",
     )(q_rows, pos_rows, seg_rows, seg_tok, c1, c1_seg, c1_end, c2, c2_seg, c2_end)
-    return scores[:, :, :seq, : -(-seq // cfg.block_size)]
+    return scores[:, :, :seq, :n_blocks]
 
 
 def _block_scores_kernel(
@@ -175,19 +181,24 @@ def _block_scores_kernel(
     own = col // per_block == blk  # kernels starting in the block
     before = (col >= blk * per_block - overlap) & (col < blk * per_block)  # earlier kernels reaching into it
     first_blk = lax.broadcasted_iota(jnp.int32, (1, _BLOCKS), 1) == 0
+    last_kernels = lax.broadcasted_iota(jnp.int32, (1, fine_tile), 1) >= fine_tile - overlap
 
     def pool_step(i, carry):
         cols = pl.ds(i * fine_tile, fine_tile)
         probs = jnp.exp(scores(c1_ref, c1_seg_ref, c1_end_ref, i * fine_tile, fine_tile) - lse)
-        summed = jnp.dot(group_sum, probs, preferred_element_type=jnp.float32)  # [tokens, fine_tile]
+        # [tokens, fine_tile]; full fp32 (not TF32): near-ties decide the top-k
+        summed = jnp.dot(
+            group_sum, probs, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+        )
         visible = (c1_seg_ref[cols][None, :] == seg_tok) & (c1_end_ref[cols][None, :] <= pos_tok)
-        summed = jnp.where(visible, summed, -jnp.inf)[:, None, :]  # [tokens, 1, fine_tile]
+        summed = jnp.where(visible, summed, -jnp.inf)
+        wide = summed[:, None, :]  # [tokens, 1, fine_tile]
         pooled = jnp.maximum(
-            jnp.where(own, summed, -jnp.inf).max(axis=2), jnp.where(before, summed, -jnp.inf).max(axis=2)
+            jnp.where(own, wide, -jnp.inf).max(axis=2), jnp.where(before, wide, -jnp.inf).max(axis=2)
         )  # [tokens, blocks]
         pooled = jnp.where(first_blk, jnp.maximum(pooled, carry), pooled)
         out_ref[:, pl.ds(i * _BLOCKS, _BLOCKS)] = pooled
-        return jnp.where(col[0, :1] >= fine_tile - overlap, summed[:, 0], -jnp.inf).max(axis=1, keepdims=True)
+        return jnp.where(last_kernels, summed, -jnp.inf).max(axis=1, keepdims=True)  # carried overlap
 
     n_scored = visible_tiles(*fine, fine_tile)
     carry = lax.fori_loop(0, n_scored, pool_step, jnp.full((_TOKENS, 1), -jnp.inf, jnp.float32))
