@@ -286,15 +286,18 @@ def train(config: ml_collections.ConfigDict, devices: list | None = None) -> dic
                 pending = (step + 1, metrics)
                 bar.update(1)
                 done = step + 1
-                if done % config.eval.every_steps == 0 or done == steps:
+                eval_now = done % config.eval.every_steps == 0 or done == steps
+                save_now = done % config.checkpoint.every_steps == 0 or done == steps
+                if eval_now or save_now:  # step done's metrics line comes before its eval and its checkpoint
                     step_log.finish(*pending)
                     pending = None
+                if eval_now:
                     losses = evaluate(state["params"])
                     step_log.last.update(losses)
                     writer.write(done, losses)
                     if pid == 0:
                         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-                if done % config.checkpoint.every_steps == 0 or done == steps:
+                if save_now:
                     save(done)
             else:
                 step = steps

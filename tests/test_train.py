@@ -113,6 +113,23 @@ def test_sigkill_resumes_from_last_committed_checkpoint(tmp_path, dataset):
         assert got[step] == pytest.approx(want[step], rel=1e-6)
 
 
+def test_a_crash_right_after_a_checkpoint_keeps_that_steps_metrics(tmp_path, dataset, monkeypatch):
+    """A resumed run starts after its checkpoint, so the checkpointed step's metrics line must already exist."""
+    save = Checkpointer.save
+
+    def save_then_crash(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if step == 3:
+            raise RuntimeError("crash after the commit")
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
+    args = {"checkpoint.every_steps": 3, "eval.every_steps": 10, "checkpoint.async_save": False}
+    with pytest.raises(RuntimeError, match="crash after the commit"):
+        train(make_config(tmp_path, dataset, **args), devices=ONE)
+    assert Checkpointer(tmp_path, read_only=True).all_steps() == [3]
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+
+
 def test_sigterm_saves_and_exits_zero(tmp_path, dataset):
     args = {"train.steps": 100000, "checkpoint.every_steps": 1000, "eval.every_steps": 3}
     proc = subprocess.Popen(cli(tmp_path, dataset, **args), cwd=REPO, env={**os.environ, "XLA_FLAGS": ""},
