@@ -14,7 +14,7 @@ from jax import lax
 
 from pallas_kernels import flash_math
 from pallas_kernels.gqa_layout import check_gqa_shapes, from_group_rows, heads_major, to_group_rows
-from pallas_kernels.segments import document_starts
+from pallas_kernels.segments import document_starts, one_document
 
 DEFAULT_BLOCK_SIZE = 128
 
@@ -109,10 +109,8 @@ def _with_segment_mask(fn, segment_ids, qi, kj, block: int):
         return fn(None)
     seg_q = lax.dynamic_slice_in_dim(segment_ids, qi * block, block, axis=1)  # [batch, block]
     seg_k = lax.dynamic_slice_in_dim(segment_ids, kj * block, block, axis=1)
-    doc = seg_q[:, :1]
-    one_document = jnp.all((seg_q == doc) & (seg_k == doc) & (doc != 0))
     masked = lambda: fn(_pair_mask(segment_ids, qi, kj, block, diagonal=False))
-    return lax.cond(one_document, lambda: fn(None), masked)
+    return lax.cond(one_document(seg_q, seg_k), lambda: fn(None), masked)
 
 
 def _forward(block, q, k, v, segment_ids):

@@ -17,6 +17,7 @@ from jax import lax
 from pallas_kernels import flash_math
 from pallas_kernels.gqa_layout import from_group_rows, heads_major, to_group_rows
 from pallas_kernels.infllm_v2.kernel_common import pad_to_blocks
+from pallas_kernels.segments import one_document
 
 _UNION_CHUNK = 16  # blocks gathered per step
 _TAIL_CHUNK = 4  # blocks gathered per step once fewer than _UNION_CHUNK remain
@@ -75,9 +76,7 @@ def _with_chunk_mask(fn, bitmap_i, seg_i, seg_blocks, blocks, valid, i, block_si
     b, kv, c = blocks.shape
     chosen = jnp.take_along_axis(bitmap_i, blocks[:, :, None, :], axis=3) & valid[:, :, None, :]  # [b,kv,t,c]
     seg_k = jnp.take_along_axis(seg_blocks[:, None], blocks[..., None], axis=2)  # [b, kv, c, block]
-    doc = seg_i[:, :1]  # [b, 1]
-    one_document = jnp.all((seg_i == doc) & (doc != 0)) & jnp.all(seg_k == doc[:, :, None, None])
-    clear = jnp.all(chosen) & jnp.all(blocks < i) & one_document
+    clear = jnp.all(chosen) & jnp.all(blocks < i) & one_document(seg_i, seg_k)
 
     def mask():
         q_pos = i * block_size + jnp.arange(block_size)
