@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import sysconfig
 from collections.abc import Iterator
 
@@ -30,6 +31,9 @@ EMPTY = "empty document"
 _TEXT_SUFFIXES = (".txt", ".md", ".py")  # one file = one document
 _COMPRESSED_SUFFIXES = (".gz", ".zst")
 _DEFAULT_CORPUS_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib"}
+# Up to the last ASCII whitespace before a non-whitespace character (ASCII: whitespace to the tokenizer's
+# regex too, which is not so for all of Python's \s, e.g. "\x1c").
+_UP_TO_LAST_CUT = re.compile(r".+[ \t\n\r](?=\S)", re.DOTALL)
 
 
 class InputError(ValueError):
@@ -107,6 +111,25 @@ def read_documents(path: str, text_field: str, name: str | None = None) -> Itera
     except (OSError, EOFError, zstandard.ZstdError, pyarrow.ArrowException):
         # Documents read before a corrupt block stay; the rest of the file is skipped.
         yield Skipped(name, UNREADABLE)
+
+
+def text_pieces(text: str, max_chars: int) -> Iterator[str]:
+    """Consecutive pieces of at most `max_chars` characters (0 = no limit) that concatenate to `text`.
+
+    A piece ends before the last whitespace character that precedes a non-whitespace one (at max_chars when
+    there is none). Byte-level BPE with GPT-2 pre-tokenization (Radford et al. 2019, section 2.2) puts a
+    pre-token boundary there that no pre-token looks across, so the pieces encode to the same ids as the text.
+    """
+    if max_chars < 0:
+        raise ValueError(f"max_chars must be >= 0 (0 = no limit), got {max_chars}")
+    start = 0
+    while max_chars and len(text) - start > max_chars:
+        # The cut's whitespace is at most max_chars past start; the lookahead needs one character more.
+        cut = _UP_TO_LAST_CUT.match(text, start, start + max_chars + 2)
+        end = cut.end() - 1 if cut else start + max_chars
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 def _open_binary(path: str):

@@ -17,13 +17,13 @@ import pathlib
 from typing import Literal
 
 import grain
-import ml_collections
 import numpy as np
 from absl import logging
 from tokenizers import Tokenizer
 
 from data_pipelines import shards
 from data_pipelines.batch_layout import BatchLayout
+from data_pipelines.config import DataConfig
 from data_pipelines.mixing import DocumentChunks, TokenWeightedMixture
 from data_pipelines.prepare import prepare_default_corpus
 from data_pipelines.shards import DatasetError
@@ -34,23 +34,37 @@ _STATE_FORMAT = "mct-data-iterator-v2"
 Batch = dict[str, np.ndarray]
 
 
-def resolve_dataset(path: str, *, cache_dir: str, vocab_size: int) -> pathlib.Path:
-    """The prepared dataset directory for a mixture path. "default" prepares the embedded default corpus once
-    into cache_dir/default-v{vocab_size} (cache_dir "" -> $MCT_CACHE or ~/.cache/mct) and reuses it.
-    """
-    if path != DEFAULT_CORPUS:
-        directory = pathlib.Path(path).expanduser()
-        shards.manifest_path(directory)  # raises if never prepared or unfinished
-        return directory
+def _default_corpus_dir(cache_dir: str, vocab_size: int) -> pathlib.Path:
     cache = pathlib.Path(cache_dir or os.environ.get("MCT_CACHE") or "~/.cache/mct").expanduser()
-    directory = cache / f"default-v{vocab_size}"
-    if not (directory / shards.MANIFEST).is_file():
-        logging.info("preparing the default corpus (Python standard library sources) into %s", directory)
-        try:
-            prepare_default_corpus(directory, vocab_size)
-        except FileExistsError:
-            if not (directory / shards.MANIFEST).is_file():  # not just another process finishing first
-                raise
+    return cache / f"default-v{vocab_size}"
+
+
+def dataset_dir(path: str, *, cache_dir: str, vocab_size: int) -> pathlib.Path:
+    """The prepared dataset directory a mixture path names, preparing nothing: "default" is the embedded corpus
+    in cache_dir/default-v{vocab_size} (cache_dir "" -> $MCT_CACHE or ~/.cache/mct). DatasetError if unprepared.
+    """
+    if path == DEFAULT_CORPUS:
+        directory = _default_corpus_dir(cache_dir, vocab_size)
+    else:
+        directory = pathlib.Path(path).expanduser()
+    shards.manifest_path(directory)  # raises if never prepared or unfinished
+    return directory
+
+
+def resolve_dataset(path: str, *, cache_dir: str, vocab_size: int) -> pathlib.Path:
+    """dataset_dir, preparing the embedded default corpus on first use (training only: readers never prepare)."""
+    try:
+        return dataset_dir(path, cache_dir=cache_dir, vocab_size=vocab_size)
+    except DatasetError:
+        if path != DEFAULT_CORPUS:
+            raise
+    directory = _default_corpus_dir(cache_dir, vocab_size)
+    logging.info("preparing the default corpus (Python standard library sources) into %s", directory)
+    try:
+        prepare_default_corpus(directory, vocab_size)
+    except FileExistsError:
+        if not (directory / shards.MANIFEST).is_file():  # not just another process finishing first
+            raise
     logging.info("default corpus: %s", directory)
     return directory
 
@@ -174,7 +188,7 @@ def merge_states(states: list[dict]) -> dict:
 
 
 def make_train_iterator(
-    data_cfg: ml_collections.ConfigDict,
+    data_cfg: DataConfig,
     *,
     batch_size: int,
     process_index: int,
@@ -208,7 +222,7 @@ def make_train_iterator(
 
 
 def make_eval_batches(
-    data_cfg: ml_collections.ConfigDict,
+    data_cfg: DataConfig,
     *,
     batch_size: int,
     num_batches: int,
@@ -247,10 +261,10 @@ class _Component:
 
 
 def _mixture_components(
-    data_cfg: ml_collections.ConfigDict, model_vocab_size: int, split: str
+    data_cfg: DataConfig, model_vocab_size: int, split: str
 ) -> list[_Component]:
     """The mixture's components with weight > 0, sorted by name, each checked against the model's vocab."""
-    mixture = data_cfg.mixture.to_dict()
+    mixture = {name: dataclasses.asdict(c) for name, c in data_cfg.mixture.items()}
     if not mixture:
         raise ValueError("data config mixture is empty")
     opened: dict[pathlib.Path, tuple[dict, shards.ShardedDocuments]] = {}  # one reader cache per dataset
@@ -310,7 +324,7 @@ def _component_config(name: str, entry: dict) -> dict:
 
 
 def _packed_shard(
-    data_cfg: ml_collections.ConfigDict,
+    data_cfg: DataConfig,
     components: list[_Component],
     split: str,
     shard: int,
@@ -373,7 +387,7 @@ def _seed(*parts: int | str) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "big")
 
 
-def _fingerprint(data_cfg: ml_collections.ConfigDict, components: list[_Component]) -> dict:
+def _fingerprint(data_cfg: DataConfig, components: list[_Component]) -> dict:
     """What a saved state is only valid for: the settings that decide which rows come out in which order."""
     return {
         "seq_len": data_cfg.seq_len,

@@ -16,11 +16,14 @@ class DocumentChunks:
     split into consecutive chunks of seq_len pairs (the last one shorter), never dropped. `docs` holds one
     epoch of this shard's documents; index e * len(docs) + j is document j of epoch e (grain reshuffles
     every epoch). `num_epochs` 0 repeats forever. A shard with no document passing the filter is exhausted.
+    Every chunk holds at least one pair (seq_len >= 1, documents >= 2 tokens), so consumers always progress.
     """
 
     def __init__(
         self, docs: grain.MapDataset, *, seq_len: int, min_tokens: int, max_tokens: int, num_epochs: int
     ):
+        if seq_len < 1:  # 0 would yield empty chunks forever and spin the packer
+            raise ValueError(f"seq_len must be at least 1, got {seq_len}")
         self._docs, self._epoch_len = docs, len(docs)
         self._seq_len, self._num_epochs = seq_len, num_epochs
         self._min_tokens, self._max_tokens = max(min_tokens, 2), max_tokens or np.iinfo(np.int64).max
@@ -31,7 +34,7 @@ class DocumentChunks:
         return self._exhausted
 
     def next_chunk(self) -> np.ndarray | None:
-        """The next chunk `[n, 2]` int32 (n <= seq_len), or None once exhausted."""
+        """The next chunk `[n, 2]` int32 (1 <= n <= seq_len), or None once exhausted."""
         while not self._exhausted:
             if self._next_chunk == 0 and not self._start_next_document():
                 continue

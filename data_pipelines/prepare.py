@@ -5,7 +5,10 @@
 
 Documents go to the eval split by a stable hash of their key (file name, plus line or row), so the same inputs
 and settings give byte-identical output. Files are read and tokenized in a process pool, one task per file.
-The output is written to a temporary sibling directory and renamed when complete.
+A document longer than --max_document_chars becomes consecutive documents (split at whitespace), and texts are
+tokenized in pieces of at most 64K characters, so memory does not grow with the longest document
+(beyond holding its text and ids). The output is written to a temporary sibling directory and renamed when
+complete. A summary of the counts, skipped inputs and split documents is printed at the end.
 """
 
 import contextlib
@@ -20,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
@@ -28,7 +31,8 @@ from data_pipelines import documents, shards
 from data_pipelines import tokenizer as tok
 
 _MAX_SKIP_EXAMPLES = 100
-_Task = tuple[str, str, str]  # (path, name, text_field)
+_ENCODE_CHARS = 1 << 16  # characters per tokenizer call (it needs ~100 bytes of memory per character)
+_Task = tuple[str, str, str, int]  # (path, name, text_field, max_document_chars)
 
 
 def prepare_dataset(
@@ -40,20 +44,25 @@ def prepare_dataset(
     vocab_size: int = 8192,
     eval_fraction: float = 0.05,
     shard_tokens: int = 1 << 25,
+    max_document_chars: int = 1_000_000,
     workers: int = 0,
     progress: bool = True,
 ) -> pathlib.Path:
     """Prepares `inputs` (paths or globs; None or [] = the default corpus) into `out_dir`; returns it.
 
     Trains a byte-level BPE of `vocab_size` on the train split unless `tokenizer_path` names a tokenizer.json.
-    `workers` 0 = one per CPU; 1 runs in this process.
+    A document longer than `max_document_chars` (0 = no limit) is split into consecutive documents of at most
+    that many characters. `workers` 0 = one per CPU; 1 runs in this process. `progress` shows progress bars
+    (stderr) and prints the summary (stdout).
     """
     out = pathlib.Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} already exists; remove it or choose another --out")
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    tasks, input_names = _input_tasks(inputs, text_field)
+    if max_document_chars < 0:
+        raise ValueError(f"max_document_chars must be >= 0 (0 = no limit), got {max_document_chars}")
+    tasks, input_names = _input_tasks(inputs, text_field, max_document_chars)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
@@ -72,6 +81,7 @@ def prepare_dataset(
             text_field=text_field,
             eval_fraction=eval_fraction,
             shard_tokens=shard_tokens,
+            max_document_chars=max_document_chars,
             vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
             tokenizer_sha256=tok.sha256_hex(tokenizer_json),
             tokenizer_source=str(tokenizer_path) if tokenizer_path else f"trained, vocab_size {vocab_size}",
@@ -85,12 +95,29 @@ def prepare_dataset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logging.info(
-        "prepared %s: %s",
-        out,
-        {s: (e["documents"], e["tokens"]) for s, e in manifest["splits"].items()},
-    )
+    if progress:
+        print("\n".join(_summary_lines(out, manifest)))
     return out
+
+
+def _summary_lines(out: pathlib.Path, manifest: dict) -> list[str]:
+    """What prepare prints at the end: the splits' counts, the skipped inputs by reason, the split documents."""
+    splits = ", ".join(
+        f"{s} {e['documents']} documents {e['tokens']} tokens" for s, e in manifest["splits"].items()
+    )
+    skipped = manifest["skipped"]
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped["by_reason"].items()))
+    lines = [
+        f"prepared {out}: {splits}",
+        f"skipped {skipped['total']}" + (f": {reasons} (examples in manifest.json)" if reasons else ""),
+    ]
+    split = manifest["split_documents"]
+    if split["documents"]:
+        lines.append(
+            f"split {split['documents']} documents longer than {manifest['max_document_chars']} characters "
+            f"into {split['pieces']} documents"
+        )
+    return lines
 
 
 def prepare_default_corpus(
@@ -106,14 +133,16 @@ def is_eval_document(key: str, eval_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < eval_fraction * 2**64
 
 
-def _input_tasks(inputs: list[str] | None, text_field: str) -> tuple[list[_Task], list[str]]:
+def _input_tasks(
+    inputs: list[str] | None, text_field: str, max_document_chars: int
+) -> tuple[list[_Task], list[str]]:
     """One task per input file, and the input names the manifest lists."""
     if inputs:
         files = documents.expand_inputs(inputs)
-        return [(f, f, text_field) for f in files], files
+        return [(f, f, text_field, max_document_chars) for f in files], files
     root, files = documents.default_corpus_files()
     names = [p.relative_to(root).as_posix() for p in files]
-    tasks = [(str(p), name, text_field) for p, name in zip(files, names)]
+    tasks = [(str(p), name, text_field, max_document_chars) for p, name in zip(files, names)]
     return tasks, [f"default corpus: python {platform.python_version()} stdlib {root}", *names]
 
 
@@ -141,35 +170,53 @@ def _train_split_texts(imap, tasks: list[_Task], eval_fraction: float, progress:
         yield from texts
 
 
-def _read_train_texts(task: tuple[str, str, str, float]) -> list[str]:
-    path, name, text_field, eval_fraction = task
+def _read_train_texts(task: tuple[str, str, str, int, float]) -> list[str]:
+    """The train documents' texts in the pieces they are encoded in (the same pre-tokens, so the same BPE)."""
+    path, name, text_field, max_document_chars, eval_fraction = task
     return [
-        d.text
+        piece
         for d in documents.read_documents(path, text_field, name)
         if isinstance(d, documents.Document) and not is_eval_document(d.key, eval_fraction)
+        for record in documents.text_pieces(d.text, max_document_chars)
+        for piece in documents.text_pieces(record, _ENCODE_CHARS)
     ]
 
 
 _worker_tokenizers: dict[str, Tokenizer] = {}  # tokenizer.json path -> loaded tokenizer, per worker process
 
 
-def _tokenize_file(task: tuple[str, str, str, str]) -> list[tuple[str, np.ndarray] | documents.Skipped]:
-    """One input file -> (key, [BOS] + ids + [EOS] as int32) per document, or Skipped records."""
-    path, name, text_field, tokenizer_file = task
+def _tokenize_file(
+    task: tuple[str, str, str, int, str],
+) -> list[tuple[str, list[np.ndarray]] | documents.Skipped]:
+    """One input file -> per document (key, its records: [BOS] + ids + [EOS] as int32, more than one if it
+    was split), or Skipped records.
+    """
+    path, name, text_field, max_document_chars, tokenizer_file = task
     tokenizer = _worker_tokenizers.get(tokenizer_file)
     if tokenizer is None:
         tokenizer = _worker_tokenizers[tokenizer_file] = Tokenizer.from_file(tokenizer_file)
         tokenizer.encode_special_tokens = True  # "<s>" inside a document is text, not a control token
     bos, eos = tokenizer.token_to_id(tok.BOS), tokenizer.token_to_id(tok.EOS)
-    items = list(documents.read_documents(path, text_field, name))
-    docs = [d for d in items if isinstance(d, documents.Document)]
-    encodings = iter(tokenizer.encode_batch_fast([d.text for d in docs], add_special_tokens=False))
-    return [
-        item
-        if isinstance(item, documents.Skipped)
-        else (item.key, np.array([bos, *next(encodings).ids, eos], dtype=shards.TOKEN_DTYPE))
-        for item in items
-    ]
+    items: list[tuple[str, list[np.ndarray]] | documents.Skipped] = []
+    for item in documents.read_documents(path, text_field, name):
+        if isinstance(item, documents.Document):
+            records = [
+                np.concatenate([[bos], encode_ids(tokenizer, text), [eos]], dtype=shards.TOKEN_DTYPE)
+                for text in documents.text_pieces(item.text, max_document_chars)
+            ]
+            item = (item.key, records)
+        items.append(item)
+    return items
+
+
+def encode_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """The ids `[n]` of `text`, encoded in pieces of at most _ENCODE_CHARS characters so the tokenizer's
+    buffers stay small; for the byte-level BPE prepare trains, the ids of one encode of the whole text
+    (see documents.text_pieces).
+    """
+    pieces = documents.text_pieces(text, _ENCODE_CHARS)
+    encodings = (tokenizer.encode_batch_fast([p], add_special_tokens=False)[0] for p in pieces)
+    return np.concatenate([np.array(e.ids, dtype=shards.TOKEN_DTYPE) for e in encodings])
 
 
 def _write_shards(
@@ -181,10 +228,13 @@ def _write_shards(
     shard_tokens: int,
     progress: bool,
 ) -> dict:
-    """Tokenizes every input into the split writers; returns the manifest's counts, splits and skipped."""
+    """Tokenizes every input into the split writers; returns the manifest's counts, splits, skipped and split
+    documents (a split document's records all go to its key's split).
+    """
     tokenizer_file = str(directory / shards.TOKENIZER)
     writers = {split: shards.ShardWriter(directory, split, shard_tokens) for split in shards.SPLITS}
     skipped: dict[str, int] = {}
+    split_documents = {"documents": 0, "pieces": 0}
     examples: list[dict[str, str]] = []
     results = imap(_tokenize_file, [(*task, tokenizer_file) for task in tasks])
     for items in tqdm(results, total=len(tasks), desc="tokenize", disable=not progress):
@@ -194,8 +244,13 @@ def _write_shards(
                 if len(examples) < _MAX_SKIP_EXAMPLES:
                     examples.append({"source": item.source, "reason": item.reason})
                 continue
-            key, tokens = item
-            writers["eval" if is_eval_document(key, eval_fraction) else "train"].write(tokens)
+            key, records = item
+            writer = writers["eval" if is_eval_document(key, eval_fraction) else "train"]
+            for tokens in records:
+                writer.write(tokens)
+            if len(records) > 1:
+                split_documents["documents"] += 1
+                split_documents["pieces"] += len(records)
     splits = {split: writer.close() for split, writer in writers.items()}
     total = sum(s["documents"] for s in splits.values())
     if total == 0:
@@ -208,6 +263,7 @@ def _write_shards(
         "tokens": sum(s["tokens"] for s in splits.values()),
         "splits": splits,
         "skipped": {"total": sum(skipped.values()), "by_reason": skipped, "examples": examples},
+        "split_documents": split_documents,
     }
 
 
@@ -223,6 +279,12 @@ def _define_flags() -> None:
     flags.DEFINE_string("out", None, "Output dataset directory (must not exist).", required=True)
     flags.DEFINE_float("eval_fraction", 0.05, "Fraction of documents in the held-out eval split.")
     flags.DEFINE_integer("shard_tokens", 1 << 25, "Tokens per ArrayRecord shard (about).")
+    flags.DEFINE_integer(
+        "max_document_chars",
+        1_000_000,
+        "Longer documents become consecutive documents of at most this many characters, split at whitespace "
+        "(0 = no limit). Bounds prepare's memory and the size of one record.",
+    )
     flags.DEFINE_integer("workers", 0, "Worker processes (0 = one per CPU).")
 
 
@@ -240,6 +302,7 @@ def main(argv: list[str]) -> None:
             vocab_size=f.vocab_size,
             eval_fraction=f.eval_fraction,
             shard_tokens=f.shard_tokens,
+            max_document_chars=f.max_document_chars,
             workers=f.workers,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:

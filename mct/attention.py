@@ -8,8 +8,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
+from mct.config import ModelConfig
 from pallas_kernels import infllm_v2
 from pallas_kernels.blockwise_attention import causal_attention
 from pallas_kernels.gqa_layout import cache_prefix_attention, group_queries
@@ -31,14 +31,8 @@ def naive_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids:
     return out.reshape(b, s, hq, d)
 
 
-def sparse_config(cfg: ml_collections.ConfigDict) -> infllm_v2.SparseConfig:
-    """The InfLLM v2 settings of a model config (model.sparse, less the implementation choice)."""
-    fields = {k: v for k, v in cfg.sparse.items() if k != "implementation"}
-    return infllm_v2.SparseConfig(**fields)
-
-
 def attend(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, cfg: ml_collections.ConfigDict
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, cfg: ModelConfig
 ) -> jnp.ndarray:
     """Runs the attention implementation named by `cfg.attention` (a model config)."""
     if cfg.attention == "blockwise":
@@ -47,7 +41,7 @@ def attend(
         return naive_attention(q, k, v, segment_ids)
     if cfg.attention == "infllm_v2":  # dense below sparse.dense_len tokens, block-sparse from there
         return infllm_v2.attention(
-            q, k, v, sparse_config(cfg), segment_ids=segment_ids, implementation=cfg.sparse.implementation
+            q, k, v, cfg.sparse, segment_ids=segment_ids, implementation=cfg.sparse.implementation
         )
     raise ValueError(f"config model.attention: unknown implementation {cfg.attention!r}")
 
@@ -69,7 +63,7 @@ def _write(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndar
 
 def cached_attend(
     q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, positions: jnp.ndarray, cache: KVCache,
-    cfg: ml_collections.ConfigDict,
+    cfg: ModelConfig,
 ) -> tuple[jnp.ndarray, KVCache]:  # fmt: skip
     """Decoding: writes k, v [batch, T, kv_heads, d] into one layer's cache at positions [batch, T]
     (consecutive per row), then attends q [batch, T, q_heads, d] to the slots up to each query's position.
@@ -82,7 +76,7 @@ def cached_attend(
         sums = infllm_v2_decode.update_stride_sums(
             cache.k_sums, k_cache, start, k.shape[1], cfg.sparse.kernel_stride
         )
-        out = infllm_v2_decode.cached_attention(q, k_cache, v_cache, sums, positions, sparse_config(cfg))
+        out = infllm_v2_decode.cached_attention(q, k_cache, v_cache, sums, positions, cfg.sparse)
         return out, KVCache(k_cache, v_cache, sums)
     b, t, q_heads, d = q.shape
     qg = group_queries(q, k.shape[2])  # [b, kv, T, group, d]

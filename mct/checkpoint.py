@@ -1,22 +1,29 @@
 """Orbax checkpoints of a run: train state (sharded arrays), data-iterator state and run metadata.
 
 Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. Only committed steps are listed and restored;
-a save interrupted by a kill leaves a tmp directory that orbax ignores. Saves are async by default.
+a save interrupted by a kill leaves a tmp directory that orbax ignores. Saves are async by default; a save
+that fails (e.g. on a full disk) has its tmp directory removed and raises CheckpointSaveError at the next
+check_saves, save or wait.
 """
 
 import logging
+import os
 import pathlib
+import re
+import shutil
+import threading
 import time
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
-from mct.sharding import ConfigError
+from mct.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 COMMIT_MARKER = "commit_success.txt"
 ITEMS = ("state", "data", "meta")
+# tensorstore puts the OS error in its message: "... No space left on device [os_error_code='28']"
+OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 # Model fields that must match for a checkpoint to be restored into a run.
 SHAPE_KEYS = (
@@ -24,8 +31,37 @@ SHAPE_KEYS = (
 )  # fmt: skip
 
 
-def model_signature(model_cfg: ml_collections.ConfigDict) -> dict:
-    return {k: model_cfg[k] for k in SHAPE_KEYS}
+def model_signature(model_cfg: ModelConfig) -> dict:
+    """The shape fields a checkpoint records and a restore compares."""
+    return {k: getattr(model_cfg, k) for k in SHAPE_KEYS}
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint save failed: the run must stop. One line: the step, the root cause, the last good step."""
+
+
+def root_cause(error: BaseException) -> str:
+    """One line on why `error` happened: the OS error's text where the exception chain holds one, else the
+    innermost exception's first line."""
+    chain = [error]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
+        chain.append(inner)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno:
+            return os.strerror(e.errno)
+        if match := OS_ERROR_CODE.search(str(e)):
+            return os.strerror(int(match.group(1)))
+    lines = str(chain[-1]).strip().splitlines()
+    return lines[0][:300] if lines else type(chain[-1]).__name__
+
+
+def _join_write_threads(timeout_s: float) -> None:
+    """Waits for orbax's write threads: a save fails at its first failed write while the others may still be
+    creating files in its tmp directory."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "_SignalingThread":  # orbax.checkpoint._src.futures.future
+            thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 class Checkpointer:
@@ -45,6 +81,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
         )
+        self._saving: int | None = None  # the step of the last save, until its success is known
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -53,14 +90,41 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=force,
+        """Saves the step (in the background when async). Raises CheckpointSaveError if this save or the
+        previous one failed."""
+        self.wait()  # a failure of the previous save is reported with its own step
+        self._saving = step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=force,
+            )
+        except Exception as e:
+            self._saving = None
+            raise self._save_failed(step, e) from e
+
+    def check_saves(self) -> None:
+        """Raises CheckpointSaveError once the last save has failed; returns at once while it is still
+        running or when it succeeded, so the train loop can call it after every step."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def _save_failed(self, step: int, error: Exception) -> CheckpointSaveError:
+        """Removes the failed step's tmp directory; the error names the cause and the last good checkpoint."""
+        if jax.process_index() == 0:
+            _join_write_threads(timeout_s=60.0)
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.manager.reload()  # from disk: the failed save may have dropped steps max_to_keep would delete
+        good = self.latest_step()
+        return CheckpointSaveError(
+            f"checkpoint save at step {step} failed: {root_cause(error)} in {self.directory}; "
+            f"last good checkpoint: {'none' if good is None else f'step {good}'}"
         )
 
     def read_meta(self, step: int) -> dict:
@@ -82,7 +146,7 @@ class Checkpointer:
         )
         return out["state"], out["data"], out["meta"]
 
-    def check_compatible(self, step: int, model_cfg: ml_collections.ConfigDict) -> dict:
+    def check_compatible(self, step: int, model_cfg: ModelConfig) -> dict:
         """Raises ConfigError naming the differing fields when the checkpoint holds another model shape."""
         meta = self.read_meta(step)
         saved, wanted = meta["model_signature"], model_signature(model_cfg)
@@ -100,7 +164,7 @@ class Checkpointer:
         step_dir = self.directory / str(step)
         return all((d / COMMIT_MARKER).is_file() for d in (step_dir, *(step_dir / item for item in ITEMS)))
 
-    def restore_latest(self, abstract_state, model_cfg: ml_collections.ConfigDict):
+    def restore_latest(self, abstract_state, model_cfg: ModelConfig):
         """(step, state, data_state) of the newest checkpoint that restores, or None when there is none.
 
         An incomplete or unreadable checkpoint is moved aside to STEP.corrupt-TIME (never deleted) with a
@@ -129,10 +193,19 @@ class Checkpointer:
         return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the last save is committed; raises CheckpointSaveError if it failed."""
+        step, self._saving = self._saving, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(step, e) from e
 
     def close(self) -> None:
-        self.manager.close()
+        """Waits for the last save (raising CheckpointSaveError if it failed) and closes the manager."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def abstract_with_shardings(tree, shardings):

@@ -8,15 +8,14 @@ its own position).
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from mct.attention import KVCache
+from mct.config import ModelConfig
 from mct.model import ParamsModel, compute_dtype
 
 # on_tokens(new): the tokens each row committed in this step (possibly none), for streaming.
@@ -61,7 +60,7 @@ def sample(probs: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
     return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
-def init_cache(cfg: ml_collections.ConfigDict, batch: int, capacity: int) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> KVCache:
     """An empty cache for `batch` rows of up to `capacity` positions, in the model's compute dtype."""
     if capacity > cfg.max_position:
         raise ValueError(f"decoding needs {capacity} positions, over model.max_position={cfg.max_position}")
@@ -87,14 +86,10 @@ def forward(model: ParamsModel, params: dict, head: jnp.ndarray, tokens: jnp.nda
     return jnp.einsum("...d,dv->...v", hidden.astype(jnp.float32), head), cache
 
 
-def params_model(cfg: ml_collections.ConfigDict) -> ParamsModel:
-    """One ParamsModel per distinct model config, so jitted decoding steps (keyed on it) compile once."""
-    return _params_model(cfg.to_json(sort_keys=True))
-
-
 @functools.lru_cache(maxsize=16)
-def _params_model(cfg_json: str) -> ParamsModel:
-    return ParamsModel(ml_collections.ConfigDict(json.loads(cfg_json)))
+def params_model(cfg: ModelConfig) -> ParamsModel:
+    """One ParamsModel per distinct model config, so jitted decoding steps (keyed on it) compile once."""
+    return ParamsModel(cfg)
 
 
 def output_head(model: ParamsModel, params: dict) -> jnp.ndarray:
@@ -163,7 +158,7 @@ def _step(model: ParamsModel, sampling: Sampling, params, head, tokens, position
 
 
 def generate(
-    cfg: ml_collections.ConfigDict,
+    cfg: ModelConfig,
     params: dict,
     prompts: Sequence[Sequence[int]],
     *,

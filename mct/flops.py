@@ -10,17 +10,17 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
+from mct.config import ModelConfig
 from mct.model import count_params
 
 
-def matmul_params(cfg: ml_collections.ConfigDict) -> int:
+def matmul_params(cfg: ModelConfig) -> int:
     n = count_params(cfg)
     return n if cfg.tie_embeddings else n - cfg.vocab_size * cfg.d_model
 
 
-def train_flops_per_token(cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 6.0 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
 
 

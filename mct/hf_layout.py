@@ -11,9 +11,9 @@ and import are one table read in two directions.
 import dataclasses
 import math
 
-import ml_collections
 import numpy as np
 
+from mct.config import ModelConfig
 from mct.model import width_multiplier
 
 LAYOUTS = ("minicpm", "llama")
@@ -45,7 +45,7 @@ class FoldedScales:
     head: float
 
     @classmethod
-    def of(cls, cfg: ml_collections.ConfigDict, layout: str) -> "FoldedScales":
+    def of(cls, cfg: ModelConfig, layout: str) -> "FoldedScales":
         if layout == "minicpm":
             return cls(1.0, 1.0, 1.0)
         return cls(cfg.scale_emb, cfg.scale_depth / math.sqrt(cfg.n_layers), 1.0 / width_multiplier(cfg))
@@ -56,13 +56,13 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
 
 
-def ties_head(cfg: ml_collections.ConfigDict, layout: str) -> bool:
+def ties_head(cfg: ModelConfig, layout: str) -> bool:
     """Whether the HF checkpoint ties lm_head to the embedding (Llama: only if both fold the same scale)."""
     scales = FoldedScales.of(cfg, layout)
     return cfg.tie_embeddings and np.float32(scales.embed) == np.float32(scales.head)
 
 
-def tensor_plan(cfg: ml_collections.ConfigDict, layout: str) -> list[TensorSpec]:
+def tensor_plan(cfg: ModelConfig, layout: str) -> list[TensorSpec]:
     """Every tensor of the HF checkpoint, in a fixed order, with its source parameter."""
     check_layout(layout)
     s = FoldedScales.of(cfg, layout)
@@ -144,7 +144,7 @@ def unfold(folded: list[tuple[np.ndarray, float]]) -> np.ndarray:
     return result
 
 
-def _rope_fields(cfg: ml_collections.ConfigDict) -> dict:
+def _rope_fields(cfg: ModelConfig) -> dict:
     rope = cfg.rope
     fields = {"rope_theta": rope.theta, "rope_scaling": None}
     if rope.type == "longrope":
@@ -158,7 +158,7 @@ def _rope_fields(cfg: ml_collections.ConfigDict) -> dict:
     return fields
 
 
-def hf_config(cfg: ml_collections.ConfigDict, layout: str, special_ids: dict[str, int], dtype: str) -> dict:
+def hf_config(cfg: ModelConfig, layout: str, special_ids: dict[str, int], dtype: str) -> dict:
     """config.json for the layout. special_ids: the tokenizer's bos/eos/pad ids ("<s>", "</s>", "<pad>")."""
     check_layout(layout)
     config = {

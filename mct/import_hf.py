@@ -12,25 +12,25 @@ the same layout reproduces the input files bit for bit.
 import collections
 import json
 import pathlib
+import shlex
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from safetensors import safe_open
 
 from data_pipelines.shards import TOKENIZER
 from data_pipelines.tokenizer import read_tokenizer_file
-from experiments.configs.base import base_config
-from mct import hf_layout
+from mct import cli, hf_layout
 from mct.checkpoint import Checkpointer, model_signature
+from mct.config import Config, ModelConfig, to_dict
 from mct.export import INDEX_FILE, fresh_directory
 from mct.model import ParamsModel
 from mct.optimizer import make_optimizer
+from mct.run_reader import RunCheckpoint
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters save; recomputed from the config
 
@@ -72,7 +72,7 @@ def read_hf_config(hf_dir: pathlib.Path) -> dict:
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
-def import_params(hf_dir: pathlib.Path, model_cfg: ml_collections.ConfigDict, layout: str) -> dict:
+def import_params(hf_dir: pathlib.Path, model_cfg: ModelConfig, layout: str) -> dict:
     """The checkpoint's params dict (fp32), tensor by tensor, undoing the layout's orientation and scales."""
     weights = SafetensorsDir(hf_dir)
     plan = hf_layout.tensor_plan(model_cfg, layout)
@@ -94,15 +94,16 @@ def import_params(hf_dir: pathlib.Path, model_cfg: ml_collections.ConfigDict, la
 
 
 def import_hf(
-    hf_dir: str, out: str, *, unfold_mup: bool = False, config: ml_collections.ConfigDict | None = None
+    hf_dir: str, out: str, *, unfold_mup: bool = False, config: Config | None = None
 ) -> pathlib.Path:
     """Writes the new workdir `out` holding the HF checkpoint of `hf_dir` as step 0; returns its path."""
     hf_path = pathlib.Path(hf_dir)
     hf = read_hf_config(hf_path)
     layout = hf_layout.layout_of(hf, str(hf_path / "config.json"))
-    config = ml_collections.ConfigDict((config or base_config()).to_dict())
-    config.model.update(hf_layout.model_fields(hf, str(hf_path / "config.json"), unfold_mup))
-    config.workdir = str(out)
+    fields = hf_layout.model_fields(hf, str(hf_path / "config.json"), unfold_mup)
+    config = (config or Config()).resolve()
+    model = Config.from_dict({"model": {**to_dict(config.model), **fields}}).model
+    config = config.replace(model=model, workdir=str(out))
     params = import_params(hf_path, config.model, layout)
     tokenizer = hf_path / TOKENIZER
     if tokenizer.is_file():
@@ -114,8 +115,8 @@ def import_hf(
     meta = {
         "config": config.to_dict(),
         "model_signature": model_signature(config.model),
-        "data_mixture": config.data.mixture.to_dict(),
-        "decay_start": config.train.steps - config.schedule.decay_steps,
+        "data_mixture": config.to_dict()["data"]["mixture"],
+        "decay_start": config.decay_start,
         "step": 0,
         "imported_from": str(hf_path.absolute()),
     }
@@ -136,17 +137,36 @@ def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Training config the workdir is meant for.")
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"a.b": leaf} of a nested dict."""
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def train_command(config_file: str, workdir: pathlib.Path, base: Config) -> str:
+    """The mct.train command that continues an imported workdir: the config file plus the imported model's
+    fields where they differ from the file's (the checkpoint holds that model)."""
+    imported = RunCheckpoint(workdir).model_cfg
+    want, have = _flat(to_dict(imported)), _flat(to_dict(base.model))
+    overrides = [f"--config.model.{k}={shlex.quote(str(tuple(v) if isinstance(v, list) else v))}"
+                 for k, v in want.items() if have.get(k) != v]  # fmt: skip
+    return " ".join(["python -m mct.train --config", config_file, f"--config.workdir={workdir}", *overrides])
+
+
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
+    config_file = config_flags.get_config_filename(f["config"]) if f.config else "experiments/configs/base.py"
+    config = cli.config_from_flag(f.config) if f.config else Config()
     try:
-        out = import_hf(f.hf_dir, f.out, unfold_mup=f.unfold_mup, config=f.config)
+        out = import_hf(f.hf_dir, f.out, unfold_mup=f.unfold_mup, config=config)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"imported {f.hf_dir} into {out} (step 0); train on with --config.workdir={out}")
+        raise cli.UserError(str(e)) from None
+    print(f"imported {f.hf_dir} into {out} (step 0); train on with:\n  {train_command(config_file, out, config)}")
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

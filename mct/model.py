@@ -12,10 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from mct.attention import KVCache, attend, cached_attend
+from mct.config import ModelConfig
 from mct.rope import apply_rope, rope_tables
 from mct.sharding import constrain
 
@@ -26,14 +26,14 @@ REMAT_POLICIES = {
 }
 
 
-def compute_dtype(cfg: ml_collections.ConfigDict) -> jnp.dtype:
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     """model.compute_dtype; "auto" is bfloat16 on accelerators and float32 on CPU (where bf16 is slower)."""
     if cfg.compute_dtype == "auto":
         return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
     return jnp.dtype(cfg.compute_dtype)
 
 
-def width_multiplier(cfg: ml_collections.ConfigDict) -> float:
+def width_multiplier(cfg: ModelConfig) -> float:
     """muP's m = d_model / dim_model_base; 1 under standard parametrization."""
     return cfg.d_model / cfg.dim_model_base if cfg.parametrization == "mup" else 1.0
 
@@ -54,7 +54,7 @@ def _param(rngs: nnx.Rngs, shape, axes, std: float | None, lr_group: str) -> nnx
 LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "attn_norm", "mlp_norm")
 
 
-def decoder_layer(cfg: ml_collections.ConfigDict, h: jnp.ndarray, w: dict, positions: jnp.ndarray, rope,
+def decoder_layer(cfg: ModelConfig, h: jnp.ndarray, w: dict, positions: jnp.ndarray, rope,
                   attention: Callable) -> tuple[jnp.ndarray, Any]:  # fmt: skip
     """One pre-norm block: h + s * Attn(RMSNorm(h)), then + s * SwiGLU(RMSNorm(h)), s = scale_depth / sqrt(L).
 
@@ -79,7 +79,7 @@ def decoder_layer(cfg: ml_collections.ConfigDict, h: jnp.ndarray, w: dict, posit
     return h, aux
 
 
-def scan_layers(cfg: ml_collections.ConfigDict, layer: Callable, h: jnp.ndarray, xs) -> tuple[jnp.ndarray, Any]:
+def scan_layers(cfg: ModelConfig, layer: Callable, h: jnp.ndarray, xs) -> tuple[jnp.ndarray, Any]:
     """lax.scan(layer, h, xs) over the stacked layers, or the same loop unrolled when model.scan_layers is off
     (longer compiles; XLA then lays out each layer's matmuls on its own, faster on CPU)."""
     if cfg.scan_layers:
@@ -94,7 +94,7 @@ def scan_layers(cfg: ml_collections.ConfigDict, layer: Callable, h: jnp.ndarray,
 class MiniCPM(nnx.Module):
     """The decoder. Layer weights are stacked on a leading `layers` axis and applied with lax.scan."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         L, d, f, V = cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.vocab_size
         hq, hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -181,7 +181,7 @@ class MiniCPM(nnx.Module):
         return w / width_multiplier(self.cfg)
 
 
-def count_params(cfg: ml_collections.ConfigDict) -> int:
+def count_params(cfg: ModelConfig) -> int:
     """Parameter count from the shapes alone (no arrays are built)."""
     model = nnx.eval_shape(lambda: MiniCPM(cfg, rngs=nnx.Rngs(0)))
     return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -194,7 +194,7 @@ class ParamsModel:
     a dict of the same structure holding each parameter's `logical_axes` or `lr_group`.
     """
 
-    def __init__(self, cfg: ml_collections.ConfigDict):
+    def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         self.graphdef, self._abstract = nnx.split(nnx.eval_shape(lambda: MiniCPM(cfg, rngs=nnx.Rngs(0))))
 

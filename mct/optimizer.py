@@ -4,14 +4,14 @@ Hidden matrices (lr_group "hidden") get lr / m, embeddings and norms get lr (DES
 Weight decay applies to matrices, and to the embedding only when optimizer.decay_embeddings is set.
 """
 
-import ml_collections
 import optax
 
+from mct.config import Config
 from mct.model import ParamsModel, width_multiplier
 from mct.schedule import schedule_from_config
 
 
-def make_optimizer(config: ml_collections.ConfigDict, model: ParamsModel) -> optax.GradientTransformation:
+def make_optimizer(config: Config, model: ParamsModel) -> optax.GradientTransformation:
     o = config.optimizer
     schedule = schedule_from_config(config)
     m = width_multiplier(config.model)

@@ -3,10 +3,11 @@
 import math
 
 import jax.numpy as jnp
-import ml_collections
+
+from mct.config import RopeConfig
 
 
-def rope_tables(rope: ml_collections.ConfigDict, head_dim: int, seq_len: int, max_position: int):
+def rope_tables(rope: RopeConfig, head_dim: int, seq_len: int, max_position: int):
     """Inverse frequencies and the cos/sin magnitude for a run of length `seq_len`.
 
     LongRoPE divides each frequency by its factor (the long list once seq_len exceeds the original context)

@@ -5,17 +5,16 @@ export and decoding never need the optimizer state or a whole model gathered at 
 
 import pathlib
 
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from tokenizers import Tokenizer
 
-from data_pipelines.loader import resolve_dataset
+from data_pipelines.loader import dataset_dir
 from data_pipelines.shards import TOKENIZER
 from data_pipelines.tokenizer import read_tokenizer_file, sha256_hex
-from experiments.configs.base import base_config
 from mct.checkpoint import Checkpointer
+from mct.config import Config
 from mct.model import ParamsModel
 
 
@@ -38,15 +37,11 @@ class RunCheckpoint:
         ckpt.close()
         if "config" not in meta:
             raise ValueError(f"{workdir} step {self.step}: the checkpoint's meta lacks the run 'config'")
-        self.config = ml_collections.ConfigDict(meta["config"])
+        self.config = Config.from_dict(meta["config"])  # fields added since it was saved take defaults
+        self.model_cfg = self.config.model
         # The tokenizers the run's data was prepared with (none for an imported run, which has no data state).
         mixture = (data_state or {}).get("fingerprint", {}).get("mixture", {})
         self.tokenizer_sha256 = {c["tokenizer_sha256"] for c in mixture.values() if "tokenizer_sha256" in c}
-        # model keys added to mct since the run was saved (settings, never shapes) take their defaults
-        defaults = base_config().model
-        self.model_cfg = ml_collections.ConfigDict(
-            {**{k: v for k, v in defaults.items() if k not in self.config.model}, **self.config.model}
-        )
         self.shapes = {name: x.shape for name, x in ParamsModel(self.model_cfg).abstract().items()}
         self._state_dir = self.workdir.absolute() / "checkpoints" / str(self.step) / "state"
         self._arrays: dict[str, ts.TensorStore] = {}
@@ -91,7 +86,7 @@ def load_run_tokenizer(run: RunCheckpoint) -> Tokenizer:
     for name, component in sorted(data.mixture.items()):
         try:
             candidates.append(
-                resolve_dataset(component.path, cache_dir=data.cache_dir, vocab_size=data.vocab_size) / TOKENIZER
+                dataset_dir(component.path, cache_dir=data.cache_dir, vocab_size=data.vocab_size) / TOKENIZER
             )
         except (OSError, ValueError) as e:
             problems.append(f"mixture component {name!r}: {e}")

@@ -6,10 +6,9 @@ f(0) = 1 and f decreasing: exponential 0.5^((s-T)/half_life) (MiniCPM), linear, 
 """
 
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-DECAY_SHAPES = ("exponential", "linear", "cosine", "1-sqrt")
+from mct.config import DECAY_SHAPES, Config
 
 
 def wsd_schedule(
@@ -45,13 +44,13 @@ def wsd_schedule(
     return schedule
 
 
-def schedule_from_config(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The run's schedule: decay over the last `decay_steps` of train.steps (for a branch, from branch_step)."""
+def schedule_from_config(config: Config) -> optax.Schedule:
+    """The schedule of a resolved config: decay over the last `decay_steps` of train.steps."""
     s = config.schedule
     return wsd_schedule(
         config.optimizer.lr,
         warmup_steps=s.warmup_steps,
-        decay_start=config.train.steps - s.decay_steps,
+        decay_start=config.decay_start,
         decay_steps=s.decay_steps,
         shape=s.decay_shape,
         half_life=s.half_life,

@@ -4,14 +4,11 @@ Parameters name their axes (`embed`, `vocab`, `heads`, ...) in metadata; activat
 `constrain` calls. Changing a parallelism layout is an edit of `RULES` or of the mesh sizes in config.
 """
 
-import math
-
 import jax
-import ml_collections
-from flax import nnx
+import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from mct.config import MESH_AXES, MeshConfig
 
 # logical axis -> mesh axis (or axes, or None = replicated)
 RULES = {
@@ -27,49 +24,32 @@ RULES = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the config keys involved."""
-
-
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:
-    """Sizes of (data, fsdp, tensor); at most one may be -1, meaning 'all remaining devices'."""
-    sizes = [mesh_cfg[a] for a in MESH_AXES]
-    if sizes.count(-1) > 1:
-        raise ConfigError(f"config mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
-    known = math.prod(s for s in sizes if s != -1)
-    if any(s == 0 or s < -1 for s in sizes) or n_devices % known:
-        raise ConfigError(
-            f"config mesh {dict(zip(MESH_AXES, sizes))} does not fit the {n_devices} available devices"
-        )
-    sizes = [n_devices // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != n_devices:
-        raise ConfigError(
-            f"config mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices "
-            f"but {n_devices} are available (set one axis to -1 to take the rest)"
-        )
-    return tuple(sizes)
-
-
-def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all), sized by the config."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_cfg, len(devices))
+    shape = mesh_cfg.shape(len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_spec(axes) -> PartitionSpec:
+    """The mesh axes of a tuple of logical axis names (None: replicated)."""
     return PartitionSpec(*(RULES[a] if a is not None else None for a in axes))
 
 
-def param_specs(params: nnx.State):
-    """PartitionSpecs for a parameter state, from each Param's `logical_axes` metadata."""
-    return jax.tree.map(
-        lambda v: v.replace(logical_spec(v.get_metadata()["logical_axes"])),
-        params,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+def state_specs(logical_axes: dict, tx: optax.GradientTransformation, abstract_params: dict) -> dict:
+    """PartitionSpecs of the train state {"params", "opt_state"}, both from the params' logical axes: every
+    optimizer leaf that mirrors a parameter (Adam's moments) is sharded like it, the rest (counts) replicated."""
+    params = jax.tree.map(logical_spec, logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+    masked = optax.MaskedNode  # where multi_transform's other groups hold a parameter: no leaf
+    opt_state = optax.tree_map_params(
+        tx, lambda leaf, spec: leaf if isinstance(leaf, masked) else spec, jax.eval_shape(tx.init, abstract_params),
+        params, transform_non_params=lambda _: PartitionSpec(), is_leaf=lambda x: isinstance(x, PartitionSpec | masked),
+    )  # fmt: skip
+    return {"params": params, "opt_state": opt_state}
 
 
 def named(mesh: jax.sharding.Mesh, specs):
+    """NamedShardings over `mesh` for a tree of PartitionSpecs."""
     return jax.tree.map(
         lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
     )

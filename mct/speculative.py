@@ -18,10 +18,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from mct import decoding
+from mct.config import ModelConfig
 from mct.decoding import Sampling, forward, sample, token_probs
 from mct.model import ParamsModel
 
@@ -91,9 +91,9 @@ def _round(target: ParamsModel, draft: ParamsModel, sampling: Sampling, k: int, 
 
 
 def speculative_generate(
-    target_cfg: ml_collections.ConfigDict,
+    target_cfg: ModelConfig,
     target_params: dict,
-    draft_cfg: ml_collections.ConfigDict,
+    draft_cfg: ModelConfig,
     draft_params: dict,
     prompts: Sequence[Sequence[int]],
     *,

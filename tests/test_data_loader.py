@@ -6,16 +6,16 @@ d[kL : kL + L + 1] in NumPy; the loader's rows are cut back into chunks by segme
 """
 
 import collections
+import dataclasses
 import json
 import pathlib
 
-import ml_collections
 import numpy as np
 import pytest
 from array_record.python import array_record_module
 
 from data_pipelines import shards
-from data_pipelines.config import default_data_config, long_context_mixture, mixture_component
+from data_pipelines.config import DataConfig, MixtureComponent, long_context_mixture
 from data_pipelines.loader import make_eval_batches, make_train_iterator, merge_states
 from data_pipelines.shards import DatasetError
 from tests.data_fixtures import make_tiny_dataset
@@ -35,11 +35,9 @@ def datasets(tmp_path_factory) -> dict[str, pathlib.Path]:
     return {"a": a, "b": b, "other": other}
 
 
-def _config(mixture: dict[str, dict], **overrides) -> ml_collections.ConfigDict:
-    cfg = default_data_config()
-    cfg.update(dict(seq_len=64, num_logical_shards=8, packing_bins=4, num_epochs=0), **overrides)
-    cfg.mixture = ml_collections.ConfigDict({name: mixture_component(**c) for name, c in mixture.items()})
-    return cfg
+def _config(mixture: dict[str, dict], **overrides) -> DataConfig:
+    settings = {**dict(seq_len=64, num_logical_shards=8, packing_bins=4, num_epochs=0), **overrides}
+    return DataConfig(mixture={name: MixtureComponent(**c) for name, c in mixture.items()}, **settings)
 
 
 def _documents(dataset: pathlib.Path, split: str = "train") -> list[np.ndarray]:
@@ -142,7 +140,7 @@ def test_long_context_mixture_buckets():
 def test_long_context_buckets_are_realised_equally(datasets):
     max_tokens = 96
     cfg = _config({}, seq_len=max_tokens, num_logical_shards=1, packing_bins=8)
-    cfg.mixture = long_context_mixture(str(datasets["a"]), max_tokens)
+    cfg = dataclasses.replace(cfg, mixture=long_context_mixture(str(datasets["a"]), max_tokens))
     buckets = [(c.min_tokens, c.max_tokens) for c in cfg.mixture.values()]
     lengths = [len(d) for d in _documents(datasets["a"])]
     assert all(sum(lo <= n <= hi for n in lengths) >= 3 for lo, hi in buckets)  # each bucket has documents

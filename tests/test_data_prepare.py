@@ -15,6 +15,7 @@ import zstandard
 from array_record.python import array_record_module
 
 from data_pipelines import documents, prepare, shards
+from data_pipelines import tokenizer as tok
 from data_pipelines.loader import load_tokenizer, resolve_dataset
 from data_pipelines.tokenizer import SPECIAL_TOKENS
 
@@ -266,3 +267,116 @@ def test_default_dataset_is_prepared_once_into_the_cache(tmp_path, monkeypatch):
     stamp = (path / "manifest.json").stat().st_mtime_ns
     assert resolve_dataset("default", cache_dir=str(tmp_path), vocab_size=300) == path
     assert (path / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def _medium_document(num_chars: int) -> str:
+    """Words, numbers, punctuation, contractions, emoji and CJK between many kinds of whitespace, with a
+    cuttable whitespace (ASCII, before a non-whitespace) at least every 40 characters.
+    """
+    rng = np.random.default_rng(0)
+    words = ["river", "it's", "we'll", "3.14", "12345", "(shard)", "ü∑", "🙂", "数据", "<s>", "--", "x_y"]
+    odd = [" ", "  ", "\xa0", "\u3000", "\x1c", "\x0b", " \x0c ", ""]  # inside groups: not all cuttable
+    cuttable = [" ", "\n", "  ", "\t", "\n\n", "\r\n", " \n ", "\n   "]
+    groups, length = [], 0
+    while length < num_chars:
+        group = "".join(str(rng.choice(words)) + str(rng.choice(odd)) for _ in range(rng.integers(1, 3)))
+        groups.append(group.rstrip() + str(rng.choice(cuttable)))
+        length += len(groups[-1])
+    return "".join(groups).strip()
+
+
+def test_text_pieces_encode_to_the_same_ids_and_bpe_as_the_whole_text(monkeypatch):
+    text = _medium_document(60_000)
+    tokenizer = tok.train_bpe_tokenizer([text], 400)
+    tokenizer.encode_special_tokens = True
+    whole = tokenizer.encode(text, add_special_tokens=False).ids
+    for max_chars in (40, 257, 4096):
+        pieces = list(documents.text_pieces(text, max_chars))
+        assert "".join(pieces) == text and all(0 < len(p) <= max_chars for p in pieces)
+        assert all(p[0] in " \t\n\r" for p in pieces[1:])  # cut at whitespace, never mid-word
+        ids = [i for p in pieces for i in tokenizer.encode(p, add_special_tokens=False).ids]
+        assert ids == whole, max_chars
+    # The tokenizer trained on pieces is the one trained on the whole text (same pre-token counts).
+    pieces_bpe = tok.train_bpe_tokenizer(documents.text_pieces(text, 257), 400)
+    assert tok.tokenizer_bytes(pieces_bpe) == tok.tokenizer_bytes(tokenizer)
+    monkeypatch.setattr(prepare, "_ENCODE_CHARS", 100)
+    np.testing.assert_array_equal(prepare.encode_ids(tokenizer, text), whole)
+
+
+def test_text_pieces_edge_cases():
+    assert list(documents.text_pieces("a b", 0)) == ["a b"]  # 0 = no limit
+    assert list(documents.text_pieces("a" * 70, 30)) == ["a" * 30, "a" * 30, "a" * 10]  # no whitespace
+    assert list(documents.text_pieces("ab  cd ef", 5)) == ["ab ", " cd", " ef"]
+    with pytest.raises(ValueError, match="max_chars"):
+        list(documents.text_pieces("a", -1))
+
+
+def test_long_documents_are_split_into_consecutive_documents(tmp_path):
+    long_text = " ".join(f"w{i:07d}x" for i in range(550))  # 5499 characters, a space every 10
+    short = [f"short document {i}" for i in range(8)]
+    (tmp_path / "in.jsonl").write_bytes(_jsonl({"text": t} for t in [short[0], long_text, *short[1:]]))
+    out = prepare.prepare_dataset(
+        tmp_path / "ds",
+        [str(tmp_path / "in.jsonl")],
+        vocab_size=300,
+        eval_fraction=0.5,
+        max_document_chars=1000,
+        workers=1,
+        progress=False,
+    )
+    manifest = shards.read_manifest(out)
+    assert manifest["split_documents"] == {"documents": 1, "pieces": 6}  # 999 + 4 * 1000 + 500 characters
+    assert manifest["max_document_chars"] == 1000
+    assert manifest["documents"] == len(short) + 6
+    tokenizer = load_tokenizer(out)
+    records = [(split, r[1:-1]) for split in shards.SPLITS for r in _read_split(out, split)]
+    assert manifest["tokens"] == sum(ids.size + 2 for _, ids in records)
+    pieces = [
+        (split, ids) for split, ids in records if tokenizer.decode(ids.tolist()).lstrip().startswith("w0")
+    ]
+    assert len(pieces) == 6 and len({split for split, _ in pieces}) == 1  # all in the split of the key
+    assert "".join(tokenizer.decode(ids.tolist()) for _, ids in pieces) == long_text
+    # Cut at pre-token boundaries: the pieces' ids are exactly the whole text's.
+    assert np.concatenate([ids for _, ids in pieces]).tolist() == tokenizer.encode(long_text).ids
+
+
+def test_cli_prints_the_skip_and_split_summary(corpus, tmp_path):
+    root, texts, skips = corpus
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_pipelines.prepare",
+            "--input",
+            str(root / "*"),
+            "--out",
+            str(tmp_path / "out"),
+            "--vocab_size",
+            "300",
+            "--max_document_chars",
+            "60",
+            "--workers",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = shards.read_manifest(tmp_path / "out")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"prepared {tmp_path / 'out'}: train ")
+    assert (
+        lines[1]
+        == f"skipped {sum(skips.values())}: "
+        + ", ".join(f"{n} {reason}" for reason, n in sorted(skips.items()))
+        + " (examples in manifest.json)"
+    )
+    split = manifest["split_documents"]
+    assert split["documents"] == sum(len(t) > 60 for t in texts) > 0
+    assert (
+        lines[2]
+        == f"split {split['documents']} documents longer than 60 characters into {split['pieces']} documents"
+    )
+    assert manifest["documents"] == len(texts) - split["documents"] + split["pieces"]

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from data_pipelines.tokenizer import read_tokenizer_file
-from experiments.configs.base import model_config
+from mct.config import model_from_dict
 from mct.decoding import Sampling, forward, generate, init_cache, output_head, params_model, token_probs
 from mct.generate import StreamPrinter, encode_prompts
 from tests.data_fixtures import make_tiny_dataset
@@ -20,11 +20,8 @@ from tests.test_export import random_params, save_random_run, tiny_run_config
 
 
 def tiny_cfg(**overrides):
-    cfg = model_config(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=97)
-    cfg.attention = "naive"
-    cfg.max_position = 256
-    cfg.update(overrides)
-    return cfg
+    shape = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=97)
+    return model_from_dict({**shape, "attention": "naive", "max_position": 256, **overrides})
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -6,7 +6,6 @@ import json
 import math
 import pathlib
 
-import ml_collections
 import ml_dtypes
 import numpy as np
 import pytest
@@ -16,16 +15,17 @@ from data_pipelines.freq_vocab import build_freq_vocab
 from experiments.configs.tiny_cpu import get_config
 from mct import hf_layout
 from mct.checkpoint import Checkpointer, model_signature
+from mct.config import Config
 from mct.decoding import params_model
 from mct.export import FREQ_VOCAB_FILE, INDEX_FILE, export
 from mct.import_hf import import_hf
 from mct.model import width_multiplier
+from mct.pretrain import train
 from mct.run_reader import RunCheckpoint
-from mct.train import train
 from tests.data_fixtures import make_tiny_dataset
 
 
-def tiny_run_config(workdir, dataset, **model_overrides):
+def tiny_run_dict(workdir, dataset, **model_overrides):
     c = get_config()
     c.workdir = str(workdir)
     c.model.update(dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=320))
@@ -37,6 +37,10 @@ def tiny_run_config(workdir, dataset, **model_overrides):
     c.schedule.warmup_steps, c.schedule.decay_steps = 1, 1
     c.eval.every_steps = c.checkpoint.every_steps = 3
     return c
+
+
+def tiny_run_config(workdir, dataset, **model_overrides) -> Config:
+    return Config.from_dict(tiny_run_dict(workdir, dataset, **model_overrides).to_dict())
 
 
 def random_params(model_cfg, seed: int = 0) -> dict:
@@ -53,11 +57,12 @@ def random_params(model_cfg, seed: int = 0) -> dict:
     return params
 
 
-def save_random_run(workdir, config, seed=0) -> dict:
-    """A checkpoint of random params in the train layout, without training."""
+def save_random_run(workdir, config, seed=0, saved_config: dict | None = None) -> dict:
+    """A checkpoint of random params in the train layout, without training (meta records saved_config)."""
     params = random_params(config.model, seed)
     ckpt = Checkpointer(str(workdir), async_save=False)
-    meta = {"config": config.to_dict(), "model_signature": model_signature(config.model), "step": 7}
+    saved = saved_config or config.to_dict()
+    meta = {"config": saved, "model_signature": model_signature(config.model), "step": 7}
     ckpt.save(7, {"params": params, "opt_state": {}}, None, meta)
     ckpt.wait()
     ckpt.close()
@@ -167,11 +172,11 @@ def test_imported_llama_export_trains_on_from_its_weights(tmp_path, run_config):
     imported = RunCheckpoint(workdir).read_params()
     for name, value in RunCheckpoint(run_config.workdir).read_params().items():
         np.testing.assert_allclose(imported[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
-    resumed = tiny_run_config(workdir, run_config.data.mixture.default.path)
+    resumed = tiny_run_dict(workdir, run_config.data.mixture["default"].path)
     resumed.train.steps = resumed.eval.every_steps = resumed.checkpoint.every_steps = 1
     resumed.schedule.warmup_steps = 0
     resumed.optimizer.lr = 0.0  # a zero update: step 1 holds the weights train started from
-    result = train(resumed)
+    result = train(Config.from_dict(resumed.to_dict()))
     assert result["step"] == 1 and np.isfinite(result["eval_loss"])
     assert Checkpointer(str(workdir), read_only=True).all_steps() == [0, 1]
     after = RunCheckpoint(workdir, step=1).read_params()
@@ -244,8 +249,7 @@ def test_run_saved_before_a_model_setting_existed_still_reads(tmp_path, dataset)
     config = tiny_run_config(tmp_path / "wd", dataset)
     saved = config.to_dict()
     del saved["model"]["scan_layers"]
-    old = ml_collections.ConfigDict(saved)
-    params = save_random_run(old.workdir, old)
-    run = RunCheckpoint(old.workdir)
+    params = save_random_run(config.workdir, config, saved_config=saved)
+    run = RunCheckpoint(config.workdir)
     assert run.model_cfg.scan_layers is True
     np.testing.assert_array_equal(run.read("wq"), params["wq"])

@@ -29,8 +29,7 @@ def expected_outputs(q, k, v, cfg: SparseConfig) -> tuple[np.ndarray, np.ndarray
 @pytest.mark.parametrize("lse_approx", [True, False])
 def test_cached_attention_matches_per_query_reference(lse_approx):
     cfg = SparseConfig(**SPARSE, lse_approx=lse_approx)
-    model_cfg = tiny_cfg(attention="infllm_v2")
-    model_cfg.sparse.update(SPARSE, lse_approx=lse_approx)
+    model_cfg = tiny_cfg(attention="infllm_v2", sparse={**SPARSE, "lse_approx": lse_approx})
     b, seq, capacity, kv, d = 2, 40, 43, 2, 8  # capacity: neither a multiple of the block nor of the stride
     q, k, v = (jax.random.normal(jax.random.key(i), (b, seq, h, d)) for i, h in enumerate((4, kv, kv)))
     want, dense = expected_outputs(q, k, v, cfg)
@@ -51,10 +50,10 @@ def test_cached_attention_matches_per_query_reference(lse_approx):
 def test_sparse_model_greedy_generation_matches_full_forward():
     """Past dense_len the cached decoding of an InfLLM v2 model equals its training forward pass (sparse,
     reference kernel) on the whole text: greedy tokens are the argmax of the full logits."""
-    cfg = tiny_cfg(attention="infllm_v2")
     # topk * block_size == dense_len: queries before dense_len see every block either way, so the per-query
     # decoding rule and the training rule (sparse for a whole sequence of >= dense_len tokens) agree.
-    cfg.sparse.update(SPARSE, topk=6, dense_len=24, implementation="reference")
+    sparse = {**SPARSE, "topk": 6, "dense_len": 24, "implementation": "reference"}
+    cfg = tiny_cfg(attention="infllm_v2", sparse=sparse)
     params = random_params(cfg, seed=2)
     prompts = [[5, 17, 3, 8, 60, 2, 9, 11, 13, 40, 41, 7], [9, 30, 31]]
     outputs = generate(cfg, params, prompts, max_new_tokens=48)

@@ -7,17 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs.base import model_config
+from mct.config import model_from_dict
 from mct.loss import loss_sums, token_losses
 from mct.model import ParamsModel, count_params
 from tests import reference_model
 
 
 def tiny_model_cfg(**overrides):
-    cfg = model_config(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=97)
-    cfg.attention = "naive"
-    cfg.update(overrides)
-    return cfg
+    shape = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=97)
+    return model_from_dict({**shape, "attention": "naive", **overrides})
 
 
 def perturbed_params(model: ParamsModel, seed: int = 0) -> dict:

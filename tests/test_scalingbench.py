@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from mct.tunnel import scalingbench
+from mct import scalingbench
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 

@@ -1,5 +1,6 @@
 """WSD schedule values, muP per-group learning rates, gradient accumulation."""
 
+import dataclasses
 import math
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.configs.base import base_config, model_config
+from mct.config import Config, ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from mct.model import ParamsModel, width_multiplier
 from mct.optimizer import make_optimizer
 from mct.schedule import wsd_schedule
@@ -45,17 +46,13 @@ def test_wsd_values(shape, end_factor):
 
 
 def small_config(**train):
-    c = base_config()
-    c.model = model_config(
-        n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=101
+    model = ModelConfig(
+        n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=101, attention="naive"
     )
-    c.model.attention = "naive"
-    c.train.steps = 100
-    c.schedule.warmup_steps = 0
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip = 1e9
-    c.train.update(train)
-    return c
+    return Config(
+        model=model, train=TrainConfig(**{"steps": 100, **train}), schedule=ScheduleConfig(warmup_steps=0),
+        optimizer=OptimizerConfig(weight_decay=0.0, grad_clip=1e9),
+    ).resolve()  # fmt: skip
 
 
 def random_batch(n, seq, vocab, seed=0):
@@ -90,7 +87,7 @@ def test_mup_hidden_update_is_one_over_m_of_adamw():
 
 def test_weight_decay_mask():
     config = small_config()
-    config.optimizer.weight_decay = 0.1
+    config = config.replace(optimizer=dataclasses.replace(config.optimizer, weight_decay=0.1))
     model = ParamsModel(config.model)
     params = model.init(0)
     zero = jax.tree.map(jnp.zeros_like, params)

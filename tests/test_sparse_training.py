@@ -1,5 +1,6 @@
 """InfLLM v2 inside the model: the dense fallback below dense_len, and training with sparse attention."""
 
+import dataclasses
 import importlib
 
 import jax
@@ -7,29 +8,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs.base import base_config, model_config
+from mct.cli import config_from_flag
+from mct.config import Config, ConfigError
 from mct.loss import token_losses
 from mct.model import ParamsModel
 from mct.optimizer import make_optimizer
 from mct.schedule import schedule_from_config
-from mct.sharding import ConfigError
 from mct.train_step import make_train_step
-from mct.validate import validate_config
 
 SPARSE = dict(block_size=16, kernel_size=16, kernel_stride=8, init_blocks=1, window_size=32, topk=5,
               dense_len=128, implementation="xla")  # fmt: skip
 
 
-def sparse_config(**sparse):
-    c = base_config()
-    c.workdir = "/tmp/unused"
-    c.model = model_config(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=128, vocab_size=97)
-    c.model.attention = "infllm_v2"
-    c.model.sparse.update({**SPARSE, **sparse})
-    c.schedule.warmup_steps = 0
-    c.schedule.decay_steps = 1
-    c.optimizer.lr = 0.003
-    return c
+def sparse_config(train_steps: int = 100, **sparse):
+    model = {"n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "d_mlp": 128,
+             "vocab_size": 97, "attention": "infllm_v2", "sparse": {**SPARSE, **sparse}}  # fmt: skip
+    return Config.from_dict({
+        "workdir": "/tmp/unused", "model": model, "schedule": {"warmup_steps": 0, "decay_steps": 1},
+        "optimizer": {"lr": 0.003}, "train": {"steps": train_steps},
+    }).resolve()  # fmt: skip
 
 
 def batch(seq: int, rows: int = 2, seed: int = 0) -> dict:
@@ -48,8 +45,7 @@ def test_below_dense_len_is_dense_attention():
     config = sparse_config()
     sparse_model = ParamsModel(config.model)
     params = sparse_model.init(0)
-    dense_cfg = config.model.copy_and_resolve_references()
-    dense_cfg.attention = "naive"
+    dense_cfg = dataclasses.replace(config.model, attention="naive")
     b = batch(96)
     np.testing.assert_allclose(
         token_losses(sparse_model.bind(params), b), token_losses(ParamsModel(dense_cfg).bind(params), b), rtol=1e-5
@@ -57,13 +53,11 @@ def test_below_dense_len_is_dense_attention():
 
 
 def test_sparse_attention_is_used_above_dense_len_and_training_lowers_the_loss():
-    config = sparse_config()
-    config.train.steps = 100
+    config = sparse_config(train_steps=100)
     model = ParamsModel(config.model)
     params = model.init(0)
     b = batch(256)
-    dense_cfg = config.model.copy_and_resolve_references()
-    dense_cfg.attention = "naive"
+    dense_cfg = dataclasses.replace(config.model, attention="naive")
     sparse_losses = token_losses(model.bind(params), b)
     dense_losses = token_losses(ParamsModel(dense_cfg).bind(params), b)
     assert float(jnp.max(jnp.abs(sparse_losses - dense_losses))) > 1e-4  # 5 of 16 blocks: really sparse
@@ -87,12 +81,13 @@ def test_sparse_attention_is_used_above_dense_len_and_training_lowers_the_loss()
 )
 def test_bad_sparse_config_is_a_config_error(sparse, message):
     with pytest.raises(ConfigError, match=message):
-        validate_config(sparse_config(**sparse), n_devices=1)
+        sparse_config(**sparse).validate(n_devices=1)
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu_sparse", "minicpm4_0p5b_longctx"])
 def test_sparse_configs_validate(name):
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-    validate_config(config, n_devices=1)
+    config = config_from_flag(config).resolve()
+    config.validate(n_devices=1)
     assert config.model.attention == "infllm_v2"

@@ -12,8 +12,9 @@ import jax
 import pytest
 
 from mct.checkpoint import Checkpointer
-from mct.sharding import ConfigError
-from mct.train import TrainingDiverged, train
+from mct.config import ConfigError
+from mct.pretrain import train
+from mct.trainer import TrainingDiverged
 from tests.data_fixtures import make_tiny_dataset
 from tests.tiny_runs import REPO, VOCAB, cli, first_metrics, losses, make_config
 

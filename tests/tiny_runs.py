@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 from experiments.configs import tiny_cpu
+from mct.config import Config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 320
@@ -33,7 +34,7 @@ def make_config(workdir, dataset, **extra):
             node = node[p]
         node[leaf] = value
     c.workdir = str(workdir)
-    return c
+    return Config.from_dict(c.to_dict())
 
 
 def train_flags(workdir, dataset, **extra) -> list[str]:

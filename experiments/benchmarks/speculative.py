@@ -21,10 +21,11 @@ from data_pipelines.freq_vocab import build_freq_vocab
 from data_pipelines.loader import resolve_dataset
 from experiments.configs.tiny_cpu import get_config
 from mct.checkpoint import Checkpointer
+from mct.config import Config
 from mct.decoding import generate
+from mct.pretrain import train
 from mct.run_reader import RunCheckpoint
 from mct.speculative import speculative_generate
-from mct.train import train
 
 DRAFT_SHAPE = dict(n_layers=1, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_mlp=192)
 
@@ -46,14 +47,13 @@ def train_run(name: str, shape: dict) -> RunCheckpoint:
     config.data.seq_len = 128
     config.train.steps = _TRAIN_STEPS.value
     config.train.batch_size = 16
-    config.schedule.warmup_steps = max(1, _TRAIN_STEPS.value // 10)
-    config.schedule.decay_steps = max(1, _TRAIN_STEPS.value // 5)
+    config.schedule.warmup_fraction, config.schedule.decay_fraction = 0.1, 0.2
     config.eval.every_steps = config.checkpoint.every_steps = _TRAIN_STEPS.value
     ckpt = Checkpointer(config.workdir)
     finished = ckpt.latest_step() == config.train.steps
     ckpt.close()
     if not finished:
-        train(config)
+        train(Config.from_dict(config.to_dict()))
     return RunCheckpoint(config.workdir)
 
 

@@ -17,11 +17,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mct import cli
 from mct.flops import matmul_params, measure_matmul_peak, train_flops_per_token
-from mct.model import ParamsModel, compute_dtype
-from mct.optimizer import make_optimizer
-from mct.schedule import schedule_from_config
-from mct.train_step import make_train_step
+from mct.model import compute_dtype
+from mct.trainer import build
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _SEQ = flags.DEFINE_integer("seq", 1024, "Sequence length.")
@@ -32,13 +31,12 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line
 
 def main(argv):
     del argv
-    config = _CONFIG.value
     seq, batch = _SEQ.value, _BATCH.value
-    model = ParamsModel(config.model)
-    tx = make_optimizer(config, model)
-    step = jax.jit(make_train_step(model, tx, schedule_from_config(config), 1), donate_argnums=0)
-    params = model.init(0)
-    state = {"params": params, "opt_state": tx.init(params)}
+    cd = _CONFIG.value
+    cd.data.seq_len, cd.train.batch_size, cd.train.grad_accum, cd.mesh.data = seq, batch, 1, 1
+    built = build(cli.config_from_flag(cd), jax.devices()[:1])
+    config, step = built.config, built.step_fn
+    state = built.init_state(0)
     rng = np.random.default_rng(0)
     data = {
         "tokens": jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, seq)), jnp.int32),

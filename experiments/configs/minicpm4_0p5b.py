@@ -24,8 +24,8 @@ def get_config():
     c.train.steps = 250_000
     c.train.batch_size = 512  # 2M tokens per step
     c.optimizer.lr = 0.01
-    c.schedule.warmup_steps = 2000
-    c.schedule.decay_steps = 25_000  # about 10% of the run
+    c.schedule.warmup_fraction = 0.008  # 2000 of 250K steps
+    c.schedule.decay_fraction = 0.1
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.checkpoint.every_steps = 1000
     c.eval.every_steps = 1000

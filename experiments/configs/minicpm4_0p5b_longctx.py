@@ -37,6 +37,6 @@ def get_config():
     c.train.batch_size = 64  # 2M tokens per step
     c.train.steps = 10_000
     c.optimizer.lr = 0.005
-    c.schedule.warmup_steps = 200
-    c.schedule.decay_steps = 1_000
+    c.schedule.warmup_fraction = 0.02
+    c.schedule.decay_fraction = 0.1
     return c

@@ -24,8 +24,8 @@ def get_config():
     c.train.steps = 1_000_000
     c.train.batch_size = 2048  # 8M tokens per step
     c.optimizer.lr = 7e-3
-    c.schedule.warmup_steps = 2000
-    c.schedule.decay_steps = 100_000
+    c.schedule.warmup_fraction = 0.002  # 2000 of 1M steps
+    c.schedule.decay_fraction = 0.1
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 2  # kv_heads = 2 caps the tensor axis at 2
     c.checkpoint.every_steps = 1000
     c.eval.every_steps = 1000

@@ -7,6 +7,7 @@ keeps them. Weights are relative.
 import ml_collections
 
 from data_pipelines.config import long_context_mixture
+from experiments.configs.base import mixture
 
 DATA_ROOT = "/data/mct"
 
@@ -32,4 +33,4 @@ def anneal_mixture(root: str = DATA_ROOT) -> ml_collections.ConfigDict:
 
 def long_context_stage_mixture(root: str = DATA_ROOT, max_tokens: int = 32768) -> ml_collections.ConfigDict:
     """Long-context stage: length buckets 0-4K / 4-12K / 12-24K / 24-32K at 1:1:1:1 of long documents."""
-    return long_context_mixture(f"{root}/long", max_tokens)
+    return mixture(long_context_mixture(f"{root}/long", max_tokens))

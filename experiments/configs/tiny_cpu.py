@@ -16,8 +16,8 @@ def get_config():
     c.train.batch_size = 16
     c.train.log_every_steps = 10
     c.optimizer.lr = 0.01
-    c.schedule.warmup_steps = 30
-    c.schedule.decay_steps = 60
+    c.schedule.warmup_fraction = 0.1
+    c.schedule.decay_fraction = 0.2
     c.eval.every_steps = 100
     c.checkpoint.every_steps = 100
     return c

@@ -31,8 +31,8 @@ def tunnel_config(name: str) -> ml_collections.ConfigDict:
     c.data.seq_len = 1024
     c.train.steps = 2000
     c.train.batch_size = 32
-    c.schedule.warmup_steps = 100
-    c.schedule.decay_steps = 200
+    c.schedule.warmup_fraction = 0.05
+    c.schedule.decay_fraction = 0.1
     c.eval.every_steps = 500
     c.checkpoint.every_steps = 500
     return c

@@ -14,26 +14,22 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.configs.base import base_config, model_config  # noqa: E402
-from mct.model import ParamsModel  # noqa: E402
-from mct.optimizer import make_optimizer  # noqa: E402
-from mct.schedule import schedule_from_config  # noqa: E402
-from mct.train_step import make_train_step  # noqa: E402
+from mct.config import Config, ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig  # noqa: E402
+from mct.trainer import build  # noqa: E402
 
 
-def _config(width: int, parametrization: str, *, n_layers: int, lr: float, vocab: int):
-    c = base_config()
+def _config(
+    width: int, parametrization: str, *, n_layers: int, lr: float, vocab: int, steps: int, batch: int
+) -> Config:
     heads = max(1, width // 32)
-    c.model = model_config(
+    model = ModelConfig(
         n_layers=n_layers, d_model=width, n_heads=heads, n_kv_heads=heads, head_dim=width // heads,
-        d_mlp=int(2.5 * width), vocab_size=vocab,
+        d_mlp=int(2.5 * width), vocab_size=vocab, parametrization=parametrization,
     )  # fmt: skip
-    c.model.parametrization = parametrization
-    c.optimizer.lr = lr
-    c.optimizer.weight_decay = 0.0
-    c.schedule.warmup_steps = 0
-    c.schedule.decay_steps = 1
-    return c
+    return Config(
+        model=model, train=TrainConfig(steps=steps, batch_size=batch),
+        optimizer=OptimizerConfig(lr=lr, weight_decay=0.0), schedule=ScheduleConfig(warmup_steps=0, decay_steps=1),
+    )  # fmt: skip
 
 
 def coord_check(
@@ -63,16 +59,14 @@ def coord_check(
     for parametrization in parametrizations:
         out[parametrization] = {}
         for width in widths:
-            config = _config(width, parametrization, n_layers=n_layers, lr=lr, vocab=vocab)
-            config.train.steps = steps + 1
-            model = ParamsModel(config.model)
-            tx = make_optimizer(config, model)
-            step = jax.jit(make_train_step(model, tx, schedule_from_config(config), 1))
-            params = model.init(seed)
-            state = {"params": params, "opt_state": tx.init(params)}
+            config = _config(
+                width, parametrization, n_layers=n_layers, lr=lr, vocab=vocab, steps=steps + 1, batch=batch
+            )
+            built = build(config, jax.devices()[:1])
+            state = built.init_state(seed)
             for i in range(steps):
-                state, _ = step(state, data, jnp.int32(i))
-            m = model.bind(state["params"])
+                state, _ = built.step_fn(state, data, jnp.int32(i))
+            m = built.model.bind(state["params"])
             h, layers = m(data["tokens"], data["positions"], data["segment_ids"], return_layers=True)
             logits = jnp.einsum("bsd,dv->bsv", h, m.head_weight())
             out[parametrization][width] = {

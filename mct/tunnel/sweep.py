@@ -21,8 +21,10 @@ import time
 import ml_collections
 import optuna
 
+from mct.config import Config
 from mct.flops import matmul_params, train_flops_per_token
-from mct.train import TrainingDiverged, train
+from mct.pretrain import train
+from mct.trainer import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +195,7 @@ def _train_record(config: ml_collections.ConfigDict, base: dict) -> dict:
     record = {**base, "config": config.to_dict(), "tokens": tokens,
               "flops": train_flops_per_token(config.model, config.data.seq_len) * tokens}  # fmt: skip
     try:
-        result = train(config)
+        result = train(Config.from_dict(config.to_dict()))
     except Exception as e:
         e.record = {**record, "wall_s": time.time() - start}
         raise
@@ -216,7 +218,7 @@ def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
             stable, branches = decay_branch_configs(
                 config, study.decay_tokens, study.decay_frac, study.warmup_frac
             )
-            train(stable)
+            train(Config.from_dict(stable.to_dict()))
             records = [_train_record(branch, base) for branch in branches]
         else:
             records = [_train_record(config, base)]

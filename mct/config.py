@@ -1,0 +1,384 @@
+"""The run configuration: typed, frozen dataclasses with every default and every cross-field check.
+
+Experiment files (`experiments/configs/*.py`) are ml_collections ConfigDicts for the command line; an entry
+point converts one exactly once with `Config.from_dict(cd.to_dict())`, which names any unknown key (with a
+suggestion), then `resolve()` turns schedule fractions into steps and `validate(n_devices)` checks the rest
+before anything compiles. The model config is hashable: it keys jit caches and decoding's compiled steps.
+"""
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from typing import Any
+
+from data_pipelines.batch_layout import BatchLayout
+from data_pipelines.config import DataConfig, MixtureComponent
+from pallas_kernels.infllm_v2 import IMPLEMENTATIONS as SPARSE_IMPLEMENTATIONS
+from pallas_kernels.infllm_v2 import SparseConfig
+
+ATTENTION_IMPLEMENTATIONS = ("blockwise", "naive", "infllm_v2")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+DECAY_SHAPES = ("exponential", "linear", "cosine", "1-sqrt")
+REMAT_NAMES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the config keys involved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """RoPE: `default`; `linear` (positions / factor); `llama3` (wavelength-banded factors); `longrope`
+    (per-frequency factors, the short list up to original_max_position; cos/sin scaled by attention_factor,
+    0 = sqrt(1 + ln(max/orig) / ln(orig)))."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    original_max_position: int = 32768
+    short_factor: tuple[float, ...] = ()  # longrope: one factor per frequency (head_dim // 2); () = all 1
+    long_factor: tuple[float, ...] = ()
+    factor: float = 1.0  # linear, llama3
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    attention_factor: float = 0.0  # longrope: cos/sin magnitude (0 = derived from the lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseSettings(SparseConfig):
+    """InfLLM v2 settings (MiniCPM4 report section 2.1) plus which kernel implementation runs them."""
+
+    implementation: str = "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A MiniCPM decoder with muP (MiniCPM paper section 4; docs/design.md): only the shape is required."""
+
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    d_mlp: int = 160
+    vocab_size: int = 1024
+    tie_embeddings: bool = True
+    rms_eps: float = 1e-5
+    max_position: int = 32768
+    parametrization: str = "mup"  # "sp" turns the width multiplier off (coord checks)
+    scale_emb: float = 12.0
+    scale_depth: float = 1.4
+    dim_model_base: int = 256
+    init_std: float = 0.1
+    rope: RopeConfig = RopeConfig()
+    # Attention dispatch (mct/attention.py): "blockwise" (flash-style XLA), "naive" (materialised scores),
+    # "infllm_v2" (trainable sparse; dense below sparse.dense_len).
+    attention: str = "blockwise"
+    attention_block: int = 128  # blockwise attention tile (128 measured fastest at seq 1024 on CPU)
+    sparse: SparseSettings = SparseSettings()
+    compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU; params stay float32
+    scan_layers: bool = True  # lax.scan over the stacked layers (False: unrolled, slower compile)
+    remat: str = "none"  # REMAT_NAMES: the jax.checkpoint policy of a layer
+    loss_chunk: int = 0  # tokens per cross-entropy chunk (0 = whole sequence at once)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # global, in sequences
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide evenly
+    log_every_steps: int = 10
+    max_consecutive_nonfinite: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 0.01  # peak lr (muP: hidden matrices get lr / m)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Warmup-Stable-Decay (MiniCPM paper section 4.2): warmup and decay as fractions of train.steps, or
+    absolute steps when warmup_steps / decay_steps are >= 0 (resolve() fills them in)."""
+
+    warmup_fraction: float = 0.1
+    decay_fraction: float = 0.1  # the decay phase is the last decay_fraction of train.steps
+    warmup_steps: int = -1
+    decay_steps: int = -1
+    decay_shape: str = "exponential"  # DECAY_SHAPES
+    half_life: int = 0  # exponential decay half-life in steps (0 -> decay_steps / 5)
+    lr_min: float = 0.0
+    branch_from: str = ""  # workdir of a stable run to branch a decay from
+    branch_step: int = -1  # its checkpoint step; the branch decays over the next decay_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; at most one may be -1 (all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        """Sizes of (data, fsdp, tensor) on n_devices."""
+        sizes = [getattr(self, a) for a in MESH_AXES]
+        named = dict(zip(MESH_AXES, sizes))
+        if sizes.count(-1) > 1:
+            raise ConfigError(f"config mesh: at most one axis may be -1, got {named}")
+        known = math.prod(s for s in sizes if s != -1)
+        if any(s == 0 or s < -1 for s in sizes) or n_devices % known:
+            raise ConfigError(f"config mesh {named} does not fit the {n_devices} available devices")
+        sizes = [n_devices // known if s == -1 else s for s in sizes]
+        if math.prod(sizes) != n_devices:
+            raise ConfigError(
+                f"config mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices "
+                f"but {n_devices} are available (set one axis to -1 to take the rest)"
+            )
+        return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 50
+    max_to_keep: int = 3
+    async_save: bool = True
+    allow_fresh_start: bool = False  # start from step 0 although every checkpoint was moved aside
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 50  # batches per eval: data.eval_batches
+    scalingbench: str = ""  # "" (off), "default" (embedded) or a JSONL path
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    steps: tuple[int, ...] = ()  # (first, last): a jax.profiler trace of these steps into WORKDIR/profile
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One training run."""
+
+    workdir: str = ""
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    profile: ProfileConfig = ProfileConfig()
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """The config of a nested dict (e.g. ConfigDict.to_dict()); unknown keys are ConfigErrors."""
+        return build(cls, values)
+
+    def to_dict(self) -> dict:
+        """Plain nested dicts and lists (JSON): what checkpoints record."""
+        return to_dict(self)
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+    def resolve(self) -> "Config":
+        """Absolute warmup and decay steps; a decay branch's train.steps = branch_step + decay_steps."""
+        s, steps = self.schedule, self.train.steps
+        if s.branch_from:
+            # a branch is the last decay_fraction of a run that reached branch_step in its stable phase
+            decay = (
+                s.decay_steps
+                if s.decay_steps >= 0
+                else round(s.branch_step * s.decay_fraction / (1 - s.decay_fraction))
+            )
+            steps = s.branch_step + decay
+        else:
+            decay = s.decay_steps if s.decay_steps >= 0 else round(s.decay_fraction * steps)
+        warmup = s.warmup_steps if s.warmup_steps >= 0 else round(s.warmup_fraction * steps)
+        schedule = dataclasses.replace(s, warmup_steps=warmup, decay_steps=decay)
+        return self.replace(schedule=schedule, train=dataclasses.replace(self.train, steps=steps))
+
+    @property
+    def decay_start(self) -> int:
+        """The first step of the decay phase (resolved configs)."""
+        return self.train.steps - self.schedule.decay_steps
+
+    def validate(self, n_devices: int, n_processes: int = 1) -> None:
+        """Raises ConfigError for a resolved config that cannot run on n_devices devices in n_processes."""
+        data, fsdp, tensor = self.mesh.shape(n_devices)
+        check_model(self.model, tensor, fsdp)
+        check_run(self, data * fsdp, n_processes)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config {message}")
+
+
+def check_model(m: ModelConfig, tensor: int = 1, fsdp: int = 1) -> None:
+    """The model's own constraints, and those of the tensor and fsdp mesh axes it is sharded over."""
+    for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_mlp", "vocab_size"):
+        _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    for key in ("n_heads", "n_kv_heads", "d_mlp", "vocab_size"):
+        _require(
+            getattr(m, key) % tensor == 0,
+            f"model.{key}={getattr(m, key)} is not divisible by mesh.tensor={tensor}",
+        )
+    _require(m.d_model % fsdp == 0, f"model.d_model={m.d_model} is not divisible by mesh.fsdp={fsdp}")
+    _require(
+        m.n_heads % m.n_kv_heads == 0,
+        f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}",
+    )
+    _require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for RoPE")
+    _require(
+        m.attention in ATTENTION_IMPLEMENTATIONS,
+        f"model.attention={m.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}",
+    )
+    _require(
+        m.parametrization in ("mup", "sp"),
+        f"model.parametrization={m.parametrization!r} must be 'mup' or 'sp'",
+    )
+    _require(m.remat in REMAT_NAMES, f"model.remat={m.remat!r} is not one of {REMAT_NAMES}")
+    _require(m.rope.type in ROPE_TYPES, f"model.rope.type={m.rope.type!r} is not one of {ROPE_TYPES}")
+    _require(m.max_position > 0, f"model.max_position={m.max_position} must be positive")
+    if m.attention == "infllm_v2":
+        _require(
+            not m.sparse.use_nope,
+            "model.sparse.use_nope=True is not supported: the model selects blocks "
+            "from q, k after RoPE (MiniCPM4's setting)",
+        )
+        _require(
+            m.sparse.implementation in SPARSE_IMPLEMENTATIONS,
+            f"model.sparse.implementation={m.sparse.implementation!r} is not one of {SPARSE_IMPLEMENTATIONS}",
+        )
+
+
+def check_run(c: "Config", data_parallel: int, n_processes: int) -> None:
+    """Ranges of the train, data, optimizer and schedule settings, and the batch's fit to the mesh."""
+    t, d, s, o = c.train, c.data, c.schedule, c.optimizer
+    _require(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
+    _require(
+        t.batch_size > 0 and t.grad_accum > 0,
+        f"train.batch_size={t.batch_size} and train.grad_accum={t.grad_accum} must be positive",
+    )
+    _require(
+        0 < d.seq_len <= c.model.max_position,
+        f"data.seq_len={d.seq_len} must be in [1, model.max_position={c.model.max_position}]",
+    )
+    _require(o.lr > 0, f"optimizer.lr={o.lr} must be positive")
+    _require(
+        0 < t.log_every_steps and 0 < c.eval.every_steps and 0 < c.checkpoint.every_steps,
+        "train.log_every_steps, eval.every_steps and checkpoint.every_steps must be positive",
+    )
+    chunk = c.model.loss_chunk
+    _require(
+        not (0 < chunk < d.seq_len and d.seq_len % chunk),
+        f"model.loss_chunk={chunk} does not divide data.seq_len={d.seq_len}",
+    )
+    _require(
+        t.batch_size % t.grad_accum == 0,
+        f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}",
+    )
+    micro = t.batch_size // t.grad_accum
+    _require(
+        micro % data_parallel == 0,
+        f"train.batch_size={t.batch_size} (micro-batch {micro}) is not divisible by "
+        f"mesh data x fsdp = {data_parallel} data-parallel devices",
+    )
+    _require(
+        t.batch_size % n_processes == 0,
+        f"train.batch_size={t.batch_size} is not divisible by the {n_processes} processes",
+    )
+    try:
+        BatchLayout(d.num_logical_shards, t.batch_size, n_processes)
+    except ValueError as e:
+        raise ConfigError(f"config data/train: {e}") from None
+    _require(
+        s.decay_shape in DECAY_SHAPES, f"schedule.decay_shape={s.decay_shape!r} is not one of {DECAY_SHAPES}"
+    )
+    _require(
+        0 <= s.warmup_fraction <= 1 and 0 <= s.decay_fraction < 1,
+        "schedule.warmup_fraction must be in [0, 1] and schedule.decay_fraction in [0, 1)",
+    )
+    _require(
+        not s.branch_from or s.branch_step >= 0, "schedule.branch_from is set but schedule.branch_step is not"
+    )
+    _require(
+        s.branch_from or s.warmup_steps + s.decay_steps <= t.steps,
+        f"schedule warmup + decay = {s.warmup_steps + s.decay_steps} steps exceeds train.steps={t.steps}",
+    )
+    _require(len(c.profile.steps) in (0, 2), f"profile.steps={c.profile.steps} must be () or (first, last)")
+
+
+def build(cls: type, values: Any, path: str = "") -> Any:
+    """An instance of dataclass `cls` from a nested dict, naming the first unknown key with a suggestion."""
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, dict):
+        raise ConfigError(f"config {path.rstrip('.') or 'root'} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {path}{near[0]}?)" if near else ""
+            raise ConfigError(f"unknown config key {path}{key}{hint}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _build_value(hints[key], value, f"{path}{key}") for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config {path.rstrip('.') or 'root'}: {e}") from None
+
+
+def _build_value(hint: Any, value: Any, path: str) -> Any:
+    """value converted to the field type `hint`: nested dataclasses, tuples, mixture dicts, numbers."""
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, path + ".")
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config {path} must be a list, got {value!r}")
+        return tuple(value)
+    if origin is dict:
+        item = typing.get_args(hint)[1]
+        return {k: build(item, v, f"{path}.{k}.") for k, v in dict(value).items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (
+        hint in (int, float, str, bool)
+        and not isinstance(value, hint)
+        or (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"config {path} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(value: Any) -> Any:
+    """A dataclass tree as plain dicts and lists (JSON-able)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict | types.MappingProxyType):
+        return {k: to_dict(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [to_dict(v) for v in value]
+    return value
+
+
+def model_from_dict(values: dict) -> ModelConfig:
+    """A ModelConfig from a (possibly older) saved dict: fields added since it was written take defaults."""
+    return build(ModelConfig, values, "model.")
+
+
+__all__ = ["Config", "ConfigError", "DataConfig", "MixtureComponent", "ModelConfig", "SparseSettings"]

@@ -1,0 +1,179 @@
+"""One pre-training run in a workdir: resume (or branch, or start fresh), data, hooks, the loop, the last save.
+
+The workdir's latest committed checkpoint wins; else a decay branch restores the stable-phase checkpoint of
+another run (MiniCPM paper section 4.2: decay branches); else the state is initialised. The workdir is locked
+for the run, metrics past the restored step are dropped, and SIGTERM (the `stop` event) saves and returns.
+"""
+
+import logging
+import pathlib
+import shutil
+import threading
+
+import jax
+from tqdm import tqdm
+
+from data_pipelines.loader import (
+    dataset_dir,
+    load_tokenizer,
+    make_eval_batches,
+    make_train_iterator,
+    merge_states,
+)
+from data_pipelines.prefetch import prefetch
+from data_pipelines.tokenizer import BOS, EOS, special_token_ids
+from mct.checkpoint import Checkpointer, model_signature
+from mct.config import Config, ConfigError
+from mct.distributed import gather_json, global_batch
+from mct.hooks import Evaluator, MetricsLog, profile_hook
+from mct.metrics import MetricsWriter, logged_metrics
+from mct.scalingbench import make_scalingbench_batches
+from mct.trainer import Built, Trainer, build
+from mct.workdir_lock import WorkdirLock
+
+log = logging.getLogger("mct.train")
+
+
+def restore_branch_source(built: Built) -> tuple[dict, dict | None]:
+    """(state, data_state) from the stable-phase checkpoint a decay branch starts from; never writes there."""
+    s = built.config.schedule
+    source = Checkpointer(s.branch_from, read_only=True)
+    if s.branch_step not in source.all_steps():
+        raise ConfigError(
+            f"config schedule.branch_step={s.branch_step}: no committed checkpoint at that step in "
+            f"{s.branch_from} (have {source.all_steps()})"
+        )
+    meta = source.check_compatible(s.branch_step, built.config.model)
+    if s.branch_step > meta["decay_start"]:  # at decay_start itself the lr is still the stable one
+        raise ConfigError(
+            f"config schedule.branch_step={s.branch_step} is in the decay phase of {s.branch_from} (decay starts "
+            f"at step {meta['decay_start']}); a branch must start from a stable-phase checkpoint"
+        )
+    state, data_state, _ = source.restore(s.branch_step, built.abstract_state)
+    source.close()
+    if meta["data_mixture"] != built.config.to_dict()["data"]["mixture"]:
+        log.info("decay branch switches the data mixture: the data iterator starts fresh")
+        data_state = None
+    return state, data_state
+
+
+def initial_state(built: Built, ckpt: Checkpointer) -> tuple[int, dict, dict | None]:
+    """(start step, state, data state): the latest committed checkpoint, a branch's source, or a fresh state."""
+    config = built.config
+    restored = ckpt.restore_latest(built.abstract_state, config.model)
+    if restored is not None:
+        log.info("resumed from %s step %d", ckpt.directory, restored[0])
+        return restored
+    aside = sorted(p.name for p in ckpt.directory.glob("*.corrupt-*"))
+    if aside and not config.checkpoint.allow_fresh_start:
+        raise ConfigError(
+            f"every checkpoint in {ckpt.directory} was unreadable and moved aside ({', '.join(aside)}); "
+            "restore one, or start again from step 0 with --config.checkpoint.allow_fresh_start=true"
+        )
+    if config.schedule.branch_from:
+        state, data_state = restore_branch_source(built)
+        log.info("decay branch from %s step %d", config.schedule.branch_from, config.schedule.branch_step)
+        return config.schedule.branch_step, state, data_state
+    return 0, built.init_state(config.seed), None
+
+
+def first_dataset(config: Config) -> pathlib.Path:
+    """The prepared directory of the mixture's first dataset (whose tokenizer the run uses)."""
+    first = next(iter(config.data.mixture.values()))
+    return dataset_dir(first.path, cache_dir=config.data.cache_dir, vocab_size=config.data.vocab_size)
+
+
+def make_eval_sets(built: Built) -> dict[str, list]:
+    """Global eval batches by metric name: the held-out split, and ScalingBench when eval.scalingbench is set."""
+    config, sharding = built.config, built.batch_sharding
+    pid, nproc = jax.process_index(), jax.process_count()
+    local_batch = config.train.batch_size // nproc
+    held_out = make_eval_batches(
+        config.data, batch_size=local_batch, num_batches=config.data.eval_batches,
+        process_index=pid, process_count=nproc, model_vocab_size=config.model.vocab_size,
+    )  # fmt: skip
+    eval_sets = {"eval_loss": [global_batch(b, sharding) for b in held_out]}
+    if config.eval.scalingbench:
+        tokenizer = load_tokenizer(first_dataset(config))
+        ids = special_token_ids(tokenizer)
+        path = None if config.eval.scalingbench == "default" else config.eval.scalingbench
+        batches = make_scalingbench_batches(
+            tokenizer, seq_len=config.data.seq_len, batch_size=config.train.batch_size, path=path,
+            bos_id=ids[BOS], eos_id=ids[EOS],
+        )  # fmt: skip
+        rows = slice(pid * local_batch, (pid + 1) * local_batch)
+        eval_sets["scalingbench_loss"] = [
+            global_batch({k: v[rows] for k, v in b.items()}, sharding) for b in batches
+        ]
+    return eval_sets
+
+
+def train(config: Config, devices: list | None = None, stop: threading.Event | None = None) -> dict:
+    """Runs (or resumes) training to train.steps on `devices` (default: all); returns the last logged metrics
+    and eval losses."""
+    built = build(config, devices)
+    config, pid = built.config, jax.process_index()
+    with WorkdirLock(config.workdir, enabled=pid == 0):
+        ckpt = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep,
+                            async_save=config.checkpoint.async_save)  # fmt: skip
+        try:
+            return _run(built, ckpt, stop or threading.Event())
+        finally:
+            ckpt.close()
+
+
+def _run(built: Built, ckpt: Checkpointer, stop: threading.Event) -> dict:
+    """The loop of one locked workdir, with its hooks; the final (or SIGTERM) save."""
+    config, pid, steps = built.config, jax.process_index(), built.config.train.steps
+    start, state, data_state = initial_state(built, ckpt)
+    batches = prefetch(make_train_iterator(
+        config.data, batch_size=config.train.batch_size // jax.process_count(), process_index=pid,
+        process_count=jax.process_count(), model_vocab_size=config.model.vocab_size, state=data_state,
+    ), config.data.prefetch)  # fmt: skip
+    evaluate = Evaluator(built.eval_fn, make_eval_sets(built))
+    meta = {"config": config.to_dict(), "model_signature": model_signature(config.model),
+            "data_mixture": config.to_dict()["data"]["mixture"], "decay_start": config.decay_start}  # fmt: skip
+
+    def save(step: int, state: dict, force: bool = False) -> None:
+        ckpt.save(
+            step, state, merge_states(gather_json(batches.get_state())), {**meta, "step": step}, force=force
+        )
+
+    if pid == 0 and not (target := pathlib.Path(config.workdir) / "tokenizer.json").exists():
+        shutil.copyfile(
+            first_dataset(config) / "tokenizer.json", target
+        )  # export and generate need no dataset
+    writer = MetricsWriter(config.workdir, enabled=pid == 0, resume_step=start)
+    bar = tqdm(total=steps, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
+    trainer = Trainer(built, stop)
+    trainer.last_good_step = lambda: f"{ckpt.latest_step()} in {ckpt.directory}"
+    metrics = MetricsLog(config, writer, bar, start, len(built.mesh.devices.flat))
+    trainer.add_hook(lambda info: bar.update(info.step - bar.n), every=1)
+    trainer.add_hook(lambda _: ckpt.check_saves(), every=1)  # a failed async save stops the run at once
+    trainer.add_hook(metrics, every=config.train.log_every_steps, at=[steps])
+    trainer.add_hook(evaluate.hook(writer, bar, metrics.last), every=config.eval.every_steps, at=[steps],
+                     needs_state=True)  # fmt: skip
+    trainer.add_hook(
+        lambda info: save(info.step, info.state),
+        every=config.checkpoint.every_steps,
+        at=[steps],
+        needs_state=True,
+    )
+    if config.profile.steps:
+        first, last = config.profile.steps
+        trainer.add_hook(profile_hook(config.workdir, first, last), at=[first, last], needs_state=True)
+    try:
+        state, step = trainer.run(state, batches, start, steps)
+        if stop.is_set() and step not in ckpt.all_steps():
+            log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
+            save(step, state, force=True)
+    finally:
+        getattr(batches, "close", lambda: None)()  # the prefetch thread
+        ckpt.wait()
+        bar.close()
+        writer.close()
+    result = metrics.last
+    if start >= steps:  # resumed a finished run (e.g. a sweep trial re-queued after its worker died)
+        result.update({k: v for k, v in logged_metrics(config.workdir).items() if k != "step"})
+        result.update(evaluate(state["params"]), step=steps)
+    return result | {"nonfinite_steps": trainer.nonfinite_total, "preempted": stop.is_set()}

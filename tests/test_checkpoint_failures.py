@@ -1,0 +1,109 @@
+"""A failed checkpoint save (a full disk) stops the run: one-line CheckpointSaveError naming the step, the cause
+and the last good checkpoint, raised by the first check after the failure; its tmp directory is removed and the
+previous checkpoint stays restorable."""
+
+import errno
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mct.checkpoint import Checkpointer, CheckpointSaveError, abstract_with_shardings, root_cause
+
+STATE = {"w": jnp.arange(8.0), "b": jnp.ones((2, 3))}
+
+
+def full_disk(monkeypatch, gate: threading.Event | None = None) -> None:
+    """The JSON items' write (data, meta) fails with ENOSPC; with a gate, only once it is set (async saves write
+    in a background thread, so the test can look while the save is still running)."""
+
+    async def write_fails(self, x, directory):
+        if gate is not None:
+            gate.wait(timeout=60)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", write_fails)
+
+
+def assert_failed_at_40_with_20_intact(error: CheckpointSaveError, ckpt: Checkpointer) -> None:
+    assert str(error) == (
+        f"checkpoint save at step 40 failed: No space left on device in {ckpt.directory}; "
+        "last good checkpoint: step 20"
+    )
+    assert sorted(p.name for p in ckpt.directory.iterdir()) == ["20"]  # no 40.orbax-checkpoint-tmp left
+    reader = Checkpointer(str(ckpt.directory.parent), read_only=True)
+    assert reader.all_steps() == [20]
+    abstract = abstract_with_shardings(STATE, {k: v.sharding for k, v in STATE.items()})
+    state, data, meta = reader.restore(20, abstract)
+    for k in STATE:
+        np.testing.assert_array_equal(state[k], STATE[k])
+    assert (data, meta) == ({"pos": 20}, {"step": 20})
+
+
+def test_a_failed_synchronous_save_raises_at_once(tmp_path, monkeypatch):
+    ckpt = Checkpointer(str(tmp_path), async_save=False, max_to_keep=1)
+    ckpt.save(20, STATE, {"pos": 20}, {"step": 20})
+    full_disk(monkeypatch)
+    with pytest.raises(CheckpointSaveError) as e:
+        ckpt.save(40, STATE, {"pos": 40}, {"step": 40})
+    assert_failed_at_40_with_20_intact(e.value, ckpt)
+    ckpt.close()
+
+
+def test_a_failed_async_save_is_raised_by_the_first_check_after_it_failed(tmp_path, monkeypatch):
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=1)  # step 20 is due for deletion once 40 commits
+    ckpt.save(20, STATE, {"pos": 20}, {"step": 20})
+    ckpt.wait()
+    gate = threading.Event()
+    full_disk(monkeypatch, gate)
+    ckpt.save(40, STATE, {"pos": 40}, {"step": 40})
+    ckpt.check_saves()  # still writing: returns at once
+    assert list(ckpt.directory.glob("40.orbax-checkpoint-tmp*"))
+    gate.set()
+    deadline = time.time() + 60
+    while ckpt.manager.is_saving_in_progress():
+        assert time.time() < deadline, "the save never finished"
+        time.sleep(0.01)
+    with pytest.raises(CheckpointSaveError) as e:
+        ckpt.check_saves()
+    assert_failed_at_40_with_20_intact(e.value, ckpt)
+    ckpt.check_saves()  # reported once: the train loop's cleanup (wait, close) does not raise it again
+    ckpt.wait()
+    ckpt.close()
+
+
+@pytest.mark.parametrize("found_by", ["next save", "wait", "close"])
+def test_an_unchecked_async_failure_is_raised_by_the_next_save_wait_or_close(tmp_path, monkeypatch, found_by):
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(20, STATE, {"pos": 20}, {"step": 20})
+    full_disk(monkeypatch)
+    ckpt.save(40, STATE, {"pos": 40}, {"step": 40})
+    with pytest.raises(CheckpointSaveError) as e:
+        if found_by == "next save":
+            ckpt.save(60, STATE, {"pos": 60}, {"step": 60})  # names step 40, and does not save 60
+        elif found_by == "wait":
+            ckpt.wait()
+        else:
+            ckpt.close()
+    assert_failed_at_40_with_20_intact(e.value, ckpt)
+    ckpt.close()
+
+
+def test_root_cause_is_one_line_naming_the_os_error():
+    tensorstore = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "/ck/40.orbax-checkpoint-tmp/'
+        "state\": Failed to write 601294 bytes to file 11: No space left on device [os_error_code='28']"
+    )
+    assert root_cause(tensorstore) == "No space left on device"
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise TimeoutError("the commit thread failed") from e
+    except TimeoutError as wrapped:
+        assert root_cause(wrapped) == "No space left on device"
+    assert root_cause(RuntimeError("first line\nsecond line")) == "first line"
+    assert root_cause(KeyError()) == "KeyError"
