@@ -2,7 +2,7 @@
 
     python -m data_pipelines.freq_vocab --data DIR --top V --out FILE
 
-A speculative-decoding draft model restricts its LM head to these rows (DESIGN.md section 7). The output is
+A speculative-decoding draft model restricts its LM head to these rows (FR-Spec section 3). The output is
 JSON: the ids, their counts, and the dataset/tokenizer they were counted on.
 """
 
@@ -102,12 +102,16 @@ def main(argv: list[str]) -> None:
         record = build_freq_vocab(f.data, f.top, f.split)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     pathlib.Path(f.out).write_text(json.dumps(record) + "\n", encoding="utf-8")
     covered = sum(record["counts"]) / max(1, record["total_tokens"])
     print(f"wrote {len(record['ids'])} ids to {f.out} ({covered:.1%} of the counted tokens)")
 
 
-if __name__ == "__main__":
+def entry() -> None:
     _define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    entry()

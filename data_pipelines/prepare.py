@@ -306,9 +306,14 @@ def main(argv: list[str]) -> None:
             workers=f.workers,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def entry() -> None:
+    _define_flags()
+    app.run(main)
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    entry()

@@ -12,19 +12,18 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 
 import ml_dtypes
 import numpy as np
-from absl import app, flags
+from absl import flags
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from data_pipelines.freq_vocab import read_freq_vocab
 from data_pipelines.tokenizer import BOS, EOS, PAD, read_tokenizer_file, special_token_ids, tokenizer_bytes
-from mct import hf_layout
+from mct import cli, hf_layout
 from mct.run_reader import RunCheckpoint, load_run_tokenizer
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -172,11 +171,14 @@ def main(argv: list[str]) -> None:
             tokenizer_path=f.tokenizer, freq_vocab=f.freq_vocab,
         )  # fmt: skip
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        raise cli.UserError(str(e)) from None
     print(f"exported the {f.format} layout to {out}")
 
 
-if __name__ == "__main__":
+def entry() -> None:
     _define_flags()
-    app.run(main)
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -12,11 +12,12 @@ head cut to the --freq_vocab ids); the output distribution is the same.
 import functools
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from tokenizers import Tokenizer
 
 from data_pipelines.freq_vocab import read_freq_vocab
 from data_pipelines.tokenizer import BOS, EOS
+from mct import cli
 from mct.decoding import Sampling, generate
 from mct.run_reader import RunCheckpoint, load_run_tokenizer
 from mct.speculative import speculative_generate
@@ -68,6 +69,8 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # keep orbax's restore chatter out of the stream
     f = flags.FLAGS
+    if f.max_new_tokens < 1:
+        raise cli.UserError(f"--max_new_tokens={f.max_new_tokens} must be at least 1")
     try:
         run = RunCheckpoint(f.workdir, f.step)
         tokenizer = load_run_tokenizer(run)
@@ -83,8 +86,7 @@ def main(argv: list[str]) -> None:
             )  # fmt: skip
             decode = lambda prompts, **kwargs: speculative(prompts, **kwargs)[0]
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        raise cli.UserError(str(e)) from None
     prompts = encode_prompts(tokenizer, f.prompt)
     stream = StreamPrinter(tokenizer) if len(prompts) == 1 else None
     if stream:
@@ -100,6 +102,10 @@ def main(argv: list[str]) -> None:
         print(f"--- {prompt!r} ({len(tokens)} tokens)\n{prompt}{tokenizer.decode(tokens)}")
 
 
-if __name__ == "__main__":
+def entry() -> None:
     _define_flags()
-    app.run(main)
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -13,8 +13,9 @@ import math
 
 import numpy as np
 
-from mct.config import ModelConfig
+from mct.config import ROPE_TYPES, ModelConfig
 from mct.model import width_multiplier
+from mct.rope import longrope_attention_factor
 
 LAYOUTS = ("minicpm", "llama")
 ARCHITECTURES = {"minicpm": "MiniCPMForCausalLM", "llama": "LlamaForCausalLM"}
@@ -22,6 +23,20 @@ ARCHITECTURES = {"minicpm": "MiniCPMForCausalLM", "llama": "LlamaForCausalLM"}
 MUP_RECORD = "mct_folded_mup"
 SPARSE_FIELDS = ("kernel_size", "kernel_stride", "init_blocks", "block_size", "window_size", "topk",
                  "use_nope", "dense_len")  # fmt: skip
+# The rope settings (besides rope_type, type, rope_theta) that transformers' computation of each rope type
+# reads (modeling_rope_utils); import refuses any other, which mct would silently ignore.
+_ROPE_SETTINGS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": (
+        "short_factor",
+        "long_factor",
+        "original_max_position_embeddings",
+        "factor",
+        "attention_factor",
+    ),
+}
 _UNFOLD_SEARCH_ULPS = 3  # how far from the interval's middle unfold looks for an exact preimage
 
 
@@ -145,17 +160,25 @@ def unfold(folded: list[tuple[np.ndarray, float]]) -> np.ndarray:
 
 
 def _rope_fields(cfg: ModelConfig) -> dict:
+    """config.json's rope_theta and rope_scaling: the layout transformers 4 and 5 and MiniCPM's code read."""
     rope = cfg.rope
-    fields = {"rope_theta": rope.theta, "rope_scaling": None}
+    if rope.type == "default":
+        return {"rope_theta": rope.theta, "rope_scaling": None}
+    scaling = {"rope_type": rope.type}
+    if rope.type in ("linear", "llama3"):
+        scaling["factor"] = rope.factor
+    if rope.type in ("llama3", "longrope"):
+        scaling["original_max_position_embeddings"] = rope.original_max_position
+    if rope.type == "llama3":
+        scaling.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
     if rope.type == "longrope":
         ones = [1.0] * (cfg.head_dim // 2)
-        fields["rope_scaling"] = {
-            "rope_type": "longrope",
-            "short_factor": list(rope.short_factor) or ones,
-            "long_factor": list(rope.long_factor) or ones,
-            "original_max_position_embeddings": rope.original_max_position,
-        }
-    return fields
+        scaling.update(
+            short_factor=list(rope.short_factor) or ones, long_factor=list(rope.long_factor) or ones
+        )
+        if rope.attention_factor:  # else transformers derives it from the lengths, as mct does
+            scaling["attention_factor"] = rope.attention_factor
+    return {"rope_theta": rope.theta, "rope_scaling": scaling}
 
 
 def hf_config(cfg: ModelConfig, layout: str, special_ids: dict[str, int], dtype: str) -> dict:
@@ -191,7 +214,7 @@ def hf_config(cfg: ModelConfig, layout: str, special_ids: dict[str, int], dtype:
     if layout == "minicpm":
         config.update(mup)
         if cfg.attention == "infllm_v2":
-            config["sparse_config"] = {k: cfg.sparse[k] for k in SPARSE_FIELDS}
+            config["sparse_config"] = {k: getattr(cfg.sparse, k) for k in SPARSE_FIELDS}
     else:
         config[MUP_RECORD] = {**mup, "tie_embeddings": cfg.tie_embeddings}
     return config
@@ -205,14 +228,67 @@ def layout_of(hf: dict, path: str) -> str:
     return model_type
 
 
+def _field(source: dict, key: str, path: str, where: str = ""):
+    """source[key]; the error names config.json and the field (`where`: the dict it sits in, "a.")."""
+    if key not in source:
+        raise ValueError(f"{path}: config lacks the field {where}{key!r}")
+    return source[key]
+
+
+def _rope_from_hf(hf: dict, path: str, head_dim: int, max_position: int) -> dict:
+    """RopeConfig fields of a config.json, read as transformers 5 reads them (PreTrainedConfig's
+    convert_rope_params_to_dict and standardize_rope_params): the settings are `rope_scaling` (the old layout;
+    it wins when both are set) or `rope_parameters` (the new one), rope_theta sits in them or at the top level
+    (default 10000), and a top-level original_max_position_embeddings (Phi-3's layout) overrides theirs.
+    Other rope types, and settings mct would not compute, are refused: importing them would change the model."""
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    settings = hf.get(where) or {}
+    rope_type = settings.get("rope_type", settings.get("type", "default"))
+    if rope_type not in _ROPE_SETTINGS:
+        raise ValueError(f"{path}: {where} rope_type {rope_type!r} is not supported (one of {ROPE_TYPES})")
+    known = _ROPE_SETTINGS[rope_type]
+    unknown = sorted(set(settings) - {"rope_type", "type", "rope_theta", *known})
+    if unknown:
+        raise ValueError(f"{path}: {where}.{unknown[0]} is not supported with rope_type {rope_type!r} "
+                         f"(mct reads {', '.join(('rope_theta', *known))})")  # fmt: skip
+
+    def need(key):
+        return _field(settings, key, path, f"{where}.")
+
+    rope = {"theta": float(settings.get("rope_theta", hf.get("rope_theta", 10000.0))), "type": rope_type}
+    if rope_type in ("linear", "llama3"):
+        rope["factor"] = float(need("factor"))
+    if rope_type == "llama3":
+        rope["low_freq_factor"] = float(need("low_freq_factor"))
+        rope["high_freq_factor"] = float(need("high_freq_factor"))
+    if rope_type in ("llama3", "longrope"):
+        key = "original_max_position_embeddings"
+        rope["original_max_position"] = int(hf.get(key) or settings.get(key) or max_position)
+    if rope_type == "longrope":
+        for key in ("short_factor", "long_factor"):
+            rope[key] = tuple(float(f) for f in need(key))
+            if len(rope[key]) != head_dim // 2:
+                raise ValueError(
+                    f"{path}: {where}.{key} has {len(rope[key])} entries, not head_dim/2 = {head_dim // 2}"
+                )
+        # transformers' cos/sin magnitude: attention_factor, else derived from factor, else from the lengths
+        if settings.get("attention_factor") is not None:
+            rope["attention_factor"] = float(settings["attention_factor"])
+            if rope["attention_factor"] <= 0:
+                raise ValueError(f"{path}: {where}.attention_factor must be positive")
+        elif settings.get("factor") is not None:
+            rope["attention_factor"] = longrope_attention_factor(
+                settings["factor"], rope["original_max_position"]
+            )
+    return rope
+
+
 def model_fields(hf: dict, path: str, unfold_mup: bool) -> dict:
     """mct model config fields from a config.json. A Llama layout reads as scale-free (scale_emb 1, branch
     scale 1, m 1) unless unfold_mup, which restores the muP scales recorded at export."""
 
     def need(key, source=hf, where=""):
-        if key not in source:
-            raise ValueError(f"{path}: config lacks the field {where}{key!r}")
-        return source[key]
+        return _field(source, key, path, where)
 
     layout = layout_of(hf, path)
     n_layers, d_model = need("num_hidden_layers"), need("hidden_size")
@@ -230,17 +306,7 @@ def model_fields(hf: dict, path: str, unfold_mup: bool) -> dict:
     )
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs 'silu')")
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "longrope"):
-        raise ValueError(f"{path}: rope_scaling type {rope_type!r} is not supported (default or longrope)")
-    fields["rope"] = dict(
-        theta=float(hf.get("rope_theta", 10000.0)),
-        type=rope_type,
-        original_max_position=scaling.get("original_max_position_embeddings", fields["max_position"]),
-        short_factor=tuple(scaling.get("short_factor", ())),
-        long_factor=tuple(scaling.get("long_factor", ())),
-    )
+    fields["rope"] = _rope_from_hf(hf, path, fields["head_dim"], fields["max_position"])
     tied = bool(hf.get("tie_word_embeddings", False))
     if layout == "minicpm":
         mup = {k: need(k) for k in ("scale_emb", "scale_depth", "dim_model_base")}

@@ -167,6 +167,10 @@ def main(argv: list[str]) -> None:
     print(f"imported {f.hf_dir} into {out} (step 0); train on with:\n  {train_command(config_file, out, config)}")
 
 
-if __name__ == "__main__":
+def entry() -> None:
     _define_flags()
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

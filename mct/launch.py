@@ -37,22 +37,11 @@ def run_local(
     """Runs the job as `processes` local processes over loopback (gloo). If one dies, reports which and ends the
     rest within `grace_s`; SIGTERM/SIGINT to the launcher reach every process (preemption: each saves, exits 0)."""
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    env = {
-        k: v for k, v in os.environ.items() if k != "XLA_FLAGS"
-    }  # devices come from --cpu_devices_per_process
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices come from --cpu_devices_per_process
+    job = [f"--coordinator={address}", f"--num_processes={processes}", f"--heartbeat_timeout_s={heartbeat_timeout_s}",
+           f"--cpu_devices_per_process={devices_per_process}"]  # fmt: skip
     children = [
-        subprocess.Popen(
-            train_command(
-                sys.executable,
-                train_args,
-                f"--coordinator={address}",
-                f"--num_processes={processes}",
-                f"--process_id={i}",
-                f"--cpu_devices_per_process={devices_per_process}",
-                f"--heartbeat_timeout_s={heartbeat_timeout_s}",
-            ),
-            env=env,
-        )
+        subprocess.Popen(train_command(sys.executable, train_args, *job, f"--process_id={i}"), env=env)
         for i in range(processes)
     ]
 
@@ -224,5 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,6 +1,6 @@
 """MiniCPM decoder (Flax NNX) with muP scalings, GQA, RoPE/LongRoPE and a scanned layer stack.
 
-DESIGN.md section 2: h0 = scale_emb * E[x]; every residual branch is scaled by scale_depth / sqrt(L);
+docs/design.md, Algorithms / Model: h0 = scale_emb * E[x]; every residual branch is scaled by scale_depth / sqrt(L);
 logits = lm_head(h_L / m) with m = d_model / dim_model_base, in fp32. Parameters are fp32 and carry two
 metadata fields: `logical_axes` (names the sharding rules map to mesh axes) and `lr_group` ("hidden" for
 muP hidden matrices, which get lr / m, or "vector" for embeddings and norms, which get lr).

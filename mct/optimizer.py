@@ -1,6 +1,6 @@
 """AdamW with muP per-group learning rates, a weight-decay mask and global-norm clipping (optax).
 
-Hidden matrices (lr_group "hidden") get lr / m, embeddings and norms get lr (DESIGN.md section 2).
+Hidden matrices (lr_group "hidden") get lr / m, embeddings and norms get lr (docs/design.md, Algorithms / Model).
 Weight decay applies to matrices, and to the embedding only when optimizer.decay_embeddings is set.
 """
 

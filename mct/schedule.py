@@ -1,4 +1,4 @@
-"""Warmup-Stable-Decay learning-rate schedule (DESIGN.md section 4).
+"""Warmup-Stable-Decay learning-rate schedule (MiniCPM paper section 4; docs/design.md, Algorithms / WSD).
 
 lr(s) = peak * s / W (s < W); peak (W <= s < T); lr_min + (peak - lr_min) * f(s - T) (T <= s), with
 f(0) = 1 and f decreasing: exponential 0.5^((s-T)/half_life) (MiniCPM), linear, cosine or 1-sqrt over

@@ -57,5 +57,9 @@ def main(argv: list[str]) -> None:
         print("done:", finite)
 
 
-if __name__ == "__main__":
+def entry() -> None:
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,4 +1,4 @@
-"""An independent NumPy implementation of DESIGN.md section 2, used only as the tests' oracle."""
+"""An independent NumPy implementation of the model (docs/design.md, Algorithms / Model): the tests' oracle."""
 
 import math
 

@@ -9,6 +9,7 @@ import collections
 import dataclasses
 import json
 import pathlib
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from array_record.python import array_record_module
 from data_pipelines import shards
 from data_pipelines.config import DataConfig, MixtureComponent, long_context_mixture
 from data_pipelines.loader import make_eval_batches, make_train_iterator, merge_states
+from data_pipelines.prefetch import prefetch
 from data_pipelines.shards import DatasetError
 from tests.data_fixtures import make_tiny_dataset
 
@@ -437,3 +439,19 @@ def test_a_manifest_of_100k_shards_opens_without_touching_files(tmp_path):
     assert sorted(map(int, it.get_state()["shards"])) == list(range(16, 32))
     with pytest.raises(DatasetError, match=r"cannot open shard .*train-\d{6}.arrayrecord"):
         next(it)
+
+
+def test_prefetched_state_is_that_of_the_last_batch_consumed(datasets):
+    cfg = _config({"a": dict(path=str(datasets["a"]))})
+    make = lambda state=None: make_train_iterator(
+        cfg, batch_size=4, process_index=0, process_count=1, model_vocab_size=VOCAB, state=state
+    )
+    plain = [next(it) for it in [make()] for _ in range(6)]
+    ahead = prefetch(make(), depth=3)
+    for i in range(2):
+        np.testing.assert_array_equal(next(ahead)["tokens"], plain[i]["tokens"])
+    time.sleep(0.2)  # let the thread run ahead (the queue holds 3 more batches)
+    resumed = make(ahead.get_state())
+    for i in range(2, 6):
+        np.testing.assert_array_equal(next(resumed)["tokens"], plain[i]["tokens"])
+    ahead.close()

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mct.config import ModelConfig
 from mct.decoding import generate
 from mct.export import export
 from mct.model import ParamsModel
@@ -13,6 +14,14 @@ from tests.test_export import LONGROPE, save_random_run, tiny_run_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+
+def mct_logits(cfg: ModelConfig, params: dict, tokens: np.ndarray) -> np.ndarray:
+    """The mct model's logits [batch, seq, vocab] for tokens [batch, seq], each row one document."""
+    m = ParamsModel(cfg).bind(params)
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    hidden = m(jnp.asarray(tokens), jnp.asarray(positions), jnp.ones(tokens.shape, jnp.int32))
+    return np.asarray(jnp.einsum("bsd,dv->bsv", hidden, m.head_weight()))
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +45,7 @@ def test_llama_export_matches_transformers(tmp_path, dataset, overrides):
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 24))
     with torch.no_grad():
         want = hf(torch.tensor(tokens)).logits.numpy()
-    m = ParamsModel(cfg).bind(params)
-    positions = np.broadcast_to(np.arange(24), tokens.shape)
-    hidden = m(jnp.asarray(tokens), jnp.asarray(positions), jnp.ones(tokens.shape, jnp.int32))
-    got = np.asarray(jnp.einsum("bsd,dv->bsv", hidden, m.head_weight()))
+    got = mct_logits(cfg, params, tokens)
     max_abs = np.abs(got - want).max()
     assert max_abs < 1e-4 * np.abs(want).max(), f"max abs difference {max_abs}"
 

@@ -126,3 +126,16 @@ def test_nonfinite_step_is_skipped():
     assert not bool(metrics["ok"])
     for name in params:
         np.testing.assert_array_equal(new["params"][name], params[name])
+
+
+def test_schedule_fractions_survive_a_steps_override():
+    from experiments.configs import tiny_cpu
+    from mct.cli import config_from_flag
+
+    cd = tiny_cpu.get_config()
+    cd.train.steps = 60
+    config = config_from_flag(cd).resolve()
+    assert (config.schedule.warmup_steps, config.schedule.decay_steps, config.decay_start) == (6, 12, 48)
+    config.validate(n_devices=1)
+    branch = Config.from_dict({"schedule": {"branch_from": "/src", "branch_step": 90, "decay_fraction": 0.1}})
+    assert branch.resolve().train.steps == 100  # the last 10% of a run whose stable phase ended at 90

@@ -1,6 +1,6 @@
 """Times one jitted training step of a config on synthetic tokens and reports MFU.
 
-python -m experiments.benchmarks.train_step --config experiments/configs/tunnel_30m.py --seq 1024 --batch 8 --json
+python -m experiments.benchmarks.train_step --config experiments/configs/tunnel.py:30m --seq 1024 --batch 8 --json
 
 MFU = analytic model FLOPs per step (mct/flops.py: 6 * matmul params * tokens + 6 * layers * seq * heads *
 head_dim * tokens) / median step time / median fp32 matmul FLOP/s, measured in the same process after each

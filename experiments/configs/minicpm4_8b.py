@@ -1,6 +1,6 @@
 """MiniCPM4-8B pre-training (stable phase): 32 x 4096, 32 q / 2 kv heads, untied embeddings.
 
-Peak lr 7e-3 under muP (hidden matrices get 7e-3 / 16), about 8M tokens per batch (DESIGN.md section 4).
+Peak lr 7e-3 under muP (hidden matrices get 7e-3 / 16), 2048 x 4096 tokens per batch (the report gives no batch size).
 """
 
 from experiments.configs.base import base_config, model_config

@@ -1,4 +1,4 @@
-"""Stage data mixtures (DESIGN.md section 8): component name -> prepared dataset dir, weight, length filter.
+"""Stage data mixtures (MiniCPM4 report section 2.2): component name -> prepared dataset dir, weight, length filter.
 
 Directories are produced by `python -m data_pipelines.prepare ... --out DIR`; DATA_ROOT is where a cluster
 keeps them. Weights are relative.

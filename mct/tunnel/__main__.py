@@ -167,5 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"python -m mct.tunnel {args.command}: error: {e}")
 
 
-if __name__ == "__main__":
+def entry() -> None:
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,4 +1,4 @@
-"""Scaling-law fits for the model wind tunnel (DESIGN.md section 5).
+"""Scaling-law fits for the model wind tunnel (MiniCPM paper section 3; docs/design.md, Algorithms / Wind tunnel).
 
 L(N, D) = C_N N^-alpha + C_D D^-beta + L0, the compute envelope L(C) = b C^-a + L0, the batch-size law
 bs = k / L^gamma and a sigmoid from ScalingBench loss to task accuracy. The power laws are fitted on

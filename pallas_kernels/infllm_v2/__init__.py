@@ -1,4 +1,4 @@
-"""InfLLM v2 trainable sparse attention: block selection and block-sparse attention (DESIGN.md section 3)."""
+"""InfLLM v2 trainable sparse attention: block selection and block-sparse attention (MiniCPM4 report section 2.1)."""
 
 from pallas_kernels.infllm_v2.api import IMPLEMENTATIONS, attention, sparse_attention
 from pallas_kernels.infllm_v2.config import SparseConfig

@@ -1,4 +1,4 @@
-"""InfLLM v2 sparse-attention settings (DESIGN.md section 3): one frozen, hashable record, jit-static."""
+"""InfLLM v2 sparse-attention settings (MiniCPM4 report section 2.1): one frozen, hashable record, jit-static."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""InfLLM v2 block selection in XLA: which K/V blocks each query attends to (DESIGN.md section 3, steps 1-4).
+"""InfLLM v2 block selection in XLA: which K/V blocks each query attends to (MiniCPM4 report section 2.1).
 
 Keys are mean-pooled (no parameters) into compressed keys C1 (kernel_size / kernel_stride); each query head
 scores them, softmax-normalises (exactly, or with the LSE of the 4x coarser C2 when `lse_approx`), the G

@@ -1,4 +1,4 @@
-"""InfLLM v2 block scores as one fused Pallas Triton kernel (GPU): selection steps 2-3 of DESIGN.md section 3.
+"""InfLLM v2 block scores as one fused Pallas Triton kernel (GPU): selection scores and pooling (MiniCPM4 2.1).
 
 One program = a tile of _TOKENS query tokens x the G heads of one kv head (rows token-major, G padded to a
 power of two). Pass 1 takes each row's normaliser: the LSE over the coarse keys C2 (online, tile by tile),

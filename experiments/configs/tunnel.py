@@ -1,4 +1,5 @@
-"""The ModelTunnel wind-tunnel proxy shapes (DESIGN.md section 2): name -> (d_model, d_mlp, heads, layers)."""
+"""ModelTunnel wind-tunnel proxies (MiniCPM paper section 3; MiniCPM4 report section 4.1), one per shape:
+`--config experiments/configs/tunnel.py:30m`. TUNNEL_SHAPES: name -> (d_model, d_mlp, heads, layers)."""
 
 import ml_collections
 
@@ -36,3 +37,9 @@ def tunnel_config(name: str) -> ml_collections.ConfigDict:
     c.eval.every_steps = 500
     c.checkpoint.every_steps = 500
     return c
+
+
+def get_config(shape: str = "30m") -> ml_collections.ConfigDict:
+    if shape not in TUNNEL_SHAPES:
+        raise ValueError(f"tunnel config: unknown shape {shape!r}; one of {sorted(TUNNEL_SHAPES)}")
+    return tunnel_config(shape)

@@ -1,0 +1,30 @@
+"""The loop's pieces: hooks fire when due and see their step's metrics before the state hooks; MFU is per mesh."""
+
+from mct import hooks
+from mct.config import Config
+from mct.trainer import Hook, StepInfo
+
+
+class _Null:
+    def write(self, *_): ...
+    def set_postfix_str(self, *_): ...
+
+
+def test_mfu_divides_by_the_peak_of_every_device(monkeypatch):
+    monkeypatch.setattr(hooks, "measure_matmul_peak", lambda dtype: 1e11)
+    clock = iter([0.0, 2.0, 2.0] * 2)  # per log: its start, the rate, the next mark
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: next(clock))
+    config = Config.from_dict({"data": {"seq_len": 32}, "train": {"batch_size": 8}})
+    metrics = {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "nonfinite_steps": 0}
+    mfu = {}
+    for n in (1, 4):
+        log = hooks.MetricsLog(config, _Null(), _Null(), start=0, n_devices=n)
+        log(StepInfo(step=10, metrics=metrics, state=None))  # 10 steps in 2 s
+        mfu[n] = log.last["mfu"]
+    assert abs(mfu[1] - 5 * log.flops_per_step / 1e11) < 1e-12
+    assert abs(mfu[1] / mfu[4] - 4.0) < 1e-9
+
+
+def test_hook_due_every_and_at():
+    hook = Hook(fn=print, every=5, at=frozenset({7}), needs_state=False)
+    assert [s for s in range(1, 13) if hook.due(s)] == [5, 7, 10]
