@@ -415,7 +415,7 @@ def _check_state(state: dict, fingerprint: dict, what: str = "data iterator stat
             for k in fingerprint.keys() | state["fingerprint"].keys()
             if fingerprint.get(k) != state["fingerprint"].get(k)
         )
-        raise ValueError(
-            f"{what} was saved with different data settings ({', '.join(changed)}); a changed "
-            "mixture or packing starts without a state"
+        raise DatasetError(
+            f"{what} was saved with different data settings ({', '.join(changed)}): the run cannot resume its "
+            "data exactly; set them back, or start a new workdir (a decay branch may switch the mixture)"
         )

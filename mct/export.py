@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 from absl import flags
 from safetensors.numpy import save_file
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, processors
 from tqdm import tqdm
 
 from data_pipelines.freq_vocab import read_freq_vocab
@@ -74,9 +74,26 @@ def write_tensors(run: RunCheckpoint, layout: str, out: pathlib.Path, dtype: np.
         write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
+def with_bos(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` whose encode(text) is [BOS] + ids, as mct encodes every prompt
+    (mct.generate.encode_prompts); pairs as transformers' update_post_processor writes them."""
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0",
+        pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+        special_tokens=[(BOS, tokenizer.token_to_id(BOS))],
+    )
+    return copy
+
+
 def write_tokenizer(tokenizer: Tokenizer, out: pathlib.Path, max_length: int) -> dict[str, int]:
-    """tokenizer.json plus the configs a PreTrainedTokenizerFast loads with it; returns the special ids."""
-    (out / "tokenizer.json").write_bytes(tokenizer_bytes(tokenizer))
+    """tokenizer.json plus the configs a PreTrainedTokenizerFast loads with it; returns the special ids.
+
+    Encoding text prepends BOS, as mct does: the tokenizer.json post-processor does it (all transformers 5
+    reads: it drops add_bos_token/add_eos_token when a tokenizer.json exists), and the add_bos_token /
+    add_eos_token flags say the same to readers of tokenizer_config.json (e.g. llama.cpp's GGUF converter).
+    """
+    (out / "tokenizer.json").write_bytes(tokenizer_bytes(with_bos(tokenizer)))
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     ids = special_token_ids(tokenizer)
     special = {role: token for role, token in special.items() if token in ids}
@@ -84,7 +101,7 @@ def write_tokenizer(tokenizer: Tokenizer, out: pathlib.Path, max_length: int) ->
     write_json(
         out / "tokenizer_config.json",
         {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-         "clean_up_tokenization_spaces": False, **special},
+         "clean_up_tokenization_spaces": False, "add_bos_token": True, "add_eos_token": False, **special},
     )  # fmt: skip
     return ids
 

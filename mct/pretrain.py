@@ -8,6 +8,7 @@ for the run, metrics past the restored step are dropped, and SIGTERM (the `stop`
 import logging
 import pathlib
 import shutil
+import tempfile
 import threading
 
 import jax
@@ -108,9 +109,21 @@ def make_eval_sets(built: Built) -> dict[str, list]:
     return eval_sets
 
 
+def check_workdir(workdir: str) -> None:
+    """The workdir is named and writable (created if missing), before anything compiles."""
+    if not workdir:
+        raise ConfigError("config workdir is empty: pass --config.workdir=DIR")
+    try:
+        pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=workdir).close()
+    except OSError as e:
+        raise ConfigError(f"config workdir={workdir} is not writable: {e.strerror or e}") from None
+
+
 def train(config: Config, devices: list | None = None, stop: threading.Event | None = None) -> dict:
     """Runs (or resumes) training to train.steps on `devices` (default: all); returns the last logged metrics
     and eval losses."""
+    check_workdir(config.workdir)
     built = build(config, devices)
     config, pid = built.config, jax.process_index()
     with WorkdirLock(config.workdir, enabled=pid == 0):

@@ -1,13 +1,15 @@
 """A stock transformers LlamaForCausalLM loads the `llama` export and computes the JAX model's logits and greedy
-tokens. Skipped unless torch and transformers are installed."""
+tokens; the exported tokenizer encodes a prompt as mct does. Skipped unless torch and transformers are installed."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data_pipelines.tokenizer import read_tokenizer_file
 from mct.config import ModelConfig
 from mct.decoding import generate
 from mct.export import export
+from mct.generate import encode_prompts
 from mct.model import ParamsModel
 from tests.data_fixtures import make_tiny_dataset
 from tests.test_export import LONGROPE, save_random_run, tiny_run_config
@@ -49,11 +51,15 @@ def test_llama_export_matches_transformers(tmp_path, dataset, overrides):
     max_abs = np.abs(got - want).max()
     assert max_abs < 1e-4 * np.abs(want).max(), f"max abs difference {max_abs}"
 
+    # The exported tokenizer encodes a prompt as mct does, BOS first.
+    text = "the river runs to the sea"
+    prompt = encode_prompts(read_tokenizer_file(dataset / "tokenizer.json"), [text])[0]
+    assert transformers.AutoTokenizer.from_pretrained(hf_dir)(text).input_ids == prompt
+
     # Greedy generation: transformers' tokens up to its first EOS are mct.generate's (which drops the EOS).
-    # The prompt alone passes LongRoPE's original context, so both pick the long factors for every step
-    # (transformers switches lists by the current length, mct once per generation by prompt + new tokens).
+    # The prompt alone (19 tokens) passes LongRoPE's original context, so both pick the long factors for every
+    # step (transformers switches lists by the current length, mct once per generation by prompt + new tokens).
     eos = 2
-    prompt = [1] + list(range(40, 57))
     with torch.no_grad():
         hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
                              pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
