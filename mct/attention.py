@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from mct.config import ModelConfig
+from mct.sharding import per_shard
 from pallas_kernels import infllm_v2
 from pallas_kernels.blockwise_attention import causal_attention
 from pallas_kernels.gqa_layout import cache_prefix_attention, group_queries
@@ -40,9 +41,13 @@ def attend(
     if cfg.attention == "naive":
         return naive_attention(q, k, v, segment_ids)
     if cfg.attention == "infllm_v2":  # dense below sparse.dense_len tokens, block-sparse from there
-        return infllm_v2.attention(
-            q, k, v, cfg.sparse, segment_ids=segment_ids, implementation=cfg.sparse.implementation
+        run = lambda q, k, v, seg: infllm_v2.attention(
+            q, k, v, cfg.sparse, segment_ids=seg, implementation=cfg.sparse.implementation
         )
+        if cfg.sparse.implementation.startswith("pallas"):  # kernels XLA cannot partition: one call per shard
+            heads, kv = ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
+            run = per_shard(run, (heads, kv, kv, ("batch", None)), heads)
+        return run(q, k, v, segment_ids)
     raise ValueError(f"config model.attention: unknown implementation {cfg.attention!r}")
 
 

@@ -34,12 +34,29 @@ def config_from_flag(cd: ConfigDict | None) -> Config:
     return Config.from_dict(cd.to_dict())
 
 
+def unknown_override(argv: list[str]) -> str | None:
+    """The schema's message for the first `--config.a.b=...` override naming no config key, if any."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        *parents, leaf = arg.removeprefix("--config.").split("=", 1)[0].split(".")
+        nested: dict = {leaf: None}
+        for key in reversed(parents):
+            nested = {key: nested}
+        try:
+            Config.from_dict(nested)
+        except ConfigError as e:
+            if str(e).startswith("unknown config key"):
+                return str(e)
+    return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with a mistyped `--config.a.b=...` override as a one-line error."""
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError, ValueError, flags.Error) as e:
-        message = str(e).strip().strip("'\"").replace("\\n", " ").replace('\\"', '"')
+        message = unknown_override(argv) or " ".join(str(e).split())
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 

@@ -217,9 +217,11 @@ class Config:
 
     def validate(self, n_devices: int, n_processes: int = 1) -> None:
         """Raises ConfigError for a resolved config that cannot run on n_devices devices in n_processes."""
+        check_model(self.model)
+        check_ranges(self)  # values first, then their fit to the devices
         data, fsdp, tensor = self.mesh.shape(n_devices)
         check_model(self.model, tensor, fsdp)
-        check_run(self, data * fsdp, n_processes)
+        check_batch(self, data * fsdp, n_processes)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -265,8 +267,8 @@ def check_model(m: ModelConfig, tensor: int = 1, fsdp: int = 1) -> None:
         )
 
 
-def check_run(c: "Config", data_parallel: int, n_processes: int) -> None:
-    """Ranges of the train, data, optimizer and schedule settings, and the batch's fit to the mesh."""
+def check_ranges(c: "Config") -> None:
+    """Ranges of the train, data, optimizer and schedule settings."""
     t, d, s, o = c.train, c.data, c.schedule, c.optimizer
     _require(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
     _require(
@@ -277,7 +279,7 @@ def check_run(c: "Config", data_parallel: int, n_processes: int) -> None:
         0 < d.seq_len <= c.model.max_position,
         f"data.seq_len={d.seq_len} must be in [1, model.max_position={c.model.max_position}]",
     )
-    _require(o.lr > 0, f"optimizer.lr={o.lr} must be positive")
+    _require(o.lr >= 0, f"optimizer.lr={o.lr} must be >= 0")  # 0: a frozen run (evaluates, never updates)
     _require(
         0 < t.log_every_steps and 0 < c.eval.every_steps and 0 < c.checkpoint.every_steps,
         "train.log_every_steps, eval.every_steps and checkpoint.every_steps must be positive",
@@ -287,6 +289,26 @@ def check_run(c: "Config", data_parallel: int, n_processes: int) -> None:
         not (0 < chunk < d.seq_len and d.seq_len % chunk),
         f"model.loss_chunk={chunk} does not divide data.seq_len={d.seq_len}",
     )
+    _require(
+        s.decay_shape in DECAY_SHAPES, f"schedule.decay_shape={s.decay_shape!r} is not one of {DECAY_SHAPES}"
+    )
+    _require(
+        0 <= s.warmup_fraction <= 1 and 0 <= s.decay_fraction < 1,
+        "schedule.warmup_fraction must be in [0, 1] and schedule.decay_fraction in [0, 1)",
+    )
+    _require(
+        not s.branch_from or s.branch_step >= 0, "schedule.branch_from is set but schedule.branch_step is not"
+    )
+    _require(
+        s.branch_from or s.warmup_steps + s.decay_steps <= t.steps,
+        f"schedule warmup + decay = {s.warmup_steps + s.decay_steps} steps exceeds train.steps={t.steps}",
+    )
+    _require(len(c.profile.steps) in (0, 2), f"profile.steps={c.profile.steps} must be () or (first, last)")
+
+
+def check_batch(c: "Config", data_parallel: int, n_processes: int) -> None:
+    """The global batch's fit to the data-parallel devices, the processes and the logical data shards."""
+    t, d = c.train, c.data
     _require(
         t.batch_size % t.grad_accum == 0,
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}",
@@ -305,21 +327,6 @@ def check_run(c: "Config", data_parallel: int, n_processes: int) -> None:
         BatchLayout(d.num_logical_shards, t.batch_size, n_processes)
     except ValueError as e:
         raise ConfigError(f"config data/train: {e}") from None
-    _require(
-        s.decay_shape in DECAY_SHAPES, f"schedule.decay_shape={s.decay_shape!r} is not one of {DECAY_SHAPES}"
-    )
-    _require(
-        0 <= s.warmup_fraction <= 1 and 0 <= s.decay_fraction < 1,
-        "schedule.warmup_fraction must be in [0, 1] and schedule.decay_fraction in [0, 1)",
-    )
-    _require(
-        not s.branch_from or s.branch_step >= 0, "schedule.branch_from is set but schedule.branch_step is not"
-    )
-    _require(
-        s.branch_from or s.warmup_steps + s.decay_steps <= t.steps,
-        f"schedule warmup + decay = {s.warmup_steps + s.decay_steps} steps exceeds train.steps={t.steps}",
-    )
-    _require(len(c.profile.steps) in (0, 2), f"profile.steps={c.profile.steps} must be () or (first, last)")
 
 
 def build(cls: type, values: Any, path: str = "") -> Any:

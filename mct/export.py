@@ -63,7 +63,8 @@ def write_tensors(run: RunCheckpoint, layout: str, out: pathlib.Path, dtype: np.
     with tqdm(total=len(plan), desc="export", unit="tensor") as bar:
         for specs, name in zip(shards, names):
             tensors = {}
-            for spec in specs:
+            # parameter by parameter, so each is restored once per shard (the file's order is safetensors')
+            for spec in sorted(specs, key=lambda s: (s.param, -1 if s.layer is None else s.layer)):
                 value = run.read(spec.param, () if spec.layer is None else spec.layer)
                 tensors[spec.name] = hf_layout.to_hf(spec, value, dtype)
                 weight_map[spec.name] = name

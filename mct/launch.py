@@ -4,18 +4,64 @@ python -m mct.launch local --processes 4 [--devices_per_process 2] -- --config .
 python -m mct.launch tpu --name NAME --zone ZONE [--project P] [--dry_run] -- <train flags>
 python -m mct.launch slurm --nodes N --gpus_per_node G [--partition P] [--submit] -- <train flags>
 
-Everything after `--` goes to `python -m mct.train` unchanged.
+commands:
+  local  N processes on this machine (jax.distributed over loopback)
+         --processes N [--devices_per_process D] [--heartbeat_timeout_s S] [--grace_s S]
+  tpu    every worker of one or more TPU VM slices
+         --name NAME (repeat for multislice) --zone ZONE [--project P] [--repo_dir DIR] [--coordinator_host H]
+         [--dry_run]
+  slurm  an sbatch script for a GPU cluster
+         --nodes N --gpus_per_node G [--partition P] [--per_node] [--repo_dir DIR] [--time T] [--out FILE]
+         [--submit]
+
+Everything after `--` goes to `python -m mct.train` unchanged. A flag of another command is an error; bad
+input prints one line `error: ...` and exits 2.
 """
 
-import argparse
+import functools
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import portpicker
+from absl import app, flags
+
+from mct import cli
+
+PROG = "mct.launch"
+F = flags.FLAGS
+
+
+@functools.cache
+def _define_flags() -> None:
+    """This CLI's flags, on flags.FLAGS, once per process. Defined when the CLI runs, not on import, as the other
+    entry points do: the tests import several of them into one process, and their flag names overlap (--out)."""
+    app.define_help_flags()
+    flags.DEFINE_integer("processes", None, "local: processes to start.", lower_bound=1)
+    flags.DEFINE_integer("devices_per_process", 1, "local: CPU devices per process.", lower_bound=1)
+    flags.DEFINE_integer("heartbeat_timeout_s", 10, "local: seconds before a silent peer ends the job.")
+    flags.DEFINE_float("grace_s", 60.0, "local: seconds the others get to end after one process dies.")
+    flags.DEFINE_multi_string("name", None, "tpu: slice name; repeat for multislice.")
+    flags.DEFINE_string("zone", None, "tpu: the slices' zone.")
+    flags.DEFINE_string("project", "", "tpu: Google Cloud project (default: gcloud's).")
+    flags.DEFINE_string(
+        "repo_dir", None, "tpu, slurm: where this repository is checked out (tpu: on the VMs, default ~/mct; "
+        "slurm: default .)."
+    )  # fmt: skip
+    flags.DEFINE_string("coordinator_host", "", "tpu: multislice: hostname of slice 0's worker 0.")
+    flags.DEFINE_bool("dry_run", False, "tpu: print the commands instead of running them.")
+    flags.DEFINE_integer("nodes", None, "slurm: nodes.", lower_bound=1)
+    flags.DEFINE_integer("gpus_per_node", None, "slurm: GPUs per node.", lower_bound=1)
+    flags.DEFINE_string("partition", "", "slurm: partition.")
+    flags.DEFINE_bool("per_node", False, "slurm: one process per node instead of per GPU.")
+    flags.DEFINE_string("time", "", "slurm: time limit, e.g. 2:00:00.")
+    flags.DEFINE_string("out", "mct.sbatch", "slurm: where to write the script.")
+    flags.DEFINE_bool("submit", False, "slurm: submit it with sbatch.")
 
 
 def _describe_exit(code: int) -> str:
@@ -37,7 +83,7 @@ def run_local(
     """Runs the job as `processes` local processes over loopback (gloo). If one dies, reports which and ends the
     rest within `grace_s`; SIGTERM/SIGINT to the launcher reach every process (preemption: each saves, exits 0)."""
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices come from --cpu_devices_per_process
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices: --cpu_devices_per_process
     job = [f"--coordinator={address}", f"--num_processes={processes}", f"--heartbeat_timeout_s={heartbeat_timeout_s}",
            f"--cpu_devices_per_process={devices_per_process}"]  # fmt: skip
     children = [
@@ -143,78 +189,130 @@ def slurm_script(
     return "\n".join(lines) + "\n"
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    train_args: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, train_args = argv[:split], argv[split + 1 :]
-    parser = argparse.ArgumentParser(prog="python -m mct.launch", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="mode", required=True)
-    local = sub.add_parser("local", help="N processes on this machine (jax.distributed over loopback)")
-    local.add_argument("--processes", type=int, required=True)
-    local.add_argument("--devices_per_process", type=int, default=1)
-    local.add_argument("--heartbeat_timeout_s", type=int, default=10)
-    local.add_argument("--grace_s", type=float, default=60.0)
-    tpu = sub.add_parser("tpu", help="every worker of one or more TPU VM slices")
-    tpu.add_argument("--name", action="append", required=True, help="slice name; repeat for multislice")
-    tpu.add_argument("--zone", required=True)
-    tpu.add_argument("--project", default="")
-    tpu.add_argument("--repo_dir", default="~/mct", help="where this repository is checked out on the VMs")
-    tpu.add_argument("--coordinator_host", default="", help="multislice: hostname of slice 0's worker 0")
-    tpu.add_argument("--dry_run", action="store_true", help="print the commands instead of running them")
-    slurm = sub.add_parser("slurm", help="an sbatch script for a GPU cluster")
-    slurm.add_argument("--nodes", type=int, required=True)
-    slurm.add_argument("--gpus_per_node", type=int, required=True)
-    slurm.add_argument("--partition", default="")
-    slurm.add_argument("--per_node", action="store_true", help="one process per node instead of per GPU")
-    slurm.add_argument("--repo_dir", default=".")
-    slurm.add_argument("--time", default="")
-    slurm.add_argument("--out", default="mct.sbatch", help="where to write the script")
-    slurm.add_argument("--submit", action="store_true", help="submit it with sbatch")
-    args = parser.parse_args(argv)
-    if not train_args:
-        parser.error("give the training flags after `--`, e.g. -- --config experiments/configs/tiny_cpu.py")
-    return args, train_args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args, train_args = parse(sys.argv[1:] if argv is None else argv)
-    if args.mode == "local":
-        return run_local(
-            args.processes,
-            args.devices_per_process,
-            train_args,
-            heartbeat_timeout_s=args.heartbeat_timeout_s,
-            grace_s=args.grace_s,
-        )
-    if args.mode == "tpu":
-        commands = tpu_commands(
-            args.name, args.zone, args.project, args.repo_dir, train_args, args.coordinator_host
-        )
-        if args.dry_run:
-            print("\n".join(shlex.join(c) for c in commands))
-            return 0
-        running = [subprocess.Popen(c) for c in commands]
-        return max(p.wait() for p in running)
-    script = slurm_script(
-        args.nodes,
-        args.gpus_per_node,
+def _run_local(train_args: list[str]) -> int:
+    return run_local(
+        F.processes,
+        F.devices_per_process,
         train_args,
-        partition=args.partition,
-        per_gpu=not args.per_node,
-        repo_dir=args.repo_dir,
-        time_limit=args.time,
+        heartbeat_timeout_s=F.heartbeat_timeout_s,
+        grace_s=F.grace_s,
     )
-    with open(args.out, "w") as f:
-        f.write(script)
-    print(f"wrote {args.out}")
-    if args.submit:
-        return subprocess.run(["sbatch", args.out], check=False).returncode
+
+
+def _run_tpu(train_args: list[str]) -> int:
+    repo_dir = "~/mct" if F.repo_dir is None else F.repo_dir
+    try:
+        commands = tpu_commands(F.name, F.zone, F.project, repo_dir, train_args, F.coordinator_host)
+    except ValueError as e:
+        raise cli.UserError(str(e)) from None
+    if F.dry_run:
+        print("\n".join(shlex.join(c) for c in commands))
+        return 0
+    try:
+        running = [subprocess.Popen(c) for c in commands]
+    except OSError as e:  # no gcloud
+        raise cli.UserError(str(e)) from None
+    return max(p.wait() for p in running)
+
+
+def _run_slurm(train_args: list[str]) -> int:
+    script = slurm_script(
+        F.nodes,
+        F.gpus_per_node,
+        train_args,
+        partition=F.partition,
+        per_gpu=not F.per_node,
+        repo_dir="." if F.repo_dir is None else F.repo_dir,
+        time_limit=F.time,
+    )
+    try:
+        with open(F.out, "w") as f:
+            f.write(script)
+        print(f"wrote {F.out}")
+        if F.submit:
+            return subprocess.run(["sbatch", F.out], check=False).returncode
+    except OSError as e:  # an unwritable --out, no sbatch
+        raise cli.UserError(str(e)) from None
     return 0
 
 
+class Command(NamedTuple):
+    run: Callable[[list[str]], int]  # the training flags -> exit code
+    required: tuple[str, ...]  # flags it needs
+    optional: tuple[str, ...]  # flags it also takes; any other of this CLI's flags is an error
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "local": Command(
+        _run_local, ("processes",), ("devices_per_process", "heartbeat_timeout_s", "grace_s"),
+        "N processes on this machine (jax.distributed over loopback)",
+    ),
+    "tpu": Command(
+        _run_tpu, ("name", "zone"), ("project", "repo_dir", "coordinator_host", "dry_run"),
+        "every worker of one or more TPU VM slices",
+    ),
+    "slurm": Command(
+        _run_slurm, ("nodes", "gpus_per_node"), ("partition", "per_node", "repo_dir", "time", "out", "submit"),
+        "an sbatch script for a GPU cluster",
+    ),
+}  # fmt: skip
+_OWN_FLAGS = sorted({name for c in COMMANDS.values() for name in (*c.required, *c.optional)})
+
+
+def _command(positional: list[str]) -> Command:
+    """The command named by the one positional argument, once the flags given are checked against it."""
+    names = ", ".join(COMMANDS)
+    if not positional:
+        raise cli.UserError(f"{PROG} needs a command (one of {names})")
+    name, *extra = positional
+    if name not in COMMANDS:
+        raise cli.UserError(f"unknown command {name!r} (one of {names})")
+    if extra:
+        raise cli.UserError(f"{PROG} {name} takes flags only before `--`, not {' '.join(extra)!r}")
+    command = COMMANDS[name]
+    for flag in _OWN_FLAGS:
+        if F[flag].present and flag not in (*command.required, *command.optional):
+            raise cli.UserError(f"--{flag} is not a flag of {PROG} {name}")
+    missing = [f"--{flag}" for flag in command.required if not F[flag].present]
+    if missing:
+        raise cli.UserError(f"{PROG} {name} needs {' and '.join(missing)}")
+    return command
+
+
+def _parse_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """argv ([program, ...]) split at its first `--`: absl parses the launcher's flags before it (from their
+    defaults, so a process can run the CLI again) and leaves [program, command]; the training flags after it
+    stay untouched. (absl itself would drop the `--` and append what follows to the positional arguments, so a
+    stray word before it would pass for a training flag.) A malformed flag: one line `error: ...`, exit 2."""
+    _define_flags()
+    split = argv.index("--") if "--" in argv else len(argv)
+    F.unparse_flags()
+    return cli._parse_flags(argv[:split]), argv[split + 1 :]
+
+
+def _run(parsed: tuple[list[str], list[str]]) -> int:
+    """absl main: runs the command on the training flags; its exit code (local: 1 when a process died)."""
+    positional, train_args = parsed
+    try:
+        command = _command(positional[1:])
+        if not train_args:
+            raise cli.UserError(
+                "give the training flags after `--`, e.g. -- --config experiments/configs/tiny_cpu.py"
+            )
+        return command.run(train_args)
+    except cli.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mct.launch` with argv (default sys.argv[1:]); returns the exit code."""
+    return _run(_parse_flags([PROG, *(sys.argv[1:] if argv is None else argv)]))
+
+
 def entry() -> None:
-    sys.exit(main())
+    app.run(_run, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,12 @@
 """Reads a training run's workdir without building its train state: the committed step, the run config, the
-tokenizer, and each parameter (or one layer of it) straight from the orbax checkpoint through tensorstore, so
-export and decoding never need the optimizer state or a whole model gathered at once.
+tokenizer, and each parameter by orbax's partial restore, one array at a time, so export and decoding never
+restore the optimizer state or hold more than one parameter (and the arrays they keep) in host memory.
 """
 
 import pathlib
 
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 from tokenizers import Tokenizer
 
 from data_pipelines.loader import dataset_dir
@@ -33,7 +32,9 @@ class RunCheckpoint:
         if self.step not in steps:
             raise FileNotFoundError(f"{workdir} has no committed checkpoint at step {step}; it has {steps}")
         meta = ckpt.read_meta(self.step)
-        data_state = ckpt.manager.restore(self.step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        data_state = ckpt.manager.restore(self.step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
+            "data"
+        ]
         ckpt.close()
         if "config" not in meta:
             raise ValueError(f"{workdir} step {self.step}: the checkpoint's meta lacks the run 'config'")
@@ -44,31 +45,33 @@ class RunCheckpoint:
         self.tokenizer_sha256 = {c["tokenizer_sha256"] for c in mixture.values() if "tokenizer_sha256" in c}
         self.shapes = {name: x.shape for name, x in ParamsModel(self.model_cfg).abstract().items()}
         self._state_dir = self.workdir.absolute() / "checkpoints" / str(self.step) / "state"
-        self._arrays: dict[str, ts.TensorStore] = {}
+        self._last: tuple[str, np.ndarray] | None = None  # the parameter read last (layers are read in turn)
 
     def read(self, name: str, index=()) -> np.ndarray:
         """Parameter `name` (a key of the params dict), or the part `index` selects (e.g. one layer: 3)."""
         if name not in self.shapes:
             raise KeyError(f"unknown parameter {name!r}; the model has {sorted(self.shapes)}")
-        if name not in self._arrays:
-            self._arrays[name] = self._open(name)
-        return np.asarray(self._arrays[name][index].read().result())
+        if self._last is None or self._last[0] != name:
+            self._last = name, self._restore(name)
+        return self._last[1][index]
 
     def read_params(self) -> dict[str, np.ndarray]:
         """Every parameter, as a params dict of host arrays (for decoding, where the model fits in memory)."""
-        return {name: self.read(name) for name in self.shapes}
+        return {name: self._restore(name) for name in self.shapes}
 
-    def _open(self, name: str) -> ts.TensorStore:
-        # orbax stores the item `state` as one OCDBT database; leaf ("params", name) is the zarr array at key
-        # "params.<name>" in it.
-        spec = {
-            "driver": "zarr",
-            "kvstore": {"driver": "ocdbt", "base": f"file://{self._state_dir}", "path": f"params.{name}"},
-        }
+    def _restore(self, name: str) -> np.ndarray:
+        """One parameter of the checkpoint's `state` item, as a host array (orbax partial restore)."""
+        args = ocp.args.PyTreeRestore(
+            item={"params": {name: 0}}, partial_restore=True,
+            restore_args={"params": {name: ocp.RestoreArgs(restore_type=np.ndarray)}},
+        )  # fmt: skip
         try:
-            array = ts.open(spec, read=True).result()
-        except ValueError as e:
-            raise ValueError(f"{self._state_dir}: cannot read parameter {name!r} ({e})") from None
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                array = checkpointer.restore(self._state_dir, args=args)["params"][name]
+        except (ValueError, KeyError, OSError) as e:
+            raise ValueError(
+                f"{self._state_dir}: cannot read parameter {name!r} ({str(e).splitlines()[0]})"
+            ) from None
         if tuple(array.shape) != tuple(self.shapes[name]):
             raise ValueError(
                 f"{self._state_dir}: parameter {name!r} has shape {tuple(array.shape)}, but the run config's "

@@ -6,9 +6,10 @@ Parameters name their axes (`embed`, `vocab`, `heads`, ...) in metadata; activat
 
 import jax
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from mct.config import MESH_AXES, MeshConfig
+from mct.config import MESH_AXES, ConfigError, MeshConfig
 
 # logical axis -> mesh axis (or axes, or None = replicated)
 RULES = {
@@ -25,10 +26,25 @@ RULES = {
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh over `devices` (default: all), sized by the config."""
+    """The (data, fsdp, tensor) mesh over `devices` (default: all), sized by the config.
+
+    Devices of several TPU slices (multislice: DCN between slices) put the data axis across the slices;
+    fsdp and tensor stay on one slice's ICI. A physical torus axis is split when a size needs it (tensor=2
+    on a 4x4x4 v5p slice), which jax.make_mesh refuses outside v5e.
+    """
     devices = jax.devices() if devices is None else devices
-    shape = mesh_cfg.shape(len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    data, fsdp, tensor = mesh_cfg.shape(len(devices))
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if data % slices:
+        raise ConfigError(
+            f"config mesh.data={data} must be a multiple of the {slices} slices (data spans them)"
+        )
+    if slices > 1:
+        ici, dcn = (data // slices, fsdp, tensor), (slices, 1, 1)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    else:
+        grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def logical_spec(axes) -> PartitionSpec:
@@ -53,6 +69,15 @@ def named(mesh: jax.sharding.Mesh, specs):
     return jax.tree.map(
         lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
+
+
+def per_shard(fn, in_axes: tuple, out_axes: tuple):
+    """`fn` run on each device's shards (shard_map over the active mesh), arguments and result split by
+    logical names: for Pallas kernels, which XLA cannot partition. Unchanged when no mesh is active."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return fn
+    in_specs = tuple(logical_spec(axes) for axes in in_axes)
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=logical_spec(out_axes), check_vma=False)
 
 
 def constrain(x: jax.Array, axes) -> jax.Array:

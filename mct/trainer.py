@@ -60,7 +60,7 @@ def build(config: Config, devices: list | None = None) -> Built:
     """Resolves and validates `config` for `devices` (default: all), then builds its model and jitted step."""
     config = config.resolve()
     devices = jax.devices() if devices is None else devices
-    config.validate(len(devices), jax.process_count())
+    config.validate(len(devices), len({d.process_index for d in devices}))  # hosts (AOT: the topology's)
     mesh = make_mesh(config.mesh, devices)
     model = ParamsModel(config.model)
     tx = make_optimizer(config, model)

@@ -193,7 +193,7 @@ def test_imported_llama_export_trains_on_from_its_weights(tmp_path, run_config):
     other = make_tiny_dataset(tmp_path / "other", vocab_size=290, tag="other")
     (workdir / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())
     again = export(workdir, tmp_path / "again", "minicpm")
-    dataset_dir = run_config.data.mixture.default.path
+    dataset_dir = run_config.data.mixture["default"].path
     assert tokenizer_less_post_processor(again) == tokenizer_less_post_processor(dataset_dir)
 
 

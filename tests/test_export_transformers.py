@@ -54,14 +54,15 @@ def test_llama_export_matches_transformers(tmp_path, dataset, overrides):
     # The exported tokenizer encodes a prompt as mct does, BOS first.
     text = "the river runs to the sea"
     prompt = encode_prompts(read_tokenizer_file(dataset / "tokenizer.json"), [text])[0]
-    assert transformers.AutoTokenizer.from_pretrained(hf_dir)(text).input_ids == prompt
+    hf_prompt = transformers.AutoTokenizer.from_pretrained(hf_dir)(text, return_tensors="pt").input_ids
+    assert hf_prompt[0].tolist() == prompt
 
     # Greedy generation: transformers' tokens up to its first EOS are mct.generate's (which drops the EOS).
     # The prompt alone (19 tokens) passes LongRoPE's original context, so both pick the long factors for every
     # step (transformers switches lists by the current length, mct once per generation by prompt + new tokens).
     eos = 2
     with torch.no_grad():
-        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+        hf_out = hf.generate(hf_prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos,
                              pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
     if eos in hf_out:
         hf_out = hf_out[: hf_out.index(eos)]

@@ -111,14 +111,14 @@ def test_old_config_layout_reads_the_same(rope):
         RopeConfig(type="linear", factor=4.0),
         RopeConfig(
             type="llama3", factor=8.0, original_max_position=64, low_freq_factor=2.0, high_freq_factor=8.0
-        ),  # fmt: skip
+        ),
         RopeConfig(
             type="longrope",
             original_max_position=16,
             short_factor=(1.5,) * 8,
             long_factor=(3.0,) * 8,
             attention_factor=1.3,
-        ),  # fmt: skip
+        ),
     ],
     ids=lambda rope: rope.type,
 )

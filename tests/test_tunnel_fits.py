@@ -192,8 +192,8 @@ def test_fit_cli_as_a_module(tmp_path):
         ([(1e8, 1e9, 3.0)] * 6 + [(1e8, 1e9, "nan?")], "N,D,loss", ":8: column 'loss'"),
     ],
 )
-def test_fit_cli_bad_csv_exits_with_a_clear_error(tmp_path, rows, header, message):
+def test_fit_cli_bad_csv_exits_with_a_clear_error(tmp_path, capsys, rows, header, message):
     path = str(tmp_path / "missing.csv") if rows is None else write_csv(tmp_path / "runs.csv", rows, header)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--csv", path, "--json"])
-    assert message in str(exit_info.value.code)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,34 +1,82 @@
-"""Command line for the wind tunnel: `python -m mct.tunnel <command> ...`.
+"""Command line for the wind tunnel: python -m mct.tunnel COMMAND [flags]
 
-Each command is an entry in COMMANDS: a function that adds its arguments to a subparser and one that runs
-it. Bad input (missing file, bad column, too few rows) exits with a one-line error, not a traceback.
+commands:
+  fit          --csv FILE [--predict N,D] [--json]
+               fit L(N, D) to a CSV of N, D, loss
+  report       (--records FILE | --study NAME --storage URL) --out DIR [--predict N,D] [--metric M] [--json]
+               tables, plots and fits for a sweep's trial records
+  sweep        --config FILE [--workers K]
+               run or resume a wind-tunnel study
+  worker       --study NAME --storage URL
+               take trials of a shared study
+  coord_check  [--out PNG] [--widths 64,128,256,512] [--steps S]
+               muP coordinate check plot
+
+A flag of another command is an error. Bad input (a missing file, bad column, too few rows, a wrong flag)
+prints one line `error: ...` and exits 2. Each command's flags and what it needs are in COMMANDS.
 """
 
-import argparse
 import csv
+import functools
 import json
 import pathlib
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
+from absl import app, flags
 
+from mct import cli
 from mct.tunnel import coord_check, fits, report, sweep
 
+PROG = "mct.tunnel"
+F = flags.FLAGS
 _MIN_FIT_ROWS = 6  # L(N, D) has 5 parameters; one more row leaves a degree of freedom for the errors
 
 
-def _parse_n_d(text: str) -> tuple[float, float]:
-    """'N,D' (e.g. '8e9,1e12') -> (N, D)."""
-    try:
-        n, d = (float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected N,D as two numbers such as 8e9,1e12, got {text!r}"
-        ) from None
-    if not (n > 0 and d > 0):
-        raise argparse.ArgumentTypeError(f"N and D must be positive, got {text!r}")
-    return n, d
+class _PointParser(flags.ArgumentParser):
+    """'N,D' (e.g. '8e9,1e12') -> (N, D), both positive."""
+
+    def parse(self, argument: str | tuple[float, float]) -> tuple[float, float]:
+        if isinstance(argument, tuple):
+            return argument
+        try:
+            n, d = (float(part) for part in argument.split(","))
+        except ValueError:
+            raise ValueError("expected N,D as two numbers such as 8e9,1e12") from None
+        if not (n > 0 and d > 0):
+            raise ValueError("N and D must be positive")
+        return n, d
+
+    def flag_type(self) -> str:
+        return "N,D"
+
+
+@functools.cache
+def _define_flags() -> None:
+    """This CLI's flags, on flags.FLAGS, once per process. Defined when the CLI runs, not on import, as the other
+    entry points do: the tests import several of them into one process, and their flag names overlap (--out)."""
+    app.define_help_flags()
+    flags.DEFINE_string("csv", None, "fit: CSV with columns N, D, loss.")
+    flags.DEFINE(
+        _PointParser(), "predict", None, "fit, report: N,D (e.g. 8e9,1e12) at which to predict the loss."
+    )
+    flags.DEFINE_bool("json", False, "fit, report: end with one JSON object on the last line.")
+    flags.DEFINE_string("records", None, "report: JSONL file of trial records.")
+    flags.DEFINE_string("study", None, "report, worker: Optuna study name.")
+    flags.DEFINE_string(
+        "storage", None, "report, worker: Optuna storage URL, e.g. sqlite:///WORKDIR/study.db."
+    )
+    flags.DEFINE_string(
+        "out", None, "report: directory for trials.md/csv, plots and fits.json; coord_check: PNG to write "
+        "(default coord_check.png)."
+    )  # fmt: skip
+    flags.DEFINE_enum("metric", "eval_loss", report.METRICS, "report: loss to plot and fit.")
+    flags.DEFINE_string("config", None, "sweep: study file, e.g. experiments/tunnel/lr_transfer.py.")
+    flags.DEFINE_integer("workers", 1, "sweep: trials at once, as separate local processes.", lower_bound=1)
+    flags.DEFINE_string("widths", "64,128,256,512", "coord_check: comma-separated d_model values.")
+    flags.DEFINE_integer("steps", 5, "coord_check: AdamW steps before measuring.", lower_bound=0)
 
 
 def read_fit_csv(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,48 +103,35 @@ def read_fit_csv(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(np.array(columns[c]) for c in ("N", "D", "loss"))
 
 
-def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--csv", required=True, help="CSV with columns N, D, loss")
-    parser.add_argument("--predict", type=_parse_n_d, help="N,D at which to predict the loss")
-    parser.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
-
-
-def _run_fit(args: argparse.Namespace) -> None:
+def _run_fit() -> None:
     """Fits L(N, D) = C_N N^-alpha + C_D D^-beta + L0 to the CSV and prints the parameters."""
-    fit = fits.fit_loss_nd(*read_fit_csv(args.csv))
+    fit = fits.fit_loss_nd(*read_fit_csv(F.csv))
     result = fit.to_dict()
-    if args.predict is not None:
-        mean, std = fit.predict(*args.predict)
+    if F.predict is not None:
+        mean, std = fit.predict(*F.predict)
         result |= {"prediction": float(mean), "prediction_std": float(std)}
-    if args.json:
+    if F.json:
         print(json.dumps(result))
         return
     for name, value in fit.params.items():
         print(f"{name:>6} = {value:.6g} +- {fit.stderr[name]:.2g}")
     print(f"rmse {fit.rmse:.4g}, max relative error {fit.max_rel_err:.3%}")
-    if args.predict is not None:
-        n, d = args.predict
+    if F.predict is not None:
+        n, d = F.predict
         print(f"L(N={n:.3g}, D={d:.3g}) = {result['prediction']:.4f} +- {result['prediction_std']:.4f}")
 
 
-def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--records", help="JSONL file of trial records")
-    source.add_argument("--study", help="Optuna study name (with --storage)")
-    parser.add_argument("--storage", help="Optuna storage URL of --study, e.g. sqlite:///WORKDIR/study.db")
-    parser.add_argument("--out", required=True, help="directory for trials.md/csv, plots and fits.json")
-    parser.add_argument("--predict", type=_parse_n_d, help="N,D at which fits.json predicts the loss")
-    parser.add_argument("--metric", default="eval_loss", choices=report.METRICS, help="loss to plot and fit")
-    parser.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
-
-
-def _run_report(args: argparse.Namespace) -> None:
-    """Writes the sweep report for the records file."""
-    if args.study and not args.storage:
-        raise ValueError("--study needs --storage")
-    trials = sweep.records(args.study, args.storage) if args.study else report.load_records(args.records)
-    written = report.write_report(trials, args.out, predict=args.predict, metric=args.metric)
-    if args.json:
+def _run_report() -> None:
+    """Writes the sweep report for the records file or the Optuna study."""
+    if F.records and F.study:
+        raise cli.UserError(f"{PROG} report takes --records or --study, not both")
+    if not (F.records or F.study):
+        raise cli.UserError(f"{PROG} report needs --records FILE or --study NAME --storage URL")
+    if F.study and not F.storage:
+        raise cli.UserError("--study needs --storage")
+    trials = sweep.records(F.study, F.storage) if F.study else report.load_records(F.records)
+    written = report.write_report(trials, F.out, predict=F.predict, metric=F.metric)
+    if F.json:
         print(json.dumps(written))
         return
     for path in [written["markdown"], written["csv"], written["fits_json"], *written["plots"]]:
@@ -105,70 +140,101 @@ def _run_report(args: argparse.Namespace) -> None:
         print(f"skipped {name}: {reason}")
 
 
-def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="study file, e.g. experiments/tunnel/lr_transfer.py")
-    parser.add_argument("--workers", type=int, default=1, help="trials at once, as separate local processes")
-
-
-def _run_sweep(args: argparse.Namespace) -> None:
+def _run_sweep() -> None:
     """Runs (or resumes) the study until it has all its trials, then prints its table."""
-    study = sweep.load_study_config(args.config)
-    sweep.sweep(study, workers=args.workers)
+    study = sweep.load_study_config(F.config)
+    sweep.sweep(study, workers=F.workers)
     print(f"study {study.name!r}: {sweep.storage_url(study)}")
     for r in sweep.records(study.name, sweep.storage_url(study)):
         print(r["trial"], r["state"], r["params"], r.get(study.metric))
 
 
-def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--study", required=True, help="study name")
-    parser.add_argument("--storage", required=True, help="Optuna storage URL shared by the workers")
-
-
-def _run_worker(args: argparse.Namespace) -> None:
+def _run_worker() -> None:
     """Takes trials of an existing study (possibly from another machine) until it is complete."""
-    sweep.work(sweep.study_from_storage(args.study, args.storage), args.storage)
+    sweep.work(sweep.study_from_storage(F.study, F.storage), F.storage)
 
 
-def _add_coord_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="coord_check.png", help="PNG to write")
-    parser.add_argument("--widths", default="64,128,256,512", help="comma-separated d_model values")
-    parser.add_argument("--steps", type=int, default=5, help="AdamW steps before measuring")
-
-
-def _run_coord_check(args: argparse.Namespace) -> None:
+def _run_coord_check() -> None:
     """Activation scales per layer across widths, muP vs standard parametrization, as a PNG."""
-    widths = tuple(int(w) for w in args.widths.split(","))
-    result = coord_check.coord_check(widths, steps=args.steps)
-    print(coord_check.plot_coord_check(result, args.out))
+    try:
+        widths = tuple(int(w) for w in F.widths.split(","))
+    except ValueError:
+        raise cli.UserError(f"--widths: expected integers such as 64,128,256, got {F.widths!r}") from None
+    result = coord_check.coord_check(widths, steps=F.steps)
+    print(coord_check.plot_coord_check(result, F.out or "coord_check.png"))
     print(json.dumps(result))
 
 
-# name -> (add arguments, run, help).
-COMMANDS: dict[
-    str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None], str]
-] = {
-    "fit": (_add_fit_arguments, _run_fit, "fit L(N, D) to a CSV of N, D, loss"),
-    "report": (_add_report_arguments, _run_report, "tables, plots and fits for a sweep's trial records"),
-    "sweep": (_add_sweep_arguments, _run_sweep, "run or resume a wind-tunnel study"),
-    "worker": (_add_worker_arguments, _run_worker, "take trials of a shared study"),
-    "coord_check": (_add_coord_check_arguments, _run_coord_check, "muP coordinate check plot"),
+class Command(NamedTuple):
+    run: Callable[[], None]
+    required: tuple[str, ...]  # flags it needs
+    optional: tuple[str, ...]  # flags it also takes; any other of this CLI's flags is an error
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "fit": Command(_run_fit, ("csv",), ("predict", "json"), "fit L(N, D) to a CSV of N, D, loss"),
+    "report": Command(
+        _run_report,
+        ("out",),
+        ("records", "study", "storage", "predict", "metric", "json"),
+        "tables, plots and fits for a sweep's trial records",
+    ),
+    "sweep": Command(_run_sweep, ("config",), ("workers",), "run or resume a wind-tunnel study"),
+    "worker": Command(_run_worker, ("study", "storage"), (), "take trials of a shared study"),
+    "coord_check": Command(_run_coord_check, (), ("out", "widths", "steps"), "muP coordinate check plot"),
 }
+_OWN_FLAGS = sorted({name for c in COMMANDS.values() for name in (*c.required, *c.optional)})
+
+
+def _command(positional: list[str]) -> Command:
+    """The command named by the one positional argument, once the flags given are checked against it."""
+    names = ", ".join(COMMANDS)
+    if not positional:
+        raise cli.UserError(f"{PROG} needs a command (one of {names})")
+    name, *extra = positional
+    if name not in COMMANDS:
+        raise cli.UserError(f"unknown command {name!r} (one of {names})")
+    if extra:
+        raise cli.UserError(f"{PROG} {name} takes flags only, not {' '.join(extra)!r}")
+    command = COMMANDS[name]
+    for flag in _OWN_FLAGS:
+        if F[flag].present and flag not in (*command.required, *command.optional):
+            raise cli.UserError(f"--{flag} is not a flag of {PROG} {name}")
+    missing = [f"--{flag}" for flag in command.required if not F[flag].present]
+    if missing:
+        raise cli.UserError(f"{PROG} {name} needs {' and '.join(missing)}")
+    return command
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl parses argv ([program, ...]) from the flags' defaults, so a process can run the CLI again; returns the
+    positional arguments ([program, command]). A malformed flag prints one line `error: ...` and exits 2."""
+    _define_flags()
+    F.unparse_flags()
+    positional = cli._parse_flags(argv)
+    if F["verbosity"].using_default_value:  # warnings only, as before absl: a sweep trains in this process,
+        F.verbosity = -1  # and orbax and grain log every save at INFO
+    return positional
+
+
+def _run(argv: list[str]) -> None:
+    """absl main: runs the command in argv ([program, command]); bad input is one line `error: ...`, exit 2."""
+    try:
+        command = _command(argv[1:])
+        command.run()
+    except (*cli.USER_ERRORS, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mct.tunnel", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, (add_arguments, _, help_text) in COMMANDS.items():
-        add_arguments(subparsers.add_parser(name, help=help_text))
-    args = parser.parse_args(argv)
-    try:
-        COMMANDS[args.command][1](args)
-    except (OSError, ValueError) as e:
-        sys.exit(f"python -m mct.tunnel {args.command}: error: {e}")
+    """`python -m mct.tunnel` with argv (default sys.argv[1:]): one process may call it again and again."""
+    _run(_parse_flags([PROG, *(sys.argv[1:] if argv is None else argv)]))
 
 
 def entry() -> None:
-    main()
+    app.run(_run, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

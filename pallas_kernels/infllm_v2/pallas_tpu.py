@@ -5,10 +5,13 @@ exactly the chosen K/V blocks. Forward and dQ: grid (batch, kv head, token, slot
 selected block into the token's G grouped heads (the matmul's M dimension), accumulating in VMEM scratch
 across the slot axis. dK/dV: grid (batch, kv head, pair) over the (block, token) pairs of the transposed
 selection sorted by block, so each K/V block's output stays resident while its queries stream past.
-Padding slots repeat the previous block (no new DMA) and are skipped.
+Padding slots repeat the previous block (no new DMA) and are skipped. The prefetched tables are 1-D
+(`_Layout` has their offsets): SMEM pads a 2-D+ array's minor dimension to 128 words, so a [b, kv, seq,
+topk=12] int32 table would take 10x its size there.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,22 +58,43 @@ def _slot_tables(block_indices):
     return fetch.astype(jnp.int32), count
 
 
+class _Layout(NamedTuple):
+    """Offsets into the flattened scalar-prefetch tables of one call: [b, kv, seq, topk] slots, [b, kv, seq]
+    counts, [b, seq] segment ids and [b, kv, seq * topk] (block, token) pairs."""
+
+    kv: int
+    seq: int
+    topk: int
+
+    def slot(self, b, h, t, s):
+        return ((b * self.kv + h) * self.seq + t) * self.topk + s
+
+    def token(self, b, h, t):
+        return (b * self.kv + h) * self.seq + t
+
+    def segment(self, b, t):
+        return b * self.seq + t
+
+    def pair(self, b, h, p):
+        return (b * self.kv + h) * self.seq * self.topk + p
+
+
 def _per_token(shape_tail):
     """Block of one token's rows for arrays [b, kv, seq, group, ...] on the (b, h, t, slot) grid."""
     return pl.BlockSpec((None, None, None, *shape_tail), lambda b, h, t, s, *_: (b, h, t, 0, 0))
 
 
-def _selected_block(block_size, d):
+def _selected_block(block_size, d, lay):
     """Block of the K/V block chosen by slot s, for arrays [b, kv, seq, d]."""
     return pl.BlockSpec(
-        (None, None, block_size, d), lambda b, h, t, s, fetch, *_: (b, h, fetch[b, h, t, s], 0)
+        (None, None, block_size, d), lambda b, h, t, s, fetch, *_: (b, h, fetch[lay.slot(b, h, t, s)], 0)
     )
 
 
-def _selected_segments(block_size):
+def _selected_segments(block_size, lay):
     """Segment ids of the chosen block, for the [b, n_blocks, 1, block] layout."""
     return pl.BlockSpec(
-        (None, None, 1, block_size), lambda b, h, t, s, fetch, *_: (b, fetch[b, h, t, s], 0, 0)
+        (None, None, 1, block_size), lambda b, h, t, s, fetch, *_: (b, fetch[lay.slot(b, h, t, s)], 0, 0)
     )
 
 
@@ -79,30 +103,31 @@ def _token_grid_call(
 ):
     """pallas_call on the (batch, kv head, token, slot) grid with the selection scalar-prefetched."""
     b, kv, seq, group, d = q.shape
+    lay = _Layout(kv, seq, block_indices.shape[-1])
     fetch, count = _slot_tables(block_indices)
     seg_blocks = segment_ids.reshape(b, seq // block_size, 1, block_size)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
-        grid=(b, kv, seq, block_indices.shape[-1]),
+        grid=(b, kv, seq, lay.topk),
         in_specs=[
             _per_token((group, d)),
-            _selected_block(block_size, d),
-            _selected_block(block_size, d),
-            _selected_segments(block_size),
+            _selected_block(block_size, d, lay),
+            _selected_block(block_size, d, lay),
+            _selected_segments(block_size, lay),
             *[_per_token(x.shape[-2:]) for x in extra],
         ],
         out_specs=out_specs,
         scratch_shapes=scratch,
     )
     return pl.pallas_call(
-        kernel,
+        functools.partial(kernel, lay=lay),
         grid_spec=grid_spec,
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
         interpret=interpret,
-    )(fetch, count, segment_ids, q, k, v, seg_blocks, *extra)
+    )(fetch.reshape(-1), count.reshape(-1), segment_ids.reshape(-1), q, k, v, seg_blocks, *extra)
 
 
 def _forward(block_size, interpret, q, k, v, block_indices, segment_ids):
@@ -147,6 +172,7 @@ def _forward_kernel(
     *,
     block_size,
     scale,
+    lay,
 ):
     b, h, t, slot = (pl.program_id(i) for i in range(4))
 
@@ -154,9 +180,10 @@ def _forward_kernel(
     def _init():
         m_sc[...], l_sc[...], acc_sc[...] = flash_math.init_state((acc_sc.shape[0],), acc_sc.shape[1])
 
-    @pl.when(slot < count_ref[b, h, t])
+    @pl.when(slot < count_ref[lay.token(b, h, t)])
     def _fold():
-        mask = key_mask(t, fetch_ref[b, h, t, slot], segk_ref[...], seg_ref[b, t], block_size)
+        mask = key_mask(t, fetch_ref[lay.slot(b, h, t, slot)], segk_ref[...], seg_ref[lay.segment(b, t)],
+                        block_size)  # fmt: skip
         q = (q_ref[...] * scale).astype(q_ref.dtype)
         state = flash_math.fold((m_sc[...], l_sc[...], acc_sc[...]), q, k_ref[...], v_ref[...], mask)
         m_sc[...], l_sc[...], acc_sc[...] = state
@@ -212,6 +239,7 @@ def _dq_kernel(
     *,
     block_size,
     scale,
+    lay,
 ):
     b, h, t, slot = (pl.program_id(i) for i in range(4))
 
@@ -219,9 +247,10 @@ def _dq_kernel(
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-    @pl.when(slot < count_ref[b, h, t])
+    @pl.when(slot < count_ref[lay.token(b, h, t)])
     def _accumulate():
-        mask = key_mask(t, fetch_ref[b, h, t, slot], segk_ref[...], seg_ref[b, t], block_size)
+        mask = key_mask(t, fetch_ref[lay.slot(b, h, t, slot)], segk_ref[...], seg_ref[lay.segment(b, t)],
+                        block_size)  # fmt: skip
         q = (q_ref[...] * scale).astype(q_ref.dtype)
         dq_part, _, _ = flash_math.block_grads(
             q, k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], mask
@@ -237,6 +266,7 @@ def _dkdv(block_size, interpret, q, k, v, block_indices, segment_ids, d_out, lse
     """dK, dV over the transposed selection: grid (batch, kv head, pair), pairs sorted by K/V block."""
     b, kv, seq, group, d = q.shape
     n_blocks = seq // block_size
+    lay = _Layout(kv, seq, block_indices.shape[-1])
     pair_block, pair_token, offsets = transposed_selection(block_indices, n_blocks)
     seg_blocks = segment_ids.reshape(b, n_blocks, 1, block_size)
 
@@ -244,14 +274,14 @@ def _dkdv(block_size, interpret, q, k, v, block_indices, segment_ids, d_out, lse
         return jnp.minimum(blk, n_blocks - 1)  # unused pairs (block n_blocks) read any block, compute nothing
 
     key_block = pl.BlockSpec(
-        (None, None, block_size, d), lambda b, h, p, blk, tok, _: (b, h, clamp(blk[b, h, p]), 0)
+        (None, None, block_size, d), lambda b, h, p, blk, tok, _: (b, h, clamp(blk[lay.pair(b, h, p)]), 0)
     )
     token_rows = lambda tail: pl.BlockSpec(
-        (None, None, None, *tail), lambda b, h, p, blk, tok, _: (b, h, tok[b, h, p], 0, 0)
+        (None, None, None, *tail), lambda b, h, p, blk, tok, _: (b, h, tok[lay.pair(b, h, p)], 0, 0)
     )
     # Outputs carry one extra block that collects the unused pairs.
     out_block = pl.BlockSpec(
-        (None, None, block_size, d), lambda b, h, p, blk, tok, _: (b, h, blk[b, h, p], 0)
+        (None, None, block_size, d), lambda b, h, p, blk, tok, _: (b, h, blk[lay.pair(b, h, p)], 0)
     )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
@@ -261,7 +291,8 @@ def _dkdv(block_size, interpret, q, k, v, block_indices, segment_ids, d_out, lse
             key_block,
             key_block,
             pl.BlockSpec(
-                (None, None, 1, block_size), lambda b, h, p, blk, tok, _: (b, clamp(blk[b, h, p]), 0, 0)
+                (None, None, 1, block_size),
+                lambda b, h, p, blk, tok, _: (b, clamp(blk[lay.pair(b, h, p)]), 0, 0),
             ),
             token_rows((group, d)),
             token_rows((group, 1)),
@@ -271,12 +302,13 @@ def _dkdv(block_size, interpret, q, k, v, block_indices, segment_ids, d_out, lse
     )
     padded = (b, kv, seq + block_size, d)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, block_size=block_size, n_blocks=n_blocks, scale=d**-0.5),
+        functools.partial(_dkdv_kernel, block_size=block_size, n_blocks=n_blocks, scale=d**-0.5, lay=lay),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(padded, jnp.float32), jax.ShapeDtypeStruct(padded, jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(pair_block, pair_token, segment_ids, q, k, v, seg_blocks, d_out, lse, delta)
+    )(pair_block.reshape(-1), pair_token.reshape(-1), segment_ids.reshape(-1), q, k, v, seg_blocks, d_out, lse,
+      delta)  # fmt: skip
     # Blocks nobody selected were never written.
     chosen = jnp.repeat(offsets[..., 1:] > offsets[..., :-1], block_size, axis=-1)[..., None]
     return (
@@ -302,10 +334,11 @@ def _dkdv_kernel(
     block_size,
     n_blocks,
     scale,
+    lay,
 ):
     b, h, p = (pl.program_id(i) for i in range(3))
-    blk = blk_ref[b, h, p]
-    first_of_block = (p == 0) | (blk_ref[b, h, jnp.maximum(p - 1, 0)] != blk)
+    blk = blk_ref[lay.pair(b, h, p)]
+    first_of_block = (p == 0) | (blk_ref[lay.pair(b, h, jnp.maximum(p - 1, 0))] != blk)
 
     @pl.when(first_of_block)
     def _init():
@@ -314,8 +347,8 @@ def _dkdv_kernel(
 
     @pl.when(blk < n_blocks)
     def _accumulate():
-        t = tok_ref[b, h, p]
-        mask = key_mask(t, blk, segk_ref[...], seg_ref[b, t], block_size)
+        t = tok_ref[lay.pair(b, h, p)]
+        mask = key_mask(t, blk, segk_ref[...], seg_ref[lay.segment(b, t)], block_size)
         q = (q_ref[...] * scale).astype(q_ref.dtype)
         _, dk_part, dv_part = flash_math.block_grads(
             q, k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], mask

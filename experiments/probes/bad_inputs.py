@@ -1,0 +1,536 @@
+"""Bad-input and fault probe: runs the real CLIs the way a user would, in a temp dir, and tabulates what happened.
+
+    python -m experiments.probes.bad_inputs [--only NAME,...] [--keep]
+
+Each case is Case(name, setup, command, expect): setup builds the case's files in its own directory (and may run
+earlier commands), command is the argv under test, expect returns None (PASS) or why it did not hold. A case
+that runs past its timeout is a FAIL, never a hang. --only takes case names or their numbers ("7" = 7a, 7b, 7c).
+It exits 0 whatever the cases do: it is a probe, not a test.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+PY = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else sys.executable
+TIMEOUT = 180
+ABSL_PREFIX = re.compile(
+    r"^[IWEF]\d{4} [\d:.]+\s+\d+\s+\S+:\d+\]\s*"
+)  # absl / glog: "E1201 12:00:00.1 42 f.py:9] "
+TINY = {
+    "model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2, "model.head_dim": 16,
+    "model.d_mlp": 128, "data.seq_len": 32, "data.eval_batches": 1, "train.batch_size": 8, "train.steps": 10,
+    "train.log_every_steps": 1, "eval.every_steps": 5, "checkpoint.every_steps": 5,
+    "checkpoint.max_to_keep": 10, "mesh.data": 1,
+}  # fmt: skip
+# a model whose checkpoints (~0.25 MB: params and two Adam moments) fill a 600 KB disk after two saves
+TINIER = ("model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.d_mlp=64")
+
+
+class Skip(Exception):
+    """The case cannot run here (e.g. no permission to mount a tmpfs)."""
+
+
+class SetupError(Exception):
+    """The case's preparation failed; the case is a FAIL."""
+
+
+@dataclasses.dataclass
+class Run:
+    rc: int | None  # None: killed at the timeout
+    out: str
+    err: str
+    wall: float
+    timeout: int
+
+    def first_line(self) -> str:
+        """The first non-empty stderr line (stdout's when stderr is empty), without an absl log prefix."""
+        for text in (self.err, self.out):
+            lines = [ABSL_PREFIX.sub("", line).strip() for line in text.splitlines()]
+            if any(lines):
+                return next(line for line in lines if line)
+        return ""
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    setup: Callable  # (ctx) -> None
+    command: Callable  # (ctx) -> argv
+    expect: list  # checks (run, ctx) -> None or the reason it failed
+    timeout: int = TIMEOUT
+    during: Callable | None = None  # (proc, ctx) -> True once done; polled while the command runs
+
+
+# --- running commands ---------------------------------------------------------------------------------------
+
+
+def start(argv: list[str], log: pathlib.Path, cwd: pathlib.Path = REPO) -> subprocess.Popen:
+    """argv in the background, in its own process group, stdout and stderr to log.out / log.err."""
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+    proc.log, proc.began = log, time.monotonic()
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: int, during: Callable | None = None, ctx=None) -> Run:
+    """Waits for proc (polling `during` until it reports done); kills its process group at the timeout."""
+    timed_out = False
+    while proc.poll() is None:
+        if during is not None and during(proc, ctx):
+            during = None
+        if time.monotonic() - proc.began > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            timed_out = True
+        time.sleep(0.2)
+    wall = time.monotonic() - proc.began
+    rc = None if timed_out else proc.returncode
+    read = lambda suffix: pathlib.Path(f"{proc.log}.{suffix}").read_text(errors="replace")
+    return Run(rc, read("out"), read("err"), wall, timeout)
+
+
+def sh(argv: list[str], log: pathlib.Path, timeout: int = TIMEOUT, cwd: pathlib.Path = REPO) -> Run:
+    return finish(start(argv, log, cwd), timeout)
+
+
+def train(workdir: pathlib.Path, *overrides: str) -> list[str]:
+    """mct.train on the tiny config; overrides ("key=value") replace TINY's values."""
+    flags = {**TINY, **dict(o.split("=", 1) for o in overrides)}
+    return [PY, "-m", "mct.train", "--config", "experiments/configs/tiny_cpu.py", f"--config.workdir={workdir}",
+            *(f"--config.{k}={v}" for k, v in flags.items())]  # fmt: skip
+
+
+def module(name: str, *args) -> list[str]:
+    return [PY, "-m", name, *map(str, args)]
+
+
+def must(run: Run, what: str) -> Run:
+    if run.rc != 0:
+        raise SetupError(f"{what}: exit {run.rc}: {run.first_line()[:120]}")
+    return run
+
+
+# --- shared fixtures (built once per probe, copied by the cases that change them) ------------------------------
+
+ROOT = pathlib.Path()  # the probe's temp dir (main sets it)
+FIXTURES: dict[str, pathlib.Path] = {}
+
+
+def fixture(build: Callable) -> Callable[[], pathlib.Path]:
+    def get() -> pathlib.Path:
+        if build.__name__ not in FIXTURES:
+            path = ROOT / "fixtures" / build.__name__
+            path.parent.mkdir(parents=True, exist_ok=True)
+            build(path)
+            FIXTURES[build.__name__] = path
+        return FIXTURES[build.__name__]
+
+    return get
+
+
+@fixture
+def finished(w: pathlib.Path) -> None:
+    """A finished 10-step run on the default corpus, checkpoints at 5 and 10."""
+    must(sh(train(w), w.with_suffix(".log")), "fixture: 10-step run")
+
+
+@fixture
+def small_dataset(out: pathlib.Path) -> None:
+    """A prepared dataset of 64 small documents (pieces of a stdlib source, 32 KB), vocab 300."""
+    text = (pathlib.Path(shutil.__file__)).read_text()
+    raw = out.with_name("small-raw")
+    raw.mkdir()
+    for i in range(64):
+        (raw / f"doc{i:02d}.txt").write_text(text[i * 500 : (i + 1) * 500])
+    # documents go to eval by a hash of their input path: relative paths (from raw/) make the split the same
+    # on every probe run, and a quarter of 64 makes some eval documents certain
+    argv = module("data_pipelines.prepare", "--input", "*.txt", "--out", out, "--vocab_size", 300,
+                  "--eval_fraction", 0.25)  # fmt: skip
+    must(sh(argv, out.with_suffix(".log"), cwd=raw), "fixture: prepare the small dataset")
+
+
+def small(path=None) -> tuple[str, ...]:
+    """Overrides that train on the small dataset (or a damaged copy at `path`)."""
+    return (
+        "model.vocab_size=320",
+        "data.vocab_size=300",
+        f"data.mixture.default.path={path or small_dataset()}",
+    )
+
+
+# --- setups -------------------------------------------------------------------------------------------------
+
+
+def nothing(c) -> None:
+    pass
+
+
+def steps(*setups: Callable) -> Callable:
+    def run(c) -> None:
+        for s in setups:
+            s(c)
+
+    return run
+
+
+def copy_finished(c) -> None:
+    shutil.copytree(finished(), c.w)
+
+
+def drop_markers(c) -> None:
+    for step_dir in (c.w / "checkpoints").iterdir():
+        (step_dir / "commit_success.txt").unlink()
+
+
+def rerun(c) -> None:
+    sh(train(c.w), c.dir / f"earlier-{time.monotonic_ns()}")  # its outcome is what the case runs again
+
+
+def truncate_state(c) -> None:
+    for f in (c.w / "checkpoints/10/state").rglob("d/*"):
+        f.write_bytes(f.read_bytes()[:7])
+
+
+def copy_dataset(damage: Callable[[pathlib.Path], None]) -> Callable:
+    def run(c) -> None:
+        c.ds = c.dir / "ds"
+        shutil.copytree(small_dataset(), c.ds)
+        damage(c.ds)
+
+    return run
+
+
+def truncate_shard(ds: pathlib.Path) -> None:
+    shard = sorted(ds.glob("train-*.arrayrecord"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def edit_manifest(ds: pathlib.Path) -> None:
+    manifest = json.loads((ds / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["documents"] += 1
+    (ds / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def tmpfs(size: str = "600k", fill: bool = False) -> Callable:
+    """Mounts a tmpfs of `size` at c.disk (Skip if mounting is not allowed), unmounted after the case."""
+
+    def run(c) -> None:
+        c.disk = c.dir / "disk"
+        c.disk.mkdir()
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(c.disk)],
+                               capture_output=True, text=True)  # fmt: skip
+        if mount.returncode:
+            raise Skip(f"cannot mount a tmpfs: {(mount.stderr or mount.stdout).strip()[:100]}")
+        c.cleanups.append(lambda: subprocess.run(["umount", str(c.disk)], capture_output=True))
+        if fill:
+            fd = os.open(c.disk / "filler", os.O_WRONLY | os.O_CREAT)
+            try:
+                while os.write(fd, b"\0" * 4096):
+                    pass
+            except OSError:  # ENOSPC: the disk is full
+                pass
+            finally:
+                os.close(fd)
+
+    return run
+
+
+def holder(c) -> None:
+    """A first trainer on c.w, running (training has begun: metrics.jsonl exists) when the case starts."""
+    c.holder = start(train(c.w, "train.steps=2000"), c.dir / "holder")
+    c.cleanups.append(lambda: c.holder.poll() is None and os.killpg(c.holder.pid, signal.SIGKILL))
+    while not (c.w / "metrics.jsonl").exists():
+        if c.holder.poll() is not None or time.monotonic() - c.holder.began > TIMEOUT:
+            raise SetupError(f"the first trainer never wrote metrics.jsonl (exit {c.holder.poll()})")
+        time.sleep(0.5)
+
+
+def big_text(c) -> None:
+    """A 20 MB document on one line (words of a small random vocabulary)."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
+    block = " ".join(rng.choices(words, k=200_000))  # ~1.2 MB
+    (c.dir / "big.txt").write_text((block + " ") * (20_000_000 // (len(block) + 1) + 1))
+
+
+# --- while running ------------------------------------------------------------------------------------------
+
+
+def logged_steps(w: pathlib.Path) -> list[int]:
+    """The steps metrics.jsonl logged a train loss for, in file order (torn lines skipped)."""
+    path, out = w / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in m:
+            out.append(m["step"])
+    return out
+
+
+def sigterm_after(n: int) -> Callable:
+    def during(proc, c) -> bool:
+        if len(logged_steps(c.w)) < n:
+            return False
+        proc.send_signal(signal.SIGTERM)
+        return True
+
+    return during
+
+
+# --- expectations: each (run, ctx) -> None when it holds, else the reason ---------------------------------------
+
+
+def exit_code(want) -> Callable:
+    def check(r: Run, c):
+        ok = r.rc != 0 if want == "non-zero" else r.rc == want
+        return None if ok else f"exit {r.rc}, expected {want}"
+
+    return check
+
+
+def error_line(*needles: str) -> Callable:
+    """stderr has exactly one `error: ...` line, holding every needle, and no traceback."""
+
+    def check(r: Run, c):
+        if "Traceback" in r.err:
+            return "traceback: " + r.err.strip().splitlines()[-1][:160]
+        lines = [line for line in r.err.splitlines() if line.startswith("error:")]
+        if len(lines) != 1:
+            return f"{len(lines)} 'error:' lines on stderr"
+        missing = [n for n in needles if n not in lines[0]]
+        return f"error line lacks {missing}" if missing else None
+
+    return check
+
+
+def says(*needles: str) -> Callable:
+    def check(r: Run, c):
+        missing = [n for n in needles if n not in r.out + r.err]
+        return f"output lacks {missing}" if missing else None
+
+    return check
+
+
+def holds(predicate: Callable, why: str) -> Callable:
+    return lambda r, c: None if predicate(r, c) else why
+
+
+def no_tmp_dirs(r: Run, c):
+    left = [p.name for p in c.w.rglob("*orbax-checkpoint-tmp*")] if c.w.exists() else []
+    return f"left {left}" if left else None
+
+
+def failed_save_line(r: Run, c):
+    """`checkpoint save at step N failed: No space left on device ...; last good checkpoint: step M`, M < N."""
+    m = re.search(r"checkpoint save at step (\d+) failed: No space left on device.*; last good checkpoint: step (\d+)",
+                  r.err)  # fmt: skip
+    if not m:
+        return (
+            "no 'checkpoint save at step N failed: No space left on device ...; last good checkpoint: step M'"
+        )
+    return (
+        None if int(m.group(2)) < int(m.group(1)) else f"last good step {m.group(2)} >= failed {m.group(1)}"
+    )
+
+
+def holder_stops_on_sigterm(r: Run, c):
+    if c.holder.poll() is not None:
+        return f"the first trainer had already exited ({c.holder.returncode})"
+    c.holder.send_signal(signal.SIGTERM)
+    first = finish(c.holder, TIMEOUT)
+    return (
+        None
+        if first.rc == 0
+        else f"the first trainer exited {first.rc} on SIGTERM: {first.first_line()[:100]}"
+    )
+
+
+def saved_where_stopped(r: Run, c):
+    ckpt = [int(p.name) for p in (c.w / "checkpoints").iterdir() if p.name.isdigit()]
+    logged = logged_steps(c.w)
+    if not logged or max(ckpt, default=-1) != max(logged):
+        return f"checkpoints {sorted(ckpt)}, last logged step {max(logged, default=None)}"
+    if max(logged) >= 2000:
+        return "the run finished before SIGTERM"
+    return None
+
+
+def peak_rss_under(limit_mb: int) -> Callable:
+    def check(r: Run, c):
+        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.err)
+        if not m:
+            return "no peak RSS reported"
+        mb = int(m.group(1)) / 1024
+        return None if mb < limit_mb else f"peak RSS {mb:.0f} MB >= {limit_mb} MB"
+
+    return check
+
+
+def measured(argv: list[str]) -> list[str]:
+    """argv with its peak RSS on stderr: /usr/bin/time -v, else getrusage(RUSAGE_CHILDREN) in a wrapper."""
+    if os.path.exists("/usr/bin/time"):
+        return ["/usr/bin/time", "-v", *argv]
+    wrapper = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); print('Maximum resident set "
+               "size (kbytes):', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+               "sys.exit(rc)")  # fmt: skip
+    return [PY, "-c", wrapper, *argv]
+
+
+def exits_2_naming(*needles: str) -> list:
+    return [exit_code(2), error_line(*needles)]
+
+
+def nothing_left_in(c) -> list[str]:
+    return sorted(p.name for p in c.disk.iterdir() if p.name != "filler")
+
+
+# --- the cases ----------------------------------------------------------------------------------------------
+
+GEN = ("--prompt", "def f(", "--max_new_tokens")
+CASES = [
+    Case("1-unknown-key", nothing, lambda c: train(c.w, "train.stepz=10"),
+         [exit_code(2), error_line("error: unknown config key train.stepz (did you mean train.steps?)"),
+          holds(lambda r, c: not c.w.exists(), "the workdir was created")]),
+    Case("2-seq-len-0", nothing, lambda c: train(c.w, "data.seq_len=0"), exits_2_naming("data.seq_len")),
+    Case("3a-lr-0", nothing, lambda c: train(c.w, "optimizer.lr=0"), exits_2_naming("optimizer.lr")),
+    Case("3b-steps-negative", nothing, lambda c: train(c.w, "train.steps=-5"), exits_2_naming("train.steps")),
+    Case("3c-seq-len-over-max-position", nothing, lambda c: train(c.w, "data.seq_len=100000"),
+         exits_2_naming("data.seq_len", "max_position")),
+    Case("4-unwritable-workdir", nothing, lambda c: train("/proc/mct-probe"), exits_2_naming("workdir")),
+    Case("5-second-trainer-same-workdir", holder, lambda c: train(c.w),
+         [*exits_2_naming("pid", socket.gethostname()), holder_stops_on_sigterm]),
+    Case("6-metrics-not-duplicated-on-resume",
+         steps(copy_finished, lambda c: shutil.rmtree(c.w / "checkpoints/10")), lambda c: train(c.w),
+         [exit_code(0), holds(lambda r, c: sorted(logged_steps(c.w)) == list(range(1, 11)),
+                              "metrics.jsonl loss steps are not exactly 1..10 once each")]),
+    Case("7a-every-checkpoint-unreadable", steps(copy_finished, drop_markers), lambda c: train(c.w),
+         [exit_code("non-zero"), says("no readable checkpoint left")]),
+    Case("7b-rerun-after-all-moved-aside", steps(copy_finished, drop_markers, rerun), lambda c: train(c.w),
+         exits_2_naming("10.corrupt-", "5.corrupt-", "allow_fresh_start")),
+    Case("7c-allow-fresh-start", steps(copy_finished, drop_markers, rerun, rerun),
+         lambda c: train(c.w, "checkpoint.allow_fresh_start=true"), [exit_code(0)]),
+    Case("8-resume-changed-seq-len", copy_finished, lambda c: train(c.w, "train.steps=15", "data.seq_len=64"),
+         exits_2_naming("saved with different data settings", "seq_len")),
+    Case("9a-generate-0-tokens", nothing, lambda c: module("mct.generate", "--workdir", finished(), *GEN, 0),
+         exits_2_naming("max_new_tokens")),
+    Case("9b-generate-past-max-position", nothing,
+         lambda c: module("mct.generate", "--workdir", finished(), *GEN, 40000),
+         exits_2_naming("max_position"), timeout=120),
+    Case("10a-save-on-full-disk",
+         steps(tmpfs(), lambda c: setattr(c, "w", c.disk / "w")),
+         lambda c: train(c.w, *small(), *TINIER, "train.steps=40"),
+         [exit_code("non-zero"), failed_save_line, no_tmp_dirs]),
+    Case("10b-export-onto-full-disk", tmpfs(fill=True),
+         lambda c: module("mct.export", "--workdir", finished(), "--format", "llama", "--out", c.disk / "out"),
+         [*exits_2_naming(), holds(lambda r, c: not nothing_left_in(c), "partial output left on the disk")]),
+    Case("11-prepare-20mb-one-line", big_text,
+         lambda c: measured(module("data_pipelines.prepare", "--input", c.dir / "big.txt", "--out", c.dir / "ds",
+                                   "--vocab_size", 300)),
+         [exit_code(0), peak_rss_under(1024),
+          holds(lambda r, c: any(line.startswith("skipped") for line in r.out.splitlines()),
+                "stdout has no line starting 'skipped'")], timeout=400),
+    Case("12a-corrupt-checkpoint", steps(copy_finished, truncate_state), lambda c: train(c.w),
+         [exit_code(0), says("resumed from", "step 5"),
+          holds(lambda r, c: list(c.w.glob("checkpoints/10.corrupt-*")), "no checkpoints/10.corrupt-* kept"),
+          holds(lambda r, c: (c.w / "checkpoints/10/commit_success.txt").exists(), "step 10 not saved again")]),
+    Case("12b-truncated-shard", copy_dataset(truncate_shard), lambda c: train(c.w, *small(c.ds)),
+         exits_2_naming("train-00000.arrayrecord")),
+    Case("12c-edited-manifest", copy_dataset(edit_manifest), lambda c: train(c.w, *small(c.ds)),
+         exits_2_naming("manifest.json")),
+    Case("12d-sigterm-during-training", nothing, lambda c: train(c.w, "train.steps=2000"),
+         [exit_code(0), saved_where_stopped], during=sigterm_after(3)),
+    Case("13-tensorboard-installed", nothing, lambda c: [str(REPO / ".venv/bin/tensorboard"), "--version"],
+         [exit_code(0)]),
+]  # fmt: skip
+
+
+# --- the probe ----------------------------------------------------------------------------------------------
+
+
+def run_case(case: Case) -> tuple[Run | None, str]:
+    """(the command's run, "PASS" / "FAIL: why" / "SKIP: why")."""
+    c = types.SimpleNamespace(dir=ROOT / case.name, cleanups=[])
+    c.dir.mkdir(parents=True)
+    c.w = c.dir / "w"
+    run = None
+    try:
+        case.setup(c)
+        run = finish(start(case.command(c), c.dir / "command"), case.timeout, case.during, c)
+        if run.rc is None:
+            return run, f"FAIL: timeout after {case.timeout} s"
+        reasons = [why for check in case.expect if (why := check(run, c))]
+        return run, "PASS" if not reasons else "FAIL: " + "; ".join(reasons)
+    except Skip as e:
+        return run, f"SKIP: {e}"
+    except SetupError as e:
+        return run, f"FAIL: setup: {e}"
+    except Exception as e:  # noqa: BLE001 - a probe bug is reported, not raised
+        return run, f"FAIL: probe error {type(e).__name__}: {e}"
+    finally:
+        for cleanup in reversed(c.cleanups):
+            cleanup()
+
+
+def selected(only: str | None) -> list[Case]:
+    if not only:
+        return CASES
+    tokens = only.split(",")
+    picked = [
+        c for c in CASES if any(c.name == t or re.match(rf"{re.escape(t)}[a-z]?-", c.name) for t in tokens)
+    ]
+    if not picked:
+        sys.exit(f"--only {only}: no such case; cases: {', '.join(c.name for c in CASES)}")
+    return picked
+
+
+def main() -> None:
+    global ROOT
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated case names or numbers")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    args = parser.parse_args()
+    cases = selected(args.only)
+    ROOT = pathlib.Path(tempfile.mkdtemp(prefix="mct-bad-inputs-"))
+    began, results = time.monotonic(), []
+    print(f"{'case':34} | {'exit':>7} | {'first line of output':72} | result", flush=True)
+    print("-" * 150, flush=True)
+    try:
+        for case in cases:
+            run, verdict = run_case(case)
+            results.append(verdict)
+            code = "-" if run is None else "timeout" if run.rc is None else str(run.rc)
+            line = "" if run is None else run.first_line()
+            line = line if len(line) <= 72 else line[:69] + "..."
+            print(f"{case.name:34} | {code:>7} | {line:72} | {verdict}", flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {ROOT}")
+        else:
+            shutil.rmtree(ROOT, ignore_errors=True)
+    ran = [r for r in results if not r.startswith("SKIP")]
+    passed = sum(r == "PASS" for r in ran)
+    skipped = len(results) - len(ran)
+    print(f"{passed}/{len(ran)} passed" + (f", {skipped} skipped" if skipped else "")
+          + f" ({time.monotonic() - began:.0f} s)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
