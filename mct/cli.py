@@ -6,6 +6,7 @@ unwritable workdir) print one line `error: ...` and exit 2; anything unexpected 
 
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 from absl import app, flags
 from ml_collections import ConfigDict
@@ -51,7 +52,7 @@ def unknown_override(argv: list[str]) -> str | None:
     return None
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with a mistyped `--config.a.b=...` override as a one-line error."""
     try:
         return flags.FLAGS(argv)
@@ -71,4 +72,33 @@ def run(main: Callable[[list[str]], None]) -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(guarded, flags_parser=_parse_flags)
+    app.run(guarded, flags_parser=parse_flags)
+
+
+class Command(NamedTuple):
+    """One sub-command of a CLI (`python -m mct.tunnel fit ...`): what runs, and which of the CLI's flags it takes."""
+
+    run: Callable
+    required: tuple[str, ...]  # flags it needs
+    optional: tuple[str, ...]  # flags it also takes; any other of the CLI's flags is an error
+    help: str
+
+
+def pick_command(prog: str, commands: dict[str, Command], positional: list[str]) -> Command:
+    """The command named by the one positional argument, once the flags given are checked against it."""
+    names = ", ".join(commands)
+    if not positional:
+        raise UserError(f"{prog} needs a command (one of {names})")
+    name, *extra = positional
+    if name not in commands:
+        raise UserError(f"unknown command {name!r} (one of {names})")
+    if extra:
+        raise UserError(f"{prog} {name} takes flags only, not {' '.join(extra)!r}")
+    command, own = commands[name], {f for c in commands.values() for f in (*c.required, *c.optional)}
+    for flag in sorted(own):
+        if flags.FLAGS[flag].present and flag not in (*command.required, *command.optional):
+            raise UserError(f"--{flag} is not a flag of {prog} {name}")
+    missing = [f"--{flag}" for flag in command.required if not flags.FLAGS[flag].present]
+    if missing:
+        raise UserError(f"{prog} {name} needs {' and '.join(missing)}")
+    return command

@@ -25,8 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from typing import NamedTuple
 
 import portpicker
 from absl import app, flags
@@ -236,50 +234,20 @@ def _run_slurm(train_args: list[str]) -> int:
     return 0
 
 
-class Command(NamedTuple):
-    run: Callable[[list[str]], int]  # the training flags -> exit code
-    required: tuple[str, ...]  # flags it needs
-    optional: tuple[str, ...]  # flags it also takes; any other of this CLI's flags is an error
-    help: str
-
-
-COMMANDS: dict[str, Command] = {
-    "local": Command(
+COMMANDS: dict[str, cli.Command] = {
+    "local": cli.Command(
         _run_local, ("processes",), ("devices_per_process", "heartbeat_timeout_s", "grace_s"),
         "N processes on this machine (jax.distributed over loopback)",
     ),
-    "tpu": Command(
+    "tpu": cli.Command(
         _run_tpu, ("name", "zone"), ("project", "repo_dir", "coordinator_host", "dry_run"),
         "every worker of one or more TPU VM slices",
     ),
-    "slurm": Command(
+    "slurm": cli.Command(
         _run_slurm, ("nodes", "gpus_per_node"), ("partition", "per_node", "repo_dir", "time", "out", "submit"),
         "an sbatch script for a GPU cluster",
     ),
 }  # fmt: skip
-_OWN_FLAGS = sorted({name for c in COMMANDS.values() for name in (*c.required, *c.optional)})
-
-
-def _command(positional: list[str]) -> Command:
-    """The command named by the one positional argument, once the flags given are checked against it."""
-    names = ", ".join(COMMANDS)
-    if not positional:
-        raise cli.UserError(f"{PROG} needs a command (one of {names})")
-    name, *extra = positional
-    if name not in COMMANDS:
-        raise cli.UserError(f"unknown command {name!r} (one of {names})")
-    if extra:
-        raise cli.UserError(f"{PROG} {name} takes flags only before `--`, not {' '.join(extra)!r}")
-    command = COMMANDS[name]
-    for flag in _OWN_FLAGS:
-        if F[flag].present and flag not in (*command.required, *command.optional):
-            raise cli.UserError(f"--{flag} is not a flag of {PROG} {name}")
-    missing = [f"--{flag}" for flag in command.required if not F[flag].present]
-    if missing:
-        raise cli.UserError(f"{PROG} {name} needs {' and '.join(missing)}")
-    return command
-
-
 def _parse_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     """argv ([program, ...]) split at its first `--`: absl parses the launcher's flags before it (from their
     defaults, so a process can run the CLI again) and leaves [program, command]; the training flags after it
@@ -288,14 +256,14 @@ def _parse_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     _define_flags()
     split = argv.index("--") if "--" in argv else len(argv)
     F.unparse_flags()
-    return cli._parse_flags(argv[:split]), argv[split + 1 :]
+    return cli.parse_flags(argv[:split]), argv[split + 1 :]
 
 
 def _run(parsed: tuple[list[str], list[str]]) -> int:
     """absl main: runs the command on the training flags; its exit code (local: 1 when a process died)."""
     positional, train_args = parsed
     try:
-        command = _command(positional[1:])
+        command = cli.pick_command(PROG, COMMANDS, positional[1:])
         if not train_args:
             raise cli.UserError(
                 "give the training flags after `--`, e.g. -- --config experiments/configs/tiny_cpu.py"

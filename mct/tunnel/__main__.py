@@ -21,8 +21,6 @@ import functools
 import json
 import pathlib
 import sys
-from collections.abc import Callable
-from typing import NamedTuple
 
 import numpy as np
 from absl import app, flags
@@ -165,54 +163,24 @@ def _run_coord_check() -> None:
     print(json.dumps(result))
 
 
-class Command(NamedTuple):
-    run: Callable[[], None]
-    required: tuple[str, ...]  # flags it needs
-    optional: tuple[str, ...]  # flags it also takes; any other of this CLI's flags is an error
-    help: str
-
-
-COMMANDS: dict[str, Command] = {
-    "fit": Command(_run_fit, ("csv",), ("predict", "json"), "fit L(N, D) to a CSV of N, D, loss"),
-    "report": Command(
+COMMANDS: dict[str, cli.Command] = {
+    "fit": cli.Command(_run_fit, ("csv",), ("predict", "json"), "fit L(N, D) to a CSV of N, D, loss"),
+    "report": cli.Command(
         _run_report,
         ("out",),
         ("records", "study", "storage", "predict", "metric", "json"),
         "tables, plots and fits for a sweep's trial records",
     ),
-    "sweep": Command(_run_sweep, ("config",), ("workers",), "run or resume a wind-tunnel study"),
-    "worker": Command(_run_worker, ("study", "storage"), (), "take trials of a shared study"),
-    "coord_check": Command(_run_coord_check, (), ("out", "widths", "steps"), "muP coordinate check plot"),
+    "sweep": cli.Command(_run_sweep, ("config",), ("workers",), "run or resume a wind-tunnel study"),
+    "worker": cli.Command(_run_worker, ("study", "storage"), (), "take trials of a shared study"),
+    "coord_check": cli.Command(_run_coord_check, (), ("out", "widths", "steps"), "muP coordinate check plot"),
 }
-_OWN_FLAGS = sorted({name for c in COMMANDS.values() for name in (*c.required, *c.optional)})
-
-
-def _command(positional: list[str]) -> Command:
-    """The command named by the one positional argument, once the flags given are checked against it."""
-    names = ", ".join(COMMANDS)
-    if not positional:
-        raise cli.UserError(f"{PROG} needs a command (one of {names})")
-    name, *extra = positional
-    if name not in COMMANDS:
-        raise cli.UserError(f"unknown command {name!r} (one of {names})")
-    if extra:
-        raise cli.UserError(f"{PROG} {name} takes flags only, not {' '.join(extra)!r}")
-    command = COMMANDS[name]
-    for flag in _OWN_FLAGS:
-        if F[flag].present and flag not in (*command.required, *command.optional):
-            raise cli.UserError(f"--{flag} is not a flag of {PROG} {name}")
-    missing = [f"--{flag}" for flag in command.required if not F[flag].present]
-    if missing:
-        raise cli.UserError(f"{PROG} {name} needs {' and '.join(missing)}")
-    return command
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl parses argv ([program, ...]) from the flags' defaults, so a process can run the CLI again; returns the
     positional arguments ([program, command]). A malformed flag prints one line `error: ...` and exits 2."""
     _define_flags()
     F.unparse_flags()
-    positional = cli._parse_flags(argv)
+    positional = cli.parse_flags(argv)
     if F["verbosity"].using_default_value:  # warnings only, as before absl: a sweep trains in this process,
         F.verbosity = -1  # and orbax and grain log every save at INFO
     return positional
@@ -221,7 +189,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _run(argv: list[str]) -> None:
     """absl main: runs the command in argv ([program, command]); bad input is one line `error: ...`, exit 2."""
     try:
-        command = _command(argv[1:])
+        command = cli.pick_command(PROG, COMMANDS, argv[1:])
         command.run()
     except (*cli.USER_ERRORS, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
