@@ -141,6 +141,14 @@ class ShardedDocuments:
         if not path.is_file():
             raise DatasetError(f"dataset {self._dataset_dir}: cannot open shard {path}: no such file")
         reader = array_record_module.ArrayRecordReader(str(path), _READER_OPTIONS)
+        expected = int(self._ends[shard] - (self._ends[shard - 1] if shard else 0))
+        records = reader.num_records()
+        if records != expected:  # a truncated file opens fine and reads empty records
+            reader.close()
+            raise DatasetError(
+                f"dataset {self._dataset_dir}: shard {path} holds {records} records, but "
+                f"{MANIFEST} says {expected} (truncated or replaced shard, or an edited manifest)"
+            )
         self._readers[shard] = reader
         if len(self._readers) > self._max_open_files:
             self._readers.popitem(last=False)[1].close()

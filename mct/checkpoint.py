@@ -36,6 +36,10 @@ def model_signature(model_cfg: ModelConfig) -> dict:
     return {k: getattr(model_cfg, k) for k in SHAPE_KEYS}
 
 
+class CheckpointMissing(FileNotFoundError):
+    """No (readable) checkpoint where one is needed: the workdir, step or directory is named."""
+
+
 class CheckpointSaveError(RuntimeError):
     """A checkpoint save failed: the run must stop. One line: the step, the root cause, the last good step."""
 
@@ -71,7 +75,7 @@ class Checkpointer:
                  read_only: bool = False):  # fmt: skip
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         if read_only and not self.directory.is_dir():
-            raise FileNotFoundError(f"no checkpoints directory in {workdir}")
+            raise CheckpointMissing(f"no checkpoints directory in {workdir}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -189,7 +193,7 @@ class Checkpointer:
                     (self.directory / str(step)).rename(aside)
                 self.manager.reload()
         if steps:
-            raise FileNotFoundError(f"no readable checkpoint left in {self.directory} (tried steps {steps})")
+            raise CheckpointMissing(f"no readable checkpoint left in {self.directory} (tried steps {steps})")
         return None
 
     def wait(self) -> None:

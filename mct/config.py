@@ -279,7 +279,7 @@ def check_ranges(c: "Config") -> None:
         0 < d.seq_len <= c.model.max_position,
         f"data.seq_len={d.seq_len} must be in [1, model.max_position={c.model.max_position}]",
     )
-    _require(o.lr >= 0, f"optimizer.lr={o.lr} must be >= 0")  # 0: a frozen run (evaluates, never updates)
+    _require(o.lr > 0, f"optimizer.lr={o.lr} must be positive")
     _require(
         0 < t.log_every_steps and 0 < c.eval.every_steps and 0 < c.checkpoint.every_steps,
         "train.log_every_steps, eval.every_steps and checkpoint.every_steps must be positive",

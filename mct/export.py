@@ -17,6 +17,7 @@ import tempfile
 import ml_dtypes
 import numpy as np
 from absl import flags
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, processors
 from tqdm import tqdm
@@ -188,8 +189,8 @@ def main(argv: list[str]) -> None:
             f.workdir, f.out, f.format, step=f.step, dtype=f.dtype, max_shard_bytes=f.max_shard_mb << 20,
             tokenizer_path=f.tokenizer, freq_vocab=f.freq_vocab,
         )  # fmt: skip
-    except (OSError, ValueError) as e:
-        raise cli.UserError(str(e)) from None
+    except (OSError, ValueError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        raise cli.UserError(str(e).splitlines()[0]) from None
     print(f"exported the {f.format} layout to {out}")
 
 

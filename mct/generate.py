@@ -88,6 +88,12 @@ def main(argv: list[str]) -> None:
     except (OSError, ValueError) as e:
         raise cli.UserError(str(e)) from None
     prompts = encode_prompts(tokenizer, f.prompt)
+    longest = max(len(p) for p in prompts) + f.max_new_tokens
+    if longest > run.model_cfg.max_position:
+        raise cli.UserError(
+            f"a prompt of {longest - f.max_new_tokens} tokens + --max_new_tokens={f.max_new_tokens} exceeds the "
+            f"model's max_position={run.model_cfg.max_position}"
+        )
     stream = StreamPrinter(tokenizer) if len(prompts) == 1 else None
     if stream:
         sys.stdout.write(f.prompt[0])

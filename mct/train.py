@@ -14,13 +14,13 @@ from absl import flags
 from ml_collections import config_flags
 
 from mct import cli
-from mct.checkpoint import CheckpointSaveError
+from mct.checkpoint import CheckpointMissing, CheckpointSaveError
 from mct.distributed import initialize
 from mct.pretrain import train
 from mct.trainer import TrainingDiverged
 from mct.workdir_lock import WorkdirLocked
 
-cli.register_errors(TrainingDiverged, CheckpointSaveError, WorkdirLocked)
+cli.register_errors(TrainingDiverged, CheckpointSaveError, CheckpointMissing, WorkdirLocked)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections).", lock_config=True)
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join the jax.distributed job JAX detects (TPU, SLURM).")
@@ -33,11 +33,13 @@ _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 100, "Seconds before a 
 
 def quiet_libraries() -> None:
     """orbax, grain and jax.distributed log every save / connection at INFO: keep warnings, and our own info
-    lines (e.g. where the default corpus is prepared)."""
+    lines (e.g. where the default corpus is prepared); orbax's own failure logs are replaced by mct's lines."""
     logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("absl").addFilter(
         lambda r: r.levelno >= logging.WARNING or "data_pipelines" in r.pathname or "/mct/" in r.pathname
     )
+    # orbax logs a failed save or restore with its traceback; mct reports each one itself, in one line
+    logging.getLogger("absl").addFilter(lambda r: "/orbax/" not in r.pathname or r.levelno >= logging.CRITICAL)
     logging.getLogger("mct.train").setLevel(logging.INFO)
 
 

@@ -182,7 +182,7 @@ def test_imported_llama_export_trains_on_from_its_weights(tmp_path, run_config):
     resumed = tiny_run_dict(workdir, run_config.data.mixture["default"].path)
     resumed.train.steps = resumed.eval.every_steps = resumed.checkpoint.every_steps = 1
     resumed.schedule.warmup_steps = 0
-    resumed.optimizer.lr = 0.0  # a zero update: step 1 holds the weights train started from
+    resumed.optimizer.lr = 1e-30  # an update far below every weight's ulp: step 1 holds the weights train started from
     result = train(Config.from_dict(resumed.to_dict()))
     assert result["step"] == 1 and np.isfinite(result["eval_loss"])
     assert Checkpointer(str(workdir), read_only=True).all_steps() == [0, 1]

@@ -249,7 +249,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, dataset):
     for override, message in [
         ({"train.stepz": 3}, "error: unknown config key train.stepz (did you mean train.steps?)"),
         ({"data.seq_len": 0}, "error: config data.seq_len=0 must be in [1, model.max_position=32768]"),
-        ({"optimizer.lr": -1.0}, "error: config optimizer.lr=-1.0 must be >= 0"),
+        ({"optimizer.lr": -1.0}, "error: config optimizer.lr=-1.0 must be positive"),
     ]:
         out = subprocess.run(cli(tmp_path, dataset, **override), cwd=REPO, capture_output=True, timeout=120)
         assert out.returncode == 2, out.stderr.decode()[-2000:]
