@@ -21,7 +21,10 @@ from pallas_kernels.infllm_v2 import SparseConfig
 ATTENTION_IMPLEMENTATIONS = ("blockwise", "naive", "infllm_v2")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DECAY_SHAPES = ("exponential", "linear", "cosine", "1-sqrt")
-REMAT_NAMES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_NAMES = (
+    "none", "full", "minimal", "save_qkv_proj", "save_attn_out", "save_dot_except_mlp", "offload_residual",
+    "dots_saveable", "dots_with_no_batch_dims_saveable",
+)  # fmt: skip
 MESH_AXES = ("data", "fsdp", "tensor")
 
 

@@ -13,17 +13,41 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mct.attention import KVCache, attend, cached_attend
 from mct.config import ModelConfig
 from mct.rope import apply_rope, rope_tables
 from mct.sharding import constrain
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+_policies = jax.checkpoint_policies
+
+
+def remat_policy(name: str) -> Callable | None:
+    """The jax.checkpoint policy of model.remat (MaxText's names): what a layer keeps for the backward pass.
+
+    none: everything (no remat); full: only the layer's input; minimal: every matmul output without a batch
+    dimension in its contraction; save_qkv_proj / save_attn_out: the q, k, v projections (and the attention
+    output); save_dot_except_mlp: every tagged attention matmul, recomputing the MLP; offload_residual: each
+    layer's output residual stream moved to host memory (pinned_host) where the backend has it, kept on CPU.
+    """
+    save = lambda *names: _policies.save_only_these_names(*names)
+    table = {
+        "full": _policies.nothing_saveable,
+        "minimal": _policies.dots_with_no_batch_dims_saveable,
+        "dots_saveable": _policies.dots_saveable,
+        "dots_with_no_batch_dims_saveable": _policies.dots_with_no_batch_dims_saveable,
+        "save_qkv_proj": save("qkv_proj"),
+        "save_attn_out": save("qkv_proj", "attn_out"),
+        "save_dot_except_mlp": save("qkv_proj", "attn_out", "out_proj"),
+        "offload_residual": save("residual") if jax.default_backend() == "cpu" else (
+            _policies.save_and_offload_only_these_names(
+                names_which_can_be_saved=[], names_which_can_be_offloaded=["residual"],
+                offload_src="device", offload_dst="pinned_host",
+            )
+        ),
+    }  # fmt: skip
+    return None if name == "none" else table[name]
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -69,14 +93,19 @@ def decoder_layer(cfg: ModelConfig, h: jnp.ndarray, w: dict, positions: jnp.ndar
     q = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wq"]), ("batch", None, "heads", None))
     k = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wk"]), ("batch", None, "kv_heads", None))
     v = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wv"]), ("batch", None, "kv_heads", None))
+    q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
     q, k = apply_rope(q, positions, *rope), apply_rope(k, positions, *rope)
     o, aux = attention(q, k, v)  # o: [batch, seq, q_heads, head_dim]
-    h = h + branch_scale * jnp.einsum("bshk,hkd->bsd", o, w["wo"])
+    o = checkpoint_name(o, "attn_out")
+    h = h + branch_scale * checkpoint_name(jnp.einsum("bshk,hkd->bsd", o, w["wo"]), "out_proj")
     x = rms_norm(h, w["mlp_norm"], cfg.rms_eps)
     gate = constrain(jnp.einsum("bsd,df->bsf", x, w["w_gate"]), ("batch", None, "mlp"))
     up = jnp.einsum("bsd,df->bsf", x, w["w_up"])
-    h = h + branch_scale * jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w["w_down"])
-    return h, aux
+    gate, up = checkpoint_name(gate, "mlp_in"), checkpoint_name(up, "mlp_in")
+    h = h + branch_scale * checkpoint_name(
+        jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w["w_down"]), "mlp_out"
+    )
+    return checkpoint_name(h, "residual"), aux
 
 
 def scan_layers(cfg: ModelConfig, layer: Callable, h: jnp.ndarray, xs) -> tuple[jnp.ndarray, Any]:
@@ -137,7 +166,7 @@ class MiniCPM(nnx.Module):
             return h, (h if return_layers else None)
 
         if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
+            layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat))
         h0 = constrain(self._embed(tokens), ("batch", None, None))
         h, layers = scan_layers(cfg, layer, h0, self._layer_weights())
         h = rms_norm(h, self.final_norm[...], cfg.rms_eps)
