@@ -4,6 +4,8 @@ q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segm
 (0 = padding). A token attends to itself and earlier tokens of its own segment. Softmax scale 1/sqrt(head_dim).
 """
 
+import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 from mct.config import ModelConfig
 from mct.sharding import per_shard
 from pallas_kernels import infllm_v2
+from pallas_kernels.accelerator_attention import gpu_flash_attention, splash_attention
 from pallas_kernels.blockwise_attention import causal_attention
 from pallas_kernels.gqa_layout import cache_prefix_attention, group_queries
 from pallas_kernels.infllm_v2 import decode as infllm_v2_decode
@@ -32,23 +35,59 @@ def naive_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids:
     return out.reshape(b, s, hq, d)
 
 
+_HEADS, _KV, _SEGMENTS = ("batch", None, "heads", None), ("batch", None, "kv_heads", None), ("batch", None)
+_AUTO = {"tpu": "splash", "gpu": "flash_gpu", "cuda": "flash_gpu", "rocm": "flash_gpu"}
+
+
+def resolve_attention(name: str, platform: str | None = None) -> str:
+    """A dense attention choice with "auto" made concrete for `platform` (default: JAX's default backend):
+    splash attention on TPU, the Pallas flash kernel on GPU, blockwise XLA attention on CPU."""
+    if name != "auto":
+        return name
+    return _AUTO.get(platform or jax.default_backend(), "blockwise")
+
+
+def pin_attention(cfg: ModelConfig, platform: str) -> ModelConfig:
+    """cfg with model.attention / model.dense_attention "auto" resolved for the platform the step compiles for
+    (ahead-of-time compiles for TPU run on a CPU host, so the default backend cannot decide)."""
+    pinned = lambda name: name if name == "infllm_v2" else resolve_attention(name, platform)
+    return dataclasses.replace(
+        cfg, attention=pinned(cfg.attention), dense_attention=pinned(cfg.dense_attention)
+    )
+
+
+def dense_kernel(cfg: ModelConfig, name: str) -> tuple[Callable, bool]:
+    """(attention fn of q, k, v, segment_ids; whether it must run per device) for a dense implementation name
+    (model.attention, or InfLLM v2's model.dense_attention): Pallas kernels are opaque to XLA's partitioner."""
+    name = resolve_attention(name)
+    if name == "blockwise":
+        return lambda q, k, v, seg: causal_attention(
+            q, k, v, segment_ids=seg, block_size=cfg.attention_block
+        ), False
+    if name == "naive":
+        return naive_attention, False
+    kernels = {"splash": splash_attention, "flash_gpu": gpu_flash_attention}
+    if name not in kernels:
+        raise ValueError(f"config model.attention: unknown implementation {name!r}")
+    return kernels[name], True
+
+
 def attend(
     q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, cfg: ModelConfig
 ) -> jnp.ndarray:
     """Runs the attention implementation named by `cfg.attention` (a model config)."""
-    if cfg.attention == "blockwise":
-        return causal_attention(q, k, v, segment_ids=segment_ids, block_size=cfg.attention_block)
-    if cfg.attention == "naive":
-        return naive_attention(q, k, v, segment_ids)
+    dense, per_device = dense_kernel(
+        cfg, cfg.attention if cfg.attention != "infllm_v2" else cfg.dense_attention
+    )
+    run = dense
     if cfg.attention == "infllm_v2":  # dense below sparse.dense_len tokens, block-sparse from there
         run = lambda q, k, v, seg: infllm_v2.attention(
-            q, k, v, cfg.sparse, segment_ids=seg, implementation=cfg.sparse.implementation
+            q, k, v, cfg.sparse, segment_ids=seg, implementation=cfg.sparse.implementation, dense=dense
         )
-        if cfg.sparse.implementation.startswith("pallas"):  # kernels XLA cannot partition: one call per shard
-            heads, kv = ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
-            run = per_shard(run, (heads, kv, kv, ("batch", None)), heads)
-        return run(q, k, v, segment_ids)
-    raise ValueError(f"config model.attention: unknown implementation {cfg.attention!r}")
+        per_device = per_device or cfg.sparse.implementation.startswith("pallas")
+    if per_device:  # one shard_map around every kernel XLA cannot partition
+        run = per_shard(run, (_HEADS, _KV, _KV, _SEGMENTS), _HEADS)
+    return run(q, k, v, segment_ids)
 
 
 class KVCache(NamedTuple):

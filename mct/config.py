@@ -18,7 +18,7 @@ from data_pipelines.config import DataConfig, MixtureComponent
 from pallas_kernels.infllm_v2 import IMPLEMENTATIONS as SPARSE_IMPLEMENTATIONS
 from pallas_kernels.infllm_v2 import SparseConfig
 
-ATTENTION_IMPLEMENTATIONS = ("blockwise", "naive", "infllm_v2")
+ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "naive", "splash", "flash_gpu", "infllm_v2")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DECAY_SHAPES = ("exponential", "linear", "cosine", "1-sqrt")
 REMAT_NAMES = (
@@ -76,9 +76,11 @@ class ModelConfig:
     dim_model_base: int = 256
     init_std: float = 0.1
     rope: RopeConfig = RopeConfig()
-    # Attention dispatch (mct/attention.py): "blockwise" (flash-style XLA), "naive" (materialised scores),
-    # "infllm_v2" (trainable sparse; dense below sparse.dense_len).
-    attention: str = "blockwise"
+    # Attention dispatch (mct/attention.py): "auto" (splash on TPU, the Pallas flash kernel on GPU, blockwise
+    # on CPU), "blockwise" (flash-style XLA), "naive" (materialised scores), "splash", "flash_gpu",
+    # "infllm_v2" (trainable sparse; model.dense_attention below sparse.dense_len).
+    attention: str = "auto"
+    dense_attention: str = "auto"  # InfLLM v2's kernel below sparse.dense_len (any dense choice above)
     attention_block: int = 128  # blockwise attention tile (128 measured fastest at seq 1024 on CPU)
     sparse: SparseSettings = SparseSettings()
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU; params stay float32
@@ -250,6 +252,10 @@ def check_model(m: ModelConfig, tensor: int = 1, fsdp: int = 1) -> None:
     _require(
         m.attention in ATTENTION_IMPLEMENTATIONS,
         f"model.attention={m.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}",
+    )
+    _require(
+        m.dense_attention in ATTENTION_IMPLEMENTATIONS and m.dense_attention != "infllm_v2",
+        f"model.dense_attention={m.dense_attention!r} is not a dense one of {ATTENTION_IMPLEMENTATIONS}",
     )
     _require(
         m.parametrization in ("mup", "sp"),

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from mct.attention import pin_attention
 from mct.checkpoint import abstract_with_shardings
 from mct.config import Config
 from mct.distributed import global_batch
@@ -62,7 +63,7 @@ def build(config: Config, devices: list | None = None) -> Built:
     devices = jax.devices() if devices is None else devices
     config.validate(len(devices), len({d.process_index for d in devices}))  # hosts (AOT: the topology's)
     mesh = make_mesh(config.mesh, devices)
-    model = ParamsModel(config.model)
+    model = ParamsModel(pin_attention(config.model, devices[0].platform))  # "auto" attention for these devices
     tx = make_optimizer(config, model)
     schedule = schedule_from_config(config)
     specs = state_specs(model.metadata("logical_axes"), tx, model.abstract())

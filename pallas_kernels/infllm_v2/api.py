@@ -1,6 +1,7 @@
 """The InfLLM v2 entry points the model calls: sparse attention over selected blocks, and the dense/sparse switch."""
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -78,10 +79,12 @@ def attention(
     implementation: str = "xla",
     interpret: bool = False,
     block_indices: jnp.ndarray | None = None,
+    dense: Callable | None = None,
 ) -> jnp.ndarray:
-    """InfLLM v2 attention: dense blockwise causal attention below cfg.dense_len tokens, sparse from there."""
+    """InfLLM v2 attention: dense causal attention below cfg.dense_len tokens (`dense(q, k, v, segment_ids)`,
+    default blockwise), sparse from there."""
     if q.shape[1] < cfg.dense_len:
-        return causal_attention(q, k, v, segment_ids=segment_ids)
+        return dense(q, k, v, segment_ids) if dense else causal_attention(q, k, v, segment_ids=segment_ids)
     return sparse_attention(
         q,
         k,
