@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 
 import jax
 from tqdm import tqdm
@@ -135,6 +136,29 @@ def train(config: Config, devices: list | None = None, stop: threading.Event | N
             ckpt.close()
 
 
+def keep_tokenizer(config: Config) -> None:
+    """Copies the run's tokenizer.json into the workdir (process 0), so export and generate need no dataset."""
+    target = pathlib.Path(config.workdir) / "tokenizer.json"
+    if jax.process_index() == 0 and not target.exists():
+        shutil.copyfile(first_dataset(config) / "tokenizer.json", target)
+
+
+def add_hooks(trainer: Trainer, config: Config, start: int, bar: tqdm, ckpt: Checkpointer, metrics: MetricsLog,
+              evaluate: Callable, save: Callable) -> None:  # fmt: skip
+    """The pre-training hooks: progress, save-failure check, metrics, eval, checkpoints, tokenizer, profiler."""
+    steps = config.train.steps
+    trainer.add_hook(lambda info: bar.update(info.step - bar.n), every=1)
+    trainer.add_hook(lambda _: ckpt.check_saves(), every=1)  # a failed async save stops the run at once
+    trainer.add_hook(lambda _: keep_tokenizer(config), at=[start + 1])
+    trainer.add_hook(metrics, every=config.train.log_every_steps, at=[steps])
+    trainer.add_hook(evaluate, every=config.eval.every_steps, at=[steps], needs_state=True)
+    save_hook = lambda info: save(info.step, info.state)
+    trainer.add_hook(save_hook, every=config.checkpoint.every_steps, at=[steps], needs_state=True)
+    if config.profile.steps:
+        first, last = config.profile.steps
+        trainer.add_hook(profile_hook(config.workdir, first, last), at=[first, last], needs_state=True)
+
+
 def _run(built: Built, ckpt: Checkpointer, stop: threading.Event) -> dict:
     """The loop of one locked workdir, with its hooks; the final (or SIGTERM) save."""
     config, pid, steps = built.config, jax.process_index(), built.config.train.steps
@@ -152,29 +176,12 @@ def _run(built: Built, ckpt: Checkpointer, stop: threading.Event) -> dict:
             step, state, merge_states(gather_json(batches.get_state())), {**meta, "step": step}, force=force
         )
 
-    if pid == 0 and not (target := pathlib.Path(config.workdir) / "tokenizer.json").exists():
-        shutil.copyfile(
-            first_dataset(config) / "tokenizer.json", target
-        )  # export and generate need no dataset
     writer = MetricsWriter(config.workdir, enabled=pid == 0, resume_step=start)
     bar = tqdm(total=steps, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
     trainer = Trainer(built, stop)
     trainer.last_good_step = lambda: f"{ckpt.latest_step()} in {ckpt.directory}"
     metrics = MetricsLog(config, writer, bar, start, len(built.mesh.devices.flat))
-    trainer.add_hook(lambda info: bar.update(info.step - bar.n), every=1)
-    trainer.add_hook(lambda _: ckpt.check_saves(), every=1)  # a failed async save stops the run at once
-    trainer.add_hook(metrics, every=config.train.log_every_steps, at=[steps])
-    trainer.add_hook(evaluate.hook(writer, bar, metrics.last), every=config.eval.every_steps, at=[steps],
-                     needs_state=True)  # fmt: skip
-    trainer.add_hook(
-        lambda info: save(info.step, info.state),
-        every=config.checkpoint.every_steps,
-        at=[steps],
-        needs_state=True,
-    )
-    if config.profile.steps:
-        first, last = config.profile.steps
-        trainer.add_hook(profile_hook(config.workdir, first, last), at=[first, last], needs_state=True)
+    add_hooks(trainer, config, start, bar, ckpt, metrics, evaluate.hook(writer, bar, metrics.last), save)
     try:
         state, step = trainer.run(state, batches, start, steps)
         if stop.is_set() and step not in ckpt.all_steps():
