@@ -5,6 +5,7 @@ another run (MiniCPM paper section 4.2: decay branches); else the state is initi
 for the run, metrics past the restored step are dropped, and SIGTERM (the `stop` event) saves and returns.
 """
 
+import contextlib
 import logging
 import pathlib
 import shutil
@@ -31,7 +32,7 @@ from mct.hooks import Evaluator, MetricsLog, profile_hook
 from mct.metrics import MetricsWriter, logged_metrics
 from mct.scalingbench import make_scalingbench_batches
 from mct.trainer import Built, Trainer, build
-from mct.workdir_lock import WorkdirLock
+from mct.workdir_lock import WorkdirLock, WorkdirLocked
 
 log = logging.getLogger("mct.train")
 
@@ -121,13 +122,31 @@ def check_workdir(workdir: str) -> None:
         raise ConfigError(f"config workdir={workdir} is not writable: {e.strerror or e}") from None
 
 
+@contextlib.contextmanager
+def job_lock(workdir: str):
+    """The workdir's lock, held by process 0 for the whole job; every process learns whether it was refused
+    (so a refused multi-process job ends at once instead of waiting at its first collective)."""
+    lock = WorkdirLock(workdir, enabled=jax.process_index() == 0)
+    refusal = None
+    try:
+        lock.acquire()
+    except WorkdirLocked as e:
+        refusal = str(e)
+    if refusal := next((r for r in gather_json(refusal) if r), None):
+        raise WorkdirLocked(refusal)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def train(config: Config, devices: list | None = None, stop: threading.Event | None = None) -> dict:
     """Runs (or resumes) training to train.steps on `devices` (default: all); returns the last logged metrics
     and eval losses."""
     check_workdir(config.workdir)
     built = build(config, devices)
-    config, pid = built.config, jax.process_index()
-    with WorkdirLock(config.workdir, enabled=pid == 0):
+    config = built.config
+    with job_lock(config.workdir):
         ckpt = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep,
                             async_save=config.checkpoint.async_save)  # fmt: skip
         try:

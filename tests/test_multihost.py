@@ -155,3 +155,17 @@ def test_launcher_cli_dry_run():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("gcloud compute tpus tpu-vm ssh v5e --zone=z --worker=all")
+
+
+def test_a_job_on_a_locked_workdir_ends_at_once_on_every_process(tmp_path, dataset):
+    """Process 0 holds the workdir lock for its job: a second job's process 0 is refused, and its other processes
+    learn it and stop too (no wait at a collective until the heartbeat timeout)."""
+    from mct.workdir_lock import WorkdirLock
+
+    with WorkdirLock(tmp_path):
+        started = time.time()
+        proc = launch(2, tmp_path, dataset, wait=False)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - started < 60
+    assert "is in use by pid" in err.decode()
+    assert not (tmp_path / "checkpoints").exists()
