@@ -65,7 +65,10 @@ def _join_write_threads(timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     for thread in threading.enumerate():
         if type(thread).__name__ == "_SignalingThread":  # orbax.checkpoint._src.futures.future
-            thread.join(max(deadline - time.monotonic(), 0.0))
+            try:
+                thread.join(max(deadline - time.monotonic(), 0.0))
+            except Exception:  # noqa: BLE001 - orbax's join re-raises the thread's write error: already reported
+                pass
 
 
 class Checkpointer:

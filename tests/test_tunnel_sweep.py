@@ -5,6 +5,7 @@ import sys
 import time
 
 import optuna
+import sqlalchemy
 
 from mct.tunnel import sweep
 from mct.tunnel.coord_check import coord_check
@@ -38,7 +39,7 @@ def get_config():
 def _count_done(storage: str) -> int:
     try:
         return sweep._finished(optuna.load_study(study_name="tiny", storage=storage))
-    except KeyError:  # not created yet
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # not created yet, or the sweep is creating the schema
         return 0
 
 
