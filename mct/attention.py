@@ -48,11 +48,13 @@ def resolve_attention(name: str, platform: str | None = None) -> str:
 
 
 def pin_attention(cfg: ModelConfig, platform: str) -> ModelConfig:
-    """cfg with model.attention / model.dense_attention "auto" resolved for the platform the step compiles for
-    (ahead-of-time compiles for TPU run on a CPU host, so the default backend cannot decide)."""
+    """cfg with model.attention / model.dense_attention "auto" resolved, and remat offload_residual kept on the
+    device where there is no host memory space (CPU), for the platform the step compiles for (ahead-of-time
+    compiles for TPU run on a CPU host, so the default backend cannot decide)."""
     pinned = lambda name: name if name == "infllm_v2" else resolve_attention(name, platform)
+    remat = "save_residual" if cfg.remat == "offload_residual" and platform == "cpu" else cfg.remat
     return dataclasses.replace(
-        cfg, attention=pinned(cfg.attention), dense_attention=pinned(cfg.dense_attention)
+        cfg, attention=pinned(cfg.attention), dense_attention=pinned(cfg.dense_attention), remat=remat
     )
 
 

@@ -23,7 +23,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DECAY_SHAPES = ("exponential", "linear", "cosine", "1-sqrt")
 REMAT_NAMES = (
     "none", "full", "minimal", "save_qkv_proj", "save_attn_out", "save_dot_except_mlp", "offload_residual",
-    "dots_saveable", "dots_with_no_batch_dims_saveable",
+    "save_residual", "dots_saveable", "dots_with_no_batch_dims_saveable",
 )  # fmt: skip
 MESH_AXES = ("data", "fsdp", "tensor")
 

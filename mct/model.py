@@ -29,7 +29,8 @@ def remat_policy(name: str) -> Callable | None:
     none: everything (no remat); full: only the layer's input; minimal: every matmul output without a batch
     dimension in its contraction; save_qkv_proj / save_attn_out: the q, k, v projections (and the attention
     output); save_dot_except_mlp: every tagged attention matmul, recomputing the MLP; offload_residual: each
-    layer's output residual stream moved to host memory (pinned_host) where the backend has it, kept on CPU.
+    layer's output residual stream moved to host memory (pinned_host); save_residual: kept on the device (what
+    offload_residual becomes on CPU, which has no host memory space: see attention.pin_attention).
     """
     save = lambda *names: _policies.save_only_these_names(*names)
     table = {
@@ -40,11 +41,10 @@ def remat_policy(name: str) -> Callable | None:
         "save_qkv_proj": save("qkv_proj"),
         "save_attn_out": save("qkv_proj", "attn_out"),
         "save_dot_except_mlp": save("qkv_proj", "attn_out", "out_proj"),
-        "offload_residual": save("residual") if jax.default_backend() == "cpu" else (
-            _policies.save_and_offload_only_these_names(
-                names_which_can_be_saved=[], names_which_can_be_offloaded=["residual"],
-                offload_src="device", offload_dst="pinned_host",
-            )
+        "save_residual": save("residual"),
+        "offload_residual": _policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=["residual"],
+            offload_src="device", offload_dst="pinned_host",
         ),
     }  # fmt: skip
     return None if name == "none" else table[name]

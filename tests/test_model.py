@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mct.attention import pin_attention
 from mct.config import REMAT_NAMES, model_from_dict
 from mct.loss import loss_sums, token_losses
 from mct.model import ParamsModel, count_params
@@ -124,7 +125,9 @@ def test_fused_loss_and_gradients_match_plain_autodiff(loss_chunk):
     g_plain, g_fused = jax.grad(plain)(params), jax.grad(lambda p: 3.0 * fused(p))(params)
     for name in g_plain:  # fp32 sums in another order: compare relative to the gradient's scale
         scale = float(jnp.max(jnp.abs(g_plain[name])))
-        np.testing.assert_allclose(g_fused[name], 3.0 * g_plain[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+        np.testing.assert_allclose(
+            g_fused[name], 3.0 * g_plain[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name
+        )
 
 
 @pytest.mark.parametrize(
@@ -137,7 +140,7 @@ def test_release_param_counts(name, expected, tol):
 
 
 def _remat_loss_and_grads(remat: str):
-    cfg = tiny_model_cfg(remat=remat, scan_layers=False)  # unrolled: print_saved_residuals sees each layer
+    cfg = pin_attention(tiny_model_cfg(remat=remat, scan_layers=False), "cpu")  # unrolled: every layer shows
     model = ParamsModel(cfg)
     params = perturbed_params(model)
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 17))
