@@ -225,7 +225,7 @@ class Config:
         check_model(self.model)
         check_ranges(self)  # values first, then their fit to the devices
         data, fsdp, tensor = self.mesh.shape(n_devices)
-        check_model(self.model, tensor, fsdp)
+        check_sharding(self.model, tensor, fsdp)
         check_batch(self, data * fsdp, n_processes)
 
 
@@ -234,16 +234,20 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(f"config {message}")
 
 
-def check_model(m: ModelConfig, tensor: int = 1, fsdp: int = 1) -> None:
-    """The model's own constraints, and those of the tensor and fsdp mesh axes it is sharded over."""
-    for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_mlp", "vocab_size"):
-        _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+def check_sharding(m: ModelConfig, tensor: int, fsdp: int) -> None:
+    """The model's fit to the tensor and fsdp mesh axes it is sharded over."""
     for key in ("n_heads", "n_kv_heads", "d_mlp", "vocab_size"):
         _require(
             getattr(m, key) % tensor == 0,
             f"model.{key}={getattr(m, key)} is not divisible by mesh.tensor={tensor}",
         )
     _require(m.d_model % fsdp == 0, f"model.d_model={m.d_model} is not divisible by mesh.fsdp={fsdp}")
+
+
+def check_model(m: ModelConfig) -> None:
+    """The model's own constraints."""
+    for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_mlp", "vocab_size"):
+        _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
     _require(
         m.n_heads % m.n_kv_heads == 0,
         f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}",

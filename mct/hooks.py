@@ -1,4 +1,4 @@
-"""The train loop's hooks (Trainer.add_hook): metrics and progress, eval, checkpoints, the profiler.
+"""The train loop's hooks (Trainer.add_hook): metrics and MFU, eval, the profiler.
 
 Each is a small callable over a StepInfo; `mct.pretrain` registers them with their `every` / `at` steps.
 """
