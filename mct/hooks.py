@@ -21,7 +21,8 @@ log = logging.getLogger("mct.train")
 
 
 class MetricsLog:
-    """Writes loss, lr, grad norm, tokens/s and MFU to metrics.jsonl, TensorBoard and the progress bar.
+    """Writes loss, lr, grad norm, tokens/s, MFU, the loss-token count and the objective's extra metrics to
+    metrics.jsonl, TensorBoard and the progress bar.
 
     MFU = model FLOPs per second / (one device's measured matmul peak x the number of devices): the FLOPs are
     the global batch's, so the peak is the whole mesh's."""
@@ -43,6 +44,8 @@ class MetricsLog:
             "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
             "tokens_per_s": rate * c.train.batch_size * c.data.seq_len,
             "mfu": rate * self.flops_per_step / self.peak, "nonfinite_steps": m["nonfinite_steps"],
+            "loss_tokens": m["tokens"],
+            **{k: v for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "ok", "tokens", "nonfinite_steps")},
         }  # fmt: skip
         self.writer.write(info.step, line)
         self.bar.set_postfix_str(

@@ -3,37 +3,55 @@
 state = {"params": dict, "opt_state": optax state}. Losses are sums over tokens divided by the token
 count of the whole global batch, so gradient accumulation over micro-batches equals one large batch.
 A step whose loss or gradient norm is not finite leaves the state unchanged and reports ok = False.
+The objective is pluggable (SFT, DPO, RL, MTP and MoE losses are objectives): see `Objective`.
 """
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from mct.loss import loss_sums
-from mct.model import ParamsModel
+from mct.model import MiniCPM, ParamsModel
+
+Objective = Callable[[MiniCPM, dict], tuple[jnp.ndarray, jnp.ndarray, dict]]
+"""objective(model, batch) -> (loss sum, token count, extras): the step minimises loss sum / count over the
+global batch; extras are scalar sums (over tokens) reported as metrics divided by the same count."""
+
+
+def next_token_objective(model: MiniCPM, batch: dict) -> tuple[jnp.ndarray, jnp.ndarray, dict]:
+    """Pre-training's objective: masked next-token cross-entropy, no extra metrics."""
+    return *loss_sums(model, batch), {}
 
 
 def make_train_step(model: ParamsModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int):  # fmt: skip
-    """Returns step(state, batch, step_index) -> (new_state, metrics); batch leaves [global_batch, seq]."""
+                    grad_accum: int, objective: Objective = next_token_objective):  # fmt: skip
+    """Returns step(state, batch, step_index) -> (new_state, metrics); batch leaves [global_batch, ...]."""
 
     def loss_and_grad(params, batch):
-        return jax.value_and_grad(lambda p: loss_sums(model.bind(p), batch), has_aux=True)(params)
+        def value(p):
+            loss_sum, count, extras = objective(model.bind(p), batch)
+            return loss_sum, (count, extras)
+
+        (loss_sum, (count, extras)), grads = jax.value_and_grad(value, has_aux=True)(params)
+        return (loss_sum, count, extras), grads
 
     def step(state, batch, step_index):
         params = state["params"]
         if grad_accum == 1:
-            (loss_sum, count), grads = loss_and_grad(params, batch)
+            (loss_sum, count, extras), grads = loss_and_grad(params, batch)
         else:
             # Row i goes to micro-batch i % grad_accum, so every device contributes to every micro-batch.
             micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def accumulate(carry, mb):
-                (s, n), g = loss_and_grad(params, mb)
-                return jax.tree.map(jnp.add, carry, (s, n, g)), None
+                sums, g = loss_and_grad(params, mb)
+                return jax.tree.map(jnp.add, carry, (sums, g)), None
 
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            first = jax.eval_shape(loss_and_grad, params, jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), first)
+            ((loss_sum, count, extras), grads), _ = jax.lax.scan(accumulate, zeros, micro)
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -48,6 +66,7 @@ def make_train_step(model: ParamsModel, tx: optax.GradientTransformation, schedu
             "lr": schedule(step_index),
             "ok": ok,
             "tokens": count,
+            **{name: value / count for name, value in extras.items()},
         }
         return new_state, metrics
 

@@ -25,7 +25,7 @@ from mct.model import ParamsModel
 from mct.optimizer import make_optimizer
 from mct.schedule import schedule_from_config
 from mct.sharding import logical_spec, make_mesh, named, state_specs
-from mct.train_step import make_eval_step, make_train_step
+from mct.train_step import Objective, make_eval_step, make_train_step, next_token_objective
 
 log = logging.getLogger("mct.train")
 
@@ -57,8 +57,9 @@ class Built:
             return jax.jit(init, out_shardings=self.state_shardings)()
 
 
-def build(config: Config, devices: list | None = None) -> Built:
-    """Resolves and validates `config` for `devices` (default: all), then builds its model and jitted step."""
+def build(config: Config, devices: list | None = None, objective: Objective = next_token_objective) -> Built:
+    """Resolves and validates `config` for `devices` (default: all), then builds its model and the jitted step
+    minimising `objective` (next-token loss for pre-training; post-training passes its own)."""
     config = config.resolve()
     devices = jax.devices() if devices is None else devices
     config.validate(len(devices), len({d.process_index for d in devices}))  # hosts (AOT: the topology's)
@@ -71,7 +72,7 @@ def build(config: Config, devices: list | None = None) -> Built:
     abstract = {"params": model.abstract(), "opt_state": jax.eval_shape(tx.init, model.abstract())}
     batch_sharding = NamedSharding(mesh, logical_spec(("batch", None)))
     step_fn = jax.jit(
-        make_train_step(model, tx, schedule, config.train.grad_accum),
+        make_train_step(model, tx, schedule, config.train.grad_accum, objective),
         in_shardings=(shardings, batch_sharding, None),
         out_shardings=(shardings, None),
         donate_argnums=0,
