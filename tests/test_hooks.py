@@ -15,7 +15,7 @@ def test_mfu_divides_by_the_peak_of_every_device(monkeypatch):
     clock = iter([0.0, 2.0, 2.0] * 2)  # per log: its start, the rate, the next mark
     monkeypatch.setattr(hooks.time, "perf_counter", lambda: next(clock))
     config = Config.from_dict({"data": {"seq_len": 32}, "train": {"batch_size": 8}})
-    metrics = {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "nonfinite_steps": 0}
+    metrics = {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "nonfinite_steps": 0, "tokens": 64.0}
     mfu = {}
     for n in (1, 4):
         log = hooks.MetricsLog(config, _Null(), _Null(), start=0, n_devices=n)
