@@ -27,6 +27,16 @@ def _default_mixture() -> dict[str, MixtureComponent]:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChatDataConfig:
+    """SFT conversations (mct/chat_data.py): JSONL files of {"messages": [{"role", "content"}, ...]} or
+    "default" (generated offline), each prepared once into a masked dataset and mixed by `weights` (() = equal)."""
+
+    path: tuple[str, ...] = ("default",)
+    weights: tuple[float, ...] = ()
+    eval_fraction: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """What the loader reads and how it cuts, mixes, packs and shards it."""
 
@@ -44,6 +54,10 @@ class DataConfig:
     eval_batches: int = 8
     num_epochs: int = 0  # 0 = repeat forever (training); n = stop after n passes over every component
     prefetch: int = 2  # host batches prepared ahead on a background thread (0 = on the training thread)
+    # Resuming with a mixture that lacks a component of the checkpoint's (or sets its weight to 0) is an error
+    # unless this is set; changed weights and added components always continue (see loader.make_train_iterator).
+    allow_component_removal: bool = False
+    chat: ChatDataConfig = ChatDataConfig()  # SFT only: replaces the mixture (mct/sft.py)
 
 
 def long_context_mixture(path: str, max_tokens: int, weight: float = 1.0) -> dict[str, MixtureComponent]:

@@ -132,7 +132,8 @@ def text_pieces(text: str, max_chars: int) -> Iterator[str]:
     yield text[start:]
 
 
-def _open_binary(path: str):
+def open_binary(path: str):
+    """The file for reading bytes, decompressed by its suffix (.gz, .zst); iterating gives lines."""
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
@@ -145,7 +146,7 @@ def _text_document(key: str, text: str) -> Document | Skipped:
 
 
 def _read_text_file(path: str, name: str) -> Document | Skipped:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         data = f.read()
     try:
         return _text_document(name, data.decode("utf-8"))
@@ -154,7 +155,7 @@ def _read_text_file(path: str, name: str) -> Document | Skipped:
 
 
 def _read_jsonl(path: str, name: str, text_field: str) -> Iterator[Document | Skipped]:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         for line_number, raw in enumerate(f, start=1):
             key = f"{name}:{line_number}"
             if not raw.strip():

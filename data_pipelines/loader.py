@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from data_pipelines import shards
 from data_pipelines.batch_layout import BatchLayout
-from data_pipelines.config import DataConfig
+from data_pipelines.config import DataConfig, MixtureComponent
 from data_pipelines.mixing import DocumentChunks, TokenWeightedMixture
 from data_pipelines.prepare import prepare_default_corpus
 from data_pipelines.shards import DatasetError
@@ -34,9 +34,13 @@ _STATE_FORMAT = "mct-data-iterator-v2"
 Batch = dict[str, np.ndarray]
 
 
+def cache_root(cache_dir: str) -> pathlib.Path:
+    """Where prepared default data lives: data.cache_dir, else $MCT_CACHE, else ~/.cache/mct."""
+    return pathlib.Path(cache_dir or os.environ.get("MCT_CACHE") or "~/.cache/mct").expanduser()
+
+
 def _default_corpus_dir(cache_dir: str, vocab_size: int) -> pathlib.Path:
-    cache = pathlib.Path(cache_dir or os.environ.get("MCT_CACHE") or "~/.cache/mct").expanduser()
-    return cache / f"default-v{vocab_size}"
+    return cache_root(cache_dir) / f"default-v{vocab_size}"
 
 
 def dataset_dir(path: str, *, cache_dir: str, vocab_size: int) -> pathlib.Path:
@@ -141,7 +145,7 @@ class DataIterator:
             "fingerprint": self._fingerprint,
             "step": self._step,
             "shards": {
-                str(s): {"exhausted": s in self._exhausted, "pipeline": it.get_state()}
+                str(s): {"exhausted": s in self._exhausted, "pipeline": it.get_state(), **_mixture_entry(it)}
                 for s, it in self._shards.items()
             },
         }
@@ -154,6 +158,11 @@ class DataIterator:
                 raise ValueError(
                     f"data iterator state lacks logical shard {s}: combine every process's "
                     "get_state() with merge_states before resuming on another process count"
+                )
+            if _saved_mixture(state, s) != _mixture_entry(it).get("mixture", self._fingerprint.get("mixture")):
+                raise DatasetError(
+                    f"data iterator state of logical shard {s} was saved with another mixture: resume it through "
+                    "make_train_iterator(state=...), which continues every component where it stopped"
                 )
             it.set_state(entry["pipeline"])
             if entry["exhausted"]:
@@ -207,18 +216,110 @@ def make_train_iterator(
         )
         for s in layout.process_shards(process_index)
     }
+    fingerprint = _fingerprint(data_cfg, components)
+    if state is not None:
+        _check_state(state, fingerprint)
+        old_components: dict[str, tuple[DataConfig, list[_Component]]] = {}  # one per saved mixture
+        for s in shard_iterators:
+            saved = _saved_mixture(state, s)
+            if saved is None or saved == fingerprint["mixture"]:
+                continue
+            _check_mixture_change(saved, fingerprint["mixture"], data_cfg.allow_component_removal)
+            key = repr(sorted(saved.items()))
+            if key not in old_components:
+                old_cfg = dataclasses.replace(data_cfg, mixture=_mixture_config(saved))
+                old_components[key] = old_cfg, _mixture_components(old_cfg, model_vocab_size, "train")
+            old_cfg, old = old_components[key]
+            old_iterator = _packed_shard(
+                old_cfg, old, "train", s, layout.num_shards, shuffle=True, num_epochs=data_cfg.num_epochs
+            )
+            shard_iterators[s] = _MixtureSwitch(old_iterator, saved, shard_iterators[s])
     iterator = DataIterator(
         shard_iterators,
         layout=layout,
         process_index=process_index,
         seq_len=data_cfg.seq_len,
-        fingerprint=_fingerprint(data_cfg, components),
+        fingerprint=fingerprint,
         at_end="stop" if data_cfg.num_epochs > 0 else "error",
         description=f"train data for process {process_index} of {process_count}",
     )
     if state is not None:
         iterator.set_state(state)
     return iterator
+
+
+class _MixtureSwitch:
+    """A logical shard resumed with a changed mixture (weights, added or removed components). The pipeline it
+    was saved with runs until its packer starts a new packed batch, so the rows of the batch in progress come
+    out as they would have; then `new` continues every kept component where it stopped (token counts restart
+    so the new weights hold from here), added components from their first document. No document is read twice
+    or skipped; `mixture` is the saved mixture until the switch, then None.
+    """
+
+    def __init__(self, old: grain.DatasetIterator, old_mixture: dict, new: grain.DatasetIterator):
+        self._old, self._new, self.mixture = old, new, old_mixture
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.mixture is not None:
+            if self._old.get_state()["next_row"]:  # inside a packed batch of the old mixture
+                try:
+                    return next(self._old)
+                except StopIteration:
+                    pass
+            self._switch()
+        return next(self._new)
+
+    def _switch(self) -> None:
+        state = self._old.get_state()  # grain's packer: the mixture's state at the batch boundary, row counter
+        components = state["parent"]["components"]
+        self._new.set_state({"parent": {"tokens": {}, "components": components}, "next_row": 0,
+                             "counter": state["counter"]})
+        self._old, self.mixture = None, None
+
+    def get_state(self) -> dict:
+        return (self._new if self.mixture is None else self._old).get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._old.set_state(state)
+
+
+def _mixture_entry(iterator) -> dict:
+    """{"mixture": ...} for a shard still running the mixture it was saved with, else {}."""
+    if isinstance(iterator, _MixtureSwitch) and iterator.mixture is not None:
+        return {"mixture": iterator.mixture}
+    return {}
+
+
+def _saved_mixture(state: dict, shard: int) -> dict | None:
+    """The mixture (fingerprint form) logical shard `shard`'s saved position belongs to; None if not saved."""
+    entry = state["shards"].get(str(shard))
+    return None if entry is None else entry.get("mixture", state["fingerprint"].get("mixture"))
+
+
+def _mixture_config(mixture: dict) -> dict[str, MixtureComponent]:
+    """A fingerprint's mixture as DataConfig.mixture."""
+    fields = [f.name for f in dataclasses.fields(MixtureComponent)]
+    return {name: MixtureComponent(**{f: c[f] for f in fields}) for name, c in mixture.items()}
+
+
+def _check_mixture_change(saved: dict, current: dict, allow_removal: bool) -> None:
+    """A checkpoint's mixture may become `current` by new weights and new components; a kept component must
+    read the same documents; a removed one needs allow_removal.
+    """
+    for name in sorted(saved.keys() & current.keys()):
+        changed = sorted(k for k in saved[name].keys() | current[name].keys()
+                         if k != "weight" and saved[name].get(k) != current[name].get(k))
+        if changed:
+            raise DatasetError(
+                f"mixture component {name!r} changed its {', '.join(changed)} since the checkpoint: only its "
+                "weight may change when resuming; give the changed dataset a new component name"
+            )
+    removed = sorted(saved.keys() - current.keys())
+    if removed and not allow_removal:
+        raise DatasetError(
+            f"mixture components {removed} of the checkpoint are missing (or have weight 0): set "
+            "data.allow_component_removal=true to stop reading them"
+        )
 
 
 def make_eval_batches(
@@ -290,6 +391,9 @@ def _mixture_components(
         components.append(_Component(name, config, documents, manifest))
     if not components:
         raise ValueError("data config mixture: every component has weight 0")
+    masked = {c.name: bool(c.manifest.get("loss_mask")) for c in components}
+    if len(set(masked.values())) > 1:
+        raise DatasetError(f"mixture mixes chat datasets (with loss masks) and plain ones: {masked}")
     hashes = {c.name: c.manifest["tokenizer_sha256"][:12] for c in components}
     if len(set(hashes.values())) > 1:
         raise DatasetError(f"mixture components were tokenized with different tokenizers: {hashes}")
@@ -362,8 +466,10 @@ def _packed_shard(
 
 
 def _batch(rows: list[dict[str, np.ndarray] | None], seq_len: int) -> Batch:
-    """Stacks packed rows into a batch; None rows (shards without more rows) are padding."""
-    pairs = np.zeros((len(rows), seq_len, 2), np.int32)  # [batch, seq, (input, target)]
+    """Stacks packed rows into a batch; None rows (shards without more rows) are padding. Rows of chat datasets
+    carry a third column, the target's loss mask (mct/chat_data.py)."""
+    width = max((row["pairs"].shape[1] for row in rows if row is not None), default=2)
+    pairs = np.zeros((len(rows), seq_len, width), np.int32)  # [batch, seq, (input, target[, loss mask])]
     segment_ids = np.zeros((len(rows), seq_len), np.int32)  # 0 = padding
     positions = np.zeros((len(rows), seq_len), np.int32)
     for i, row in enumerate(rows):
@@ -378,7 +484,7 @@ def _batch(rows: list[dict[str, np.ndarray] | None], seq_len: int) -> Batch:
         "targets": np.ascontiguousarray(pairs[..., 1]),
         "segment_ids": segment_ids,
         "positions": positions,
-        "loss_mask": (segment_ids > 0).astype(np.float32),
+        "loss_mask": ((segment_ids > 0) & (pairs[..., 2] > 0 if width == 3 else True)).astype(np.float32),
     }
 
 
@@ -409,12 +515,12 @@ def _fingerprint(data_cfg: DataConfig, components: list[_Component]) -> dict:
 def _check_state(state: dict, fingerprint: dict, what: str = "data iterator state") -> None:
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise ValueError(f"{what} is not a data iterator state ({_STATE_FORMAT})")
-    if state["fingerprint"] != fingerprint:
-        changed = sorted(
-            k
-            for k in fingerprint.keys() | state["fingerprint"].keys()
-            if fingerprint.get(k) != state["fingerprint"].get(k)
-        )
+    changed = sorted(
+        k
+        for k in fingerprint.keys() | state["fingerprint"].keys()
+        if k != "mixture" and fingerprint.get(k) != state["fingerprint"].get(k)
+    )
+    if changed:
         raise DatasetError(
             f"{what} was saved with different data settings ({', '.join(changed)}): the run cannot resume its "
             "data exactly; set them back, or start a new workdir (a decay branch may switch the mixture)"

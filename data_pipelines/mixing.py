@@ -8,11 +8,14 @@ from collections.abc import Callable
 import grain
 import numpy as np
 
+START = {"epoch": 0, "next_doc": 0, "next_chunk": 0, "accepted": 0, "exhausted": False}  # a stream's first state
+
 
 class DocumentChunks:
     """One component's documents in one logical shard, as chunks `[n, 2]` of (input, target) token pairs.
 
-    A document d = [BOS, ..., EOS] gives the pairs (d[i], d[i + 1]); one with more than seq_len pairs is
+    A document d = [BOS, ..., EOS] gives the pairs (d[i], d[i + 1]); a chat document `[n, 2]` of (token, loss
+    mask) rows gives triples (input, target, target's loss mask), chunks `[n, 3]`. One with more than seq_len pairs is
     split into consecutive chunks of seq_len pairs (the last one shorter), never dropped. `docs` holds one
     epoch of this shard's documents; index e * len(docs) + j is document j of epoch e (grain reshuffles
     every epoch). `num_epochs` 0 repeats forever. A shard with no document passing the filter is exhausted.
@@ -27,7 +30,7 @@ class DocumentChunks:
         self._docs, self._epoch_len = docs, len(docs)
         self._seq_len, self._num_epochs = seq_len, num_epochs
         self._min_tokens, self._max_tokens = max(min_tokens, 2), max_tokens or np.iinfo(np.int64).max
-        self.set_state({"epoch": 0, "next_doc": 0, "next_chunk": 0, "accepted": 0, "exhausted": False})
+        self.set_state(START)
 
     @property
     def exhausted(self) -> bool:
@@ -43,7 +46,8 @@ class DocumentChunks:
             num_pairs = len(self._doc) - 1
             start = self._next_chunk * self._seq_len
             stop = min(start + self._seq_len, num_pairs)
-            chunk = np.stack([self._doc[start:stop], self._doc[start + 1 : stop + 1]], axis=1)  # [n, 2]
+            doc = self._doc if self._doc.ndim == 2 else self._doc[:, None]  # [len, 1 or 2]
+            chunk = np.concatenate([doc[start:stop, :1], doc[start + 1 : stop + 1]], axis=1)  # [n, 2 or 3]
             if stop == num_pairs:
                 self._next_chunk, self._doc = 0, None
             else:
@@ -117,6 +121,9 @@ class _MixtureIterator(grain.DatasetIterator):
         }
 
     def set_state(self, state: dict) -> None:
-        self._tokens = dict(state["tokens"])
+        """Components `state` lacks (added to the mixture since) start at their beginning with 0 tokens; those
+        it has beyond this mixture's (removed since) are ignored.
+        """
+        self._tokens = {name: state["tokens"].get(name, 0) for name in self._streams}
         for name, stream in self._streams.items():
-            stream.set_state(state["components"][name])
+            stream.set_state(state["components"].get(name, START))

@@ -56,51 +56,27 @@ def prepare_dataset(
     (stderr) and prints the summary (stdout).
     """
     out = pathlib.Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output {out} already exists; remove it or choose another --out")
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if max_document_chars < 0:
         raise ValueError(f"max_document_chars must be >= 0 (0 = no limit), got {max_document_chars}")
-    tasks, input_names = _input_tasks(inputs, text_field, max_document_chars)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
-    try:
-        with _worker_pool(workers) as imap:
-            if tokenizer_path:
-                tokenizer = tok.read_tokenizer_file(tokenizer_path)
-            else:
-                texts = _train_split_texts(imap, tasks, eval_fraction, progress)
-                tokenizer = tok.train_bpe_tokenizer(texts, vocab_size)
-            tokenizer_json = tok.tokenizer_bytes(tokenizer)
-            (tmp / shards.TOKENIZER).write_bytes(tokenizer_json)
-            manifest = _write_shards(imap, tasks, tmp, tokenizer, eval_fraction, shard_tokens, progress)
+    tasks, input_names = input_tasks(inputs, text_field, max_document_chars)
+    with atomic_output_dir(out) as tmp, worker_pool(workers) as imap:
+        tokenizer = dataset_tokenizer(imap, tasks, tokenizer_path, vocab_size, eval_fraction, progress)
+        tokenizer_json = tok.tokenizer_bytes(tokenizer)
+        (tmp / shards.TOKENIZER).write_bytes(tokenizer_json)
+        manifest = _write_shards(imap, tasks, tmp, tokenizer, eval_fraction, shard_tokens, progress)
         manifest.update(
-            inputs=input_names,
-            text_field=text_field,
-            eval_fraction=eval_fraction,
-            shard_tokens=shard_tokens,
-            max_document_chars=max_document_chars,
-            vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
-            tokenizer_sha256=tok.sha256_hex(tokenizer_json),
-            tokenizer_source=str(tokenizer_path) if tokenizer_path else f"trained, vocab_size {vocab_size}",
-            special_tokens=tok.special_token_ids(tokenizer),
+            settings_fields(input_names, text_field, eval_fraction, shard_tokens, max_document_chars),
+            **tokenizer_fields(tokenizer_json, tokenizer_path, vocab_size),
         )
         shards.write_manifest(tmp, manifest)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            raise FileExistsError(f"output {out} appeared while preparing it (another run?)") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress:
-        print("\n".join(_summary_lines(out, manifest)))
+        print("\n".join(summary_lines(out, manifest)))
     return out
 
 
-def _summary_lines(out: pathlib.Path, manifest: dict) -> list[str]:
+def summary_lines(out: pathlib.Path, manifest: dict) -> list[str]:
     """What prepare prints at the end: the splits' counts, the skipped inputs by reason, the split documents."""
     splits = ", ".join(
         f"{s} {e['documents']} documents {e['tokens']} tokens" for s, e in manifest["splits"].items()
@@ -127,13 +103,69 @@ def prepare_default_corpus(
     return prepare_dataset(out_dir, None, vocab_size=vocab_size, progress=progress)
 
 
+@contextlib.contextmanager
+def atomic_output_dir(out: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yields a fresh temporary sibling of `out`, renamed to `out` when the block completes and removed when
+    it raises, so `out` is either absent or complete. `out` must not exist (or be an empty directory).
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output {out} already exists; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            raise FileExistsError(f"output {out} appeared while preparing it (another run?)") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def dataset_tokenizer(
+    imap, tasks: list[_Task], tokenizer_path: str | None, vocab_size: int, eval_fraction: float, progress: bool
+) -> Tokenizer:
+    """The tokenizer file `tokenizer_path` names, or a byte-level BPE of `vocab_size` trained on the train
+    split of `tasks` (read with `imap`, see worker_pool).
+    """
+    if tokenizer_path:
+        return tok.read_tokenizer_file(tokenizer_path)
+    return tok.train_bpe_tokenizer(_train_split_texts(imap, tasks, eval_fraction, progress), vocab_size)
+
+
+def settings_fields(
+    input_names: list[str], text_field: str, eval_fraction: float, shard_tokens: int, max_document_chars: int
+) -> dict:
+    """The manifest's record of the inputs and the settings they were prepared with."""
+    return {
+        "inputs": input_names,
+        "text_field": text_field,
+        "eval_fraction": eval_fraction,
+        "shard_tokens": shard_tokens,
+        "max_document_chars": max_document_chars,
+    }
+
+
+def tokenizer_fields(tokenizer_json: bytes, tokenizer_path: str | None, vocab_size: int) -> dict:
+    """The manifest's tokenizer fields for the tokenizer.json bytes a dataset holds."""
+    tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    return {
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "tokenizer_sha256": tok.sha256_hex(tokenizer_json),
+        "tokenizer_source": str(tokenizer_path) if tokenizer_path else f"trained, vocab_size {vocab_size}",
+        "special_tokens": tok.special_token_ids(tokenizer),
+    }
+
+
 def is_eval_document(key: str, eval_fraction: float) -> bool:
     """Stable train/eval assignment: the first 8 bytes of sha256(key) as a fraction of 2**64."""
     digest = hashlib.sha256(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") < eval_fraction * 2**64
 
 
-def _input_tasks(
+def input_tasks(
     inputs: list[str] | None, text_field: str, max_document_chars: int
 ) -> tuple[list[_Task], list[str]]:
     """One task per input file, and the input names the manifest lists."""
@@ -147,7 +179,7 @@ def _input_tasks(
 
 
 @contextlib.contextmanager
-def _worker_pool(workers: int) -> Iterator:
+def worker_pool(workers: int) -> Iterator:
     """Yields an ordered `imap(fn, tasks)`: a spawn process pool, or the builtin map for one worker."""
     workers = workers or os.cpu_count() or 1
     if workers == 1:
@@ -192,21 +224,33 @@ def _tokenize_file(
     was split), or Skipped records.
     """
     path, name, text_field, max_document_chars, tokenizer_file = task
+    tokenizer = worker_tokenizer(tokenizer_file)
+    items: list[tuple[str, list[np.ndarray]] | documents.Skipped] = []
+    for item in documents.read_documents(path, text_field, name):
+        if isinstance(item, documents.Document):
+            item = (item.key, document_records(tokenizer, item.text, max_document_chars))
+        items.append(item)
+    return items
+
+
+def worker_tokenizer(tokenizer_file: str) -> Tokenizer:
+    """The tokenizer.json at `tokenizer_file`, loaded once per process, set to encode special tokens as text."""
     tokenizer = _worker_tokenizers.get(tokenizer_file)
     if tokenizer is None:
         tokenizer = _worker_tokenizers[tokenizer_file] = Tokenizer.from_file(tokenizer_file)
         tokenizer.encode_special_tokens = True  # "<s>" inside a document is text, not a control token
+    return tokenizer
+
+
+def document_records(tokenizer: Tokenizer, text: str, max_document_chars: int) -> list[np.ndarray]:
+    """The records `[num_tokens]` int32 of one document: [BOS] + ids + [EOS] per piece of at most
+    `max_document_chars` characters (one piece if it is shorter; see documents.text_pieces).
+    """
     bos, eos = tokenizer.token_to_id(tok.BOS), tokenizer.token_to_id(tok.EOS)
-    items: list[tuple[str, list[np.ndarray]] | documents.Skipped] = []
-    for item in documents.read_documents(path, text_field, name):
-        if isinstance(item, documents.Document):
-            records = [
-                np.concatenate([[bos], encode_ids(tokenizer, text), [eos]], dtype=shards.TOKEN_DTYPE)
-                for text in documents.text_pieces(item.text, max_document_chars)
-            ]
-            item = (item.key, records)
-        items.append(item)
-    return items
+    return [
+        np.concatenate([[bos], encode_ids(tokenizer, piece), [eos]], dtype=shards.TOKEN_DTYPE)
+        for piece in documents.text_pieces(text, max_document_chars)
+    ]
 
 
 def encode_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
@@ -233,16 +277,13 @@ def _write_shards(
     """
     tokenizer_file = str(directory / shards.TOKENIZER)
     writers = {split: shards.ShardWriter(directory, split, shard_tokens) for split in shards.SPLITS}
-    skipped: dict[str, int] = {}
+    skipped: list[documents.Skipped] = []
     split_documents = {"documents": 0, "pieces": 0}
-    examples: list[dict[str, str]] = []
     results = imap(_tokenize_file, [(*task, tokenizer_file) for task in tasks])
     for items in tqdm(results, total=len(tasks), desc="tokenize", disable=not progress):
         for item in items:
             if isinstance(item, documents.Skipped):
-                skipped[item.reason] = skipped.get(item.reason, 0) + 1
-                if len(examples) < _MAX_SKIP_EXAMPLES:
-                    examples.append({"source": item.source, "reason": item.reason})
+                skipped.append(item)
                 continue
             key, records = item
             writer = writers["eval" if is_eval_document(key, eval_fraction) else "train"]
@@ -252,9 +293,26 @@ def _write_shards(
                 split_documents["documents"] += 1
                 split_documents["pieces"] += len(records)
     splits = {split: writer.close() for split, writer in writers.items()}
+    return dataset_manifest(splits, skipped_entry(skipped), split_documents)
+
+
+def skipped_entry(skipped: list[documents.Skipped], by_reason: dict[str, int] | None = None) -> dict:
+    """The manifest's "skipped": the total, counts by reason (`by_reason`, default counted from `skipped`) and
+    the first _MAX_SKIP_EXAMPLES of `skipped` as examples.
+    """
+    if by_reason is None:
+        by_reason = {}
+        for item in skipped:
+            by_reason[item.reason] = by_reason.get(item.reason, 0) + 1
+    examples = [{"source": s.source, "reason": s.reason} for s in skipped[:_MAX_SKIP_EXAMPLES]]
+    return {"total": sum(by_reason.values()), "by_reason": by_reason, "examples": examples}
+
+
+def dataset_manifest(splits: dict[str, dict], skipped: dict, split_documents: dict[str, int]) -> dict:
+    """The manifest's counts from the splits' ShardWriter entries; InputError if no document was written."""
     total = sum(s["documents"] for s in splits.values())
     if total == 0:
-        raise documents.InputError(f"no documents: every input was skipped ({skipped})")
+        raise documents.InputError(f"no documents: every input was skipped ({skipped['by_reason']})")
     return {
         "format": shards.FORMAT,
         "format_version": shards.FORMAT_VERSION,
@@ -262,7 +320,7 @@ def _write_shards(
         "documents": total,
         "tokens": sum(s["tokens"] for s in splits.values()),
         "splits": splits,
-        "skipped": {"total": sum(skipped.values()), "by_reason": skipped, "examples": examples},
+        "skipped": skipped,
         "split_documents": split_documents,
     }
 

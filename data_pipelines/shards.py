@@ -28,21 +28,23 @@ class DatasetError(ValueError):
 class ShardWriter:
     """Writes one split's documents into shards of about `shard_tokens` tokens, counting what each holds."""
 
-    def __init__(self, directory: pathlib.Path, split: str, shard_tokens: int):
+    def __init__(self, directory: pathlib.Path, split: str, shard_tokens: int, name_prefix: str = ""):
+        """Shards are named {split}-{name_prefix}{index:05d}.arrayrecord (writers in parallel: distinct prefixes)."""
         self._directory, self._split, self._shard_tokens = directory, split, shard_tokens
+        self._name_prefix = name_prefix
         self._shards: list[dict] = []
         self._writer = None
 
     def write(self, tokens: np.ndarray) -> None:
-        """Appends one document, `tokens` [num_tokens] int32."""
+        """Appends one document, `tokens` [num_tokens] int32 (or [num_tokens, 2] with its loss mask)."""
         if self._writer is None or self._shards[-1]["tokens"] >= self._shard_tokens:
             self._close_shard()
-            name = f"{self._split}-{len(self._shards):05d}.arrayrecord"
+            name = f"{self._split}-{self._name_prefix}{len(self._shards):05d}.arrayrecord"
             self._writer = array_record_module.ArrayRecordWriter(str(self._directory / name), _WRITER_OPTIONS)
             self._shards.append({"file": name, "documents": 0, "tokens": 0})
         self._writer.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
         self._shards[-1]["documents"] += 1
-        self._shards[-1]["tokens"] += int(tokens.size)
+        self._shards[-1]["tokens"] += len(tokens)
 
     def close(self) -> dict:
         """Finishes the last shard; returns the split's manifest entry."""
@@ -114,12 +116,14 @@ class ShardedDocuments:
             collections.OrderedDict()
         )
         self._max_open_files = max_open_files
+        self._row = (-1, 2) if manifest.get("loss_mask") else (-1,)  # chat datasets: (token, loss mask) rows
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if self._ends.size else 0
 
     def __getitem__(self, index: int) -> np.ndarray:
-        """Document `index` of the split: token ids [num_tokens] int32 (read-only view of the record)."""
+        """Document `index` of the split: token ids [num_tokens] int32, or [num_tokens, 2] (token, loss mask)
+        in a chat dataset (read-only view of the record)."""
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"document {index} out of range [0, {len(self)})")
@@ -130,7 +134,7 @@ class ShardedDocuments:
         except RuntimeError as e:  # array_record reports I/O and corruption as RuntimeError
             path = self._dataset_dir / self._files[shard]
             raise DatasetError(f"dataset {self._dataset_dir}: cannot read shard {path}: {e}") from None
-        return np.frombuffer(record, dtype=TOKEN_DTYPE)
+        return np.frombuffer(record, dtype=TOKEN_DTYPE).reshape(self._row)
 
     def _reader(self, shard: int) -> array_record_module.ArrayRecordReader:
         reader = self._readers.get(shard)

@@ -279,7 +279,8 @@ def analyze(config: Config, acc: Accelerator, num_slices: int = 1) -> dict:
     built = build_for(config, acc, num_slices)
     report = {
         "topology": acc.name, "num_slices": num_slices, "chips": acc.chips * num_slices,
-        "mesh": dict(built.mesh.shape), "hbm_per_device": acc.hbm_bytes,
+        "mesh": {a: n for a, n in built.mesh.shape.items() if a != "expert" or n > 1},  # expert: MoE only
+        "hbm_per_device": acc.hbm_bytes,
     }  # fmt: skip
     start = time.perf_counter()
     try:
@@ -299,8 +300,26 @@ def analyze(config: Config, acc: Accelerator, num_slices: int = 1) -> dict:
     return {
         **report, "fits": mem["total"] <= acc.hbm_bytes, "bytes_per_device": mem["total"], "memory": mem,
         "flops_per_step": xla, "analytic_flops_per_step": analytic, "xla_loops": loops(built.config),
+        "dot_operand_types": dot_operand_types(compiled.as_text()),
         "note": advice(parts, built.config, acc.hbm_bytes),
     }  # fmt: skip
+
+
+_DEF = re.compile(r"(%[\w.-]+) = (\w+)\[")  # an instruction's name and element type
+_DOT = re.compile(r"= (\w+)\[[^\]]*\]\S* (?:dot|convolution)\(([^)]*)\)")
+_OPERAND = re.compile(r"(?:(\w+)\[[^\]]*\]\S* )?(%[\w.-]+)")  # typed (CPU/GPU text) or bare (TPU)
+
+
+def dot_operand_types(hlo: str) -> dict[str, int]:
+    """How many dots (and convolutions) of the compiled HLO have each "lhs x rhs -> out" element type: shows
+    whether model.fp8's matmuls stay f8e4m3fn on the chip or were widened by the compiler."""
+    types = dict(_DEF.findall(hlo))
+    counts: dict[str, int] = {}
+    for out, args in _DOT.findall(hlo):
+        operands = [kind or types.get(name, "?") for kind, name in _OPERAND.findall(args)][:2]
+        key = f"{' x '.join(operands)} -> {out}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def loops(config: Config) -> dict[str, int]:
@@ -330,6 +349,7 @@ def describe_report(r: dict) -> list[str]:
             f"  total = arguments + outputs - aliased + temporaries + code = {gib(m['total'])}",
             f"FLOPs per step per device: XLA {r['flops_per_step']:.4g} (counting {once}), "
             f"mct.flops {r['analytic_flops_per_step']:.4g}",
+            "dots by element type: " + ", ".join(f"{k}: {n}" for k, n in r["dot_operand_types"].items()),
         ]
     need, hbm = r["bytes_per_device"], r["hbm_per_device"]
     verdict = f"fits, headroom {gib(hbm - need)}" if r["fits"] else "does not fit"

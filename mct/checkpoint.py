@@ -6,6 +6,7 @@ that fails (e.g. on a full disk) has its tmp directory removed and raises Checkp
 check_saves, save or wait.
 """
 
+import functools
 import logging
 import os
 import pathlib
@@ -17,7 +18,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from mct.config import ConfigError, ModelConfig
+from mct.config import Config, ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 COMMIT_MARKER = "commit_success.txt"
@@ -25,15 +26,29 @@ ITEMS = ("state", "data", "meta")
 # tensorstore puts the OS error in its message: "... No space left on device [os_error_code='28']"
 OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
-# Model fields that must match for a checkpoint to be restored into a run.
+# Model fields that must match for a checkpoint to be restored into a run (dotted: a nested field).
 SHAPE_KEYS = (
     "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_mlp", "vocab_size", "tie_embeddings",
+    "moe.num_experts", "mtp.depth",
 )  # fmt: skip
+# What a checkpoint written before a key existed holds for it.
+_SIGNATURE_DEFAULTS = {"moe.num_experts": 0, "mtp.depth": 0}
 
 
 def model_signature(model_cfg: ModelConfig) -> dict:
     """The shape fields a checkpoint records and a restore compares."""
-    return {k: getattr(model_cfg, k) for k in SHAPE_KEYS}
+    return {k: functools.reduce(getattr, k.split("."), model_cfg) for k in SHAPE_KEYS}
+
+
+def run_meta(config: Config, step: int, **provenance) -> dict:
+    """The metadata every checkpoint of a run records: its config, model shape, data mixture, decay start
+    and step, plus where its weights came from (an import, an upcycle) when they did not come from training."""
+    as_dict = config.to_dict()
+    return {
+        "config": as_dict, "model_signature": model_signature(config.model),
+        "data_mixture": as_dict["data"]["mixture"], "decay_start": config.decay_start, "step": step,
+        **provenance,
+    }  # fmt: skip
 
 
 class CheckpointMissing(FileNotFoundError):
@@ -156,7 +171,7 @@ class Checkpointer:
     def check_compatible(self, step: int, model_cfg: ModelConfig) -> dict:
         """Raises ConfigError naming the differing fields when the checkpoint holds another model shape."""
         meta = self.read_meta(step)
-        saved, wanted = meta["model_signature"], model_signature(model_cfg)
+        saved, wanted = {**_SIGNATURE_DEFAULTS, **meta["model_signature"]}, model_signature(model_cfg)
         diff = {k: (saved.get(k), wanted[k]) for k in wanted if saved.get(k) != wanted[k]}
         if diff:
             details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())

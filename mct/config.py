@@ -25,7 +25,8 @@ REMAT_NAMES = (
     "none", "full", "minimal", "save_qkv_proj", "save_attn_out", "save_dot_except_mlp", "offload_residual",
     "save_residual", "dots_saveable", "dots_with_no_batch_dims_saveable",
 )  # fmt: skip
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+QUANT_WEIGHTS = ("none", "ternary")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,40 @@ class SparseSettings(SparseConfig):
     """InfLLM v2 settings (MiniCPM4 report section 2.1) plus which kernel implementation runs them."""
 
     implementation: str = "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """BitCPM weight quantisation in the forward pass (mct/quant.py): "none", or "ternary" ({-1, 0, 1} x a
+    per-group absmean scale over group_size consecutive inputs of every hidden matrix, trained with an STE)."""
+
+    weights: str = "none"
+    group_size: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class MTPConfig:
+    """Multi-token prediction (MiniCPM4 report section 2.3.2): `depth` extra blocks (0 = off), block k on
+    Linear(concat(RMSNorm(h_i), RMSNorm(Emb(x_{i+k})))) predicting x_{i+k+1}; L = L_ntp + loss_weight * L_mtp
+    (the report gives no weight: 0.3 is ours)."""
+
+    depth: int = 0
+    loss_weight: float = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture of experts in every MLP (MiniCPM paper section 7, MiniCPM-MoE): `num_experts` SwiGLU experts
+    (0 = dense), the top_k of a softmax router; load-balancing loss x aux_loss_weight, router z-loss x
+    z_loss_weight; capacity_factor > 0 caps each expert at ceil(factor * tokens * top_k / experts) tokens
+    (the rest dropped, counted in the metrics), 0 = dropless."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    router_init_std: float = 0.01
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    capacity_factor: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +122,10 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan over the stacked layers (False: unrolled, slower compile)
     remat: str = "none"  # REMAT_NAMES: the jax.checkpoint policy of a layer
     loss_chunk: int = 0  # tokens per cross-entropy chunk (0 = whole sequence at once)
+    mtp: MTPConfig = MTPConfig()
+    moe: MoEConfig = MoEConfig()
+    fp8: bool = False  # linear layers in float8_e4m3fn with block scales (mct/fp8.py); attention, head stay bf16
+    quant: QuantConfig = QuantConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +162,7 @@ class ScheduleConfig:
     lr_min: float = 0.0
     branch_from: str = ""  # workdir of a stable run to branch a decay from
     branch_step: int = -1  # its checkpoint step; the branch decays over the next decay_steps
+    lr_from_init: bool = False  # post-training: the peak lr is init_from's final lr (MiniCPM SFT convention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +171,11 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+    expert: int = 1  # MoE expert parallelism: experts split over it, and the batch too (a data axis elsewhere)
     tensor: int = 1
 
-    def shape(self, n_devices: int) -> tuple[int, int, int]:
-        """Sizes of (data, fsdp, tensor) on n_devices."""
+    def shape(self, n_devices: int) -> tuple[int, int, int, int]:
+        """Sizes of (data, fsdp, expert, tensor) on n_devices."""
         sizes = [getattr(self, a) for a in MESH_AXES]
         named = dict(zip(MESH_AXES, sizes))
         if sizes.count(-1) > 1:
@@ -171,6 +212,40 @@ class ProfileConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation (mct/dpo.py): -log sigmoid(beta * margin of policy/reference log-ratios),
+    plus sft_weight x the chosen answers' token loss (OpenBMB's script: beta 0.1, weight 0.5)."""
+
+    path: tuple[str, ...] = ("default",)  # preference JSONL files ({"prompt", "chosen", "rejected"}) or "default"
+    beta: float = 0.1
+    sft_weight: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """RL with chunk-wise rollout (mct/rl.py; MiniCPM4 report section 3.2): GRPO advantages over group_size
+    rollouts per prompt, dynamic sampling, clip-higher, dual clip, KL to a reference refreshed every
+    ref_refresh_steps, overlong filtering; each step decodes at most chunk_tokens per trajectory."""
+
+    prompts: str = ""  # JSONL of {"prompt", "answer"} or {"prompt", "tests"}; "" = embedded arithmetic task
+    reward: str = "numeric"  # exact | numeric | python_tests (mct/rewards.py)
+    group_size: int = 16  # rollouts per prompt (G)
+    prompts_per_step: int = 8  # new prompts (groups) entering the rollout each step
+    chunk_tokens: int = 8192  # new tokens per trajectory per step (>= max_response_tokens: full-length rollout)
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 32768
+    temperature: float = 1.0
+    top_p: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.28  # clip-higher (DAPO)
+    dual_clip: float = 3.0  # c of the dual clip, for negative advantages
+    kl_beta: float = 0.001
+    ref_refresh_steps: int = 100  # the reference becomes the current policy every this many steps
+    overlong_filter: bool = True  # no loss on trajectories cut at max_response_tokens
+    lr: float = 1e-5  # constant (replaces optimizer.lr and the WSD schedule in RL runs)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One training run."""
 
@@ -185,6 +260,9 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     profile: ProfileConfig = ProfileConfig()
+    init_from: str = ""  # post-training: WORKDIR[:STEP] whose params (not optimizer state) start the run
+    dpo: DPOConfig = DPOConfig()
+    rl: RLConfig = RLConfig()
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
@@ -224,9 +302,9 @@ class Config:
         """Raises ConfigError for a resolved config that cannot run on n_devices devices in n_processes."""
         check_model(self.model)
         check_ranges(self)  # values first, then their fit to the devices
-        data, fsdp, tensor = self.mesh.shape(n_devices)
-        check_sharding(self.model, tensor, fsdp)
-        check_batch(self, data * fsdp, n_processes)
+        data, fsdp, expert, tensor = self.mesh.shape(n_devices)
+        check_sharding(self.model, tensor, fsdp, expert)
+        check_batch(self, data * fsdp * expert, n_processes)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -234,8 +312,12 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(f"config {message}")
 
 
-def check_sharding(m: ModelConfig, tensor: int, fsdp: int) -> None:
-    """The model's fit to the tensor and fsdp mesh axes it is sharded over."""
+def check_sharding(m: ModelConfig, tensor: int, fsdp: int, expert: int = 1) -> None:
+    """The model's fit to the tensor, fsdp and expert mesh axes it is sharded over."""
+    _require(
+        m.moe.num_experts % expert == 0,
+        f"model.moe.num_experts={m.moe.num_experts} is not divisible by mesh.expert={expert}",
+    )
     for key in ("n_heads", "n_kv_heads", "d_mlp", "vocab_size"):
         _require(
             getattr(m, key) % tensor == 0,
@@ -268,6 +350,15 @@ def check_model(m: ModelConfig) -> None:
     _require(m.remat in REMAT_NAMES, f"model.remat={m.remat!r} is not one of {REMAT_NAMES}")
     _require(m.rope.type in ROPE_TYPES, f"model.rope.type={m.rope.type!r} is not one of {ROPE_TYPES}")
     _require(m.max_position > 0, f"model.max_position={m.max_position} must be positive")
+    check_quant(m)
+    _require(m.mtp.depth >= 0 and m.mtp.loss_weight >= 0, f"model.mtp {m.mtp} needs depth, loss_weight >= 0")
+    _require(m.moe.num_experts >= 0, f"model.moe.num_experts={m.moe.num_experts} must be >= 0 (0 = dense)")
+    if m.moe.num_experts:
+        _require(
+            0 < m.moe.top_k <= m.moe.num_experts and m.moe.capacity_factor >= 0,
+            f"model.moe.top_k={m.moe.top_k} must be in [1, num_experts={m.moe.num_experts}] and "
+            f"model.moe.capacity_factor={m.moe.capacity_factor} >= 0",
+        )
     if m.attention == "infllm_v2":
         _require(
             not m.sparse.use_nope,
@@ -277,6 +368,21 @@ def check_model(m: ModelConfig) -> None:
         _require(
             m.sparse.implementation in SPARSE_IMPLEMENTATIONS,
             f"model.sparse.implementation={m.sparse.implementation!r} is not one of {SPARSE_IMPLEMENTATIONS}",
+        )
+
+
+def check_quant(m: ModelConfig) -> None:
+    """model.quant: a known scheme whose group size divides every quantised matrix's input dimension."""
+    q = m.quant
+    _require(q.weights in QUANT_WEIGHTS, f"model.quant.weights={q.weights!r} is not one of {QUANT_WEIGHTS}")
+    if q.weights == "none":
+        return
+    _require(q.group_size > 0, f"model.quant.group_size={q.group_size} must be positive")
+    inputs = {"d_model": m.d_model, "n_heads * head_dim": m.n_heads * m.head_dim, "d_mlp": m.d_mlp}
+    for name, size in inputs.items():
+        _require(
+            size % q.group_size == 0,
+            f"model.quant.group_size={q.group_size} does not divide the input dimension model.{name}={size}",
         )
 
 
@@ -317,6 +423,24 @@ def check_ranges(c: "Config") -> None:
         f"schedule warmup + decay = {s.warmup_steps + s.decay_steps} steps exceeds train.steps={t.steps}",
     )
     _require(len(c.profile.steps) in (0, 2), f"profile.steps={c.profile.steps} must be () or (first, last)")
+    _require(not s.lr_from_init or c.init_from, "schedule.lr_from_init needs init_from=WORKDIR[:STEP]")
+    _require(c.dpo.beta > 0 and c.dpo.sft_weight >= 0, f"dpo.beta={c.dpo.beta} must be > 0, dpo.sft_weight >= 0")
+    check_rl(c.rl)
+
+
+def check_rl(r: RLConfig) -> None:
+    """Ranges of the RL settings."""
+    for key in ("group_size", "prompts_per_step", "chunk_tokens", "max_prompt_tokens", "max_response_tokens",
+                "ref_refresh_steps"):  # fmt: skip
+        _require(getattr(r, key) > 0, f"rl.{key}={getattr(r, key)} must be positive")
+    _require(r.group_size > 1, f"rl.group_size={r.group_size} must be > 1 (advantages are relative to the group)")
+    _require(r.reward in ("exact", "numeric", "python_tests"),
+             f"rl.reward={r.reward!r} is not one of exact, numeric, python_tests")  # fmt: skip
+    _require(r.temperature >= 0 and 0 < r.top_p <= 1, f"rl.temperature={r.temperature} must be >= 0 and "
+             f"rl.top_p={r.top_p} in (0, 1]")  # fmt: skip
+    _require(0 <= r.eps_low < 1 and r.eps_high >= 0, f"rl.eps_low={r.eps_low} must be in [0, 1), rl.eps_high >= 0")
+    _require(r.dual_clip > 1, f"rl.dual_clip={r.dual_clip} must be > 1")
+    _require(r.kl_beta >= 0 and r.lr > 0, f"rl.kl_beta={r.kl_beta} must be >= 0 and rl.lr={r.lr} > 0")
 
 
 def check_batch(c: "Config", data_parallel: int, n_processes: int) -> None:
@@ -330,7 +454,7 @@ def check_batch(c: "Config", data_parallel: int, n_processes: int) -> None:
     _require(
         micro % data_parallel == 0,
         f"train.batch_size={t.batch_size} (micro-batch {micro}) is not divisible by "
-        f"mesh data x fsdp = {data_parallel} data-parallel devices",
+        f"mesh data x fsdp x expert = {data_parallel} data-parallel devices",
     )
     _require(
         t.batch_size % n_processes == 0,

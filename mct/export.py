@@ -1,6 +1,7 @@
 """Exports a training checkpoint as a Hugging Face model directory (safetensors + config + tokenizer).
 
-    python -m mct.export --workdir DIR [--step N] --format minicpm|llama --out OUT [--freq_vocab FILE]
+    python -m mct.export --workdir DIR [--step N] --format minicpm|llama|ternary --out OUT [--freq_vocab FILE]
+    python -m mct.export --workdir DIR [--step N] --format gguf --gguf_type f16 --out FILE.gguf  (mct.gguf_export)
 
 Tensors stream one at a time (one layer of one parameter, read through tensorstore) into safetensors shards
 of at most --max_shard_mb, so no process ever holds more than one shard. Everything is written into a
@@ -24,12 +25,16 @@ from tqdm import tqdm
 
 from data_pipelines.freq_vocab import read_freq_vocab
 from data_pipelines.tokenizer import BOS, EOS, PAD, read_tokenizer_file, special_token_ids, tokenizer_bytes
-from mct import cli, hf_layout
+from mct import cli, gguf_export, hf_layout, quant
+from mct.chat import CHAT_TEMPLATE, IM_END, IM_START
 from mct.run_reader import RunCheckpoint, load_run_tokenizer
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 INDEX_FILE = "model.safetensors.index.json"
 FREQ_VOCAB_FILE = "freq_vocab.json"
+TERNARY = "ternary"  # the MiniCPM layout with BitCPM's 2-bit codes + per-group scales (mct.quant)
+GGUF = "gguf"  # one llama.cpp file (mct.gguf_export)
+FORMATS = (*hf_layout.LAYOUTS, TERNARY, GGUF)
 
 
 def shard_plan(plan: list[hf_layout.TensorSpec], itemsize: int, max_shard_bytes: int) -> list[list]:
@@ -55,24 +60,34 @@ def write_json(path: pathlib.Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_tensors(run: RunCheckpoint, layout: str, out: pathlib.Path, dtype: np.dtype, max_shard_bytes: int):
-    """Writes the safetensors shards (and their index when there are several) into `out`."""
-    plan = hf_layout.tensor_plan(run.model_cfg, layout)
+def write_tensors(run: RunCheckpoint, layout: str, out: pathlib.Path, dtype: np.dtype, max_shard_bytes: int,
+                  ternary: bool = False, keep_mtp: bool = False):  # fmt: skip
+    """Writes the safetensors shards (and their index when there are several) into `out`.
+
+    A QAT run's hidden matrices are written as its forward uses them: dequantised (codes x scales), or with
+    `ternary` as packed codes and scales (mct.quant.hf_ternary_tensors)."""
+    cfg = run.model_cfg
+    plan = hf_layout.tensor_plan(run.model_cfg, layout, keep_mtp)
     shards = shard_plan(plan, dtype.itemsize, max_shard_bytes)
     names = shard_file_names(len(shards))
-    weight_map = {}
+    weight_map, total = {}, 0
     with tqdm(total=len(plan), desc="export", unit="tensor") as bar:
         for specs, name in zip(shards, names):
             tensors = {}
             # parameter by parameter, so each is restored once per shard (the file's order is safetensors')
             for spec in sorted(specs, key=lambda s: (s.param, -1 if s.layer is None else s.layer)):
                 value = run.read(spec.param, () if spec.layer is None else spec.layer)
-                tensors[spec.name] = hf_layout.to_hf(spec, value, dtype)
-                weight_map[spec.name] = name
+                if ternary and spec.param in quant.QUANTISED:
+                    written = quant.hf_ternary_tensors(spec.name, spec.param, value, cfg.quant.group_size)
+                else:
+                    value = quant.quantise_weights(cfg.quant, {spec.param: value})[spec.param]
+                    written = {spec.name: hf_layout.to_hf(spec, value, dtype)}
+                tensors.update(written)
+                total += sum(t.nbytes for t in written.values())
+                weight_map.update(dict.fromkeys(written, name))
                 bar.update(1)
             save_file(tensors, str(out / name), metadata={"format": "pt"})
     if len(shards) > 1:
-        total = sum(int(np.prod(s.shape)) * dtype.itemsize for s in plan)
         write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
@@ -100,10 +115,11 @@ def write_tokenizer(tokenizer: Tokenizer, out: pathlib.Path, max_length: int) ->
     ids = special_token_ids(tokenizer)
     special = {role: token for role, token in special.items() if token in ids}
     write_json(out / "special_tokens_map.json", special)
+    chat = {"chat_template": CHAT_TEMPLATE} if {IM_START, IM_END} <= ids.keys() else {}  # mct.chat's format
     write_json(
         out / "tokenizer_config.json",
         {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-         "clean_up_tokenization_spaces": False, "add_bos_token": True, "add_eos_token": False, **special},
+         "clean_up_tokenization_spaces": False, "add_bos_token": True, "add_eos_token": False, **special, **chat},
     )  # fmt: skip
     return ids
 
@@ -130,6 +146,19 @@ def fresh_directory(out: str | pathlib.Path):
         raise
 
 
+def read_run(workdir: str, step: int | None, tokenizer_path: str | None) -> tuple[RunCheckpoint, Tokenizer]:
+    """WORKDIR's checkpoint (latest unless `step`) and its tokenizer (the run's own unless tokenizer_path),
+    which must fit the model's vocabulary."""
+    run = RunCheckpoint(workdir, step)
+    tokenizer = read_tokenizer_file(tokenizer_path) if tokenizer_path else load_run_tokenizer(run)
+    if tokenizer.get_vocab_size() > run.model_cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "
+            f"{run.model_cfg.vocab_size}"
+        )
+    return run, tokenizer
+
+
 def export(
     workdir: str,
     out: str,
@@ -140,28 +169,30 @@ def export(
     max_shard_bytes: int = 2 << 30,
     tokenizer_path: str | None = None,
     freq_vocab: str | None = None,
+    keep_mtp: bool = False,
 ) -> pathlib.Path:
-    """Exports WORKDIR's checkpoint (latest unless `step`) in `layout` to the new directory `out`."""
+    """Exports WORKDIR's checkpoint (latest unless `step`) in `layout` (or TERNARY) to the new directory `out`."""
+    ternary, layout = layout == TERNARY, "minicpm" if layout == TERNARY else layout
     hf_layout.check_layout(layout)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    run = RunCheckpoint(workdir, step)
+    run, tokenizer = read_run(workdir, step, tokenizer_path)
     cfg = run.model_cfg
-    if tokenizer_path:
-        tokenizer = read_tokenizer_file(tokenizer_path)
-    else:
-        tokenizer = load_run_tokenizer(run)
-    if tokenizer.get_vocab_size() > cfg.vocab_size:
+    if ternary and cfg.quant.weights != "ternary":
         raise ValueError(
-            f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "
-            f"{cfg.vocab_size}"
+            f"{workdir} is not a ternary QAT run (model.quant.weights={cfg.quant.weights!r}); train with "
+            "--config.model.quant.weights=ternary, or export --format minicpm|llama"
         )
     if freq_vocab:
         read_freq_vocab(freq_vocab, cfg.vocab_size)  # refuse a malformed or mismatched file before writing
     with fresh_directory(out) as tmp:
-        write_tensors(run, layout, tmp, DTYPES[dtype], max_shard_bytes)
+        write_tensors(run, layout, tmp, DTYPES[dtype], max_shard_bytes, ternary, keep_mtp and cfg.mtp.depth > 0)
         ids = write_tokenizer(tokenizer, tmp, cfg.max_position)
         config = hf_layout.hf_config(cfg, layout, ids, dtype)
+        if keep_mtp and cfg.mtp.depth:
+            config["num_nextn_predict_layers"] = cfg.mtp.depth  # DeepSeek-V3's name for the MTP depth
+        if ternary:
+            config["quantization_config"] = quant.ternary_config(cfg.quant)
         write_json(tmp / "config.json", config)
         generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
         write_json(tmp / "generation_config.json", generation)
@@ -173,21 +204,31 @@ def export(
 def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest committed one).")
-    flags.DEFINE_enum("format", "minicpm", hf_layout.LAYOUTS, "minicpm, or llama (muP folded in).")
-    flags.DEFINE_string("out", None, "New (or empty) output directory.", required=True)
+    flags.DEFINE_enum("format", "minicpm", FORMATS, "minicpm, llama (muP folded in), or ternary (a QAT run's "
+                      "2-bit codes + per-group scales in the minicpm layout).")
+    flags.DEFINE_string("out", None, "New (or empty) output directory; a new .gguf file for --format gguf.",
+                        required=True)  # fmt: skip
     flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Tensor dtype in the safetensors files.")
     flags.DEFINE_integer("max_shard_mb", 2048, "Largest safetensors shard, in MiB.")
     flags.DEFINE_string("tokenizer", None, "tokenizer.json (default: the run's own).")
+    flags.DEFINE_bool("keep_mtp", False, "Keep the MTP blocks (model.mtp.depth > 0; dropped by default), for "
+                      "self-speculative decoding.")
     flags.DEFINE_string("freq_vocab", None, "FR-Spec vocabulary file to include (data_pipelines.freq_vocab).")
+    flags.DEFINE_enum("gguf_type", "f16", list(gguf_export.GGUF_TYPES), "--format gguf: the tensor type "
+                      "(q4_k_m through llama.cpp's quantizer; tq2_0 for ternary QAT runs).")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
     try:
+        if f.format == GGUF:
+            out = gguf_export.export_gguf(*read_run(f.workdir, f.step, f.tokenizer), f.out, f.gguf_type)
+            print(f"exported {f.gguf_type} GGUF to {out}")
+            return
         out = export(
             f.workdir, f.out, f.format, step=f.step, dtype=f.dtype, max_shard_bytes=f.max_shard_mb << 20,
-            tokenizer_path=f.tokenizer, freq_vocab=f.freq_vocab,
+            tokenizer_path=f.tokenizer, freq_vocab=f.freq_vocab, keep_mtp=f.keep_mtp,
         )  # fmt: skip
     except (OSError, ValueError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         raise cli.UserError(str(e).splitlines()[0]) from None

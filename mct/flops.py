@@ -3,7 +3,8 @@
 Per token, training (forward + backward) costs 6 * N_matmul + 6 * n_layers * seq * (n_heads * head_dim):
 N_matmul counts every parameter used in a matmul (all of them, less the input embedding when it is not
 tied to the LM head, since a lookup is no matmul); the second term is causal attention (QK^T and PV,
-2 matmuls x 2 FLOPs x 3 passes, halved by the causal mask).
+2 matmuls x 2 FLOPs x 3 passes, halved by the causal mask). MoE layers count the top_k experts a token runs
+(active parameters); each MTP block is one more attention layer and one more pass of the shared LM head.
 """
 
 import time
@@ -16,12 +17,16 @@ from mct.model import count_params
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    n = count_params(cfg)
+    """Parameters of the matmuls one token runs through (MoE: only its top_k experts)."""
+    n = count_params(cfg) + cfg.mtp.depth * cfg.vocab_size * cfg.d_model  # MTP: the head once more per block
+    if cfg.moe.num_experts:
+        n -= cfg.n_layers * (cfg.moe.num_experts - cfg.moe.top_k) * 3 * cfg.d_model * cfg.d_mlp
     return n if cfg.tie_embeddings else n - cfg.vocab_size * cfg.d_model
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return 6.0 * matmul_params(cfg) + 6.0 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+    attention_layers = cfg.n_layers + cfg.mtp.depth
+    return 6.0 * matmul_params(cfg) + 6.0 * attention_layers * seq_len * cfg.n_heads * cfg.head_dim
 
 
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

@@ -1,12 +1,14 @@
 """Text generation from a training checkpoint, streaming the continuation as it is decoded.
 
     python -m mct.generate --workdir DIR --prompt "def main(" [--prompt "..."] [--max_new_tokens N
-        --temperature T --top_p P --seed S --step N] [--draft_workdir DIR --freq_vocab FILE --num_draft K]
+        --temperature T --top_p P --seed S --step N --chat] [--draft_workdir DIR --freq_vocab FILE --num_draft K]
 
 Prompts are encoded with the run's tokenizer and start with BOS, like training documents; EOS ends a row.
+With --chat each prompt is a user turn of the chat format (mct.chat) and the answer ends at `<|im_end|>`.
 One prompt streams token by token; several are decoded as one batch and printed when done. With
 --draft_workdir, a smaller model of the same tokenizer drafts tokens (FR-Spec speculative decoding, its LM
-head cut to the --freq_vocab ids); the output distribution is the same.
+head cut to the --freq_vocab ids); with --speculative mtp, the model's own MTP block drafts one token per
+pass (mct.mtp_speculative). The output distribution is the same.
 """
 
 import functools
@@ -18,7 +20,9 @@ from tokenizers import Tokenizer
 from data_pipelines.freq_vocab import read_freq_vocab
 from data_pipelines.tokenizer import BOS, EOS
 from mct import cli
+from mct.chat import encode_chat, im_end_id
 from mct.decoding import Sampling, generate
+from mct.mtp_speculative import mtp_generate
 from mct.run_reader import RunCheckpoint, load_run_tokenizer
 from mct.speculative import speculative_generate
 
@@ -47,7 +51,11 @@ class StreamPrinter:
         self._printed = len(text)
 
 
-def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
+def encode_prompts(tokenizer: Tokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:
+    """[BOS] + ids of each prompt; with `chat`, each prompt is a user turn followed by the assistant header."""
+    if chat:
+        turn = lambda p: [{"role": "user", "content": p}]
+        return [encode_chat(tokenizer, turn(p), add_generation_prompt=True)[0] for p in prompts]
     bos = tokenizer.token_to_id(BOS)
     return [[bos] + tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
 
@@ -63,6 +71,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("draft_workdir", None, "Speculative decoding: the draft model's training workdir.")
     flags.DEFINE_string("freq_vocab", None, "Speculative decoding: FR-Spec ids the draft head keeps.")
     flags.DEFINE_integer("num_draft", 4, "Speculative decoding: draft tokens per target pass.")
+    flags.DEFINE_enum("speculative", None, ["mtp"], "mtp: the model's MTP block drafts (model.mtp.depth >= 1).")
+    flags.DEFINE_bool("chat", False, "Each prompt is a user turn (mct.chat's ChatML); the answer stops at <|im_end|>.")
 
 
 def main(argv: list[str]) -> None:
@@ -85,9 +95,19 @@ def main(argv: list[str]) -> None:
                 num_draft=f.num_draft, draft_vocab=vocab,
             )  # fmt: skip
             decode = lambda prompts, **kwargs: speculative(prompts, **kwargs)[0]
+        if f.speculative == "mtp":
+            if f.draft_workdir or not run.model_cfg.mtp.depth:
+                raise ValueError(f"--speculative mtp needs a run with an MTP block (model.mtp.depth="
+                                 f"{run.model_cfg.mtp.depth}) and no --draft_workdir")  # fmt: skip
+            decode = lambda prompts, **kwargs: mtp_generate(run.model_cfg, params, prompts, **kwargs)[0]
     except (OSError, ValueError) as e:
         raise cli.UserError(str(e)) from None
-    prompts = encode_prompts(tokenizer, f.prompt)
+    try:
+        prompts = encode_prompts(tokenizer, f.prompt, chat=f.chat)
+        eos_id = im_end_id(tokenizer) if f.chat else tokenizer.token_to_id(EOS)
+    except ValueError as e:  # a tokenizer without the chat tokens
+        raise cli.UserError(f"--chat: {e}") from None
+    shown = [f"{p}\n" if f.chat else p for p in f.prompt]  # a chat answer starts on its own line
     longest = max(len(p) for p in prompts) + f.max_new_tokens
     if longest > run.model_cfg.max_position:
         raise cli.UserError(
@@ -96,16 +116,16 @@ def main(argv: list[str]) -> None:
         )
     stream = StreamPrinter(tokenizer) if len(prompts) == 1 else None
     if stream:
-        sys.stdout.write(f.prompt[0])
+        sys.stdout.write(shown[0])
     outputs = decode(
-        prompts, max_new_tokens=f.max_new_tokens, sampling=sampling, eos_id=tokenizer.token_to_id(EOS),
+        prompts, max_new_tokens=f.max_new_tokens, sampling=sampling, eos_id=eos_id,
         seed=f.seed, on_tokens=stream,
     )  # fmt: skip
     if stream:
         stream.finish()
         return
-    for prompt, tokens in zip(f.prompt, outputs):
-        print(f"--- {prompt!r} ({len(tokens)} tokens)\n{prompt}{tokenizer.decode(tokens)}")
+    for prompt, text, tokens in zip(f.prompt, shown, outputs):
+        print(f"--- {prompt!r} ({len(tokens)} tokens)\n{text}{tokenizer.decode(tokens)}")
 
 
 def entry() -> None:

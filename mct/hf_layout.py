@@ -61,7 +61,7 @@ class FoldedScales:
 
     @classmethod
     def of(cls, cfg: ModelConfig, layout: str) -> "FoldedScales":
-        if layout == "minicpm":
+        if layout == "minicpm" and not cfg.moe.num_experts:  # MoE: Mixtral, folded like Llama
             return cls(1.0, 1.0, 1.0)
         return cls(cfg.scale_emb, cfg.scale_depth / math.sqrt(cfg.n_layers), 1.0 / width_multiplier(cfg))
 
@@ -77,26 +77,79 @@ def ties_head(cfg: ModelConfig, layout: str) -> bool:
     return cfg.tie_embeddings and np.float32(scales.embed) == np.float32(scales.head)
 
 
-def tensor_plan(cfg: ModelConfig, layout: str) -> list[TensorSpec]:
-    """Every tensor of the HF checkpoint, in a fixed order, with its source parameter."""
-    check_layout(layout)
-    s = FoldedScales.of(cfg, layout)
-    d, f, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
+def check_moe(cfg: ModelConfig, layout: str) -> None:
+    """An MoE model has no Llama layout: its export is the minicpm format, written as Mixtral."""
+    if cfg.moe.num_experts and layout != "minicpm":
+        raise ValueError(f"the {layout} layout has no experts: this is an MoE model (model.moe.num_experts="
+                         f"{cfg.moe.num_experts}); export it with --format minicpm (MixtralForCausalLM)")  # fmt: skip
+
+
+def _moe_specs(cfg: ModelConfig, i: int, branch: float) -> list[TensorSpec]:
+    """Layer i's router and experts in the Mixtral layout (block_sparse_moe: gate; experts.E.w1/w3/w2)."""
+    d, f, prefix = cfg.d_model, cfg.d_mlp, f"model.layers.{i}.block_sparse_moe."
+    specs = [TensorSpec(prefix + "gate.weight", "router", i, 1.0, (cfg.moe.num_experts, d))]
+    for e in range(cfg.moe.num_experts):
+        specs += [
+            TensorSpec(f"{prefix}experts.{e}.w1.weight", "w_gate", (i, e), 1.0, (f, d)),
+            TensorSpec(f"{prefix}experts.{e}.w3.weight", "w_up", (i, e), 1.0, (f, d)),
+            TensorSpec(f"{prefix}experts.{e}.w2.weight", "w_down", (i, e), branch, (d, f)),
+        ]
+    return specs
+
+
+def _mtp_specs(cfg: ModelConfig, s: "FoldedScales") -> list[TensorSpec]:
+    """The MTP blocks (DeepSeek-V3's names under model.mtp.K.: enorm, hnorm, eh_proj [d, 2d], a decoder
+    layer, final_layernorm), for self-speculative decoding; the head and embedding are the model's. eh_proj
+    reads [RMSNorm(h); RMSNorm(Emb(x))], mct's order (DeepSeek-V3 puts the embedding first)."""
+    d, specs = cfg.d_model, []
+    for k in range(cfg.mtp.depth):
+        p = f"model.mtp.{k}."
+        specs += [
+            TensorSpec(p + "hnorm.weight", "mtp_h_norm", k, 1.0, (d,)),
+            TensorSpec(p + "enorm.weight", "mtp_e_norm", k, 1.0, (d,)),
+            TensorSpec(p + "eh_proj.weight", "mtp_proj", k, 1.0, (d, 2 * d)),
+            *_block_specs(cfg, p, "mtp_", k, s.branch, dense=True),
+            TensorSpec(p + "final_layernorm.weight", "mtp_out_norm", k, 1.0, (d,)),
+        ]
+    return specs
+
+
+def _block_specs(cfg: ModelConfig, prefix: str, param_prefix: str, i: int, branch: float,
+                 dense: bool) -> list[TensorSpec]:  # fmt: skip
+    """Decoder block i's tensors (HF names under `prefix`, params `param_prefix` + LAYER_WEIGHTS' names);
+    a dense MLP, or the Mixtral experts of an MoE layer."""
+    d, f = cfg.d_model, cfg.d_mlp
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    p = param_prefix
+    specs = [
+        TensorSpec(prefix + "input_layernorm.weight", p + "attn_norm", i, 1.0, (d,)),
+        TensorSpec(prefix + "self_attn.q_proj.weight", p + "wq", i, 1.0, (q, d)),
+        TensorSpec(prefix + "self_attn.k_proj.weight", p + "wk", i, 1.0, (kv, d)),
+        TensorSpec(prefix + "self_attn.v_proj.weight", p + "wv", i, 1.0, (kv, d)),
+        TensorSpec(prefix + "self_attn.o_proj.weight", p + "wo", i, branch, (d, q)),
+        TensorSpec(prefix + "post_attention_layernorm.weight", p + "mlp_norm", i, 1.0, (d,)),
+    ]
+    if not dense:
+        return specs + _moe_specs(cfg, i, branch)
+    return specs + [
+        TensorSpec(prefix + "mlp.gate_proj.weight", p + "w_gate", i, 1.0, (f, d)),
+        TensorSpec(prefix + "mlp.up_proj.weight", p + "w_up", i, 1.0, (f, d)),
+        TensorSpec(prefix + "mlp.down_proj.weight", p + "w_down", i, branch, (d, f)),
+    ]
+
+
+def tensor_plan(cfg: ModelConfig, layout: str, keep_mtp: bool = False) -> list[TensorSpec]:
+    """Every tensor of the HF checkpoint, in a fixed order, with its source parameter. MoE models (minicpm
+    layout only) write Mixtral's tensors; the MTP blocks are left out unless keep_mtp."""
+    check_layout(layout)
+    check_moe(cfg, layout)
+    s = FoldedScales.of(cfg, layout)
+    d, V = cfg.d_model, cfg.vocab_size
     plan = [TensorSpec("model.embed_tokens.weight", "embed", None, s.embed, (V, d))]
     for i in range(cfg.n_layers):
-        prefix = f"model.layers.{i}."
-        plan += [
-            TensorSpec(prefix + "input_layernorm.weight", "attn_norm", i, 1.0, (d,)),
-            TensorSpec(prefix + "self_attn.q_proj.weight", "wq", i, 1.0, (q, d)),
-            TensorSpec(prefix + "self_attn.k_proj.weight", "wk", i, 1.0, (kv, d)),
-            TensorSpec(prefix + "self_attn.v_proj.weight", "wv", i, 1.0, (kv, d)),
-            TensorSpec(prefix + "self_attn.o_proj.weight", "wo", i, s.branch, (d, q)),
-            TensorSpec(prefix + "post_attention_layernorm.weight", "mlp_norm", i, 1.0, (d,)),
-            TensorSpec(prefix + "mlp.gate_proj.weight", "w_gate", i, 1.0, (f, d)),
-            TensorSpec(prefix + "mlp.up_proj.weight", "w_up", i, 1.0, (f, d)),
-            TensorSpec(prefix + "mlp.down_proj.weight", "w_down", i, s.branch, (d, f)),
-        ]
+        plan += _block_specs(cfg, f"model.layers.{i}.", "", i, s.branch, dense=not cfg.moe.num_experts)
+    if keep_mtp:
+        plan += _mtp_specs(cfg, s)
     plan.append(TensorSpec("model.norm.weight", "final_norm", None, 1.0, (d,)))
     if not cfg.tie_embeddings:
         plan.append(TensorSpec("lm_head.weight", "lm_head", None, s.head, (V, d)))
@@ -108,11 +161,12 @@ def tensor_plan(cfg: ModelConfig, layout: str) -> list[TensorSpec]:
 def to_hf(spec: TensorSpec, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The HF tensor from the mct parameter (one layer of a stacked one), scaled in fp32, cast to dtype."""
     value = np.asarray(value, np.float32)
-    if spec.param in ("wq", "wk", "wv"):  # [d, heads, head_dim] -> [heads * head_dim, d]
+    param = spec.param.removeprefix("mtp_")
+    if param in ("wq", "wk", "wv"):  # [d, heads, head_dim] -> [heads * head_dim, d]
         value = value.reshape(value.shape[0], -1).T
-    elif spec.param == "wo":  # [heads, head_dim, d] -> [d, heads * head_dim]
+    elif param == "wo":  # [heads, head_dim, d] -> [d, heads * head_dim]
         value = value.reshape(-1, value.shape[-1]).T
-    elif spec.param in ("w_gate", "w_up", "w_down", "lm_head"):  # [in, out] -> [out, in]
+    elif param in ("w_gate", "w_up", "w_down", "lm_head", "router", "proj"):  # [in, out] -> [out, in]
         value = value.T
     if spec.scale != 1.0:
         value = value * np.float32(spec.scale)
@@ -211,7 +265,12 @@ def hf_config(cfg: ModelConfig, layout: str, special_ids: dict[str, int], dtype:
         "scale_depth": cfg.scale_depth,
         "dim_model_base": round(cfg.d_model / width_multiplier(cfg)),
     }
-    if layout == "minicpm":
+    if cfg.moe.num_experts:  # MiniCPM-MoE as Mixtral (muP folded, like the Llama layout)
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", sliding_window=None,
+                      num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k,
+                      router_aux_loss_coef=cfg.moe.aux_loss_weight, output_router_logits=False)  # fmt: skip
+        config[MUP_RECORD] = {**mup, "tie_embeddings": cfg.tie_embeddings}
+    elif layout == "minicpm":
         config.update(mup)
         if cfg.attention == "infllm_v2":
             config["sparse_config"] = {k: getattr(cfg.sparse, k) for k in SPARSE_FIELDS}

@@ -6,7 +6,8 @@ continues from (step 0, fresh optimizer state, fresh data iterator).
 The model shape comes from config.json; everything else (optimizer, schedule, data) from --config (default:
 experiments/configs/base.py), whose optimizer the saved state is built for. A Llama layout reads as a
 scale-free model unless --unfold_mup restores the muP scales recorded at export. Exporting the result again in
-the same layout reproduces the input files bit for bit.
+the same layout reproduces the input files bit for bit. A ternary export (mct.export --format ternary) reads
+back as its dequantised weights, a model with model.quant.weights = "none" (docs/bitcpm.md).
 """
 
 import collections
@@ -24,8 +25,8 @@ from safetensors import safe_open
 
 from data_pipelines.shards import TOKENIZER
 from data_pipelines.tokenizer import read_tokenizer_file
-from mct import cli, hf_layout
-from mct.checkpoint import Checkpointer, model_signature
+from mct import cli, hf_layout, quant
+from mct.checkpoint import Checkpointer, run_meta
 from mct.config import Config, ModelConfig, to_dict
 from mct.export import INDEX_FILE, fresh_directory
 from mct.model import ParamsModel
@@ -72,23 +73,35 @@ def read_hf_config(hf_dir: pathlib.Path) -> dict:
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
-def import_params(hf_dir: pathlib.Path, model_cfg: ModelConfig, layout: str) -> dict:
-    """The checkpoint's params dict (fp32), tensor by tensor, undoing the layout's orientation and scales."""
+def import_params(hf_dir: pathlib.Path, model_cfg: ModelConfig, layout: str, group_size: int = 0) -> dict:
+    """The checkpoint's params dict (fp32), tensor by tensor, undoing the layout's orientation and scales;
+    group_size > 0: a ternary export, whose hidden matrices read back as their dequantised weights."""
     weights = SafetensorsDir(hf_dir)
     plan = hf_layout.tensor_plan(model_cfg, layout)
-    unexpected = set(weights.files) - {s.name for s in plan} - {"lm_head.weight"}
+    ternary = {s.name for s in plan if s.param in quant.QUANTISED} if group_size else set()
+    expected = {s.name for s in plan} | {name + quant.SCALE_SUFFIX for name in ternary}
+    unexpected = set(weights.files) - expected - {"lm_head.weight"}
     unexpected = sorted(n for n in unexpected if not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
         raise ValueError(f"{hf_dir}: tensors this model has no place for (biases? another architecture?): "
                          f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")  # fmt: skip
     shapes = {name: x.shape for name, x in ParamsModel(model_cfg).abstract().items()}
     params = {name: np.empty(shape, np.float32) for name, shape in shapes.items()}
+
+    def read(spec: hf_layout.TensorSpec) -> np.ndarray:
+        if spec.name not in ternary:
+            return weights.read(spec.name, spec.shape)
+        n_out, n_in = spec.shape
+        packed = weights.read(spec.name, (n_out, -(-n_in // 4)))
+        scales = weights.read(spec.name + quant.SCALE_SUFFIX, (n_out, n_in // group_size))
+        return quant.hf_ternary_weight(packed, scales, group_size)
+
     sources = collections.defaultdict(list)  # (param, layer) -> its tensors (the embedding may have two)
     for spec in plan:
         sources[spec.param, spec.layer].append(spec)
     for (param, layer), specs in sources.items():
         shape = shapes[param][1:] if layer is not None else shapes[param]
-        folded = [(hf_layout.from_hf(s, weights.read(s.name, s.shape), shape), s.scale) for s in specs]
+        folded = [(hf_layout.from_hf(s, read(s), shape), s.scale) for s in specs]
         params[param][layer if layer is not None else ...] = hf_layout.unfold(folded)
     return params
 
@@ -101,30 +114,31 @@ def import_hf(
     hf = read_hf_config(hf_path)
     layout = hf_layout.layout_of(hf, str(hf_path / "config.json"))
     fields = hf_layout.model_fields(hf, str(hf_path / "config.json"), unfold_mup)
+    group_size = quant.exported_group_size(hf, str(hf_path / "config.json"))
+    if group_size:  # the dequantised weights are the model: quantising them again would change them
+        fields["quant"] = {"weights": "none"}
     config = (config or Config()).resolve()
     model = Config.from_dict({"model": {**to_dict(config.model), **fields}}).model
     config = config.replace(model=model, workdir=str(out))
-    params = import_params(hf_path, config.model, layout)
+    params = import_params(hf_path, config.model, layout, group_size)
     tokenizer = hf_path / TOKENIZER
     if tokenizer.is_file():
         read_tokenizer_file(tokenizer)  # refuse a broken tokenizer before writing anything
 
-    model = ParamsModel(config.model)
+    return write_step0_workdir(out, config, params, tokenizer, imported_from=str(hf_path.absolute()))
+
+
+def write_step0_workdir(out: str, config: Config, params: dict, tokenizer: pathlib.Path, **provenance) -> pathlib.Path:
+    """A new workdir `out` whose step 0 holds `params` with a fresh optimizer state (and a copy of `tokenizer`
+    if it exists): what mct.train resumes from. Written to a temporary sibling and renamed, so nothing is
+    left half-written when anything fails."""
     params = jax.tree.map(jnp.asarray, params)
-    state = {"params": params, "opt_state": jax.jit(make_optimizer(config, model).init)(params)}
-    meta = {
-        "config": config.to_dict(),
-        "model_signature": model_signature(config.model),
-        "data_mixture": config.to_dict()["data"]["mixture"],
-        "decay_start": config.decay_start,
-        "step": 0,
-        "imported_from": str(hf_path.absolute()),
-    }
+    state = {"params": params, "opt_state": jax.jit(make_optimizer(config, ParamsModel(config.model)).init)(params)}
     with fresh_directory(out) as tmp:
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
         ckpt = Checkpointer(str(tmp), async_save=False)
-        ckpt.save(0, state, None, meta)
+        ckpt.save(0, state, None, run_meta(config, 0, **provenance))
         ckpt.wait()
         ckpt.close()
     return pathlib.Path(out)

@@ -8,7 +8,7 @@ muP hidden matrices, which get lr / m, or "vector" for embeddings and norms, whi
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mct.attention import KVCache, attend, cached_attend
 from mct.config import ModelConfig
+from mct.fp8 import fp8_linear
+from mct.moe import moe_mlp
+from mct.quant import quantise_weights
 from mct.rope import apply_rope, rope_tables
 from mct.sharding import constrain
 
@@ -76,36 +79,52 @@ def _param(rngs: nnx.Rngs, shape, axes, std: float | None, lr_group: str) -> nnx
 
 
 LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "attn_norm", "mlp_norm")
+Linear = Callable[[jnp.ndarray, jnp.ndarray, int], jnp.ndarray]
+"""linear(x, w, n) contracts x's last n axes with w's first n (a linear layer; FP8 replaces it)."""
+Mlp = Callable[[ModelConfig, jnp.ndarray, dict, Linear], tuple[jnp.ndarray, dict]]
+"""mlp(cfg, x, w, linear) -> (output [batch, seq, d_model], scalar stats): the MLP branch (MoE replaces it)."""
+
+
+def linear_fn(cfg: ModelConfig) -> Linear:
+    """The linear layers' matmul: jnp.tensordot, or FP8 with block scales when model.fp8 (mct/fp8.py)."""
+    if cfg.fp8:
+        return fp8_linear
+    return lambda x, w, n: jnp.tensordot(x, w, n)
+
+
+def dense_mlp(cfg: ModelConfig, x: jnp.ndarray, w: dict, linear: Linear) -> tuple[jnp.ndarray, dict]:
+    """SwiGLU: w_down(silu(w_gate x) * w_up x); x: [batch, seq, d_model]. No stats."""
+    gate = constrain(linear(x, w["w_gate"], 1), ("batch", None, "mlp"))
+    up = linear(x, w["w_up"], 1)
+    gate, up = checkpoint_name(gate, "mlp_in"), checkpoint_name(up, "mlp_in")
+    return linear(jax.nn.silu(gate) * up, w["w_down"], 1), {}
 
 
 def decoder_layer(cfg: ModelConfig, h: jnp.ndarray, w: dict, positions: jnp.ndarray, rope,
-                  attention: Callable) -> tuple[jnp.ndarray, Any]:  # fmt: skip
-    """One pre-norm block: h + s * Attn(RMSNorm(h)), then + s * SwiGLU(RMSNorm(h)), s = scale_depth / sqrt(L).
+                  attention: Callable, mlp: Mlp = dense_mlp) -> tuple[jnp.ndarray, Any, dict]:  # fmt: skip
+    """One pre-norm block: h + s * Attn(RMSNorm(h)), then + s * MLP(RMSNorm(h)), s = scale_depth / sqrt(L).
 
-    h: [batch, seq, d_model]; w: one layer's weights (LAYER_WEIGHTS); positions: [batch, seq]; rope: the
-    (inv_freq, mscale) of rope_tables; attention(q, k, v) -> (output [batch, seq, q_heads, head_dim], aux)
-    sees post-RoPE q and k. Returns the new h and attention's aux (the updated cache when decoding).
+    h: [batch, seq, d_model]; w: one layer's weights (LAYER_WEIGHTS, + "router" for MoE); positions: [batch,
+    seq]; rope: the (inv_freq, mscale) of rope_tables; attention(q, k, v) -> (output [batch, seq, q_heads,
+    head_dim], aux) sees post-RoPE q and k. Returns the new h, attention's aux (the updated cache when
+    decoding) and the MLP's stats (MoE routing sums).
     """
     dtype = compute_dtype(cfg)
     branch_scale = cfg.scale_depth / math.sqrt(cfg.n_layers)
-    w = {name: value.astype(dtype) for name, value in w.items()}
+    w = {name: value if name == "router" else value.astype(dtype) for name, value in w.items()}
+    linear = linear_fn(cfg)
     x = rms_norm(h, w["attn_norm"], cfg.rms_eps)
-    q = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wq"]), ("batch", None, "heads", None))
-    k = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wk"]), ("batch", None, "kv_heads", None))
-    v = constrain(jnp.einsum("bsd,dhk->bshk", x, w["wv"]), ("batch", None, "kv_heads", None))
+    q = constrain(linear(x, w["wq"], 1), ("batch", None, "heads", None))
+    k = constrain(linear(x, w["wk"], 1), ("batch", None, "kv_heads", None))
+    v = constrain(linear(x, w["wv"], 1), ("batch", None, "kv_heads", None))
     q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
     q, k = apply_rope(q, positions, *rope), apply_rope(k, positions, *rope)
     o, aux = attention(q, k, v)  # o: [batch, seq, q_heads, head_dim]
     o = checkpoint_name(o, "attn_out")
-    h = h + branch_scale * checkpoint_name(jnp.einsum("bshk,hkd->bsd", o, w["wo"]), "out_proj")
-    x = rms_norm(h, w["mlp_norm"], cfg.rms_eps)
-    gate = constrain(jnp.einsum("bsd,df->bsf", x, w["w_gate"]), ("batch", None, "mlp"))
-    up = jnp.einsum("bsd,df->bsf", x, w["w_up"])
-    gate, up = checkpoint_name(gate, "mlp_in"), checkpoint_name(up, "mlp_in")
-    h = h + branch_scale * checkpoint_name(
-        jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w["w_down"]), "mlp_out"
-    )
-    return checkpoint_name(h, "residual"), aux
+    h = h + branch_scale * checkpoint_name(linear(o, w["wo"], 2), "out_proj")
+    out, stats = mlp(cfg, rms_norm(h, w["mlp_norm"], cfg.rms_eps), w, linear)
+    h = h + branch_scale * checkpoint_name(out, "mlp_out")
+    return checkpoint_name(h, "residual"), aux, stats
 
 
 def scan_layers(cfg: ModelConfig, layer: Callable, h: jnp.ndarray, xs) -> tuple[jnp.ndarray, Any]:
@@ -120,31 +139,69 @@ def scan_layers(cfg: ModelConfig, layer: Callable, h: jnp.ndarray, xs) -> tuple[
     return h, jax.tree.map(lambda *x: jnp.stack(x), *outputs)
 
 
+class Forward(NamedTuple):
+    """MiniCPM.forward's outputs."""
+
+    hidden: jnp.ndarray  # [batch, seq, d_model] after the final norm (the LM head's input)
+    residual: jnp.ndarray  # [batch, seq, d_model] the last block's output before it (MTP's h_i)
+    layers: jnp.ndarray | None  # [layers, batch, seq, d_model] every block's output (return_layers)
+    stats: dict  # MLP stats per layer, [layers] each (MoE routing sums; {} when dense)
+
+
+def hidden_std(cfg: ModelConfig) -> float:
+    """muP's init std of hidden matrices, init_std / sqrt(m)."""
+    return cfg.init_std / math.sqrt(width_multiplier(cfg))
+
+
+def block_params(cfg: ModelConfig, rngs: nnx.Rngs, n: int, experts: int = 0) -> dict[str, nnx.Param]:
+    """`n` stacked decoder blocks' parameters (LAYER_WEIGHTS, leading [layers] axis); with `experts` the MLP
+    matrices get an [expert] axis after it and a router [layers, d_model, experts] is added (mct/moe.py)."""
+    d, f, hq, hkv, hd = cfg.d_model, cfg.d_mlp, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    std = hidden_std(cfg)
+    e_shape, e_axes = ((experts,), ("expert",)) if experts else ((), ())
+    params = {
+        "wq": _param(rngs, (n, d, hq, hd), ("layers", "embed", "heads", "head_dim"), std, "hidden"),
+        "wk": _param(rngs, (n, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), std, "hidden"),
+        "wv": _param(rngs, (n, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), std, "hidden"),
+        "wo": _param(rngs, (n, hq, hd, d), ("layers", "heads", "head_dim", "embed"), std, "hidden"),
+        "w_gate": _param(rngs, (n, *e_shape, d, f), ("layers", *e_axes, "embed", "mlp"), std, "hidden"),
+        "w_up": _param(rngs, (n, *e_shape, d, f), ("layers", *e_axes, "embed", "mlp"), std, "hidden"),
+        "w_down": _param(rngs, (n, *e_shape, f, d), ("layers", *e_axes, "mlp", "embed"), std, "hidden"),
+        "attn_norm": _param(rngs, (n, d), ("layers", "norm"), None, "vector"),
+        "mlp_norm": _param(rngs, (n, d), ("layers", "norm"), None, "vector"),
+    }
+    if experts:  # MiniCPM-MoE: router N(0, router_init_std)
+        params["router"] = _param(rngs, (n, d, experts), ("layers", "embed", None), cfg.moe.router_init_std,
+                                  "hidden")  # fmt: skip
+    return params
+
+
+def mtp_params(cfg: ModelConfig, rngs: nnx.Rngs) -> dict[str, nnx.Param]:
+    """model.mtp.depth dense blocks plus each one's input norms (of h and of Emb(x)), input projection
+    [2 * d_model -> d_model] and output norm (before the shared LM head)."""
+    n, d = cfg.mtp.depth, cfg.d_model
+    params = block_params(cfg, rngs, n)
+    for name in ("h_norm", "e_norm", "out_norm"):
+        params[name] = _param(rngs, (n, d), ("layers", "norm"), None, "vector")
+    params["proj"] = _param(rngs, (n, 2 * d, d), ("layers", None, "embed"), hidden_std(cfg), "hidden")
+    return params
+
+
 class MiniCPM(nnx.Module):
     """The decoder. Layer weights are stacked on a leading `layers` axis and applied with lax.scan."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        L, d, f, V = cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.vocab_size
-        hq, hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        hidden_std = cfg.init_std / math.sqrt(width_multiplier(cfg))
+        d, V = cfg.d_model, cfg.vocab_size
         self.embed = _param(rngs, (V, d), ("vocab", "embed"), cfg.init_std, "vector")
-        self.wq = _param(rngs, (L, d, hq, hd), ("layers", "embed", "heads", "head_dim"), hidden_std, "hidden")
-        self.wk = _param(
-            rngs, (L, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), hidden_std, "hidden"
-        )
-        self.wv = _param(
-            rngs, (L, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"), hidden_std, "hidden"
-        )
-        self.wo = _param(rngs, (L, hq, hd, d), ("layers", "heads", "head_dim", "embed"), hidden_std, "hidden")
-        self.w_gate = _param(rngs, (L, d, f), ("layers", "embed", "mlp"), hidden_std, "hidden")
-        self.w_up = _param(rngs, (L, d, f), ("layers", "embed", "mlp"), hidden_std, "hidden")
-        self.w_down = _param(rngs, (L, f, d), ("layers", "mlp", "embed"), hidden_std, "hidden")
-        self.attn_norm = _param(rngs, (L, d), ("layers", "norm"), None, "vector")
-        self.mlp_norm = _param(rngs, (L, d), ("layers", "norm"), None, "vector")
+        for name, param in block_params(cfg, rngs, cfg.n_layers, experts=cfg.moe.num_experts).items():
+            setattr(self, name, param)
         self.final_norm = _param(rngs, (d,), ("norm",), None, "vector")
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, (d, V), ("embed", "vocab"), hidden_std, "hidden")
+            self.lm_head = _param(rngs, (d, V), ("embed", "vocab"), hidden_std(cfg), "hidden")
+        if cfg.mtp.depth:  # MiniCPM4 report 2.3.2: the MTP blocks (mct/mtp.py), stored as mtp_<name>
+            for name, param in mtp_params(cfg, rngs).items():
+                setattr(self, f"mtp_{name}", param)
 
     def __call__(
         self,
@@ -156,25 +213,36 @@ class MiniCPM(nnx.Module):
     ):
         """tokens, positions, segment_ids: [batch, seq] -> final hidden states [batch, seq, d_model]; with
         return_layers also every layer's output residual stream [layers, batch, seq, d_model] (coord checks)."""
+        out = self.forward(tokens, positions, segment_ids, return_layers=return_layers)
+        return (out.hidden, out.layers) if return_layers else out.hidden
+
+    def forward(self, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray, *,
+                return_layers: bool = False) -> "Forward":  # fmt: skip
+        """The whole forward pass of a training batch: what the losses (next-token, MTP, MoE aux) read."""
         cfg = self.cfg
         rope = rope_tables(cfg.rope, cfg.head_dim, tokens.shape[1], cfg.max_position)
+        mlp = moe_mlp(dropless=cfg.moe.capacity_factor == 0) if cfg.moe.num_experts else dense_mlp
 
         def layer(h, w):  # h: [batch, seq, d_model]
             attention = lambda q, k, v: (attend(q, k, v, segment_ids, cfg), None)
-            h, _ = decoder_layer(cfg, h, w, positions, rope, attention)
+            h, _, stats = decoder_layer(cfg, h, w, positions, rope, attention, mlp)
             h = constrain(h, ("batch", None, None))
-            return h, (h if return_layers else None)
+            return h, ((h if return_layers else None), stats)
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat))
         h0 = constrain(self._embed(tokens), ("batch", None, None))
-        h, layers = scan_layers(cfg, layer, h0, self._layer_weights())
-        h = rms_norm(h, self.final_norm[...], cfg.rms_eps)
-        return (h, layers) if return_layers else h
+        residual, (layers, stats) = scan_layers(cfg, layer, h0, self._block_weights())
+        return Forward(rms_norm(residual, self.final_norm[...], cfg.rms_eps), residual, layers, stats)
+
+    def _block_weights(self) -> dict:
+        """_layer_weights plus the MoE routers (never quantised)."""
+        router = {"router": self.router[...]} if self.cfg.moe.num_experts else {}
+        return {**self._layer_weights(), **router}
 
     def extend(
-        self, tokens: jnp.ndarray, positions: jnp.ndarray, cache: KVCache
-    ) -> tuple[jnp.ndarray, KVCache]:
+        self, tokens: jnp.ndarray, positions: jnp.ndarray, cache: KVCache, *, with_residual: bool = False
+    ) -> tuple[jnp.ndarray, KVCache] | tuple[jnp.ndarray, KVCache, jnp.ndarray]:
         """Decoding: runs `tokens` [batch, T] at `positions` [batch, T] against a KV cache.
 
         Each row's positions must be consecutive (p, ..., p+T-1); their keys/values go into cache slots
@@ -182,18 +250,23 @@ class MiniCPM(nnx.Module):
         different positions (prompts of different lengths); InfLLM v2 models attend sparsely from position
         sparse.dense_len - 1 on (mct.attention.cached_attend). RoPE tables are those of a sequence as long as
         the cache (LongRoPE keeps one factor list per generation). Returns the final hidden states
-        [batch, T, d_model] and the updated cache.
+        [batch, T, d_model] and the updated cache (with_residual: and the last block's output before the
+        final norm, which MTP drafting reads).
         """
         cfg = self.cfg
         rope = rope_tables(cfg.rope, cfg.head_dim, cache.k.shape[2], cfg.max_position)
 
+        mlp = moe_mlp(dropless=True) if cfg.moe.num_experts else dense_mlp
+
         def layer(h, xs):
             w, layer_cache = xs  # one layer's weights and KVCache (no leading layers axis)
             attention = lambda q, k, v: cached_attend(q, k, v, positions, layer_cache, cfg)
-            return decoder_layer(cfg, h, w, positions, rope, attention)
+            h, layer_cache, _ = decoder_layer(cfg, h, w, positions, rope, attention, mlp)
+            return h, layer_cache
 
-        h, cache = scan_layers(cfg, layer, self._embed(tokens), (self._layer_weights(), cache))
-        return rms_norm(h, self.final_norm[...], cfg.rms_eps), cache
+        h, cache = scan_layers(cfg, layer, self._embed(tokens), (self._block_weights(), cache))
+        hidden = rms_norm(h, self.final_norm[...], cfg.rms_eps)
+        return (hidden, cache, h) if with_residual else (hidden, cache)
 
     def _embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
         """h0 = scale_emb * E[tokens]: [batch, seq] -> [batch, seq, d_model]."""
@@ -201,8 +274,9 @@ class MiniCPM(nnx.Module):
         return self.cfg.scale_emb * jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
 
     def _layer_weights(self) -> dict:
-        """The stacked per-layer weights, each with a leading [layers] axis (what lax.scan iterates over)."""
-        return {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
+        """The stacked per-layer weights, each with a leading [layers] axis (what lax.scan iterates over), the
+        hidden matrices quantised as model.quant says (BitCPM QAT: training, eval and decoding all see them)."""
+        return quantise_weights(self.cfg.quant, {name: getattr(self, name)[...] for name in LAYER_WEIGHTS})
 
     def head_weight(self) -> jnp.ndarray:
         """The output projection [d_model, vocab] with muP's 1/m folded in (fp32)."""

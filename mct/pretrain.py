@@ -1,8 +1,10 @@
 """One pre-training run in a workdir: resume (or branch, or start fresh), data, hooks, the loop, the last save.
 
 The workdir's latest committed checkpoint wins; else a decay branch restores the stable-phase checkpoint of
-another run (MiniCPM paper section 4.2: decay branches); else the state is initialised. The workdir is locked
-for the run, metrics past the restored step are dropped, and SIGTERM (the `stop` event) saves and returns.
+another run (MiniCPM paper section 4.2: decay branches); else post-training's init_from params (fresh
+optimizer state); else the state is initialised. The workdir is locked for the run, metrics past the restored
+step are dropped, and SIGTERM (the `stop` event) saves and returns. `RunData` says where batches come from
+(post-training supplies its own), the objective what the step minimises.
 """
 
 import contextlib
@@ -25,12 +27,14 @@ from data_pipelines.loader import (
 )
 from data_pipelines.prefetch import prefetch
 from data_pipelines.tokenizer import BOS, EOS, special_token_ids
-from mct.checkpoint import Checkpointer, model_signature
+from mct.checkpoint import Checkpointer, run_meta
 from mct.config import Config, ConfigError
 from mct.distributed import gather_json, global_batch
 from mct.hooks import Evaluator, MetricsLog, profile_hook
+from mct.init_from import init_from_state
 from mct.metrics import MetricsWriter, logged_metrics
 from mct.scalingbench import make_scalingbench_batches
+from mct.train_step import Objective, next_token_objective
 from mct.trainer import Built, Trainer, build
 from mct.workdir_lock import WorkdirLock, WorkdirLocked
 
@@ -55,8 +59,7 @@ def restore_branch_source(built: Built) -> tuple[dict, dict | None]:
     state, data_state, _ = source.restore(s.branch_step, built.abstract_state)
     source.close()
     if meta["data_mixture"] != built.config.to_dict()["data"]["mixture"]:
-        log.info("decay branch switches the data mixture: the data iterator starts fresh")
-        data_state = None
+        log.info("decay branch switches the data mixture: kept components continue where the source stopped")
     return state, data_state
 
 
@@ -77,6 +80,9 @@ def initial_state(built: Built, ckpt: Checkpointer) -> tuple[int, dict, dict | N
         state, data_state = restore_branch_source(built)
         log.info("decay branch from %s step %d", config.schedule.branch_from, config.schedule.branch_step)
         return config.schedule.branch_step, state, data_state
+    if config.init_from:
+        log.info("post-training from the params of %s (fresh optimizer state)", config.init_from)
+        return 0, init_from_state(config.init_from, built), None
     return 0, built.init_state(config.seed), None
 
 
@@ -140,17 +146,42 @@ def job_lock(workdir: str):
         lock.release()
 
 
-def train(config: Config, devices: list | None = None, stop: threading.Event | None = None) -> dict:
-    """Runs (or resumes) training to train.steps on `devices` (default: all); returns the last logged metrics
-    and eval losses."""
+class RunData:
+    """Where a run's batches come from: pre-training's mixture here; post-training (mct.sft, mct.dpo) overrides
+    the methods it needs."""
+
+    def train_batches(self, built: Built, state: dict | None):
+        """This process's train iterator (get_state() -> JSON), resumed from `state` when given."""
+        config = built.config
+        return make_train_iterator(
+            config.data, batch_size=config.train.batch_size // jax.process_count(), process_index=jax.process_index(),
+            process_count=jax.process_count(), model_vocab_size=config.model.vocab_size, state=state,
+        )  # fmt: skip
+
+    def eval_sets(self, built: Built) -> dict[str, list]:
+        return make_eval_sets(built)
+
+    def merge(self, states: list[dict]) -> dict:
+        """One state from every process's get_state() (what checkpoints hold)."""
+        return merge_states(states)
+
+    def prepare(self, built: Built) -> Built:
+        """The Built the loop steps (e.g. DPO adds the reference log-probs to each batch)."""
+        return built
+
+
+def train(config: Config, devices: list | None = None, stop: threading.Event | None = None, *,
+          objective: Objective = next_token_objective, data: RunData | None = None) -> dict:  # fmt: skip
+    """Runs (or resumes) training to train.steps on `devices` (default: all), minimising `objective` over
+    `data`'s batches (default: pre-training); returns the last logged metrics and eval losses."""
     check_workdir(config.workdir)
-    built = build(config, devices)
+    built = build(config, devices, objective)
     config = built.config
     with job_lock(config.workdir):
         ckpt = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep,
                             async_save=config.checkpoint.async_save)  # fmt: skip
         try:
-            return _run(built, ckpt, stop or threading.Event())
+            return _run(built, ckpt, stop or threading.Event(), data or RunData())
         finally:
             ckpt.close()
 
@@ -178,22 +209,16 @@ def add_hooks(trainer: Trainer, config: Config, start: int, bar: tqdm, ckpt: Che
         trainer.add_hook(profile_hook(config.workdir, first, last), at=[first, last], needs_state=True)
 
 
-def _run(built: Built, ckpt: Checkpointer, stop: threading.Event) -> dict:
+def _run(built: Built, ckpt: Checkpointer, stop: threading.Event, data: RunData) -> dict:
     """The loop of one locked workdir, with its hooks; the final (or SIGTERM) save."""
     config, pid, steps = built.config, jax.process_index(), built.config.train.steps
     start, state, data_state = initial_state(built, ckpt)
-    batches = prefetch(make_train_iterator(
-        config.data, batch_size=config.train.batch_size // jax.process_count(), process_index=pid,
-        process_count=jax.process_count(), model_vocab_size=config.model.vocab_size, state=data_state,
-    ), config.data.prefetch)  # fmt: skip
-    evaluate = Evaluator(built.eval_fn, make_eval_sets(built))
-    meta = {"config": config.to_dict(), "model_signature": model_signature(config.model),
-            "data_mixture": config.to_dict()["data"]["mixture"], "decay_start": config.decay_start}  # fmt: skip
+    batches = prefetch(data.train_batches(built, data_state), config.data.prefetch)
+    evaluate = Evaluator(built.eval_fn, data.eval_sets(built))
+    built = data.prepare(built)
 
     def save(step: int, state: dict, force: bool = False) -> None:
-        ckpt.save(
-            step, state, merge_states(gather_json(batches.get_state())), {**meta, "step": step}, force=force
-        )
+        ckpt.save(step, state, data.merge(gather_json(batches.get_state())), run_meta(config, step), force=force)
 
     writer = MetricsWriter(config.workdir, enabled=pid == 0, resume_step=start)
     bar = tqdm(total=steps, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)

@@ -1,4 +1,4 @@
-"""Device mesh (data, fsdp, tensor) and the one table that maps logical axis names to mesh axes.
+"""Device mesh (data, fsdp, expert, tensor) and the one table that maps logical axis names to mesh axes.
 
 Parameters name their axes (`embed`, `vocab`, `heads`, ...) in metadata; activations name theirs at
 `constrain` calls. Changing a parallelism layout is an edit of `RULES` or of the mesh sizes in config.
@@ -13,7 +13,7 @@ from mct.config import MESH_AXES, ConfigError, MeshConfig
 
 # logical axis -> mesh axis (or axes, or None = replicated)
 RULES = {
-    "batch": ("data", "fsdp"),  # activations: batch split over every data-parallel axis
+    "batch": ("data", "fsdp", "expert"),  # activations: batch split over every data-parallel axis
     "embed": "fsdp",  # parameters: ZeRO-3 style sharding of the model dimension
     "vocab": "tensor",
     "heads": "tensor",
@@ -22,29 +22,30 @@ RULES = {
     "head_dim": None,
     "layers": None,
     "norm": None,
+    "expert": "expert",  # MoE: each device holds num_experts / mesh.expert experts
 }
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh over `devices` (default: all), sized by the config.
+    """The (data, fsdp, expert, tensor) mesh over `devices` (default: all), sized by the config.
 
     Devices of several TPU slices (multislice: DCN between slices) put the data axis across the slices;
     fsdp and tensor stay on one slice's ICI. A physical torus axis is split when a size needs it (tensor=2
     on a 4x4x4 v5p slice), which jax.make_mesh refuses outside v5e.
     """
     devices = jax.devices() if devices is None else devices
-    data, fsdp, tensor = mesh_cfg.shape(len(devices))
+    data, fsdp, expert, tensor = mesh_cfg.shape(len(devices))
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if data % slices:
         raise ConfigError(
             f"config mesh.data={data} must be a multiple of the {slices} slices (data spans them)"
         )
     if slices > 1:
-        ici, dcn = (data // slices, fsdp, tensor), (slices, 1, 1)
+        ici, dcn = (data // slices, fsdp, expert, tensor), (slices, 1, 1, 1)
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
     else:
-        grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices, allow_split_physical_axes=True)
-    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        grid = mesh_utils.create_device_mesh((data, fsdp, expert, tensor), devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_spec(axes) -> PartitionSpec:

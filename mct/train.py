@@ -8,6 +8,7 @@ import logging
 import math
 import signal
 import threading
+from collections.abc import Callable
 
 import jax
 from absl import flags
@@ -22,13 +23,16 @@ from mct.workdir_lock import WorkdirLocked
 
 cli.register_errors(TrainingDiverged, CheckpointSaveError, CheckpointMissing, WorkdirLocked)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections).", lock_config=True)
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join the jax.distributed job JAX detects (TPU, SLURM).")
-_COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0, for an explicit multi-process job.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the explicit job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in the explicit job.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices_per_process", 0, "Simulate this many CPU devices per process.")
-_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 100, "Seconds before a silent peer ends the job.")
+
+def _define_flags() -> None:
+    """The training CLIs' flags, defined when one runs (not on import: mct.rl and others define --config too)."""
+    config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections).", lock_config=True)
+    flags.DEFINE_bool("distributed", False, "Join the jax.distributed job JAX detects (TPU, SLURM).")
+    flags.DEFINE_string("coordinator", "", "host:port of process 0, for an explicit multi-process job.")
+    flags.DEFINE_integer("num_processes", 1, "Processes in the explicit job.")
+    flags.DEFINE_integer("process_id", 0, "This process's index in the explicit job.")
+    flags.DEFINE_integer("cpu_devices_per_process", 0, "Simulate this many CPU devices per process.")
+    flags.DEFINE_integer("heartbeat_timeout_s", 100, "Seconds before a silent peer ends the job.")
 
 
 def quiet_libraries() -> None:
@@ -43,24 +47,36 @@ def quiet_libraries() -> None:
     logging.getLogger("mct.train").setLevel(logging.INFO)
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def run_job(train_fn: Callable[..., dict]) -> None:
+    """Every training entry point's body (pre-training, mct.sft, mct.dpo): the config, the distributed job,
+    SIGTERM -> stop (the run saves and returns), `train_fn(config, stop=...)` and its result line."""
     quiet_libraries()
-    config = cli.config_from_flag(_CONFIG.value)
+    f = flags.FLAGS
+    config = cli.config_from_flag(f.config)
     initialize(
-        coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-        cpu_devices_per_process=_CPU_DEVICES.value, heartbeat_timeout_s=_HEARTBEAT.value, auto=_DISTRIBUTED.value,
+        coordinator=f.coordinator, num_processes=f.num_processes, process_id=f.process_id,
+        cpu_devices_per_process=f.cpu_devices_per_process, heartbeat_timeout_s=f.heartbeat_timeout_s,
+        auto=f.distributed,
     )  # fmt: skip
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    result = train(config, stop=stop)
+    result = train_fn(config, stop=stop)
     if jax.process_index() == 0:
         finite = {k: v for k, v in result.items() if not (isinstance(v, float) and math.isnan(v))}
         print("done:", finite)
 
 
-def entry() -> None:
-    cli.run(main)
+def entry_for(train_fn: Callable[..., dict]) -> Callable[[], None]:
+    """The console entry point of a training function (mct-train, mct-sft, mct-dpo)."""
+
+    def entry() -> None:
+        _define_flags()
+        cli.run(lambda argv: run_job(train_fn))
+
+    return entry
+
+
+entry = entry_for(train)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import optax
 
 from mct.loss import loss_sums
 from mct.model import MiniCPM, ParamsModel
+from mct.model_losses import pretraining_objective
+from mct.quant import ternary_stats
 
 Objective = Callable[[MiniCPM, dict], tuple[jnp.ndarray, jnp.ndarray, dict]]
 """objective(model, batch) -> (loss sum, token count, extras): the step minimises loss sum / count over the
@@ -21,8 +23,9 @@ global batch; extras are scalar sums (over tokens) reported as metrics divided b
 
 
 def next_token_objective(model: MiniCPM, batch: dict) -> tuple[jnp.ndarray, jnp.ndarray, dict]:
-    """Pre-training's objective: masked next-token cross-entropy, no extra metrics."""
-    return *loss_sums(model, batch), {}
+    """Pre-training's objective: masked next-token cross-entropy, plus the MTP and MoE router losses of models
+    that have them (mct/model_losses.py; their parts as extra metrics)."""
+    return pretraining_objective(model, batch)
 
 
 def make_train_step(model: ParamsModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -68,6 +71,8 @@ def make_train_step(model: ParamsModel, tx: optax.GradientTransformation, schedu
             "tokens": count,
             **{name: value / count for name, value in extras.items()},
         }
+        if model.cfg.quant.weights != "none":  # the weights this step's forward used (BitCPM QAT)
+            metrics |= ternary_stats(model.cfg.quant, params)
         return new_state, metrics
 
     return step

@@ -2,5 +2,17 @@
 
 import os
 
+import pytest
+
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """(workdir, dataset) of a 2-step tiny pre-training run: the init_from of the post-training tests."""
+    import jax
+
+    from tests.tiny_runs import pretrain_source
+
+    return pretrain_source(tmp_path_factory.mktemp("pretrained"), jax.devices()[:1])

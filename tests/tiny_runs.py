@@ -2,10 +2,14 @@
 
 import json
 import pathlib
+import shutil
 import sys
 
 from experiments.configs import tiny_cpu
+from mct.checkpoint import Checkpointer, model_signature
 from mct.config import Config
+from mct.pretrain import train
+from tests.data_fixtures import make_tiny_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 320
@@ -58,3 +62,32 @@ def losses(workdir) -> dict[int, float]:
 
 def first_metrics(workdir) -> dict:
     return json.loads((pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def resume_copy(workdir, target, step: int) -> pathlib.Path:
+    """A copy of `workdir` as if the run had stopped at checkpoint `step` (later checkpoints removed)."""
+    shutil.copytree(workdir, target)
+    for later in (pathlib.Path(target) / "checkpoints").iterdir():
+        if later.name.isdigit() and int(later.name) > step:
+            shutil.rmtree(later)
+    return pathlib.Path(target)
+
+
+def pretrain_source(root: pathlib.Path, devices) -> tuple[pathlib.Path, pathlib.Path]:
+    """(workdir, dataset) of a 2-step tiny pre-training run: the init_from of post-training tests."""
+    dataset = make_tiny_dataset(root / "data", vocab_size=VOCAB, num_docs=60)
+    source = {"train.steps": 2, "schedule.warmup_steps": 0, "schedule.decay_steps": 1, "checkpoint.every_steps": 2,
+              "eval.every_steps": 2, "checkpoint.async_save": False}  # fmt: skip
+    train(make_config(root / "pretrain", dataset, **source), devices=devices)
+    return root / "pretrain", dataset
+
+
+def save_params_run(workdir, config: Config, params: dict, step: int = 0) -> pathlib.Path:
+    """A workdir whose one checkpoint holds `params` under `config` (no optimizer or data state, as an import
+    leaves it): a variant of a trained run with other model settings, without training it again."""
+    ckpt = Checkpointer(str(workdir), async_save=False)
+    meta = {"config": config.to_dict(), "model_signature": model_signature(config.model), "step": step}
+    ckpt.save(step, {"params": params, "opt_state": {}}, None, meta)
+    ckpt.wait()
+    ckpt.close()
+    return pathlib.Path(workdir)

@@ -39,7 +39,18 @@ def tunnel_config(name: str) -> ml_collections.ConfigDict:
     return c
 
 
+def moe_tunnel_config(name: str) -> ml_collections.ConfigDict:
+    """The proxy as MiniCPM-MoE (MiniCPM paper section 7): 8 experts of the parent's MLP shape, top-2, so a
+    dense proxy's checkpoint upcycles into it (mct.upcycle); model.moe.capacity_factor 1.25 drops overflow."""
+    c = tunnel_config(name)
+    c.workdir = f"/tmp/mct-tunnel-{name}-moe"
+    c.model.moe.num_experts, c.model.moe.top_k, c.model.moe.capacity_factor = 8, 2, 1.25
+    return c
+
+
 def get_config(shape: str = "30m") -> ml_collections.ConfigDict:
-    if shape not in TUNNEL_SHAPES:
-        raise ValueError(f"tunnel config: unknown shape {shape!r}; one of {sorted(TUNNEL_SHAPES)}")
-    return tunnel_config(shape)
+    """SHAPE (dense) or SHAPE_moe (its MoE variant)."""
+    name, moe = shape.removesuffix("_moe"), shape.endswith("_moe")
+    if name not in TUNNEL_SHAPES:
+        raise ValueError(f"tunnel config: unknown shape {shape!r}; one of {sorted(TUNNEL_SHAPES)} (+ _moe)")
+    return moe_tunnel_config(name) if moe else tunnel_config(name)

@@ -11,6 +11,8 @@ commands:
                take trials of a shared study
   coord_check  [--out PNG] [--widths 64,128,256,512] [--steps S]
                muP coordinate check plot
+  verify_data  --from WORKDIR --step N --candidate DIR [--share 0.3] [--decay_steps K] [--out DIR] [--json]
+               decay branches with and without candidate data, compared on eval and ScalingBench loss
 
 A flag of another command is an error. Bad input (a missing file, bad column, too few rows, a wrong flag)
 prints one line `error: ...` and exits 2. Each command's flags and what it needs are in COMMANDS.
@@ -26,7 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from mct import cli
-from mct.tunnel import coord_check, fits, report, sweep
+from mct.tunnel import coord_check, fits, report, sweep, verify_data
 
 PROG = "mct.tunnel"
 F = flags.FLAGS
@@ -75,6 +77,11 @@ def _define_flags() -> None:
     flags.DEFINE_integer("workers", 1, "sweep: trials at once, as separate local processes.", lower_bound=1)
     flags.DEFINE_string("widths", "64,128,256,512", "coord_check: comma-separated d_model values.")
     flags.DEFINE_integer("steps", 5, "coord_check: AdamW steps before measuring.", lower_bound=0)
+    flags.DEFINE_string("from", None, "verify_data: workdir of the stable run to branch from.")
+    flags.DEFINE_integer("step", None, "verify_data: its stable-phase checkpoint step.")
+    flags.DEFINE_string("candidate", None, "verify_data: prepared dataset to verify.")
+    flags.DEFINE_float("share", 0.3, "verify_data: the candidate's share of the branch's tokens.")
+    flags.DEFINE_integer("decay_steps", 100, "verify_data: steps of each decay branch.")
 
 
 def read_fit_csv(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,6 +170,18 @@ def _run_coord_check() -> None:
     print(json.dumps(result))
 
 
+def _run_verify_data() -> None:
+    """Two decay branches from the stable checkpoint (default mixture, and with the candidate); their losses."""
+    summary = verify_data.verify_data(
+        F["from"].value, F.step, F.candidate, F.share, F.decay_steps, F.out
+    )
+    for metric, difference in summary["difference"].items():
+        print(f"{metric}: default {summary['losses']['default'][metric]:.4f}, with candidate "
+              f"{summary['losses']['candidate'][metric]:.4f} ({difference:+.4f})")
+    if F.json:
+        print(json.dumps(summary))
+
+
 COMMANDS: dict[str, cli.Command] = {
     "fit": cli.Command(_run_fit, ("csv",), ("predict", "json"), "fit L(N, D) to a CSV of N, D, loss"),
     "report": cli.Command(
@@ -174,6 +193,12 @@ COMMANDS: dict[str, cli.Command] = {
     "sweep": cli.Command(_run_sweep, ("config",), ("workers",), "run or resume a wind-tunnel study"),
     "worker": cli.Command(_run_worker, ("study", "storage"), (), "take trials of a shared study"),
     "coord_check": cli.Command(_run_coord_check, (), ("out", "widths", "steps"), "muP coordinate check plot"),
+    "verify_data": cli.Command(
+        _run_verify_data,
+        ("from", "step", "candidate"),
+        ("share", "decay_steps", "out", "json"),
+        "decay branches with and without candidate data",
+    ),
 }
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl parses argv ([program, ...]) from the flags' defaults, so a process can run the CLI again; returns the

@@ -1,0 +1,98 @@
+"""The chat format: ids equal transformers' apply_chat_template with the exported template, the loss mask is
+exactly the assistant content + <|im_end|>, and long conversations are cut at a message boundary."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from data_pipelines import shards
+from data_pipelines.loader import load_tokenizer
+from data_pipelines.shards import DatasetError
+from mct.chat import IM_END, encode_chat, im_end_id
+from mct.chat_data import fit_conversation, prepare_chat_dataset
+from mct.export import write_tokenizer
+from mct.generate import encode_prompts
+from tests.data_fixtures import make_tiny_dataset
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a river\nplease."},
+        {"role": "assistant", "content": "The model river, été ✓."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "def f(x):\n    return x * 2\n"},
+    ],
+    [{"role": "user", "content": "  spaces  "}, {"role": "assistant", "content": "tabs\there <s> too"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return load_tokenizer(make_tiny_dataset(tmp_path_factory.mktemp("data"), vocab_size=320, num_docs=40))
+
+
+def test_ids_equal_transformers_apply_chat_template(tmp_path, tokenizer):
+    write_tokenizer(tokenizer, tmp_path, max_length=512)
+    assert "chat_template" in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    for messages in CONVERSATIONS:
+        ids, _ = encode_chat(tokenizer, messages)
+        assert hf.apply_chat_template(messages, tokenize=True)["input_ids"] == ids
+        prompt = messages[:-1]
+        ids, _ = encode_chat(tokenizer, prompt, add_generation_prompt=True)
+        assert hf.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)["input_ids"] == ids
+        assert hf.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+
+
+def test_mask_is_exactly_assistant_content_and_im_end(tokenizer):
+    for messages in CONVERSATIONS:
+        ids, mask = encode_chat(tokenizer, messages)
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        # independent count: each answer tokenized on its own, plus its <|im_end|>
+        assert sum(mask) == sum(len(tokenizer.encode(a, add_special_tokens=False).ids) + 1 for a in answers)
+        masked = tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+        assert masked == "".join(a + IM_END for a in answers)
+        closing = [i for i, (t, m) in enumerate(zip(ids, mask)) if t == im_end_id(tokenizer)]
+        assert [mask[i] for i in closing] == [int(m["role"] == "assistant") for m in messages]
+
+
+def test_long_conversations_are_cut_at_a_message_boundary(tmp_path, tokenizer):
+    messages = CONVERSATIONS[1]
+    full, _ = encode_chat(tokenizer, messages)
+    first, first_mask = encode_chat(tokenizer, messages[:3])
+    ids, mask, dropped = fit_conversation(tokenizer, messages, seq_len=len(full) - 2)
+    assert (ids, mask, dropped) == (first, first_mask, 1)
+    assert fit_conversation(tokenizer, messages, seq_len=len(full) - 1)[0] == full
+    assert fit_conversation(tokenizer, messages, seq_len=4) == ([], [], 2)
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS * 8))
+    out = prepare_chat_dataset(
+        tmp_path / "ds", str(path), tokenizer, seq_len=len(full) - 2, eval_fraction=0.3
+    )
+    manifest = shards.read_manifest(out)
+    assert (manifest["conversations"], manifest["cut"], manifest["dropped"]) == (24, 8, 0)
+    docs = shards.ShardedDocuments(out, manifest, "train")
+    assert all(
+        len(docs[i]) <= len(full) - 1 and docs[i][-2, 0] == im_end_id(tokenizer) for i in range(len(docs))
+    )
+
+
+def test_no_loss_tokens_is_an_error_naming_the_file(tmp_path, tokenizer):
+    path = tmp_path / "users_only.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DatasetError, match="users_only.jsonl.*no loss tokens"):
+        prepare_chat_dataset(tmp_path / "ds", str(path), tokenizer, seq_len=64, eval_fraction=0.5)
+    assert not (tmp_path / "ds").exists()
+    path.write_text('{"messages": [{"role": "robot", "content": "hi"}]}\n')
+    with pytest.raises(DatasetError, match="users_only.jsonl:1: message 0"):
+        prepare_chat_dataset(tmp_path / "ds", str(path), tokenizer, seq_len=64, eval_fraction=0.5)
+
+
+def test_generate_chat_wraps_each_prompt_as_a_user_turn(tokenizer):
+    prompts = encode_prompts(tokenizer, ["What is 2 + 3?", "hi"], chat=True)
+    text = tokenizer.decode(prompts[0], skip_special_tokens=False)
+    assert text == "<s><|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(prompts[1], skip_special_tokens=False).count("<|im_start|>") == 2

@@ -1,0 +1,185 @@
+"""Chunk-wise rollout (mct/rollout.py) and the RL run (mct/rl.py): chunked == unchunked under greedy decoding,
+cached log-probs and policy versions survive chunking, a run killed mid-way resumes exactly, export works."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mct import rl
+from mct.checkpoint import Checkpointer
+from mct.config import model_from_dict
+from mct.decoding import Sampling, params_model
+from mct.export import export
+from mct.grpo import token_logprobs
+from mct.rl import training_rows
+from mct.rollout import Trajectory, rollout, rollout_chunk
+from mct.run_reader import RunCheckpoint
+from tests.data_fixtures import make_tiny_dataset
+from tests.tiny_runs import REPO, VOCAB, make_config
+
+ONE = jax.devices()[:1]
+CFG = model_from_dict(dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_mlp=64, vocab_size=61,
+                           attention="naive", max_position=64))  # fmt: skip
+PROMPTS = [[3, 9, 4], [7, 1, 8, 2, 8, 1, 8], [5, 5], [11, 12, 13, 14, 15]]
+CAPACITY = 32
+
+
+@pytest.fixture(scope="module")
+def params():
+    """Three policy versions: an initialisation and two perturbations of it."""
+    base = jax.jit(params_model(CFG).init, static_argnums=0)(0)
+    rng = np.random.default_rng(0)
+    return [base] + [jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), base)
+                     for _ in range(2)]  # fmt: skip
+
+
+def trajectories() -> list[Trajectory]:
+    return [Trajectory(i, list(p)) for i, p in enumerate(PROMPTS)]
+
+
+def test_chunked_and_unchunked_greedy_rollouts_are_identical(params):
+    probe = trajectories()
+    rollout(CFG, params[0], probe, chunk_tokens=12, max_response_tokens=12, stop_ids=[], sampling=Sampling(),
+            seed=0, capacity=CAPACITY)  # fmt: skip
+    stop = probe[1].response[6]  # a token row 1 emits mid-way: some rows stop early, others run to the limit
+    runs = {}
+    for chunk in (12, 5, 3):
+        ts = trajectories()
+        runs[chunk] = rollout(CFG, params[0], ts, chunk_tokens=chunk, max_response_tokens=12, stop_ids=[stop],
+                              sampling=Sampling(), seed=0, capacity=CAPACITY), ts  # fmt: skip
+    assert runs[12][0] == 1 and runs[3][0] == 4
+    full = runs[12][1]
+    assert any(not t.truncated for t in full) and any(t.truncated for t in full)
+    for _, ts in (runs[5], runs[3]):
+        for a, b in zip(full, ts):
+            assert a.response == b.response and a.truncated == b.truncated
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_a_trajectory_cut_into_three_chunks_keeps_its_cached_logprobs_and_versions(params):
+    """Chunk k is decoded by params[k] (policy version k); earlier chunks keep the log-probs of their policy."""
+    ts = trajectories()
+    snapshots = []
+    for version in range(3):
+        rollout_chunk(CFG, params[version], ts, chunk_tokens=4, max_response_tokens=12, stop_ids=[],
+                      sampling=Sampling(), key=jax.random.key(0), version=version, capacity=CAPACITY)  # fmt: skip
+        snapshots.append([list(t.logprobs) for t in ts])
+    for t in ts:
+        assert t.finished and t.truncated and len(t.response) == 12
+        assert t.versions == [0] * 4 + [1] * 4 + [2] * 4
+    for k in range(3):
+        for row in range(len(ts)):
+            assert snapshots[2][row][: 4 * (k + 1)] == snapshots[k][row]  # cached, never recomputed
+    # independently: teacher-forced log-probs of each chunk's tokens under the params that sampled it
+    rows = training_rows(ts, [0.0] * len(ts), seq_len=CAPACITY, overlong_filter=False)
+    teacher = jax.jit(lambda p, b: token_logprobs(params_model(CFG).bind(p), b))
+    for k in range(3):
+        logp = np.asarray(teacher(params[k], rows))
+        for row, t in enumerate(ts):
+            first = len(t.prompt) - 1 + 4 * k
+            np.testing.assert_allclose(t.logprobs[4 * k : 4 * k + 4], logp[row, first : first + 4], atol=1e-4)
+
+
+def length_reward(text: str, item: dict) -> float:
+    """A reward random tiny models earn unevenly (RL's groups need varied rewards to train)."""
+    return (len(text) % 3) / 2
+
+
+RL_ARGS = {
+    "data.seq_len": 40, "train.steps": 4, "train.batch_size": 8, "rl.group_size": 4, "rl.prompts_per_step": 2,
+    "rl.chunk_tokens": 4, "rl.max_prompt_tokens": 32, "rl.max_response_tokens": 8, "rl.overlong_filter": False,
+    "rl.ref_refresh_steps": 3, "rl.kl_beta": 0.01, "rl.lr": 1e-3, "checkpoint.every_steps": 2,
+    "checkpoint.async_save": False, "model.attention": "naive",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> pathlib.Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("data"), vocab_size=VOCAB, num_docs=40)
+
+
+KILLED = """
+import os, pathlib, signal, sys, jax
+from mct import rl
+from tests.test_rl import RL_ARGS, length_reward
+from tests.tiny_runs import make_config
+workdir, dataset = sys.argv[1:]
+marker = pathlib.Path(workdir) / "checkpoints" / "2" / "commit_success.txt"
+def killing_reward(text, item):
+    if marker.exists():  # mid-step 3, after checkpoint 2 was committed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return length_reward(text, item)
+rl.train(make_config(workdir, pathlib.Path(dataset), **RL_ARGS), devices=jax.devices()[:1], reward=killing_reward)
+"""
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, dataset):
+    """The run SIGKILLed in step 3, started in a child process (it runs while the reference run trains)."""
+    workdir, log = tmp_path_factory.mktemp("killed"), tmp_path_factory.mktemp("killed_log") / "stderr.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", KILLED, str(workdir), str(dataset)], cwd=REPO, env=env,
+                                stderr=stderr)  # fmt: skip
+    yield workdir, proc, log
+    proc.kill()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, dataset, killed_run):
+    workdir = tmp_path_factory.mktemp("reference")
+    rl.train(make_config(workdir, dataset, **RL_ARGS), devices=ONE, reward=length_reward)
+    return workdir
+
+
+def metric_lines(workdir) -> list[dict]:
+    lines = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if not k.endswith("_s")} for m in lines]  # timings differ
+
+
+def test_rl_run_trains_on_completed_groups_and_carries_unfinished_ones(reference_run):
+    lines = metric_lines(reference_run)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert lines[0]["chunk_carried"] == 8 and lines[0]["completed_groups"] == 0  # 2 groups x 4, one chunk in
+    for m in lines[1:]:  # each step: the previous step's groups finish, the new ones are carried
+        assert m["completed_groups"] == 2 and m["chunk_carried"] == 8
+        assert {"reward_mean", "accepted_groups", "kl", "loss"} <= m.keys()
+    assert any(m.get("loss_tokens", 0) > 0 for m in lines)
+    ckpt = Checkpointer(str(reference_run), read_only=True)
+    assert ckpt.all_steps() == [2, 4]
+    saved = ckpt.manager.restore(2, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    ckpt.close()
+    buffer = [Trajectory(**t) for t in saved["buffer"]]
+    assert len(buffer) == 8 and all(t.versions == [1] * 4 and not t.finished for t in buffer)
+
+
+def test_resume_after_sigkill_gives_the_same_rollouts_and_losses(dataset, reference_run, killed_run):
+    workdir, proc, log = killed_run
+    assert proc.wait(timeout=600) == -9, log.read_text()[-2000:]
+    assert Checkpointer(str(workdir), read_only=True).all_steps() == [2]
+    rl.train(make_config(workdir, dataset, **RL_ARGS), devices=ONE, reward=length_reward)
+    assert metric_lines(workdir) == metric_lines(reference_run)
+    a, b = RunCheckpoint(str(workdir)).read_params(), RunCheckpoint(str(reference_run)).read_params()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_export_works_on_an_rl_workdir(tmp_path, reference_run):
+    out = export(str(reference_run), str(tmp_path / "hf"), "minicpm")
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_bad_rl_config_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mct.rl", "--config", str(REPO / "experiments/configs/tiny_cpu_rl.py"),
+         f"--config.workdir={tmp_path}", "--config.rl.reward=bogus"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "rl.reward='bogus'" in proc.stderr and "Traceback" not in proc.stderr
