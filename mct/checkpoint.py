@@ -152,6 +152,10 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+    def read_data_state(self, step: int) -> dict | None:
+        """The data-iterator state saved with `step` (None for a step-0 import, which has none)."""
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
     def restore(self, step: int, abstract_state) -> tuple[dict, dict, dict]:
         """Restores (state, data_state, meta) onto the shardings given by `abstract_state`'s leaves."""
         if step not in self.all_steps():

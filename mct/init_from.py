@@ -111,3 +111,16 @@ def init_from_state(spec: str, built: Built) -> dict:
     with jax.set_mesh(built.mesh):
         opt_state = jax.jit(built.tx.init, out_shardings=built.state_shardings["opt_state"])(params)
     return {"params": params, "opt_state": opt_state}
+
+
+def continued_data_state(spec: str, config: Config) -> dict | None:
+    """The source's data-iterator state when `config` reads the same data as the source (BitCPM stage 2 QAT
+    continues the pre-training stream instead of re-reading its first batches); None for other data (SFT)."""
+    source = read_init_source(spec)
+    if source.config.data != config.data:
+        return None
+    ckpt = Checkpointer(str(source.workdir), read_only=True)
+    try:
+        return ckpt.read_data_state(source.step)
+    finally:
+        ckpt.close()

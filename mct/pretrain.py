@@ -31,7 +31,7 @@ from mct.checkpoint import Checkpointer, run_meta
 from mct.config import Config, ConfigError
 from mct.distributed import gather_json, global_batch
 from mct.hooks import Evaluator, MetricsLog, profile_hook
-from mct.init_from import init_from_state
+from mct.init_from import continued_data_state, init_from_state
 from mct.metrics import MetricsWriter, logged_metrics
 from mct.scalingbench import make_scalingbench_batches
 from mct.train_step import Objective, next_token_objective
@@ -81,8 +81,10 @@ def initial_state(built: Built, ckpt: Checkpointer) -> tuple[int, dict, dict | N
         log.info("decay branch from %s step %d", config.schedule.branch_from, config.schedule.branch_step)
         return config.schedule.branch_step, state, data_state
     if config.init_from:
-        log.info("post-training from the params of %s (fresh optimizer state)", config.init_from)
-        return 0, init_from_state(config.init_from, built), None
+        data_state = continued_data_state(config.init_from, config)
+        log.info("starting from the params of %s (fresh optimizer state, %s)", config.init_from,
+                 "its data stream continued" if data_state else "data from the start")  # fmt: skip
+        return 0, init_from_state(config.init_from, built), data_state
     return 0, built.init_state(config.seed), None
 
 
