@@ -237,7 +237,8 @@ def _train(args: argparse.Namespace) -> None:
     positives, negatives = _seeds(args, "train")
     unlabeled = read_texts(args.unlabeled, args.text_field) if args.unlabeled else []
     settings = TrainSettings(
-        epochs=args.epochs, bucket=args.bucket, seed=args.seed, rounds=args.rounds, confidence=args.confidence
+        dim=args.dim, epochs=args.epochs, bucket=args.bucket, seed=args.seed, rounds=args.rounds,
+        confidence=args.confidence,
     )
     print(f"training on {len(positives)} positives, {len(negatives)} negatives, {len(unlabeled)} unlabeled, "
           f"{settings.rounds} round(s)", file=sys.stderr)
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="passes (more for small data)")
     train.add_argument("--bucket", type=int, default=TrainSettings.bucket, help="hashed n-gram rows")
+    train.add_argument("--dim", type=int, default=TrainSettings.dim, help="embedding size")
     score.add_argument("--model", required=True)
     score.add_argument("--input", action="append", required=True)
     score.add_argument("--out")

@@ -195,6 +195,8 @@ def export(
             config["quantization_config"] = quant.ternary_config(cfg.quant)
         write_json(tmp / "config.json", config)
         generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        if IM_END in ids:  # a chat turn ends at <|im_end|>: HF generate stops there too (mct.generate --chat)
+            generation["eos_token_id"] = [config["eos_token_id"], ids[IM_END]]
         write_json(tmp / "generation_config.json", generation)
         if freq_vocab:
             shutil.copyfile(freq_vocab, tmp / FREQ_VOCAB_FILE)

@@ -14,7 +14,6 @@ cached log-probs, policy versions), the prompt cursor and the group counter; sam
 """
 
 import dataclasses
-import json
 import logging
 import math
 import pathlib
@@ -28,10 +27,11 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from data_pipelines.shards import DatasetError
 from data_pipelines.tokenizer import EOS, read_tokenizer_file, special_token_ids
 from mct import cli
 from mct.chat import encode_chat, im_end_id
-from mct.chat_data import arithmetic_problem
+from mct.chat_data import arithmetic_problem, read_jsonl
 from mct.checkpoint import Checkpointer, CheckpointMissing, CheckpointSaveError, run_meta
 from mct.config import Config, ConfigError
 from mct.decoding import Sampling
@@ -63,22 +63,12 @@ def arithmetic_items(n: int, seed: int, exclude: frozenset[str] = frozenset()) -
 
 
 def read_prompts(path: str, reward: str) -> list[dict]:
-    """The items of a prompts JSONL; UserError naming the file and line of a malformed one."""
+    """The items of a prompts JSONL; DatasetError naming the file and line of a malformed one."""
     key = ANSWER_KEYS[reward]
-    try:
-        lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise cli.UserError(f"config rl.prompts={path}: {e.strerror or e}") from None
     items = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise cli.UserError(f"{path}:{number}: not JSON ({e.msg})") from None
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or key not in item:
-            raise cli.UserError(f'{path}:{number}: needs {{"prompt": str, "{key}": ...}} for reward {reward}')
+    for where, item in read_jsonl(path, ("prompt", key)):
+        if not isinstance(item["prompt"], str):
+            raise DatasetError(f'{where}: needs {{"prompt": str, "{key}": ...}} for reward {reward}')
         items.append(item)
     if not items:
         raise cli.UserError(f"config rl.prompts={path}: no prompts in the file")

@@ -9,8 +9,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from data_pipelines import beam_prepare, prepare, quality, shards
+from data_pipelines import beam_prepare, prepare, shards
 from tests.test_data_prepare import _read_split, corpus  # noqa: F401  (corpus: a fixture)
+from tests.test_quality import train_in_fresh_process
 
 _MAX_CHARS = 40  # splits the corpus's longer documents, so split documents are compared too
 
@@ -75,12 +76,12 @@ def dedup_run(tmp_path_factory):
     for name, texts in files.items():
         (root / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     model = root / "quality.bin"
-    classifier = quality.train_classifier(
-        [_text(rng, _VOCAB_GOOD, 60) for _ in range(200)],
-        [_text(rng, _VOCAB_BAD, 60) for _ in range(200)],
-        quality.TrainSettings(dim=16),
-    )
-    classifier.save(model)
+    seeds = {"good.txt": [_text(rng, _VOCAB_GOOD, 60) for _ in range(200)],
+             "bad.txt": [_text(rng, _VOCAB_BAD, 60) for _ in range(200)]}  # fmt: skip
+    for name, texts in seeds.items():
+        (root / "seeds" / name).parent.mkdir(exist_ok=True)
+        (root / "seeds" / name).write_text("".join(t + "\n" for t in texts))
+    train_in_fresh_process(root / "seeds/good.txt", root / "seeds/bad.txt", model, "--dim", "16")
     out = beam_prepare.beam_prepare(
         root / "out", [str(root / "*.jsonl")], dedup_kinds=("exact", "minhash"), quality_model=str(model),
         vocab_size=400, eval_fraction=0.0, files_per_writer=1, progress=False,

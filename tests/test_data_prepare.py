@@ -102,6 +102,7 @@ def test_prepare_counts_skips_and_round_trip(corpus, tmp_path):
         progress=False,
     )
     manifest = shards.read_manifest(out)
+    assert len(manifest["splits"]["train"]["shards"]) > 1  # the eval split's size depends on tmp_path's hash
     assert collections.Counter(manifest["skipped"]["by_reason"]) == skips
     assert manifest["skipped"]["total"] == sum(skips.values())
     assert {"source": f"{root}/d.jsonl:2", "reason": documents.INVALID_JSON} in manifest["skipped"][
@@ -118,7 +119,7 @@ def test_prepare_counts_skips_and_round_trip(corpus, tmp_path):
         entry = manifest["splits"][split]
         assert entry["documents"] == len(records) == sum(s["documents"] for s in entry["shards"])
         assert entry["tokens"] == sum(r.size for r in records)
-        assert len(entry["shards"]) > 1  # shard_tokens=200 rolls over
+        assert all(s["tokens"] >= 200 for s in entry["shards"][:-1])  # shard_tokens=200 rolls over
         total_tokens += entry["tokens"]
         for record in records:
             assert record[0] == bos and record[-1] == eos and record.max() < manifest["vocab_size"]

@@ -141,7 +141,7 @@ def test_layouts_hold_the_documented_tensors(tmp_path, dataset):
     llama_cfg = json.loads((out["llama"] / "config.json").read_text())
     assert llama_cfg["architectures"] == ["LlamaForCausalLM"] and "scale_emb" not in llama_cfg
     generation = json.loads((out["llama"] / "generation_config.json").read_text())
-    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    assert generation == {"bos_token_id": 1, "eos_token_id": [2, 4], "pad_token_id": 0}  # EOS, <|im_end|>
     assert tokenizer_less_post_processor(out["llama"]) == tokenizer_less_post_processor(dataset)
     assert (out["minicpm"] / FREQ_VOCAB_FILE).read_bytes() == freq.read_bytes()
 
