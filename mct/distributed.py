@@ -4,6 +4,7 @@ One process per host (TPU VM worker, SLURM task, or a local process rehearsing a
 """
 
 import json
+import threading
 
 import jax
 import numpy as np
@@ -37,6 +38,16 @@ def initialize(
             initialization_timeout=120,
             heartbeat_timeout_seconds=heartbeat_timeout_s,
         )
+
+
+def stop_agreed(stop: threading.Event, step: int) -> bool:
+    """Whether to stop before `step`. One process: its `stop` event (set on SIGTERM). Several: JAX's preemption
+    sync point, the step every process reaches after any of them got SIGTERM, so that all stop and save at the
+    same step (per-process events stop at different steps and leave the others waiting in a collective).
+    Call it at every step from the same start on every process; it sets `stop` when the job stops."""
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+        stop.set()
+    return stop.is_set()
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -35,7 +35,7 @@ from mct.chat_data import arithmetic_problem, read_jsonl
 from mct.checkpoint import Checkpointer, CheckpointMissing, CheckpointSaveError, run_meta
 from mct.config import Config, ConfigError
 from mct.decoding import Sampling
-from mct.distributed import global_batch
+from mct.distributed import global_batch, stop_agreed
 from mct.grpo import accepted_groups, group_advantages, grpo_objective, token_logprobs
 from mct.init_from import init_from_state, parse_spec
 from mct.metrics import MetricsWriter
@@ -335,7 +335,7 @@ def _loop(run: RLRun, stop: threading.Event) -> dict:
     last: dict = {"step": run.start}
     step = run.start
     try:
-        while step < steps and not stop.is_set():
+        while step < steps and not stop_agreed(stop, step):
             metrics = run.step(step)
             step += 1
             run.ckpt.check_saves()

@@ -59,7 +59,8 @@ def run_job(train_fn: Callable[..., dict]) -> None:
         auto=f.distributed,
     )  # fmt: skip
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if jax.process_count() == 1:  # several processes hear SIGTERM through JAX's preemption service instead
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     result = train_fn(config, stop=stop)
     if jax.process_index() == 0:
         finite = {k: v for k, v in result.items() if not (isinstance(v, float) and math.isnan(v))}

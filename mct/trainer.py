@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from mct.attention import pin_attention
 from mct.checkpoint import abstract_with_shardings
 from mct.config import Config
-from mct.distributed import global_batch
+from mct.distributed import global_batch, stop_agreed
 from mct.model import ParamsModel
 from mct.optimizer import make_optimizer
 from mct.schedule import schedule_from_config
@@ -124,7 +124,7 @@ class Trainer:
         pending = None  # (step, device metrics) not read yet
         step = start
         with jax.set_mesh(self.built.mesh):
-            while step < steps and not self.stop.is_set():
+            while step < steps and not stop_agreed(self.stop, step):
                 batch = global_batch(next(batches), self.built.batch_sharding)
                 state, metrics = self.built.step_fn(state, batch, jnp.int32(step))
                 if pending is not None:

@@ -113,3 +113,20 @@ def test_decay_branches_share_one_stable_run(tmp_path):
     assert all(r["state"] == "complete" for r in records), records
     assert [r["tokens"] for r in records] == [8 * 32 * 10, 8 * 32 * 20]
     assert all(r["state"] == "complete" and r["eval_loss"] > 0 for r in records)
+
+
+def test_storage_waits_while_another_process_creates_the_schema(tmp_path, monkeypatch):
+    """Two processes opening a new study database at once: one stamps the schema version, the other's
+    INSERT fails on the unique key; the loser retries instead of crashing the sweep."""
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) < 3:
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    storage = sweep._storage(f"sqlite:///{tmp_path / 'study.db'}")
+    assert len(calls) == 3 and isinstance(storage, real)

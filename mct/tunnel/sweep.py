@@ -20,6 +20,7 @@ import time
 
 import ml_collections
 import optuna
+import sqlalchemy
 
 from mct.config import Config
 from mct.flops import matmul_params, train_flops_per_token
@@ -93,14 +94,24 @@ def storage_url(study: ml_collections.ConfigDict) -> str:
     return study.storage or f"sqlite:///{pathlib.Path(study.workdir).absolute() / 'study.db'}"
 
 
-def _storage(url: str, study: ml_collections.ConfigDict | None = None) -> optuna.storages.RDBStorage:
+def _storage(url: str, study: ml_collections.ConfigDict | None = None, retries: int = 8) -> optuna.storages.RDBStorage:
+    """The study database; retried while another process (a worker, a report) is creating its schema."""
     heartbeat = study.heartbeat_s if study is not None else 60
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=heartbeat,
-        grace_period=2 * heartbeat,
-        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
-    )
+
+    def connect() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat,
+            grace_period=2 * heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+        )
+
+    for attempt in range(retries):
+        try:
+            return connect()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            time.sleep(0.25 * (attempt + 1))  # two processes stamped the schema version at once
+    return connect()
 
 
 def grid_size(study: ml_collections.ConfigDict) -> int:
