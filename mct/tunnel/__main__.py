@@ -3,7 +3,8 @@
 commands:
   fit          --csv FILE [--predict N,D] [--json]
                fit L(N, D) to a CSV of N, D, loss
-  report       (--records FILE | --study NAME --storage URL) --out DIR [--predict N,D] [--metric M] [--json]
+  report       (--records FILE | --study NAME --storage URL [--holdout_study NAME]) --out DIR [--predict N,D]
+               [--metric M] [--json]
                tables, plots and fits for a sweep's trial records
   sweep        --config FILE [--workers K]
                run or resume a wind-tunnel study
@@ -73,6 +74,7 @@ def _define_flags() -> None:
         "(default coord_check.png)."
     )  # fmt: skip
     flags.DEFINE_enum("metric", "eval_loss", report.METRICS, "report: loss to plot and fit.")
+    flags.DEFINE_string("holdout_study", None, "report: a study in --storage whose runs are predicted, not fitted.")
     flags.DEFINE_string("config", None, "sweep: study file, e.g. experiments/tunnel/lr_transfer.py.")
     flags.DEFINE_integer("workers", 1, "sweep: trials at once, as separate local processes.", lower_bound=1)
     flags.DEFINE_string("widths", "64,128,256,512", "coord_check: comma-separated d_model values.")
@@ -134,8 +136,11 @@ def _run_report() -> None:
         raise cli.UserError(f"{PROG} report needs --records FILE or --study NAME --storage URL")
     if F.study and not F.storage:
         raise cli.UserError("--study needs --storage")
+    if F.holdout_study and not F.study:
+        raise cli.UserError("--holdout_study needs --study and --storage")
     trials = sweep.records(F.study, F.storage) if F.study else report.load_records(F.records)
-    written = report.write_report(trials, F.out, predict=F.predict, metric=F.metric)
+    holdout = sweep.records(F.holdout_study, F.storage) if F.holdout_study else []
+    written = report.write_report(trials, F.out, predict=F.predict, metric=F.metric, holdout=holdout)
     if F.json:
         print(json.dumps(written))
         return
@@ -187,7 +192,7 @@ COMMANDS: dict[str, cli.Command] = {
     "report": cli.Command(
         _run_report,
         ("out",),
-        ("records", "study", "storage", "predict", "metric", "json"),
+        ("records", "study", "storage", "predict", "metric", "holdout_study", "json"),
         "tables, plots and fits for a sweep's trial records",
     ),
     "sweep": cli.Command(_run_sweep, ("config",), ("workers",), "run or resume a wind-tunnel study"),

@@ -249,6 +249,54 @@ def loss_envelope(compute, loss) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclasses.dataclass(frozen=True)
+class LrOptimum:
+    """The loss-minimising learning rate of one width: the vertex of a parabola in log lr."""
+
+    lr: float  # the vertex (the best grid lr when the parabola is not convex)
+    log_std: float  # standard error of ln(lr) (NaN without a convex fit): lr is known within a factor exp(log_std)
+    loss: float  # the parabola's minimum (the best mean loss without a convex fit)
+    best_grid_lr: float
+    at_edge: bool  # the best grid lr is the grid's smallest or largest: the vertex extrapolates
+
+    def to_dict(self) -> dict:
+        """JSON-ready: a NaN log_std becomes None."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def lr_optimum(lrs, losses, window: int = 5) -> LrOptimum:
+    """Fits loss = a x^2 + b x + c, x = ln(lr), by least squares to every point (seed repeats included) at the
+    `window` distinct lrs nearest in rank to the one of lowest mean loss; the vertex's error is the delta
+    method over the fit's covariance s^2 (X^T X)^-1 (its residuals hold the seed noise where seeds repeat)."""
+    lr, y = _as_positive_1d("lr", lrs), np.asarray(losses, dtype=np.float64)
+    _check_lengths(lr=lr, loss=y)
+    grid = np.unique(lr)  # [g] ascending
+    means = np.array([y[lr == g].mean() for g in grid])
+    best = int(np.argmin(means))
+    lo = max(0, min(best - window // 2, len(grid) - window))
+    chosen = grid[lo : lo + window]
+    keep = np.isin(lr, chosen)
+    x = np.log(lr[keep])
+    design = np.stack([x**2, x, np.ones_like(x)], axis=-1)  # [n, 3]
+    coef, *_ = np.linalg.lstsq(design, y[keep], rcond=None)
+    a, b, c = coef
+    fallback = LrOptimum(float(grid[best]), math.nan, float(means[best]), float(grid[best]),
+                         best in (0, len(grid) - 1))  # fmt: skip
+    if len(x) <= 3 or a <= 0:
+        return fallback
+    dof = len(x) - 3
+    cov = np.linalg.pinv(design.T @ design) * float(np.sum((design @ coef - y[keep]) ** 2)) / dof
+    vertex = -b / (2 * a)
+    grad = np.array([b / (2 * a**2), -1 / (2 * a), 0.0])  # d vertex / d (a, b, c)
+    return LrOptimum(
+        lr=float(np.exp(vertex)),
+        log_std=float(np.sqrt(max(grad @ cov @ grad, 0.0))),
+        loss=float(c - b**2 / (4 * a)),
+        best_grid_lr=float(grid[best]),
+        at_edge=fallback.at_edge,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class BatchSizeFit:
     """bs_opt = k / L^gamma, fitted as a line in log-log space (MiniCPM: k 1.21e9 tokens, gamma 6.24)."""
 

@@ -142,31 +142,142 @@ def _log_x(ax: Axes) -> None:
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
 
 
-def _plot_lr_transfer(records: list[dict], metric: str, path: pathlib.Path) -> bool:
-    """Loss vs lr, one line per width (best over other hyperparameters), one panel per parametrization."""
-    by_parametrization: dict[str, dict[float | None, dict[float, float]]] = {}
+def _lr_groups(records: list[dict], metric: str) -> dict[tuple, dict[str, list[float]]]:
+    """(parametrization, the other params except lr and seed) -> the lrs and losses of its trials, seed
+    repeats included: one lr curve each."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
     for r in records:
         lr = _number(_param(r["params"], "lr"))
         if lr is None or lr <= 0:
             continue
-        lines = by_parametrization.setdefault(str(_param(r["params"], "parametrization") or "mup"), {})
-        points = lines.setdefault(_width(r["params"]), {})
-        points[lr] = min(points.get(lr, math.inf), r[metric])
-    if not by_parametrization:
+        parametrization = str(_param(r["params"], "parametrization") or "mup")
+        rest = tuple(sorted((k, str(v)) for k, v in r["params"].items()
+                            if k.split(".")[-1] not in ("lr", "seed", "parametrization")))  # fmt: skip
+        group = groups.setdefault((parametrization, rest), {"lr": [], "loss": [], "width": _width(r["params"])})
+        group["lr"].append(lr)
+        group["loss"].append(r[metric])
+        base = r.get("config", {}).get("model", {}).get("dim_model_base")
+        group["m"] = group["width"] / base if group["width"] and base else None
+    return groups
+
+
+def lr_optima(records: list[dict], metric: str) -> list[dict]:
+    """Per lr curve with 3 or more lrs: its parabola optimum (fits.lr_optimum) and the seed spread (the
+    largest max - min loss among lrs that ran more than once)."""
+    rows = []
+    for (parametrization, _), g in _lr_groups(records, metric).items():
+        lrs, losses = np.array(g["lr"]), np.array(g["loss"])
+        if len(np.unique(lrs)) < 3:
+            continue
+        spreads = [np.ptp(losses[lrs == lr]) for lr in np.unique(lrs) if np.sum(lrs == lr) > 1]
+        optimum = fits.lr_optimum(lrs, losses)
+        rows.append({"parametrization": parametrization, "width": g["width"], "m": g["m"], "trials": len(lrs),
+                     "seed_spread": float(max(spreads)) if spreads else None, **optimum.to_dict()})  # fmt: skip
+    return sorted(rows, key=lambda r: (r["parametrization"] != "mup", r["parametrization"], r["width"] or 0))
+
+
+def lr_transfer(records: list[dict], metric: str, optima: list[dict]) -> list[dict]:
+    """Per parametrization: the optimum lr of the narrowest width used at the widest, against the widest
+    width's own best (mean loss at the grid lr nearest the transferred one vs the best grid lr's)."""
+    groups = {(p, g["width"]): g for (p, _), g in _lr_groups(records, metric).items()}
+    rows = []
+    for parametrization in dict.fromkeys(o["parametrization"] for o in optima):
+        mine = [o for o in optima if o["parametrization"] == parametrization and o["width"]]
+        if len(mine) < 2:
+            continue
+        proxy, target = mine[0], mine[-1]
+        g = groups[(parametrization, target["width"])]
+        lrs, losses = np.array(g["lr"]), np.array(g["loss"])
+        nearest = min(np.unique(lrs), key=lambda lr: abs(math.log(lr / proxy["lr"])))
+        best = min(np.unique(lrs), key=lambda lr: losses[lrs == lr].mean())
+        at_transfer, at_best = float(losses[lrs == nearest].mean()), float(losses[lrs == best].mean())
+        rows.append({
+            "parametrization": parametrization, "proxy_width": proxy["width"], "target_width": target["width"],
+            "transferred_lr": proxy["lr"], "target_optimum_lr": target["lr"],
+            "optimum_ratio": target["lr"] / proxy["lr"], "grid_lr_used": float(nearest),
+            "loss_at_transferred_lr": at_transfer, "best_grid_lr": float(best), "best_loss": at_best,
+            "loss_gap": at_transfer - at_best, "relative_gap": (at_transfer - at_best) / at_best,
+        })  # fmt: skip
+    return rows
+
+
+def _write_lr_markdown(path: pathlib.Path, optima: list[dict], transfer: list[dict], metric: str) -> None:
+    lines = [
+        f"# Optimum learning rate per width ({metric})",
+        "",
+        "lr*: vertex of a parabola in ln(lr) through the 5 grid lrs around the best (seed repeats included);",
+        "x/÷: its standard error as a factor; *: the best grid lr is at the grid's edge.",
+        "",
+        "| parametrization | width | m | trials | best grid lr | lr* | x/÷ | loss at lr* | seed spread |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for o in optima:
+        factor = "" if o["log_std"] is None else f"{math.exp(o['log_std']):.3f}"
+        edge = "*" if o["at_edge"] else ""
+        lines.append(f"| {o['parametrization']} | {_format(o['width'])} | {_format(o['m'])} | {o['trials']} | "
+                     f"{o['best_grid_lr']:.4g}{edge} | {o['lr']:.4g} | {factor} | {o['loss']:.4f} | "
+                     f"{_format(o['seed_spread'])} |")  # fmt: skip
+    if transfer:
+        lines += ["", "## Transfer: the narrowest width's lr* used at the widest width", "",
+                  "| parametrization | widths | lr* ratio (widest / narrowest) | grid lr used | loss there | "
+                  "best grid lr | best loss | gap |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for t in transfer:
+            lines.append(f"| {t['parametrization']} | {_format(t['proxy_width'])} -> {_format(t['target_width'])} | "
+                         f"{t['optimum_ratio']:.3f} | {t['grid_lr_used']:.4g} | {t['loss_at_transferred_lr']:.4f} | "
+                         f"{t['best_grid_lr']:.4g} | {t['best_loss']:.4f} | {t['relative_gap']:+.2%} |")  # fmt: skip
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _plot_lr_transfer(records: list[dict], metric: str, path: pathlib.Path, optima: list[dict]) -> bool:
+    """Loss vs lr, one line per width (the mean over seeds, bars from min to max), the parabola's optimum
+    marked, one panel per parametrization."""
+    groups = _lr_groups(records, metric)
+    if not groups:
         return False
-    names = sorted(by_parametrization, key=lambda p: (p != "mup", p))
+    names = sorted({p for p, _ in groups}, key=lambda p: (p != "mup", p))
     fig = Figure(figsize=(5 * len(names), 4), layout="constrained")
     axes = fig.subplots(1, len(names), sharey=True, squeeze=False)[0]
     for ax, name in zip(axes, names):
-        lines = by_parametrization[name]
-        for width in sorted(lines, key=lambda w: -1.0 if w is None else w):
-            lrs = sorted(lines[width])
-            label = "all" if width is None else f"width {width:g}"
-            ax.plot(lrs, [lines[width][lr] for lr in lrs], marker="o", label=label)
+        mine = sorted(((k, g) for k, g in groups.items() if k[0] == name), key=lambda kg: kg[1]["width"] or -1)
+        for i, (_, g) in enumerate(mine):
+            lrs, losses = np.array(g["lr"]), np.array(g["loss"])
+            grid = np.unique(lrs)
+            values = [losses[lrs == lr] for lr in grid]
+            mean = np.array([v.mean() for v in values])
+            bars = np.array([[m - v.min(), v.max() - m] for m, v in zip(mean, values)]).T
+            label = "all" if g["width"] is None else f"width {g['width']:g}"
+            if g["m"] is not None:
+                label += f" (m={g['m']:g})"
+            ax.errorbar(grid, mean, yerr=bars, marker="o", ms=3, capsize=2, label=label, color=f"C{i}")
+            for o in optima:
+                if o["parametrization"] == name and o["width"] == g["width"] and o["log_std"] is not None:
+                    ax.axvline(o["lr"], color=f"C{i}", ls=":", lw=1)
         _log_x(ax)
-        ax.set(xlabel="learning rate", title=name)
+        ax.set(xlabel="learning rate", title=f"{name} (dotted: parabola optimum)")
         ax.legend(fontsize="small")
     axes[0].set_ylabel(metric)
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _plot_loss_vs_tokens(records: list[dict], metric: str, path: pathlib.Path) -> bool:
+    """Loss vs tokens, one line per setting of the other params (schedules, decay branches); False when no
+    setting ran at two or more token budgets."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        if _number(r.get("tokens")):
+            label = ", ".join(f"{k}={_format(v)}" for k, v in sorted(r["params"].items()) if k != "tokens")
+            lines.setdefault(label or "all", []).append((r["tokens"], r[metric]))
+    if not any(len({t for t, _ in points}) > 1 for points in lines.values()):
+        return False
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for label, points in sorted(lines.items()):
+        tokens, losses = np.array(sorted(points)).T
+        ax.plot(tokens, losses, marker="o", ms=4, label=label)
+    _log_x(ax)
+    ax.set(xlabel="tokens", ylabel=metric, title=f"{metric} vs tokens")
+    ax.legend(fontsize="x-small")
     fig.savefig(path, dpi=100)
     return True
 
@@ -255,9 +366,10 @@ def _batch_size_points(records: list[dict], metric: str) -> tuple[np.ndarray, np
 
 
 def _fit_all(
-    records: list[dict], metric: str, predict: tuple[float, float] | None
-) -> tuple[dict, fits.ComputeFit | None]:
-    """fits.json content: each fit, or the reason it was skipped; plus the prediction at `predict`."""
+    records: list[dict], metric: str, predict: tuple[float, float] | None, holdout: Sequence[dict] = ()
+) -> tuple[dict, fits.ComputeFit | None, fits.NDFit | None]:
+    """fits.json content: each fit, or the reason it was skipped; the prediction at `predict`; and each
+    held-out run's loss against the L(N, D) prediction at its N and D."""
     result: dict = {"metric": metric, "num_complete": len(records), "skipped": {}}
     nd_fit = envelope_fit = None
     try:
@@ -293,7 +405,42 @@ def _fit_all(
             mean, std = envelope_fit.predict(6.0 * n * d)
             prediction |= {"envelope_loss": float(mean), "envelope_loss_std": float(std)}
         result["prediction"] = prediction
-    return result, envelope_fit
+    if nd_fit is not None and holdout:
+        result["holdout"] = [_holdout_row(nd_fit, r, metric) for r in holdout]
+    return result, envelope_fit, nd_fit
+
+
+def _holdout_row(nd_fit: fits.NDFit, record: dict, metric: str) -> dict:
+    n, d, loss = record["n_params"], record["tokens"], record[metric]
+    mean, std = (float(v) for v in nd_fit.predict(n, d))
+    n_opt, d_opt = nd_fit.compute_optimal(6.0 * n * d)
+    return {"trial": record["trial"], "N": n, "D": d, "loss": loss, "predicted": mean, "predicted_std": std,
+            "relative_error": (loss - mean) / loss, "sigmas": (loss - mean) / std if std > 0 else None,
+            "compute_optimal_N": n_opt, "compute_optimal_D": d_opt}  # fmt: skip
+
+
+def _plot_loss_nd(records: list[dict], metric: str, nd_fit: fits.NDFit, holdout: list[dict],
+                  path: pathlib.Path) -> None:  # fmt: skip
+    """Loss vs tokens per model size with the fitted L(N, D) curves, and each held-out run against its
+    prediction (bar: 2 standard deviations)."""
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.subplots()
+    sizes = sorted({r["n_params"] for r in records} | {h["N"] for h in holdout})
+    d_all = [r["tokens"] for r in records] + [h["D"] for h in holdout]
+    grid = np.geomspace(min(d_all) / 1.5, max(d_all) * 1.5, 100)
+    for i, n in enumerate(sizes):
+        mine = sorted((r["tokens"], r[metric]) for r in records if r["n_params"] == n)
+        if mine:
+            ax.scatter(*np.array(mine).T, color=f"C{i % 10}", s=14)
+        ax.plot(grid, nd_fit.predict(n, grid)[0], color=f"C{i % 10}", lw=1, label=f"N={n:.3g}")
+    for h in holdout:
+        ax.errorbar([h["D"]], [h["predicted"]], yerr=[2 * h["predicted_std"]], color="k", capsize=3,
+                    label="held-out: predicted")  # fmt: skip
+        ax.scatter([h["D"]], [h["loss"]], marker="*", s=120, color="k", label="held-out: measured", zorder=3)
+    _log_x(ax)
+    ax.set(xlabel="tokens D", ylabel=metric, title=f"L(N, D): alpha {nd_fit.alpha:.2f}, beta {nd_fit.beta:.2f}")
+    ax.legend(fontsize="x-small")
+    fig.savefig(path, dpi=100)
 
 
 def write_report(
@@ -302,10 +449,13 @@ def write_report(
     *,
     predict: tuple[float, float] | None = None,
     metric: str = "eval_loss",
+    holdout: Sequence[dict] = (),
 ) -> dict:
-    """Writes trials.csv, trials.md, the PNG plots and fits.json under out_dir; returns their paths and fits.
+    """Writes trials.csv, trials.md, lr_optima.md, the PNG plots and fits.json under out_dir; returns their
+    paths and fits.
 
-    `metric` is the loss the plots and fits use; `predict` = (N, D) adds a loss prediction to fits.json.
+    `metric` is the loss the plots and fits use; `predict` = (N, D) adds a loss prediction to fits.json;
+    `holdout` records (runs kept out of the fits) are compared with the L(N, D) prediction.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -318,13 +468,24 @@ def write_report(
 
     usable = [r for r in records if r["state"] == "complete" and (_number(r.get(metric)) or 0.0) > 0.0]
     plots = []
-    if usable and _plot_lr_transfer(usable, metric, out / "loss_vs_lr.png"):
+    optima = lr_optima(usable, metric)
+    transfer = lr_transfer(usable, metric, optima)
+    if optima:
+        _write_lr_markdown(out / "lr_optima.md", optima, transfer, metric)
+    if usable and _plot_lr_transfer(usable, metric, out / "loss_vs_lr.png", optima):
         plots.append(out / "loss_vs_lr.png")
+    if _plot_loss_vs_tokens(usable, metric, out / "loss_vs_tokens.png"):
+        plots.append(out / "loss_vs_tokens.png")
     for name in _swept_params(usable):
         path = out / f"loss_vs_param_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
         _plot_param(usable, name, metric, path)
         plots.append(path)
-    fit_results, envelope_fit = _fit_all(usable, metric, predict)
+    held = [r for r in holdout if r["state"] == "complete" and _number(r.get(metric))]
+    fit_results, envelope_fit, nd_fit = _fit_all(usable, metric, predict, held)
+    if nd_fit is not None:
+        _plot_loss_nd(usable, metric, nd_fit, fit_results.get("holdout", []), out / "loss_nd.png")
+        plots.append(out / "loss_nd.png")
+    fit_results |= {"lr_optima": optima, "lr_transfer": transfer}
     costed = [r for r in usable if _number(r.get("flops"))]
     if costed:
         compute = np.array([r["flops"] for r in costed], dtype=np.float64)

@@ -10,6 +10,7 @@ workdir's checkpoint (trial workdirs are keyed by their parameters).
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -38,8 +39,10 @@ PARAM_KEYS = {
     "batch_size": "train.batch_size",
     "parametrization": "model.parametrization",
     "weight_decay": "optimizer.weight_decay",
+    "decay_shape": "schedule.decay_shape",
+    "seed": "seed",  # the initialisation's seed (a repeat of a grid point)
 }
-SHAPE_PARAMS = ("width", "tokens")  # set the model width and the trial's token budget
+SHAPE_PARAMS = ("width", "tokens", "decay_frac")  # the model width, the token budget, the decay's share of it
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
 
 
@@ -55,7 +58,10 @@ def default_study() -> ml_collections.ConfigDict:
             n_layers=4,
             head_dim=32,
             mlp_ratio=2.5,
-            space={"lr": [0.01]},  # name -> values; names: width, tokens and the keys of PARAM_KEYS
+            space={"lr": [0.01]},  # name -> values; names: width, tokens, decay_frac and the keys of PARAM_KEYS
+            grids=None,  # grid studies: a list of such dicts instead, the union of their products (in order)
+            repeat_top=0,  # grid studies: rerun the repeat_top best lrs of every group of the other params ...
+            repeat_seeds=(1,),  # ... once per seed here (their spread is the seed noise)
             tokens=1_000_000,  # per trial, when "tokens" is not swept
             decay_tokens=(),  # token budgets D of decay branches from one stable run per trial (L(N, D) fits)
             warmup_frac=0.1,
@@ -63,7 +69,7 @@ def default_study() -> ml_collections.ConfigDict:
             metric="eval_loss",  # eval_loss | scalingbench_loss | train_loss
             scalingbench="default",
             sampler="grid",  # grid | tpe
-            n_trials=0,  # 0 -> the grid size
+            n_trials=0,  # TPE studies: trials to run (0 -> the size of the space's product)
             seed=0,
             heartbeat_s=30,
             checkpoint_every=0,  # 0 -> only at the end of a trial
@@ -114,8 +120,43 @@ def _storage(url: str, study: ml_collections.ConfigDict | None = None, retries: 
     return connect()
 
 
-def grid_size(study: ml_collections.ConfigDict) -> int:
-    return math.prod(len(v) for v in study.space.values())
+def grid_points(study: ml_collections.ConfigDict) -> list[dict]:
+    """Every point of a grid study: the product of `space`, or the union of the products of `grids`."""
+    spaces = study.grids or [study.space]
+    points = []
+    for space in spaces:
+        names = list(space)
+        for values in itertools.product(*(space[name] for name in names)):
+            point = dict(zip(names, values))
+            if point not in points:
+                points.append(point)
+    return points
+
+
+def repeat_points(study: ml_collections.ConfigDict, records: list[dict]) -> list[dict]:
+    """The seed repeats: in every group of grid points that differ only in lr and whose trials have all
+    finished, the `repeat_top` lrs with the lowest metric, once per seed in `repeat_seeds`."""
+    if not study.repeat_top:
+        return []
+    done = {_key(r["point"]): r.get(study.metric) for r in records if "point" in r}
+    groups: dict[str, list[dict]] = {}
+    for point in grid_points(study):
+        groups.setdefault(_key({k: v for k, v in point.items() if k != "lr"}), []).append(point)
+    repeats = []
+    for members in groups.values():
+        if any(_key(p) not in done for p in members):
+            continue  # the group's grid is not finished yet
+        ranked = sorted(members, key=lambda p: _metric_or_inf(done[_key(p)]))
+        repeats += [{**p, "seed": seed} for p in ranked[: study.repeat_top] for seed in study.repeat_seeds]
+    return repeats
+
+
+def _key(point: dict) -> str:
+    return json.dumps(point, sort_keys=True)
+
+
+def _metric_or_inf(value) -> float:
+    return value if value is not None and math.isfinite(value) else float("inf")
 
 
 def trial_config(study: ml_collections.ConfigDict, params: dict, workdir: str) -> ml_collections.ConfigDict:
@@ -132,14 +173,17 @@ def trial_config(study: ml_collections.ConfigDict, params: dict, workdir: str) -
     for name, value in params.items():
         if name in SHAPE_PARAMS:
             continue
-        section, key = PARAM_KEYS[name].split(".")
-        c[section][key] = value
+        *sections, key = PARAM_KEYS[name].split(".")
+        target = c
+        for section in sections:
+            target = target[section]
+        target[key] = value
     _merge(c, study.overrides)
     tokens = params.get("tokens", study.tokens)
     steps = max(1, round(tokens / (c.train.batch_size * c.data.seq_len)))
     c.train.steps = steps
     c.schedule.warmup_steps = max(1, round(study.warmup_frac * steps))
-    c.schedule.decay_steps = max(1, round(study.decay_frac * steps))
+    c.schedule.decay_steps = max(1, round(params.get("decay_frac", study.decay_frac) * steps))
     c.eval.every_steps = steps
     c.eval.scalingbench = study.scalingbench
     c.checkpoint.every_steps = study.checkpoint_every or steps
@@ -164,8 +208,13 @@ def _trial_workdir(study: ml_collections.ConfigDict, params: dict) -> str:
     return str(pathlib.Path(study.workdir).absolute() / "trials" / key)
 
 
-def _suggest(trial: optuna.Trial, study: ml_collections.ConfigDict) -> dict:
-    return {name: trial.suggest_categorical(name, list(values)) for name, values in study.space.items()}
+def _trial_params(trial: optuna.Trial, study: ml_collections.ConfigDict) -> dict:
+    """A grid trial's point (enqueued with it), or the TPE sampler's suggestion."""
+    if study.sampler != "grid":
+        return {name: trial.suggest_categorical(name, list(values)) for name, values in study.space.items()}
+    if "point" not in trial.user_attrs:  # asked for while another worker took the last queued point
+        raise optuna.TrialPruned("no grid point left")
+    return dict(trial.user_attrs["point"])
 
 
 def decay_branch_configs(
@@ -219,9 +268,9 @@ def _train_record(config: ml_collections.ConfigDict, base: dict) -> dict:
 def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
     """Trains one proxy (or, with study.decay_tokens, one stable run and its decay branches) and stores
     each run's record on the trial; the objective is the metric of the run with the most tokens."""
-    params = _suggest(trial, study)
+    params = _trial_params(trial, study)
     config = trial_config(study, params, _trial_workdir(study, params))
-    base = {"trial": trial.number, "params": {**params, "width": config.model.d_model},
+    base = {"trial": trial.number, "point": params, "params": {**params, "width": config.model.d_model},
             "n_params": matmul_params(config.model)}  # fmt: skip
     records = []
     try:
@@ -244,16 +293,15 @@ def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
         )
         raise
     trial.set_user_attr("records", records)
-    value = records[-1][study.metric]
-    return value if value is not None and math.isfinite(value) else float("inf")
+    return _metric_or_inf(records[-1][study.metric])
 
 
 def open_study(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Study:
     """Creates the study (or loads it to resume), remembering the study config for workers."""
     url = url or storage_url(study)
     pathlib.Path(study.workdir).mkdir(parents=True, exist_ok=True)
-    sampler = (
-        optuna.samplers.GridSampler({k: list(v) for k, v in study.space.items()}, seed=study.seed)
+    sampler = (  # a grid study's trials are all enqueued points: its sampler never draws
+        optuna.samplers.RandomSampler(seed=study.seed)
         if study.sampler == "grid"
         else optuna.samplers.TPESampler(seed=study.seed)
     )
@@ -274,18 +322,39 @@ def _finished(s: optuna.Study) -> int:
     )
 
 
+def _waiting(s: optuna.Study) -> int:
+    return len(s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
+def _enqueue_new_points(s: optuna.Study, study: ml_collections.ConfigDict) -> None:
+    """Queues every grid point (and seed repeat now due) that no trial holds yet, in the study's order; points
+    added to the study file since the last sitting join the queue."""
+    trials = s.get_trials(deepcopy=False)
+    held = {_key(t.user_attrs["point"]) for t in trials if "point" in t.user_attrs}
+    records = [r for t in trials for r in t.user_attrs.get("records", [])[-1:]]
+    for point in grid_points(study) + repeat_points(study, records):
+        if _key(point) not in held:
+            s.enqueue_trial({}, user_attrs={"point": point})
+            held.add(_key(point))
+
+
 def work(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Study:
-    """Runs trials in this process until the study has its n_trials (the grid size for a grid search)."""
+    """Runs trials in this process until the study is done: every grid point (and seed repeat) has a finished
+    trial, or a TPE study has its n_trials. A trial whose worker died is retried (Optuna's heartbeat)."""
     s = open_study(study, url)
-    target = study.n_trials or grid_size(study)
-
-    def stop_when_done(st: optuna.Study, _trial) -> None:
-        if _finished(st) >= target:
-            st.stop()
-
-    if _finished(s) < target:
-        s.optimize(lambda t: run_trial(study, t), callbacks=[stop_when_done], catch=(Exception,))
-    return s
+    run = lambda t: run_trial(study, t)
+    if study.sampler != "grid":
+        target = study.n_trials or math.prod(len(v) for v in study.space.values())
+        if _finished(s) < target:
+            stop_when_done = lambda st, _: st.stop() if _finished(st) >= target else None
+            s.optimize(run, callbacks=[stop_when_done], catch=(Exception,))
+        return s
+    while True:
+        optuna.storages.fail_stale_trials(s)  # a dead worker's trial goes back to the queue
+        _enqueue_new_points(s, study)
+        if not _waiting(s):
+            return s
+        s.optimize(run, callbacks=[lambda st, _: st.stop() if not _waiting(st) else None], catch=(Exception,))
 
 
 def sweep(study: ml_collections.ConfigDict, workers: int = 1) -> optuna.Study:
