@@ -114,7 +114,7 @@ def test_table_marks_diverged_and_failed(written):
 def test_plots_are_written(written):
     out, result = written
     names = sorted(p.rsplit("/", 1)[-1] for p in result["plots"])
-    expected = ["loss_vs_compute.png", "loss_vs_lr.png"]
+    expected = ["loss_nd.png", "loss_vs_compute.png", "loss_vs_lr.png"]
     expected += [f"loss_vs_param_{n}.png" for n in ("batch_size", "lr", "width")]
     assert names == sorted(expected)
     for name in names:
@@ -164,7 +164,7 @@ def test_report_cli(tmp_path, capsys):
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["fits"]["prediction"]["loss"] == pytest.approx(true_loss(1e9, 2e10), rel=1e-4)
-    assert (tmp_path / "out" / "trials.md").is_file() and len(result["plots"]) == 5
+    assert (tmp_path / "out" / "trials.md").is_file() and len(result["plots"]) == 6
 
 
 @pytest.mark.parametrize(

@@ -120,10 +120,12 @@ def _write_csv(path: pathlib.Path, header: list[str], rows: list[list]) -> None:
 
 def _write_markdown(path: pathlib.Path, header: list[str], rows: list[list], metric: str) -> None:
     counts = {s: sum(row[1] == s for row in rows) for s in STATES}
+    wall = sum(_number(row[header.index("wall_s")]) or 0.0 for row in rows)
     lines = [
         f"# Sweep report ({metric})",
         "",
-        ", ".join(f"{n} {s}" for s, n in counts.items()) + "; diverged and failed trials are in bold.",
+        ", ".join(f"{n} {s}" for s, n in counts.items()) + "; diverged and failed trials are in bold. "
+        f"Training wall time, all runs: {wall / 3600:.2f} h.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -42,7 +42,8 @@ PARAM_KEYS = {
     "decay_shape": "schedule.decay_shape",
     "seed": "seed",  # the initialisation's seed (a repeat of a grid point)
 }
-SHAPE_PARAMS = ("width", "tokens", "decay_frac")  # the model width, the token budget, the decay's share of it
+# the model width, the token budget, the decay's share of it, and the budgets of decay branches from one stable run
+SHAPE_PARAMS = ("width", "tokens", "decay_frac", "decay_tokens")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
 
 
@@ -58,13 +59,14 @@ def default_study() -> ml_collections.ConfigDict:
             n_layers=4,
             head_dim=32,
             mlp_ratio=2.5,
-            space={"lr": [0.01]},  # name -> values; names: width, tokens, decay_frac and the keys of PARAM_KEYS
+            space={"lr": [0.01]},  # name -> values; names: SHAPE_PARAMS and the keys of PARAM_KEYS
             grids=None,  # grid studies: a list of such dicts instead, the union of their products (in order)
             repeat_top=0,  # grid studies: rerun the repeat_top best lrs of every group of the other params ...
             repeat_seeds=(1,),  # ... once per seed here (their spread is the seed noise)
             tokens=1_000_000,  # per trial, when "tokens" is not swept
             decay_tokens=(),  # token budgets D of decay branches from one stable run per trial (L(N, D) fits)
             warmup_frac=0.1,
+            warmup_steps=0,  # > 0: the same warmup for every run of the study (runs of different lengths)
             decay_frac=0.2,
             metric="eval_loss",  # eval_loss | scalingbench_loss | train_loss
             scalingbench="default",
@@ -87,13 +89,14 @@ def study_from_storage(name: str, url: str) -> ml_collections.ConfigDict:
 
 
 def load_study_config(path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of a study file."""
+    """`get_config()` of a study file, or `get_config(arg)` for "FILE:arg" (a variant of the study)."""
+    path, _, arg = path.partition(":") if not pathlib.Path(path).is_file() else (path, "", "")
     spec = importlib.util.spec_from_file_location("study_config", path)
     if spec is None or not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"study config {path!r} does not exist")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def storage_url(study: ml_collections.ConfigDict) -> str:
@@ -182,8 +185,9 @@ def trial_config(study: ml_collections.ConfigDict, params: dict, workdir: str) -
     tokens = params.get("tokens", study.tokens)
     steps = max(1, round(tokens / (c.train.batch_size * c.data.seq_len)))
     c.train.steps = steps
-    c.schedule.warmup_steps = max(1, round(study.warmup_frac * steps))
-    c.schedule.decay_steps = max(1, round(params.get("decay_frac", study.decay_frac) * steps))
+    c.schedule.warmup_steps = study.warmup_steps or max(1, round(study.warmup_frac * steps))
+    decay_steps = round(params.get("decay_frac", study.decay_frac) * steps)  # 1.0: all steps after the warmup
+    c.schedule.decay_steps = max(1, min(decay_steps, steps - c.schedule.warmup_steps))
     c.eval.every_steps = steps
     c.eval.scalingbench = study.scalingbench
     c.checkpoint.every_steps = study.checkpoint_every or steps
@@ -218,11 +222,12 @@ def _trial_params(trial: optuna.Trial, study: ml_collections.ConfigDict) -> dict
 
 
 def decay_branch_configs(
-    config: ml_collections.ConfigDict, decay_tokens, decay_frac: float, warmup_frac: float
+    config: ml_collections.ConfigDict, decay_tokens, decay_frac: float, warmup_frac: float, warmup_steps: int = 0
 ):
     """WSD's cheap data axis: one stable run (no decay) checkpointed at every branch start, and one decay
     branch per token budget D that restores the stable checkpoint at (1 - decay_frac) * D and decays to D.
-    The warmup is warmup_frac of the first branch's start, so that every branch starts in the stable phase."""
+    The warmup is `warmup_steps`, or warmup_frac of the first branch's start, so that every branch starts in
+    the stable phase."""
     tokens_per_step = config.train.batch_size * config.data.seq_len
     ends = sorted({max(2, round(d / tokens_per_step)) for d in decay_tokens})
     starts = [end - max(1, round(decay_frac * end)) for end in ends]
@@ -230,7 +235,10 @@ def decay_branch_configs(
     stable.workdir = f"{config.workdir}/stable"
     stable.train.steps = max(starts)
     stable.schedule.decay_steps = 0
-    stable.schedule.warmup_steps = max(1, round(warmup_frac * starts[0]))
+    stable.schedule.warmup_steps = warmup_steps or max(1, round(warmup_frac * starts[0]))
+    if stable.schedule.warmup_steps >= starts[0]:
+        raise ValueError(f"warmup ({stable.schedule.warmup_steps} steps) must end before the first decay branch "
+                         f"starts (step {starts[0]})")  # fmt: skip
     stable.checkpoint.every_steps = math.gcd(*starts)
     stable.checkpoint.max_to_keep = max(starts) // stable.checkpoint.every_steps + 1
     stable.eval.every_steps = max(starts)
@@ -274,9 +282,10 @@ def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
             "n_params": matmul_params(config.model)}  # fmt: skip
     records = []
     try:
-        if study.decay_tokens:
+        decay_tokens = params.get("decay_tokens", study.decay_tokens)
+        if decay_tokens:
             stable, branches = decay_branch_configs(
-                config, study.decay_tokens, study.decay_frac, study.warmup_frac
+                config, decay_tokens, study.decay_frac, study.warmup_frac, study.warmup_steps
             )
             train(Config.from_dict(stable.to_dict()))
             records = [_train_record(branch, base) for branch in branches]
