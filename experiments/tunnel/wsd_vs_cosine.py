@@ -1,8 +1,9 @@
 """Study 2, WSD vs cosine and decay branches (MiniCPM paper section 4; docs/tunnel_study.md).
 
 At width 128 (m = 2) and the muP lr of study 1, to T = 4M tokens: cosine from the end of warmup to 0 at T/4,
-T/2 and T (three full runs; 24 warmup steps in every run); WSD to T with 2.5%, 10% and 20% exponential decay; and one stable run with 10%
+T/2 and T (three full runs); WSD to T with 2.5%, 10% and 20% exponential decay; and one stable run with 10%
 decay branches at T/4, T/2 and T, which gives the loss-vs-tokens curve that cosine needs the three runs for.
+Every run warms up for the same 24 steps.
 
 python -m mct.tunnel sweep --config experiments/tunnel/wsd_vs_cosine.py
 """

@@ -112,7 +112,7 @@ def _storage(url: str, study: ml_collections.ConfigDict | None = None, retries: 
             url,
             heartbeat_interval=heartbeat,
             grace_period=2 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
 
     for attempt in range(retries):
