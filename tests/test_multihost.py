@@ -113,25 +113,13 @@ def test_two_processes_killed_one_restarted_match_one(tmp_path, dataset, one_pro
     assert_same_losses(losses(tmp_path), one_process, range(1, STEPS + 1))
 
 
-def _child_pid(launcher: subprocess.Popen, process_id: int) -> int:
-    """The pid of the launcher's training process `process_id` (from /proc: children name it in their argv)."""
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue  # the process ended while we looked
-        if parent == launcher.pid and f"--process_id={process_id}".encode() in argv:
-            return int(stat.parent.name)
-    raise AssertionError(f"the launcher has no process {process_id}")
-
-
 def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves(tmp_path, dataset):
     """A preemption notice reaching one host (or reaching hosts at different steps) stops all at the step JAX's
     preemption service agrees on; per-process stop flags would leave the others waiting in a collective."""
     proc = launch(2, tmp_path, dataset, wait=False, **{"train.steps": 100000, "checkpoint.every_steps": 100000})
     _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(losses(tmp_path)) >= 3, proc)
-    os.kill(_child_pid(proc, 1), signal.SIGTERM)  # process 1 only, not the launcher
+    victim = next(pid for pid, args in _processes() if "--process_id=1" in args and str(tmp_path) in args)
+    os.kill(victim, signal.SIGTERM)  # process 1 only, not the launcher
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-4000:]
     saved = Checkpointer(tmp_path, read_only=True).all_steps()

@@ -155,19 +155,20 @@ def _lr_groups(records: list[dict], metric: str) -> dict[tuple, dict[str, list[f
         parametrization = str(_param(r["params"], "parametrization") or "mup")
         rest = tuple(sorted((k, str(v)) for k, v in r["params"].items()
                             if k.split(".")[-1] not in ("lr", "seed", "parametrization")))  # fmt: skip
-        group = groups.setdefault((parametrization, rest), {"lr": [], "loss": [], "width": _width(r["params"])})
-        group["lr"].append(lr)
-        group["loss"].append(r[metric])
-        base = r.get("config", {}).get("model", {}).get("dim_model_base")
-        group["m"] = group["width"] / base if group["width"] and base else None
+        if (parametrization, rest) not in groups:
+            width, base = _width(r["params"]), r.get("config", {}).get("model", {}).get("dim_model_base")
+            groups[(parametrization, rest)] = {"lr": [], "loss": [], "width": width,
+                                               "m": width / base if width and base else None}  # fmt: skip
+        groups[(parametrization, rest)]["lr"].append(lr)
+        groups[(parametrization, rest)]["loss"].append(r[metric])
     return groups
 
 
-def lr_optima(records: list[dict], metric: str) -> list[dict]:
-    """Per lr curve with 3 or more lrs: its parabola optimum (fits.lr_optimum) and the seed spread (the
-    largest max - min loss among lrs that ran more than once)."""
+def lr_optima(groups: dict[tuple, dict]) -> list[dict]:
+    """Per lr curve (`_lr_groups`) with 3 or more lrs: its parabola optimum (fits.lr_optimum) and the seed
+    spread (the largest max - min loss among lrs that ran more than once)."""
     rows = []
-    for (parametrization, _), g in _lr_groups(records, metric).items():
+    for (parametrization, _), g in groups.items():
         lrs, losses = np.array(g["lr"]), np.array(g["loss"])
         if len(np.unique(lrs)) < 3:
             continue
@@ -178,17 +179,17 @@ def lr_optima(records: list[dict], metric: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["parametrization"] != "mup", r["parametrization"], r["width"] or 0))
 
 
-def lr_transfer(records: list[dict], metric: str, optima: list[dict]) -> list[dict]:
+def lr_transfer(groups: dict[tuple, dict], optima: list[dict]) -> list[dict]:
     """Per parametrization: the optimum lr of the narrowest width used at the widest, against the widest
     width's own best (mean loss at the grid lr nearest the transferred one vs the best grid lr's)."""
-    groups = {(p, g["width"]): g for (p, _), g in _lr_groups(records, metric).items()}
+    by_width = {(p, g["width"]): g for (p, _), g in groups.items()}
     rows = []
     for parametrization in dict.fromkeys(o["parametrization"] for o in optima):
         mine = [o for o in optima if o["parametrization"] == parametrization and o["width"]]
         if len(mine) < 2:
             continue
         proxy, target = mine[0], mine[-1]
-        g = groups[(parametrization, target["width"])]
+        g = by_width[(parametrization, target["width"])]
         lrs, losses = np.array(g["lr"]), np.array(g["loss"])
         nearest = min(np.unique(lrs), key=lambda lr: abs(math.log(lr / proxy["lr"])))
         best = min(np.unique(lrs), key=lambda lr: losses[lrs == lr].mean())
@@ -230,10 +231,9 @@ def _write_lr_markdown(path: pathlib.Path, optima: list[dict], transfer: list[di
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _plot_lr_transfer(records: list[dict], metric: str, path: pathlib.Path, optima: list[dict]) -> bool:
+def _plot_lr_transfer(groups: dict[tuple, dict], optima: list[dict], metric: str, path: pathlib.Path) -> bool:
     """Loss vs lr, one line per width (the mean over seeds, bars from min to max), the parabola's optimum
     marked, one panel per parametrization."""
-    groups = _lr_groups(records, metric)
     if not groups:
         return False
     names = sorted({p for p, _ in groups}, key=lambda p: (p != "mup", p))
@@ -399,10 +399,7 @@ def _fit_all(
         n, d = predict
         prediction: dict = {"N": n, "D": d, "compute": 6.0 * n * d}
         if nd_fit is not None:
-            mean, std = nd_fit.predict(n, d)
-            n_opt, d_opt = nd_fit.compute_optimal(6.0 * n * d)
-            prediction |= {"loss": float(mean), "loss_std": float(std), "compute_optimal_N": n_opt}
-            prediction |= {"compute_optimal_D": d_opt, "compute_optimal_D_over_N": d_opt / n_opt}
+            prediction |= _nd_prediction(nd_fit, n, d)
         if envelope_fit is not None:
             mean, std = envelope_fit.predict(6.0 * n * d)
             prediction |= {"envelope_loss": float(mean), "envelope_loss_std": float(std)}
@@ -412,13 +409,20 @@ def _fit_all(
     return result, envelope_fit, nd_fit
 
 
-def _holdout_row(nd_fit: fits.NDFit, record: dict, metric: str) -> dict:
-    n, d, loss = record["n_params"], record["tokens"], record[metric]
+def _nd_prediction(nd_fit: fits.NDFit, n: float, d: float) -> dict:
+    """L(N, D)'s loss and standard deviation at (n, d), and the compute-optimal N and D at 6 n d."""
     mean, std = (float(v) for v in nd_fit.predict(n, d))
     n_opt, d_opt = nd_fit.compute_optimal(6.0 * n * d)
+    return {"loss": mean, "loss_std": std, "compute_optimal_N": n_opt, "compute_optimal_D": d_opt,
+            "compute_optimal_D_over_N": d_opt / n_opt}  # fmt: skip
+
+
+def _holdout_row(nd_fit: fits.NDFit, record: dict, metric: str) -> dict:
+    n, d, loss = record["n_params"], record["tokens"], record[metric]
+    p = _nd_prediction(nd_fit, n, d)
+    mean, std = p.pop("loss"), p.pop("loss_std")
     return {"trial": record["trial"], "N": n, "D": d, "loss": loss, "predicted": mean, "predicted_std": std,
-            "relative_error": (loss - mean) / loss, "sigmas": (loss - mean) / std if std > 0 else None,
-            "compute_optimal_N": n_opt, "compute_optimal_D": d_opt}  # fmt: skip
+            "relative_error": (loss - mean) / loss, "sigmas": (loss - mean) / std if std > 0 else None, **p}
 
 
 def _plot_loss_nd(records: list[dict], metric: str, nd_fit: fits.NDFit, holdout: list[dict],
@@ -470,11 +474,12 @@ def write_report(
 
     usable = [r for r in records if r["state"] == "complete" and (_number(r.get(metric)) or 0.0) > 0.0]
     plots = []
-    optima = lr_optima(usable, metric)
-    transfer = lr_transfer(usable, metric, optima)
+    groups = _lr_groups(usable, metric)
+    optima = lr_optima(groups)
+    transfer = lr_transfer(groups, optima)
     if optima:
         _write_lr_markdown(out / "lr_optima.md", optima, transfer, metric)
-    if usable and _plot_lr_transfer(usable, metric, out / "loss_vs_lr.png", optima):
+    if _plot_lr_transfer(groups, optima, metric, out / "loss_vs_lr.png"):
         plots.append(out / "loss_vs_lr.png")
     if _plot_loss_vs_tokens(usable, metric, out / "loss_vs_tokens.png"):
         plots.append(out / "loss_vs_tokens.png")
