@@ -157,7 +157,8 @@ def test_llama3_rope_as_frequency_factors_gives_mct_logits(tmp_path, dataset):
 def test_tq2_0_follows_the_qat_forward(runs, files):
     """TQ2_0 holds the QAT codes exactly (tests/test_gguf.py), but llama.cpp's TQ2_0 product rounds activations
     to 8 bits and keeps f16 scales: along mct's greedy continuation its logits stay within 6% of the logits'
-    range of the QAT forward's, and its argmax is mct's token wherever mct's margin exceeds twice that."""
+    range of the QAT forward's, and its argmax is mct's token wherever mct's margin exceeds 6% (twice the usual
+    error)."""
     run = runs["qat"]
     prompts = encode_prompts(load_run_tokenizer(run), PROMPTS)
     params = run.read_params()
@@ -166,10 +167,10 @@ def test_tq2_0_follows_the_qat_forward(runs, files):
     for prompt, tokens in zip(prompts, generate(run.model_cfg, params, prompts, max_new_tokens=MAX_NEW)):
         ids, chose = prompt + tokens, slice(len(prompt) - 1, -1)  # the positions whose logits chose `tokens`
         expected, got = mct_logits(run, params, ids)[chose], llama_logits(llm, ids)[chose]
-        tolerance = 0.06 * np.abs(expected).max()  # q8_K activations: measured up to 4.8% (CI run, 3% before)
-        np.testing.assert_allclose(got, expected, atol=tolerance)
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(got, expected, atol=0.06 * scale)  # q8_K activations: measured up to 4.8%
         top2 = np.sort(expected, axis=-1)[:, -2:]
-        decisive = top2[:, 1] - top2[:, 0] > 2 * tolerance
+        decisive = top2[:, 1] - top2[:, 0] > 0.06 * scale  # twice the usual error (about 3%)
         agreeing.append(np.argmax(got, -1)[decisive] == np.asarray(tokens)[decisive])
     agreeing = np.concatenate(agreeing)
     assert agreeing.all() and len(agreeing) >= len(PROMPTS) * MAX_NEW // 4  # not a vacuous check
