@@ -63,7 +63,8 @@ def test_study_completes_resumes_after_interrupt_and_records_divergence(tmp_path
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     records = sweep.records("tiny", storage)
     finished = {(r["params"]["width"], r["params"]["lr"]): r for r in records if r["state"] != "failed"}
-    assert set(finished) == {(32, 0.01), (64, 0.01), (32, 1e30), (64, 1e30)}
+    failed = [(r["params"], r["error"]) for r in records if r["state"] == "failed"]
+    assert set(finished) == {(32, 0.01), (64, 0.01), (32, 1e30), (64, 1e30)}, (failed, done.stderr.decode()[-3000:])
     for width in (32, 64):
         good, bad = finished[(width, 0.01)], finished[(width, 1e30)]
         assert good["state"] == "complete" and good["eval_loss"] < 6.0
@@ -130,3 +131,24 @@ def test_storage_waits_while_another_process_creates_the_schema(tmp_path, monkey
     monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
     storage = sweep._storage(f"sqlite:///{tmp_path / 'study.db'}")
     assert len(calls) == 3 and isinstance(storage, real)
+
+
+def test_a_trial_taken_by_a_worker_that_died_before_its_first_heartbeat_is_rerun(tmp_path, monkeypatch):
+    """Optuna never calls a running trial without a heartbeat stale; the next sitting must still run its point."""
+    study = sweep.default_study()
+    study.workdir, study.heartbeat_s = str(tmp_path), 1
+    study.space = {"width": [32], "lr": [0.01, 0.02]}
+    s = sweep.open_study(study)
+    sweep._enqueue_new_points(s, study)
+    zombie = s.ask()  # RUNNING, and its worker dies before the heartbeat thread starts
+    ran = []
+
+    def fake_trial(study, trial):
+        ran.append(trial.user_attrs["point"]["lr"])
+        trial.set_user_attr("records", [{"state": "complete"}])
+        return 1.0
+
+    monkeypatch.setattr(sweep, "run_trial", fake_trial)
+    done = sweep.work(study)
+    assert sorted(ran) == [0.01, 0.02] and zombie.user_attrs["point"]["lr"] in ran
+    assert sweep._finished(done) == 2

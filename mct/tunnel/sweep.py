@@ -347,6 +347,15 @@ def _enqueue_new_points(s: optuna.Study, study: ml_collections.ConfigDict) -> No
             held.add(_key(point))
 
 
+def _beat_running_trials(s: optuna.Study) -> None:
+    """Optuna never calls a running trial stale before its first heartbeat, so a worker killed between taking
+    a trial and that beat leaves it running forever; one beat now lets it go stale after the grace period."""
+    storage = s._storage
+    study_id = storage.get_study_id_from_name(s.study_name)
+    for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, t.number))
+
+
 def work(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Study:
     """Runs trials in this process until the study is done: every grid point (and seed repeat) has a finished
     trial, or a TPE study has its n_trials. A trial whose worker died is retried (Optuna's heartbeat)."""
@@ -358,11 +367,15 @@ def work(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Stu
             stop_when_done = lambda st, _: st.stop() if _finished(st) >= target else None
             s.optimize(run, callbacks=[stop_when_done], catch=(Exception,))
         return s
+    _beat_running_trials(s)
     while True:
         optuna.storages.fail_stale_trials(s)  # a dead worker's trial goes back to the queue
         _enqueue_new_points(s, study)
         if not _waiting(s):
-            return s
+            if not s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                return s
+            time.sleep(study.heartbeat_s)  # another worker's trial, or a dead one going stale
+            continue
         s.optimize(run, callbacks=[lambda st, _: st.stop() if not _waiting(st) else None], catch=(Exception,))
 
 
