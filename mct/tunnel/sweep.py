@@ -367,7 +367,8 @@ def work(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Stu
             stop_when_done = lambda st, _: st.stop() if _finished(st) >= target else None
             s.optimize(run, callbacks=[stop_when_done], catch=(Exception,))
         return s
-    _beat_running_trials(s)
+    optuna.storages.fail_stale_trials(s)
+    _beat_running_trials(s)  # after: a beat would keep an already stale trial from its retry
     while True:
         optuna.storages.fail_stale_trials(s)  # a dead worker's trial goes back to the queue
         _enqueue_new_points(s, study)
