@@ -17,6 +17,7 @@ import numpy as np
 from mct.attention import KVCache
 from mct.config import ModelConfig
 from mct.model import ParamsModel, compute_dtype
+from mct.quant import quantised_once
 
 # on_tokens(new): the tokens each row committed in this step (possibly none), for streaming.
 TokenCallback = Callable[[list[list[int]]], None]
@@ -90,6 +91,13 @@ def forward(model: ParamsModel, params: dict, head: jnp.ndarray, tokens: jnp.nda
 def params_model(cfg: ModelConfig) -> ParamsModel:
     """One ParamsModel per distinct model config, so jitted decoding steps (keyed on it) compile once."""
     return ParamsModel(cfg)
+
+
+def decoder(cfg: ModelConfig, params: dict) -> tuple[ParamsModel, dict, jnp.ndarray]:
+    """The model, params and full output head [d_model, vocab] decoding runs on (a QAT model quantised once)."""
+    cfg, params = quantised_once(cfg, params)
+    model = params_model(cfg)
+    return model, params, output_head(model, params)
 
 
 def output_head(model: ParamsModel, params: dict) -> jnp.ndarray:
@@ -169,10 +177,9 @@ def generate(
     on_tokens: TokenCallback | None = None,
 ) -> list[list[int]]:
     """Continues each prompt (token ids) by up to max_new_tokens tokens; EOS ends a row (and is not kept)."""
-    model = params_model(cfg)
+    model, params, head = decoder(cfg, params)
     tokens, lengths = pad_prompts(prompts)
     cache = init_cache(cfg, len(prompts), tokens.shape[1] + max_new_tokens)
-    head = output_head(model, params)
     outputs = Outputs(len(prompts), max_new_tokens, eos_id, on_tokens)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)

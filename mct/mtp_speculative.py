@@ -102,14 +102,13 @@ def mtp_generate(
     Every prompt needs at least 2 tokens (BOS + one)."""
     if not cfg.mtp.depth:
         raise ValueError("--speculative mtp needs a model with an MTP block (model.mtp.depth >= 1)")
-    model = decoding.params_model(cfg)
+    model, params, head = decoding.decoder(cfg, params)
     tokens, lengths = decoding.pad_prompts(prompts)
     if lengths.min() < 2:
         raise ValueError("MTP drafting needs prompts of at least 2 tokens (BOS and one more)")
     batch, capacity = len(prompts), tokens.shape[1] + max_new_tokens + 3
     target_cache = decoding.init_cache(cfg, batch, capacity)
     draft_cache = decoding.init_cache(dataclasses.replace(cfg, n_layers=1), batch, capacity)
-    head = decoding.output_head(model, params)
     outputs, stats = decoding.Outputs(batch, max_new_tokens, eos_id, on_tokens), SpeculativeStats()
     key, sub = jax.random.split(jax.random.key(seed))
     first, target_cache, draft_cache, last2, h2 = _prefill(

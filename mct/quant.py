@@ -16,11 +16,13 @@ The functions below take any array and the contraction `axis` (-2 for mct's [...
 `as_matrix`; -1 for HF's [out, in] tensors).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mct.config import QuantConfig
+from mct.config import ModelConfig, QuantConfig
 
 EPS = 1e-5  # smallest group scale: an all-zero group quantises to zeros, not NaN
 # parameter -> (number of contraction dims, number of output dims) at the end of its shape
@@ -103,6 +105,15 @@ def quantise_weights(quant: QuantConfig, weights: dict) -> dict:
     return {
         name: _ste_param(name, w, quant.group_size) if name in QUANTISED else w for name, w in weights.items()
     }
+
+
+def quantised_once(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
+    """The same model with its hidden matrices quantised in `params` (the forward's values, bit for bit) and
+    quantisation off in the config: for decoding, which would otherwise re-quantise them at every token."""
+    if cfg.quant.weights == "none":
+        return cfg, params
+    weights = quantise_weights(cfg.quant, {name: params[name] for name in QUANTISED})
+    return dataclasses.replace(cfg, quant=QuantConfig()), {**params, **weights}
 
 
 def _ste_param(name: str, w: jnp.ndarray, group_size: int) -> jnp.ndarray:

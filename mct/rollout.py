@@ -20,11 +20,10 @@ import numpy as np
 from mct.config import ModelConfig
 from mct.decoding import (
     Sampling,
+    decoder,
     forward,
     init_cache,
-    output_head,
     pad_prompts,
-    params_model,
     sample,
     token_probs,
 )
@@ -72,14 +71,13 @@ def rollout_chunk(cfg: ModelConfig, params: dict, trajectories: Sequence[Traject
     active = [t for t in trajectories if not t.finished]
     if not active:
         return 0
-    model = params_model(cfg)
+    model, params, head = decoder(cfg, params)
     contexts = [t.prompt + t.response for t in active]
     rows = _round_up(len(active), row_multiple)
     tokens, lengths = pad_prompts(contexts + [[0]] * (rows - len(active)))  # [rows, P], [rows]
     width = min(_round_up(tokens.shape[1], width_multiple), capacity)
     tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
     cache = init_cache(cfg, rows, capacity)
-    head = output_head(model, params)
     stops = np.asarray(sorted(set(stop_ids)), np.int32)
     done = np.arange(rows) >= len(active)
     key, sub = jax.random.split(key)

@@ -116,15 +116,15 @@ def speculative_generate(
     vocab_ids = jnp.arange(shared, dtype=jnp.int32) if draft_vocab is None else jnp.asarray(draft_vocab, jnp.int32)
     if vocab_ids.size == 0 or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= shared:
         raise ValueError(f"draft_vocab ids must lie in [0, {shared}) (both models' vocabularies)")
-    target, draft = decoding.params_model(target_cfg), decoding.params_model(draft_cfg)
+    target, target_params, target_head = decoding.decoder(target_cfg, target_params)
+    draft, draft_params, draft_head = decoding.decoder(draft_cfg, draft_params)
+    draft_head = draft_head[:, vocab_ids]  # [d_draft, V']: FR-Spec's cut LM head
     tokens, lengths = decoding.pad_prompts(prompts)
     # A row may overshoot max_new_tokens by num_draft in its last round, and a finished row keeps running
     # (frozen) rounds that write num_draft + 1 slots past its end: room for both.
     batch, capacity = len(prompts), tokens.shape[1] + max_new_tokens + 2 * num_draft + 1
     target_cache = decoding.init_cache(target_cfg, batch, capacity)
     draft_cache = decoding.init_cache(draft_cfg, batch, capacity)
-    target_head = decoding.output_head(target, target_params)
-    draft_head = decoding.output_head(draft, draft_params)[:, vocab_ids]  # [d_draft, V']: FR-Spec's cut LM head
     outputs, stats = decoding.Outputs(batch, max_new_tokens, eos_id, on_tokens), SpeculativeStats()
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)

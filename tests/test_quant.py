@@ -80,7 +80,7 @@ def test_ste_value_is_exact_and_gradient_is_the_identity():
     np.testing.assert_allclose(np.asarray(grad_ste), np.asarray(grad_id), rtol=1e-6)
 
 
-def test_model_forward_uses_the_quantised_weights():
+def test_model_forward_and_decoding_use_the_quantised_weights():
     cfg = ModelConfig(vocab_size=64, quant=QuantConfig("ternary", 32))
     params = random_params(cfg)
     quantised = {k: (quant.ternary(quant.as_matrix(k, v), 32).reshape(v.shape) if k in quant.QUANTISED else v)
@@ -91,6 +91,9 @@ def test_model_forward_uses_the_quantised_weights():
     forward = lambda model: jax.jit(lambda p: model.bind(p)(tokens, positions, segments))
     got, want = forward(ParamsModel(cfg))(params), forward(plain)(quantised)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    once_cfg, once = quant.quantised_once(cfg, params)  # what decoding runs: quantised once, then plain
+    assert once_cfg.quant.weights == "none"
+    np.testing.assert_array_equal(np.asarray(forward(ParamsModel(once_cfg))(once)), np.asarray(want))
 
 
 def test_stats_count_zeros_and_scales_per_layer():
