@@ -50,25 +50,27 @@ def test_study_completes_resumes_after_interrupt_and_records_divergence(tmp_path
     study_file.write_text(STUDY_FILE.format(workdir=workdir, repo=REPO, dataset=dataset, vocab=VOCAB))
     command = [sys.executable, "-m", "mct.tunnel", "sweep", "--config", str(study_file)]
     storage = f"sqlite:///{workdir / 'study.db'}"
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first_log = tmp_path / "first.log"
+    with first_log.open("wb") as log:  # a file, not a pipe nobody reads: a full pipe would block the sweep
+        first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 240
     while (workdir / "study.db").exists() is False or _count_done(storage) < 1:
-        assert first.poll() is None, first.stderr.read().decode()[-3000:]
-        assert time.time() < deadline
+        assert first.poll() is None, first_log.read_text()[-3000:]
+        assert time.time() < deadline, first_log.read_text()[-3000:]
         time.sleep(0.5)
     first.kill()  # interrupted mid-study, maybe mid-trial
     first.wait()
     time.sleep(2.5)  # past the heartbeat grace period: the running trial is stale
     done = subprocess.run(command, cwd=REPO, capture_output=True, timeout=400)
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    logs = f"first sitting:\n{first_log.read_text()[-2000:]}\nsecond sitting:\n{done.stderr.decode()[-3000:]}"
+    assert done.returncode == 0, logs
     records = sweep.records("tiny", storage)
     finished = {(r["params"]["width"], r["params"]["lr"]): r for r in records if r["state"] != "failed"}
-    failed = [(r["params"], r["error"]) for r in records if r["state"] == "failed"]
-    assert set(finished) == {(32, 0.01), (64, 0.01), (32, 1e30), (64, 1e30)}, (failed, done.stderr.decode()[-3000:])
+    assert set(finished) == {(32, 0.01), (64, 0.01), (32, 1e30), (64, 1e30)}, (records, logs)
     for width in (32, 64):
         good, bad = finished[(width, 0.01)], finished[(width, 1e30)]
-        assert good["state"] == "complete" and good["eval_loss"] < 6.0
-        assert bad["state"] == "diverged" and "non-finite" in bad["error"]
+        assert good["state"] == "complete" and good["eval_loss"] < 6.0, (good, logs)
+        assert bad["state"] == "diverged" and "non-finite" in bad["error"], (bad, logs)
         for key in ("config", "tokens", "flops", "train_loss", "wall_s", "n_params"):
             assert key in good
     out = tmp_path / "report"
