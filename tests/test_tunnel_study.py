@@ -74,9 +74,10 @@ def test_report_tables_each_widths_optimum_and_the_transfer_gap(tmp_path):
     transfer = {t["parametrization"]: t for t in written["fits"]["lr_transfer"]}
     assert transfer["mup"]["optimum_ratio"] == pytest.approx(1.0, rel=0.03) and transfer["mup"]["loss_gap"] < 1e-3
     assert transfer["sp"]["optimum_ratio"] == pytest.approx(1 / 8, rel=0.03)  # SP: the 32's lr* is 8x too large
-    assert transfer["sp"]["loss_gap"] > 0.1
+    # ... and 2.8x above the largest lr of width 256's SP grid (centred on its own optimum): no loss to show
+    assert transfer["sp"]["loss_gap"] is None and transfer["sp"]["outside_factor"] == pytest.approx(2 ** 1.5, rel=0.03)
     table = (tmp_path / "lr_optima.md").read_text()
-    assert "| mup | 256 | 4 | 10 |" in table and "32 -> 256" in table
+    assert "| mup | 256 | 4 | 10 |" in table and "32 -> 256" in table and "2.8x beyond the lrs tried" in table
     assert (tmp_path / "loss_vs_lr.png").stat().st_size > 0
 
 

@@ -181,7 +181,9 @@ def lr_optima(groups: dict[tuple, dict]) -> list[dict]:
 
 def lr_transfer(groups: dict[tuple, dict], optima: list[dict]) -> list[dict]:
     """Per parametrization: the optimum lr of the narrowest width used at the widest, against the widest
-    width's own best (mean loss at the grid lr nearest the transferred one vs the best grid lr's)."""
+    width's own best (mean loss at the grid lr nearest the transferred one vs the best grid lr's). A
+    transferred lr more than half a grid step outside the lrs tried has no measured loss (None), only
+    `outside_factor`, how far beyond them it lies (SP's grids follow its own optimum, not the proxy's)."""
     by_width = {(p, g["width"]): g for (p, _), g in groups.items()}
     rows = []
     for parametrization in dict.fromkeys(o["parametrization"] for o in optima):
@@ -191,15 +193,21 @@ def lr_transfer(groups: dict[tuple, dict], optima: list[dict]) -> list[dict]:
         proxy, target = mine[0], mine[-1]
         g = by_width[(parametrization, target["width"])]
         lrs, losses = np.array(g["lr"]), np.array(g["loss"])
-        nearest = min(np.unique(lrs), key=lambda lr: abs(math.log(lr / proxy["lr"])))
-        best = min(np.unique(lrs), key=lambda lr: losses[lrs == lr].mean())
-        at_transfer, at_best = float(losses[lrs == nearest].mean()), float(losses[lrs == best].mean())
+        tried = np.unique(lrs)
+        nearest = min(tried, key=lambda lr: abs(math.log(lr / proxy["lr"])))
+        best = min(tried, key=lambda lr: losses[lrs == lr].mean())
+        half_step = 0.5 * float(np.median(np.diff(np.log(tried)))) if tried.size > 1 else 0.0
+        beyond = max(math.log(tried[0] / proxy["lr"]), math.log(proxy["lr"] / tried[-1]), 0.0)
+        at_best = float(losses[lrs == best].mean())
+        at_transfer = float(losses[lrs == nearest].mean()) if beyond <= half_step + 1e-9 else None
+        gap = None if at_transfer is None else at_transfer - at_best
         rows.append({
             "parametrization": parametrization, "proxy_width": proxy["width"], "target_width": target["width"],
             "transferred_lr": proxy["lr"], "target_optimum_lr": target["lr"],
             "optimum_ratio": target["lr"] / proxy["lr"], "grid_lr_used": float(nearest),
             "loss_at_transferred_lr": at_transfer, "best_grid_lr": float(best), "best_loss": at_best,
-            "loss_gap": at_transfer - at_best, "relative_gap": (at_transfer - at_best) / at_best,
+            "loss_gap": gap, "relative_gap": None if gap is None else gap / at_best,
+            "outside_factor": math.exp(beyond),
         })  # fmt: skip
     return rows
 
@@ -225,9 +233,13 @@ def _write_lr_markdown(path: pathlib.Path, optima: list[dict], transfer: list[di
                   "| parametrization | widths | lr* ratio (widest / narrowest) | grid lr used | loss there | "
                   "best grid lr | best loss | gap |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for t in transfer:
+            measured = t["loss_at_transferred_lr"] is not None
+            used, there, gap = (f"{t['grid_lr_used']:.4g}", f"{t['loss_at_transferred_lr']:.4f}",
+                                f"{t['relative_gap']:+.2%}") if measured else (
+                f"{t['transferred_lr']:.4g}", f"not measured: {t['outside_factor']:.1f}x beyond the lrs tried", "")
             lines.append(f"| {t['parametrization']} | {_format(t['proxy_width'])} -> {_format(t['target_width'])} | "
-                         f"{t['optimum_ratio']:.3f} | {t['grid_lr_used']:.4g} | {t['loss_at_transferred_lr']:.4f} | "
-                         f"{t['best_grid_lr']:.4g} | {t['best_loss']:.4f} | {t['relative_gap']:+.2%} |")  # fmt: skip
+                         f"{t['optimum_ratio']:.3f} | {used} | {there} | {t['best_grid_lr']:.4g} | "
+                         f"{t['best_loss']:.4f} | {gap} |")  # fmt: skip
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
