@@ -233,10 +233,12 @@ def _write_lr_markdown(path: pathlib.Path, optima: list[dict], transfer: list[di
                   "| parametrization | widths | lr* ratio (widest / narrowest) | grid lr used | loss there | "
                   "best grid lr | best loss | gap |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for t in transfer:
-            measured = t["loss_at_transferred_lr"] is not None
-            used, there, gap = (f"{t['grid_lr_used']:.4g}", f"{t['loss_at_transferred_lr']:.4f}",
-                                f"{t['relative_gap']:+.2%}") if measured else (
-                f"{t['transferred_lr']:.4g}", f"not measured: {t['outside_factor']:.1f}x beyond the lrs tried", "")
+            if t["loss_at_transferred_lr"] is None:
+                used, gap = f"{t['transferred_lr']:.4g}", ""
+                there = f"not measured: {t['outside_factor']:.1f}x beyond the lrs tried"
+            else:
+                used, there = f"{t['grid_lr_used']:.4g}", f"{t['loss_at_transferred_lr']:.4f}"
+                gap = f"{t['relative_gap']:+.2%}"
             lines.append(f"| {t['parametrization']} | {_format(t['proxy_width'])} -> {_format(t['target_width'])} | "
                          f"{t['optimum_ratio']:.3f} | {used} | {there} | {t['best_grid_lr']:.4g} | "
                          f"{t['best_loss']:.4f} | {gap} |")  # fmt: skip

@@ -367,17 +367,17 @@ def work(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Stu
             stop_when_done = lambda st, _: st.stop() if _finished(st) >= target else None
             s.optimize(run, callbacks=[stop_when_done], catch=(Exception,))
         return s
-    optuna.storages.fail_stale_trials(s)
+    optuna.storages.fail_stale_trials(s)  # a dead worker's trial goes back to the queue
     _beat_running_trials(s)  # after: a beat would keep an already stale trial from its retry
     while True:
-        optuna.storages.fail_stale_trials(s)  # a dead worker's trial goes back to the queue
         _enqueue_new_points(s, study)
-        if not _waiting(s):
-            if not s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                return s
+        if _waiting(s):
+            s.optimize(run, callbacks=[lambda st, _: st.stop() if not _waiting(st) else None], catch=(Exception,))
+        elif s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             time.sleep(study.heartbeat_s)  # another worker's trial, or a dead one going stale
-            continue
-        s.optimize(run, callbacks=[lambda st, _: st.stop() if not _waiting(st) else None], catch=(Exception,))
+        else:
+            return s
+        optuna.storages.fail_stale_trials(s)
 
 
 def sweep(study: ml_collections.ConfigDict, workers: int = 1) -> optuna.Study:
