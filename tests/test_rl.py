@@ -157,7 +157,10 @@ def test_rl_run_trains_on_completed_groups_and_carries_unfinished_ones(reference
     saved = ckpt.manager.restore(2, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
     ckpt.close()
     buffer = [Trajectory(**t) for t in saved["buffer"]]
-    assert len(buffer) == 8 and all(t.versions == [1] * 4 and not t.finished for t in buffer)
+    assert sorted(t.group for t in buffer) == [2] * 4 + [3] * 4  # step 2's new groups, one chunk in
+    for t in buffer:  # a chunk of 4 tokens from version 1, or fewer where a sampled stop token ended it
+        assert t.versions == [1] * len(t.response) and len(t.logprobs) == len(t.response), t
+        assert (len(t.response) == 4 and not t.finished) or (t.finished and not t.truncated), t
 
 
 def test_resume_after_sigkill_gives_the_same_rollouts_and_losses(dataset, reference_run, killed_run):

@@ -123,6 +123,13 @@ def test_plots_are_written(written):
     assert image.imread(out / "loss_vs_lr.png").shape[1] == 1000  # one panel each for mup and sp
 
 
+def test_wall_time_counts_each_trial_once_and_its_stable_run():
+    """Two decay branches of trial 0 (whose trial_wall_s includes the stable run they branched from) and a
+    plain run of trial 1 from a records file (no trial time): 100 s + 30 s."""
+    branches = [{"trial": 0, "wall_s": wall, "trial_wall_s": 100.0} for wall in (20.0, 40.0)]
+    assert report.wall_hours([*branches, {"trial": 1, "wall_s": 30.0}]) * 3600 == pytest.approx(130.0)
+
+
 def test_dotted_config_keys_count_as_plain_names(tmp_path):
     renames = {"lr": "optimizer.lr", "width": "model.d_model", "batch_size": "train.batch_size"}
     renames |= {"seq_len": "data.seq_len", "parametrization": "model.parametrization"}

@@ -73,6 +73,7 @@ def test_study_completes_resumes_after_interrupt_and_records_divergence(tmp_path
         assert bad["state"] == "diverged" and "non-finite" in bad["error"], (bad, logs)
         for key in ("config", "tokens", "flops", "train_loss", "wall_s", "n_params"):
             assert key in good
+        assert good["trial_wall_s"] >= good["wall_s"] > 0  # the trial's whole time from the database
     out = tmp_path / "report"
     shown = subprocess.run(
         [sys.executable, "-m", "mct.tunnel", "report", "--study", "tiny", "--storage", storage, "--out", str(out)],

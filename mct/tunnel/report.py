@@ -118,14 +118,21 @@ def _write_csv(path: pathlib.Path, header: list[str], rows: list[list]) -> None:
         writer.writerows([["" if v is None else v for v in row] for row in rows])
 
 
-def _write_markdown(path: pathlib.Path, header: list[str], rows: list[list], metric: str) -> None:
+def wall_hours(records: Sequence[dict]) -> float:
+    """Training wall time: each trial's whole time where the sweep database gave it (`trial_wall_s`: its stable
+    run, branches and evals), else the sum of the runs' own `wall_s`."""
+    trials = {r["trial"]: r["trial_wall_s"] for r in records if "trial_wall_s" in r}
+    runs = sum(_number(r.get("wall_s")) or 0.0 for r in records if "trial_wall_s" not in r)
+    return (sum(trials.values()) + runs) / 3600
+
+
+def _write_markdown(path: pathlib.Path, header: list[str], rows: list[list], metric: str, hours: float) -> None:
     counts = {s: sum(row[1] == s for row in rows) for s in STATES}
-    wall = sum(_number(row[header.index("wall_s")]) or 0.0 for row in rows)
     lines = [
         f"# Sweep report ({metric})",
         "",
         ", ".join(f"{n} {s}" for s, n in counts.items()) + "; diverged and failed trials are in bold. "
-        f"Training wall time, all runs: {wall / 3600:.2f} h.",
+        f"Training wall time, all trials: {hours:.2f} h.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -484,7 +491,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     header, rows = _table(records, metric)
     _write_csv(out / "trials.csv", header, rows)
-    _write_markdown(out / "trials.md", header, rows, metric)
+    _write_markdown(out / "trials.md", header, rows, metric, wall_hours(records))
 
     usable = [r for r in records if r["state"] == "complete" and (_number(r.get(metric)) or 0.0) > 0.0]
     plots = []

@@ -403,6 +403,11 @@ def sweep(study: ml_collections.ConfigDict, workers: int = 1) -> optuna.Study:
 
 
 def records(study_name: str, url: str) -> list[dict]:
-    """Every trial's record (complete, diverged, failed), for mct.tunnel.report."""
+    """Every trial's record (complete, diverged, failed), for mct.tunnel.report, with the trial's whole wall
+    time as `trial_wall_s` (a branched trial's stable run is in no record's own `wall_s`)."""
     s = optuna.load_study(study_name=study_name, storage=_storage(url))
-    return [r for t in s.get_trials(deepcopy=False) for r in t.user_attrs.get("records", [])]
+    return [
+        r | ({"trial_wall_s": t.duration.total_seconds()} if t.duration else {})
+        for t in s.get_trials(deepcopy=False)
+        for r in t.user_attrs.get("records", [])
+    ]
