@@ -1,22 +1,22 @@
 """GGUF exports run in llama.cpp itself (llama-cpp-python, built from its sdist: requirements.txt): f32 logits and
 greedy tokens equal mct's (tied; untied with LongRoPE's long factors active), q8_0 / q4_k_m perplexity stays
 within 1% / 10% of f32, a ternary QAT model in tq2_0 follows mct's QAT forward (logits, decisive argmaxes),
-llama3 RoPE gives mct's logits, and llama.cpp tokenizes and renders chats as mct does.
+llama3 RoPE gives mct's logits, and llama.cpp tokenizes and renders chats as mct does. llama.cpp runs in a process
+of its own (tests/llama_cpp_client.py), never beside JAX's and torch's runtimes in the test's.
 
 Tiny models are trained, dense and ternary QAT, so argmaxes are decisive and perplexity means something.
 The untied-LongRoPE model is the dense one's weights under those settings (a perturbed copy of the embedding as
 the head), saved as a run of its own: what is tested is the export of each setting, not how weights were learnt."""
 
+import json
 import math
 import subprocess
 import sys
 
 import gguf
 import jax.numpy as jnp
-import llama_cpp
 import numpy as np
 import pytest
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from data_pipelines.tokenizer import BOS, EOS
 from mct.chat import render_chat
@@ -83,28 +83,19 @@ def files(tmp_path_factory, runs):
     return get
 
 
-def load(path) -> llama_cpp.Llama:
-    """llama.cpp with f32 KV cache (its f16 default rounds K and V) and every position's logits kept."""
-    f32 = int(gguf.GGMLQuantizationType.F32)
-    return llama_cpp.Llama(model_path=str(path), n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, logits_all=True,
-                           type_k=f32, type_v=f32, n_threads=2, verbose=False)  # fmt: skip
+def ask(path, *requests: dict) -> list:
+    """llama.cpp's answers to `requests` on the GGUF file at `path` (tests/llama_cpp_client.py lists them)."""
+    job = json.dumps({"model": str(path), "ctx": CTX, "requests": list(requests)})
+    command = [sys.executable, "-m", "tests.llama_cpp_client"]
+    proc = subprocess.run(command, input=job, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, f"llama.cpp exited with {proc.returncode}: {proc.stderr[-3000:]}"
+    return json.loads(proc.stdout)
 
 
-def llama_logits(llm: llama_cpp.Llama, ids: list[int]) -> np.ndarray:
-    """Logits [len(ids), vocab] of a fresh sequence."""
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)])
-
-
-def llama_greedy(llm: llama_cpp.Llama, prompt: list[int], max_new: int) -> list[int]:
-    """Argmax decoding in llama.cpp, one token at a time through its KV cache (no EOS stop, as in mct's call)."""
-    llama_logits(llm, prompt)
-    tokens = []
-    for _ in range(max_new):
-        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval(tokens[-1:])
-    return tokens
+def llama_logits(path, sequences: list[list[int]]) -> list[np.ndarray]:
+    """llama.cpp's logits [len(ids), vocab] for each sequence (each a fresh one)."""
+    answers = ask(path, *({"op": "logits", "ids": ids} for ids in sequences))
+    return [np.asarray(a, np.float32) for a in answers]
 
 
 def mct_logits(run: RunCheckpoint, params: dict, ids: list[int]) -> np.ndarray:
@@ -117,24 +108,19 @@ def mct_logits(run: RunCheckpoint, params: dict, ids: list[int]) -> np.ndarray:
     return np.asarray(logits[0])
 
 
-def check_greedy_equal(run: RunCheckpoint, path) -> None:
-    tokenizer = load_run_tokenizer(run)
-    prompts = encode_prompts(tokenizer, PROMPTS)
-    params = run.read_params()
-    expected = generate(run.model_cfg, params, prompts, max_new_tokens=MAX_NEW)  # one batch
-    llm = load(path)
-    for prompt, mct_tokens in zip(prompts, expected):
-        assert llama_greedy(llm, prompt, MAX_NEW) == mct_tokens, tokenizer.decode(prompt)
-
-
 @pytest.mark.parametrize("name", ["tied", "untied_longrope"])
 def test_f32_logits_and_greedy_tokens_equal_mct(runs, files, name):
-    run, path = runs[name], files(name, "f32")
+    run, path, tokenizer = runs[name], files(name, "f32"), load_run_tokenizer(runs[name])
     params = run.read_params()
-    ids = encode_prompts(load_run_tokenizer(run), ["the model of data and the river shard"])[0]
+    ids = encode_prompts(tokenizer, ["the model of data and the river shard"])[0]
+    prompts = encode_prompts(tokenizer, PROMPTS)
+    logits, *greedy = ask(path, {"op": "logits", "ids": ids},
+                          *({"op": "greedy", "prompt": p, "max_new": MAX_NEW} for p in prompts))  # fmt: skip
     expected = mct_logits(run, params, ids)
-    np.testing.assert_allclose(llama_logits(load(path), ids), expected, atol=2e-3 * np.abs(expected).max())
-    check_greedy_equal(run, path)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-3 * np.abs(expected).max())
+    mct_greedy = generate(run.model_cfg, params, prompts, max_new_tokens=MAX_NEW)  # one batch
+    for prompt, mct_tokens, llama_tokens in zip(prompts, mct_greedy, greedy, strict=True):
+        assert llama_tokens == mct_tokens, tokenizer.decode(prompt)
 
 
 def test_llama3_rope_as_frequency_factors_gives_mct_logits(tmp_path, dataset):
@@ -151,7 +137,7 @@ def test_llama3_rope_as_frequency_factors_gives_mct_logits(tmp_path, dataset):
         0
     ]
     expected = mct_logits(run, params, ids)
-    np.testing.assert_allclose(llama_logits(load(path), ids), expected, atol=2e-3 * np.abs(expected).max())
+    np.testing.assert_allclose(llama_logits(path, [ids])[0], expected, atol=2e-3 * np.abs(expected).max())
 
 
 def test_tq2_0_follows_the_qat_forward(runs, files):
@@ -162,11 +148,13 @@ def test_tq2_0_follows_the_qat_forward(runs, files):
     run = runs["qat"]
     prompts = encode_prompts(load_run_tokenizer(run), PROMPTS)
     params = run.read_params()
-    llm = load(files("qat", "tq2_0"))
+    continuations = generate(run.model_cfg, params, prompts, max_new_tokens=MAX_NEW)
+    sequences = [prompt + tokens for prompt, tokens in zip(prompts, continuations)]
     agreeing = []
-    for prompt, tokens in zip(prompts, generate(run.model_cfg, params, prompts, max_new_tokens=MAX_NEW)):
-        ids, chose = prompt + tokens, slice(len(prompt) - 1, -1)  # the positions whose logits chose `tokens`
-        expected, got = mct_logits(run, params, ids)[chose], llama_logits(llm, ids)[chose]
+    llama = llama_logits(files("qat", "tq2_0"), sequences)
+    for prompt, tokens, ids, llama_ids in zip(prompts, continuations, sequences, llama, strict=True):
+        chose = slice(len(prompt) - 1, -1)  # the positions whose logits chose `tokens`
+        expected, got = mct_logits(run, params, ids)[chose], llama_ids[chose]
         scale = np.abs(expected).max()
         np.testing.assert_allclose(got, expected, atol=0.06 * scale)  # q8_K activations: measured up to 4.8%
         top2 = np.sort(expected, axis=-1)[:, -2:]
@@ -176,11 +164,11 @@ def test_tq2_0_follows_the_qat_forward(runs, files):
     assert agreeing.all() and len(agreeing) >= len(PROMPTS) * MAX_NEW // 4  # not a vacuous check
 
 
-def perplexity(llm: llama_cpp.Llama, windows: list[list[int]]) -> float:
-    """exp(mean next-token NLL) over the windows (each a fresh sequence)."""
+def perplexity(path, windows: list[list[int]]) -> float:
+    """exp(mean next-token NLL) in llama.cpp over the windows (each a fresh sequence)."""
     nll = []
-    for ids in windows:
-        logits = llama_logits(llm, ids)[:-1].astype(np.float64)
+    for ids, logits in zip(windows, llama_logits(path, windows)):
+        logits = logits[:-1].astype(np.float64)
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         nll.extend(logz - logits[np.arange(len(ids) - 1), ids[1:]])
     return math.exp(float(np.mean(nll)))
@@ -200,8 +188,8 @@ def test_quantised_perplexity_stays_near_f32(tmp_path, runs, files):
     assert result.returncode == 0, result.stderr[-2000:]
     kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(q4).tensors}
     assert kinds["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_K  # really 4-bit, not a fallback
-    ppl = {kind: perplexity(load(files("tied", kind)), windows) for kind in ("f32", "q8_0")}
-    ppl["q4_k_m"] = perplexity(load(q4), windows)
+    ppl = {kind: perplexity(files("tied", kind), windows) for kind in ("f32", "q8_0")}
+    ppl["q4_k_m"] = perplexity(q4, windows)
     assert ppl["f32"] < 30  # trained: far below uniform over 300 tokens
     assert abs(ppl["q8_0"] / ppl["f32"] - 1) < 0.01, ppl
     assert abs(ppl["q4_k_m"] / ppl["f32"] - 1) < 0.10, ppl
@@ -211,15 +199,12 @@ def test_quantised_perplexity_stays_near_f32(tmp_path, runs, files):
 def test_llama_cpp_tokenizes_and_renders_chats_as_mct(runs, files):
     run = runs["tied"]
     tokenizer = load_run_tokenizer(run)
-    llm = load(files("tied", "f32"))
     texts = ["the  river\n\n  model\t  token", "it's 2024: 12345 shard's data!!", "caf\u00e9 \u65e5\u672c\u8a9e  ",
              "<|im_start|>user\nthe train<|im_end|>\n", " leading space", "x" * 40]  # fmt: skip
-    for text in texts:
-        assert (
-            llm.tokenize(text.encode(), add_bos=True, special=True) == encode_prompts(tokenizer, [text])[0]
-        ), text
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the river?"}]
-    template = llm.metadata["tokenizer.chat_template"]
-    rendered = Jinja2ChatFormatter(template, eos_token=EOS, bos_token=BOS)(messages=messages).prompt
+    *tokenized, rendered, special = ask(files("tied", "f32"), *({"op": "tokenize", "text": t} for t in texts),
+                                        {"op": "chat", "messages": messages}, {"op": "special"})  # fmt: skip
+    for text, ids in zip(texts, tokenized, strict=True):
+        assert ids == encode_prompts(tokenizer, [text])[0], text
     assert rendered == render_chat(messages, add_generation_prompt=True)
-    assert llm.token_bos() == tokenizer.token_to_id(BOS) and llm.token_eos() == tokenizer.token_to_id(EOS)
+    assert special == {"bos": tokenizer.token_to_id(BOS), "eos": tokenizer.token_to_id(EOS)}
