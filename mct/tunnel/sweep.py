@@ -103,6 +103,12 @@ def storage_url(study: ml_collections.ConfigDict) -> str:
     return study.storage or f"sqlite:///{pathlib.Path(study.workdir).absolute() / 'study.db'}"
 
 
+def study_storage(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.storages.RDBStorage:
+    """The database at `url` (default: the study's own, in its workdir, made here)."""
+    pathlib.Path(study.workdir).mkdir(parents=True, exist_ok=True)
+    return _storage(url or storage_url(study), study)
+
+
 def _storage(url: str, study: ml_collections.ConfigDict | None = None, retries: int = 8) -> optuna.storages.RDBStorage:
     """The study database; retried while another process (a worker, a report) is creating its schema."""
     heartbeat = study.heartbeat_s if study is not None else 60
@@ -305,18 +311,19 @@ def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
     return _metric_or_inf(records[-1][study.metric])
 
 
-def open_study(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Study:
-    """Creates the study (or loads it to resume), remembering the study config for workers."""
-    url = url or storage_url(study)
-    pathlib.Path(study.workdir).mkdir(parents=True, exist_ok=True)
+def open_study(
+    study: ml_collections.ConfigDict, storage: optuna.storages.RDBStorage | None = None
+) -> optuna.Study:
+    """Creates the study (or loads it to resume) in `storage` (default: the study's own database), remembering
+    the study config for workers."""
     sampler = (  # a grid study's trials are all enqueued points: its sampler never draws
         optuna.samplers.RandomSampler(seed=study.seed)
         if study.sampler == "grid"
         else optuna.samplers.TPESampler(seed=study.seed)
     )
     s = optuna.create_study(
-        study_name=study.name, storage=_storage(url, study), sampler=sampler, direction="minimize",
-        load_if_exists=True,
+        study_name=study.name, storage=storage or study_storage(study), sampler=sampler,
+        direction="minimize", load_if_exists=True,
     )  # fmt: skip
     s.set_user_attr("study_config", study.to_json())
     return s
@@ -347,10 +354,9 @@ def _enqueue_new_points(s: optuna.Study, study: ml_collections.ConfigDict) -> No
             held.add(_key(point))
 
 
-def _beat_running_trials(s: optuna.Study) -> None:
+def _beat_running_trials(storage: optuna.storages.RDBStorage, s: optuna.Study) -> None:
     """Optuna never calls a running trial stale before its first heartbeat, so a worker killed between taking
     a trial and that beat leaves it running forever; one beat now lets it go stale after the grace period."""
-    storage = s._storage
     study_id = storage.get_study_id_from_name(s.study_name)
     for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, t.number))
@@ -359,7 +365,8 @@ def _beat_running_trials(s: optuna.Study) -> None:
 def work(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Study:
     """Runs trials in this process until the study is done: every grid point (and seed repeat) has a finished
     trial, or a TPE study has its n_trials. A trial whose worker died is retried (Optuna's heartbeat)."""
-    s = open_study(study, url)
+    storage = study_storage(study, url)
+    s = open_study(study, storage)
     run = lambda t: run_trial(study, t)
     if study.sampler != "grid":
         target = study.n_trials or math.prod(len(v) for v in study.space.values())
@@ -368,7 +375,7 @@ def work(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Stu
             s.optimize(run, callbacks=[stop_when_done], catch=(Exception,))
         return s
     optuna.storages.fail_stale_trials(s)  # a dead worker's trial goes back to the queue
-    _beat_running_trials(s)  # after: a beat would keep an already stale trial from its retry
+    _beat_running_trials(storage, s)  # after: a beat would keep an already stale trial from its retry
     while True:
         _enqueue_new_points(s, study)
         if _waiting(s):
