@@ -43,7 +43,8 @@ def greedy(llm: llama_cpp.Llama, prompt: list[int], max_new: int) -> list[int]:
     return tokens
 
 
-def answer(llm: llama_cpp.Llama, request: dict):
+def answer(llm: llama_cpp.Llama, request: dict) -> list | str | dict:
+    """The JSON-able answer to one request (the module docstring lists them)."""
     op = request["op"]
     if op == "logits":
         return logits(llm, request["ids"]).tolist()
