@@ -28,7 +28,7 @@ def _default_mixture() -> dict[str, MixtureComponent]:
 
 @dataclasses.dataclass(frozen=True)
 class ChatDataConfig:
-    """SFT conversations (mct/chat_data.py): JSONL files of {"messages": [{"role", "content"}, ...]} or
+    """SFT conversations (mct/posttrain/chat_data.py): JSONL files of {"messages": [{"role", "content"}, ...]} or
     "default" (generated offline), each prepared once into a masked dataset and mixed by `weights` (() = equal)."""
 
     path: tuple[str, ...] = ("default",)
@@ -57,7 +57,7 @@ class DataConfig:
     # Resuming with a mixture that lacks a component of the checkpoint's (or sets its weight to 0) is an error
     # unless this is set; changed weights and added components always continue (see loader.make_train_iterator).
     allow_component_removal: bool = False
-    chat: ChatDataConfig = ChatDataConfig()  # SFT only: replaces the mixture (mct/sft.py)
+    chat: ChatDataConfig = ChatDataConfig()  # SFT only: replaces the mixture (mct/posttrain/sft.py)
 
 
 def long_context_mixture(path: str, max_tokens: int, weight: float = 1.0) -> dict[str, MixtureComponent]:

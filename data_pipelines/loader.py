@@ -467,7 +467,7 @@ def _packed_shard(
 
 def _batch(rows: list[dict[str, np.ndarray] | None], seq_len: int) -> Batch:
     """Stacks packed rows into a batch; None rows (shards without more rows) are padding. Rows of chat datasets
-    carry a third column, the target's loss mask (mct/chat_data.py)."""
+    carry a third column, the target's loss mask (mct/posttrain/chat_data.py)."""
     width = max((row["pairs"].shape[1] for row in rows if row is not None), default=2)
     pairs = np.zeros((len(rows), seq_len, width), np.int32)  # [batch, seq, (input, target[, loss mask])]
     segment_ids = np.zeros((len(rows), seq_len), np.int32)  # 0 = padding

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mct.attention import naive_attention, pin_attention, resolve_attention
-from mct.config import ModelConfig
+from mct.config.model import ModelConfig
+from mct.model.attention import naive_attention, pin_attention, resolve_attention
 from pallas_kernels.accelerator_attention import gpu_flash_attention, splash_attention
 
 

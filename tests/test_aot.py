@@ -13,8 +13,10 @@ import pytest
 from jax.experimental import pallas as pl
 
 from experiments.configs import tiny_cpu
-from mct import aot, cli
-from mct.config import Config, ConfigError
+from mct.cli import common as cli
+from mct.config.run import Config
+from mct.errors import ConfigError
+from mct.launch import aot
 from tests.tiny_runs import REPO
 
 # tests/tiny_runs.py's tiny model; the mesh splits it over fsdp and tensor

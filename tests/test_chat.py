@@ -7,12 +7,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from data_pipelines import shards
+from data_pipelines.chat import IM_END, encode_chat, im_end_id
 from data_pipelines.loader import load_tokenizer
 from data_pipelines.shards import DatasetError
-from mct.chat import IM_END, encode_chat, im_end_id
-from mct.chat_data import fit_conversation, prepare_chat_dataset
-from mct.export import write_tokenizer
-from mct.generate import encode_prompts
+from mct.export.hf_export import write_tokenizer
+from mct.infer.generate import encode_prompts
+from mct.posttrain.chat_data import fit_conversation, prepare_chat_dataset
 from tests.data_fixtures import make_tiny_dataset
 
 CONVERSATIONS = [

@@ -11,7 +11,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mct.checkpoint import Checkpointer, CheckpointSaveError, abstract_with_shardings, root_cause
+from mct.errors import CheckpointSaveError
+from mct.parallel.sharding import abstract_with_shardings
+from mct.run.checkpoint import Checkpointer, root_cause
 
 STATE = {"w": jnp.arange(8.0), "b": jnp.ones((2, 3))}
 

@@ -12,9 +12,9 @@ import pytest
 from scipy import stats
 
 from data_pipelines.tokenizer import read_tokenizer_file
-from mct.config import model_from_dict
-from mct.decoding import Sampling, forward, generate, init_cache, output_head, params_model, token_probs
-from mct.generate import StreamPrinter, encode_prompts
+from mct.config.model import model_from_dict
+from mct.infer.decoding import Sampling, forward, generate, init_cache, output_head, params_model, token_probs
+from mct.infer.generate import StreamPrinter, encode_prompts
 from tests.data_fixtures import make_tiny_dataset
 from tests.test_export import random_params, save_random_run, tiny_run_config
 

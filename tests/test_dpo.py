@@ -11,14 +11,14 @@ import jax
 import numpy as np
 import pytest
 
+from data_pipelines.chat import encode_chat
 from data_pipelines.loader import load_tokenizer
 from data_pipelines.prepare import is_eval_document
-from mct.chat import encode_chat
-from mct.dpo import dpo_objective, dpo_terms, sequence_logps, train_dpo
-from mct.export import export
-from mct.loss import token_losses
-from mct.model import ParamsModel
-from mct.preference import pair_rows
+from mct.export.hf_export import export
+from mct.model.decoder import ParamsModel
+from mct.model.loss import token_losses
+from mct.posttrain.dpo import dpo_objective, dpo_terms, sequence_logps, train_dpo
+from mct.posttrain.preference import pair_rows
 from tests.tiny_runs import REPO, losses, make_config, overrides, resume_copy
 
 ONE = jax.devices()[:1]

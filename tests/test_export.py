@@ -13,15 +13,14 @@ from safetensors import safe_open
 
 from data_pipelines.freq_vocab import build_freq_vocab
 from experiments.configs.tiny_cpu import get_config
-from mct import hf_layout
-from mct.checkpoint import Checkpointer, model_signature
-from mct.config import Config
-from mct.decoding import params_model
-from mct.export import FREQ_VOCAB_FILE, INDEX_FILE, export
-from mct.import_hf import import_hf
-from mct.model import width_multiplier
-from mct.pretrain import train
-from mct.run_reader import RunCheckpoint
+from mct.config.run import Config
+from mct.export.hf_export import FREQ_VOCAB_FILE, INDEX_FILE, export, hf_layout
+from mct.export.hf_import import import_hf
+from mct.infer.decoding import params_model
+from mct.model.decoder import width_multiplier
+from mct.run.checkpoint import Checkpointer, model_signature
+from mct.run.pretrain import train
+from mct.run.reader import RunCheckpoint
 from tests.data_fixtures import make_tiny_dataset
 
 

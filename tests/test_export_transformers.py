@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from data_pipelines.tokenizer import read_tokenizer_file
-from mct.config import ModelConfig
-from mct.decoding import generate
-from mct.export import export
-from mct.generate import encode_prompts
-from mct.model import ParamsModel
+from mct.config.model import ModelConfig
+from mct.export.hf_export import export
+from mct.infer.decoding import generate
+from mct.infer.generate import encode_prompts
+from mct.model.decoder import ParamsModel
 from tests.data_fixtures import make_tiny_dataset
 from tests.test_export import LONGROPE, save_random_run, tiny_run_config
 

@@ -6,9 +6,16 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from mct.config import Config
-from mct.fp8 import dequantise_blocks, dequantise_tiles, fp8_matmul, quantise_blocks, quantise_tiles, to_e4m3
-from mct.trainer import build
+from mct.config.run import Config
+from mct.model.fp8 import (
+    dequantise_blocks,
+    dequantise_tiles,
+    fp8_matmul,
+    quantise_blocks,
+    quantise_tiles,
+    to_e4m3,
+)
+from mct.train.trainer import build
 
 
 def np_e4m3(x):

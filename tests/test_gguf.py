@@ -11,10 +11,10 @@ import gguf
 import numpy as np
 import pytest
 
+from data_pipelines.chat import CHAT_TEMPLATE
 from data_pipelines.tokenizer import read_tokenizer_file
-from mct.chat import CHAT_TEMPLATE
-from mct.gguf_export import export_gguf
-from mct.run_reader import RunCheckpoint, load_run_tokenizer
+from mct.export.gguf_export import export_gguf
+from mct.run.reader import RunCheckpoint, load_run_tokenizer
 from tests.test_export import LONGROPE, save_random_run, tiny_run_config
 from tests.tiny_runs import REPO
 

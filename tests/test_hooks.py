@@ -1,8 +1,8 @@
 """The loop's pieces: hooks fire when due and see their step's metrics before the state hooks; MFU is per mesh."""
 
-from mct import hooks
-from mct.config import Config
-from mct.trainer import Hook, StepInfo
+from mct.config.run import Config
+from mct.train import hooks
+from mct.train.trainer import Hook, StepInfo
 
 
 class _Null:

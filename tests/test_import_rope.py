@@ -10,11 +10,11 @@ import re
 import numpy as np
 import pytest
 
-from mct import hf_layout
-from mct.config import ModelConfig, RopeConfig
-from mct.import_hf import import_hf
-from mct.rope import rope_tables
-from mct.run_reader import RunCheckpoint
+from mct.config.model import ModelConfig, RopeConfig
+from mct.export.hf_export import hf_layout
+from mct.export.hf_import import import_hf
+from mct.model.rope import rope_tables
+from mct.run.reader import RunCheckpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mct.attention import KVCache, cached_attend, naive_attention
-from mct.decoding import generate
-from pallas_kernels.infllm_v2 import SparseConfig, select_blocks, sparse_attention
+from mct.infer.decoding import generate
+from mct.model.attention import KVCache, cached_attend, naive_attention
+from pallas_kernels.infllm_v2.api import sparse_attention
+from pallas_kernels.infllm_v2.config import SparseConfig
+from pallas_kernels.infllm_v2.selection import select_blocks
 from tests.test_decoding import full_logits, tiny_cfg
 from tests.test_export import random_params
 

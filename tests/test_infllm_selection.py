@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels.gqa_layout import group_queries
-from pallas_kernels.infllm_v2 import SparseConfig, select_blocks, selection
+from pallas_kernels.infllm_v2 import selection
+from pallas_kernels.infllm_v2.config import SparseConfig
+from pallas_kernels.infllm_v2.selection import select_blocks
 from pallas_kernels.infllm_v2.selection_gpu import pallas_gpu_block_scores
 
 SMALL = SparseConfig(

@@ -15,7 +15,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.blockwise_attention import causal_attention
-from pallas_kernels.infllm_v2 import IMPLEMENTATIONS, SparseConfig, attention, select_blocks, sparse_attention
+from pallas_kernels.infllm_v2.api import attention, sparse_attention
+from pallas_kernels.infllm_v2.config import IMPLEMENTATIONS, SparseConfig
+from pallas_kernels.infllm_v2.selection import select_blocks
 
 SMALL = SparseConfig(
     block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=32, topk=5, dense_len=64

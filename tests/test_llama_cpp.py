@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data_pipelines.chat import render_chat
 from data_pipelines.tokenizer import BOS, EOS
-from mct.chat import render_chat
-from mct.config import Config
-from mct.decoding import forward, generate, init_cache, output_head, params_model
-from mct.generate import encode_prompts
-from mct.gguf_export import export_gguf
-from mct.pretrain import train
-from mct.run_reader import RunCheckpoint, load_run_tokenizer
+from mct.config.run import Config
+from mct.export.gguf_export import export_gguf
+from mct.infer.decoding import forward, generate, init_cache, output_head, params_model
+from mct.infer.generate import encode_prompts
+from mct.run.pretrain import train
+from mct.run.reader import RunCheckpoint, load_run_tokenizer
 from tests.data_fixtures import make_tiny_dataset, write_text_documents
 from tests.test_export import save_random_run, tiny_run_config
 from tests.tiny_runs import REPO, make_config, save_params_run

@@ -7,7 +7,7 @@ import struct
 
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-from mct.metrics import MetricsWriter, logged_metrics
+from mct.train.metrics import MetricsWriter, logged_metrics
 
 
 def killed_run(workdir: pathlib.Path) -> list[str]:

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mct.attention import pin_attention
-from mct.config import REMAT_NAMES, model_from_dict
-from mct.loss import loss_sums, token_losses
-from mct.model import ParamsModel, count_params
+from mct.config.model import REMAT_NAMES, model_from_dict
+from mct.model.attention import pin_attention
+from mct.model.decoder import ParamsModel, count_params
+from mct.model.loss import loss_sums, token_losses
 from tests import reference_model
 
 

@@ -1,4 +1,4 @@
-"""Mixture of experts (mct/moe.py) and sparse upcycling (mct/upcycle.py) against NumPy and the dense model."""
+"""Mixture of experts (mct/model/moe.py) and sparse upcycling (mct/run/upcycle.py) against NumPy and the dense model."""
 
 import dataclasses
 
@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mct.config import Config, MoEConfig, model_from_dict
-from mct.model import ParamsModel
-from mct.moe import moe_forward
-from mct.run_reader import RunCheckpoint
-from mct.trainer import build
-from mct.upcycle import upcycle, upcycle_params
+from mct.config.model import MoEConfig, model_from_dict
+from mct.config.run import Config
+from mct.model.decoder import ParamsModel
+from mct.model.moe import moe_forward
+from mct.run.reader import RunCheckpoint
+from mct.run.upcycle import upcycle, upcycle_params
+from mct.train.trainer import build
 from tests import reference_model
 from tests.data_fixtures import make_tiny_dataset
 from tests.test_export import save_random_run, tiny_run_config
@@ -150,8 +151,8 @@ def test_upcycle_cli_writes_a_resumable_moe_workdir(tmp_path):
 def test_moe_export_is_a_mixtral_that_transformers_runs(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from mct.checkpoint import Checkpointer, model_signature
-    from mct.export import export
+    from mct.export.hf_export import export
+    from mct.run.checkpoint import Checkpointer, model_signature
     from tests.test_export import random_params
     from tests.test_export_transformers import mct_logits
 

@@ -1,13 +1,14 @@
-"""Multi-token prediction (mct/mtp.py) against the NumPy reference extended by the MTP blocks."""
+"""Multi-token prediction (mct/model/mtp.py) against the NumPy reference extended by the MTP blocks."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mct.config import Config, model_from_dict
-from mct.model import ParamsModel
-from mct.model_losses import pretraining_objective
-from mct.trainer import build
+from mct.config.model import model_from_dict
+from mct.config.run import Config
+from mct.model.decoder import ParamsModel
+from mct.model.objectives import pretraining_objective
+from mct.train.trainer import build
 from tests import reference_model
 
 
@@ -108,7 +109,7 @@ def test_exports_drop_the_mtp_block_unless_kept(tmp_path):
 
     from safetensors.numpy import load_file
 
-    from mct.export import export
+    from mct.export.hf_export import export
     from tests.data_fixtures import make_tiny_dataset
     from tests.test_export import save_random_run, tiny_run_config
 
@@ -127,8 +128,8 @@ def test_exports_drop_the_mtp_block_unless_kept(tmp_path):
 
 
 def test_mtp_self_speculative_greedy_decoding_equals_plain_decoding():
-    from mct.decoding import generate
-    from mct.mtp_speculative import mtp_generate
+    from mct.infer.decoding import generate
+    from mct.infer.mtp_speculative import mtp_generate
 
     cfg = tiny_cfg(vocab_size=12, mtp={"depth": 1})
     params = perturbed(ParamsModel(cfg), 4)

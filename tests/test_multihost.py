@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from mct.checkpoint import Checkpointer
-from mct.launch import slurm_script, tpu_commands
+from mct.launch.jobs import slurm_script, tpu_commands
+from mct.run.checkpoint import Checkpointer
 from tests.data_fixtures import make_tiny_dataset
 from tests.tiny_runs import REPO, VOCAB, losses, train_flags
 
@@ -163,7 +163,7 @@ def test_launcher_cli_dry_run():
 def test_a_job_on_a_locked_workdir_ends_at_once_on_every_process(tmp_path, dataset):
     """Process 0 holds the workdir lock for its job: a second job's process 0 is refused, and its other processes
     learn it and stop too (no wait at a collective until the heartbeat timeout)."""
-    from mct.workdir_lock import WorkdirLock
+    from mct.run.lock import WorkdirLock
 
     with WorkdirLock(tmp_path):
         started = time.time()

@@ -1,4 +1,4 @@
-"""BitCPM ternary quantiser (mct/quant.py) against a NumPy loop; the STE; packing; the config checks; QAT."""
+"""BitCPM ternary quantiser (mct/model/quant.py) against a NumPy loop; the STE; packing; the config checks; QAT."""
 
 import dataclasses
 import json
@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mct import quant
-from mct.config import Config, ConfigError, ModelConfig, QuantConfig
-from mct.model import ParamsModel
-from mct.pretrain import train
+from mct.config.model import ModelConfig, QuantConfig
+from mct.config.run import Config
+from mct.errors import ConfigError
+from mct.model import quant
+from mct.model.decoder import ParamsModel
+from mct.run.pretrain import train
 from tests.data_fixtures import make_tiny_dataset
 from tests.test_export import random_params
 from tests.tiny_runs import first_metrics, losses, make_config

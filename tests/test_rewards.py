@@ -1,4 +1,4 @@
-"""Rewards (mct/rewards.py): SymPy equivalence and format violations; the python_tests sandbox's limits."""
+"""Rewards (mct/posttrain/rewards.py): SymPy equivalence and format violations; the python_tests sandbox's limits."""
 
 import socket
 import threading
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from mct.rewards import exact, final_answer, numeric, python_tests, run_tests, safe_reward
+from mct.posttrain.rewards import exact, final_answer, numeric, python_tests, run_tests, safe_reward
 
 
 @pytest.mark.parametrize(

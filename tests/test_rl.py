@@ -1,5 +1,5 @@
-"""Chunk-wise rollout (mct/rollout.py) and the RL run (mct/rl.py): chunked == unchunked under greedy decoding,
-cached log-probs and policy versions survive chunking, a run killed mid-way resumes exactly, export works."""
+"""Chunk-wise rollout (mct/posttrain/rollout.py) and the RL run (mct/posttrain/rl.py): chunked == unchunked under greedy
+decoding, cached log-probs and policy versions survive chunking, a run killed mid-way resumes exactly, export works."""
 
 import json
 import os
@@ -12,15 +12,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mct import rl
-from mct.checkpoint import Checkpointer
-from mct.config import model_from_dict
-from mct.decoding import Sampling, params_model
-from mct.export import export
-from mct.grpo import token_logprobs
-from mct.rl import training_rows
-from mct.rollout import Trajectory, rollout, rollout_chunk
-from mct.run_reader import RunCheckpoint
+from mct.config.model import model_from_dict
+from mct.export.hf_export import export
+from mct.infer.decoding import Sampling, params_model
+from mct.posttrain import rl
+from mct.posttrain.grpo import token_logprobs
+from mct.posttrain.rl import training_rows
+from mct.posttrain.rollout import Trajectory, rollout, rollout_chunk
+from mct.run.checkpoint import Checkpointer
+from mct.run.reader import RunCheckpoint
 from tests.data_fixtures import make_tiny_dataset
 from tests.tiny_runs import REPO, VOCAB, make_config
 

@@ -1,4 +1,4 @@
-"""GRPO math (mct/grpo.py) and RL's batch layout (mct/rl.py) against hand-made numbers and NumPy."""
+"""GRPO math (mct/posttrain/grpo.py) and RL's batch layout (mct/posttrain/rl.py) against hand-made numbers and NumPy."""
 
 import dataclasses
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mct.config import model_from_dict
-from mct.decoding import params_model
-from mct.grpo import (
+from mct.config.model import model_from_dict
+from mct.infer.decoding import params_model
+from mct.posttrain.grpo import (
     accepted_groups,
     clipped_objective,
     group_advantages,
@@ -18,8 +18,8 @@ from mct.grpo import (
     policy_loss_sums,
     token_logprobs,
 )
-from mct.rl import RLState, draw_prompts, training_rows
-from mct.rollout import Trajectory
+from mct.posttrain.rl import RLState, draw_prompts, training_rows
+from mct.posttrain.rollout import Trajectory
 
 EPS_LOW, EPS_HIGH, DUAL = 0.2, 0.28, 3.0
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from mct import scalingbench
+from mct.run import scalingbench
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 

@@ -9,11 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from mct.config import Config, ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig
-from mct.model import ParamsModel, width_multiplier
-from mct.optimizer import make_optimizer
-from mct.schedule import wsd_schedule
-from mct.train_step import make_train_step
+from mct.config.model import ModelConfig
+from mct.config.run import Config, OptimizerConfig, ScheduleConfig, TrainConfig
+from mct.model.decoder import ParamsModel, width_multiplier
+from mct.train.optimizer import make_optimizer
+from mct.train.schedule import wsd_schedule
+from mct.train.step import make_train_step
 
 PEAK, W, T, DECAY, LR_MIN = 0.02, 10, 60, 40, 0.001
 
@@ -130,7 +131,7 @@ def test_nonfinite_step_is_skipped():
 
 def test_schedule_fractions_survive_a_steps_override():
     from experiments.configs import tiny_cpu
-    from mct.cli import config_from_flag
+    from mct.cli.common import config_from_flag
 
     cd = tiny_cpu.get_config()
     cd.train.steps = 60

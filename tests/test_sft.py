@@ -13,13 +13,13 @@ import pytest
 
 from data_pipelines.loader import load_tokenizer, make_train_iterator
 from data_pipelines.shards import DatasetError
-from mct.chat_data import fit_conversation, read_conversations
-from mct.cli import UserError
-from mct.export import export
-from mct.init_from import read_init_source
-from mct.loss import token_losses
-from mct.model import ParamsModel
-from mct.sft import CheckedBatches, sft_config, train_sft
+from mct.errors import UserError
+from mct.export.hf_export import export
+from mct.model.decoder import ParamsModel
+from mct.model.loss import token_losses
+from mct.posttrain.chat_data import fit_conversation, read_conversations
+from mct.posttrain.sft import CheckedBatches, sft_config, train_sft
+from mct.run.init_from import read_init_source
 from tests.tiny_runs import REPO, losses, make_config, overrides, resume_copy
 
 ONE = jax.devices()[:1]

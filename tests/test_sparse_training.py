@@ -8,13 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mct.cli import config_from_flag
-from mct.config import Config, ConfigError
-from mct.loss import token_losses
-from mct.model import ParamsModel
-from mct.optimizer import make_optimizer
-from mct.schedule import schedule_from_config
-from mct.train_step import make_train_step
+from mct.cli.common import config_from_flag
+from mct.config.run import Config
+from mct.errors import ConfigError
+from mct.model.decoder import ParamsModel
+from mct.model.loss import token_losses
+from mct.train.optimizer import make_optimizer
+from mct.train.schedule import schedule_from_config
+from mct.train.step import make_train_step
 
 SPARSE = dict(block_size=16, kernel_size=16, kernel_stride=8, init_blocks=1, window_size=32, topk=5,
               dense_len=128, implementation="xla")  # fmt: skip

@@ -13,8 +13,8 @@ from scipy import stats
 
 from data_pipelines.freq_vocab import build_freq_vocab, count_tokens, read_freq_vocab, top_ids
 from data_pipelines.tokenizer import read_tokenizer_file
-from mct.decoding import Sampling, generate
-from mct.speculative import accept, speculative_generate
+from mct.infer.decoding import Sampling, generate
+from mct.infer.speculative import accept, speculative_generate
 from tests.data_fixtures import make_tiny_dataset
 from tests.test_decoding import full_logits, numpy_token_probs, random_params, tiny_cfg
 

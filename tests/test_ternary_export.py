@@ -14,11 +14,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mct import hf_layout
-from mct.export import export
-from mct.import_hf import import_hf
-from mct.model import ParamsModel
-from mct.run_reader import RunCheckpoint
+from mct.export.hf_export import export, hf_layout
+from mct.export.hf_import import import_hf
+from mct.model.decoder import ParamsModel
+from mct.run.reader import RunCheckpoint
 from tests.data_fixtures import make_tiny_dataset
 from tests.test_export import save_random_run, tiny_run_config
 from tests.test_quant import numpy_ternary

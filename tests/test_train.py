@@ -11,10 +11,9 @@ import time
 import jax
 import pytest
 
-from mct.checkpoint import Checkpointer
-from mct.config import ConfigError
-from mct.pretrain import train
-from mct.trainer import TrainingDiverged
+from mct.errors import ConfigError, TrainingDiverged
+from mct.run.checkpoint import Checkpointer
+from mct.run.pretrain import train
 from tests.data_fixtures import make_tiny_dataset
 from tests.tiny_runs import REPO, VOCAB, cli, first_metrics, losses, make_config
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.optimize
 
+from mct.cli.tunnel import main
 from mct.tunnel import fits
-from mct.tunnel.__main__ import main
 
 TRUE_ND = {"C_N": 208.0, "alpha": 0.29, "C_D": 200.0, "beta": 0.23, "L0": 1.7}
 SIZES = np.array([9e6, 30e6, 70e6, 1e8, 1.7e8, 2e8, 5e8])  # the wind-tunnel shapes

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from matplotlib import image
 
+from mct.cli.tunnel import main
 from mct.tunnel import report
-from mct.tunnel.__main__ import main
 
 TRUE = {"C_N": 208.0, "alpha": 0.29, "C_D": 200.0, "beta": 0.23, "L0": 1.7}
 BATCH_K, BATCH_GAMMA, SEQ_LEN = 1.21e9, 6.24, 512

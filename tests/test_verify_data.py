@@ -8,9 +8,9 @@ import math
 import jax
 import pytest
 
-from mct.checkpoint import Checkpointer
-from mct.config import Config
-from mct.pretrain import train
+from mct.config.run import Config
+from mct.run.checkpoint import Checkpointer
+from mct.run.pretrain import train
 from mct.tunnel import __main__ as tunnel_cli
 from mct.tunnel import verify_data
 from tests.data_fixtures import make_tiny_dataset

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from mct.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLocked
+from mct.errors import WorkdirLocked
+from mct.run.lock import LOCK_FILE, WorkdirLock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODES = ["flock", "lease"]  # lease: flock raises ENOLCK, as on an object-store FUSE mount
@@ -22,7 +23,7 @@ MODES = ["flock", "lease"]  # lease: flock raises ENOLCK, as on an object-store 
 # Holds the lock on argv[1] until a line arrives on stdin, then releases it.
 HOLDER = """
 import errno, fcntl, sys
-from mct.workdir_lock import WorkdirLock
+from mct.run.lock import WorkdirLock
 if sys.argv[2] == "lease":
     def no_flock(*args):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -82,7 +83,7 @@ def test_a_second_process_is_refused_naming_the_holder_until_it_releases(
     holder.stdin.write(b"\n")
     holder.stdin.flush()
     assert holder.stdout.readline() == b"released\n"
-    with caplog.at_level(logging.WARNING, logger="mct.workdir_lock"), WorkdirLock(tmp_path):
+    with caplog.at_level(logging.WARNING, logger="mct.run.lock"), WorkdirLock(tmp_path):
         assert read_lease(tmp_path)["pid"] == os.getpid()
     assert "stale" not in caplog.text  # a clean release leaves nothing to take over
 
@@ -97,7 +98,7 @@ def test_a_killed_holder_is_taken_over_at_once_with_a_warning(
     holder = start_holder(tmp_path, mode)
     holder.kill()
     holder.wait()
-    with caplog.at_level(logging.WARNING, logger="mct.workdir_lock"), WorkdirLock(tmp_path):
+    with caplog.at_level(logging.WARNING, logger="mct.run.lock"), WorkdirLock(tmp_path):
         assert read_lease(tmp_path)["pid"] == os.getpid()
     assert f"taking over the stale lock of pid {holder.pid} on {socket.gethostname()}" in caplog.text
 
@@ -116,7 +117,7 @@ def test_a_lease_from_another_host_is_refused_while_fresh_and_taken_over_once_ex
         WorkdirLock(tmp_path, stale_after_s=60).acquire()
 
     write_lease(tmp_path, pid=4242, host="other-host", heartbeat=time.time() - 61)
-    with caplog.at_level(logging.WARNING, logger="mct.workdir_lock"), WorkdirLock(tmp_path, stale_after_s=60):
+    with caplog.at_level(logging.WARNING, logger="mct.run.lock"), WorkdirLock(tmp_path, stale_after_s=60):
         assert read_lease(tmp_path)["pid"] == os.getpid()
     assert "taking over the stale lock of pid 4242 on other-host" in caplog.text
 
@@ -136,7 +137,7 @@ def test_the_heartbeat_refreshes_the_lease_and_release_frees_it(tmp_path, monkey
 
 def test_a_holder_whose_lease_was_taken_over_stops_refreshing_it(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(fcntl, "flock", no_flock)
-    caplog.set_level(logging.ERROR, logger="mct.workdir_lock")
+    caplog.set_level(logging.ERROR, logger="mct.run.lock")
     lock = WorkdirLock(tmp_path, heartbeat_s=0.05).acquire()
     write_lease(tmp_path, pid=4242, host="other-host", heartbeat=time.time())
     deadline = time.time() + 10

@@ -6,9 +6,9 @@ import shutil
 import sys
 
 from experiments.configs import tiny_cpu
-from mct.checkpoint import Checkpointer, model_signature
-from mct.config import Config
-from mct.pretrain import train
+from mct.config.run import Config
+from mct.run.checkpoint import Checkpointer, model_signature
+from mct.run.pretrain import train
 from tests.data_fixtures import make_tiny_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 import tqdm
-from absl import app, flags
+from absl import flags
 
-from mct.config import REMAT_NAMES
+from mct.cli.common import run
+from mct.config.model import REMAT_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {"8b": "experiments/configs/minicpm4_8b.py", "0p5b": "experiments/configs/minicpm4_0p5b.py"}
@@ -107,4 +108,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -17,6 +17,7 @@ from absl import app, flags
 from data_pipelines.config import default_data_config, mixture_component
 from data_pipelines.loader import make_train_iterator
 from data_pipelines.shards import read_manifest
+from mct.cli.common import run
 
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset directory.", required=True)
 _SEQ = flags.DEFINE_integer("seq", 4096, "Sequence length.")
@@ -74,4 +75,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

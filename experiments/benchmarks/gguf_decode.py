@@ -1,4 +1,4 @@
-"""llama.cpp CPU decoding of mct's GGUF exports (f16, q8_0, q4_k_m, tq2_0) beside mct.decoding on JAX.
+"""llama.cpp CPU decoding of mct's GGUF exports (f16, q8_0, q4_k_m, tq2_0) beside mct.infer.decoding on JAX.
 
 python -m experiments.benchmarks.gguf_decode [--shape 30m --prompt_len 32 --max_new_tokens 64 --threads 2] --json
 
@@ -7,7 +7,7 @@ them): a dense one and a ternary QAT one (model.quant.group_size 256, as tq2_0 n
 tokenizer trained on mct's own sources (the model keeps the tunnel's 32768-row vocabulary). Exports the dense
 run as f16 / q8_0 / q4_k_m and the QAT run as tq2_0, then times greedy decoding of one prompt, end to end
 (prefill + max_new_tokens steps, each variant run once untimed first): llama.cpp through llama-cpp-python on
---threads CPU threads, and mct.decoding.generate on JAX's CPU backend on the same machine. Prints tokens/s,
+--threads CPU threads, and mct.infer.decoding.generate on JAX's CPU backend on the same machine. Prints tokens/s,
 file sizes and the ratio to JAX (dense run) as JSON and draws them into WORK_DIR/gguf_decode.png.
 """
 
@@ -18,7 +18,7 @@ import time
 import llama_cpp
 import matplotlib
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -26,12 +26,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from data_pipelines.shards import TOKENIZER  # noqa: E402
 from data_pipelines.tokenizer import BOS, tokenizer_bytes, train_bpe_tokenizer  # noqa: E402
 from experiments.configs.tunnel import get_config  # noqa: E402
-from mct.checkpoint import Checkpointer, model_signature  # noqa: E402
-from mct.config import Config  # noqa: E402
-from mct.decoding import generate  # noqa: E402
-from mct.gguf_export import export_gguf  # noqa: E402
-from mct.model import ParamsModel  # noqa: E402
-from mct.run_reader import RunCheckpoint, load_run_tokenizer  # noqa: E402
+from mct.cli.common import run
+from mct.config.run import Config  # noqa: E402
+from mct.export.gguf_export import export_gguf  # noqa: E402
+from mct.infer.decoding import generate  # noqa: E402
+from mct.model.decoder import ParamsModel  # noqa: E402
+from mct.run.checkpoint import Checkpointer, model_signature  # noqa: E402
+from mct.run.reader import RunCheckpoint, load_run_tokenizer  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = {"f16": "dense", "q8_0": "dense", "q4_k_m": "dense", "tq2_0": "qat"}  # gguf_type -> run
@@ -147,4 +148,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -16,13 +16,14 @@ import pathlib
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 from data_pipelines import beam_prepare, dedup, documents, prepare, quality, shards
 from data_pipelines import tokenizer as tok
 from data_pipelines.config import DataConfig, MixtureComponent
 from data_pipelines.loader import make_train_iterator
 from data_pipelines.normalise import normalise
+from mct.cli.common import run
 
 _FILES = flags.DEFINE_integer("files", 300, "Default-corpus files to process (the first N).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 8192, "BPE trained on the sample.")
@@ -118,4 +119,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -3,8 +3,9 @@
 
 python -m experiments.benchmarks.rl_rollout [--steps 8 --chunk_tokens 16 --max_response_tokens 128] --json
 
-A tiny random-init policy decodes with the KV-cache decoder (mct.rollout) and trains with the GRPO step
-(mct.grpo through mct.trainer.build). Each trajectory's answer length is drawn from a log-normal clipped at
+A tiny random-init policy decodes with the KV-cache decoder (mct.posttrain.rollout) and trains with the GRPO step
+(mct.posttrain.grpo through mct.train.trainer.build). Each trajectory's answer length is drawn from a log-normal
+clipped at
 max_response_tokens (the long tail) and a trajectory stops when it reaches it, as if it had emitted
 `<|im_end|>` there; rewards are coin flips. The decoder runs its batch in lockstep, so a full-length rollout
 step lasts as long as its longest answer, while a chunked step decodes at most chunk_tokens and carries the
@@ -19,16 +20,17 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments.configs.tiny_cpu_rl import get_config
-from mct.config import Config
-from mct.decoding import Sampling
-from mct.distributed import global_batch
-from mct.grpo import accepted_groups, group_advantages, grpo_objective, token_logprobs
-from mct.rl import rl_config, training_rows
-from mct.rollout import Trajectory, rollout_chunk
-from mct.trainer import Built, build
+from mct.cli.common import run
+from mct.config.run import Config
+from mct.infer.decoding import Sampling
+from mct.parallel.distributed import global_batch
+from mct.posttrain.grpo import accepted_groups, group_advantages, grpo_objective, token_logprobs
+from mct.posttrain.rl import rl_config, training_rows
+from mct.posttrain.rollout import Trajectory, rollout_chunk
+from mct.train.trainer import Built, build
 
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed RL steps per variant.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", 4, "Untimed steps first (filling the replay buffer).")
@@ -166,4 +168,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

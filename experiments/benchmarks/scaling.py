@@ -14,7 +14,9 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import flags
+
+from mct.cli import common as cli
 
 _PROCESSES = flags.DEFINE_list("processes", ["1", "2", "4"], "Process counts to run.")
 _BATCH = flags.DEFINE_integer("batch_per_process", 8, "Sequences per process per step.")
@@ -60,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

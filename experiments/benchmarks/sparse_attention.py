@@ -24,10 +24,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from mct.cli.common import run
 from pallas_kernels.blockwise_attention import DEFAULT_BLOCK_SIZE, causal_attention
-from pallas_kernels.infllm_v2 import SparseConfig, select_blocks, sparse_attention
+from pallas_kernels.infllm_v2.api import sparse_attention
+from pallas_kernels.infllm_v2.config import SparseConfig
+from pallas_kernels.infllm_v2.selection import select_blocks
 
 _MODE = flags.DEFINE_enum(
     "mode", "sparse", ["sparse", "dense"], "sparse: InfLLM v2 vs dense; dense: vs XLA's."
@@ -195,4 +198,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

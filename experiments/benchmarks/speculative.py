@@ -14,18 +14,19 @@ import pathlib
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from data_pipelines import shards
 from data_pipelines.freq_vocab import build_freq_vocab
 from data_pipelines.loader import resolve_dataset
 from experiments.configs.tiny_cpu import get_config
-from mct.checkpoint import Checkpointer
-from mct.config import Config
-from mct.decoding import generate
-from mct.pretrain import train
-from mct.run_reader import RunCheckpoint
-from mct.speculative import speculative_generate
+from mct.cli.common import run
+from mct.config.run import Config
+from mct.infer.decoding import generate
+from mct.infer.speculative import speculative_generate
+from mct.run.checkpoint import Checkpointer
+from mct.run.pretrain import train
+from mct.run.reader import RunCheckpoint
 
 DRAFT_SHAPE = dict(n_layers=1, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_mlp=192)
 
@@ -119,4 +120,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

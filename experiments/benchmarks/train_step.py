@@ -2,7 +2,7 @@
 
 python -m experiments.benchmarks.train_step --config experiments/configs/tunnel.py:30m --seq 1024 --batch 8 --json
 
-MFU = analytic model FLOPs per step (mct/flops.py: 6 * matmul params * tokens + 6 * layers * seq * heads *
+MFU = analytic model FLOPs per step (mct/model/flops.py: 6 * matmul params * tokens + 6 * layers * seq * heads *
 head_dim * tokens) / median step time / median fp32 matmul FLOP/s, measured in the same process after each
 timed step.
 """
@@ -14,13 +14,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mct import cli
-from mct.flops import matmul_params, measure_matmul_peak, train_flops_per_token
-from mct.model import compute_dtype
-from mct.trainer import build
+from mct.cli import common as cli
+from mct.cli.common import run
+from mct.model.decoder import compute_dtype
+from mct.model.flops import matmul_params, measure_matmul_peak, train_flops_per_token
+from mct.train.trainer import build
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _SEQ = flags.DEFINE_integer("seq", 1024, "Sequence length.")
@@ -81,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -15,15 +15,17 @@ import pathlib
 
 import jax
 import matplotlib
-from absl import app, flags
+from absl import flags
 
 from experiments.configs import tiny_cpu
-from mct.config import Config
-from mct.metrics import logged_metrics
-from mct.pretrain import train
+from mct.config.run import Config
+from mct.run.pretrain import train
+from mct.train.metrics import logged_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from mct.cli.common import run
 
 _OUT = flags.DEFINE_string("out", "docs/bitcpm", "Directory for results.json and the PNG.")
 _WORKDIR = flags.DEFINE_string(
@@ -120,4 +122,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

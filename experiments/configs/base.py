@@ -9,7 +9,8 @@ import dataclasses
 import ml_collections
 
 from data_pipelines.config import MixtureComponent
-from mct.config import Config, ModelConfig
+from mct.config.model import ModelConfig
+from mct.config.run import Config
 
 
 def model_config(

@@ -20,11 +20,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from mct.cli.common import run
 from pallas_kernels.accelerator_attention import gpu_flash_attention
 from pallas_kernels.blockwise_attention import causal_attention
-from pallas_kernels.infllm_v2 import SparseConfig, select_blocks, sparse_attention
+from pallas_kernels.infllm_v2.api import sparse_attention
+from pallas_kernels.infllm_v2.config import SparseConfig
+from pallas_kernels.infllm_v2.selection import select_blocks
 
 _SEQ = flags.DEFINE_list("seq", ["32768", "65536", "131072"], "Sequence lengths to time.")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed runs per measurement (median).")
@@ -195,4 +198,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -18,13 +18,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from mct.chat import encode_chat, im_end_id  # noqa: E402
-from mct.decoding import generate  # noqa: E402
-from mct.rewards import numeric  # noqa: E402
-from mct.rl import arithmetic_items  # noqa: E402
-from mct.run_reader import RunCheckpoint, load_run_tokenizer  # noqa: E402
+from data_pipelines.chat import encode_chat, im_end_id  # noqa: E402
+from mct.cli.common import run  # noqa: E402
+from mct.infer.decoding import generate  # noqa: E402
+from mct.posttrain.rewards import numeric  # noqa: E402
+from mct.posttrain.rl import arithmetic_items  # noqa: E402
+from mct.run.reader import RunCheckpoint, load_run_tokenizer  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 _WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/mct-chain", "Where the three runs live.")
@@ -89,4 +90,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

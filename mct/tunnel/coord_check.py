@@ -14,8 +14,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mct.config import Config, ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig  # noqa: E402
-from mct.trainer import build  # noqa: E402
+from mct.config.model import ModelConfig
+from mct.config.run import Config, OptimizerConfig, ScheduleConfig, TrainConfig
+from mct.train.trainer import build  # noqa: E402
 
 
 def _config(

@@ -23,10 +23,10 @@ import ml_collections
 import optuna
 import sqlalchemy
 
-from mct.config import Config
-from mct.flops import matmul_params, train_flops_per_token
-from mct.pretrain import train
-from mct.trainer import TrainingDiverged
+from mct.config.run import Config
+from mct.errors import TrainingDiverged
+from mct.model.flops import matmul_params, train_flops_per_token
+from mct.run.pretrain import train
 
 log = logging.getLogger(__name__)
 

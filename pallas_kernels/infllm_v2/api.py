@@ -8,14 +8,12 @@ import jax.numpy as jnp
 
 from pallas_kernels.blockwise_attention import causal_attention
 from pallas_kernels.gqa_layout import check_gqa_shapes
-from pallas_kernels.infllm_v2.config import SparseConfig
+from pallas_kernels.infllm_v2.config import IMPLEMENTATIONS, SparseConfig
 from pallas_kernels.infllm_v2.pallas_gpu import pallas_gpu_sparse_attention
 from pallas_kernels.infllm_v2.pallas_tpu import pallas_tpu_sparse_attention
 from pallas_kernels.infllm_v2.reference import reference_sparse_attention
 from pallas_kernels.infllm_v2.selection import select_blocks
 from pallas_kernels.infllm_v2.xla_sparse import xla_sparse_attention
-
-IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "implementation", "interpret"))

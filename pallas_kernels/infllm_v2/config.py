@@ -2,6 +2,7 @@
 
 import dataclasses
 
+IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")  # sparse attention kernels
 LSE_POOL = 4  # the LSE approximation's coarse keys C2 pool 4x the kernel size and stride
 
 

@@ -1,8 +1,22 @@
-"""What the block-sparse kernels share: padding to whole blocks, the transposed selection, the key mask."""
+"""What the block-sparse kernels share: the compressed keys, padding to whole blocks, the transposed selection,
+the key mask."""
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+
+class CompressedKeys(NamedTuple):
+    """Mean-pooled keys and where each window lies: c1 at (kernel_size, kernel_stride), c2 4x coarser."""
+
+    c1: jnp.ndarray  # [batch, kv_heads, n_c1, head_dim] fp32
+    c1_seg: jnp.ndarray  # [batch, n_c1]: the window's segment, -1 if it spans two
+    c1_end: jnp.ndarray  # [n_c1]: position of the window's last token
+    c2: jnp.ndarray  # [batch, kv_heads, n_c2, head_dim] fp32
+    c2_seg: jnp.ndarray  # [batch, n_c2]
+    c2_end: jnp.ndarray  # [n_c2]
 
 
 def pad_to_blocks(q, k, v, block_indices, segment_ids, block_size: int):

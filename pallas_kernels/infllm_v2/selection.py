@@ -11,7 +11,6 @@ document. Padding queries (segment 0) select nothing. Ties in top-k go to the lo
 """
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ from jax import lax
 
 from pallas_kernels.gqa_layout import check_gqa_shapes, group_queries
 from pallas_kernels.infllm_v2.config import LSE_POOL, SparseConfig
+from pallas_kernels.infllm_v2.kernel_common import CompressedKeys
 from pallas_kernels.infllm_v2.selection_gpu import pallas_gpu_block_scores
 from pallas_kernels.segments import document_starts
 
@@ -55,17 +55,6 @@ def select_blocks(
     if implementation == "pallas_gpu":
         return _select_blocks_fused(q, k, segment_ids.astype(jnp.int32), cfg, interpret)
     return _select_blocks(q, k, segment_ids.astype(jnp.int32), cfg, _QUERY_CHUNK)
-
-
-class CompressedKeys(NamedTuple):
-    """Mean-pooled keys and where each window lies: c1 at (kernel_size, kernel_stride), c2 4x coarser."""
-
-    c1: jnp.ndarray  # [batch, kv_heads, n_c1, head_dim] fp32
-    c1_seg: jnp.ndarray  # [batch, n_c1]: the window's segment, -1 if it spans two
-    c1_end: jnp.ndarray  # [n_c1]: position of the window's last token
-    c2: jnp.ndarray  # [batch, kv_heads, n_c2, head_dim] fp32
-    c2_seg: jnp.ndarray  # [batch, n_c2]
-    c2_end: jnp.ndarray  # [n_c2]
 
 
 def stride_sums(k: jnp.ndarray, stride: int) -> jnp.ndarray:

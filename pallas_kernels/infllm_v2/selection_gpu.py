@@ -10,7 +10,6 @@ heads (a [tokens, tokens x rows] 0/1 matmul) and the max over the kernels inters
 """
 
 import functools
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.infllm_v2.config import SparseConfig
-
-if TYPE_CHECKING:  # selection.py dispatches to this module
-    from pallas_kernels.infllm_v2.selection import CompressedKeys
+from pallas_kernels.infllm_v2.kernel_common import CompressedKeys
 
 _TOKENS = 16  # query tokens per program (x padded G heads = the score matmul's rows)
 _BLOCKS = 16  # blocks scored per pass-2 step (16 x kernels-per-block fine keys)
@@ -32,7 +29,7 @@ _HIDDEN = -2  # segment id of padded compressed keys: matches no query
 
 def pallas_gpu_block_scores(
     qg: jnp.ndarray,
-    keys: "CompressedKeys",
+    keys: CompressedKeys,
     segment_ids: jnp.ndarray,
     cfg: SparseConfig,
     *,

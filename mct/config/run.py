@@ -1,0 +1,279 @@
+"""The run configuration: typed, frozen dataclasses with every default and every cross-field check.
+
+Experiment files (`experiments/configs/*.py`) are ml_collections ConfigDicts for the command line; an entry
+point converts one exactly once with `Config.from_dict(cd.to_dict())`, which names any unknown key (with a
+suggestion), then `resolve()` turns schedule fractions into steps and `validate(n_devices)` checks the rest
+before anything compiles.
+"""
+
+import dataclasses
+import math
+
+from data_pipelines.batch_layout import BatchLayout
+from data_pipelines.config import DataConfig
+from mct.config.model import ModelConfig, check_model, check_sharding
+from mct.config.schema import build, require, to_dict
+from mct.errors import ConfigError
+
+DECAY_SHAPES = ("exponential", "linear", "cosine", "1-sqrt")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # global, in sequences
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide evenly
+    log_every_steps: int = 10
+    max_consecutive_nonfinite: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 0.01  # peak lr (muP: hidden matrices get lr / m)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Warmup-Stable-Decay (MiniCPM paper section 4.2): warmup and decay as fractions of train.steps, or
+    absolute steps when warmup_steps / decay_steps are >= 0 (resolve() fills them in)."""
+
+    warmup_fraction: float = 0.1
+    decay_fraction: float = 0.1  # the decay phase is the last decay_fraction of train.steps
+    warmup_steps: int = -1
+    decay_steps: int = -1
+    decay_shape: str = "exponential"  # DECAY_SHAPES
+    half_life: int = 0  # exponential decay half-life in steps (0 -> decay_steps / 5)
+    lr_min: float = 0.0
+    branch_from: str = ""  # workdir of a stable run to branch a decay from
+    branch_step: int = -1  # its checkpoint step; the branch decays over the next decay_steps
+    lr_from_init: bool = False  # post-training: the peak lr is init_from's final lr (MiniCPM SFT convention)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; at most one may be -1 (all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1  # MoE expert parallelism: experts split over it, and the batch too (a data axis elsewhere)
+    tensor: int = 1
+
+    def shape(self, n_devices: int) -> tuple[int, int, int, int]:
+        """Sizes of (data, fsdp, expert, tensor) on n_devices."""
+        sizes = [getattr(self, a) for a in MESH_AXES]
+        named = dict(zip(MESH_AXES, sizes))
+        if sizes.count(-1) > 1:
+            raise ConfigError(f"config mesh: at most one axis may be -1, got {named}")
+        known = math.prod(s for s in sizes if s != -1)
+        if any(s == 0 or s < -1 for s in sizes) or n_devices % known:
+            raise ConfigError(f"config mesh {named} does not fit the {n_devices} available devices")
+        sizes = [n_devices // known if s == -1 else s for s in sizes]
+        if math.prod(sizes) != n_devices:
+            raise ConfigError(
+                f"config mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices "
+                f"but {n_devices} are available (set one axis to -1 to take the rest)"
+            )
+        return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 50
+    max_to_keep: int = 3
+    async_save: bool = True
+    allow_fresh_start: bool = False  # start from step 0 although every checkpoint was moved aside
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 50  # batches per eval: data.eval_batches
+    scalingbench: str = ""  # "" (off), "default" (embedded) or a JSONL path
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    steps: tuple[int, ...] = ()  # (first, last): a jax.profiler trace of these steps into WORKDIR/profile
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation (mct/posttrain/dpo.py):
+    -log sigmoid(beta * margin of policy/reference log-ratios),
+    plus sft_weight x the chosen answers' token loss (OpenBMB's script: beta 0.1, weight 0.5)."""
+
+    path: tuple[str, ...] = ("default",)  # preference JSONL files ({"prompt", "chosen", "rejected"}) or "default"
+    beta: float = 0.1
+    sft_weight: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """RL with chunk-wise rollout (mct/posttrain/rl.py; MiniCPM4 report section 3.2): GRPO advantages over group_size
+    rollouts per prompt, dynamic sampling, clip-higher, dual clip, KL to a reference refreshed every
+    ref_refresh_steps, overlong filtering; each step decodes at most chunk_tokens per trajectory."""
+
+    prompts: str = ""  # JSONL of {"prompt", "answer"} or {"prompt", "tests"}; "" = embedded arithmetic task
+    reward: str = "numeric"  # exact | numeric | python_tests (mct/posttrain/rewards.py)
+    group_size: int = 16  # rollouts per prompt (G)
+    prompts_per_step: int = 8  # new prompts (groups) entering the rollout each step
+    chunk_tokens: int = 8192  # new tokens per trajectory per step (>= max_response_tokens: full-length rollout)
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 32768
+    temperature: float = 1.0
+    top_p: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.28  # clip-higher (DAPO)
+    dual_clip: float = 3.0  # c of the dual clip, for negative advantages
+    kl_beta: float = 0.001
+    ref_refresh_steps: int = 100  # the reference becomes the current policy every this many steps
+    overlong_filter: bool = True  # no loss on trajectories cut at max_response_tokens
+    lr: float = 1e-5  # constant (replaces optimizer.lr and the WSD schedule in RL runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One training run."""
+
+    workdir: str = ""
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    profile: ProfileConfig = ProfileConfig()
+    init_from: str = ""  # post-training: WORKDIR[:STEP] whose params (not optimizer state) start the run
+    dpo: DPOConfig = DPOConfig()
+    rl: RLConfig = RLConfig()
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """The config of a nested dict (e.g. ConfigDict.to_dict()); unknown keys are ConfigErrors."""
+        return build(cls, values)
+
+    def to_dict(self) -> dict:
+        """Plain nested dicts and lists (JSON): what checkpoints record."""
+        return to_dict(self)
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+    def resolve(self) -> "Config":
+        """Absolute warmup and decay steps; a decay branch's train.steps = branch_step + decay_steps."""
+        s, steps = self.schedule, self.train.steps
+        if s.branch_from:
+            # a branch is the last decay_fraction of a run that reached branch_step in its stable phase
+            decay = (
+                s.decay_steps
+                if s.decay_steps >= 0
+                else round(s.branch_step * s.decay_fraction / (1 - s.decay_fraction))
+            )
+            steps = s.branch_step + decay
+        else:
+            decay = s.decay_steps if s.decay_steps >= 0 else round(s.decay_fraction * steps)
+        warmup = s.warmup_steps if s.warmup_steps >= 0 else round(s.warmup_fraction * steps)
+        schedule = dataclasses.replace(s, warmup_steps=warmup, decay_steps=decay)
+        return self.replace(schedule=schedule, train=dataclasses.replace(self.train, steps=steps))
+
+    @property
+    def decay_start(self) -> int:
+        """The first step of the decay phase (resolved configs)."""
+        return self.train.steps - self.schedule.decay_steps
+
+    def validate(self, n_devices: int, n_processes: int = 1) -> None:
+        """Raises ConfigError for a resolved config that cannot run on n_devices devices in n_processes."""
+        check_model(self.model)
+        check_ranges(self)  # values first, then their fit to the devices
+        data, fsdp, expert, tensor = self.mesh.shape(n_devices)
+        check_sharding(self.model, tensor, fsdp, expert)
+        check_batch(self, data * fsdp * expert, n_processes)
+
+
+def check_ranges(c: "Config") -> None:
+    """Ranges of the train, data, optimizer and schedule settings."""
+    t, d, s, o = c.train, c.data, c.schedule, c.optimizer
+    require(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
+    require(
+        t.batch_size > 0 and t.grad_accum > 0,
+        f"train.batch_size={t.batch_size} and train.grad_accum={t.grad_accum} must be positive",
+    )
+    require(
+        0 < d.seq_len <= c.model.max_position,
+        f"data.seq_len={d.seq_len} must be in [1, model.max_position={c.model.max_position}]",
+    )
+    require(o.lr > 0, f"optimizer.lr={o.lr} must be positive")
+    require(
+        0 < t.log_every_steps and 0 < c.eval.every_steps and 0 < c.checkpoint.every_steps,
+        "train.log_every_steps, eval.every_steps and checkpoint.every_steps must be positive",
+    )
+    chunk = c.model.loss_chunk
+    require(
+        not (0 < chunk < d.seq_len and d.seq_len % chunk),
+        f"model.loss_chunk={chunk} does not divide data.seq_len={d.seq_len}",
+    )
+    require(
+        s.decay_shape in DECAY_SHAPES, f"schedule.decay_shape={s.decay_shape!r} is not one of {DECAY_SHAPES}"
+    )
+    require(
+        0 <= s.warmup_fraction <= 1 and 0 <= s.decay_fraction < 1,
+        "schedule.warmup_fraction must be in [0, 1] and schedule.decay_fraction in [0, 1)",
+    )
+    require(
+        not s.branch_from or s.branch_step >= 0, "schedule.branch_from is set but schedule.branch_step is not"
+    )
+    require(
+        s.branch_from or s.warmup_steps + s.decay_steps <= t.steps,
+        f"schedule warmup + decay = {s.warmup_steps + s.decay_steps} steps exceeds train.steps={t.steps}",
+    )
+    require(len(c.profile.steps) in (0, 2), f"profile.steps={c.profile.steps} must be () or (first, last)")
+    require(not s.lr_from_init or c.init_from, "schedule.lr_from_init needs init_from=WORKDIR[:STEP]")
+    require(c.dpo.beta > 0 and c.dpo.sft_weight >= 0, f"dpo.beta={c.dpo.beta} must be > 0, dpo.sft_weight >= 0")
+    check_rl(c.rl)
+
+
+def check_rl(r: RLConfig) -> None:
+    """Ranges of the RL settings."""
+    for key in ("group_size", "prompts_per_step", "chunk_tokens", "max_prompt_tokens", "max_response_tokens",
+                "ref_refresh_steps"):  # fmt: skip
+        require(getattr(r, key) > 0, f"rl.{key}={getattr(r, key)} must be positive")
+    require(r.group_size > 1, f"rl.group_size={r.group_size} must be > 1 (advantages are relative to the group)")
+    require(r.reward in ("exact", "numeric", "python_tests"),
+             f"rl.reward={r.reward!r} is not one of exact, numeric, python_tests")  # fmt: skip
+    require(r.temperature >= 0 and 0 < r.top_p <= 1, f"rl.temperature={r.temperature} must be >= 0 and "
+             f"rl.top_p={r.top_p} in (0, 1]")  # fmt: skip
+    require(0 <= r.eps_low < 1 and r.eps_high >= 0, f"rl.eps_low={r.eps_low} must be in [0, 1), rl.eps_high >= 0")
+    require(r.dual_clip > 1, f"rl.dual_clip={r.dual_clip} must be > 1")
+    require(r.kl_beta >= 0 and r.lr > 0, f"rl.kl_beta={r.kl_beta} must be >= 0 and rl.lr={r.lr} > 0")
+
+
+def check_batch(c: "Config", data_parallel: int, n_processes: int) -> None:
+    """The global batch's fit to the data-parallel devices, the processes and the logical data shards."""
+    t, d = c.train, c.data
+    require(
+        t.batch_size % t.grad_accum == 0,
+        f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}",
+    )
+    micro = t.batch_size // t.grad_accum
+    require(
+        micro % data_parallel == 0,
+        f"train.batch_size={t.batch_size} (micro-batch {micro}) is not divisible by "
+        f"mesh data x fsdp x expert = {data_parallel} data-parallel devices",
+    )
+    require(
+        t.batch_size % n_processes == 0,
+        f"train.batch_size={t.batch_size} is not divisible by the {n_processes} processes",
+    )
+    try:
+        BatchLayout(d.num_logical_shards, t.batch_size, n_processes)
+    except ValueError as e:
+        raise ConfigError(f"config data/train: {e}") from None

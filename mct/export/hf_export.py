@@ -1,0 +1,190 @@
+"""Exports a training checkpoint as a Hugging Face model directory (safetensors + config + tokenizer).
+
+    python -m mct.export --workdir DIR [--step N] --format minicpm|llama|ternary --out OUT [--freq_vocab FILE]
+    python -m mct.export --workdir DIR [--step N] --format gguf --gguf_type f16 --out FILE.gguf  (gguf_export)
+
+Tensors stream one at a time (one layer of one parameter, read through tensorstore) into safetensors shards
+of at most --max_shard_mb, so no process ever holds more than one shard. Everything is written into a
+temporary sibling of OUT and renamed at the end: a failed export leaves nothing behind.
+"""
+
+import json
+import pathlib
+import shutil
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, processors
+from tqdm import tqdm
+
+from data_pipelines.chat import CHAT_TEMPLATE, IM_END, IM_START
+from data_pipelines.freq_vocab import read_freq_vocab
+from data_pipelines.tokenizer import BOS, EOS, PAD, read_tokenizer_file, special_token_ids, tokenizer_bytes
+from mct.export import hf_layout
+from mct.model import quant
+from mct.run.reader import RunCheckpoint, load_run_tokenizer
+from mct.run.workdir import fresh_directory
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+FREQ_VOCAB_FILE = "freq_vocab.json"
+
+
+TERNARY = "ternary"  # the MiniCPM layout with BitCPM's 2-bit codes + per-group scales (mct.model.quant)
+
+
+GGUF = "gguf"  # one llama.cpp file (mct.export.gguf_export)
+
+
+FORMATS = (*hf_layout.LAYOUTS, TERNARY, GGUF)
+
+
+def shard_plan(plan: list[hf_layout.TensorSpec], itemsize: int, max_shard_bytes: int) -> list[list]:
+    """Tensors grouped in order into shards of at most max_shard_bytes (a larger tensor gets its own)."""
+    shards, size = [[]], 0
+    for spec in plan:
+        nbytes = int(np.prod(spec.shape)) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def shard_file_names(num_shards: int) -> list[str]:
+    if num_shards == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+
+def write_json(path: pathlib.Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_tensors(run: RunCheckpoint, layout: str, out: pathlib.Path, dtype: np.dtype, max_shard_bytes: int,
+                  ternary: bool = False, keep_mtp: bool = False):  # fmt: skip
+    """Writes the safetensors shards (and their index when there are several) into `out`.
+
+    A QAT run's hidden matrices are written as its forward uses them: dequantised (codes x scales), or with
+    `ternary` as packed codes and scales (mct.model.quant.hf_ternary_tensors)."""
+    cfg = run.model_cfg
+    plan = hf_layout.tensor_plan(run.model_cfg, layout, keep_mtp)
+    shards = shard_plan(plan, dtype.itemsize, max_shard_bytes)
+    names = shard_file_names(len(shards))
+    weight_map, total = {}, 0
+    with tqdm(total=len(plan), desc="export", unit="tensor") as bar:
+        for specs, name in zip(shards, names):
+            tensors = {}
+            # parameter by parameter, so each is restored once per shard (the file's order is safetensors')
+            for spec in sorted(specs, key=lambda s: (s.param, -1 if s.layer is None else s.layer)):
+                value = run.read(spec.param, () if spec.layer is None else spec.layer)
+                if ternary and spec.param in quant.QUANTISED:
+                    written = quant.hf_ternary_tensors(spec.name, spec.param, value, cfg.quant.group_size)
+                else:
+                    value = quant.quantise_weights(cfg.quant, {spec.param: value})[spec.param]
+                    written = {spec.name: hf_layout.to_hf(spec, value, dtype)}
+                tensors.update(written)
+                total += sum(t.nbytes for t in written.values())
+                weight_map.update(dict.fromkeys(written, name))
+                bar.update(1)
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def with_bos(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` whose encode(text) is [BOS] + ids, as mct encodes every prompt
+    (mct.generate.encode_prompts); pairs as transformers' update_post_processor writes them."""
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0",
+        pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+        special_tokens=[(BOS, tokenizer.token_to_id(BOS))],
+    )
+    return copy
+
+
+def write_tokenizer(tokenizer: Tokenizer, out: pathlib.Path, max_length: int) -> dict[str, int]:
+    """tokenizer.json plus the configs a PreTrainedTokenizerFast loads with it; returns the special ids.
+
+    Encoding text prepends BOS, as mct does: the tokenizer.json post-processor does it (all transformers 5
+    reads: it drops add_bos_token/add_eos_token when a tokenizer.json exists), and the add_bos_token /
+    add_eos_token flags say the same to readers of tokenizer_config.json (e.g. llama.cpp's GGUF converter).
+    """
+    (out / "tokenizer.json").write_bytes(tokenizer_bytes(with_bos(tokenizer)))
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    ids = special_token_ids(tokenizer)
+    special = {role: token for role, token in special.items() if token in ids}
+    write_json(out / "special_tokens_map.json", special)
+    chat = {"chat_template": CHAT_TEMPLATE} if {IM_START, IM_END} <= ids.keys() else {}  # data_pipelines.chat's format
+    write_json(
+        out / "tokenizer_config.json",
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+         "clean_up_tokenization_spaces": False, "add_bos_token": True, "add_eos_token": False, **special, **chat},
+    )  # fmt: skip
+    return ids
+
+
+
+
+def read_run(workdir: str, step: int | None, tokenizer_path: str | None) -> tuple[RunCheckpoint, Tokenizer]:
+    """WORKDIR's checkpoint (latest unless `step`) and its tokenizer (the run's own unless tokenizer_path),
+    which must fit the model's vocabulary."""
+    run = RunCheckpoint(workdir, step)
+    tokenizer = read_tokenizer_file(tokenizer_path) if tokenizer_path else load_run_tokenizer(run)
+    if tokenizer.get_vocab_size() > run.model_cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "
+            f"{run.model_cfg.vocab_size}"
+        )
+    return run, tokenizer
+
+
+def export(
+    workdir: str,
+    out: str,
+    layout: str,
+    *,
+    step: int | None = None,
+    dtype: str = "float32",
+    max_shard_bytes: int = 2 << 30,
+    tokenizer_path: str | None = None,
+    freq_vocab: str | None = None,
+    keep_mtp: bool = False,
+) -> pathlib.Path:
+    """Exports WORKDIR's checkpoint (latest unless `step`) in `layout` (or TERNARY) to the new directory `out`."""
+    ternary, layout = layout == TERNARY, "minicpm" if layout == TERNARY else layout
+    hf_layout.check_layout(layout)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    run, tokenizer = read_run(workdir, step, tokenizer_path)
+    cfg = run.model_cfg
+    if ternary and cfg.quant.weights != "ternary":
+        raise ValueError(
+            f"{workdir} is not a ternary QAT run (model.quant.weights={cfg.quant.weights!r}); train with "
+            "--config.model.quant.weights=ternary, or export --format minicpm|llama"
+        )
+    if freq_vocab:
+        read_freq_vocab(freq_vocab, cfg.vocab_size)  # refuse a malformed or mismatched file before writing
+    with fresh_directory(out) as tmp:
+        write_tensors(run, layout, tmp, DTYPES[dtype], max_shard_bytes, ternary, keep_mtp and cfg.mtp.depth > 0)
+        ids = write_tokenizer(tokenizer, tmp, cfg.max_position)
+        config = hf_layout.hf_config(cfg, layout, ids, dtype)
+        if keep_mtp and cfg.mtp.depth:
+            config["num_nextn_predict_layers"] = cfg.mtp.depth  # DeepSeek-V3's name for the MTP depth
+        if ternary:
+            config["quantization_config"] = quant.ternary_config(cfg.quant)
+        write_json(tmp / "config.json", config)
+        generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        if IM_END in ids:  # a chat turn ends at <|im_end|>: HF generate stops there too (mct.generate --chat)
+            generation["eos_token_id"] = [config["eos_token_id"], ids[IM_END]]
+        write_json(tmp / "generation_config.json", generation)
+        if freq_vocab:
+            shutil.copyfile(freq_vocab, tmp / FREQ_VOCAB_FILE)
+    return pathlib.Path(out)

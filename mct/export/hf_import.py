@@ -1,0 +1,125 @@
+"""Imports a Hugging Face Llama- or MiniCPM-layout safetensors checkpoint as an mct workdir that mct.train
+continues from (step 0, fresh optimizer state, fresh data iterator).
+
+    python -m mct.import_hf --hf_dir DIR --out WORKDIR [--unfold_mup] [--config experiments/configs/x.py]
+
+The model shape comes from config.json; everything else (optimizer, schedule, data) from --config (default:
+experiments/configs/base.py), whose optimizer the saved state is built for. A Llama layout reads as a
+scale-free model unless --unfold_mup restores the muP scales recorded at export. Exporting the result again in
+the same layout reproduces the input files bit for bit. A ternary export (mct.export --format ternary) reads
+back as its dequantised weights, a model with model.quant.weights = "none" (docs/bitcpm.md).
+"""
+
+import collections
+import json
+import pathlib
+
+import numpy as np
+from safetensors import safe_open
+
+from data_pipelines.shards import TOKENIZER
+from data_pipelines.tokenizer import read_tokenizer_file
+from mct.config.model import ModelConfig
+from mct.config.run import Config
+from mct.config.schema import to_dict
+from mct.export import hf_layout
+from mct.export.hf_export import INDEX_FILE
+from mct.model import quant
+from mct.model.decoder import ParamsModel
+from mct.run.workdir import write_step0_workdir
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters save; recomputed from the config
+
+
+class SafetensorsDir:
+    """An HF directory's tensors (model.safetensors, or the shards its index names), read one at a time."""
+
+    def __init__(self, hf_dir: pathlib.Path):
+        self.hf_dir = hf_dir
+        index = hf_dir / INDEX_FILE
+        if index.is_file():
+            try:
+                self.files = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index} is not a safetensors index with a 'weight_map': {e}") from None
+        elif (hf_dir / "model.safetensors").is_file():
+            with safe_open(hf_dir / "model.safetensors", "np") as f:
+                self.files = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor {INDEX_FILE}")
+
+    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Tensor `name`, checked to have `shape`."""
+        if name not in self.files:
+            raise ValueError(f"{self.hf_dir}: the checkpoint lacks the tensor {name!r}")
+        path = self.hf_dir / self.files[name]
+        with safe_open(path, "np") as f:
+            tensor = f.get_tensor(name)
+        if tensor.shape != shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tensor.shape}, config.json implies {shape}")
+        return tensor
+
+
+def read_hf_config(hf_dir: pathlib.Path) -> dict:
+    path = hf_dir / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def import_params(hf_dir: pathlib.Path, model_cfg: ModelConfig, layout: str, group_size: int = 0) -> dict:
+    """The checkpoint's params dict (fp32), tensor by tensor, undoing the layout's orientation and scales;
+    group_size > 0: a ternary export, whose hidden matrices read back as their dequantised weights."""
+    weights = SafetensorsDir(hf_dir)
+    plan = hf_layout.tensor_plan(model_cfg, layout)
+    ternary = {s.name for s in plan if s.param in quant.QUANTISED} if group_size else set()
+    expected = {s.name for s in plan} | {name + quant.SCALE_SUFFIX for name in ternary}
+    unexpected = set(weights.files) - expected - {"lm_head.weight"}
+    unexpected = sorted(n for n in unexpected if not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        raise ValueError(f"{hf_dir}: tensors this model has no place for (biases? another architecture?): "
+                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")  # fmt: skip
+    shapes = {name: x.shape for name, x in ParamsModel(model_cfg).abstract().items()}
+    params = {name: np.empty(shape, np.float32) for name, shape in shapes.items()}
+
+    def read(spec: hf_layout.TensorSpec) -> np.ndarray:
+        if spec.name not in ternary:
+            return weights.read(spec.name, spec.shape)
+        n_out, n_in = spec.shape
+        packed = weights.read(spec.name, (n_out, -(-n_in // 4)))
+        scales = weights.read(spec.name + quant.SCALE_SUFFIX, (n_out, n_in // group_size))
+        return quant.hf_ternary_weight(packed, scales, group_size)
+
+    sources = collections.defaultdict(list)  # (param, layer) -> its tensors (the embedding may have two)
+    for spec in plan:
+        sources[spec.param, spec.layer].append(spec)
+    for (param, layer), specs in sources.items():
+        shape = shapes[param][1:] if layer is not None else shapes[param]
+        folded = [(hf_layout.from_hf(s, read(s), shape), s.scale) for s in specs]
+        params[param][layer if layer is not None else ...] = hf_layout.unfold(folded)
+    return params
+
+
+def import_hf(
+    hf_dir: str, out: str, *, unfold_mup: bool = False, config: Config | None = None
+) -> pathlib.Path:
+    """Writes the new workdir `out` holding the HF checkpoint of `hf_dir` as step 0; returns its path."""
+    hf_path = pathlib.Path(hf_dir)
+    hf = read_hf_config(hf_path)
+    layout = hf_layout.layout_of(hf, str(hf_path / "config.json"))
+    fields = hf_layout.model_fields(hf, str(hf_path / "config.json"), unfold_mup)
+    group_size = quant.exported_group_size(hf, str(hf_path / "config.json"))
+    if group_size:  # the dequantised weights are the model: quantising them again would change them
+        fields["quant"] = {"weights": "none"}
+    config = (config or Config()).resolve()
+    model = Config.from_dict({"model": {**to_dict(config.model), **fields}}).model
+    config = config.replace(model=model, workdir=str(out))
+    params = import_params(hf_path, config.model, layout, group_size)
+    tokenizer = hf_path / TOKENIZER
+    if tokenizer.is_file():
+        read_tokenizer_file(tokenizer)  # refuse a broken tokenizer before writing anything
+
+    return write_step0_workdir(out, config, params, tokenizer, imported_from=str(hf_path.absolute()))
+
+

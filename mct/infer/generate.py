@@ -1,0 +1,52 @@
+"""Text generation from a training checkpoint, streaming the continuation as it is decoded.
+
+    python -m mct.generate --workdir DIR --prompt "def main(" [--prompt "..."] [--max_new_tokens N
+        --temperature T --top_p P --seed S --step N --chat] [--draft_workdir DIR --freq_vocab FILE --num_draft K]
+
+Prompts are encoded with the run's tokenizer and start with BOS, like training documents; EOS ends a row.
+With --chat each prompt is a user turn of the chat format (data_pipelines.chat) and the answer ends at `<|im_end|>`.
+One prompt streams token by token; several are decoded as one batch and printed when done. With
+--draft_workdir, a smaller model of the same tokenizer drafts tokens (FR-Spec speculative decoding, its LM
+head cut to the --freq_vocab ids); with --speculative mtp, the model's own MTP block drafts one token per
+pass (mct.infer.mtp_speculative). The output distribution is the same.
+"""
+
+import sys
+
+from tokenizers import Tokenizer
+
+from data_pipelines.chat import encode_chat
+from data_pipelines.tokenizer import BOS
+
+
+class StreamPrinter:
+    """Prints one row's continuation as it grows, holding back bytes that do not yet form a character."""
+
+    def __init__(self, tokenizer: Tokenizer, out=sys.stdout):
+        self._tokenizer, self._out = tokenizer, out
+        self._ids: list[int] = []
+        self._printed = 0
+
+    def __call__(self, new: list[list[int]]) -> None:
+        self._ids.extend(new[0])
+        text = self._tokenizer.decode(self._ids)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence decodes to U+FFFD until it completes
+            self._write(text)
+
+    def finish(self) -> None:
+        """Prints what is held back (bytes that never completed a character) and ends the line."""
+        self._write(self._tokenizer.decode(self._ids) + "\n")
+
+    def _write(self, text: str) -> None:
+        self._out.write(text[self._printed :])
+        self._out.flush()
+        self._printed = len(text)
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:
+    """[BOS] + ids of each prompt; with `chat`, each prompt is a user turn followed by the assistant header."""
+    if chat:
+        turn = lambda p: [{"role": "user", "content": p}]
+        return [encode_chat(tokenizer, turn(p), add_generation_prompt=True)[0] for p in prompts]
+    bos = tokenizer.token_to_id(BOS)
+    return [[bos] + tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]

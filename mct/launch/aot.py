@@ -1,0 +1,367 @@
+"""Compile the train step ahead of time for a Cloud TPU slice, on any machine: does it fit, and what it costs.
+
+python -m mct.aot --config experiments/configs/minicpm4_8b.py --topology v5p-128 [--num_slices N] [--json]
+                  [--config.mesh.fsdp=... any other override]
+
+`mct.train.trainer.build` runs on the abstract devices of the named slice (libtpu describes them; no TPU needed),
+then the real TPU compiler compiles `Built.step_fn` for the abstract state and a batch of ShapeDtypeStructs.
+Printed per device: the compiler's argument / output / temporary bytes against the chip's HBM, the compile
+time, and XLA's FLOP count next to mct.model.flops'. Exit 0 when it fits; 3 and one line `does not fit: ...` when
+it does not; 2 and one line `error: ...` for bad input or a compiler rejection (a kernel's name and shape).
+"""
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
+from mct.config.run import Config
+from mct.errors import CompileError, ConfigError, UserError
+from mct.model import flops
+from mct.train.trainer import Built, build
+
+GiB = 2**30
+
+
+FIT_EXIT = 3
+
+
+class Generation(NamedTuple):
+    """One TPU generation: jax's topology prefix, HBM per chip, and its GCP sizes."""
+
+    prefix: str  # jax topology names are "<prefix>:<topology>", e.g. "v5p:4x4x4"
+    hbm_gib: int
+    chip_config: str  # libtpu's: "megacore" = one device per two-TensorCore chip (v4, v5p)
+    topologies: dict[int, str]  # the number in the GCP name -> chips along each torus axis
+
+
+_CUBES = {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8", 512: "4x8x8",
+          1024: "8x8x8", 2048: "8x8x16", 4096: "8x16x16"}  # fmt: skip
+
+
+_PLANES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+GENERATIONS = {
+    "v4": Generation("v4", 32, "megacore", _CUBES),
+    "v5p": Generation("v5p", 95, "megacore", _CUBES),
+    "v5e": Generation("v5e", 16, "default", _PLANES),
+    "v5litepod": Generation("v5e", 16, "default", _PLANES),  # v5e's other GCP name
+    "v6e": Generation("v6e", 32, "default", _PLANES),
+}
+
+
+class Accelerator(NamedTuple):
+    """A Cloud TPU accelerator type (one slice), e.g. v5p-128: 64 chips in a 4x4x4 torus."""
+
+    name: str
+    generation: Generation
+    topology: str
+
+    @property
+    def chips(self) -> int:
+        return math.prod(int(n) for n in self.topology.split("x"))
+
+    @property
+    def host_bounds(self) -> tuple[int, int, int]:
+        """Chips per host: 4 in a 2x2 block, except the one-host v5e/v6e-8 (2x4) and -1 (1x1)."""
+        return {"1x1": (1, 1, 1), "2x4": (2, 4, 1)}.get(self.topology, (2, 2, 1))
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.generation.hbm_gib * GiB
+
+
+def known_accelerators() -> list[str]:
+    return [f"{name}-{n}" for name, g in GENERATIONS.items() for n in g.topologies]
+
+
+def accelerator(name: str) -> Accelerator:
+    """The accelerator type of a GCP name (v4-*, v5p-*, v5e-* / v5litepod-*, v6e-*); UserError lists the known."""
+    generation, _, size = name.partition("-")
+    g = GENERATIONS.get(generation)
+    if g is None or not size.isdigit() or int(size) not in g.topologies:
+        raise UserError(f"unknown --topology {name!r}; known: {', '.join(known_accelerators())}")
+    return Accelerator(name, g, g.topologies[int(size)])
+
+
+def topology_devices(acc: Accelerator, num_slices: int = 1) -> list:
+    """The abstract devices of `num_slices` slices of `acc` (libtpu's topology description; no TPU needed)."""
+    # Read by libtpu when it first loads: with them a machine without TPUs skips the metadata queries and
+    # the one-process lock (/tmp/libtpu_lockfile) and logs nothing.
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+                       ("TPU_ACCELERATOR_TYPE", acc.name), ("TPU_WORKER_HOSTNAMES", "localhost")):  # fmt: skip
+        os.environ.setdefault(key, value)
+    try:
+        topology = topologies.get_topology_desc(
+            platform="tpu", topology_name=f"{acc.generation.prefix}:{acc.topology}",
+            chip_config_name=acc.generation.chip_config, chips_per_host_bounds=acc.host_bounds,
+            num_slices=num_slices,
+        )  # fmt: skip
+    except Exception as e:  # libtpu missing or unloadable: jax raises RuntimeError / JaxRuntimeError
+        raise UserError(f"cannot describe {acc.name} through libtpu: {first_line(str(e))}") from None
+    return list(topology.devices)
+
+
+def for_tpu(config: Config) -> Config:
+    """The config as a TPU run resolves it: compute_dtype "auto" is bfloat16 there (this process is on CPU)."""
+    if config.model.compute_dtype != "auto":
+        return config
+    return config.replace(model=dataclasses.replace(config.model, compute_dtype="bfloat16"))
+
+
+def build_for(config: Config, acc: Accelerator, num_slices: int) -> Built:
+    """`build` on the slices' devices; a mesh that does not tile them names both."""
+    devices = topology_devices(acc, num_slices)
+    try:
+        config.mesh.shape(len(devices))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (topology {describe(acc, num_slices)})") from None
+    return build(for_tpu(config), devices)
+
+
+def describe(acc: Accelerator, num_slices: int) -> str:
+    slices = f"{num_slices} slices of " if num_slices > 1 else ""
+    return f"{slices}{acc.name}: {acc.chips} chips, {acc.topology}, {acc.generation.hbm_gib} GiB HBM each"
+
+
+def abstract_batch(built: Built) -> dict:
+    """ShapeDtypeStructs of one global batch as data_pipelines.loader makes it: [train.batch_size, seq_len]."""
+    shape = (built.config.train.batch_size, built.config.data.seq_len)
+    leaf = lambda dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=built.batch_sharding)
+    keys = ("tokens", "targets", "segment_ids", "positions")
+    return {**{k: leaf(jnp.int32) for k in keys}, "loss_mask": leaf(jnp.float32)}
+
+
+class OutOfMemory(Exception):
+    """The TPU compiler's own verdict that the step exceeds HBM: bytes per device it needs (at least)."""
+
+    def __init__(self, needs: float, capacity: float):
+        super().__init__(f"needs {needs} of {capacity} bytes")
+        self.needs, self.capacity = needs, capacity
+
+
+def compile_step(built: Built):
+    """(compiled step, seconds to trace, lower and compile it) for `built`'s abstract state and batch."""
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    start = time.perf_counter()
+    with jax.set_mesh(built.mesh):
+        traced = built.step_fn.trace(built.abstract_state, abstract_batch(built), step)
+    try:
+        compiled = traced.lower().compile()
+    except Exception as e:  # the compiler raises JaxRuntimeError, Pallas' lowering ValueError and others
+        raise compile_failure(e, built, traced.jaxpr.jaxpr) from None
+    return compiled, time.perf_counter() - start
+
+
+_SIZE = r"([\d.]+)([KMGT])"
+
+
+_HBM_USED = re.compile(rf"Used {_SIZE} of {_SIZE} hbm")  # the whole program
+
+
+_HBM_TEMPS = re.compile(rf"HLO temporaries \({_SIZE}\) exceeds available HBM \({_SIZE}\)")  # arguments apart
+
+
+def compile_failure(e: Exception, built: Built, jaxpr) -> Exception:
+    """OutOfMemory for the compiler's HBM verdict; else a one-line CompileError, naming the Pallas kernel that
+    the compiler rejects on its own when there is one."""
+    text = str(e)
+    unit = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    size = lambda m, i: float(m[i]) * unit[m[i + 1]]
+    if m := _HBM_USED.search(text):
+        return OutOfMemory(size(m, 1), size(m, 3))
+    if m := _HBM_TEMPS.search(text):
+        arguments = shard_bytes(built.abstract_state) + shard_bytes(abstract_batch(built))
+        return OutOfMemory(arguments + size(m, 1), size(m, 3))
+    for kernel in pallas_kernels(jaxpr):
+        error = kernel_error(kernel, built.mesh.devices.flat[0])
+        if error:
+            return CompileError(f"the TPU compiler rejected Pallas kernel {error}")
+    return CompileError(f"the TPU compiler rejected the train step: {first_line(text)}")
+
+
+def pallas_kernels(jaxpr) -> list:
+    """The distinct pallas_call equations of a jaxpr, nested ones (shard_map, scan, custom_vjp) included."""
+    found = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.setdefault((kernel_name(eqn), *(v.aval for v in eqn.invars)), eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found.update({(kernel_name(k), *(v.aval for v in k.invars)): k for k in pallas_kernels(sub)})
+    return list(found.values())
+
+
+def kernel_name(eqn) -> str:
+    """A pallas_call's name: its `name` parameter, else the kernel function's."""
+    return eqn.params.get("name") or eqn.params["jaxpr"].debug_info.func_name
+
+
+def kernel_error(eqn, device) -> str:
+    """`name(operand shapes): first error line` when this pallas_call fails to compile on its own, else ""."""
+    one = jax.sharding.SingleDeviceSharding(device)
+    args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, sharding=one) for v in eqn.invars]
+    try:
+        jax.jit(lambda *xs: eqn.primitive.bind(*xs, **eqn.params)).lower(*args).compile()
+    except Exception as e:
+        shapes = ", ".join(v.aval.str_short() for v in eqn.invars)
+        return f"{kernel_name(eqn)}({shapes}): {first_line(str(e))}"
+    return ""
+
+
+def first_line(text: str) -> str:
+    """The first line that says something (a compiler dump starts with blank and bookkeeping lines)."""
+    lines = [line.strip() for line in text.splitlines()]
+    return next((line for line in lines if line and not line.startswith(("Traceback", "---", "==="))), text)
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    leaves = jax.tree.leaves(tree)
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+
+
+def memory(compiled, built: Built) -> dict[str, int]:
+    """Bytes per device: the compiler's (arguments, outputs, aliased, temporaries, code) and our split of the
+    arguments. The step donates the state, so its outputs reuse the arguments' buffers: total = arguments +
+    outputs - aliased + temporaries + code, what the device holds while the step runs."""
+    m = compiled.memory_analysis()
+    state = built.abstract_state
+    mem = {
+        "params": shard_bytes(state["params"]),
+        "optimizer": shard_bytes(state["opt_state"]),
+        "batch": shard_bytes(abstract_batch(built)),
+        "arguments": m.argument_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+        "code": m.generated_code_size_in_bytes,
+    }
+    mem["total"] = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["code"]
+    return mem
+
+
+def step_flops(compiled, config: Config, n_devices: int) -> tuple[float, float]:
+    """(XLA's FLOPs per device for one step, mct.model.flops' analytic count per device). XLA counts a loop body
+    (scan_layers, grad_accum, the chunked loss) once, and counts remat's recomputed forward; mct.model.flops counts
+    6 x matmul params + causal attention per token."""
+    cost = compiled.cost_analysis()
+    tokens = config.train.batch_size * config.data.seq_len
+    analytic = flops.train_flops_per_token(config.model, config.data.seq_len) * tokens / n_devices
+    return float(cost.get("flops", float("nan"))), analytic
+
+
+def advice(parts: dict[str, float], config: Config, budget: float) -> str:
+    """The biggest consumer of `parts` (bytes per device) and what would shrink it under `budget` bytes."""
+    biggest = max(parts, key=parts.get)
+    tips = []
+    if biggest == "activations and temporaries":
+        if config.model.remat != "full":
+            tips.append("--config.model.remat=full")
+        room = budget - parts["parameters"] - parts["optimizer state"]
+        if room > 0:  # activations shrink with the micro-batch: about temporaries / room more micro-batches
+            accum = config.train.grad_accum * 2 ** max(1, math.ceil(math.log2(parts[biggest] / room)))
+            if config.train.batch_size % accum == 0:
+                tips.append(f"--config.train.grad_accum={accum}")
+    elif config.mesh.data != 1:
+        tips.append("more fsdp (--config.mesh.data=1 --config.mesh.fsdp=-1)")
+    tips.append("a larger slice")
+    return f"biggest: {biggest} {parts[biggest] / GiB:.2f} GiB; try {', or '.join(tips)}"
+
+
+def analyze(config: Config, acc: Accelerator, num_slices: int = 1) -> dict:
+    """Compiles `config`'s train step for `num_slices` slices of `acc`; the JSON report (bytes per device)."""
+    built = build_for(config, acc, num_slices)
+    report = {
+        "topology": acc.name, "num_slices": num_slices, "chips": acc.chips * num_slices,
+        "mesh": {a: n for a, n in built.mesh.shape.items() if a != "expert" or n > 1},  # expert: MoE only
+        "hbm_per_device": acc.hbm_bytes,
+    }  # fmt: skip
+    start = time.perf_counter()
+    try:
+        compiled, report["compile_s"] = compile_step(built)
+    except OutOfMemory as oom:  # the compiler's verdict, against its own (slightly smaller) usable HBM
+        parts = {"parameters": shard_bytes(built.abstract_state["params"]),
+                 "optimizer state": shard_bytes(built.abstract_state["opt_state"])}  # fmt: skip
+        parts["activations and temporaries"] = oom.needs - sum(parts.values())
+        note = f"the compiler's verdict: {oom.capacity / GiB:.2f} GiB usable; "
+        note += advice(parts, built.config, oom.capacity)
+        return {**report, "compile_s": time.perf_counter() - start, "fits": False,
+                "bytes_per_device": int(oom.needs), "flops_per_step": None, "note": note}  # fmt: skip
+    mem = memory(compiled, built)
+    xla, analytic = step_flops(compiled, built.config, built.mesh.devices.size)
+    parts = {"parameters": mem["params"], "optimizer state": mem["optimizer"], "batch": mem["batch"],
+             "activations and temporaries": mem["temporaries"]}  # fmt: skip
+    return {
+        **report, "fits": mem["total"] <= acc.hbm_bytes, "bytes_per_device": mem["total"], "memory": mem,
+        "flops_per_step": xla, "analytic_flops_per_step": analytic, "xla_loops": loops(built.config),
+        "dot_operand_types": dot_operand_types(compiled.as_text()),
+        "note": advice(parts, built.config, acc.hbm_bytes),
+    }  # fmt: skip
+
+
+_DEF = re.compile(r"(%[\w.-]+) = (\w+)\[")  # an instruction's name and element type
+
+
+_DOT = re.compile(r"= (\w+)\[[^\]]*\]\S* (?:dot|convolution)\(([^)]*)\)")
+
+
+_OPERAND = re.compile(r"(?:(\w+)\[[^\]]*\]\S* )?(%[\w.-]+)")  # typed (CPU/GPU text) or bare (TPU)
+
+
+def dot_operand_types(hlo: str) -> dict[str, int]:
+    """How many dots (and convolutions) of the compiled HLO have each "lhs x rhs -> out" element type: shows
+    whether model.fp8's matmuls stay f8e4m3fn on the chip or were widened by the compiler."""
+    types = dict(_DEF.findall(hlo))
+    counts: dict[str, int] = {}
+    for out, args in _DOT.findall(hlo):
+        operands = [kind or types.get(name, "?") for kind, name in _OPERAND.findall(args)][:2]
+        key = f"{' x '.join(operands)} -> {out}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def loops(config: Config) -> dict[str, int]:
+    """The step's loops whose body XLA's cost analysis counts once: name -> trip count."""
+    m, seq = config.model, config.data.seq_len
+    trips = {"layers (scan_layers)": m.n_layers if m.scan_layers else 1,
+             "micro-batches (grad_accum)": config.train.grad_accum,
+             "loss chunks (loss_chunk)": seq // m.loss_chunk if 0 < m.loss_chunk < seq else 1}  # fmt: skip
+    return {name: n for name, n in trips.items() if n > 1}
+
+
+def describe_report(r: dict) -> list[str]:
+    """The human-readable lines of a report."""
+    gib = lambda n: f"{n / GiB:.2f} GiB"
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    slices = f" x {r['num_slices']} slices" if r["num_slices"] > 1 else ""
+    lines = [f"{r['topology']}{slices} ({r['chips']} chips), mesh {mesh}: traced, lowered and compiled in "
+             f"{r['compile_s']:.1f} s"]  # fmt: skip
+    if "memory" in r:
+        m = r["memory"]
+        once = ", ".join(f"1 of {n} {name}" for name, n in r["xla_loops"].items()) or "no loops"
+        lines += [
+            f"per device: arguments {gib(m['arguments'])} (unpadded: params {gib(m['params'])}, "
+            f"optimizer {gib(m['optimizer'])}, batch {gib(m['batch'])})",
+            f"  outputs {gib(m['outputs'])}, {gib(m['aliased'])} of them in the donated arguments' buffers",
+            f"  temporaries (activations, gradients, update) {gib(m['temporaries'])}, code {gib(m['code'])}",
+            f"  total = arguments + outputs - aliased + temporaries + code = {gib(m['total'])}",
+            f"FLOPs per step per device: XLA {r['flops_per_step']:.4g} (counting {once}), "
+            f"mct.model.flops {r['analytic_flops_per_step']:.4g}",
+            "dots by element type: " + ", ".join(f"{k}: {n}" for k, n in r["dot_operand_types"].items()),
+        ]
+    need, hbm = r["bytes_per_device"], r["hbm_per_device"]
+    verdict = f"fits, headroom {gib(hbm - need)}" if r["fits"] else "does not fit"
+    lines.append(f"needs {gib(need)} of {gib(hbm)} HBM per device: {verdict}")
+    return lines
+
+
+def not_fit_line(r: dict) -> str:
+    return (f"does not fit: needs {r['bytes_per_device'] / GiB:.2f} GiB per device of "
+            f"{r['hbm_per_device'] / GiB:.2f} GiB ({r['note']})")  # fmt: skip

@@ -1,0 +1,232 @@
+"""Orbax checkpoints of a run: train state (sharded arrays), data-iterator state and run metadata.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. Only committed steps are listed and restored;
+a save interrupted by a kill leaves a tmp directory that orbax ignores. Saves are async by default; a save
+that fails (e.g. on a full disk) has its tmp directory removed and raises CheckpointSaveError at the next
+check_saves, save or wait.
+"""
+
+import functools
+import logging
+import os
+import pathlib
+import re
+import shutil
+import threading
+import time
+
+import jax
+import orbax.checkpoint as ocp
+
+from mct.config.model import ModelConfig
+from mct.config.run import Config
+from mct.errors import CheckpointMissing, CheckpointSaveError, ConfigError
+
+log = logging.getLogger(__name__)
+COMMIT_MARKER = "commit_success.txt"
+ITEMS = ("state", "data", "meta")
+# tensorstore puts the OS error in its message: "... No space left on device [os_error_code='28']"
+OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+# Model fields that must match for a checkpoint to be restored into a run (dotted: a nested field).
+SHAPE_KEYS = (
+    "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_mlp", "vocab_size", "tie_embeddings",
+    "moe.num_experts", "mtp.depth",
+)  # fmt: skip
+# What a checkpoint written before a key existed holds for it.
+_SIGNATURE_DEFAULTS = {"moe.num_experts": 0, "mtp.depth": 0}
+
+
+def model_signature(model_cfg: ModelConfig) -> dict:
+    """The shape fields a checkpoint records and a restore compares."""
+    return {k: functools.reduce(getattr, k.split("."), model_cfg) for k in SHAPE_KEYS}
+
+
+def run_meta(config: Config, step: int, **provenance) -> dict:
+    """The metadata every checkpoint of a run records: its config, model shape, data mixture, decay start
+    and step, plus where its weights came from (an import, an upcycle) when they did not come from training."""
+    as_dict = config.to_dict()
+    return {
+        "config": as_dict, "model_signature": model_signature(config.model),
+        "data_mixture": as_dict["data"]["mixture"], "decay_start": config.decay_start, "step": step,
+        **provenance,
+    }  # fmt: skip
+
+
+
+
+def root_cause(error: BaseException) -> str:
+    """One line on why `error` happened: the OS error's text where the exception chain holds one, else the
+    innermost exception's first line."""
+    chain = [error]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
+        chain.append(inner)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno:
+            return os.strerror(e.errno)
+        if match := OS_ERROR_CODE.search(str(e)):
+            return os.strerror(int(match.group(1)))
+    lines = str(chain[-1]).strip().splitlines()
+    return lines[0][:300] if lines else type(chain[-1]).__name__
+
+
+def _join_write_threads(timeout_s: float) -> None:
+    """Waits for orbax's write threads: a save fails at its first failed write while the others may still be
+    creating files in its tmp directory."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "_SignalingThread":  # orbax.checkpoint._src.futures.future
+            try:
+                thread.join(max(deadline - time.monotonic(), 0.0))
+            except Exception:  # noqa: BLE001 - orbax's join re-raises the thread's write error: already reported
+                pass
+
+
+class Checkpointer:
+    """A CheckpointManager over WORKDIR/checkpoints; read_only for a source run a branch starts from."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int | None = None, async_save: bool = True,
+                 read_only: bool = False):  # fmt: skip
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        if read_only and not self.directory.is_dir():
+            raise CheckpointMissing(f"no checkpoints directory in {workdir}")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            read_only=read_only,
+            create=not read_only,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
+        self._saving: int | None = None  # the step of the last save, until its success is known
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> None:
+        """Saves the step (in the background when async). Raises CheckpointSaveError if this save or the
+        previous one failed."""
+        self.wait()  # a failure of the previous save is reported with its own step
+        self._saving = step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=force,
+            )
+        except Exception as e:
+            self._saving = None
+            raise self._save_failed(step, e) from e
+
+    def check_saves(self) -> None:
+        """Raises CheckpointSaveError once the last save has failed; returns at once while it is still
+        running or when it succeeded, so the train loop can call it after every step."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def _save_failed(self, step: int, error: Exception) -> CheckpointSaveError:
+        """Removes the failed step's tmp directory; the error names the cause and the last good checkpoint."""
+        if jax.process_index() == 0:
+            _join_write_threads(timeout_s=60.0)
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.manager.reload()  # from disk: the failed save may have dropped steps max_to_keep would delete
+        good = self.latest_step()
+        return CheckpointSaveError(
+            f"checkpoint save at step {step} failed: {root_cause(error)} in {self.directory}; "
+            f"last good checkpoint: {'none' if good is None else f'step {good}'}"
+        )
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def read_data_state(self, step: int) -> dict | None:
+        """The data-iterator state saved with `step` (None for a step-0 import, which has none)."""
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
+    def restore(self, step: int, abstract_state) -> tuple[dict, dict, dict]:
+        """Restores (state, data_state, meta) onto the shardings given by `abstract_state`'s leaves."""
+        if step not in self.all_steps():
+            raise FileNotFoundError(
+                f"checkpoint step {step} not found in {self.directory}; have {self.all_steps()}"
+            )
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return out["state"], out["data"], out["meta"]
+
+    def check_compatible(self, step: int, model_cfg: ModelConfig) -> dict:
+        """Raises ConfigError naming the differing fields when the checkpoint holds another model shape."""
+        meta = self.read_meta(step)
+        saved, wanted = {**_SIGNATURE_DEFAULTS, **meta["model_signature"]}, model_signature(model_cfg)
+        diff = {k: (saved.get(k), wanted[k]) for k in wanted if saved.get(k) != wanted[k]}
+        if diff:
+            details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+            raise ConfigError(
+                f"{self.directory} holds a checkpoint (step {step}) of an incompatible model ({details}); "
+                "use a new workdir or the matching config"
+            )
+        return meta
+
+    def is_complete(self, step: int) -> bool:
+        """Every commit marker of the step is present (a copied or half-deleted checkpoint lacks some)."""
+        step_dir = self.directory / str(step)
+        return all((d / COMMIT_MARKER).is_file() for d in (step_dir, *(step_dir / item for item in ITEMS)))
+
+    def restore_latest(self, abstract_state, model_cfg: ModelConfig):
+        """(step, state, data_state) of the newest checkpoint that restores, or None when there is none.
+
+        An incomplete or unreadable checkpoint is moved aside to STEP.corrupt-TIME (never deleted) with a
+        warning, and the previous one is tried; if none is left, the error says so. An incompatible model
+        is a ConfigError, not corruption.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                if not self.is_complete(step):
+                    raise FileNotFoundError(f"missing {COMMIT_MARKER}")
+                self.check_compatible(step, model_cfg)
+                state, data_state, _ = self.restore(step, abstract_state)
+                return step, state, data_state
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint is unusable
+                aside = self.directory / f"{step}.corrupt-{int(time.time())}"
+                log.warning("checkpoint %s/%d is unreadable (%s); moved to %s, trying the previous one",
+                            self.directory, step, str(e).splitlines()[0][:200], aside.name)  # fmt: skip
+                if jax.process_index() == 0:
+                    (self.directory / str(step)).rename(aside)
+                self.manager.reload()
+        if steps:
+            raise CheckpointMissing(f"no readable checkpoint left in {self.directory} (tried steps {steps})")
+        return None
+
+    def wait(self) -> None:
+        """Blocks until the last save is committed; raises CheckpointSaveError if it failed."""
+        step, self._saving = self._saving, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(step, e) from e
+
+    def close(self) -> None:
+        """Waits for the last save (raising CheckpointSaveError if it failed) and closes the manager."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+

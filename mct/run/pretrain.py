@@ -1,0 +1,246 @@
+"""One pre-training run in a workdir: resume (or branch, or start fresh), data, hooks, the loop, the last save.
+
+The workdir's latest committed checkpoint wins; else a decay branch restores the stable-phase checkpoint of
+another run (MiniCPM paper section 4.2: decay branches); else post-training's init_from params (fresh
+optimizer state); else the state is initialised. The workdir is locked for the run, metrics past the restored
+step are dropped, and SIGTERM (the `stop` event) saves and returns. `RunData` says where batches come from
+(post-training supplies its own), the objective what the step minimises.
+"""
+
+import contextlib
+import logging
+import pathlib
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+
+import jax
+from tqdm import tqdm
+
+from data_pipelines.loader import (
+    dataset_dir,
+    load_tokenizer,
+    make_eval_batches,
+    make_train_iterator,
+    merge_states,
+)
+from data_pipelines.prefetch import prefetch
+from data_pipelines.tokenizer import BOS, EOS, special_token_ids
+from mct.config.run import Config
+from mct.errors import ConfigError, WorkdirLocked
+from mct.parallel.distributed import gather_json, global_batch
+from mct.run.checkpoint import Checkpointer, run_meta
+from mct.run.init_from import continued_data_state, init_from_state
+from mct.run.lock import WorkdirLock
+from mct.run.scalingbench import make_scalingbench_batches
+from mct.train.hooks import Evaluator, MetricsLog, profile_hook
+from mct.train.metrics import MetricsWriter, logged_metrics
+from mct.train.step import Objective, next_token_objective
+from mct.train.trainer import Built, Trainer, build
+
+log = logging.getLogger("mct.train")
+
+
+def restore_branch_source(built: Built) -> tuple[dict, dict | None]:
+    """(state, data_state) from the stable-phase checkpoint a decay branch starts from; never writes there."""
+    s = built.config.schedule
+    source = Checkpointer(s.branch_from, read_only=True)
+    if s.branch_step not in source.all_steps():
+        raise ConfigError(
+            f"config schedule.branch_step={s.branch_step}: no committed checkpoint at that step in "
+            f"{s.branch_from} (have {source.all_steps()})"
+        )
+    meta = source.check_compatible(s.branch_step, built.config.model)
+    if s.branch_step > meta["decay_start"]:  # at decay_start itself the lr is still the stable one
+        raise ConfigError(
+            f"config schedule.branch_step={s.branch_step} is in the decay phase of {s.branch_from} (decay starts "
+            f"at step {meta['decay_start']}); a branch must start from a stable-phase checkpoint"
+        )
+    state, data_state, _ = source.restore(s.branch_step, built.abstract_state)
+    source.close()
+    if meta["data_mixture"] != built.config.to_dict()["data"]["mixture"]:
+        log.info("decay branch switches the data mixture: kept components continue where the source stopped")
+    return state, data_state
+
+
+def initial_state(built: Built, ckpt: Checkpointer) -> tuple[int, dict, dict | None]:
+    """(start step, state, data state): the latest committed checkpoint, a branch's source, or a fresh state."""
+    config = built.config
+    restored = ckpt.restore_latest(built.abstract_state, config.model)
+    if restored is not None:
+        log.info("resumed from %s step %d", ckpt.directory, restored[0])
+        return restored
+    aside = sorted(p.name for p in ckpt.directory.glob("*.corrupt-*"))
+    if aside and not config.checkpoint.allow_fresh_start:
+        raise ConfigError(
+            f"every checkpoint in {ckpt.directory} was unreadable and moved aside ({', '.join(aside)}); "
+            "restore one, or start again from step 0 with --config.checkpoint.allow_fresh_start=true"
+        )
+    if config.schedule.branch_from:
+        state, data_state = restore_branch_source(built)
+        log.info("decay branch from %s step %d", config.schedule.branch_from, config.schedule.branch_step)
+        return config.schedule.branch_step, state, data_state
+    if config.init_from:
+        data_state = continued_data_state(config.init_from, config)
+        log.info("starting from the params of %s (fresh optimizer state, %s)", config.init_from,
+                 "its data stream continued" if data_state else "data from the start")  # fmt: skip
+        return 0, init_from_state(config.init_from, built), data_state
+    return 0, built.init_state(config.seed), None
+
+
+def first_dataset(config: Config) -> pathlib.Path:
+    """The prepared directory of the mixture's first dataset (whose tokenizer the run uses)."""
+    first = next(iter(config.data.mixture.values()))
+    return dataset_dir(first.path, cache_dir=config.data.cache_dir, vocab_size=config.data.vocab_size)
+
+
+def make_eval_sets(built: Built) -> dict[str, list]:
+    """Global eval batches by metric name: the held-out split, and ScalingBench when eval.scalingbench is set."""
+    config, sharding = built.config, built.batch_sharding
+    pid, nproc = jax.process_index(), jax.process_count()
+    local_batch = config.train.batch_size // nproc
+    held_out = make_eval_batches(
+        config.data, batch_size=local_batch, num_batches=config.data.eval_batches,
+        process_index=pid, process_count=nproc, model_vocab_size=config.model.vocab_size,
+    )  # fmt: skip
+    eval_sets = {"eval_loss": [global_batch(b, sharding) for b in held_out]}
+    if config.eval.scalingbench:
+        tokenizer = load_tokenizer(first_dataset(config))
+        ids = special_token_ids(tokenizer)
+        path = None if config.eval.scalingbench == "default" else config.eval.scalingbench
+        batches = make_scalingbench_batches(
+            tokenizer, seq_len=config.data.seq_len, batch_size=config.train.batch_size, path=path,
+            bos_id=ids[BOS], eos_id=ids[EOS],
+        )  # fmt: skip
+        rows = slice(pid * local_batch, (pid + 1) * local_batch)
+        eval_sets["scalingbench_loss"] = [
+            global_batch({k: v[rows] for k, v in b.items()}, sharding) for b in batches
+        ]
+    return eval_sets
+
+
+def check_workdir(workdir: str) -> None:
+    """The workdir is named and writable (created if missing), before anything compiles."""
+    if not workdir:
+        raise ConfigError("config workdir is empty: pass --config.workdir=DIR")
+    try:
+        pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=workdir).close()
+    except OSError as e:
+        raise ConfigError(f"config workdir={workdir} is not writable: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def job_lock(workdir: str):
+    """The workdir's lock, held by process 0 for the whole job; every process learns whether it was refused
+    (so a refused multi-process job ends at once instead of waiting at its first collective)."""
+    lock = WorkdirLock(workdir, enabled=jax.process_index() == 0)
+    refusal = None
+    try:
+        lock.acquire()
+    except WorkdirLocked as e:
+        refusal = str(e)
+    if refusal := next((r for r in gather_json(refusal) if r), None):
+        raise WorkdirLocked(refusal)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class RunData:
+    """Where a run's batches come from: pre-training's mixture here; post-training (mct.sft, mct.dpo) overrides
+    the methods it needs."""
+
+    def train_batches(self, built: Built, state: dict | None):
+        """This process's train iterator (get_state() -> JSON), resumed from `state` when given."""
+        config = built.config
+        return make_train_iterator(
+            config.data, batch_size=config.train.batch_size // jax.process_count(), process_index=jax.process_index(),
+            process_count=jax.process_count(), model_vocab_size=config.model.vocab_size, state=state,
+        )  # fmt: skip
+
+    def eval_sets(self, built: Built) -> dict[str, list]:
+        return make_eval_sets(built)
+
+    def merge(self, states: list[dict]) -> dict:
+        """One state from every process's get_state() (what checkpoints hold)."""
+        return merge_states(states)
+
+    def prepare(self, built: Built) -> Built:
+        """The Built the loop steps (e.g. DPO adds the reference log-probs to each batch)."""
+        return built
+
+
+def train(config: Config, devices: list | None = None, stop: threading.Event | None = None, *,
+          objective: Objective = next_token_objective, data: RunData | None = None) -> dict:  # fmt: skip
+    """Runs (or resumes) training to train.steps on `devices` (default: all), minimising `objective` over
+    `data`'s batches (default: pre-training); returns the last logged metrics and eval losses."""
+    check_workdir(config.workdir)
+    built = build(config, devices, objective)
+    config = built.config
+    with job_lock(config.workdir):
+        ckpt = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep,
+                            async_save=config.checkpoint.async_save)  # fmt: skip
+        try:
+            return _run(built, ckpt, stop or threading.Event(), data or RunData())
+        finally:
+            ckpt.close()
+
+
+def keep_tokenizer(config: Config) -> None:
+    """Copies the run's tokenizer.json into the workdir (process 0), so export and generate need no dataset."""
+    target = pathlib.Path(config.workdir) / "tokenizer.json"
+    if jax.process_index() == 0 and not target.exists():
+        shutil.copyfile(first_dataset(config) / "tokenizer.json", target)
+
+
+def add_hooks(trainer: Trainer, config: Config, start: int, bar: tqdm, ckpt: Checkpointer, metrics: MetricsLog,
+              evaluate: Callable, save: Callable) -> None:  # fmt: skip
+    """The pre-training hooks: progress, save-failure check, metrics, eval, checkpoints, tokenizer, profiler."""
+    steps = config.train.steps
+    trainer.add_hook(lambda info: bar.update(info.step - bar.n), every=1)
+    trainer.add_hook(lambda _: ckpt.check_saves(), every=1)  # a failed async save stops the run at once
+    trainer.add_hook(lambda _: keep_tokenizer(config), at=[start + 1])
+    trainer.add_hook(metrics, every=config.train.log_every_steps, at=[steps])
+    trainer.add_hook(evaluate, every=config.eval.every_steps, at=[steps], needs_state=True)
+    save_hook = lambda info: save(info.step, info.state)
+    trainer.add_hook(save_hook, every=config.checkpoint.every_steps, at=[steps], needs_state=True)
+    if config.profile.steps:
+        first, last = config.profile.steps
+        trainer.add_hook(profile_hook(config.workdir, first, last), at=[first, last], needs_state=True)
+
+
+def _run(built: Built, ckpt: Checkpointer, stop: threading.Event, data: RunData) -> dict:
+    """The loop of one locked workdir, with its hooks; the final (or SIGTERM) save."""
+    config, pid, steps = built.config, jax.process_index(), built.config.train.steps
+    start, state, data_state = initial_state(built, ckpt)
+    batches = prefetch(data.train_batches(built, data_state), config.data.prefetch)
+    evaluate = Evaluator(built.eval_fn, data.eval_sets(built))
+    built = data.prepare(built)
+
+    def save(step: int, state: dict, force: bool = False) -> None:
+        ckpt.save(step, state, data.merge(gather_json(batches.get_state())), run_meta(config, step), force=force)
+
+    writer = MetricsWriter(config.workdir, enabled=pid == 0, resume_step=start)
+    bar = tqdm(total=steps, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
+    trainer = Trainer(built, stop)
+    trainer.last_good_step = lambda: f"{ckpt.latest_step()} in {ckpt.directory}"
+    metrics = MetricsLog(config, writer, bar, start, len(built.mesh.devices.flat))
+    add_hooks(trainer, config, start, bar, ckpt, metrics, evaluate.hook(writer, bar, metrics.last), save)
+    try:
+        state, step = trainer.run(state, batches, start, steps)
+        if stop.is_set() and step not in ckpt.all_steps():
+            log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
+            save(step, state, force=True)
+    finally:
+        getattr(batches, "close", lambda: None)()  # the prefetch thread
+        ckpt.wait()
+        bar.close()
+        writer.close()
+    result = metrics.last
+    if start >= steps:  # resumed a finished run (e.g. a sweep trial re-queued after its worker died)
+        result.update({k: v for k, v in logged_metrics(config.workdir).items() if k != "step"})
+        result.update(evaluate(state["params"]), step=steps)
+    return result | {"nonfinite_steps": trainer.nonfinite_total, "preempted": stop.is_set()}
