@@ -106,10 +106,10 @@ def test_analytic_flops_match_xla_on_the_tiny_config():
 
 @needs_libtpu
 def test_infllm_v2_mosaic_kernels_compile_past_dense_len():
-    built = aot.build_for(config(SPARSE), aot.accelerator("v5e-4"), 1)
+    setup = aot.build_for(config(SPARSE), aot.accelerator("v5e-4"), 1)
     step = jax.ShapeDtypeStruct((), np.int32)
-    with jax.set_mesh(built.mesh):
-        traced = built.step_fn.trace(built.abstract_state, aot.abstract_batch(built), step)
+    with jax.set_mesh(setup.mesh):
+        traced = setup.step_fn.trace(setup.abstract_state, aot.abstract_batch(setup), step)
     names = {aot.kernel_name(k) for k in aot.pallas_kernels(traced.jaxpr.jaxpr)}
     assert {"infllm_v2_sparse_fwd", "infllm_v2_sparse_bwd"} <= names  # the sparse path, not dense attention
     assert aot.analyze(config(SPARSE), aot.accelerator("v5e-4"))["fits"]
@@ -118,8 +118,8 @@ def test_infllm_v2_mosaic_kernels_compile_past_dense_len():
 @needs_libtpu
 def test_two_slices_put_the_data_axis_across_them():
     two = {**TINY, "mesh.data": 2}
-    built = aot.build_for(config(two), aot.accelerator("v5e-4"), 2)
-    slices = np.vectorize(lambda d: d.slice_index)(built.mesh.devices)  # [data, fsdp, tensor]
+    setup = aot.build_for(config(two), aot.accelerator("v5e-4"), 2)
+    slices = np.vectorize(lambda d: d.slice_index)(setup.mesh.devices)  # [data, fsdp, tensor]
     assert (slices[0] == 0).all() and (slices[1] == 1).all()
     r = aot.analyze(config(two), aot.accelerator("v5e-4"), num_slices=2)
     assert r["fits"] and r["chips"] == 8 and r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}

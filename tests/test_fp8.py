@@ -99,10 +99,10 @@ def _losses(fp8: bool, steps: int = 50) -> np.ndarray:
         "data": {"seq_len": 32}, "train": {"batch_size": 4, "steps": steps},
         "optimizer": {"lr": 0.003}, "schedule": {"warmup_steps": 5, "decay_steps": 0}, "mesh": {"data": 1},
     })  # fmt: skip
-    built = build(cfg, jax.devices()[:1])
+    setup = build(cfg, jax.devices()[:1])
     rng = np.random.default_rng(0)
-    state, losses = built.init_state(0), []
-    with jax.set_mesh(built.mesh):
+    state, losses = setup.init_state(0), []
+    with jax.set_mesh(setup.mesh):
         for i in range(steps):
             seq = np.zeros((4, 33), np.int64)  # a Markov chain: x_{t+1} = 7 x_t + u mod 64, u uniform in 0..3
             seq[:, 0] = rng.integers(0, 64, 4)
@@ -113,7 +113,7 @@ def _losses(fp8: bool, steps: int = 50) -> np.ndarray:
                 "segment_ids": jnp.ones((4, 32), jnp.int32), "positions": jnp.tile(jnp.arange(32), (4, 1)),
                 "loss_mask": jnp.ones((4, 32), jnp.float32),
             }  # fmt: skip
-            state, metrics = built.step_fn(state, batch, jnp.int32(i))
+            state, metrics = setup.step_fn(state, batch, jnp.int32(i))
             losses.append(float(metrics["loss"]))
     return np.array(losses)
 

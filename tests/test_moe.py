@@ -109,17 +109,17 @@ def _step_metrics(devices, mesh: dict) -> dict:
                   "moe": {"num_experts": 4, "capacity_factor": 1.25}},
         "data": {"seq_len": 16}, "train": {"batch_size": 8, "steps": 2}, "mesh": mesh,
     })  # fmt: skip
-    built = build(cfg, devices)
+    setup = build(cfg, devices)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 97, (8, 17))
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((8, 16), np.int32),
              "positions": np.tile(np.arange(16), (8, 1)), "loss_mask": np.ones((8, 16), np.float32)}  # fmt: skip
     batch = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, a.dtype if a.dtype != np.int64 else jnp.int32), batch),
-                           built.batch_sharding)  # fmt: skip
-    spec = built.state_shardings["params"]["w_gate"].spec
-    with jax.set_mesh(built.mesh):
-        state, m1 = built.step_fn(built.init_state(0), batch, jnp.int32(0))
-        _, m2 = built.step_fn(state, batch, jnp.int32(1))
+                           setup.batch_sharding)  # fmt: skip
+    spec = setup.state_shardings["params"]["w_gate"].spec
+    with jax.set_mesh(setup.mesh):
+        state, m1 = setup.step_fn(setup.init_state(0), batch, jnp.int32(0))
+        _, m2 = setup.step_fn(state, batch, jnp.int32(1))
     return {"spec": spec, **{f"{k}_{i}": float(v) for i, m in enumerate((m1, m2)) for k, v in m.items()}}
 
 

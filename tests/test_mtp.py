@@ -93,12 +93,12 @@ def test_training_step_reports_both_losses():
                   "vocab_size": 64, "mtp": {"depth": 1}},
         "data": {"seq_len": 16}, "train": {"batch_size": 8, "steps": 4}, "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
     })  # fmt: skip
-    built = build(cfg, jax.devices()[:8])
+    setup = build(cfg, jax.devices()[:8])
     rng = np.random.default_rng(0)
     rows = [packed([rng.integers(0, 64, n) for n in (7, 10)], 16) for _ in range(8)]
-    batch = jax.device_put(as_batch(rows), built.batch_sharding)
-    with jax.set_mesh(built.mesh):
-        _, metrics = built.step_fn(built.init_state(0), batch, jnp.int32(0))
+    batch = jax.device_put(as_batch(rows), setup.batch_sharding)
+    with jax.set_mesh(setup.mesh):
+        _, metrics = setup.step_fn(setup.init_state(0), batch, jnp.int32(0))
     m = {k: float(v) for k, v in metrics.items()}
     assert m["ok"] and 0 < m["mtp_tokens"] < 1
     np.testing.assert_allclose(m["loss"], m["ntp_loss"] + 0.3 * m["mtp_loss"], rtol=1e-5)

@@ -30,7 +30,7 @@ from mct.parallel.distributed import global_batch
 from mct.posttrain.grpo import accepted_groups, group_advantages, grpo_objective, token_logprobs
 from mct.posttrain.rl import rl_config, training_rows
 from mct.posttrain.rollout import Trajectory, rollout_chunk
-from mct.train.trainer import Built, build
+from mct.train.trainer import TrainSetup, build
 
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed RL steps per variant.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", 4, "Untimed steps first (filling the replay buffer).")
@@ -61,18 +61,18 @@ def run_variant(config: Config, chunk_tokens: int) -> dict:
     """RL steps with at most chunk_tokens decoded per trajectory per step, run twice with the same seeds: the
     first pass compiles every shape the second (timed) pass meets."""
     r = config.rl
-    built = build(rl_config(config), jax.devices()[:1], objective=grpo_objective(
+    setup = build(rl_config(config), jax.devices()[:1], objective=grpo_objective(
         eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta))  # fmt: skip
-    run_steps(built, config, chunk_tokens)
-    return run_steps(built, config, chunk_tokens)
+    run_steps(setup, config, chunk_tokens)
+    return run_steps(setup, config, chunk_tokens)
 
 
-def run_steps(built: Built, config: Config, chunk_tokens: int) -> dict:
+def run_steps(setup: TrainSetup, config: Config, chunk_tokens: int) -> dict:
     """Warm-up steps (filling the buffer), then the timed ones; their mean times."""
     r = config.rl
-    state = built.init_state(0)
+    state = setup.init_state(0)
     ref_params = jax.tree.map(lambda x: x.copy(), state["params"])
-    ref_fn = jax.jit(lambda p, b: token_logprobs(built.model.bind(p), b))
+    ref_fn = jax.jit(lambda p, b: token_logprobs(setup.model.bind(p), b))
     rng = np.random.default_rng(0)  # the same prompts, lengths and rewards for both variants
     buffer: list[Trajectory] = []
     targets: dict[int, int] = {}  # id(trajectory) -> answer length
@@ -90,7 +90,7 @@ def run_steps(built: Built, config: Config, chunk_tokens: int) -> dict:
         active = [t for t in buffer if not t.finished]
         # the batch decodes in lockstep until its longest answer ends or the chunk is used up
         longest = max(targets[id(t)] - len(t.response) for t in active)
-        rollout_chunk(built.model.cfg, state["params"], active, chunk_tokens=min(chunk_tokens, longest),
+        rollout_chunk(setup.model.cfg, state["params"], active, chunk_tokens=min(chunk_tokens, longest),
                       max_response_tokens=r.max_response_tokens, stop_ids=[], sampling=Sampling(1.0),
                       key=jax.random.key(step), version=step, capacity=config.data.seq_len,
                       row_multiple=rows_per_step, width_multiple=64)  # fmt: skip
@@ -121,11 +121,11 @@ def run_steps(built: Built, config: Config, chunk_tokens: int) -> dict:
             padded = -(-len(train_rows) // config.train.batch_size) * config.train.batch_size
             rows = {k: np.pad(v, ((0, padded - len(v)), (0, 0))) for k, v in rows.items()}
             for first in range(0, padded, config.train.batch_size):
-                with jax.set_mesh(built.mesh):
+                with jax.set_mesh(setup.mesh):
                     batch = global_batch({k: v[first : first + config.train.batch_size] for k, v in rows.items()},
-                                         built.batch_sharding)  # fmt: skip
+                                         setup.batch_sharding)  # fmt: skip
                     batch["ref_logp"] = ref_fn(ref_params, batch)
-                    state, _ = built.step_fn(state, batch, np.int32(step))
+                    state, _ = setup.step_fn(state, batch, np.int32(step))
             jax.block_until_ready(state)
         t2 = time.perf_counter()
         if step >= _WARMUP.value:

@@ -35,9 +35,9 @@ def main(argv):
     seq, batch = _SEQ.value, _BATCH.value
     cd = _CONFIG.value
     cd.data.seq_len, cd.train.batch_size, cd.train.grad_accum, cd.mesh.data = seq, batch, 1, 1
-    built = build(cli.config_from_flag(cd), jax.devices()[:1])
-    config, step = built.config, built.step_fn
-    state = built.init_state(0)
+    setup = build(cli.config_from_flag(cd), jax.devices()[:1])
+    config, step = setup.config, setup.step_fn
+    state = setup.init_state(0)
     rng = np.random.default_rng(0)
     data = {
         "tokens": jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, seq)), jnp.int32),

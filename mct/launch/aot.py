@@ -4,7 +4,7 @@ python -m mct.aot --config experiments/configs/minicpm4_8b.py --topology v5p-128
                   [--config.mesh.fsdp=... any other override]
 
 `mct.train.trainer.build` runs on the abstract devices of the named slice (libtpu describes them; no TPU needed),
-then the real TPU compiler compiles `Built.step_fn` for the abstract state and a batch of ShapeDtypeStructs.
+then the real TPU compiler compiles `TrainSetup.step_fn` for the abstract state and a batch of ShapeDtypeStructs.
 Printed per device: the compiler's argument / output / temporary bytes against the chip's HBM, the compile
 time, and XLA's FLOP count next to mct.model.flops'. Exit 0 when it fits; 3 and one line `does not fit: ...` when
 it does not; 2 and one line `error: ...` for bad input or a compiler rejection (a kernel's name and shape).
@@ -24,7 +24,7 @@ from jax.experimental import topologies
 from mct.config.run import Config
 from mct.errors import CompileError, ConfigError, UserError
 from mct.model import flops
-from mct.train.trainer import Built, build
+from mct.train.trainer import TrainSetup, build
 
 GiB = 2**30
 
@@ -116,7 +116,7 @@ def for_tpu(config: Config) -> Config:
     return config.replace(model=dataclasses.replace(config.model, compute_dtype="bfloat16"))
 
 
-def build_for(config: Config, acc: Accelerator, num_slices: int) -> Built:
+def build_for(config: Config, acc: Accelerator, num_slices: int) -> TrainSetup:
     """`build` on the slices' devices; a mesh that does not tile them names both."""
     devices = topology_devices(acc, num_slices)
     try:
@@ -131,10 +131,10 @@ def describe(acc: Accelerator, num_slices: int) -> str:
     return f"{slices}{acc.name}: {acc.chips} chips, {acc.topology}, {acc.generation.hbm_gib} GiB HBM each"
 
 
-def abstract_batch(built: Built) -> dict:
+def abstract_batch(setup: TrainSetup) -> dict:
     """ShapeDtypeStructs of one global batch as data_pipelines.loader makes it: [train.batch_size, seq_len]."""
-    shape = (built.config.train.batch_size, built.config.data.seq_len)
-    leaf = lambda dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=built.batch_sharding)
+    shape = (setup.config.train.batch_size, setup.config.data.seq_len)
+    leaf = lambda dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding)
     keys = ("tokens", "targets", "segment_ids", "positions")
     return {**{k: leaf(jnp.int32) for k in keys}, "loss_mask": leaf(jnp.float32)}
 
@@ -147,16 +147,16 @@ class OutOfMemory(Exception):
         self.needs, self.capacity = needs, capacity
 
 
-def compile_step(built: Built):
-    """(compiled step, seconds to trace, lower and compile it) for `built`'s abstract state and batch."""
+def compile_step(setup: TrainSetup):
+    """(compiled step, seconds to trace, lower and compile it) for `setup`'s abstract state and batch."""
     step = jax.ShapeDtypeStruct((), jnp.int32)
     start = time.perf_counter()
-    with jax.set_mesh(built.mesh):
-        traced = built.step_fn.trace(built.abstract_state, abstract_batch(built), step)
+    with jax.set_mesh(setup.mesh):
+        traced = setup.step_fn.trace(setup.abstract_state, abstract_batch(setup), step)
     try:
         compiled = traced.lower().compile()
     except Exception as e:  # the compiler raises JaxRuntimeError, Pallas' lowering ValueError and others
-        raise compile_failure(e, built, traced.jaxpr.jaxpr) from None
+        raise compile_failure(e, setup, traced.jaxpr.jaxpr) from None
     return compiled, time.perf_counter() - start
 
 
@@ -169,7 +169,7 @@ _HBM_USED = re.compile(rf"Used {_SIZE} of {_SIZE} hbm")  # the whole program
 _HBM_TEMPS = re.compile(rf"HLO temporaries \({_SIZE}\) exceeds available HBM \({_SIZE}\)")  # arguments apart
 
 
-def compile_failure(e: Exception, built: Built, jaxpr) -> Exception:
+def compile_failure(e: Exception, setup: TrainSetup, jaxpr) -> Exception:
     """OutOfMemory for the compiler's HBM verdict; else a one-line CompileError, naming the Pallas kernel that
     the compiler rejects on its own when there is one."""
     text = str(e)
@@ -178,10 +178,10 @@ def compile_failure(e: Exception, built: Built, jaxpr) -> Exception:
     if m := _HBM_USED.search(text):
         return OutOfMemory(size(m, 1), size(m, 3))
     if m := _HBM_TEMPS.search(text):
-        arguments = shard_bytes(built.abstract_state) + shard_bytes(abstract_batch(built))
+        arguments = shard_bytes(setup.abstract_state) + shard_bytes(abstract_batch(setup))
         return OutOfMemory(arguments + size(m, 1), size(m, 3))
     for kernel in pallas_kernels(jaxpr):
-        error = kernel_error(kernel, built.mesh.devices.flat[0])
+        error = kernel_error(kernel, setup.mesh.devices.flat[0])
         if error:
             return CompileError(f"the TPU compiler rejected Pallas kernel {error}")
     return CompileError(f"the TPU compiler rejected the train step: {first_line(text)}")
@@ -227,16 +227,16 @@ def shard_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
 
 
-def memory(compiled, built: Built) -> dict[str, int]:
+def memory(compiled, setup: TrainSetup) -> dict[str, int]:
     """Bytes per device: the compiler's (arguments, outputs, aliased, temporaries, code) and our split of the
     arguments. The step donates the state, so its outputs reuse the arguments' buffers: total = arguments +
     outputs - aliased + temporaries + code, what the device holds while the step runs."""
     m = compiled.memory_analysis()
-    state = built.abstract_state
+    state = setup.abstract_state
     mem = {
         "params": shard_bytes(state["params"]),
         "optimizer": shard_bytes(state["opt_state"]),
-        "batch": shard_bytes(abstract_batch(built)),
+        "batch": shard_bytes(abstract_batch(setup)),
         "arguments": m.argument_size_in_bytes,
         "outputs": m.output_size_in_bytes,
         "aliased": m.alias_size_in_bytes,
@@ -277,32 +277,32 @@ def advice(parts: dict[str, float], config: Config, budget: float) -> str:
 
 def analyze(config: Config, acc: Accelerator, num_slices: int = 1) -> dict:
     """Compiles `config`'s train step for `num_slices` slices of `acc`; the JSON report (bytes per device)."""
-    built = build_for(config, acc, num_slices)
+    setup = build_for(config, acc, num_slices)
     report = {
         "topology": acc.name, "num_slices": num_slices, "chips": acc.chips * num_slices,
-        "mesh": {a: n for a, n in built.mesh.shape.items() if a != "expert" or n > 1},  # expert: MoE only
+        "mesh": {a: n for a, n in setup.mesh.shape.items() if a != "expert" or n > 1},  # expert: MoE only
         "hbm_per_device": acc.hbm_bytes,
     }  # fmt: skip
     start = time.perf_counter()
     try:
-        compiled, report["compile_s"] = compile_step(built)
+        compiled, report["compile_s"] = compile_step(setup)
     except OutOfMemory as oom:  # the compiler's verdict, against its own (slightly smaller) usable HBM
-        parts = {"parameters": shard_bytes(built.abstract_state["params"]),
-                 "optimizer state": shard_bytes(built.abstract_state["opt_state"])}  # fmt: skip
+        parts = {"parameters": shard_bytes(setup.abstract_state["params"]),
+                 "optimizer state": shard_bytes(setup.abstract_state["opt_state"])}  # fmt: skip
         parts["activations and temporaries"] = oom.needs - sum(parts.values())
         note = f"the compiler's verdict: {oom.capacity / GiB:.2f} GiB usable; "
-        note += advice(parts, built.config, oom.capacity)
+        note += advice(parts, setup.config, oom.capacity)
         return {**report, "compile_s": time.perf_counter() - start, "fits": False,
                 "bytes_per_device": int(oom.needs), "flops_per_step": None, "note": note}  # fmt: skip
-    mem = memory(compiled, built)
-    xla, analytic = step_flops(compiled, built.config, built.mesh.devices.size)
+    mem = memory(compiled, setup)
+    xla, analytic = step_flops(compiled, setup.config, setup.mesh.devices.size)
     parts = {"parameters": mem["params"], "optimizer state": mem["optimizer"], "batch": mem["batch"],
              "activations and temporaries": mem["temporaries"]}  # fmt: skip
     return {
         **report, "fits": mem["total"] <= acc.hbm_bytes, "bytes_per_device": mem["total"], "memory": mem,
-        "flops_per_step": xla, "analytic_flops_per_step": analytic, "xla_loops": loops(built.config),
+        "flops_per_step": xla, "analytic_flops_per_step": analytic, "xla_loops": loops(setup.config),
         "dot_operand_types": dot_operand_types(compiled.as_text()),
-        "note": advice(parts, built.config, acc.hbm_bytes),
+        "note": advice(parts, setup.config, acc.hbm_bytes),
     }  # fmt: skip
 
 

@@ -285,7 +285,7 @@ class MiniCPM(nnx.Module):
 
 
 def count_params(cfg: ModelConfig) -> int:
-    """Parameter count from the shapes alone (no arrays are built)."""
+    """Parameter count from the shapes alone (no arrays are setup)."""
     model = nnx.eval_shape(lambda: MiniCPM(cfg, rngs=nnx.Rngs(0)))
     return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 

@@ -23,7 +23,7 @@ from mct.posttrain.sft import file_weights, init_tokenizer
 from mct.run.init_from import load_init_params, read_init_source, with_init_lr
 from mct.run.pretrain import RunData, train
 from mct.train.step import Objective
-from mct.train.trainer import Built
+from mct.train.trainer import TrainSetup
 
 
 def sequence_logps(model: MiniCPM, batch: dict) -> jnp.ndarray:
@@ -67,33 +67,33 @@ class PreferenceData(RunData):
         self.rows = pair_rows(config.dpo.path, self.tokenizer, seq_len=config.data.seq_len,
                               eval_fraction=config.data.chat.eval_fraction)  # fmt: skip
 
-    def train_batches(self, built: Built, state: dict | None):
-        batches = PairBatches(self.rows["train"], global_batch=built.config.train.batch_size,
+    def train_batches(self, setup: TrainSetup, state: dict | None):
+        batches = PairBatches(self.rows["train"], global_batch=setup.config.train.batch_size,
                               process_index=jax.process_index(), process_count=jax.process_count(),
-                              seed=built.config.data.seed, tokenizer=self.tokenizer)  # fmt: skip
+                              seed=setup.config.data.seed, tokenizer=self.tokenizer)  # fmt: skip
         if state is not None:
             batches.set_state(state)
         return batches
 
-    def eval_sets(self, built: Built) -> dict[str, list]:
-        c = built.config
+    def eval_sets(self, setup: TrainSetup) -> dict[str, list]:
+        c = setup.config
         local = eval_batches(self.rows["eval"], batch_size=c.train.batch_size, num_batches=c.data.eval_batches,
                              process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
-        return {"eval_loss": [global_batch(b, built.batch_sharding) for b in local]}
+        return {"eval_loss": [global_batch(b, setup.batch_sharding) for b in local]}
 
     def merge(self, states: list[dict]) -> dict:
         return states[0]  # every process is at the same step of the same permutation
 
-    def prepare(self, built: Built) -> Built:
-        reference = load_init_params(built.config.init_from, built)  # its own buffers: never donated
-        model = built.model
-        ref_fn = jax.jit(lambda p, b: sequence_logps(model.bind(p), b), out_shardings=built.batch_sharding)
-        step_fn = built.step_fn
+    def prepare(self, setup: TrainSetup) -> TrainSetup:
+        reference = load_init_params(setup.config.init_from, setup)  # its own buffers: never donated
+        model = setup.model
+        ref_fn = jax.jit(lambda p, b: sequence_logps(model.bind(p), b), out_shardings=setup.batch_sharding)
+        step_fn = setup.step_fn
 
         def step_with_reference(state: dict, batch: dict, step) -> tuple[dict, dict]:
             return step_fn(state, {**batch, "ref_logp": ref_fn(reference, batch)}, step)
 
-        return dataclasses.replace(built, step_fn=step_with_reference)
+        return dataclasses.replace(setup, step_fn=step_with_reference)
 
 
 def dpo_config(config: Config) -> Config:

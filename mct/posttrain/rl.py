@@ -46,7 +46,7 @@ from mct.run.checkpoint import Checkpointer, run_meta
 from mct.run.init_from import init_from_state, parse_spec
 from mct.run.pretrain import check_workdir, first_dataset, job_lock
 from mct.train.metrics import MetricsWriter
-from mct.train.trainer import Built, build
+from mct.train.trainer import TrainSetup, build
 
 log = logging.getLogger("mct.train")
 
@@ -171,9 +171,9 @@ def run_tokenizer(config: Config) -> pathlib.Path:
 class RLRun:
     """One RL run in a locked workdir: the state, the buffer, one step at a time."""
 
-    def __init__(self, built: Built, ckpt: Checkpointer, reward: Reward):
-        self.built, self.ckpt, self.reward = built, ckpt, reward
-        config = self.config = built.config
+    def __init__(self, setup: TrainSetup, ckpt: Checkpointer, reward: Reward):
+        self.setup, self.ckpt, self.reward = setup, ckpt, reward
+        config = self.config = setup.config
         r = config.rl
         tokenizer_path = run_tokenizer(config)
         self.tokenizer = read_tokenizer_file(tokenizer_path)
@@ -187,14 +187,14 @@ class RLRun:
         self.stop_ids = [im_end_id(self.tokenizer), special_token_ids(self.tokenizer)[EOS]]
         self.sampling = Sampling(r.temperature, r.top_p)
         temperature = r.temperature or 1.0
-        model = built.model
+        model = setup.model
         self.ref_fn = jax.jit(lambda p, b: token_logprobs(model.bind(p), b, temperature))
         self.nonfinite_run = 0
         self.start, self.state, self.ref_params, self.host = self.initial_state()
 
     def initial_state(self) -> tuple[int, dict, dict, RLState]:
-        built = self.built
-        abstract = {**built.abstract_state, "ref_params": built.abstract_state["params"]}
+        setup = self.setup
+        abstract = {**setup.abstract_state, "ref_params": setup.abstract_state["params"]}
         restored = self.ckpt.restore_latest(abstract, self.config.model)
         if restored is not None:
             step, state, host = restored
@@ -202,9 +202,9 @@ class RLRun:
             ref = state.pop("ref_params")
             return step, state, ref, RLState.from_json(host)
         if self.config.init_from:  # the source's params with a fresh optimizer state
-            state = init_from_state(self.config.init_from, built)
+            state = init_from_state(self.config.init_from, setup)
         else:
-            state = built.init_state(self.config.seed)
+            state = setup.init_state(self.config.seed)
         return 0, state, jax.tree.map(jnp.copy, state["params"]), RLState()
 
     def save(self, step: int, force: bool = False) -> None:
@@ -223,7 +223,7 @@ class RLRun:
         pending = [t for t in host.buffer if not t.finished]
         key = jax.random.fold_in(jax.random.key(self.config.seed), step)
         decoded = rollout_chunk(
-            self.built.model.cfg, self.state["params"], pending, chunk_tokens=r.chunk_tokens,
+            self.setup.model.cfg, self.state["params"], pending, chunk_tokens=r.chunk_tokens,
             max_response_tokens=r.max_response_tokens, stop_ids=self.stop_ids, sampling=self.sampling, key=key,
             version=step, capacity=r.max_prompt_tokens + r.max_response_tokens,
             row_multiple=r.group_size * r.prompts_per_step,
@@ -263,7 +263,7 @@ class RLRun:
 
     def train_rows(self, step: int, trajectories: list[Trajectory], advantages: list[float]) -> dict:
         """Mini-batch updates over the rows; returns token-weighted loss metrics (nothing when no rows)."""
-        c, built = self.config, self.built
+        c, setup = self.config, self.setup
         if not trajectories:
             return {}
         rows = training_rows(trajectories, advantages, c.data.seq_len, c.rl.overlong_filter)
@@ -273,11 +273,11 @@ class RLRun:
         sums: dict[str, float] = {"tokens": 0.0, "updates": 0.0}
         for first in range(0, padded, batch):
             host_batch = {k: v[first : first + batch] for k, v in rows.items()}
-            with jax.set_mesh(built.mesh):
-                device_batch = global_batch(host_batch, built.batch_sharding)
+            with jax.set_mesh(setup.mesh):
+                device_batch = global_batch(host_batch, setup.batch_sharding)
                 ref = self.ref_fn(self.ref_params, device_batch)
                 device_batch["ref_logp"] = ref
-                self.state, metrics = built.step_fn(self.state, device_batch, jnp.int32(step))
+                self.state, metrics = setup.step_fn(self.state, device_batch, jnp.int32(step))
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             self.nonfinite_run = 0 if m["ok"] else self.nonfinite_run + 1  # a non-finite update was skipped
             if self.nonfinite_run >= c.train.max_consecutive_nonfinite:
@@ -317,14 +317,14 @@ def train(config: Config, devices: list | None = None, stop: threading.Event | N
     r = config.rl
     objective = grpo_objective(eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta,
                                temperature=r.temperature or 1.0)  # fmt: skip
-    built = build(rl_config(config), devices, objective=objective)
-    config = built.config
+    setup = build(rl_config(config), devices, objective=objective)
+    config = setup.config
     check_rl_fit(config)
     with job_lock(config.workdir):
         ckpt = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep,
                             async_save=config.checkpoint.async_save)  # fmt: skip
         try:
-            return _loop(RLRun(built, ckpt, reward or REWARDS[r.reward]), stop)
+            return _loop(RLRun(setup, ckpt, reward or REWARDS[r.reward]), stop)
         finally:
             ckpt.close()
 

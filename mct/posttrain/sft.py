@@ -24,7 +24,7 @@ from mct.posttrain.chat_data import chat_dataset_dir
 from mct.run.init_from import read_init_source, with_init_lr
 from mct.run.pretrain import RunData, train
 from mct.run.reader import RunCheckpoint, load_run_tokenizer
-from mct.train.trainer import Built
+from mct.train.trainer import TrainSetup
 
 
 def init_tokenizer(config: Config) -> Tokenizer:
@@ -87,13 +87,13 @@ class CheckedBatches:
 class ChatData(RunData):
     """Pre-training's batches from the chat mixture, checked for loss tokens."""
 
-    def train_batches(self, built: Built, state: dict | None):
-        return CheckedBatches(super().train_batches(built, state), built.config.data.chat.path)
+    def train_batches(self, setup: TrainSetup, state: dict | None):
+        return CheckedBatches(super().train_batches(setup, state), setup.config.data.chat.path)
 
-    def eval_sets(self, built: Built) -> dict[str, list]:
-        sets = super().eval_sets(built)
+    def eval_sets(self, setup: TrainSetup) -> dict[str, list]:
+        sets = super().eval_sets(setup)
         if not any(float(jnp.sum(b["loss_mask"])) for b in sets["eval_loss"]):
-            raise DatasetError(f"the eval batches of {built.config.data.chat.path} have no loss tokens")
+            raise DatasetError(f"the eval batches of {setup.config.data.chat.path} have no loss tokens")
         return sets
 
 

@@ -15,7 +15,7 @@ from mct.config.run import Config
 from mct.errors import CheckpointMissing, ConfigError, UserError
 from mct.run.checkpoint import Checkpointer
 from mct.train.schedule import schedule_from_config
-from mct.train.trainer import Built
+from mct.train.trainer import TrainSetup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,18 +75,18 @@ def with_init_lr(config: Config) -> Config:
     return config.replace(optimizer=dataclasses.replace(config.optimizer, lr=lr))
 
 
-def load_init_params(spec: str, built: Built) -> dict:
-    """The params of `spec`'s checkpoint, sharded as built.state_shardings["params"]; UserError (naming the
-    workdir) when the source's model shape differs from built's."""
+def load_init_params(spec: str, setup: TrainSetup) -> dict:
+    """The params of `spec`'s checkpoint, sharded as setup.state_shardings["params"]; UserError (naming the
+    workdir) when the source's model shape differs from setup's."""
     source = read_init_source(spec)
     ckpt = Checkpointer(str(source.workdir), read_only=True)
     try:
-        ckpt.check_compatible(source.step, built.config.model)
+        ckpt.check_compatible(source.step, setup.config.model)
     except ConfigError as e:
         raise UserError(f"config init_from={spec}: {e}") from None
     finally:
         ckpt.close()
-    abstract = built.abstract_state["params"]
+    abstract = setup.abstract_state["params"]
     args = ocp.args.PyTreeRestore(
         item={"params": abstract}, partial_restore=True,
         restore_args={"params": {k: ocp.ArrayRestoreArgs(sharding=x.sharding) for k, x in abstract.items()}},
@@ -105,11 +105,11 @@ def load_init_params(spec: str, built: Built) -> dict:
     return params
 
 
-def init_from_state(spec: str, built: Built) -> dict:
-    """A train state of `spec`'s params and a fresh optimizer state, sharded as built.state_shardings."""
-    params = load_init_params(spec, built)
-    with jax.set_mesh(built.mesh):
-        opt_state = jax.jit(built.tx.init, out_shardings=built.state_shardings["opt_state"])(params)
+def init_from_state(spec: str, setup: TrainSetup) -> dict:
+    """A train state of `spec`'s params and a fresh optimizer state, sharded as setup.state_shardings."""
+    params = load_init_params(spec, setup)
+    with jax.set_mesh(setup.mesh):
+        opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(params)
     return {"params": params, "opt_state": opt_state}
 
 

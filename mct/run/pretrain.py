@@ -37,37 +37,37 @@ from mct.run.scalingbench import make_scalingbench_batches
 from mct.train.hooks import Evaluator, MetricsLog, profile_hook
 from mct.train.metrics import MetricsWriter, logged_metrics
 from mct.train.step import Objective, next_token_objective
-from mct.train.trainer import Built, Trainer, build
+from mct.train.trainer import Trainer, TrainSetup, build
 
 log = logging.getLogger("mct.train")
 
 
-def restore_branch_source(built: Built) -> tuple[dict, dict | None]:
+def restore_branch_source(setup: TrainSetup) -> tuple[dict, dict | None]:
     """(state, data_state) from the stable-phase checkpoint a decay branch starts from; never writes there."""
-    s = built.config.schedule
+    s = setup.config.schedule
     source = Checkpointer(s.branch_from, read_only=True)
     if s.branch_step not in source.all_steps():
         raise ConfigError(
             f"config schedule.branch_step={s.branch_step}: no committed checkpoint at that step in "
             f"{s.branch_from} (have {source.all_steps()})"
         )
-    meta = source.check_compatible(s.branch_step, built.config.model)
+    meta = source.check_compatible(s.branch_step, setup.config.model)
     if s.branch_step > meta["decay_start"]:  # at decay_start itself the lr is still the stable one
         raise ConfigError(
             f"config schedule.branch_step={s.branch_step} is in the decay phase of {s.branch_from} (decay starts "
             f"at step {meta['decay_start']}); a branch must start from a stable-phase checkpoint"
         )
-    state, data_state, _ = source.restore(s.branch_step, built.abstract_state)
+    state, data_state, _ = source.restore(s.branch_step, setup.abstract_state)
     source.close()
-    if meta["data_mixture"] != built.config.to_dict()["data"]["mixture"]:
+    if meta["data_mixture"] != setup.config.to_dict()["data"]["mixture"]:
         log.info("decay branch switches the data mixture: kept components continue where the source stopped")
     return state, data_state
 
 
-def initial_state(built: Built, ckpt: Checkpointer) -> tuple[int, dict, dict | None]:
+def initial_state(setup: TrainSetup, ckpt: Checkpointer) -> tuple[int, dict, dict | None]:
     """(start step, state, data state): the latest committed checkpoint, a branch's source, or a fresh state."""
-    config = built.config
-    restored = ckpt.restore_latest(built.abstract_state, config.model)
+    config = setup.config
+    restored = ckpt.restore_latest(setup.abstract_state, config.model)
     if restored is not None:
         log.info("resumed from %s step %d", ckpt.directory, restored[0])
         return restored
@@ -78,15 +78,15 @@ def initial_state(built: Built, ckpt: Checkpointer) -> tuple[int, dict, dict | N
             "restore one, or start again from step 0 with --config.checkpoint.allow_fresh_start=true"
         )
     if config.schedule.branch_from:
-        state, data_state = restore_branch_source(built)
+        state, data_state = restore_branch_source(setup)
         log.info("decay branch from %s step %d", config.schedule.branch_from, config.schedule.branch_step)
         return config.schedule.branch_step, state, data_state
     if config.init_from:
         data_state = continued_data_state(config.init_from, config)
         log.info("starting from the params of %s (fresh optimizer state, %s)", config.init_from,
                  "its data stream continued" if data_state else "data from the start")  # fmt: skip
-        return 0, init_from_state(config.init_from, built), data_state
-    return 0, built.init_state(config.seed), None
+        return 0, init_from_state(config.init_from, setup), data_state
+    return 0, setup.init_state(config.seed), None
 
 
 def first_dataset(config: Config) -> pathlib.Path:
@@ -95,9 +95,9 @@ def first_dataset(config: Config) -> pathlib.Path:
     return dataset_dir(first.path, cache_dir=config.data.cache_dir, vocab_size=config.data.vocab_size)
 
 
-def make_eval_sets(built: Built) -> dict[str, list]:
+def make_eval_sets(setup: TrainSetup) -> dict[str, list]:
     """Global eval batches by metric name: the held-out split, and ScalingBench when eval.scalingbench is set."""
-    config, sharding = built.config, built.batch_sharding
+    config, sharding = setup.config, setup.batch_sharding
     pid, nproc = jax.process_index(), jax.process_count()
     local_batch = config.train.batch_size // nproc
     held_out = make_eval_batches(
@@ -153,24 +153,24 @@ class RunData:
     """Where a run's batches come from: pre-training's mixture here; post-training (mct.sft, mct.dpo) overrides
     the methods it needs."""
 
-    def train_batches(self, built: Built, state: dict | None):
+    def train_batches(self, setup: TrainSetup, state: dict | None):
         """This process's train iterator (get_state() -> JSON), resumed from `state` when given."""
-        config = built.config
+        config = setup.config
         return make_train_iterator(
             config.data, batch_size=config.train.batch_size // jax.process_count(), process_index=jax.process_index(),
             process_count=jax.process_count(), model_vocab_size=config.model.vocab_size, state=state,
         )  # fmt: skip
 
-    def eval_sets(self, built: Built) -> dict[str, list]:
-        return make_eval_sets(built)
+    def eval_sets(self, setup: TrainSetup) -> dict[str, list]:
+        return make_eval_sets(setup)
 
     def merge(self, states: list[dict]) -> dict:
         """One state from every process's get_state() (what checkpoints hold)."""
         return merge_states(states)
 
-    def prepare(self, built: Built) -> Built:
-        """The Built the loop steps (e.g. DPO adds the reference log-probs to each batch)."""
-        return built
+    def prepare(self, setup: TrainSetup) -> TrainSetup:
+        """The TrainSetup the loop steps (e.g. DPO adds the reference log-probs to each batch)."""
+        return setup
 
 
 def train(config: Config, devices: list | None = None, stop: threading.Event | None = None, *,
@@ -178,13 +178,13 @@ def train(config: Config, devices: list | None = None, stop: threading.Event | N
     """Runs (or resumes) training to train.steps on `devices` (default: all), minimising `objective` over
     `data`'s batches (default: pre-training); returns the last logged metrics and eval losses."""
     check_workdir(config.workdir)
-    built = build(config, devices, objective)
-    config = built.config
+    setup = build(config, devices, objective)
+    config = setup.config
     with job_lock(config.workdir):
         ckpt = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep,
                             async_save=config.checkpoint.async_save)  # fmt: skip
         try:
-            return _run(built, ckpt, stop or threading.Event(), data or RunData())
+            return _run(setup, ckpt, stop or threading.Event(), data or RunData())
         finally:
             ckpt.close()
 
@@ -212,22 +212,22 @@ def add_hooks(trainer: Trainer, config: Config, start: int, bar: tqdm, ckpt: Che
         trainer.add_hook(profile_hook(config.workdir, first, last), at=[first, last], needs_state=True)
 
 
-def _run(built: Built, ckpt: Checkpointer, stop: threading.Event, data: RunData) -> dict:
+def _run(setup: TrainSetup, ckpt: Checkpointer, stop: threading.Event, data: RunData) -> dict:
     """The loop of one locked workdir, with its hooks; the final (or SIGTERM) save."""
-    config, pid, steps = built.config, jax.process_index(), built.config.train.steps
-    start, state, data_state = initial_state(built, ckpt)
-    batches = prefetch(data.train_batches(built, data_state), config.data.prefetch)
-    evaluate = Evaluator(built.eval_fn, data.eval_sets(built))
-    built = data.prepare(built)
+    config, pid, steps = setup.config, jax.process_index(), setup.config.train.steps
+    start, state, data_state = initial_state(setup, ckpt)
+    batches = prefetch(data.train_batches(setup, data_state), config.data.prefetch)
+    evaluate = Evaluator(setup.eval_fn, data.eval_sets(setup))
+    setup = data.prepare(setup)
 
     def save(step: int, state: dict, force: bool = False) -> None:
         ckpt.save(step, state, data.merge(gather_json(batches.get_state())), run_meta(config, step), force=force)
 
     writer = MetricsWriter(config.workdir, enabled=pid == 0, resume_step=start)
     bar = tqdm(total=steps, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
-    trainer = Trainer(built, stop)
+    trainer = Trainer(setup, stop)
     trainer.last_good_step = lambda: f"{ckpt.latest_step()} in {ckpt.directory}"
-    metrics = MetricsLog(config, writer, bar, start, len(built.mesh.devices.flat))
+    metrics = MetricsLog(config, writer, bar, start, len(setup.mesh.devices.flat))
     add_hooks(trainer, config, start, bar, ckpt, metrics, evaluate.hook(writer, bar, metrics.last), save)
     try:
         state, step = trainer.run(state, batches, start, steps)

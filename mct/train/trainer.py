@@ -32,7 +32,7 @@ log = logging.getLogger("mct.train")
 
 
 @dataclasses.dataclass(frozen=True)
-class Built:
+class TrainSetup:
     """What a train step of one config needs; state = {"params": dict, "opt_state": optax state}."""
 
     config: Config  # resolved and validated
@@ -54,7 +54,7 @@ class Built:
             return jax.jit(init, out_shardings=self.state_shardings)()
 
 
-def build(config: Config, devices: list | None = None, objective: Objective = next_token_objective) -> Built:
+def build(config: Config, devices: list | None = None, objective: Objective = next_token_objective) -> TrainSetup:
     """Resolves and validates `config` for `devices` (default: all), then builds its model and the jitted step
     minimising `objective` (next-token loss for pre-training; post-training passes its own)."""
     config = config.resolve()
@@ -74,7 +74,7 @@ def build(config: Config, devices: list | None = None, objective: Objective = ne
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
-    return Built(
+    return TrainSetup(
         config, mesh, model, tx, schedule, shardings, batch_sharding,
         abstract_with_shardings(abstract, shardings), step_fn, jax.jit(make_eval_step(model)),
     )  # fmt: skip
@@ -101,10 +101,10 @@ class Hook:
 
 
 class Trainer:
-    """The loop of `built`'s step over an iterator of host batches, with hooks and a non-finite guard."""
+    """The loop of `setup`'s step over an iterator of host batches, with hooks and a non-finite guard."""
 
-    def __init__(self, built: Built, stop: threading.Event | None = None):
-        self.built = built
+    def __init__(self, setup: TrainSetup, stop: threading.Event | None = None):
+        self.setup = setup
         self.stop = stop or threading.Event()
         self.hooks: list[Hook] = []
         self.nonfinite_run = self.nonfinite_total = 0
@@ -120,10 +120,10 @@ class Trainer:
         """Steps from `start` to `steps` (or until `stop` is set); returns the state and the step reached."""
         pending = None  # (step, device metrics) not read yet
         step = start
-        with jax.set_mesh(self.built.mesh):
+        with jax.set_mesh(self.setup.mesh):
             while step < steps and not stop_agreed(self.stop, step):
-                batch = global_batch(next(batches), self.built.batch_sharding)
-                state, metrics = self.built.step_fn(state, batch, jnp.int32(step))
+                batch = global_batch(next(batches), self.setup.batch_sharding)
+                state, metrics = self.setup.step_fn(state, batch, jnp.int32(step))
                 if pending is not None:
                     self._read(*pending)
                 step, pending = step + 1, (step + 1, metrics)
@@ -143,7 +143,7 @@ class Trainer:
         if not m["ok"]:
             self.nonfinite_run, self.nonfinite_total = self.nonfinite_run + 1, self.nonfinite_total + 1
             log.warning("step %d: non-finite loss or gradient, update skipped", step)
-            limit = self.built.config.train.max_consecutive_nonfinite
+            limit = self.setup.config.train.max_consecutive_nonfinite
             if self.nonfinite_run >= limit:
                 raise TrainingDiverged(
                     f"stopping: {self.nonfinite_run} consecutive non-finite steps up to step {step} "

@@ -63,11 +63,11 @@ def coord_check(
             config = _config(
                 width, parametrization, n_layers=n_layers, lr=lr, vocab=vocab, steps=steps + 1, batch=batch
             )
-            built = build(config, jax.devices()[:1])
-            state = built.init_state(seed)
+            setup = build(config, jax.devices()[:1])
+            state = setup.init_state(seed)
             for i in range(steps):
-                state, _ = built.step_fn(state, data, jnp.int32(i))
-            m = built.model.bind(state["params"])
+                state, _ = setup.step_fn(state, data, jnp.int32(i))
+            m = setup.model.bind(state["params"])
             h, layers = m(data["tokens"], data["positions"], data["segment_ids"], return_layers=True)
             logits = jnp.einsum("bsd,dv->bsv", h, m.head_weight())
             out[parametrization][width] = {

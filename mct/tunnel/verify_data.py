@@ -19,7 +19,7 @@ from mct.config.run import Config
 from mct.errors import ConfigError
 from mct.run.checkpoint import Checkpointer
 from mct.run.pretrain import RunData, make_eval_sets, train
-from mct.train.trainer import Built
+from mct.train.trainer import TrainSetup
 
 CANDIDATE = "verify_candidate"
 METRICS = ("eval_loss", "scalingbench_loss")
@@ -31,8 +31,8 @@ class _SameEvalData(RunData):
     def __init__(self, eval_data):
         self._eval_data = eval_data
 
-    def eval_sets(self, built: Built) -> dict[str, list]:
-        return make_eval_sets(dataclasses.replace(built, config=built.config.replace(data=self._eval_data)))
+    def eval_sets(self, setup: TrainSetup) -> dict[str, list]:
+        return make_eval_sets(dataclasses.replace(setup, config=setup.config.replace(data=self._eval_data)))
 
 
 def branch_configs(source: str, step: int, candidate: str, share: float, decay_steps: int,
