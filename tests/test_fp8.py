@@ -1,4 +1,4 @@
-"""FP8 linear layers (mct/fp8.py): block scales and e4m3 rounding against NumPy (ml_dtypes), the custom VJP's
+"""FP8 linear layers (mct/model/fp8.py): block scales and e4m3 rounding against NumPy (ml_dtypes), the custom VJP's
 matmuls, and a tiny model's loss curve with model.fp8 against full precision."""
 
 import jax

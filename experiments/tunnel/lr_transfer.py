@@ -6,12 +6,14 @@ python -m mct.tunnel report --study lr_transfer \
     --storage sqlite:////tmp/mct-tunnel/lr_transfer/study.db --out docs/lr_transfer
 """
 
+from experiments.tunnel.study_base import TINY_CPU
 from mct.tunnel.sweep import default_study
 
 
 def get_config():
     c = default_study()
     c.name = "lr_transfer"
+    c.base_config = str(TINY_CPU)
     c.workdir = "/tmp/mct-tunnel/lr_transfer"
     c.n_layers = 4
     c.head_dim = 32

@@ -11,6 +11,7 @@ import ml_collections
 from mct.tunnel.sweep import default_study
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+TINY_CPU = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.py"  # the proxies' base
 BASE_WIDTH = 64
 MUP_LR = 0.01  # the muP optimum of study 1 (mup_width), used by the schedule and scaling studies
 
@@ -19,6 +20,7 @@ def base_study(name: str, database: str) -> ml_collections.ConfigDict:
     """A grid study `name` on the shared proxy shape, stored in results/`database`."""
     c = default_study()
     c.name = name
+    c.base_config = str(TINY_CPU)
     c.workdir = f"/tmp/mct-tunnel/{name}"
     c.storage = f"sqlite:///{RESULTS / database}"
     c.n_layers = 2

@@ -110,7 +110,7 @@ class ModelConfig:
     loss_chunk: int = 0  # tokens per cross-entropy chunk (0 = whole sequence at once)
     mtp: MTPConfig = MTPConfig()
     moe: MoEConfig = MoEConfig()
-    fp8: bool = False  # linear layers in float8_e4m3fn with block scales (mct/fp8.py); attention, head stay bf16
+    fp8: bool = False  # linear layers in float8_e4m3fn with block scales (mct/model/fp8.py); attention, head stay bf16
     quant: QuantConfig = QuantConfig()
 
 

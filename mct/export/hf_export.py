@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from data_pipelines.chat import CHAT_TEMPLATE, IM_END, IM_START
 from data_pipelines.freq_vocab import read_freq_vocab
+from data_pipelines.shards import TOKENIZER
 from data_pipelines.tokenizer import BOS, EOS, PAD, read_tokenizer_file, special_token_ids, tokenizer_bytes
 from mct.export import hf_layout
 from mct.model import quant
@@ -117,7 +118,7 @@ def write_tokenizer(tokenizer: Tokenizer, out: pathlib.Path, max_length: int) ->
     reads: it drops add_bos_token/add_eos_token when a tokenizer.json exists), and the add_bos_token /
     add_eos_token flags say the same to readers of tokenizer_config.json (e.g. llama.cpp's GGUF converter).
     """
-    (out / "tokenizer.json").write_bytes(tokenizer_bytes(with_bos(tokenizer)))
+    (out / TOKENIZER).write_bytes(tokenizer_bytes(with_bos(tokenizer)))
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     ids = special_token_ids(tokenizer)
     special = {role: token for role, token in special.items() if token in ids}

@@ -86,7 +86,7 @@ Mlp = Callable[[ModelConfig, jnp.ndarray, dict, Linear], tuple[jnp.ndarray, dict
 
 
 def linear_fn(cfg: ModelConfig) -> Linear:
-    """The linear layers' matmul: jnp.tensordot, or FP8 with block scales when model.fp8 (mct/fp8.py)."""
+    """The linear layers' matmul: jnp.tensordot, or FP8 with block scales when model.fp8 (mct/model/fp8.py)."""
     if cfg.fp8:
         return fp8_linear
     return lambda x, w, n: jnp.tensordot(x, w, n)

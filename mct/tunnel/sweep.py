@@ -24,7 +24,7 @@ import optuna
 import sqlalchemy
 
 from mct.config.run import Config
-from mct.errors import TrainingDiverged
+from mct.errors import TrainingDiverged, UserError
 from mct.model.flops import matmul_params, train_flops_per_token
 from mct.run.pretrain import train
 
@@ -54,7 +54,7 @@ def default_study() -> ml_collections.ConfigDict:
             name="study",
             workdir="/tmp/mct-tunnel/study",
             storage="",  # Optuna RDB URL; "" -> sqlite:///WORKDIR/study.db
-            base_config="experiments/configs/tiny_cpu.py",  # training config the proxies start from
+            base_config="",  # the training config file the proxies start from (study files name it)
             width=256,  # d_model when "width" is not swept
             n_layers=4,
             head_dim=32,
@@ -171,6 +171,8 @@ def _metric_or_inf(value) -> float:
 def trial_config(study: ml_collections.ConfigDict, params: dict, workdir: str) -> ml_collections.ConfigDict:
     """The training config of one trial: the study's base config at the trial's width, hyperparameters and
     token budget, with a WSD schedule (warmup/decay fractions of the steps) and one eval at the end."""
+    if not study.base_config:
+        raise UserError(f"study {study.name}: base_config is empty; name the training config file of the proxies")
     spec = importlib.util.spec_from_file_location("base_config", study.base_config)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
