@@ -54,8 +54,9 @@ def im_end_id(tokenizer: Tokenizer) -> int:
     return _token_id(tokenizer, IM_END)
 
 
-def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict], *,
-                add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:  # fmt: skip
+def encode_chat(
+    tokenizer: Tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of a conversation: mask 1 on the tokens of assistant content and its `<|im_end|>`.
 
     A token counts as content when it starts inside the content (a token merging the header's newline with

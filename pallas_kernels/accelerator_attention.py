@@ -22,15 +22,22 @@ def _splash_kernel(q_heads: int, seq: int, interpret: bool):
     """A causal splash kernel for [q_heads, seq, d] queries against GQA keys (built once per shape)."""
     block = min(_BLOCK, seq)
     sizes = splash.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
-        block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
-    )  # fmt: skip
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq, seq))] * q_heads)
     return splash.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
-def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *,
-                     interpret: bool = False) -> jnp.ndarray:  # fmt: skip
+def splash_attention(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *, interpret: bool = False
+) -> jnp.ndarray:
     """TPU splash attention (causal, segment ids, GQA), one batch row at a time: [batch, seq, q_heads, d]."""
     b, s, hq, d = q.shape
     if s % min(_BLOCK, s):
@@ -44,15 +51,28 @@ def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids
     return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def gpu_flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *,
-                        interpret: bool = False) -> jnp.ndarray:  # fmt: skip
+def gpu_flash_attention(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *, interpret: bool = False
+) -> jnp.ndarray:
     """The Pallas Triton flash kernel (causal, segment ids); GQA by repeating each kv head over its group."""
     group = q.shape[2] // k.shape[2]
     k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
     block = min(128, q.shape[1])
-    sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=block, block_kv_dkv=block,
-                                     block_q_dq=block, block_kv_dq=block)  # fmt: skip
+    sizes = gpu_attention.BlockSizes(
+        block_q=block,
+        block_k=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     return gpu_attention.mha(
-        q, k, v, segment_ids, sm_scale=1.0 / math.sqrt(q.shape[-1]), causal=True, block_sizes=sizes,
+        q,
+        k,
+        v,
+        segment_ids,
+        sm_scale=1.0 / math.sqrt(q.shape[-1]),
+        causal=True,
+        block_sizes=sizes,
         interpret=interpret,
-    )  # fmt: skip
+    )

@@ -22,8 +22,17 @@ from data_pipelines.tokenizer import BOS, EOS
 def load(path: str, ctx: int) -> llama_cpp.Llama:
     """llama.cpp with f32 KV cache (its f16 default rounds K and V) and every position's logits kept."""
     f32 = int(gguf.GGMLQuantizationType.F32)
-    return llama_cpp.Llama(model_path=path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, type_k=f32,
-                           type_v=f32, n_threads=2, verbose=False)  # fmt: skip
+    return llama_cpp.Llama(
+        model_path=path,
+        n_ctx=ctx,
+        n_batch=ctx,
+        n_ubatch=ctx,
+        logits_all=True,
+        type_k=f32,
+        type_v=f32,
+        n_threads=2,
+        verbose=False,
+    )
 
 
 def logits(llm: llama_cpp.Llama, ids: list[int]) -> np.ndarray:

@@ -21,22 +21,47 @@ from tests.tiny_runs import REPO
 
 # tests/tiny_runs.py's tiny model; the mesh splits it over fsdp and tensor
 TINY = {
-    "model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2, "model.head_dim": 16,
-    "model.d_mlp": 128, "model.vocab_size": 320, "model.attention": "blockwise", "data.seq_len": 32,
-    "train.batch_size": 8, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2,
-}  # fmt: skip
+    "model.n_layers": 2,
+    "model.d_model": 64,
+    "model.n_heads": 4,
+    "model.n_kv_heads": 2,
+    "model.head_dim": 16,
+    "model.d_mlp": 128,
+    "model.vocab_size": 320,
+    "model.attention": "blockwise",
+    "data.seq_len": 32,
+    "train.batch_size": 8,
+    "mesh.data": 1,
+    "mesh.fsdp": 2,
+    "mesh.tensor": 2,
+}
 # InfLLM v2 through the Mosaic kernels, past dense_len: 16 blocks of 16 tokens, each query sees 4 of them
 SPARSE = {
-    **TINY, "model.attention": "infllm_v2", "model.max_position": 4096, "model.sparse.implementation": "pallas_tpu",
-    "model.sparse.block_size": 16, "model.sparse.kernel_size": 16, "model.sparse.kernel_stride": 8,
-    "model.sparse.init_blocks": 1, "model.sparse.window_size": 32, "model.sparse.topk": 4,
-    "model.sparse.dense_len": 128, "data.seq_len": 256, "train.batch_size": 4,
-}  # fmt: skip
+    **TINY,
+    "model.attention": "infllm_v2",
+    "model.max_position": 4096,
+    "model.sparse.implementation": "pallas_tpu",
+    "model.sparse.block_size": 16,
+    "model.sparse.kernel_size": 16,
+    "model.sparse.kernel_stride": 8,
+    "model.sparse.init_blocks": 1,
+    "model.sparse.window_size": 32,
+    "model.sparse.topk": 4,
+    "model.sparse.dense_len": 128,
+    "data.seq_len": 256,
+    "train.batch_size": 4,
+}
 # 8 x 8192-wide layers: ~92 GB of fp32 params + Adam moments against 4 x 16 GiB
 TOO_LARGE = {
-    **TINY, "model.n_layers": 8, "model.d_model": 8192, "model.n_heads": 64, "model.n_kv_heads": 8,
-    "model.head_dim": 128, "model.d_mlp": 32768, "model.scan_layers": True,
-}  # fmt: skip
+    **TINY,
+    "model.n_layers": 8,
+    "model.d_model": 8192,
+    "model.n_heads": 64,
+    "model.n_kv_heads": 8,
+    "model.head_dim": 128,
+    "model.d_mlp": 32768,
+    "model.scan_layers": True,
+}
 
 
 def config(overrides: dict) -> Config:
@@ -51,8 +76,15 @@ def config(overrides: dict) -> Config:
 
 
 def aot_cli(overrides: dict, *flags: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "mct.aot", "--config", str(REPO / "experiments/configs/tiny_cpu.py"),
-               *(f"--config.{k}={v}" for k, v in overrides.items()), *flags]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mct.aot",
+        "--config",
+        str(REPO / "experiments/configs/tiny_cpu.py"),
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+        *flags,
+    ]
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
@@ -98,8 +130,17 @@ def test_analytic_flops_match_xla_on_the_tiny_config():
     """Every layer unrolled, materialised scores: what XLA counts beyond 6 N + attention is the elementwise work
     (norms, SwiGLU, softmaxes, the AdamW update) and the masked half of the causal scores: +8% here. Blockwise
     attention adds 3% more (its online-softmax rescaling and its VJP's recomputed scores)."""
-    c = config({"model.attention": "naive", "model.scan_layers": False, "data.seq_len": 32, "train.batch_size": 8,
-                "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2})  # fmt: skip
+    c = config(
+        {
+            "model.attention": "naive",
+            "model.scan_layers": False,
+            "data.seq_len": 32,
+            "train.batch_size": 8,
+            "mesh.data": 1,
+            "mesh.fsdp": 2,
+            "mesh.tensor": 2,
+        }
+    )
     r = aot.analyze(c, aot.accelerator("v5e-4"))
     assert r["flops_per_step"] == pytest.approx(r["analytic_flops_per_step"], rel=0.10)
 
@@ -171,10 +212,18 @@ def test_cli_unknown_topology_is_one_line_exit_2():
 @needs_libtpu
 def test_cli_kernel_the_compiler_rejects_is_one_line_naming_it():
     """Blocks of 12 tokens: a query block's [12, topk] indices are not a whole number of Mosaic's 8-row tiles."""
-    odd_blocks = {**SPARSE, "model.n_layers": 1, "model.sparse.block_size": 12, "model.sparse.kernel_size": 12,
-                  "model.sparse.kernel_stride": 4, "model.sparse.window_size": 24}  # fmt: skip
+    odd_blocks = {
+        **SPARSE,
+        "model.n_layers": 1,
+        "model.sparse.block_size": 12,
+        "model.sparse.kernel_size": 12,
+        "model.sparse.kernel_stride": 4,
+        "model.sparse.window_size": 24,
+    }
     out = aot_cli(odd_blocks, "--topology", "v5e-4")
     assert out.returncode == 2, out.stderr
     (line,) = out.stderr.strip().splitlines()
-    assert line.startswith("error: the TPU compiler rejected Pallas kernel infllm_v2_sparse_fwd(int32[2,1,22,1,23], ")
+    assert line.startswith(
+        "error: the TPU compiler rejected Pallas kernel infllm_v2_sparse_fwd(int32[2,1,22,1,23], "
+    )
     assert "bfloat16[2,1,22,2,12,16]" in line and "divisible by 8 and 128" in line

@@ -22,7 +22,9 @@ def local_and_beam(corpus, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("equal")
     settings = dict(vocab_size=300, eval_fraction=0.3, shard_tokens=200, max_document_chars=_MAX_CHARS)
     local = prepare.prepare_dataset(out / "local", [str(root / "*")], workers=1, progress=False, **settings)
-    beam = beam_prepare.beam_prepare(out / "beam", [str(root / "*")], files_per_writer=3, progress=False, **settings)
+    beam = beam_prepare.beam_prepare(
+        out / "beam", [str(root / "*")], files_per_writer=3, progress=False, **settings
+    )
     return local, beam
 
 
@@ -35,12 +37,24 @@ def test_beam_without_dedup_writes_what_prepare_writes(local_and_beam):
         for a, b in zip(ours, theirs):
             np.testing.assert_array_equal(a, b)  # same documents, same ids, same order
     ours, theirs = shards.read_manifest(beam), shards.read_manifest(local)
-    for field in ("documents", "tokens", "vocab_size", "tokenizer_sha256", "special_tokens", "split_documents"):
+    for field in (
+        "documents",
+        "tokens",
+        "vocab_size",
+        "tokenizer_sha256",
+        "special_tokens",
+        "split_documents",
+    ):
         assert ours[field] == theirs[field], field
     assert theirs["split_documents"]["documents"] > 0
     assert ours["skipped"] == theirs["skipped"]  # empty, binary, invalid UTF-8, truncated gzip, missing field
     assert [(s["stage"], s["documents"]) for s in ours["stages"]] == [
-        ("read", theirs["documents"] - theirs["split_documents"]["pieces"] + theirs["split_documents"]["documents"]),
+        (
+            "read",
+            theirs["documents"]
+            - theirs["split_documents"]["pieces"]
+            + theirs["split_documents"]["documents"],
+        ),
         ("tokenize", ours["stages"][0]["documents"]),
     ]
     assert ours["stages"][-1]["tokens"] == ours["tokens"]
@@ -71,20 +85,32 @@ def dedup_run(tmp_path_factory):
         words[start : start + 10] = rng.choice(_VOCAB_GOOD, size=10)  # 10 of 500 words: 2%
         near.append(" ".join(words))
     low = [_text(rng, _VOCAB_BAD, 300) for _ in range(5)]
-    files = {"a.jsonl": originals[:6], "b.jsonl": [*originals[6:], *copies[:2]], "c.jsonl": [*copies[2:], *near],
-             "d.jsonl": low}
+    files = {
+        "a.jsonl": originals[:6],
+        "b.jsonl": [*originals[6:], *copies[:2]],
+        "c.jsonl": [*copies[2:], *near],
+        "d.jsonl": low,
+    }
     for name, texts in files.items():
         (root / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     model = root / "quality.bin"
-    seeds = {"good.txt": [_text(rng, _VOCAB_GOOD, 60) for _ in range(200)],
-             "bad.txt": [_text(rng, _VOCAB_BAD, 60) for _ in range(200)]}  # fmt: skip
+    seeds = {
+        "good.txt": [_text(rng, _VOCAB_GOOD, 60) for _ in range(200)],
+        "bad.txt": [_text(rng, _VOCAB_BAD, 60) for _ in range(200)],
+    }
     for name, texts in seeds.items():
         (root / "seeds" / name).parent.mkdir(exist_ok=True)
         (root / "seeds" / name).write_text("".join(t + "\n" for t in texts))
     train_in_fresh_process(root / "seeds/good.txt", root / "seeds/bad.txt", model, "--dim", "16")
     out = beam_prepare.beam_prepare(
-        root / "out", [str(root / "*.jsonl")], dedup_kinds=("exact", "minhash"), quality_model=str(model),
-        vocab_size=400, eval_fraction=0.0, files_per_writer=1, progress=False,
+        root / "out",
+        [str(root / "*.jsonl")],
+        dedup_kinds=("exact", "minhash"),
+        quality_model=str(model),
+        vocab_size=400,
+        eval_fraction=0.0,
+        files_per_writer=1,
+        progress=False,
     )
     counts = {"exact duplicate": len(copies), "near duplicate": len(near), "low quality": len(low)}
     return out, originals, counts
@@ -110,7 +136,9 @@ def test_failed_pipeline_leaves_no_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare, "document_records", broken)
     with pytest.raises(Exception, match="tokenizer crashed"):
-        beam_prepare.beam_prepare(tmp_path / "out", [str(tmp_path / "a.jsonl")], vocab_size=300, progress=False)
+        beam_prepare.beam_prepare(
+            tmp_path / "out", [str(tmp_path / "a.jsonl")], vocab_size=300, progress=False
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]  # neither out nor its temporary sibling
 
 

@@ -62,8 +62,9 @@ def test_llama_export_matches_transformers(tmp_path, dataset, overrides):
     # step (transformers switches lists by the current length, mct once per generation by prompt + new tokens).
     eos = 2
     with torch.no_grad():
-        hf_out = hf.generate(hf_prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos,
-                             pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
+        hf_out = hf.generate(hf_prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)[
+            0, len(prompt) :
+        ].tolist()
     if eos in hf_out:
         hf_out = hf_out[: hf_out.index(eos)]
     assert generate(cfg, params, [prompt], max_new_tokens=12, eos_id=eos)[0] == hf_out

@@ -93,12 +93,26 @@ def test_forward_and_gradients_match_numpy():
 
 
 def _losses(fp8: bool, steps: int = 50) -> np.ndarray:
-    cfg = Config.from_dict({
-        "model": {"n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "d_mlp": 128,
-                  "vocab_size": 64, "fp8": fp8, "attention": "naive"},
-        "data": {"seq_len": 32}, "train": {"batch_size": 4, "steps": steps},
-        "optimizer": {"lr": 0.003}, "schedule": {"warmup_steps": 5, "decay_steps": 0}, "mesh": {"data": 1},
-    })  # fmt: skip
+    cfg = Config.from_dict(
+        {
+            "model": {
+                "n_layers": 2,
+                "d_model": 64,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "head_dim": 16,
+                "d_mlp": 128,
+                "vocab_size": 64,
+                "fp8": fp8,
+                "attention": "naive",
+            },
+            "data": {"seq_len": 32},
+            "train": {"batch_size": 4, "steps": steps},
+            "optimizer": {"lr": 0.003},
+            "schedule": {"warmup_steps": 5, "decay_steps": 0},
+            "mesh": {"data": 1},
+        }
+    )
     setup = build(cfg, jax.devices()[:1])
     rng = np.random.default_rng(0)
     state, losses = setup.init_state(0), []
@@ -109,10 +123,12 @@ def _losses(fp8: bool, steps: int = 50) -> np.ndarray:
             for t in range(32):
                 seq[:, t + 1] = (7 * seq[:, t] + rng.integers(0, 4, 4)) % 64
             batch = {
-                "tokens": jnp.asarray(seq[:, :-1], jnp.int32), "targets": jnp.asarray(seq[:, 1:], jnp.int32),
-                "segment_ids": jnp.ones((4, 32), jnp.int32), "positions": jnp.tile(jnp.arange(32), (4, 1)),
+                "tokens": jnp.asarray(seq[:, :-1], jnp.int32),
+                "targets": jnp.asarray(seq[:, 1:], jnp.int32),
+                "segment_ids": jnp.ones((4, 32), jnp.int32),
+                "positions": jnp.tile(jnp.arange(32), (4, 1)),
                 "loss_mask": jnp.ones((4, 32), jnp.float32),
-            }  # fmt: skip
+            }
             state, metrics = setup.step_fn(state, batch, jnp.int32(i))
             losses.append(float(metrics["loss"]))
     return np.array(losses)

@@ -62,24 +62,38 @@ def test_metadata_holds_every_key_the_minicpm_loader_reads(tmp_path, dataset):
     reader = gguf.GGUFReader(export_gguf(run, tokenizer, tmp_path / "m.gguf", "f32"))
     a = "minicpm"
     expected = {
-        "general.architecture": a, f"{a}.context_length": 64, f"{a}.embedding_length": 64,
-        f"{a}.block_count": 2, f"{a}.feed_forward_length": 96, f"{a}.attention.head_count": 4,
-        f"{a}.attention.head_count_kv": 2, f"{a}.attention.key_length": 16, f"{a}.attention.value_length": 16,
-        f"{a}.rope.dimension_count": 16, f"{a}.rope.scaling.type": "longrope",
-        f"{a}.rope.scaling.original_context_length": 16, "general.file_type": 0,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 0,
-        "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
+        "general.architecture": a,
+        f"{a}.context_length": 64,
+        f"{a}.embedding_length": 64,
+        f"{a}.block_count": 2,
+        f"{a}.feed_forward_length": 96,
+        f"{a}.attention.head_count": 4,
+        f"{a}.attention.head_count_kv": 2,
+        f"{a}.attention.key_length": 16,
+        f"{a}.attention.value_length": 16,
+        f"{a}.rope.dimension_count": 16,
+        f"{a}.rope.scaling.type": "longrope",
+        f"{a}.rope.scaling.original_context_length": 16,
+        "general.file_type": 0,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
         "tokenizer.chat_template": CHAT_TEMPLATE,
-    }  # fmt: skip
+    }
     for key, value in expected.items():
         assert field(reader, key) == value, key
     approx = {
-        f"{a}.attention.layer_norm_rms_epsilon": cfg.rms_eps, f"{a}.rope.freq_base": 10000.0,
-        f"{a}.embedding_scale": 12.0, f"{a}.residual_scale": 1.4 / math.sqrt(2),
+        f"{a}.attention.layer_norm_rms_epsilon": cfg.rms_eps,
+        f"{a}.rope.freq_base": 10000.0,
+        f"{a}.embedding_scale": 12.0,
+        f"{a}.residual_scale": 1.4 / math.sqrt(2),
         f"{a}.logit_scale": 64 / 256,  # llama.cpp divides the logits by d_model / dim_model_base
         f"{a}.rope.scaling.attn_factor": math.sqrt(1 + math.log(64 / 16) / math.log(16)),
-    }  # fmt: skip
+    }
     for key, value in approx.items():
         assert field(reader, key) == pytest.approx(value, rel=1e-6), key
     # the vocabulary: the tokenizer's tokens by id, then unused pads up to vocab_size; specials are control
@@ -95,10 +109,27 @@ def test_metadata_holds_every_key_the_minicpm_loader_reads(tmp_path, dataset):
     assert field(reader, "tokenizer.ggml.merges") == [" ".join(m) for m in merges]
     # tensors: llama.cpp's names, ggml shapes (fastest dimension first), values as mct's HF layout has them
     t = tensors(reader)
-    expected_names = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_factors_long.weight",
-                      "rope_factors_short.weight"} | {f"blk.{i}.{n}.weight" for i in range(2) for n in (
-                      "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
-                      "ffn_down")}  # fmt: skip
+    expected_names = {
+        "token_embd.weight",
+        "output_norm.weight",
+        "output.weight",
+        "rope_factors_long.weight",
+        "rope_factors_short.weight",
+    } | {
+        f"blk.{i}.{n}.weight"
+        for i in range(2)
+        for n in (
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        )
+    }
     assert set(t) == expected_names
     assert list(t["blk.1.attn_k.weight"].shape) == [64, 32] and list(t["output.weight"].shape) == [64, 320]
     assert all(x.tensor_type == gguf.GGMLQuantizationType.F32 for x in t.values())
@@ -149,8 +180,11 @@ def test_tq2_0_holds_the_qat_codes_with_f16_scales(tmp_path, dataset):
     Q = gguf.GGMLQuantizationType
     assert t["blk.0.ffn_down.weight"].tensor_type == t["blk.1.attn_q.weight"].tensor_type == Q.TQ2_0
     assert t["token_embd.weight"].tensor_type == Q.F16 and t["blk.0.attn_norm.weight"].tensor_type == Q.F32
-    for name, param, layer in (("blk.0.ffn_down.weight", "w_down", 0), ("blk.1.attn_output.weight", "wo", 1),
-                               ("blk.1.ffn_gate.weight", "w_gate", 1)):  # fmt: skip
+    for name, param, layer in (
+        ("blk.0.ffn_down.weight", "w_down", 0),
+        ("blk.1.attn_output.weight", "wo", 1),
+        ("blk.1.ffn_gate.weight", "w_gate", 1),
+    ):
         hf = params[param][layer].reshape(-1, 256).T if param == "wo" else params[param][layer].T  # [out, in]
         codes, scales = numpy_ternary(hf, 256)
         stored = gguf.quants.dequantize(t[name].data, Q.TQ2_0)
@@ -186,10 +220,13 @@ def test_bad_input_fails_clearly_and_leaves_nothing(tmp_path, dataset):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.gguf", "qat", "tokenizer.json", "wd"]
     # the CLI: one line, exit 2, for an unknown type (listing the known ones) and tq2_0 of a dense run
     export = [sys.executable, "-m", "mct.export", "--workdir", str(tmp_path / "wd"), "--format", "gguf"]
-    for flags, message in ((["--gguf_type", "q3"], "f32|f16|q8_0|q4_k_m|tq2_0"),
-                           (["--gguf_type", "tq2_0"], "tq2_0 needs a ternary QAT run")):  # fmt: skip
-        result = subprocess.run([*export, *flags, "--out", str(tmp_path / "c.gguf")], capture_output=True,
-                                text=True, cwd=REPO)  # fmt: skip
+    for flags, message in (
+        (["--gguf_type", "q3"], "f32|f16|q8_0|q4_k_m|tq2_0"),
+        (["--gguf_type", "tq2_0"], "tq2_0 needs a ternary QAT run"),
+    ):
+        result = subprocess.run(
+            [*export, *flags, "--out", str(tmp_path / "c.gguf")], capture_output=True, text=True, cwd=REPO
+        )
         assert result.returncode == 2, result.stderr
         assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
     assert not (tmp_path / "c.gguf").exists()

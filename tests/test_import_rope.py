@@ -27,12 +27,22 @@ ROPES = {
     "default": {"rope_type": "default", "rope_theta": 500000.0},
     "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
     # wavelengths 6.3, 20, 63, 200, ...: one kept, two blended, the rest divided by the factor
-    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-    "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
-                 "short_factor": [1.0 + 0.1 * i for i in range(8)],
-                 "long_factor": [1.0 + 0.5 * i for i in range(8)]},
-}  # fmt: skip
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    "longrope": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "original_max_position_embeddings": 16,
+        "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [1.0 + 0.5 * i for i in range(8)],
+    },
+}
 # LongRoPE's cos/sin magnitude three ways: from the lengths (above), from `factor`, or given.
 MORE_ROPES = {
     "longrope-factor": {**ROPES["longrope"], "factor": 4.0},
@@ -42,8 +52,16 @@ MORE_ROPES = {
 
 def llama_config(rope_parameters: dict, **overrides) -> "transformers.LlamaConfig":
     """A tiny Llama; initializer_range 0.2 keeps attention far from uniform, so RoPE shows in the logits."""
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, initializer_range=0.2)  # fmt: skip
+    shape = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+    )
     return transformers.LlamaConfig(
         **shape, rope_parameters=json.loads(json.dumps(rope_parameters)), **overrides
     )
@@ -86,8 +104,9 @@ def test_rope_tables_are_transformers(rope, seq_len):
 
 def test_top_level_original_context_wins_as_in_transformers():
     """Phi-3's layout: original_max_position_embeddings next to the settings overrides theirs."""
-    config = llama_config({**ROPES["longrope"], "original_max_position_embeddings": 64},
-                          original_max_position_embeddings=16)  # fmt: skip
+    config = llama_config(
+        {**ROPES["longrope"], "original_max_position_embeddings": 64}, original_max_position_embeddings=16
+    )
     rope = imported_rope(config.to_dict())
     assert rope.original_max_position == 16
     assert_transformers_tables(config, rope, SEQ)
@@ -132,17 +151,26 @@ def test_exported_rope_reads_back_in_mct_and_transformers(rope):
 @pytest.mark.parametrize(
     "where, settings, error",
     [
-        ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
-         "rope_parameters rope_type 'yarn' is not supported"),
+        (
+            "rope_parameters",
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+            "rope_parameters rope_type 'yarn' is not supported",
+        ),
         ("rope_parameters", {"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' is not supported"),
         ("rope_scaling", {"type": "yarn", "factor": 4.0}, "rope_scaling rope_type 'yarn' is not supported"),
-        ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5},
-         "rope_parameters.partial_rotary_factor is not supported with rope_type 'linear'"),
-        ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0},
-         "lacks the field rope_scaling.'high_freq_factor'"),
+        (
+            "rope_parameters",
+            {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5},
+            "rope_parameters.partial_rotary_factor is not supported with rope_type 'linear'",
+        ),
+        (
+            "rope_scaling",
+            {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0},
+            "lacks the field rope_scaling.'high_freq_factor'",
+        ),
     ],
     ids=["yarn", "dynamic", "old-layout-yarn", "partial-rotary", "llama3-incomplete"],
-)  # fmt: skip
+)
 def test_unsupported_rope_is_refused(tmp_path, where, settings, error):
     hf = llama_config({"rope_type": "default", "rope_theta": 10000.0}).to_dict()
     hf[where] = settings

@@ -32,12 +32,26 @@ from tests.tiny_runs import REPO, make_config, save_params_run
 
 CTX = 64  # llama.cpp's context and the models' max_position
 # d_model 256: rows of whole 256-blocks, so q4_k_m and tq2_0 quantise every matrix (no fallback type)
-TRAINED = {"model.d_model": 256, "model.n_heads": 4, "model.n_kv_heads": 2, "model.head_dim": 64,
-           "model.d_mlp": 512, "model.max_position": CTX, "train.steps": 30, "eval.every_steps": 30,
-           "checkpoint.every_steps": 30, "data.eval_batches": 1, "mesh.data": -1}  # fmt: skip
-LONGROPE = {"type": "longrope", "original_max_position": 16, "theta": 10000.0,
-            "short_factor": tuple(1.0 + 0.02 * i for i in range(32)),
-            "long_factor": tuple(1.0 + 0.25 * i for i in range(32))}  # fmt: skip
+TRAINED = {
+    "model.d_model": 256,
+    "model.n_heads": 4,
+    "model.n_kv_heads": 2,
+    "model.head_dim": 64,
+    "model.d_mlp": 512,
+    "model.max_position": CTX,
+    "train.steps": 30,
+    "eval.every_steps": 30,
+    "checkpoint.every_steps": 30,
+    "data.eval_batches": 1,
+    "mesh.data": -1,
+}
+LONGROPE = {
+    "type": "longrope",
+    "original_max_position": 16,
+    "theta": 10000.0,
+    "short_factor": tuple(1.0 + 0.02 * i for i in range(32)),
+    "long_factor": tuple(1.0 + 0.25 * i for i in range(32)),
+}
 PROMPTS = ["the river", "doc 3: model token", "data shard train loss", "state batch packing of the"]
 MAX_NEW = 16  # with the prompt, past LongRoPE's original 16 positions: both sides take the long factors
 
@@ -76,8 +90,9 @@ def files(tmp_path_factory, runs):
     def get(name: str, gguf_type: str):
         if (name, gguf_type) not in made:
             run = runs[name]
-            made[name, gguf_type] = export_gguf(run, load_run_tokenizer(run), directory / f"{name}-{gguf_type}.gguf",
-                                                gguf_type)  # fmt: skip
+            made[name, gguf_type] = export_gguf(
+                run, load_run_tokenizer(run), directory / f"{name}-{gguf_type}.gguf", gguf_type
+            )
         return made[name, gguf_type]
 
     return get
@@ -114,8 +129,11 @@ def test_f32_logits_and_greedy_tokens_equal_mct(runs, files, name):
     params = run.read_params()
     ids = encode_prompts(tokenizer, ["the model of data and the river shard"])[0]
     prompts = encode_prompts(tokenizer, PROMPTS)
-    logits, *greedy = ask(path, {"op": "logits", "ids": ids},
-                          *({"op": "greedy", "prompt": p, "max_new": MAX_NEW} for p in prompts))  # fmt: skip
+    logits, *greedy = ask(
+        path,
+        {"op": "logits", "ids": ids},
+        *({"op": "greedy", "prompt": p, "max_new": MAX_NEW} for p in prompts),
+    )
     expected = mct_logits(run, params, ids)
     np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-3 * np.abs(expected).max())
     mct_greedy = generate(run.model_cfg, params, prompts, max_new_tokens=MAX_NEW)  # one batch
@@ -126,8 +144,13 @@ def test_f32_logits_and_greedy_tokens_equal_mct(runs, files, name):
 def test_llama3_rope_as_frequency_factors_gives_mct_logits(tmp_path, dataset):
     """llama3 RoPE (like linear) reaches llama.cpp as per-frequency divisors (rope_freqs); random weights suffice
     for logits (a wrong RoPE moves them by ~the logits' own size)."""
-    rope = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position": 16}  # fmt: skip
+    rope = {
+        "type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position": 16,
+    }
     params = save_random_run(
         tmp_path / "wd", tiny_run_config(tmp_path / "wd", dataset, rope=rope, max_position=CTX)
     )
@@ -182,8 +205,19 @@ def test_quantised_perplexity_stays_near_f32(tmp_path, runs, files):
     windows = [ids[i : i + 32] for i in range(0, 32 * 12, 32)]  # the training length
     # q4_k_m through the CLI (llama.cpp's quantizer); f32 and q8_0 in-process
     q4 = tmp_path / "tied-q4_k_m.gguf"
-    command = [sys.executable, "-m", "mct.export", "--workdir", str(run.workdir), "--format", "gguf", "--gguf_type",
-               "q4_k_m", "--out", str(q4)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mct.export",
+        "--workdir",
+        str(run.workdir),
+        "--format",
+        "gguf",
+        "--gguf_type",
+        "q4_k_m",
+        "--out",
+        str(q4),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(q4).tensors}
@@ -199,11 +233,21 @@ def test_quantised_perplexity_stays_near_f32(tmp_path, runs, files):
 def test_llama_cpp_tokenizes_and_renders_chats_as_mct(runs, files):
     run = runs["tied"]
     tokenizer = load_run_tokenizer(run)
-    texts = ["the  river\n\n  model\t  token", "it's 2024: 12345 shard's data!!", "caf\u00e9 \u65e5\u672c\u8a9e  ",
-             "<|im_start|>user\nthe train<|im_end|>\n", " leading space", "x" * 40]  # fmt: skip
+    texts = [
+        "the  river\n\n  model\t  token",
+        "it's 2024: 12345 shard's data!!",
+        "caf\u00e9 \u65e5\u672c\u8a9e  ",
+        "<|im_start|>user\nthe train<|im_end|>\n",
+        " leading space",
+        "x" * 40,
+    ]
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the river?"}]
-    *tokenized, rendered, special = ask(files("tied", "f32"), *({"op": "tokenize", "text": t} for t in texts),
-                                        {"op": "chat", "messages": messages}, {"op": "special"})  # fmt: skip
+    *tokenized, rendered, special = ask(
+        files("tied", "f32"),
+        *({"op": "tokenize", "text": t} for t in texts),
+        {"op": "chat", "messages": messages},
+        {"op": "special"},
+    )
     for text, ids in zip(texts, tokenized, strict=True):
         assert ids == encode_prompts(tokenizer, [text])[0], text
     assert rendered == render_chat(messages, add_generation_prompt=True)

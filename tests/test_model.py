@@ -86,9 +86,12 @@ def test_packed_documents_match_separate_runs(attention):
     seg = np.array([[1] * 12 + [2] * 18])
     pos = np.array([list(range(12)) + list(range(18))])
     packed = {
-        "tokens": jnp.asarray(packed_in[None]), "targets": jnp.asarray(packed_tg[None]),
-        "segment_ids": jnp.asarray(seg), "positions": jnp.asarray(pos), "loss_mask": jnp.ones((1, 30)),
-    }  # fmt: skip
+        "tokens": jnp.asarray(packed_in[None]),
+        "targets": jnp.asarray(packed_tg[None]),
+        "segment_ids": jnp.asarray(seg),
+        "positions": jnp.asarray(pos),
+        "loss_mask": jnp.ones((1, 30)),
+    }
     got = np.asarray(token_losses(m, packed))[0]
     alone = [
         np.asarray(

@@ -27,9 +27,11 @@ def moe_cfg(**moe):
 
 def random_experts(rng, d=64, f=96, experts=4, router_std=1.0) -> dict:
     return {
-        "w_gate": 0.2 * rng.standard_normal((experts, d, f)), "w_up": 0.2 * rng.standard_normal((experts, d, f)),
-        "w_down": 0.2 * rng.standard_normal((experts, f, d)), "router": router_std * rng.standard_normal((d, experts)),
-    }  # fmt: skip
+        "w_gate": 0.2 * rng.standard_normal((experts, d, f)),
+        "w_up": 0.2 * rng.standard_normal((experts, d, f)),
+        "w_down": 0.2 * rng.standard_normal((experts, f, d)),
+        "router": router_std * rng.standard_normal((d, experts)),
+    }
 
 
 def logits_of(cfg, params, tokens, positions, segments):
@@ -78,7 +80,9 @@ def test_dropped_count_is_exact_on_a_hand_made_routing():
     rng = np.random.default_rng(2)
     w = {**random_experts(rng, d=8, f=16, experts=3), "router": router}
     x = np.eye(8)[:6].reshape(1, 6, 8)
-    cfg = model_from_dict({**SHAPE, "d_model": 8, "moe": {"num_experts": 3, "top_k": 2, "capacity_factor": 1.0}})
+    cfg = model_from_dict(
+        {**SHAPE, "d_model": 8, "moe": {"num_experts": 3, "top_k": 2, "capacity_factor": 1.0}}
+    )
     as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
     out, stats = moe_forward(cfg, jnp.asarray(x, jnp.float32), as32(w), dropless=False)
     assert float(stats["dropped"]) == 2
@@ -93,7 +97,9 @@ def test_upcycled_model_equals_the_dense_model_at_init():
     dense_cfg = model_from_dict({**SHAPE, "attention": "naive"})
     dense = ParamsModel(dense_cfg).init(3)
     rng = np.random.default_rng(3)
-    dense["mlp_norm"] = dense["mlp_norm"] + 0.3 * rng.standard_normal(dense["mlp_norm"].shape).astype(np.float32)
+    dense["mlp_norm"] = dense["mlp_norm"] + 0.3 * rng.standard_normal(dense["mlp_norm"].shape).astype(
+        np.float32
+    )
     tokens = rng.integers(0, 97, (2, 16)).astype(np.int32)
     positions, segments = np.tile(np.arange(16), (2, 1)), np.ones((2, 16), np.int32)
     want = logits_of(dense_cfg, dense, tokens, positions, segments)
@@ -104,18 +110,34 @@ def test_upcycled_model_equals_the_dense_model_at_init():
 
 
 def _step_metrics(devices, mesh: dict) -> dict:
-    cfg = Config.from_dict({
-        "model": {**SHAPE, "d_model": 32, "head_dim": 8, "d_mlp": 48,
-                  "moe": {"num_experts": 4, "capacity_factor": 1.25}},
-        "data": {"seq_len": 16}, "train": {"batch_size": 8, "steps": 2}, "mesh": mesh,
-    })  # fmt: skip
+    cfg = Config.from_dict(
+        {
+            "model": {
+                **SHAPE,
+                "d_model": 32,
+                "head_dim": 8,
+                "d_mlp": 48,
+                "moe": {"num_experts": 4, "capacity_factor": 1.25},
+            },
+            "data": {"seq_len": 16},
+            "train": {"batch_size": 8, "steps": 2},
+            "mesh": mesh,
+        }
+    )
     setup = build(cfg, devices)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 97, (8, 17))
-    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((8, 16), np.int32),
-             "positions": np.tile(np.arange(16), (8, 1)), "loss_mask": np.ones((8, 16), np.float32)}  # fmt: skip
-    batch = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, a.dtype if a.dtype != np.int64 else jnp.int32), batch),
-                           setup.batch_sharding)  # fmt: skip
+    batch = {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.ones((8, 16), np.int32),
+        "positions": np.tile(np.arange(16), (8, 1)),
+        "loss_mask": np.ones((8, 16), np.float32),
+    }
+    batch = jax.device_put(
+        jax.tree.map(lambda a: jnp.asarray(a, a.dtype if a.dtype != np.int64 else jnp.int32), batch),
+        setup.batch_sharding,
+    )
     spec = setup.state_shardings["params"]["w_gate"].spec
     with jax.set_mesh(setup.mesh):
         state, m1 = setup.step_fn(setup.init_state(0), batch, jnp.int32(0))

@@ -28,10 +28,17 @@ def dataset(tmp_path_factory) -> pathlib.Path:
 
 def launch(processes: int, workdir, dataset, *, wait: bool = True, **extra):
     command = [
-        sys.executable, "-m", "mct.launch", "local", f"--processes={processes}",
-        f"--devices_per_process={4 // processes}", "--grace_s=30", "--heartbeat_timeout_s=5", "--",
+        sys.executable,
+        "-m",
+        "mct.launch",
+        "local",
+        f"--processes={processes}",
+        f"--devices_per_process={4 // processes}",
+        "--grace_s=30",
+        "--heartbeat_timeout_s=5",
+        "--",
         *train_flags(workdir, dataset, **{**RUN, **extra}),
-    ]  # fmt: skip
+    ]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if not wait:
@@ -66,7 +73,9 @@ def test_four_processes_match_one(four_processes, one_process):
     assert_same_losses(losses(four_processes), one_process, range(1, STEPS + 1))
 
 
-def test_checkpoint_from_four_processes_resumes_on_two_and_one(tmp_path, dataset, four_processes, one_process):
+def test_checkpoint_from_four_processes_resumes_on_two_and_one(
+    tmp_path, dataset, four_processes, one_process
+):
     half = STEPS // 2
     for processes in (2, 1):
         workdir = tmp_path / f"resume{processes}"
@@ -100,7 +109,9 @@ def test_two_processes_killed_one_restarted_match_one(tmp_path, dataset, one_pro
     resumes from the last committed checkpoint; every step's loss equals the 1-process run's."""
     proc = launch(2, tmp_path, dataset, wait=False, **{"checkpoint.async_save": False})
     ckpts = tmp_path / "checkpoints"
-    _wait_for(lambda: ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 8 for p in ckpts.iterdir()), proc)
+    _wait_for(
+        lambda: ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 8 for p in ckpts.iterdir()), proc
+    )
     victim = next(pid for pid, args in _processes() if "--process_id=1" in args and str(tmp_path) in args)
     killed_at = time.time()
     os.kill(victim, signal.SIGKILL)
@@ -116,7 +127,9 @@ def test_two_processes_killed_one_restarted_match_one(tmp_path, dataset, one_pro
 def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves(tmp_path, dataset):
     """A preemption notice reaching one host (or reaching hosts at different steps) stops all at the step JAX's
     preemption service agrees on; per-process stop flags would leave the others waiting in a collective."""
-    proc = launch(2, tmp_path, dataset, wait=False, **{"train.steps": 100000, "checkpoint.every_steps": 100000})
+    proc = launch(
+        2, tmp_path, dataset, wait=False, **{"train.steps": 100000, "checkpoint.every_steps": 100000}
+    )
     _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(losses(tmp_path)) >= 3, proc)
     victim = next(pid for pid, args in _processes() if "--process_id=1" in args and str(tmp_path) in args)
     os.kill(victim, signal.SIGTERM)  # process 1 only, not the launcher
@@ -141,8 +154,14 @@ def test_tpu_and_slurm_commands():
     with pytest.raises(ValueError, match="coordinator_host"):
         tpu_commands(["a", "b"], "z", "", "~/mct", flags)
     script = slurm_script(4, 8, flags, partition="gpu", time_limit="2:00:00")
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --gpus-per-task=1", "#SBATCH --partition=gpu", "#SBATCH --time=2:00:00"):  # fmt: skip
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --gpus-per-task=1",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=2:00:00",
+    ):
         assert line in script.splitlines()
     assert script.splitlines()[-1] == (
         "srun python3 -m mct.train --distributed --config experiments/configs/minicpm4_8b.py "
@@ -153,9 +172,22 @@ def test_tpu_and_slurm_commands():
 
 def test_launcher_cli_dry_run():
     out = subprocess.run(
-        [sys.executable, "-m", "mct.launch", "tpu", "--name=v5e", "--zone=z", "--dry_run", "--", "--config=x.py"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mct.launch",
+            "tpu",
+            "--name=v5e",
+            "--zone=z",
+            "--dry_run",
+            "--",
+            "--config=x.py",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("gcloud compute tpus tpu-vm ssh v5e --zone=z --worker=all")
 

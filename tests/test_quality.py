@@ -21,12 +21,28 @@ _GOOD, _BAD = [f"g{i}" for i in range(200)], [f"b{i}" for i in range(200)]
 _SETTINGS = quality.TrainSettings(bucket=1 << 16, epochs=25)
 
 
-def train_in_fresh_process(positives: pathlib.Path, negatives: pathlib.Path, out: pathlib.Path, *options: str):
+def train_in_fresh_process(
+    positives: pathlib.Path, negatives: pathlib.Path, out: pathlib.Path, *options: str
+):
     """`python -m data_pipelines.quality train` in a new process. fasttext-numpy2 0.10.4 has failed with
     "Encountered NaN" when training inside a pytest worker that had already run other test files (reproduced:
     tests/test_gguf.py, then this file), never in a fresh process, which is how the CLI runs."""
-    subprocess.run([sys.executable, "-m", "data_pipelines.quality", "train", "--positives", str(positives),
-                    "--negatives", str(negatives), "--out", str(out), *options], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_pipelines.quality",
+            "train",
+            "--positives",
+            str(positives),
+            "--negatives",
+            str(negatives),
+            "--out",
+            str(out),
+            *options,
+        ],
+        check=True,
+    )
 
 
 def _task(seed: int, n: int) -> tuple[list[str], list[str]]:
@@ -83,12 +99,26 @@ def test_cli_train_score_eval(tmp_path, capsys):
     (tmp_path / "pos.txt").write_text("\n".join(positives) + "\n")
     (tmp_path / "neg.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in negatives))
     model = tmp_path / "model.bin"
-    train_in_fresh_process(tmp_path / "pos.txt", tmp_path / "neg.jsonl", model, "--bucket", "4096", "--epochs", "25")
+    train_in_fresh_process(
+        tmp_path / "pos.txt", tmp_path / "neg.jsonl", model, "--bucket", "4096", "--epochs", "25"
+    )
     assert model.is_file()
     plot = tmp_path / "curve.png"
     capsys.readouterr()
-    quality.main(["eval", "--model", str(model), "--positives", str(tmp_path / "pos.txt"), "--negatives",
-                  str(tmp_path / "neg.jsonl"), "--plot", str(plot), "--json"])
+    quality.main(
+        [
+            "eval",
+            "--model",
+            str(model),
+            "--positives",
+            str(tmp_path / "pos.txt"),
+            "--negatives",
+            str(tmp_path / "neg.jsonl"),
+            "--plot",
+            str(plot),
+            "--json",
+        ]
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["f1"] > 0.9 and {"precision", "recall"} <= result.keys()
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

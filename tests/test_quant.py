@@ -85,8 +85,10 @@ def test_ste_value_is_exact_and_gradient_is_the_identity():
 def test_model_forward_and_decoding_use_the_quantised_weights():
     cfg = ModelConfig(vocab_size=64, quant=QuantConfig("ternary", 32))
     params = random_params(cfg)
-    quantised = {k: (quant.ternary(quant.as_matrix(k, v), 32).reshape(v.shape) if k in quant.QUANTISED else v)
-                 for k, v in params.items()}  # fmt: skip
+    quantised = {
+        k: (quant.ternary(quant.as_matrix(k, v), 32).reshape(v.shape) if k in quant.QUANTISED else v)
+        for k, v in params.items()
+    }
     plain = ParamsModel(dataclasses.replace(cfg, quant=QuantConfig()))
     tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 64
     positions, segments = jnp.tile(jnp.arange(8), (2, 1)), jnp.ones((2, 8), jnp.int32)
@@ -155,8 +157,12 @@ def test_stage2_qat_from_a_checkpoint_lowers_the_loss_and_reports_the_stats(tmp_
     dataset = make_tiny_dataset(tmp_path / "data", vocab_size=300)
     one = jax.devices()[:1]
     train(make_config(tmp_path / "fp32", dataset), devices=one)
-    qat = {"train.steps": 12, "model.quant.weights": "ternary", "init_from": str(tmp_path / "fp32"),
-           "optimizer.lr": 0.005}  # fmt: skip
+    qat = {
+        "train.steps": 12,
+        "model.quant.weights": "ternary",
+        "init_from": str(tmp_path / "fp32"),
+        "optimizer.lr": 0.005,
+    }
     train(make_config(tmp_path / "qat", dataset, **qat), devices=one)
     source, curve = losses(tmp_path / "fp32"), losses(tmp_path / "qat")
     assert curve[1] < source[1] - 0.3  # starts from the trained params, not from an init

@@ -29,8 +29,9 @@ PEAK, W, T, DECAY, LR_MIN = 0.02, 10, 60, 40, 0.001
     ],
 )
 def test_wsd_values(shape, end_factor):
-    lr = wsd_schedule(PEAK, warmup_steps=W, decay_start=T, decay_steps=DECAY, shape=shape, half_life=8,
-                      lr_min=LR_MIN)  # fmt: skip
+    lr = wsd_schedule(
+        PEAK, warmup_steps=W, decay_start=T, decay_steps=DECAY, shape=shape, half_life=8, lr_min=LR_MIN
+    )
     assert float(lr(0)) == 0.0
     assert math.isclose(float(lr(W // 2)), PEAK / 2, rel_tol=1e-6)
     assert math.isclose(float(lr(W)), PEAK, rel_tol=1e-6)  # warmup end = stable
@@ -48,12 +49,21 @@ def test_wsd_values(shape, end_factor):
 
 def small_config(**train):
     model = ModelConfig(
-        n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=101, attention="naive"
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        d_mlp=96,
+        vocab_size=101,
+        attention="naive",
     )
     return Config(
-        model=model, train=TrainConfig(**{"steps": 100, **train}), schedule=ScheduleConfig(warmup_steps=0),
+        model=model,
+        train=TrainConfig(**{"steps": 100, **train}),
+        schedule=ScheduleConfig(warmup_steps=0),
         optimizer=OptimizerConfig(weight_decay=0.0, grad_clip=1e9),
-    ).resolve()  # fmt: skip
+    ).resolve()
 
 
 def random_batch(n, seq, vocab, seed=0):

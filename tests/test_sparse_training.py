@@ -17,17 +17,39 @@ from mct.train.optimizer import make_optimizer
 from mct.train.schedule import schedule_from_config
 from mct.train.step import make_train_step
 
-SPARSE = dict(block_size=16, kernel_size=16, kernel_stride=8, init_blocks=1, window_size=32, topk=5,
-              dense_len=128, implementation="xla")  # fmt: skip
+SPARSE = dict(
+    block_size=16,
+    kernel_size=16,
+    kernel_stride=8,
+    init_blocks=1,
+    window_size=32,
+    topk=5,
+    dense_len=128,
+    implementation="xla",
+)
 
 
 def sparse_config(train_steps: int = 100, **sparse):
-    model = {"n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "d_mlp": 128,
-             "vocab_size": 97, "attention": "infllm_v2", "sparse": {**SPARSE, **sparse}}  # fmt: skip
-    return Config.from_dict({
-        "workdir": "/tmp/unused", "model": model, "schedule": {"warmup_steps": 0, "decay_steps": 1},
-        "optimizer": {"lr": 0.003}, "train": {"steps": train_steps},
-    }).resolve()  # fmt: skip
+    model = {
+        "n_layers": 2,
+        "d_model": 64,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "head_dim": 16,
+        "d_mlp": 128,
+        "vocab_size": 97,
+        "attention": "infllm_v2",
+        "sparse": {**SPARSE, **sparse},
+    }
+    return Config.from_dict(
+        {
+            "workdir": "/tmp/unused",
+            "model": model,
+            "schedule": {"warmup_steps": 0, "decay_steps": 1},
+            "optimizer": {"lr": 0.003},
+            "train": {"steps": train_steps},
+        }
+    ).resolve()
 
 
 def batch(seq: int, rows: int = 2, seed: int = 0) -> dict:
@@ -35,11 +57,12 @@ def batch(seq: int, rows: int = 2, seed: int = 0) -> dict:
     pattern = rng.integers(0, 97, 32)  # a repeating sequence: learnable through long-range copies
     tokens = np.tile(pattern, seq // 32 + 2)[None, : seq + 1].repeat(rows, 0)
     return {
-        "tokens": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+        "tokens": jnp.asarray(tokens[:, :-1], jnp.int32),
+        "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
         "segment_ids": jnp.ones((rows, seq), jnp.int32),
         "positions": jnp.tile(jnp.arange(seq, dtype=jnp.int32), (rows, 1)),
         "loss_mask": jnp.ones((rows, seq), jnp.float32),
-    }  # fmt: skip
+    }
 
 
 def test_below_dense_len_is_dense_attention():
@@ -49,7 +72,9 @@ def test_below_dense_len_is_dense_attention():
     dense_cfg = dataclasses.replace(config.model, attention="naive")
     b = batch(96)
     np.testing.assert_allclose(
-        token_losses(sparse_model.bind(params), b), token_losses(ParamsModel(dense_cfg).bind(params), b), rtol=1e-5
+        token_losses(sparse_model.bind(params), b),
+        token_losses(ParamsModel(dense_cfg).bind(params), b),
+        rtol=1e-5,
     )
 
 

@@ -39,7 +39,10 @@ def module_imports(root: pathlib.Path = REPO) -> dict[str, set[str]]:
                 elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                     targets |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
             graph[name] = {t for t in targets if t.split(".")[0] in (*LIBRARY, "experiments")}
-    return {name: {t for t in targets if t in graph or t.startswith("experiments")} for name, targets in graph.items()}
+    return {
+        name: {t for t in targets if t in graph or t.startswith("experiments")}
+        for name, targets in graph.items()
+    }
 
 
 def is_shim(module: str, root: pathlib.Path = REPO) -> bool:
@@ -47,7 +50,9 @@ def is_shim(module: str, root: pathlib.Path = REPO) -> bool:
     parts = module.split(".")
     path = root.joinpath(*parts).with_suffix(".py")
     shaped = (len(parts) == 2 and module not in FLOOR and parts[1] != "errors") or parts[-1] == "__main__"
-    return parts[0] == "mct" and shaped and path.is_file() and len(path.read_text().splitlines()) <= SHIM_LINES
+    return (
+        parts[0] == "mct" and shaped and path.is_file() and len(path.read_text().splitlines()) <= SHIM_LINES
+    )
 
 
 def unit(module: str) -> str:
@@ -116,7 +121,9 @@ def test_no_import_cycle_between_modules_or_packages():
 def test_every_package_says_what_it_is_and_what_it_may_import():
     for package in sorted(p for p in FLOOR if (REPO / p.replace(".", "/")).is_dir()):
         doc = ast.get_docstring(ast.parse((REPO / package.replace(".", "/") / "__init__.py").read_text()))
-        assert doc and "import" in doc.lower(), f"{package}/__init__.py needs a docstring naming what it may import"
+        assert doc and "import" in doc.lower(), (
+            f"{package}/__init__.py needs a docstring naming what it may import"
+        )
 
 
 def test_mct_holds_packages_shims_and_few_modules():
@@ -133,8 +140,11 @@ def test_the_checks_catch_an_upward_import_a_cycle_and_a_library_import_of_the_c
         "mct.infer.decoding": {"mct.export.hf_layout"},  # sideways on a floor
         "mct.run.init_from": {"mct.cli.common"},  # the library importing the CLI
         "pallas_kernels.api": {"mct.config.model"},
-        "mct.train.step": set(), "mct.export.hf_layout": set(), "mct.cli.common": set(), "mct.config.model": set(),
-    }  # fmt: skip
+        "mct.train.step": set(),
+        "mct.export.hf_layout": set(),
+        "mct.cli.common": set(),
+        "mct.config.model": set(),
+    }
     assert [line.split(":")[0] for line in layer_violations(graph)] == [
         "mct.infer.decoding -> mct.export.hf_layout",
         "mct.model.decoder -> mct.train.step",

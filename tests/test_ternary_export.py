@@ -37,8 +37,9 @@ def qat_run(tmp_path_factory):
     """A saved QAT run (random latent weights, untied head) and the weights its jitted forward uses."""
     root = tmp_path_factory.mktemp("qat")
     dataset = make_tiny_dataset(root / "data", vocab_size=300)
-    config = tiny_run_config(root / "wd", dataset, tie_embeddings=False,
-                             quant={"weights": "ternary", "group_size": GROUP})  # fmt: skip
+    config = tiny_run_config(
+        root / "wd", dataset, tie_embeddings=False, quant={"weights": "ternary", "group_size": GROUP}
+    )
     params = save_random_run(root / "wd", config)
     model = ParamsModel(config.model)
     forward = jax.jit(lambda p: model.bind(p)._layer_weights())(params)
@@ -85,10 +86,12 @@ def test_ternary_export_holds_packed_codes_and_scales(qat_run, exported):
                 np.testing.assert_array_equal(dequantised, want[name], err_msg=key)
             q = params["wq"][layer].reshape(cfg.d_model, -1)  # [in, out]
             want_codes, want_scales = numpy_ternary(q, GROUP)
-            np.testing.assert_array_equal(numpy_unpack(f.get_tensor(f"model.layers.{layer}.self_attn.q_proj.weight")),
-                                          want_codes.T)  # fmt: skip
-            np.testing.assert_allclose(f.get_tensor(f"model.layers.{layer}.self_attn.q_proj.weight_scale"),
-                                       want_scales.T, rtol=1e-6)  # fmt: skip
+            np.testing.assert_array_equal(
+                numpy_unpack(f.get_tensor(f"model.layers.{layer}.self_attn.q_proj.weight")), want_codes.T
+            )
+            np.testing.assert_allclose(
+                f.get_tensor(f"model.layers.{layer}.self_attn.q_proj.weight_scale"), want_scales.T, rtol=1e-6
+            )
         np.testing.assert_array_equal(f.get_tensor("lm_head.weight"), params["lm_head"].T)  # high precision
         np.testing.assert_array_equal(f.get_tensor("model.embed_tokens.weight"), params["embed"])
 
@@ -135,8 +138,14 @@ def test_bad_ternary_input_fails_clearly(tmp_path, qat_run, exported):
     config, _, _ = qat_run
     plain = tiny_run_config(tmp_path / "plain", config.data.mixture["default"].path)
     save_random_run(plain.workdir, plain)
-    cli = [sys.executable, "-m", "mct.export", f"--workdir={plain.workdir}", "--format=ternary",
-           f"--out={tmp_path / 'out'}"]  # fmt: skip
+    cli = [
+        sys.executable,
+        "-m",
+        "mct.export",
+        f"--workdir={plain.workdir}",
+        "--format=ternary",
+        f"--out={tmp_path / 'out'}",
+    ]
     result = subprocess.run(cli, capture_output=True, text=True)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and last.startswith("error: ") and "is not a ternary QAT run" in last

@@ -18,10 +18,15 @@ def _study(**fields):
 
 
 def test_union_grid_in_order_and_seed_repeats_of_each_finished_groups_best_lrs():
-    study = _study(grids=[{"parametrization": ["mup"], "width": [32, 64], "lr": [0.01, 0.02, 0.04, 0.08]},
-                          {"parametrization": ["sp"], "width": [64], "lr": [0.02, 0.04]},
-                          {"parametrization": ["mup"], "width": [32], "lr": [0.01]}],  # a duplicate point
-                   repeat_top=2, repeat_seeds=(1, 2))  # fmt: skip
+    study = _study(
+        grids=[
+            {"parametrization": ["mup"], "width": [32, 64], "lr": [0.01, 0.02, 0.04, 0.08]},
+            {"parametrization": ["sp"], "width": [64], "lr": [0.02, 0.04]},
+            {"parametrization": ["mup"], "width": [32], "lr": [0.01]},
+        ],  # a duplicate point
+        repeat_top=2,
+        repeat_seeds=(1, 2),
+    )
     points = sweep.grid_points(study)
     assert len(points) == 10 and points[0] == {"parametrization": "mup", "width": 32, "lr": 0.01}
     assert points[-1] == {"parametrization": "sp", "width": 64, "lr": 0.04}
@@ -39,8 +44,10 @@ def test_lr_optimum_finds_the_vertex_and_its_error_from_the_seed_noise():
     assert exact.best_grid_lr == pytest.approx(0.01414, rel=1e-3) and not exact.at_edge
     rng = np.random.default_rng(0)
     noisy = np.repeat(lrs, 4)  # 4 seeds a point
-    estimates = [lr_optimum(noisy, 3.0 + 0.2 * np.log(noisy / 0.013) ** 2 + rng.normal(0, 0.01, noisy.size))
-                 for _ in range(200)]  # fmt: skip
+    estimates = [
+        lr_optimum(noisy, 3.0 + 0.2 * np.log(noisy / 0.013) ** 2 + rng.normal(0, 0.01, noisy.size))
+        for _ in range(200)
+    ]
     errors = np.array([math.log(e.lr / 0.013) for e in estimates])
     stds = np.array([e.log_std for e in estimates])
     assert 0.7 < errors.std() / stds.mean() < 1.4  # the stated error matches the spread over repeats
@@ -60,8 +67,15 @@ def _lr_records() -> list[dict]:
                 for seed in (0, 1) if abs(k) <= 1 else (0,):
                     params = {"parametrization": parametrization, "width": width, "lr": lr, "seed": seed}
                     loss = floor + 0.1 * math.log(lr / optimum) ** 2 + 0.002 * seed
-                    records.append({"trial": len(records), "params": params, "state": "complete",
-                                    "eval_loss": loss, "config": {"model": {"dim_model_base": 64}}})  # fmt: skip
+                    records.append(
+                        {
+                            "trial": len(records),
+                            "params": params,
+                            "state": "complete",
+                            "eval_loss": loss,
+                            "config": {"model": {"dim_model_base": 64}},
+                        }
+                    )
     return records
 
 
@@ -72,10 +86,17 @@ def test_report_tables_each_widths_optimum_and_the_transfer_gap(tmp_path):
     assert optima[("sp", 256)]["lr"] == pytest.approx(0.0025, rel=0.02)
     assert optima[("mup", 64)]["seed_spread"] == pytest.approx(0.002) and optima[("mup", 64)]["trials"] == 10
     transfer = {t["parametrization"]: t for t in written["fits"]["lr_transfer"]}
-    assert transfer["mup"]["optimum_ratio"] == pytest.approx(1.0, rel=0.03) and transfer["mup"]["loss_gap"] < 1e-3
-    assert transfer["sp"]["optimum_ratio"] == pytest.approx(1 / 8, rel=0.03)  # SP: the 32's lr* is 8x too large
+    assert (
+        transfer["mup"]["optimum_ratio"] == pytest.approx(1.0, rel=0.03)
+        and transfer["mup"]["loss_gap"] < 1e-3
+    )
+    assert transfer["sp"]["optimum_ratio"] == pytest.approx(
+        1 / 8, rel=0.03
+    )  # SP: the 32's lr* is 8x too large
     # ... and 2.8x above the largest lr of width 256's SP grid (centred on its own optimum): no loss to show
-    assert transfer["sp"]["loss_gap"] is None and transfer["sp"]["outside_factor"] == pytest.approx(2 ** 1.5, rel=0.03)
+    assert transfer["sp"]["loss_gap"] is None and transfer["sp"]["outside_factor"] == pytest.approx(
+        2**1.5, rel=0.03
+    )
     table = (tmp_path / "lr_optima.md").read_text()
     assert "| mup | 256 | 4 | 10 |" in table and "32 -> 256" in table and "2.8x beyond the lrs tried" in table
     assert (tmp_path / "loss_vs_lr.png").stat().st_size > 0
@@ -83,11 +104,27 @@ def test_report_tables_each_widths_optimum_and_the_transfer_gap(tmp_path):
 
 def test_a_held_out_run_is_compared_with_the_fits_prediction(tmp_path):
     law = lambda n, d: 208.0 * n**-0.29 + 200.0 * d**-0.23 + 1.7  # noqa: E731
-    fitted = [{"trial": i, "params": {"width": n}, "state": "complete", "n_params": n, "tokens": d,
-               "eval_loss": law(n, d)} for i, (n, d) in enumerate((n, d) for n in (1e5, 3e5, 1e6, 3e6)
-                                                                 for d in (5e5, 1e6, 2e6, 4e6))]  # fmt: skip
-    held = [{"trial": 0, "params": {"width": 512}, "state": "complete", "n_params": 1.2e7, "tokens": 4e6,
-             "eval_loss": law(1.2e7, 4e6) * 1.01}]  # fmt: skip
+    fitted = [
+        {
+            "trial": i,
+            "params": {"width": n},
+            "state": "complete",
+            "n_params": n,
+            "tokens": d,
+            "eval_loss": law(n, d),
+        }
+        for i, (n, d) in enumerate((n, d) for n in (1e5, 3e5, 1e6, 3e6) for d in (5e5, 1e6, 2e6, 4e6))
+    ]
+    held = [
+        {
+            "trial": 0,
+            "params": {"width": 512},
+            "state": "complete",
+            "n_params": 1.2e7,
+            "tokens": 4e6,
+            "eval_loss": law(1.2e7, 4e6) * 1.01,
+        }
+    ]
     written = report.write_report(fitted, str(tmp_path), holdout=held)
     (row,) = json.loads((tmp_path / "fits.json").read_text())["holdout"]
     assert row["relative_error"] == pytest.approx(0.01 / 1.01, abs=1e-3)  # the 1% the run is off the law

@@ -76,9 +76,22 @@ def test_study_completes_resumes_after_interrupt_and_records_divergence(tmp_path
         assert good["trial_wall_s"] >= good["wall_s"] > 0  # the trial's whole time from the database
     out = tmp_path / "report"
     shown = subprocess.run(
-        [sys.executable, "-m", "mct.tunnel", "report", "--study", "tiny", "--storage", storage, "--out", str(out)],
-        cwd=REPO, capture_output=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mct.tunnel",
+            "report",
+            "--study",
+            "tiny",
+            "--storage",
+            storage,
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+    )
     assert shown.returncode == 0, shown.stderr.decode()[-3000:]
     assert (out / "trials.md").read_text().count("diverged") >= 2
     assert (out / "loss_vs_lr.png").stat().st_size > 0
@@ -98,20 +111,33 @@ def test_decay_branches_share_one_stable_run(tmp_path):
     """study.decay_tokens: one stable run per trial, a WSD decay branch per token budget, one record each."""
     dataset = make_tiny_dataset(tmp_path / "data", vocab_size=VOCAB, num_docs=100)
     study = sweep.default_study()
-    study.update(dict(name="branches", workdir=str(tmp_path / "study"), n_layers=2, head_dim=16, width=32,
-                      space={"lr": [0.01]}, decay_tokens=(8 * 32 * 10, 8 * 32 * 20), decay_frac=0.2,
-                      scalingbench=""))  # fmt: skip
+    study.update(
+        dict(
+            name="branches",
+            workdir=str(tmp_path / "study"),
+            n_layers=2,
+            head_dim=16,
+            width=32,
+            space={"lr": [0.01]},
+            decay_tokens=(8 * 32 * 10, 8 * 32 * 20),
+            decay_frac=0.2,
+            scalingbench="",
+        )
+    )
     study.overrides = {
         "data": {"mixture": {"default": {"path": str(dataset)}}, "seq_len": 32, "eval_batches": 1},
-        "model": {"vocab_size": VOCAB}, "train": {"batch_size": 8}, "mesh": {"data": -1},
-    }  # fmt: skip
+        "model": {"vocab_size": VOCAB},
+        "train": {"batch_size": 8},
+        "mesh": {"data": -1},
+    }
     stable, branches = sweep.decay_branch_configs(
         sweep.trial_config(study, {"lr": 0.01}, str(tmp_path / "t")), study.decay_tokens, 0.2, 0.1
     )
     assert stable.train.steps == 16 and stable.schedule.decay_steps == 0 and stable.schedule.warmup_steps == 1
     assert [(b.schedule.branch_step, b.schedule.decay_steps) for b in branches] == [
-        (8, 2), (16, 4),
-    ]  # fmt: skip
+        (8, 2),
+        (16, 4),
+    ]
     sweep.work(study)
     records = sweep.records("branches", sweep.storage_url(study))
     assert all(r["state"] == "complete" for r in records), records

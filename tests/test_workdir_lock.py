@@ -46,8 +46,13 @@ def start_holder():
     procs = []
 
     def start(workdir: pathlib.Path, mode: str) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(workdir), mode], cwd=REPO,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(workdir), mode],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         procs.append(proc)
         assert proc.stdout.readline() == b"locked\n", proc.stderr.read().decode()
         return proc

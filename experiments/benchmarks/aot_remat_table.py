@@ -36,8 +36,18 @@ GiB = 2**30
 
 def compile_one(config: str, topology: str, policy: str, overrides: list[str]) -> dict:
     """mct.aot's JSON report (exit 0 fits, 3 does not); {"error": line} for anything else."""
-    command = [sys.executable, "-m", "mct.aot", "--config", str(REPO / CONFIGS[config]), "--topology", topology,
-               f"--config.model.remat={policy}", *(f"--config.{o}" for o in overrides), "--json"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mct.aot",
+        "--config",
+        str(REPO / CONFIGS[config]),
+        "--topology",
+        topology,
+        f"--config.model.remat={policy}",
+        *(f"--config.{o}" for o in overrides),
+        "--json",
+    ]
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if out.returncode not in (0, 3):
         return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -46,16 +56,20 @@ def compile_one(config: str, topology: str, policy: str, overrides: list[str]) -
 
 def table(rows: list[dict]) -> str:
     """Markdown: one line per (config, topology, policy)."""
-    lines = ["| config | topology | mesh | remat | GiB per device | fits | compile s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| config | topology | mesh | remat | GiB per device | fits | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         name = " ".join([f"minicpm4_{r['config']}", *r.get("overrides", ())])
         if "error" in r:
             lines.append(f"| {name} | {r['topology']} | | {r['policy']} | error: {r['error']} | | |")
             continue
         mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1)
-        lines.append(f"| {name} | {r['topology']} | {mesh} | {r['policy']} | {r['bytes_per_device'] / GiB:.2f} "
-                     f"| {'yes' if r['fits'] else 'no'} | {r['compile_s']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['topology']} | {mesh} | {r['policy']} | {r['bytes_per_device'] / GiB:.2f} "
+            f"| {'yes' if r['fits'] else 'no'} | {r['compile_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -71,8 +85,11 @@ def draw(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (config, topology, overrides) in zip(axes[0], groups):
         mine = [r for r in rows if group(r) == (config, topology, overrides) and "error" not in r]
-        ax.bar([r["policy"] for r in mine], [r["bytes_per_device"] / GiB for r in mine],
-               color=["tab:green" if r["fits"] else "tab:red" for r in mine])  # fmt: skip
+        ax.bar(
+            [r["policy"] for r in mine],
+            [r["bytes_per_device"] / GiB for r in mine],
+            color=["tab:green" if r["fits"] else "tab:red" for r in mine],
+        )
         if mine:
             ax.axhline(mine[0]["hbm_per_device"] / GiB, color="k", linestyle="--", label="HBM per chip")
         ax.set_yscale("log")
@@ -92,10 +109,17 @@ def main(argv: list[str]) -> None:
     key = lambda r: (r["config"], r["topology"], r["policy"], tuple(r.get("overrides", ())))
     have = {key(r) for r in done}
     extra = tuple(_OVERRIDES.value)
-    todo = [(c, t, p, extra) for c, _, t in (row.partition(":") for row in _ROWS.value) for p in _POLICIES.value]
+    todo = [
+        (c, t, p, extra) for c, _, t in (row.partition(":") for row in _ROWS.value) for p in _POLICIES.value
+    ]
     for config, topology, policy, _ in tqdm.tqdm([x for x in todo if x not in have], desc="compiles"):
-        report = {"config": config, "topology": topology, "policy": policy, "overrides": list(extra),
-                  **compile_one(config, topology, policy, list(extra))}  # fmt: skip
+        report = {
+            "config": config,
+            "topology": topology,
+            "policy": policy,
+            "overrides": list(extra),
+            **compile_one(config, topology, policy, list(extra)),
+        }
         with out.open("a") as f:
             f.write(json.dumps(report) + "\n")
         done.append(report)

@@ -77,8 +77,13 @@ def best_seconds(fn) -> float:
 
 
 def llama_cpp_seconds(path: pathlib.Path, prompt: list[int]) -> float:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + _MAX_NEW.value, n_threads=_THREADS.value,
-                          n_threads_batch=_THREADS.value, verbose=False)  # fmt: skip
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=len(prompt) + _MAX_NEW.value,
+        n_threads=_THREADS.value,
+        n_threads_batch=_THREADS.value,
+        verbose=False,
+    )
 
     def decode():
         for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True)):
@@ -117,8 +122,10 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     work = pathlib.Path(_WORK_DIR.value)
-    runs = {"dense": make_run(work / "dense", {}), "qat": make_run(work / "qat", {"weights": "ternary",
-                                                                                   "group_size": 256})}  # fmt: skip
+    runs = {
+        "dense": make_run(work / "dense", {}),
+        "qat": make_run(work / "qat", {"weights": "ternary", "group_size": 256}),
+    }
     tokenizer = load_run_tokenizer(runs["dense"])
     text = (REPO / "README.md").read_text(encoding="utf-8")
     prompt = [tokenizer.token_to_id(BOS)] + tokenizer.encode(text).ids[: _PROMPT_LEN.value - 1]

@@ -42,8 +42,9 @@ def _loader_start(directory: pathlib.Path, num_shards: int) -> dict:
     """Seconds to open a manifest of num_shards entries (all naming one real shard) and get the first batch."""
     manifest = shards.read_manifest(directory)
     first = manifest["splits"]["train"]["shards"][0]
-    manifest["splits"] = {"train": {"documents": first["documents"] * num_shards, "tokens": 0,
-                                    "shards": [first] * num_shards}}
+    manifest["splits"] = {
+        "train": {"documents": first["documents"] * num_shards, "tokens": 0, "shards": [first] * num_shards}
+    }
     with tempfile.TemporaryDirectory() as tmp:
         big = pathlib.Path(tmp)
         (big / shards.MANIFEST).write_text(json.dumps(manifest))
@@ -51,8 +52,9 @@ def _loader_start(directory: pathlib.Path, num_shards: int) -> dict:
             (big / name).write_bytes((directory / name).read_bytes())
         cfg = DataConfig(seq_len=1024, mixture={"big": MixtureComponent(str(big))})
         start = time.perf_counter()
-        iterator = make_train_iterator(cfg, batch_size=8, process_index=0, process_count=1,
-                                       model_vocab_size=manifest["vocab_size"])
+        iterator = make_train_iterator(
+            cfg, batch_size=8, process_index=0, process_count=1, model_vocab_size=manifest["vocab_size"]
+        )
         opened = time.perf_counter()
         next(iterator)
         return {"shards": num_shards, "open_s": opened - start, "first_batch_s": time.perf_counter() - opened}
@@ -75,29 +77,44 @@ def main(argv: list[str]) -> None:
     _, quality_s = _timed(classifier.score_normalised, normalised)
     records, tokenize_s = _timed(lambda t: prepare.document_records(tokenizer, t, 1_000_000), texts)
     tokens = sum(r.size for rs in records for r in rs)
-    stages = {"read": read_s, "normalise": normalise_s, "exact_dedup_key": exact_s, "minhash": minhash_s,
-              "quality_score": quality_s, "tokenize": tokenize_s}
+    stages = {
+        "read": read_s,
+        "normalise": normalise_s,
+        "exact_dedup_key": exact_s,
+        "minhash": minhash_s,
+        "quality_score": quality_s,
+        "tokenize": tokenize_s,
+    }
     result = {
-        "documents": len(texts), "megabytes": megabytes, "tokens": int(tokens),
+        "documents": len(texts),
+        "megabytes": megabytes,
+        "tokens": int(tokens),
         "bytes_per_token": megabytes * 1e6 / tokens,
-        "stages_per_core": {name: {"documents_per_s": len(texts) / s, "mb_per_s": megabytes / s}
-                            for name, s in stages.items()},
-    }  # fmt: skip
+        "stages_per_core": {
+            name: {"documents_per_s": len(texts) / s, "mb_per_s": megabytes / s} for name, s in stages.items()
+        },
+    }
     with tempfile.TemporaryDirectory() as tmp:
         model = pathlib.Path(tmp) / "quality.bin"
         classifier.save(model)
         (pathlib.Path(tmp) / "tokenizer.json").write_bytes(tok.tokenizer_bytes(tokenizer))
         start = time.perf_counter()
         out = beam_prepare.beam_prepare(
-            pathlib.Path(tmp) / "out", files, dedup_kinds=("exact", "minhash"), quality_model=str(model),
-            tokenizer_path=str(pathlib.Path(tmp) / "tokenizer.json"), progress=False,
+            pathlib.Path(tmp) / "out",
+            files,
+            dedup_kinds=("exact", "minhash"),
+            quality_model=str(model),
+            tokenizer_path=str(pathlib.Path(tmp) / "tokenizer.json"),
+            progress=False,
             pipeline_args=["--runner=DirectRunner", "--direct_num_workers=1"],
-        )  # fmt: skip
+        )
         pipeline_s = time.perf_counter() - start
         result["pipeline_direct_runner_1_worker"] = {
-            "seconds": pipeline_s, "documents_per_s": len(texts) / pipeline_s, "mb_per_s": megabytes / pipeline_s,
+            "seconds": pipeline_s,
+            "documents_per_s": len(texts) / pipeline_s,
+            "mb_per_s": megabytes / pipeline_s,
             "removed": shards.read_manifest(out)["removed"],
-        }  # fmt: skip
+        }
         if _MANIFEST.value:
             result["loader_start"] = _loader_start(out, _MANIFEST.value)
     compute_s = sum(stages.values())
@@ -106,14 +123,18 @@ def main(argv: list[str]) -> None:
         "tokens": _TOKENS.value,
         "corpus_tb": corpus_mb / 1e6,
         "worker_hours_stage_compute": corpus_mb / (megabytes / compute_s) / 3600,
-        "worker_hours_direct_runner": corpus_mb / result["pipeline_direct_runner_1_worker"]["mb_per_s"] / 3600,
+        "worker_hours_direct_runner": corpus_mb
+        / result["pipeline_direct_runner_1_worker"]["mb_per_s"]
+        / 3600,
     }
     for name, s in result["stages_per_core"].items():
         print(f"{name:>16}: {s['documents_per_s']:9.0f} documents/s {s['mb_per_s']:7.2f} MB/s per core")
     p = result["projection"]
-    print(f"pipeline on the DirectRunner, 1 worker: {result['pipeline_direct_runner_1_worker']['mb_per_s']:.2f} MB/s;"
-          f" {p['tokens']:.0e} tokens = {p['corpus_tb']:.1f} TB: {p['worker_hours_stage_compute']:.0f} core-hours "
-          f"of stage compute, {p['worker_hours_direct_runner']:.0f} at the DirectRunner's rate")
+    print(
+        f"pipeline on the DirectRunner, 1 worker: {result['pipeline_direct_runner_1_worker']['mb_per_s']:.2f} MB/s;"
+        f" {p['tokens']:.0e} tokens = {p['corpus_tb']:.1f} TB: {p['worker_hours_stage_compute']:.0f} core-hours "
+        f"of stage compute, {p['worker_hours_direct_runner']:.0f} at the DirectRunner's rate"
+    )
     if _JSON.value:
         print(json.dumps(result))
 

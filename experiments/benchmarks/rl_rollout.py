@@ -61,8 +61,13 @@ def run_variant(config: Config, chunk_tokens: int) -> dict:
     """RL steps with at most chunk_tokens decoded per trajectory per step, run twice with the same seeds: the
     first pass compiles every shape the second (timed) pass meets."""
     r = config.rl
-    setup = build(rl_config(config), jax.devices()[:1], objective=grpo_objective(
-        eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta))  # fmt: skip
+    setup = build(
+        rl_config(config),
+        jax.devices()[:1],
+        objective=grpo_objective(
+            eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta
+        ),
+    )
     run_steps(setup, config, chunk_tokens)
     return run_steps(setup, config, chunk_tokens)
 
@@ -90,10 +95,20 @@ def run_steps(setup: TrainSetup, config: Config, chunk_tokens: int) -> dict:
         active = [t for t in buffer if not t.finished]
         # the batch decodes in lockstep until its longest answer ends or the chunk is used up
         longest = max(targets[id(t)] - len(t.response) for t in active)
-        rollout_chunk(setup.model.cfg, state["params"], active, chunk_tokens=min(chunk_tokens, longest),
-                      max_response_tokens=r.max_response_tokens, stop_ids=[], sampling=Sampling(1.0),
-                      key=jax.random.key(step), version=step, capacity=config.data.seq_len,
-                      row_multiple=rows_per_step, width_multiple=64)  # fmt: skip
+        rollout_chunk(
+            setup.model.cfg,
+            state["params"],
+            active,
+            chunk_tokens=min(chunk_tokens, longest),
+            max_response_tokens=r.max_response_tokens,
+            stop_ids=[],
+            sampling=Sampling(1.0),
+            key=jax.random.key(step),
+            version=step,
+            capacity=config.data.seq_len,
+            row_multiple=rows_per_step,
+            width_multiple=64,
+        )
         for t in active:
             n = targets[id(t)]
             if len(t.response) >= n:  # the simulated <|im_end|> at the answer's length
@@ -122,22 +137,32 @@ def run_steps(setup: TrainSetup, config: Config, chunk_tokens: int) -> dict:
             rows = {k: np.pad(v, ((0, padded - len(v)), (0, 0))) for k, v in rows.items()}
             for first in range(0, padded, config.train.batch_size):
                 with jax.set_mesh(setup.mesh):
-                    batch = global_batch({k: v[first : first + config.train.batch_size] for k, v in rows.items()},
-                                         setup.batch_sharding)  # fmt: skip
+                    batch = global_batch(
+                        {k: v[first : first + config.train.batch_size] for k, v in rows.items()},
+                        setup.batch_sharding,
+                    )
                     batch["ref_logp"] = ref_fn(ref_params, batch)
                     state, _ = setup.step_fn(state, batch, np.int32(step))
             jax.block_until_ready(state)
         t2 = time.perf_counter()
         if step >= _WARMUP.value:
-            for k, v in (("step_s", t2 - t0), ("rollout_s", t1 - t0), ("train_s", t2 - t1),
-                         ("finished", sum(len(ts) for ts in done)), ("carried", len(buffer))):  # fmt: skip
+            for k, v in (
+                ("step_s", t2 - t0),
+                ("rollout_s", t1 - t0),
+                ("train_s", t2 - t1),
+                ("finished", sum(len(ts) for ts in done)),
+                ("carried", len(buffer)),
+            ):
                 times[k].append(v)
     total = sum(times["step_s"])
     return {
-        "step_s": float(np.mean(times["step_s"])), "rollout_s": float(np.mean(times["rollout_s"])),
-        "train_s": float(np.mean(times["train_s"])), "finished_per_s": sum(times["finished"]) / total,
-        "carried_mean": float(np.mean(times["carried"])), "chunk_tokens": chunk_tokens,
-    }  # fmt: skip
+        "step_s": float(np.mean(times["step_s"])),
+        "rollout_s": float(np.mean(times["rollout_s"])),
+        "train_s": float(np.mean(times["train_s"])),
+        "finished_per_s": sum(times["finished"]) / total,
+        "carried_mean": float(np.mean(times["carried"])),
+        "chunk_tokens": chunk_tokens,
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -146,13 +171,20 @@ def main(argv: list[str]) -> None:
     full = run_variant(config, _MAX_RESPONSE.value)
     chunked = run_variant(config, _CHUNK.value)
     report = {
-        "full": full, "chunked": chunked,
-        "step_ratio": chunked["step_s"] / full["step_s"], "rollout_ratio": chunked["rollout_s"] / full["rollout_s"],
+        "full": full,
+        "chunked": chunked,
+        "step_ratio": chunked["step_s"] / full["step_s"],
+        "rollout_ratio": chunked["rollout_s"] / full["rollout_s"],
         "throughput_ratio": chunked["finished_per_s"] / full["finished_per_s"],
-        "settings": {"steps": _STEPS.value, "max_response_tokens": _MAX_RESPONSE.value,
-                     "median_tokens": _MEDIAN.value, "sigma": _SIGMA.value,
-                     "rows_per_step": _GROUP.value * _PROMPTS.value, "backend": jax.default_backend()},
-    }  # fmt: skip
+        "settings": {
+            "steps": _STEPS.value,
+            "max_response_tokens": _MAX_RESPONSE.value,
+            "median_tokens": _MEDIAN.value,
+            "sigma": _SIGMA.value,
+            "rows_per_step": _GROUP.value * _PROMPTS.value,
+            "backend": jax.default_backend(),
+        },
+    }
     for name in ("full", "chunked"):
         v = report[name]
         print(

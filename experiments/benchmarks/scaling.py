@@ -28,13 +28,20 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line
 def run(processes: int, workdir: str) -> list[dict]:
     batch = _BATCH.value * processes
     train_flags = [
-        "--config", "experiments/configs/tiny_cpu.py", f"--config.workdir={workdir}",
-        f"--config.train.steps={_STEPS.value}", f"--config.train.batch_size={batch}",
-        "--config.train.log_every_steps=1", "--config.schedule.warmup_steps=2", "--config.schedule.decay_steps=2",
-        "--config.checkpoint.every_steps=100000", "--config.eval.every_steps=100000",
-        f"--config.data.num_logical_shards={max(8, processes)}", "--config.mesh.data=-1",
+        "--config",
+        "experiments/configs/tiny_cpu.py",
+        f"--config.workdir={workdir}",
+        f"--config.train.steps={_STEPS.value}",
+        f"--config.train.batch_size={batch}",
+        "--config.train.log_every_steps=1",
+        "--config.schedule.warmup_steps=2",
+        "--config.schedule.decay_steps=2",
+        "--config.checkpoint.every_steps=100000",
+        "--config.eval.every_steps=100000",
+        f"--config.data.num_logical_shards={max(8, processes)}",
+        "--config.mesh.data=-1",
         f"--config.data.seq_len={_SEQ.value}",
-    ]  # fmt: skip
+    ]
     command = [sys.executable, "-m", "mct.launch", "local", f"--processes={processes}", "--", *train_flags]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -50,8 +57,14 @@ def main(argv):
             lines = run(p, os.path.join(tmp, f"p{p}"))[5:]
             tokens_per_step = _BATCH.value * p * _SEQ.value
             step_time = statistics.median(tokens_per_step / m["tokens_per_s"] for m in lines)
-            results.append({"processes": p, "global_batch": _BATCH.value * p, "step_time_s": step_time,
-                            "steps_per_s": 1.0 / step_time})  # fmt: skip
+            results.append(
+                {
+                    "processes": p,
+                    "global_batch": _BATCH.value * p,
+                    "step_time_s": step_time,
+                    "steps_per_s": 1.0 / step_time,
+                }
+            )
     base = results[0]["step_time_s"] / results[0]["processes"]
     for r in results:
         r["overhead_s"] = r["step_time_s"] - r["processes"] * base

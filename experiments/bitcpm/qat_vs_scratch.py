@@ -38,8 +38,9 @@ _JSON = flags.DEFINE_bool("json", False, "Print the results as one JSON object o
 LR = 0.01  # stage 1 peak; QAT's is half (BitCPM convention)
 
 
-def proxy_config(workdir: pathlib.Path, steps: int, *, ternary: bool = False, lr: float = LR,
-                 init_from: str = "") -> Config:  # fmt: skip
+def proxy_config(
+    workdir: pathlib.Path, steps: int, *, ternary: bool = False, lr: float = LR, init_from: str = ""
+) -> Config:
     """The tiny proxy: 2 layers x 64 wide, seq 128, batch 16, WSD (10% warmup, 20% decay), eval every 20%."""
     c = tiny_cpu.get_config()
     c.workdir, c.init_from = str(workdir), init_from
@@ -71,8 +72,11 @@ def run_all(root: pathlib.Path, steps: int, fractions: list[float]) -> dict:
     def run(name: str, config: Config, offset: int = 0, **info) -> None:
         print(f"--- {name}: {config.train.steps} steps", flush=True)
         train(config, devices=one)
-        results[name] = {"final_eval_loss": logged_metrics(config.workdir)["eval_loss"],
-                         "curve": eval_curve(pathlib.Path(config.workdir), offset), **info}  # fmt: skip
+        results[name] = {
+            "final_eval_loss": logged_metrics(config.workdir)["eval_loss"],
+            "curve": eval_curve(pathlib.Path(config.workdir), offset),
+            **info,
+        }
 
     checkpoint_every = max(steps // 10, 1)
     run("fp32", proxy_config(root / "fp32", steps))
@@ -80,8 +84,13 @@ def run_all(root: pathlib.Path, steps: int, fractions: list[float]) -> dict:
     for r in fractions:
         qat_steps = round(r * steps / checkpoint_every) * checkpoint_every
         source_step = steps - qat_steps  # a stable-phase checkpoint of the fp32 run (its decay starts at 80%)
-        config = proxy_config(root / f"qat_{r:.0%}", qat_steps, ternary=True, lr=LR / 2,
-                              init_from=f"{root / 'fp32'}:{source_step}")  # fmt: skip
+        config = proxy_config(
+            root / f"qat_{r:.0%}",
+            qat_steps,
+            ternary=True,
+            lr=LR / 2,
+            init_from=f"{root / 'fp32'}:{source_step}",
+        )
         run(f"qat_{r:.0%}", config, offset=source_step, qat_fraction=r, source_step=source_step)
     return results
 

@@ -17,8 +17,15 @@ def model_config(
     *, n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, d_mlp: int, vocab_size: int
 ) -> ml_collections.ConfigDict:
     """A MiniCPM model with muP; only the shape varies between experiments."""
-    shape = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
-                 d_mlp=d_mlp, vocab_size=vocab_size)  # fmt: skip
+    shape = dict(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        d_mlp=d_mlp,
+        vocab_size=vocab_size,
+    )
     return ml_collections.ConfigDict(dataclasses.asdict(ModelConfig(**shape)))
 
 

@@ -11,9 +11,17 @@ def get_config():
     c.workdir = "/tmp/mct-tiny-sparse"
     c.model.attention = "infllm_v2"
     c.model.sparse.update(
-        dict(block_size=16, kernel_size=16, kernel_stride=8, init_blocks=1, window_size=112, topk=12,
-             dense_len=512, implementation="xla")
-    )  # fmt: skip
+        dict(
+            block_size=16,
+            kernel_size=16,
+            kernel_stride=8,
+            init_blocks=1,
+            window_size=112,
+            topk=12,
+            dense_len=512,
+            implementation="xla",
+        )
+    )
     c.model.max_position = 4096
     c.data.seq_len = 1024
     c.train.batch_size = 4

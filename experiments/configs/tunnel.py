@@ -23,9 +23,14 @@ def tunnel_config(name: str) -> ml_collections.ConfigDict:
     c = base_config()
     c.workdir = f"/tmp/mct-tunnel-{name}"
     c.model = model_config(
-        n_layers=layers, d_model=d_model, n_heads=heads, n_kv_heads=heads, head_dim=64, d_mlp=d_mlp,
+        n_layers=layers,
+        d_model=d_model,
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=64,
+        d_mlp=d_mlp,
         vocab_size=TUNNEL_VOCAB,
-    )  # fmt: skip
+    )
     c.model.scan_layers = False  # <= 24 layers: unrolled compiles fast and runs faster on CPU
     c.model.loss_chunk = 128  # [batch, 128, 32768] fp32 logits at a time instead of the whole sequence's
     c.data.vocab_size = TUNNEL_VOCAB

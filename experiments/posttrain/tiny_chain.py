@@ -37,8 +37,15 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line
 
 
 def run_stage(module: str, config: str, workdir: pathlib.Path, *flags_: str) -> None:
-    command = [sys.executable, "-m", module, "--config", str(REPO / "experiments/configs" / config),
-               f"--config.workdir={workdir}", *flags_]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        module,
+        "--config",
+        str(REPO / "experiments/configs" / config),
+        f"--config.workdir={workdir}",
+        *flags_,
+    ]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
 
@@ -47,8 +54,10 @@ def accuracy(workdir: pathlib.Path, items: list[dict]) -> float:
     """Greedy answers of the run's params to the items' prompts, scored by the numeric reward."""
     run = RunCheckpoint(str(workdir))
     tokenizer = load_run_tokenizer(run)
-    prompts = [encode_chat(tokenizer, [{"role": "user", "content": item["prompt"]}], add_generation_prompt=True)[0]
-               for item in items]  # fmt: skip
+    prompts = [
+        encode_chat(tokenizer, [{"role": "user", "content": item["prompt"]}], add_generation_prompt=True)[0]
+        for item in items
+    ]
     outputs = generate(
         run.model_cfg, run.read_params(), prompts, max_new_tokens=24, eos_id=im_end_id(tokenizer)
     )
@@ -60,8 +69,13 @@ def main(argv: list[str]) -> None:
     work = pathlib.Path(_WORK_DIR.value)
     pretrain, sft, rl = work / "pretrain", work / "sft", work / "rl"
     run_stage("mct.train", "tiny_cpu.py", pretrain, f"--config.train.steps={_PRETRAIN_STEPS.value}")
-    run_stage("mct.sft", "tiny_cpu_sft.py", sft, f"--config.init_from={pretrain}",
-              f"--config.train.steps={_SFT_STEPS.value}")  # fmt: skip
+    run_stage(
+        "mct.sft",
+        "tiny_cpu_sft.py",
+        sft,
+        f"--config.init_from={pretrain}",
+        f"--config.train.steps={_SFT_STEPS.value}",
+    )
     run_stage(
         "mct.rl", "tiny_cpu_rl.py", rl, f"--config.init_from={sft}", f"--config.train.steps={_RL_STEPS.value}"
     )
@@ -81,8 +95,12 @@ def main(argv: list[str]) -> None:
         right.text(x, v + 0.02, f"{v:.3f}", ha="center")
     fig.tight_layout()
     fig.savefig(work / "chain.png", dpi=110)
-    report = {"accuracy_sft": before, "accuracy_rl": after, "reward_curve": curve,
-              "steps": {"pretrain": _PRETRAIN_STEPS.value, "sft": _SFT_STEPS.value, "rl": _RL_STEPS.value}}  # fmt: skip
+    report = {
+        "accuracy_sft": before,
+        "accuracy_rl": after,
+        "reward_curve": curve,
+        "steps": {"pretrain": _PRETRAIN_STEPS.value, "sft": _SFT_STEPS.value, "rl": _RL_STEPS.value},
+    }
     (work / "chain.json").write_text(json.dumps(report, indent=1))
     print(f"held-out accuracy: after SFT {before:.3f}, after RL {after:.3f}; plot: {work / 'chain.png'}")
     if _JSON.value:

@@ -32,11 +32,22 @@ ABSL_PREFIX = re.compile(
     r"^[IWEF]\d{4} [\d:.]+\s+\d+\s+\S+:\d+\]\s*"
 )  # absl / glog: "E1201 12:00:00.1 42 f.py:9] "
 TINY = {
-    "model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2, "model.head_dim": 16,
-    "model.d_mlp": 128, "data.seq_len": 32, "data.eval_batches": 1, "train.batch_size": 8, "train.steps": 10,
-    "train.log_every_steps": 1, "eval.every_steps": 5, "checkpoint.every_steps": 5,
-    "checkpoint.max_to_keep": 10, "mesh.data": 1,
-}  # fmt: skip
+    "model.n_layers": 2,
+    "model.d_model": 64,
+    "model.n_heads": 4,
+    "model.n_kv_heads": 2,
+    "model.head_dim": 16,
+    "model.d_mlp": 128,
+    "data.seq_len": 32,
+    "data.eval_batches": 1,
+    "train.batch_size": 8,
+    "train.steps": 10,
+    "train.log_every_steps": 1,
+    "eval.every_steps": 5,
+    "checkpoint.every_steps": 5,
+    "checkpoint.max_to_keep": 10,
+    "mesh.data": 1,
+}
 # a model whose checkpoints (~0.25 MB: params and two Adam moments) fill a 600 KB disk after two saves
 TINIER = ("model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.d_mlp=64")
 
@@ -82,8 +93,9 @@ class Case:
 def start(argv: list[str], log: pathlib.Path, cwd: pathlib.Path = REPO) -> subprocess.Popen:
     """argv in the background, in its own process group, stdout and stderr to log.out / log.err."""
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-        proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            argv, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     proc.log, proc.began = log, time.monotonic()
     return proc
 
@@ -112,8 +124,15 @@ def sh(argv: list[str], log: pathlib.Path, timeout: int = TIMEOUT, cwd: pathlib.
 def train(workdir: pathlib.Path, *overrides: str) -> list[str]:
     """mct.train on the tiny config; overrides ("key=value") replace TINY's values."""
     flags = {**TINY, **dict(o.split("=", 1) for o in overrides)}
-    return [PY, "-m", "mct.train", "--config", "experiments/configs/tiny_cpu.py", f"--config.workdir={workdir}",
-            *(f"--config.{k}={v}" for k, v in flags.items())]  # fmt: skip
+    return [
+        PY,
+        "-m",
+        "mct.train",
+        "--config",
+        "experiments/configs/tiny_cpu.py",
+        f"--config.workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in flags.items()),
+    ]
 
 
 def module(name: str, *args) -> list[str]:
@@ -160,8 +179,17 @@ def small_dataset(out: pathlib.Path) -> None:
         (raw / f"doc{i:02d}.txt").write_text(text[i * 500 : (i + 1) * 500])
     # documents go to eval by a hash of their input path: relative paths (from raw/) make the split the same
     # on every probe run, and a quarter of 64 makes some eval documents certain
-    argv = module("data_pipelines.prepare", "--input", "*.txt", "--out", out, "--vocab_size", 300,
-                  "--eval_fraction", 0.25)  # fmt: skip
+    argv = module(
+        "data_pipelines.prepare",
+        "--input",
+        "*.txt",
+        "--out",
+        out,
+        "--vocab_size",
+        300,
+        "--eval_fraction",
+        0.25,
+    )
     must(sh(argv, out.with_suffix(".log"), cwd=raw), "fixture: prepare the small dataset")
 
 
@@ -233,8 +261,11 @@ def tmpfs(size: str = "600k", fill: bool = False) -> Callable:
     def run(c) -> None:
         c.disk = c.dir / "disk"
         c.disk.mkdir()
-        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(c.disk)],
-                               capture_output=True, text=True)  # fmt: skip
+        mount = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(c.disk)],
+            capture_output=True,
+            text=True,
+        )
         if mount.returncode:
             raise Skip(f"cannot mount a tmpfs: {(mount.stderr or mount.stdout).strip()[:100]}")
         c.cleanups.append(lambda: subprocess.run(["umount", str(c.disk)], capture_output=True))
@@ -340,8 +371,10 @@ def no_tmp_dirs(r: Run, c):
 
 def failed_save_line(r: Run, c):
     """`checkpoint save at step N failed: No space left on device ...; last good checkpoint: step M`, M < N."""
-    m = re.search(r"checkpoint save at step (\d+) failed: No space left on device.*; last good checkpoint: step (\d+)",
-                  r.err)  # fmt: skip
+    m = re.search(
+        r"checkpoint save at step (\d+) failed: No space left on device.*; last good checkpoint: step (\d+)",
+        r.err,
+    )
     if not m:
         return (
             "no 'checkpoint save at step N failed: No space left on device ...; last good checkpoint: step M'"
@@ -388,9 +421,11 @@ def measured(argv: list[str]) -> list[str]:
     """argv with its peak RSS on stderr: /usr/bin/time -v, else getrusage(RUSAGE_CHILDREN) in a wrapper."""
     if os.path.exists("/usr/bin/time"):
         return ["/usr/bin/time", "-v", *argv]
-    wrapper = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); print('Maximum resident set "
-               "size (kbytes):', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-               "sys.exit(rc)")  # fmt: skip
+    wrapper = (
+        "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); print('Maximum resident set "
+        "size (kbytes):', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+        "sys.exit(rc)"
+    )
     return [PY, "-c", wrapper, *argv]
 
 
@@ -406,60 +441,158 @@ def nothing_left_in(c) -> list[str]:
 
 GEN = ("--prompt", "def f(", "--max_new_tokens")
 CASES = [
-    Case("1-unknown-key", nothing, lambda c: train(c.w, "train.stepz=10"),
-         [exit_code(2), error_line("error: unknown config key train.stepz (did you mean train.steps?)"),
-          holds(lambda r, c: not c.w.exists(), "the workdir was created")]),
+    Case(
+        "1-unknown-key",
+        nothing,
+        lambda c: train(c.w, "train.stepz=10"),
+        [
+            exit_code(2),
+            error_line("error: unknown config key train.stepz (did you mean train.steps?)"),
+            holds(lambda r, c: not c.w.exists(), "the workdir was created"),
+        ],
+    ),
     Case("2-seq-len-0", nothing, lambda c: train(c.w, "data.seq_len=0"), exits_2_naming("data.seq_len")),
     Case("3a-lr-0", nothing, lambda c: train(c.w, "optimizer.lr=0"), exits_2_naming("optimizer.lr")),
     Case("3b-steps-negative", nothing, lambda c: train(c.w, "train.steps=-5"), exits_2_naming("train.steps")),
-    Case("3c-seq-len-over-max-position", nothing, lambda c: train(c.w, "data.seq_len=100000"),
-         exits_2_naming("data.seq_len", "max_position")),
+    Case(
+        "3c-seq-len-over-max-position",
+        nothing,
+        lambda c: train(c.w, "data.seq_len=100000"),
+        exits_2_naming("data.seq_len", "max_position"),
+    ),
     Case("4-unwritable-workdir", nothing, lambda c: train("/proc/mct-probe"), exits_2_naming("workdir")),
-    Case("5-second-trainer-same-workdir", holder, lambda c: train(c.w),
-         [*exits_2_naming("pid", socket.gethostname()), holder_stops_on_sigterm]),
-    Case("6-metrics-not-duplicated-on-resume",
-         steps(copy_finished, lambda c: shutil.rmtree(c.w / "checkpoints/10")), lambda c: train(c.w),
-         [exit_code(0), holds(lambda r, c: sorted(logged_steps(c.w)) == list(range(1, 11)),
-                              "metrics.jsonl loss steps are not exactly 1..10 once each")]),
-    Case("7a-every-checkpoint-unreadable", steps(copy_finished, drop_markers), lambda c: train(c.w),
-         [exit_code("non-zero"), says("no readable checkpoint left")]),
-    Case("7b-rerun-after-all-moved-aside", steps(copy_finished, drop_markers, rerun), lambda c: train(c.w),
-         exits_2_naming("10.corrupt-", "5.corrupt-", "allow_fresh_start")),
-    Case("7c-allow-fresh-start", steps(copy_finished, drop_markers, rerun, rerun),
-         lambda c: train(c.w, "checkpoint.allow_fresh_start=true"), [exit_code(0)]),
-    Case("8-resume-changed-seq-len", copy_finished, lambda c: train(c.w, "train.steps=15", "data.seq_len=64"),
-         exits_2_naming("saved with different data settings", "seq_len")),
-    Case("9a-generate-0-tokens", nothing, lambda c: module("mct.generate", "--workdir", finished(), *GEN, 0),
-         exits_2_naming("max_new_tokens")),
-    Case("9b-generate-past-max-position", nothing,
-         lambda c: module("mct.generate", "--workdir", finished(), *GEN, 40000),
-         exits_2_naming("max_position"), timeout=120),
-    Case("10a-save-on-full-disk",
-         steps(tmpfs(), lambda c: setattr(c, "w", c.disk / "w")),
-         lambda c: train(c.w, *small(), *TINIER, "train.steps=40"),
-         [exit_code("non-zero"), failed_save_line, no_tmp_dirs]),
-    Case("10b-export-onto-full-disk", tmpfs(fill=True),
-         lambda c: module("mct.export", "--workdir", finished(), "--format", "llama", "--out", c.disk / "out"),
-         [*exits_2_naming(), holds(lambda r, c: not nothing_left_in(c), "partial output left on the disk")]),
-    Case("11-prepare-20mb-one-line", big_text,
-         lambda c: measured(module("data_pipelines.prepare", "--input", c.dir / "big.txt", "--out", c.dir / "ds",
-                                   "--vocab_size", 300)),
-         [exit_code(0), peak_rss_under(1024),
-          holds(lambda r, c: any(line.startswith("skipped") for line in r.out.splitlines()),
-                "stdout has no line starting 'skipped'")], timeout=400),
-    Case("12a-corrupt-checkpoint", steps(copy_finished, truncate_state), lambda c: train(c.w),
-         [exit_code(0), says("resumed from", "step 5"),
-          holds(lambda r, c: list(c.w.glob("checkpoints/10.corrupt-*")), "no checkpoints/10.corrupt-* kept"),
-          holds(lambda r, c: (c.w / "checkpoints/10/commit_success.txt").exists(), "step 10 not saved again")]),
-    Case("12b-truncated-shard", copy_dataset(truncate_shard), lambda c: train(c.w, *small(c.ds)),
-         exits_2_naming("train-00000.arrayrecord")),
-    Case("12c-edited-manifest", copy_dataset(edit_manifest), lambda c: train(c.w, *small(c.ds)),
-         exits_2_naming("manifest.json")),
-    Case("12d-sigterm-during-training", nothing, lambda c: train(c.w, "train.steps=2000"),
-         [exit_code(0), saved_where_stopped], during=sigterm_after(3)),
-    Case("13-tensorboard-installed", nothing, lambda c: [str(REPO / ".venv/bin/tensorboard"), "--version"],
-         [exit_code(0)]),
-]  # fmt: skip
+    Case(
+        "5-second-trainer-same-workdir",
+        holder,
+        lambda c: train(c.w),
+        [*exits_2_naming("pid", socket.gethostname()), holder_stops_on_sigterm],
+    ),
+    Case(
+        "6-metrics-not-duplicated-on-resume",
+        steps(copy_finished, lambda c: shutil.rmtree(c.w / "checkpoints/10")),
+        lambda c: train(c.w),
+        [
+            exit_code(0),
+            holds(
+                lambda r, c: sorted(logged_steps(c.w)) == list(range(1, 11)),
+                "metrics.jsonl loss steps are not exactly 1..10 once each",
+            ),
+        ],
+    ),
+    Case(
+        "7a-every-checkpoint-unreadable",
+        steps(copy_finished, drop_markers),
+        lambda c: train(c.w),
+        [exit_code("non-zero"), says("no readable checkpoint left")],
+    ),
+    Case(
+        "7b-rerun-after-all-moved-aside",
+        steps(copy_finished, drop_markers, rerun),
+        lambda c: train(c.w),
+        exits_2_naming("10.corrupt-", "5.corrupt-", "allow_fresh_start"),
+    ),
+    Case(
+        "7c-allow-fresh-start",
+        steps(copy_finished, drop_markers, rerun, rerun),
+        lambda c: train(c.w, "checkpoint.allow_fresh_start=true"),
+        [exit_code(0)],
+    ),
+    Case(
+        "8-resume-changed-seq-len",
+        copy_finished,
+        lambda c: train(c.w, "train.steps=15", "data.seq_len=64"),
+        exits_2_naming("saved with different data settings", "seq_len"),
+    ),
+    Case(
+        "9a-generate-0-tokens",
+        nothing,
+        lambda c: module("mct.generate", "--workdir", finished(), *GEN, 0),
+        exits_2_naming("max_new_tokens"),
+    ),
+    Case(
+        "9b-generate-past-max-position",
+        nothing,
+        lambda c: module("mct.generate", "--workdir", finished(), *GEN, 40000),
+        exits_2_naming("max_position"),
+        timeout=120,
+    ),
+    Case(
+        "10a-save-on-full-disk",
+        steps(tmpfs(), lambda c: setattr(c, "w", c.disk / "w")),
+        lambda c: train(c.w, *small(), *TINIER, "train.steps=40"),
+        [exit_code("non-zero"), failed_save_line, no_tmp_dirs],
+    ),
+    Case(
+        "10b-export-onto-full-disk",
+        tmpfs(fill=True),
+        lambda c: module("mct.export", "--workdir", finished(), "--format", "llama", "--out", c.disk / "out"),
+        [*exits_2_naming(), holds(lambda r, c: not nothing_left_in(c), "partial output left on the disk")],
+    ),
+    Case(
+        "11-prepare-20mb-one-line",
+        big_text,
+        lambda c: measured(
+            module(
+                "data_pipelines.prepare",
+                "--input",
+                c.dir / "big.txt",
+                "--out",
+                c.dir / "ds",
+                "--vocab_size",
+                300,
+            )
+        ),
+        [
+            exit_code(0),
+            peak_rss_under(1024),
+            holds(
+                lambda r, c: any(line.startswith("skipped") for line in r.out.splitlines()),
+                "stdout has no line starting 'skipped'",
+            ),
+        ],
+        timeout=400,
+    ),
+    Case(
+        "12a-corrupt-checkpoint",
+        steps(copy_finished, truncate_state),
+        lambda c: train(c.w),
+        [
+            exit_code(0),
+            says("resumed from", "step 5"),
+            holds(
+                lambda r, c: list(c.w.glob("checkpoints/10.corrupt-*")), "no checkpoints/10.corrupt-* kept"
+            ),
+            holds(
+                lambda r, c: (c.w / "checkpoints/10/commit_success.txt").exists(), "step 10 not saved again"
+            ),
+        ],
+    ),
+    Case(
+        "12b-truncated-shard",
+        copy_dataset(truncate_shard),
+        lambda c: train(c.w, *small(c.ds)),
+        exits_2_naming("train-00000.arrayrecord"),
+    ),
+    Case(
+        "12c-edited-manifest",
+        copy_dataset(edit_manifest),
+        lambda c: train(c.w, *small(c.ds)),
+        exits_2_naming("manifest.json"),
+    ),
+    Case(
+        "12d-sigterm-during-training",
+        nothing,
+        lambda c: train(c.w, "train.steps=2000"),
+        [exit_code(0), saved_where_stopped],
+        during=sigterm_after(3),
+    ),
+    Case(
+        "13-tensorboard-installed",
+        nothing,
+        lambda c: [str(REPO / ".venv/bin/tensorboard"), "--version"],
+        [exit_code(0)],
+    ),
+]
 
 
 # --- the probe ----------------------------------------------------------------------------------------------
@@ -528,8 +661,11 @@ def main() -> None:
     ran = [r for r in results if not r.startswith("SKIP")]
     passed = sum(r == "PASS" for r in ran)
     skipped = len(results) - len(ran)
-    print(f"{passed}/{len(ran)} passed" + (f", {skipped} skipped" if skipped else "")
-          + f" ({time.monotonic() - began:.0f} s)")  # fmt: skip
+    print(
+        f"{passed}/{len(ran)} passed"
+        + (f", {skipped} skipped" if skipped else "")
+        + f" ({time.monotonic() - began:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

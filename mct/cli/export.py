@@ -20,18 +20,31 @@ from mct.export.hf_export import DTYPES, FORMATS, GGUF, export, read_run
 def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest committed one).")
-    flags.DEFINE_enum("format", "minicpm", FORMATS, "minicpm, llama (muP folded in), or ternary (a QAT run's "
-                      "2-bit codes + per-group scales in the minicpm layout).")
-    flags.DEFINE_string("out", None, "New (or empty) output directory; a new .gguf file for --format gguf.",
-                        required=True)  # fmt: skip
+    flags.DEFINE_enum(
+        "format",
+        "minicpm",
+        FORMATS,
+        "minicpm, llama (muP folded in), or ternary (a QAT run's "
+        "2-bit codes + per-group scales in the minicpm layout).",
+    )
+    flags.DEFINE_string(
+        "out", None, "New (or empty) output directory; a new .gguf file for --format gguf.", required=True
+    )
     flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Tensor dtype in the safetensors files.")
     flags.DEFINE_integer("max_shard_mb", 2048, "Largest safetensors shard, in MiB.")
     flags.DEFINE_string("tokenizer", None, "tokenizer.json (default: the run's own).")
-    flags.DEFINE_bool("keep_mtp", False, "Keep the MTP blocks (model.mtp.depth > 0; dropped by default), for "
-                      "self-speculative decoding.")
+    flags.DEFINE_bool(
+        "keep_mtp",
+        False,
+        "Keep the MTP blocks (model.mtp.depth > 0; dropped by default), for self-speculative decoding.",
+    )
     flags.DEFINE_string("freq_vocab", None, "FR-Spec vocabulary file to include (data_pipelines.freq_vocab).")
-    flags.DEFINE_enum("gguf_type", "f16", list(gguf_export.GGUF_TYPES), "--format gguf: the tensor type "
-                      "(q4_k_m through llama.cpp's quantizer; tq2_0 for ternary QAT runs).")  # fmt: skip
+    flags.DEFINE_enum(
+        "gguf_type",
+        "f16",
+        list(gguf_export.GGUF_TYPES),
+        "--format gguf: the tensor type (q4_k_m through llama.cpp's quantizer; tq2_0 for ternary QAT runs).",
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -43,9 +56,16 @@ def main(argv: list[str]) -> None:
             print(f"exported {f.gguf_type} GGUF to {out}")
             return
         out = export(
-            f.workdir, f.out, f.format, step=f.step, dtype=f.dtype, max_shard_bytes=f.max_shard_mb << 20,
-            tokenizer_path=f.tokenizer, freq_vocab=f.freq_vocab, keep_mtp=f.keep_mtp,
-        )  # fmt: skip
+            f.workdir,
+            f.out,
+            f.format,
+            step=f.step,
+            dtype=f.dtype,
+            max_shard_bytes=f.max_shard_mb << 20,
+            tokenizer_path=f.tokenizer,
+            freq_vocab=f.freq_vocab,
+            keep_mtp=f.keep_mtp,
+        )
     except (OSError, ValueError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         raise UserError(str(e).splitlines()[0]) from None
     print(f"exported the {f.format} layout to {out}")

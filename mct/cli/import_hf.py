@@ -44,8 +44,11 @@ def train_command(config_file: str, workdir: pathlib.Path, base: Config) -> str:
     fields where they differ from the file's (the checkpoint holds that model)."""
     imported = RunCheckpoint(workdir).model_cfg
     want, have = _flat(to_dict(imported)), _flat(to_dict(base.model))
-    overrides = [f"--config.model.{k}={shlex.quote(str(tuple(v) if isinstance(v, list) else v))}"
-                 for k, v in want.items() if have.get(k) != v]  # fmt: skip
+    overrides = [
+        f"--config.model.{k}={shlex.quote(str(tuple(v) if isinstance(v, list) else v))}"
+        for k, v in want.items()
+        if have.get(k) != v
+    ]
     return " ".join(["python -m mct.train --config", config_file, f"--config.workdir={workdir}", *overrides])
 
 
@@ -58,7 +61,9 @@ def main(argv: list[str]) -> None:
         out = import_hf(f.hf_dir, f.out, unfold_mup=f.unfold_mup, config=config)
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
-    print(f"imported {f.hf_dir} into {out} (step 0); train on with:\n  {train_command(config_file, out, config)}")
+    print(
+        f"imported {f.hf_dir} into {out} (step 0); train on with:\n  {train_command(config_file, out, config)}"
+    )
 
 
 def entry() -> None:

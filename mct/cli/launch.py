@@ -48,9 +48,11 @@ def _define_flags() -> None:
     flags.DEFINE_string("zone", None, "tpu: the slices' zone.")
     flags.DEFINE_string("project", "", "tpu: Google Cloud project (default: gcloud's).")
     flags.DEFINE_string(
-        "repo_dir", None, "tpu, slurm: where this repository is checked out (tpu: on the VMs, default ~/mct; "
-        "slurm: default .)."
-    )  # fmt: skip
+        "repo_dir",
+        None,
+        "tpu, slurm: where this repository is checked out (tpu: on the VMs, default ~/mct; "
+        "slurm: default .).",
+    )
     flags.DEFINE_string("coordinator_host", "", "tpu: multislice: hostname of slice 0's worker 0.")
     flags.DEFINE_bool("dry_run", False, "tpu: print the commands instead of running them.")
     flags.DEFINE_integer("nodes", None, "slurm: nodes.", lower_bound=1)
@@ -111,18 +113,24 @@ def _run_slurm(train_args: list[str]) -> int:
 
 COMMANDS: dict[str, cli.Command] = {
     "local": cli.Command(
-        _run_local, ("processes",), ("devices_per_process", "heartbeat_timeout_s", "grace_s"),
+        _run_local,
+        ("processes",),
+        ("devices_per_process", "heartbeat_timeout_s", "grace_s"),
         "N processes on this machine (jax.distributed over loopback)",
     ),
     "tpu": cli.Command(
-        _run_tpu, ("name", "zone"), ("project", "repo_dir", "coordinator_host", "dry_run"),
+        _run_tpu,
+        ("name", "zone"),
+        ("project", "repo_dir", "coordinator_host", "dry_run"),
         "every worker of one or more TPU VM slices",
     ),
     "slurm": cli.Command(
-        _run_slurm, ("nodes", "gpus_per_node"), ("partition", "per_node", "repo_dir", "time", "out", "submit"),
+        _run_slurm,
+        ("nodes", "gpus_per_node"),
+        ("partition", "per_node", "repo_dir", "time", "out", "submit"),
         "an sbatch script for a GPU cluster",
     ),
-}  # fmt: skip
+}
 
 
 def _parse_flags(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -21,7 +21,9 @@ from mct.run.pretrain import train
 
 def _define_flags() -> None:
     """The training CLIs' flags, defined when one runs (not on import: mct.rl and others define --config too)."""
-    config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections).", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "Training config file (ml_collections).", lock_config=True
+    )
     flags.DEFINE_bool("distributed", False, "Join the jax.distributed job JAX detects (TPU, SLURM).")
     flags.DEFINE_string("coordinator", "", "host:port of process 0, for an explicit multi-process job.")
     flags.DEFINE_integer("num_processes", 1, "Processes in the explicit job.")
@@ -38,7 +40,9 @@ def quiet_libraries() -> None:
         lambda r: r.levelno >= logging.WARNING or "data_pipelines" in r.pathname or "/mct/" in r.pathname
     )
     # orbax logs a failed save or restore with its traceback; mct reports each one itself, in one line
-    logging.getLogger("absl").addFilter(lambda r: "/orbax/" not in r.pathname or r.levelno >= logging.CRITICAL)
+    logging.getLogger("absl").addFilter(
+        lambda r: "/orbax/" not in r.pathname or r.levelno >= logging.CRITICAL
+    )
     logging.getLogger("mct.train").setLevel(logging.INFO)
 
 
@@ -49,10 +53,13 @@ def run_job(train_fn: Callable[..., dict]) -> None:
     f = flags.FLAGS
     config = cli.config_from_flag(f.config)
     initialize(
-        coordinator=f.coordinator, num_processes=f.num_processes, process_id=f.process_id,
-        cpu_devices_per_process=f.cpu_devices_per_process, heartbeat_timeout_s=f.heartbeat_timeout_s,
+        coordinator=f.coordinator,
+        num_processes=f.num_processes,
+        process_id=f.process_id,
+        cpu_devices_per_process=f.cpu_devices_per_process,
+        heartbeat_timeout_s=f.heartbeat_timeout_s,
         auto=f.distributed,
-    )  # fmt: skip
+    )
     stop = threading.Event()
     if jax.process_count() == 1:  # several processes hear SIGTERM through JAX's preemption service instead
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

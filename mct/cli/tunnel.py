@@ -71,11 +71,15 @@ def _define_flags() -> None:
         "storage", None, "report, worker: Optuna storage URL, e.g. sqlite:///WORKDIR/study.db."
     )
     flags.DEFINE_string(
-        "out", None, "report: directory for trials.md/csv, plots and fits.json; coord_check: PNG to write "
-        "(default coord_check.png)."
-    )  # fmt: skip
+        "out",
+        None,
+        "report: directory for trials.md/csv, plots and fits.json; coord_check: PNG to write "
+        "(default coord_check.png).",
+    )
     flags.DEFINE_enum("metric", "eval_loss", report.METRICS, "report: loss to plot and fit.")
-    flags.DEFINE_string("holdout_study", None, "report: a study in --storage whose runs are predicted, not fitted.")
+    flags.DEFINE_string(
+        "holdout_study", None, "report: a study in --storage whose runs are predicted, not fitted."
+    )
     flags.DEFINE_string("config", None, "sweep: study file, e.g. experiments/tunnel/lr_transfer.py.")
     flags.DEFINE_integer("workers", 1, "sweep: trials at once, as separate local processes.", lower_bound=1)
     flags.DEFINE_string("widths", "64,128,256,512", "coord_check: comma-separated d_model values.")
@@ -178,12 +182,12 @@ def _run_coord_check() -> None:
 
 def _run_verify_data() -> None:
     """Two decay branches from the stable checkpoint (default mixture, and with the candidate); their losses."""
-    summary = verify_data.verify_data(
-        F["from"].value, F.step, F.candidate, F.share, F.decay_steps, F.out
-    )
+    summary = verify_data.verify_data(F["from"].value, F.step, F.candidate, F.share, F.decay_steps, F.out)
     for metric, difference in summary["difference"].items():
-        print(f"{metric}: default {summary['losses']['default'][metric]:.4f}, with candidate "
-              f"{summary['losses']['candidate'][metric]:.4f} ({difference:+.4f})")
+        print(
+            f"{metric}: default {summary['losses']['default'][metric]:.4f}, with candidate "
+            f"{summary['losses']['candidate'][metric]:.4f} ({difference:+.4f})"
+        )
     if F.json:
         print(json.dumps(summary))
 
@@ -206,6 +210,8 @@ COMMANDS: dict[str, cli.Command] = {
         "decay branches with and without candidate data",
     ),
 }
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl parses argv ([program, ...]) from the flags' defaults, so a process can run the CLI again; returns the
     positional arguments ([program, command]). A malformed flag prints one line `error: ...` and exits 2."""

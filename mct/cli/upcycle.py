@@ -19,7 +19,9 @@ from mct.run.upcycle import upcycle
 
 def _define_flags() -> None:
     flags.DEFINE_string("from", None, "Dense training workdir to upcycle.", required=True)
-    flags.DEFINE_integer("step", None, "Its checkpoint step (default: the latest; MiniCPM: a stable-phase one).")
+    flags.DEFINE_integer(
+        "step", None, "Its checkpoint step (default: the latest; MiniCPM: a stable-phase one)."
+    )
     flags.DEFINE_string("out", None, "New (or empty) workdir of the MoE run.", required=True)
     config_flags.DEFINE_config_file("config", None, "The MoE run's config (model.moe.num_experts > 0).")
 
@@ -36,8 +38,10 @@ def main(argv: list[str]) -> None:
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
     experts = config.model.moe.num_experts
-    print(f"upcycled {f['from'].value} into {out} (step 0, {experts} experts, top-{config.model.moe.top_k}); "
-          f"train on with: python -m mct.train --config ... --config.workdir={out}")  # fmt: skip
+    print(
+        f"upcycled {f['from'].value} into {out} (step 0, {experts} experts, top-{config.model.moe.top_k}); "
+        f"train on with: python -m mct.train --config ... --config.workdir={out}"
+    )
 
 
 def entry() -> None:

@@ -57,12 +57,19 @@ TERNARY_BLOCK = gguf.QK_K  # TQ2_0: 256 weights of a row share one f16 scale
 TOKENIZER_MODEL, TOKENIZER_PRE = "gpt2", "gpt-2"  # llama.cpp's byte-level BPE and GPT-2's split regex
 # mct parameter -> llama.cpp tensor (the lm_head row is the untied head)
 TENSORS = {
-    "embed": gguf.MODEL_TENSOR.TOKEN_EMBD, "attn_norm": gguf.MODEL_TENSOR.ATTN_NORM,
-    "wq": gguf.MODEL_TENSOR.ATTN_Q, "wk": gguf.MODEL_TENSOR.ATTN_K, "wv": gguf.MODEL_TENSOR.ATTN_V,
-    "wo": gguf.MODEL_TENSOR.ATTN_OUT, "mlp_norm": gguf.MODEL_TENSOR.FFN_NORM,
-    "w_gate": gguf.MODEL_TENSOR.FFN_GATE, "w_up": gguf.MODEL_TENSOR.FFN_UP, "w_down": gguf.MODEL_TENSOR.FFN_DOWN,
-    "final_norm": gguf.MODEL_TENSOR.OUTPUT_NORM, "lm_head": gguf.MODEL_TENSOR.OUTPUT,
-}  # fmt: skip
+    "embed": gguf.MODEL_TENSOR.TOKEN_EMBD,
+    "attn_norm": gguf.MODEL_TENSOR.ATTN_NORM,
+    "wq": gguf.MODEL_TENSOR.ATTN_Q,
+    "wk": gguf.MODEL_TENSOR.ATTN_K,
+    "wv": gguf.MODEL_TENSOR.ATTN_V,
+    "wo": gguf.MODEL_TENSOR.ATTN_OUT,
+    "mlp_norm": gguf.MODEL_TENSOR.FFN_NORM,
+    "w_gate": gguf.MODEL_TENSOR.FFN_GATE,
+    "w_up": gguf.MODEL_TENSOR.FFN_UP,
+    "w_down": gguf.MODEL_TENSOR.FFN_DOWN,
+    "final_norm": gguf.MODEL_TENSOR.OUTPUT_NORM,
+    "lm_head": gguf.MODEL_TENSOR.OUTPUT,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,8 +198,13 @@ def vocab_metadata(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], li
     """
     spec = json.loads(tokenizer.to_str())
     model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) \
-            or pre.get("add_prefix_space") or spec.get("normalizer"):  # fmt: skip
+    if (
+        model.get("type") != "BPE"
+        or pre.get("type") != "ByteLevel"
+        or not pre.get("use_regex", True)
+        or pre.get("add_prefix_space")
+        or spec.get("normalizer")
+    ):
         raise ValueError(
             "GGUF export needs a byte-level BPE tokenizer with GPT-2's split (pre_tokenizer ByteLevel, no prefix "
             f"space, no normalizer), as data_pipelines.tokenizer trains; this one has model {model.get('type')!r}, "
@@ -214,17 +226,25 @@ def write_metadata(
 ):
     """Every key llama.cpp's minicpm loader and its gpt2 vocabulary read (see the module docstring)."""
     for add, value in (
-        (writer.add_name, name), (writer.add_file_type, int(kind.file_type)),
-        (writer.add_quantization_version, gguf.GGML_QUANT_VERSION), (writer.add_vocab_size, cfg.vocab_size),
-        (writer.add_context_length, cfg.max_position), (writer.add_embedding_length, cfg.d_model),
-        (writer.add_block_count, cfg.n_layers), (writer.add_feed_forward_length, cfg.d_mlp),
-        (writer.add_head_count, cfg.n_heads), (writer.add_head_count_kv, cfg.n_kv_heads),
-        (writer.add_key_length, cfg.head_dim), (writer.add_value_length, cfg.head_dim),
-        (writer.add_layer_norm_rms_eps, cfg.rms_eps), (writer.add_rope_dimension_count, cfg.head_dim),
-        (writer.add_rope_freq_base, cfg.rope.theta), (writer.add_embedding_scale, cfg.scale_emb),
+        (writer.add_name, name),
+        (writer.add_file_type, int(kind.file_type)),
+        (writer.add_quantization_version, gguf.GGML_QUANT_VERSION),
+        (writer.add_vocab_size, cfg.vocab_size),
+        (writer.add_context_length, cfg.max_position),
+        (writer.add_embedding_length, cfg.d_model),
+        (writer.add_block_count, cfg.n_layers),
+        (writer.add_feed_forward_length, cfg.d_mlp),
+        (writer.add_head_count, cfg.n_heads),
+        (writer.add_head_count_kv, cfg.n_kv_heads),
+        (writer.add_key_length, cfg.head_dim),
+        (writer.add_value_length, cfg.head_dim),
+        (writer.add_layer_norm_rms_eps, cfg.rms_eps),
+        (writer.add_rope_dimension_count, cfg.head_dim),
+        (writer.add_rope_freq_base, cfg.rope.theta),
+        (writer.add_embedding_scale, cfg.scale_emb),
         (writer.add_residual_scale, cfg.scale_depth / np.sqrt(cfg.n_layers)),
         (writer.add_logit_scale, width_multiplier(cfg)),  # llama.cpp divides the logits by it
-    ):  # fmt: skip
+    ):
         add(value)
     if cfg.rope.type == "longrope":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
@@ -258,8 +278,13 @@ def write_gguf(run: RunCheckpoint, tokenizer: Tokenizer, kind: GGUFType, path: p
     try:
         write_metadata(writer, cfg, tokenizer, kind, run.workdir.name)
         for t in plan:
-            writer.add_tensor_info(t.name, gguf.quant_shape_to_byte_shape(t.shape, t.qtype), np.dtype(np.uint8),
-                                   t.nbytes, raw_dtype=t.qtype)  # fmt: skip
+            writer.add_tensor_info(
+                t.name,
+                gguf.quant_shape_to_byte_shape(t.shape, t.qtype),
+                np.dtype(np.uint8),
+                t.nbytes,
+                raw_dtype=t.qtype,
+            )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

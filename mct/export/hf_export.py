@@ -68,8 +68,15 @@ def write_json(path: pathlib.Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_tensors(run: RunCheckpoint, layout: str, out: pathlib.Path, dtype: np.dtype, max_shard_bytes: int,
-                  ternary: bool = False, keep_mtp: bool = False):  # fmt: skip
+def write_tensors(
+    run: RunCheckpoint,
+    layout: str,
+    out: pathlib.Path,
+    dtype: np.dtype,
+    max_shard_bytes: int,
+    ternary: bool = False,
+    keep_mtp: bool = False,
+):
     """Writes the safetensors shards (and their index when there are several) into `out`.
 
     A QAT run's hidden matrices are written as its forward uses them: dequantised (codes x scales), or with
@@ -123,15 +130,22 @@ def write_tokenizer(tokenizer: Tokenizer, out: pathlib.Path, max_length: int) ->
     ids = special_token_ids(tokenizer)
     special = {role: token for role, token in special.items() if token in ids}
     write_json(out / "special_tokens_map.json", special)
-    chat = {"chat_template": CHAT_TEMPLATE} if {IM_START, IM_END} <= ids.keys() else {}  # data_pipelines.chat's format
+    chat = (
+        {"chat_template": CHAT_TEMPLATE} if {IM_START, IM_END} <= ids.keys() else {}
+    )  # data_pipelines.chat's format
     write_json(
         out / "tokenizer_config.json",
-        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-         "clean_up_tokenization_spaces": False, "add_bos_token": True, "add_eos_token": False, **special, **chat},
-    )  # fmt: skip
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": max_length,
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            **special,
+            **chat,
+        },
+    )
     return ids
-
-
 
 
 def read_run(workdir: str, step: int | None, tokenizer_path: str | None) -> tuple[RunCheckpoint, Tokenizer]:
@@ -174,7 +188,9 @@ def export(
     if freq_vocab:
         read_freq_vocab(freq_vocab, cfg.vocab_size)  # refuse a malformed or mismatched file before writing
     with fresh_directory(out) as tmp:
-        write_tensors(run, layout, tmp, DTYPES[dtype], max_shard_bytes, ternary, keep_mtp and cfg.mtp.depth > 0)
+        write_tensors(
+            run, layout, tmp, DTYPES[dtype], max_shard_bytes, ternary, keep_mtp and cfg.mtp.depth > 0
+        )
         ids = write_tokenizer(tokenizer, tmp, cfg.max_position)
         config = hf_layout.hf_config(cfg, layout, ids, dtype)
         if keep_mtp and cfg.mtp.depth:

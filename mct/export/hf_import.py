@@ -78,8 +78,10 @@ def import_params(hf_dir: pathlib.Path, model_cfg: ModelConfig, layout: str, gro
     unexpected = set(weights.files) - expected - {"lm_head.weight"}
     unexpected = sorted(n for n in unexpected if not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
-        raise ValueError(f"{hf_dir}: tensors this model has no place for (biases? another architecture?): "
-                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")  # fmt: skip
+        raise ValueError(
+            f"{hf_dir}: tensors this model has no place for (biases? another architecture?): "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
     shapes = {name: x.shape for name, x in ParamsModel(model_cfg).abstract().items()}
     params = {name: np.empty(shape, np.float32) for name, shape in shapes.items()}
 
@@ -121,5 +123,3 @@ def import_hf(
         read_tokenizer_file(tokenizer)  # refuse a broken tokenizer before writing anything
 
     return write_step0_workdir(out, config, params, tokenizer, imported_from=str(hf_path.absolute()))
-
-

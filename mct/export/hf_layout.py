@@ -21,8 +21,16 @@ LAYOUTS = ("minicpm", "llama")
 ARCHITECTURES = {"minicpm": "MiniCPMForCausalLM", "llama": "LlamaForCausalLM"}
 # What config.json carries for import to undo the Llama layout's folding (ignored by Llama loaders).
 MUP_RECORD = "mct_folded_mup"
-SPARSE_FIELDS = ("kernel_size", "kernel_stride", "init_blocks", "block_size", "window_size", "topk",
-                 "use_nope", "dense_len")  # fmt: skip
+SPARSE_FIELDS = (
+    "kernel_size",
+    "kernel_stride",
+    "init_blocks",
+    "block_size",
+    "window_size",
+    "topk",
+    "use_nope",
+    "dense_len",
+)
 # The rope settings (besides rope_type, type, rope_theta) that transformers' computation of each rope type
 # reads (modeling_rope_utils); import refuses any other, which mct would silently ignore.
 _ROPE_SETTINGS = {
@@ -80,8 +88,10 @@ def ties_head(cfg: ModelConfig, layout: str) -> bool:
 def check_moe(cfg: ModelConfig, layout: str) -> None:
     """An MoE model has no Llama layout: its export is the minicpm format, written as Mixtral."""
     if cfg.moe.num_experts and layout != "minicpm":
-        raise ValueError(f"the {layout} layout has no experts: this is an MoE model (model.moe.num_experts="
-                         f"{cfg.moe.num_experts}); export it with --format minicpm (MixtralForCausalLM)")  # fmt: skip
+        raise ValueError(
+            f"the {layout} layout has no experts: this is an MoE model (model.moe.num_experts="
+            f"{cfg.moe.num_experts}); export it with --format minicpm (MixtralForCausalLM)"
+        )
 
 
 def _moe_specs(cfg: ModelConfig, i: int, branch: float) -> list[TensorSpec]:
@@ -114,8 +124,9 @@ def _mtp_specs(cfg: ModelConfig, s: "FoldedScales") -> list[TensorSpec]:
     return specs
 
 
-def _block_specs(cfg: ModelConfig, prefix: str, param_prefix: str, i: int, branch: float,
-                 dense: bool) -> list[TensorSpec]:  # fmt: skip
+def _block_specs(
+    cfg: ModelConfig, prefix: str, param_prefix: str, i: int, branch: float, dense: bool
+) -> list[TensorSpec]:
     """Decoder block i's tensors (HF names under `prefix`, params `param_prefix` + LAYER_WEIGHTS' names);
     a dense MLP, or the Mixtral experts of an MoE layer."""
     d, f = cfg.d_model, cfg.d_mlp
@@ -266,9 +277,15 @@ def hf_config(cfg: ModelConfig, layout: str, special_ids: dict[str, int], dtype:
         "dim_model_base": round(cfg.d_model / width_multiplier(cfg)),
     }
     if cfg.moe.num_experts:  # MiniCPM-MoE as Mixtral (muP folded, like the Llama layout)
-        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", sliding_window=None,
-                      num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k,
-                      router_aux_loss_coef=cfg.moe.aux_loss_weight, output_router_logits=False)  # fmt: skip
+        config.update(
+            architectures=["MixtralForCausalLM"],
+            model_type="mixtral",
+            sliding_window=None,
+            num_local_experts=cfg.moe.num_experts,
+            num_experts_per_tok=cfg.moe.top_k,
+            router_aux_loss_coef=cfg.moe.aux_loss_weight,
+            output_router_logits=False,
+        )
         config[MUP_RECORD] = {**mup, "tie_embeddings": cfg.tie_embeddings}
     elif layout == "minicpm":
         config.update(mup)
@@ -308,8 +325,10 @@ def _rope_from_hf(hf: dict, path: str, head_dim: int, max_position: int) -> dict
     known = _ROPE_SETTINGS[rope_type]
     unknown = sorted(set(settings) - {"rope_type", "type", "rope_theta", *known})
     if unknown:
-        raise ValueError(f"{path}: {where}.{unknown[0]} is not supported with rope_type {rope_type!r} "
-                         f"(mct reads {', '.join(('rope_theta', *known))})")  # fmt: skip
+        raise ValueError(
+            f"{path}: {where}.{unknown[0]} is not supported with rope_type {rope_type!r} "
+            f"(mct reads {', '.join(('rope_theta', *known))})"
+        )
 
     def need(key):
         return _field(settings, key, path, f"{where}.")

@@ -41,8 +41,18 @@ class Generation(NamedTuple):
     topologies: dict[int, str]  # the number in the GCP name -> chips along each torus axis
 
 
-_CUBES = {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8", 512: "4x8x8",
-          1024: "8x8x8", 2048: "8x8x16", 4096: "8x16x16"}  # fmt: skip
+_CUBES = {
+    8: "2x2x1",
+    16: "2x2x2",
+    32: "2x2x4",
+    64: "2x4x4",
+    128: "4x4x4",
+    256: "4x4x8",
+    512: "4x8x8",
+    1024: "8x8x8",
+    2048: "8x8x16",
+    4096: "8x16x16",
+}
 
 
 _PLANES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
@@ -95,15 +105,21 @@ def topology_devices(acc: Accelerator, num_slices: int = 1) -> list:
     """The abstract devices of `num_slices` slices of `acc` (libtpu's topology description; no TPU needed)."""
     # Read by libtpu when it first loads: with them a machine without TPUs skips the metadata queries and
     # the one-process lock (/tmp/libtpu_lockfile) and logs nothing.
-    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
-                       ("TPU_ACCELERATOR_TYPE", acc.name), ("TPU_WORKER_HOSTNAMES", "localhost")):  # fmt: skip
+    for key, value in (
+        ("TPU_SKIP_MDS_QUERY", "1"),
+        ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+        ("TPU_ACCELERATOR_TYPE", acc.name),
+        ("TPU_WORKER_HOSTNAMES", "localhost"),
+    ):
         os.environ.setdefault(key, value)
     try:
         topology = topologies.get_topology_desc(
-            platform="tpu", topology_name=f"{acc.generation.prefix}:{acc.topology}",
-            chip_config_name=acc.generation.chip_config, chips_per_host_bounds=acc.host_bounds,
+            platform="tpu",
+            topology_name=f"{acc.generation.prefix}:{acc.topology}",
+            chip_config_name=acc.generation.chip_config,
+            chips_per_host_bounds=acc.host_bounds,
             num_slices=num_slices,
-        )  # fmt: skip
+        )
     except Exception as e:  # libtpu missing or unloadable: jax raises RuntimeError / JaxRuntimeError
         raise UserError(f"cannot describe {acc.name} through libtpu: {first_line(str(e))}") from None
     return list(topology.devices)
@@ -279,31 +295,50 @@ def analyze(config: Config, acc: Accelerator, num_slices: int = 1) -> dict:
     """Compiles `config`'s train step for `num_slices` slices of `acc`; the JSON report (bytes per device)."""
     setup = build_for(config, acc, num_slices)
     report = {
-        "topology": acc.name, "num_slices": num_slices, "chips": acc.chips * num_slices,
+        "topology": acc.name,
+        "num_slices": num_slices,
+        "chips": acc.chips * num_slices,
         "mesh": {a: n for a, n in setup.mesh.shape.items() if a != "expert" or n > 1},  # expert: MoE only
         "hbm_per_device": acc.hbm_bytes,
-    }  # fmt: skip
+    }
     start = time.perf_counter()
     try:
         compiled, report["compile_s"] = compile_step(setup)
     except OutOfMemory as oom:  # the compiler's verdict, against its own (slightly smaller) usable HBM
-        parts = {"parameters": shard_bytes(setup.abstract_state["params"]),
-                 "optimizer state": shard_bytes(setup.abstract_state["opt_state"])}  # fmt: skip
+        parts = {
+            "parameters": shard_bytes(setup.abstract_state["params"]),
+            "optimizer state": shard_bytes(setup.abstract_state["opt_state"]),
+        }
         parts["activations and temporaries"] = oom.needs - sum(parts.values())
         note = f"the compiler's verdict: {oom.capacity / GiB:.2f} GiB usable; "
         note += advice(parts, setup.config, oom.capacity)
-        return {**report, "compile_s": time.perf_counter() - start, "fits": False,
-                "bytes_per_device": int(oom.needs), "flops_per_step": None, "note": note}  # fmt: skip
+        return {
+            **report,
+            "compile_s": time.perf_counter() - start,
+            "fits": False,
+            "bytes_per_device": int(oom.needs),
+            "flops_per_step": None,
+            "note": note,
+        }
     mem = memory(compiled, setup)
     xla, analytic = step_flops(compiled, setup.config, setup.mesh.devices.size)
-    parts = {"parameters": mem["params"], "optimizer state": mem["optimizer"], "batch": mem["batch"],
-             "activations and temporaries": mem["temporaries"]}  # fmt: skip
+    parts = {
+        "parameters": mem["params"],
+        "optimizer state": mem["optimizer"],
+        "batch": mem["batch"],
+        "activations and temporaries": mem["temporaries"],
+    }
     return {
-        **report, "fits": mem["total"] <= acc.hbm_bytes, "bytes_per_device": mem["total"], "memory": mem,
-        "flops_per_step": xla, "analytic_flops_per_step": analytic, "xla_loops": loops(setup.config),
+        **report,
+        "fits": mem["total"] <= acc.hbm_bytes,
+        "bytes_per_device": mem["total"],
+        "memory": mem,
+        "flops_per_step": xla,
+        "analytic_flops_per_step": analytic,
+        "xla_loops": loops(setup.config),
         "dot_operand_types": dot_operand_types(compiled.as_text()),
         "note": advice(parts, setup.config, acc.hbm_bytes),
-    }  # fmt: skip
+    }
 
 
 _DEF = re.compile(r"(%[\w.-]+) = (\w+)\[")  # an instruction's name and element type
@@ -330,9 +365,11 @@ def dot_operand_types(hlo: str) -> dict[str, int]:
 def loops(config: Config) -> dict[str, int]:
     """The step's loops whose body XLA's cost analysis counts once: name -> trip count."""
     m, seq = config.model, config.data.seq_len
-    trips = {"layers (scan_layers)": m.n_layers if m.scan_layers else 1,
-             "micro-batches (grad_accum)": config.train.grad_accum,
-             "loss chunks (loss_chunk)": seq // m.loss_chunk if 0 < m.loss_chunk < seq else 1}  # fmt: skip
+    trips = {
+        "layers (scan_layers)": m.n_layers if m.scan_layers else 1,
+        "micro-batches (grad_accum)": config.train.grad_accum,
+        "loss chunks (loss_chunk)": seq // m.loss_chunk if 0 < m.loss_chunk < seq else 1,
+    }
     return {name: n for name, n in trips.items() if n > 1}
 
 
@@ -341,8 +378,10 @@ def describe_report(r: dict) -> list[str]:
     gib = lambda n: f"{n / GiB:.2f} GiB"
     mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
     slices = f" x {r['num_slices']} slices" if r["num_slices"] > 1 else ""
-    lines = [f"{r['topology']}{slices} ({r['chips']} chips), mesh {mesh}: traced, lowered and compiled in "
-             f"{r['compile_s']:.1f} s"]  # fmt: skip
+    lines = [
+        f"{r['topology']}{slices} ({r['chips']} chips), mesh {mesh}: traced, lowered and compiled in "
+        f"{r['compile_s']:.1f} s"
+    ]
     if "memory" in r:
         m = r["memory"]
         once = ", ".join(f"1 of {n} {name}" for name, n in r["xla_loops"].items()) or "no loops"
@@ -363,5 +402,7 @@ def describe_report(r: dict) -> list[str]:
 
 
 def not_fit_line(r: dict) -> str:
-    return (f"does not fit: needs {r['bytes_per_device'] / GiB:.2f} GiB per device of "
-            f"{r['hbm_per_device'] / GiB:.2f} GiB ({r['note']})")  # fmt: skip
+    return (
+        f"does not fit: needs {r['bytes_per_device'] / GiB:.2f} GiB per device of "
+        f"{r['hbm_per_device'] / GiB:.2f} GiB ({r['note']})"
+    )

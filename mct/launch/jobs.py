@@ -48,8 +48,12 @@ def run_local(
     rest within `grace_s`; SIGTERM/SIGINT to the launcher reach every process (preemption: each saves, exits 0)."""
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices: --cpu_devices_per_process
-    job = [f"--coordinator={address}", f"--num_processes={processes}", f"--heartbeat_timeout_s={heartbeat_timeout_s}",
-           f"--cpu_devices_per_process={devices_per_process}"]  # fmt: skip
+    job = [
+        f"--coordinator={address}",
+        f"--num_processes={processes}",
+        f"--heartbeat_timeout_s={heartbeat_timeout_s}",
+        f"--cpu_devices_per_process={devices_per_process}",
+    ]
     children = [
         subprocess.Popen(train_command(sys.executable, train_args, *job, f"--process_id={i}"), env=env)
         for i in range(processes)

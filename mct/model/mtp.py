@@ -31,8 +31,9 @@ def mtp_weights(model: MiniCPM, k: int) -> dict:
     return {name: getattr(model, f"mtp_{name}")[...][k] for name in LAYER_WEIGHTS + MTP_EXTRA_WEIGHTS}
 
 
-def mtp_step(cfg: ModelConfig, h: jnp.ndarray, emb: jnp.ndarray, w: dict, positions: jnp.ndarray, rope,
-             attention) -> tuple[jnp.ndarray, jnp.ndarray, object]:  # fmt: skip
+def mtp_step(
+    cfg: ModelConfig, h: jnp.ndarray, emb: jnp.ndarray, w: dict, positions: jnp.ndarray, rope, attention
+) -> tuple[jnp.ndarray, jnp.ndarray, object]:
     """One MTP block: h [batch, T, d_model] (previous stream), emb [batch, T, d_model] (Emb of the next
     tokens) -> (new stream, normed output for the LM head, attention's aux: the cache when decoding)."""
     x = jnp.concatenate([rms_norm(h, w["h_norm"], cfg.rms_eps), rms_norm(emb, w["e_norm"], cfg.rms_eps)], -1)

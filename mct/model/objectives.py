@@ -30,6 +30,9 @@ def pretraining_objective(model: MiniCPM, batch: dict) -> tuple[jnp.ndarray, jnp
         aux, z = jnp.mean(out.stats["aux_loss"]), jnp.mean(out.stats["z_loss"])
         total = total + count * (cfg.moe.aux_loss_weight * aux + cfg.moe.z_loss_weight * z)
         tokens = batch["tokens"].size
-        extras.update(moe_aux_loss=aux * count, moe_z_loss=z * count,
-                      moe_dropped=jnp.sum(out.stats["dropped"]) * count / tokens)  # fmt: skip
+        extras.update(
+            moe_aux_loss=aux * count,
+            moe_z_loss=z * count,
+            moe_dropped=jnp.sum(out.stats["dropped"]) * count / tokens,
+        )
     return total, count, extras

@@ -26,8 +26,15 @@ from mct.config.model import ModelConfig, QuantConfig
 
 EPS = 1e-5  # smallest group scale: an all-zero group quantises to zeros, not NaN
 # parameter -> (number of contraction dims, number of output dims) at the end of its shape
-MATRIX_DIMS = {"wq": (1, 2), "wk": (1, 2), "wv": (1, 2), "wo": (2, 1), "w_gate": (1, 1), "w_up": (1, 1),
-               "w_down": (1, 1)}  # fmt: skip
+MATRIX_DIMS = {
+    "wq": (1, 2),
+    "wk": (1, 2),
+    "wv": (1, 2),
+    "wo": (2, 1),
+    "w_gate": (1, 1),
+    "w_up": (1, 1),
+    "w_down": (1, 1),
+}
 QUANTISED = tuple(MATRIX_DIMS)
 
 
@@ -194,13 +201,15 @@ def hf_ternary_weight(packed: np.ndarray, scales: np.ndarray, group_size: int) -
 def ternary_config(quant: QuantConfig) -> dict:
     """config.json's quantization_config of a ternary export: what import_hf (and a converter) reads back."""
     return {
-        "quant_method": TERNARY_METHOD, "weights": "ternary", "group_size": quant.group_size,
+        "quant_method": TERNARY_METHOD,
+        "weights": "ternary",
+        "group_size": quant.group_size,
         "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "packing": "2-bit code + 1 (0: -1, 1: 0, 2: +1), four per uint8 along the input dimension of the "
-                   "[out, in] weight, element 4i + j in bits 2j..2j+1 of byte i",
+        "[out, in] weight, element 4i + j in bits 2j..2j+1 of byte i",
         "scales": f"fp32 NAME{SCALE_SUFFIX} [out, in / group_size]: weight = code * scale of its group of "
-                  "group_size consecutive inputs",
-    }  # fmt: skip
+        "group_size consecutive inputs",
+    }
 
 
 def exported_group_size(hf: dict, path: str) -> int:
@@ -211,8 +220,10 @@ def exported_group_size(hf: dict, path: str) -> int:
         return 0
     if not isinstance(qc, dict) or qc.get("quant_method") != TERNARY_METHOD:
         method = qc.get("quant_method") if isinstance(qc, dict) else qc
-        raise ValueError(f"{path}: quantization_config.quant_method {method!r} is not supported "
-                         f"(mct reads unquantised weights or {TERNARY_METHOD!r})")  # fmt: skip
+        raise ValueError(
+            f"{path}: quantization_config.quant_method {method!r} is not supported "
+            f"(mct reads unquantised weights or {TERNARY_METHOD!r})"
+        )
     group_size = qc.get("group_size")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
         raise ValueError(

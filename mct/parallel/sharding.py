@@ -4,7 +4,6 @@ Parameters name their axes (`embed`, `vocab`, `heads`, ...) in metadata; activat
 `constrain` calls. Changing a parallelism layout is an edit of `RULES` or of the mesh sizes in config.
 """
 
-
 import jax
 import optax
 from jax.experimental import mesh_utils
@@ -46,7 +45,9 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
         ici, dcn = (data // slices, fsdp, expert, tensor), (slices, 1, 1, 1)
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
     else:
-        grid = mesh_utils.create_device_mesh((data, fsdp, expert, tensor), devices, allow_split_physical_axes=True)
+        grid = mesh_utils.create_device_mesh(
+            (data, fsdp, expert, tensor), devices, allow_split_physical_axes=True
+        )
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -61,9 +62,13 @@ def state_specs(logical_axes: dict, tx: optax.GradientTransformation, abstract_p
     params = jax.tree.map(logical_spec, logical_axes, is_leaf=lambda x: isinstance(x, tuple))
     masked = optax.MaskedNode  # where multi_transform's other groups hold a parameter: no leaf
     opt_state = optax.tree_map_params(
-        tx, lambda leaf, spec: leaf if isinstance(leaf, masked) else spec, jax.eval_shape(tx.init, abstract_params),
-        params, transform_non_params=lambda _: PartitionSpec(), is_leaf=lambda x: isinstance(x, PartitionSpec | masked),
-    )  # fmt: skip
+        tx,
+        lambda leaf, spec: leaf if isinstance(leaf, masked) else spec,
+        jax.eval_shape(tx.init, abstract_params),
+        params,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=lambda x: isinstance(x, PartitionSpec | masked),
+    )
     return {"params": params, "opt_state": opt_state}
 
 

@@ -41,12 +41,19 @@ class MetricsLog:
             time.perf_counter() - self.t_mark
         )  # 1st includes compile
         line = {
-            "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+            "loss": m["loss"],
+            "lr": m["lr"],
+            "grad_norm": m["grad_norm"],
             "tokens_per_s": rate * c.train.batch_size * c.data.seq_len,
-            "mfu": rate * self.flops_per_step / self.peak, "nonfinite_steps": m["nonfinite_steps"],
+            "mfu": rate * self.flops_per_step / self.peak,
+            "nonfinite_steps": m["nonfinite_steps"],
             "loss_tokens": m["tokens"],
-            **{k: v for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "ok", "tokens", "nonfinite_steps")},
-        }  # fmt: skip
+            **{
+                k: v
+                for k, v in m.items()
+                if k not in ("loss", "lr", "grad_norm", "ok", "tokens", "nonfinite_steps")
+            },
+        }
         self.writer.write(info.step, line)
         self.bar.set_postfix_str(
             f"loss {line['loss']:.4f} | {line['tokens_per_s']:,.0f} tok/s | mfu {line['mfu']:.3f} | lr {line['lr']:.2e}"

@@ -28,8 +28,13 @@ def next_token_objective(model: MiniCPM, batch: dict) -> tuple[jnp.ndarray, jnp.
     return pretraining_objective(model, batch)
 
 
-def make_train_step(model: ParamsModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int, objective: Objective = next_token_objective):  # fmt: skip
+def make_train_step(
+    model: ParamsModel,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int,
+    objective: Objective = next_token_objective,
+):
     """Returns step(state, batch, step_index) -> (new_state, metrics); batch leaves [global_batch, ...]."""
 
     def loss_and_grad(params, batch):

@@ -24,13 +24,21 @@ def _config(
 ) -> Config:
     heads = max(1, width // 32)
     model = ModelConfig(
-        n_layers=n_layers, d_model=width, n_heads=heads, n_kv_heads=heads, head_dim=width // heads,
-        d_mlp=int(2.5 * width), vocab_size=vocab, parametrization=parametrization,
-    )  # fmt: skip
+        n_layers=n_layers,
+        d_model=width,
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=width // heads,
+        d_mlp=int(2.5 * width),
+        vocab_size=vocab,
+        parametrization=parametrization,
+    )
     return Config(
-        model=model, train=TrainConfig(steps=steps, batch_size=batch),
-        optimizer=OptimizerConfig(lr=lr, weight_decay=0.0), schedule=ScheduleConfig(warmup_steps=0, decay_steps=1),
-    )  # fmt: skip
+        model=model,
+        train=TrainConfig(steps=steps, batch_size=batch),
+        optimizer=OptimizerConfig(lr=lr, weight_decay=0.0),
+        schedule=ScheduleConfig(warmup_steps=0, decay_steps=1),
+    )
 
 
 def coord_check(

@@ -253,14 +253,19 @@ class LrOptimum:
     """The loss-minimising learning rate of one width: the vertex of a parabola in log lr."""
 
     lr: float  # the vertex (the best grid lr when the parabola is not convex)
-    log_std: float  # standard error of ln(lr) (NaN without a convex fit): lr is known within a factor exp(log_std)
+    log_std: (
+        float  # standard error of ln(lr) (NaN without a convex fit): lr is known within a factor exp(log_std)
+    )
     loss: float  # the parabola's minimum (the best mean loss without a convex fit)
     best_grid_lr: float
     at_edge: bool  # the best grid lr is the grid's smallest or largest: the vertex extrapolates
 
     def to_dict(self) -> dict:
         """JSON-ready: a NaN log_std becomes None."""
-        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: None if isinstance(v, float) and math.isnan(v) else v
+            for k, v in dataclasses.asdict(self).items()
+        }
 
 
 def lr_optimum(lrs, losses, window: int = 5) -> LrOptimum:
@@ -279,8 +284,9 @@ def lr_optimum(lrs, losses, window: int = 5) -> LrOptimum:
     design = np.stack([x**2, x, np.ones_like(x)], axis=-1)  # [n, 3]
     coef, *_ = np.linalg.lstsq(design, y[keep], rcond=None)
     a, b, c = coef
-    fallback = LrOptimum(float(grid[best]), math.nan, float(means[best]), float(grid[best]),
-                         best in (0, len(grid) - 1))  # fmt: skip
+    fallback = LrOptimum(
+        float(grid[best]), math.nan, float(means[best]), float(grid[best]), best in (0, len(grid) - 1)
+    )
     if len(x) <= 3 or a <= 0:
         return fallback
     dof = len(x) - 3

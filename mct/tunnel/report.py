@@ -126,7 +126,9 @@ def wall_hours(records: Sequence[dict]) -> float:
     return (sum(trials.values()) + runs) / 3600
 
 
-def _write_markdown(path: pathlib.Path, header: list[str], rows: list[list], metric: str, hours: float) -> None:
+def _write_markdown(
+    path: pathlib.Path, header: list[str], rows: list[list], metric: str, hours: float
+) -> None:
     counts = {s: sum(row[1] == s for row in rows) for s in STATES}
     lines = [
         f"# Sweep report ({metric})",
@@ -160,12 +162,21 @@ def _lr_groups(records: list[dict], metric: str) -> dict[tuple, dict[str, list[f
         if lr is None or lr <= 0:
             continue
         parametrization = str(_param(r["params"], "parametrization") or "mup")
-        rest = tuple(sorted((k, str(v)) for k, v in r["params"].items()
-                            if k.split(".")[-1] not in ("lr", "seed", "parametrization")))  # fmt: skip
+        rest = tuple(
+            sorted(
+                (k, str(v))
+                for k, v in r["params"].items()
+                if k.split(".")[-1] not in ("lr", "seed", "parametrization")
+            )
+        )
         if (parametrization, rest) not in groups:
             width, base = _width(r["params"]), r.get("config", {}).get("model", {}).get("dim_model_base")
-            groups[(parametrization, rest)] = {"lr": [], "loss": [], "width": width,
-                                               "m": width / base if width and base else None}  # fmt: skip
+            groups[(parametrization, rest)] = {
+                "lr": [],
+                "loss": [],
+                "width": width,
+                "m": width / base if width and base else None,
+            }
         groups[(parametrization, rest)]["lr"].append(lr)
         groups[(parametrization, rest)]["loss"].append(r[metric])
     return groups
@@ -181,8 +192,16 @@ def lr_optima(groups: dict[tuple, dict]) -> list[dict]:
             continue
         spreads = [np.ptp(losses[lrs == lr]) for lr in np.unique(lrs) if np.sum(lrs == lr) > 1]
         optimum = fits.lr_optimum(lrs, losses)
-        rows.append({"parametrization": parametrization, "width": g["width"], "m": g["m"], "trials": len(lrs),
-                     "seed_spread": float(max(spreads)) if spreads else None, **optimum.to_dict()})  # fmt: skip
+        rows.append(
+            {
+                "parametrization": parametrization,
+                "width": g["width"],
+                "m": g["m"],
+                "trials": len(lrs),
+                "seed_spread": float(max(spreads)) if spreads else None,
+                **optimum.to_dict(),
+            }
+        )
     return sorted(rows, key=lambda r: (r["parametrization"] != "mup", r["parametrization"], r["width"] or 0))
 
 
@@ -208,14 +227,23 @@ def lr_transfer(groups: dict[tuple, dict], optima: list[dict]) -> list[dict]:
         at_best = float(losses[lrs == best].mean())
         at_transfer = float(losses[lrs == nearest].mean()) if beyond <= half_step + 1e-9 else None
         gap = None if at_transfer is None else at_transfer - at_best
-        rows.append({
-            "parametrization": parametrization, "proxy_width": proxy["width"], "target_width": target["width"],
-            "transferred_lr": proxy["lr"], "target_optimum_lr": target["lr"],
-            "optimum_ratio": target["lr"] / proxy["lr"], "grid_lr_used": float(nearest),
-            "loss_at_transferred_lr": at_transfer, "best_grid_lr": float(best), "best_loss": at_best,
-            "loss_gap": gap, "relative_gap": None if gap is None else gap / at_best,
-            "outside_factor": math.exp(beyond),
-        })  # fmt: skip
+        rows.append(
+            {
+                "parametrization": parametrization,
+                "proxy_width": proxy["width"],
+                "target_width": target["width"],
+                "transferred_lr": proxy["lr"],
+                "target_optimum_lr": target["lr"],
+                "optimum_ratio": target["lr"] / proxy["lr"],
+                "grid_lr_used": float(nearest),
+                "loss_at_transferred_lr": at_transfer,
+                "best_grid_lr": float(best),
+                "best_loss": at_best,
+                "loss_gap": gap,
+                "relative_gap": None if gap is None else gap / at_best,
+                "outside_factor": math.exp(beyond),
+            }
+        )
     return rows
 
 
@@ -232,13 +260,20 @@ def _write_lr_markdown(path: pathlib.Path, optima: list[dict], transfer: list[di
     for o in optima:
         factor = "" if o["log_std"] is None else f"{math.exp(o['log_std']):.3f}"
         edge = "*" if o["at_edge"] else ""
-        lines.append(f"| {o['parametrization']} | {_format(o['width'])} | {_format(o['m'])} | {o['trials']} | "
-                     f"{o['best_grid_lr']:.4g}{edge} | {o['lr']:.4g} | {factor} | {o['loss']:.4f} | "
-                     f"{_format(o['seed_spread'])} |")  # fmt: skip
+        lines.append(
+            f"| {o['parametrization']} | {_format(o['width'])} | {_format(o['m'])} | {o['trials']} | "
+            f"{o['best_grid_lr']:.4g}{edge} | {o['lr']:.4g} | {factor} | {o['loss']:.4f} | "
+            f"{_format(o['seed_spread'])} |"
+        )
     if transfer:
-        lines += ["", "## Transfer: the narrowest width's lr* used at the widest width", "",
-                  "| parametrization | widths | lr* ratio (widest / narrowest) | grid lr used | loss there | "
-                  "best grid lr | best loss | gap |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Transfer: the narrowest width's lr* used at the widest width",
+            "",
+            "| parametrization | widths | lr* ratio (widest / narrowest) | grid lr used | loss there | "
+            "best grid lr | best loss | gap |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for t in transfer:
             if t["loss_at_transferred_lr"] is None:
                 used, gap = f"{t['transferred_lr']:.4g}", ""
@@ -246,9 +281,11 @@ def _write_lr_markdown(path: pathlib.Path, optima: list[dict], transfer: list[di
             else:
                 used, there = f"{t['grid_lr_used']:.4g}", f"{t['loss_at_transferred_lr']:.4f}"
                 gap = f"{t['relative_gap']:+.2%}"
-            lines.append(f"| {t['parametrization']} | {_format(t['proxy_width'])} -> {_format(t['target_width'])} | "
-                         f"{t['optimum_ratio']:.3f} | {used} | {there} | {t['best_grid_lr']:.4g} | "
-                         f"{t['best_loss']:.4f} | {gap} |")  # fmt: skip
+            lines.append(
+                f"| {t['parametrization']} | {_format(t['proxy_width'])} -> {_format(t['target_width'])} | "
+                f"{t['optimum_ratio']:.3f} | {used} | {there} | {t['best_grid_lr']:.4g} | "
+                f"{t['best_loss']:.4f} | {gap} |"
+            )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -261,7 +298,9 @@ def _plot_lr_transfer(groups: dict[tuple, dict], optima: list[dict], metric: str
     fig = Figure(figsize=(5 * len(names), 4), layout="constrained")
     axes = fig.subplots(1, len(names), sharey=True, squeeze=False)[0]
     for ax, name in zip(axes, names):
-        mine = sorted(((k, g) for k, g in groups.items() if k[0] == name), key=lambda kg: kg[1]["width"] or -1)
+        mine = sorted(
+            ((k, g) for k, g in groups.items() if k[0] == name), key=lambda kg: kg[1]["width"] or -1
+        )
         for i, (_, g) in enumerate(mine):
             lrs, losses = np.array(g["lr"]), np.array(g["loss"])
             grid = np.unique(lrs)
@@ -434,20 +473,35 @@ def _nd_prediction(nd_fit: fits.NDFit, n: float, d: float) -> dict:
     """L(N, D)'s loss and standard deviation at (n, d), and the compute-optimal N and D at 6 n d."""
     mean, std = (float(v) for v in nd_fit.predict(n, d))
     n_opt, d_opt = nd_fit.compute_optimal(6.0 * n * d)
-    return {"loss": mean, "loss_std": std, "compute_optimal_N": n_opt, "compute_optimal_D": d_opt,
-            "compute_optimal_D_over_N": d_opt / n_opt}  # fmt: skip
+    return {
+        "loss": mean,
+        "loss_std": std,
+        "compute_optimal_N": n_opt,
+        "compute_optimal_D": d_opt,
+        "compute_optimal_D_over_N": d_opt / n_opt,
+    }
 
 
 def _holdout_row(nd_fit: fits.NDFit, record: dict, metric: str) -> dict:
     n, d, loss = record["n_params"], record["tokens"], record[metric]
     p = _nd_prediction(nd_fit, n, d)
     mean, std = p.pop("loss"), p.pop("loss_std")
-    return {"trial": record["trial"], "N": n, "D": d, "loss": loss, "predicted": mean, "predicted_std": std,
-            "relative_error": (loss - mean) / loss, "sigmas": (loss - mean) / std if std > 0 else None, **p}
+    return {
+        "trial": record["trial"],
+        "N": n,
+        "D": d,
+        "loss": loss,
+        "predicted": mean,
+        "predicted_std": std,
+        "relative_error": (loss - mean) / loss,
+        "sigmas": (loss - mean) / std if std > 0 else None,
+        **p,
+    }
 
 
-def _plot_loss_nd(records: list[dict], metric: str, nd_fit: fits.NDFit, holdout: list[dict],
-                  path: pathlib.Path) -> None:  # fmt: skip
+def _plot_loss_nd(
+    records: list[dict], metric: str, nd_fit: fits.NDFit, holdout: list[dict], path: pathlib.Path
+) -> None:
     """Loss vs tokens per model size with the fitted L(N, D) curves, and each held-out run against its
     prediction (bar: 2 standard deviations)."""
     fig = Figure(figsize=(6, 4.5), layout="constrained")
@@ -461,11 +515,19 @@ def _plot_loss_nd(records: list[dict], metric: str, nd_fit: fits.NDFit, holdout:
             ax.scatter(*np.array(mine).T, color=f"C{i % 10}", s=14)
         ax.plot(grid, nd_fit.predict(n, grid)[0], color=f"C{i % 10}", lw=1, label=f"N={n:.3g}")
     for h in holdout:
-        ax.errorbar([h["D"]], [h["predicted"]], yerr=[2 * h["predicted_std"]], color="k", capsize=3,
-                    label="held-out: predicted")  # fmt: skip
+        ax.errorbar(
+            [h["D"]],
+            [h["predicted"]],
+            yerr=[2 * h["predicted_std"]],
+            color="k",
+            capsize=3,
+            label="held-out: predicted",
+        )
         ax.scatter([h["D"]], [h["loss"]], marker="*", s=120, color="k", label="held-out: measured", zorder=3)
     _log_x(ax)
-    ax.set(xlabel="tokens D", ylabel=metric, title=f"L(N, D): alpha {nd_fit.alpha:.2f}, beta {nd_fit.beta:.2f}")
+    ax.set(
+        xlabel="tokens D", ylabel=metric, title=f"L(N, D): alpha {nd_fit.alpha:.2f}, beta {nd_fit.beta:.2f}"
+    )
     ax.legend(fontsize="x-small")
     fig.savefig(path, dpi=100)
 

@@ -109,7 +109,9 @@ def study_storage(study: ml_collections.ConfigDict, url: str | None = None) -> o
     return _storage(url or storage_url(study), study)
 
 
-def _storage(url: str, study: ml_collections.ConfigDict | None = None, retries: int = 8) -> optuna.storages.RDBStorage:
+def _storage(
+    url: str, study: ml_collections.ConfigDict | None = None, retries: int = 8
+) -> optuna.storages.RDBStorage:
     """The study database; retried while another process (a worker, a report) is creating its schema."""
     heartbeat = study.heartbeat_s if study is not None else 60
 
@@ -172,15 +174,25 @@ def trial_config(study: ml_collections.ConfigDict, params: dict, workdir: str) -
     """The training config of one trial: the study's base config at the trial's width, hyperparameters and
     token budget, with a WSD schedule (warmup/decay fractions of the steps) and one eval at the end."""
     if not study.base_config:
-        raise UserError(f"study {study.name}: base_config is empty; name the training config file of the proxies")
+        raise UserError(
+            f"study {study.name}: base_config is empty; name the training config file of the proxies"
+        )
     spec = importlib.util.spec_from_file_location("base_config", study.base_config)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
     width = params.get("width", study.width)
     heads = width // study.head_dim
-    c.model.update(dict(n_layers=study.n_layers, d_model=width, n_heads=heads, n_kv_heads=heads,
-                        head_dim=study.head_dim, d_mlp=int(study.mlp_ratio * width)))  # fmt: skip
+    c.model.update(
+        dict(
+            n_layers=study.n_layers,
+            d_model=width,
+            n_heads=heads,
+            n_kv_heads=heads,
+            head_dim=study.head_dim,
+            d_mlp=int(study.mlp_ratio * width),
+        )
+    )
     for name, value in params.items():
         if name in SHAPE_PARAMS:
             continue
@@ -230,7 +242,11 @@ def _trial_params(trial: optuna.Trial, study: ml_collections.ConfigDict) -> dict
 
 
 def decay_branch_configs(
-    config: ml_collections.ConfigDict, decay_tokens, decay_frac: float, warmup_frac: float, warmup_steps: int = 0
+    config: ml_collections.ConfigDict,
+    decay_tokens,
+    decay_frac: float,
+    warmup_frac: float,
+    warmup_steps: int = 0,
 ):
     """WSD's cheap data axis: one stable run (no decay) checkpointed at every branch start, and one decay
     branch per token budget D that restores the stable checkpoint at (1 - decay_frac) * D and decays to D.
@@ -245,8 +261,10 @@ def decay_branch_configs(
     stable.schedule.decay_steps = 0
     stable.schedule.warmup_steps = warmup_steps or max(1, round(warmup_frac * starts[0]))
     if stable.schedule.warmup_steps >= starts[0]:
-        raise ValueError(f"warmup ({stable.schedule.warmup_steps} steps) must end before the first decay branch "
-                         f"starts (step {starts[0]})")  # fmt: skip
+        raise ValueError(
+            f"warmup ({stable.schedule.warmup_steps} steps) must end before the first decay branch "
+            f"starts (step {starts[0]})"
+        )
     stable.checkpoint.every_steps = math.gcd(*starts)
     stable.checkpoint.max_to_keep = max(starts) // stable.checkpoint.every_steps + 1
     stable.eval.every_steps = max(starts)
@@ -268,17 +286,24 @@ def _train_record(config: ml_collections.ConfigDict, base: dict) -> dict:
     """Trains one run and describes it: tokens, FLOPs, losses, wall time (TrainingDiverged propagates)."""
     tokens = config.train.steps * config.train.batch_size * config.data.seq_len
     start = time.time()
-    record = {**base, "config": config.to_dict(), "tokens": tokens,
-              "flops": train_flops_per_token(config.model, config.data.seq_len) * tokens}  # fmt: skip
+    record = {
+        **base,
+        "config": config.to_dict(),
+        "tokens": tokens,
+        "flops": train_flops_per_token(config.model, config.data.seq_len) * tokens,
+    }
     try:
         result = train(Config.from_dict(config.to_dict()))
     except Exception as e:
         e.record = {**record, "wall_s": time.time() - start}
         raise
     return record | {
-        "state": "complete", "wall_s": time.time() - start, "train_loss": result.get("loss"),
-        "eval_loss": result.get("eval_loss"), "scalingbench_loss": result.get("scalingbench_loss"),
-    }  # fmt: skip
+        "state": "complete",
+        "wall_s": time.time() - start,
+        "train_loss": result.get("loss"),
+        "eval_loss": result.get("eval_loss"),
+        "scalingbench_loss": result.get("scalingbench_loss"),
+    }
 
 
 def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
@@ -286,8 +311,12 @@ def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
     each run's record on the trial; the objective is the metric of the run with the most tokens."""
     params = _trial_params(trial, study)
     config = trial_config(study, params, _trial_workdir(study, params))
-    base = {"trial": trial.number, "point": params, "params": {**params, "width": config.model.d_model},
-            "n_params": matmul_params(config.model)}  # fmt: skip
+    base = {
+        "trial": trial.number,
+        "point": params,
+        "params": {**params, "width": config.model.d_model},
+        "n_params": matmul_params(config.model),
+    }
     records = []
     try:
         decay_tokens = params.get("decay_tokens", study.decay_tokens)
@@ -324,9 +353,12 @@ def open_study(
         else optuna.samplers.TPESampler(seed=study.seed)
     )
     s = optuna.create_study(
-        study_name=study.name, storage=storage or study_storage(study), sampler=sampler,
-        direction="minimize", load_if_exists=True,
-    )  # fmt: skip
+        study_name=study.name,
+        storage=storage or study_storage(study),
+        sampler=sampler,
+        direction="minimize",
+        load_if_exists=True,
+    )
     s.set_user_attr("study_config", study.to_json())
     return s
 
@@ -381,7 +413,9 @@ def work(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Stu
     while True:
         _enqueue_new_points(s, study)
         if _waiting(s):
-            s.optimize(run, callbacks=[lambda st, _: st.stop() if not _waiting(st) else None], catch=(Exception,))
+            s.optimize(
+                run, callbacks=[lambda st, _: st.stop() if not _waiting(st) else None], catch=(Exception,)
+            )
         elif s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             time.sleep(study.heartbeat_s)  # another worker's trial, or a dead one going stale
         else:

@@ -35,8 +35,9 @@ class _SameEvalData(RunData):
         return make_eval_sets(dataclasses.replace(setup, config=setup.config.replace(data=self._eval_data)))
 
 
-def branch_configs(source: str, step: int, candidate: str, share: float, decay_steps: int,
-                   out: pathlib.Path) -> dict[str, Config]:
+def branch_configs(
+    source: str, step: int, candidate: str, share: float, decay_steps: int, out: pathlib.Path
+) -> dict[str, Config]:
     """The two branches' configs: the source run's config at `step`, decaying over `decay_steps`."""
     if not 0.0 < share < 1.0:
         raise ConfigError(f"--share must be in (0, 1), got {share}")
@@ -53,20 +54,34 @@ def branch_configs(source: str, step: int, candidate: str, share: float, decay_s
         checkpoints.close()
     mixture = base.data.mixture
     total = sum(c.weight for c in mixture.values())
-    mixed = {name: dataclasses.replace(c, weight=c.weight / total * (1 - share)) for name, c in mixture.items()}
+    mixed = {
+        name: dataclasses.replace(c, weight=c.weight / total * (1 - share)) for name, c in mixture.items()
+    }
     mixed[CANDIDATE] = MixtureComponent(str(candidate), share)
-    schedule = dataclasses.replace(base.schedule, branch_from=str(source), branch_step=step, decay_steps=decay_steps)
+    schedule = dataclasses.replace(
+        base.schedule, branch_from=str(source), branch_step=step, decay_steps=decay_steps
+    )
     evaluation = dataclasses.replace(base.eval, scalingbench=base.eval.scalingbench or "default")
     return {
         name: base.replace(
-            workdir=str(out / name), schedule=schedule, eval=evaluation, data=dataclasses.replace(base.data, mixture=m)
+            workdir=str(out / name),
+            schedule=schedule,
+            eval=evaluation,
+            data=dataclasses.replace(base.data, mixture=m),
         ).resolve()
         for name, m in (("default", mixture), ("candidate", mixed))
     }
 
 
-def verify_data(source: str, step: int, candidate: str, share: float, decay_steps: int,
-                out: str | None = None, devices: list | None = None) -> dict:
+def verify_data(
+    source: str,
+    step: int,
+    candidate: str,
+    share: float,
+    decay_steps: int,
+    out: str | None = None,
+    devices: list | None = None,
+) -> dict:
     """Runs (or finds finished) both branches on `devices` (default: all); writes report.md and losses.png;
     returns the losses.
     """
@@ -78,10 +93,16 @@ def verify_data(source: str, step: int, candidate: str, share: float, decay_step
         result = train(config, devices, data=_SameEvalData(eval_data))
         losses[name] = {m: float(result[m]) for m in METRICS if m in result}
     summary = {
-        "source": str(source), "step": step, "candidate": str(candidate), "share": share, "decay_steps": decay_steps,
+        "source": str(source),
+        "step": step,
+        "candidate": str(candidate),
+        "share": share,
+        "decay_steps": decay_steps,
         "losses": losses,
-        "difference": {m: losses["candidate"][m] - losses["default"][m] for m in METRICS if m in losses["default"]},
-    }  # fmt: skip
+        "difference": {
+            m: losses["candidate"][m] - losses["default"][m] for m in METRICS if m in losses["default"]
+        },
+    }
     _write_report(summary, out_dir)
     return summary
 
@@ -93,9 +114,14 @@ def _write_report(summary: dict, out_dir: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = list(summary["difference"])
-    rows = [f"| {m} | {summary['losses']['default'][m]:.4f} | {summary['losses']['candidate'][m]:.4f} | "
-            f"{summary['difference'][m]:+.4f} |" for m in metrics]
-    verdict = "helps" if all(d < 0 for d in summary["difference"].values()) else "does not help on every metric"
+    rows = [
+        f"| {m} | {summary['losses']['default'][m]:.4f} | {summary['losses']['candidate'][m]:.4f} | "
+        f"{summary['difference'][m]:+.4f} |"
+        for m in metrics
+    ]
+    verdict = (
+        "helps" if all(d < 0 for d in summary["difference"].values()) else "does not help on every metric"
+    )
     lines = [
         "# Data verification by annealing",
         "",
@@ -114,8 +140,12 @@ def _write_report(summary: dict, out_dir: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.35
     for i, name in enumerate(("default", "candidate")):
-        ax.bar([j + i * width for j in range(len(metrics))], [summary["losses"][name][m] for m in metrics], width,
-               label=name)
+        ax.bar(
+            [j + i * width for j in range(len(metrics))],
+            [summary["losses"][name][m] for m in metrics],
+            width,
+            label=name,
+        )
     ax.set_xticks([j + width / 2 for j in range(len(metrics))], metrics)
     ax.set(ylabel="loss after the decay", title=f"decay branches from step {summary['step']}")
     ax.legend()

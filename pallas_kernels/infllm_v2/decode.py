@@ -71,9 +71,16 @@ def cached_attention(
 
     def sparse(qc, pc):
         selected = score_blocks(
-            qc, jnp.ones_like(pc), jnp.zeros_like(pc), pc, keys=keys, cfg=cfg,
-            n_c1=keys.c1.shape[2], n_c2=keys.c2.shape[2], n_blocks=n_blocks,
-        )  # fmt: skip
+            qc,
+            jnp.ones_like(pc),
+            jnp.zeros_like(pc),
+            pc,
+            keys=keys,
+            cfg=cfg,
+            n_c1=keys.c1.shape[2],
+            n_c2=keys.c2.shape[2],
+            n_blocks=n_blocks,
+        )
         blocks = jnp.maximum(selected, 0)  # [b, kv, chunk, topk]
         bi, hi = jnp.arange(b)[:, None, None, None], jnp.arange(kv_heads)[None, :, None, None]
         k_sel, v_sel = (x[bi, hi, blocks].reshape(b, kv_heads, chunk, -1, d) for x in (k_blocks, v_blocks))
@@ -86,9 +93,10 @@ def cached_attention(
         is_sparse = pc + 1 >= cfg.dense_len
         both = lambda: jnp.where(is_sparse[:, None, :, None, None], sparse(qc, pc), dense(qc, pc))
         return lax.cond(
-            jnp.all(is_sparse), lambda: sparse(qc, pc),
+            jnp.all(is_sparse),
+            lambda: sparse(qc, pc),
             lambda: lax.cond(jnp.any(is_sparse), both, lambda: dense(qc, pc)),
-        )  # fmt: skip
+        )
 
     out = lax.map(query_chunk, (qg, pos))  # [n, b, kv, chunk, g, d]
     out = jnp.moveaxis(out, 0, 2).reshape(b, kv_heads, -1, q_heads // kv_heads, d)[:, :, :t]

@@ -79,8 +79,9 @@ def _step_specs(table, block_indices, block_size):
     """The selection inputs of one step: its union list (SMEM), its tokens' indices and segment ids (VMEM;
     the segment ids of key segments [b, n, 1, T])."""
     return [
-        pl.BlockSpec((None, None, None, 1, table.shape[-1]), lambda b, h, i: (b, h, i, 0, 0),
-                     memory_space=pltpu.SMEM),  # fmt: skip
+        pl.BlockSpec(
+            (None, None, None, 1, table.shape[-1]), lambda b, h, i: (b, h, i, 0, 0), memory_space=pltpu.SMEM
+        ),
         pl.BlockSpec((None, None, block_size, block_indices.shape[-1]), lambda b, h, i: (b, h, i, 0)),
         pl.BlockSpec((None, None, 1, block_size), lambda b, h, i: (b, i, 0, 0)),
     ]
@@ -168,8 +169,13 @@ def _forward(block_size, interpret, q, k, v, block_indices, segment_ids, table):
     return pl.pallas_call(
         kernel,
         grid=(b, kv, n),
-        in_specs=[*_step_specs(table, block_indices, block_size), _query_block(group, block_size, d),
-                  _HBM, _HBM, _HBM],  # fmt: skip
+        in_specs=[
+            *_step_specs(table, block_indices, block_size),
+            _query_block(group, block_size, d),
+            _HBM,
+            _HBM,
+            _HBM,
+        ],
         out_specs=[_query_block(group, block_size, d), _query_block(group, 1, block_size)],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -189,9 +195,26 @@ def _forward(block_size, interpret, q, k, v, block_indices, segment_ids, table):
 
 
 def _forward_kernel(
-    table_ref, idx_ref, segq_ref, q_ref, k_hbm, v_hbm, segk_hbm, o_ref, lse_ref,
-    k_buf, v_buf, segk_buf, sem, m_sc, l_sc, acc_sc, *, block_size, scale,
-):  # fmt: skip
+    table_ref,
+    idx_ref,
+    segq_ref,
+    q_ref,
+    k_hbm,
+    v_hbm,
+    segk_hbm,
+    o_ref,
+    lse_ref,
+    k_buf,
+    v_buf,
+    segk_buf,
+    sem,
+    m_sc,
+    l_sc,
+    acc_sc,
+    *,
+    block_size,
+    scale,
+):
     b, h, i = (pl.program_id(a) for a in range(3))
     group = q_ref.shape[0]
     m_sc[...], l_sc[...], acc_sc[...] = flash_math.init_state(m_sc.shape[:-1], acc_sc.shape[-1])
@@ -228,11 +251,24 @@ def _sparse_bwd(block_size, interpret, residuals, d_out):
     dq, dk, dv = pl.pallas_call(
         functools.partial(_backward_kernel, block_size=block_size, scale=d**-0.5),
         grid=(b, kv, n),
-        in_specs=[*_step_specs(table, block_indices, block_size), block, block, stats, stats,
-                  _HBM, _HBM, _HBM, _HBM, _HBM],  # fmt: skip
+        in_specs=[
+            *_step_specs(table, block_indices, block_size),
+            block,
+            block,
+            stats,
+            stats,
+            _HBM,
+            _HBM,
+            _HBM,
+            _HBM,
+            _HBM,
+        ],
         out_specs=[block, _HBM, _HBM],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, jnp.float32),
-                   jax.ShapeDtypeStruct(v.shape, jnp.float32)],  # fmt: skip
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(k.shape, jnp.float32),
+            jax.ShapeDtypeStruct(v.shape, jnp.float32),
+        ],
         input_output_aliases={10: 1, 11: 2},  # dK, dV accumulate in place over zeros
         scratch_shapes=[
             *_scratch_buffers(k, block_size),
@@ -250,9 +286,33 @@ def _sparse_bwd(block_size, interpret, residuals, d_out):
 
 
 def _backward_kernel(
-    table_ref, idx_ref, segq_ref, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, segk_hbm, dk_in, dv_in,
-    dq_ref, dk_hbm, dv_hbm, k_buf, v_buf, segk_buf, dk_buf, dv_buf, sem, write_sem, dq_sc, *, block_size, scale,
-):  # fmt: skip
+    table_ref,
+    idx_ref,
+    segq_ref,
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    k_hbm,
+    v_hbm,
+    segk_hbm,
+    dk_in,
+    dv_in,
+    dq_ref,
+    dk_hbm,
+    dv_hbm,
+    k_buf,
+    v_buf,
+    segk_buf,
+    dk_buf,
+    dv_buf,
+    sem,
+    write_sem,
+    dq_sc,
+    *,
+    block_size,
+    scale,
+):
     del dk_in, dv_in  # the same buffers as dk_hbm, dv_hbm
     b, h, i = (pl.program_id(a) for a in range(3))
     group = q_ref.shape[0]
@@ -271,8 +331,10 @@ def _backward_kernel(
             dk, dv = dk + dk_g, dv + dv_g
         dk_buf[slot], dv_buf[slot] = dk, dv
         rows = pl.ds(blk * block_size, block_size)
-        writes = [pltpu.make_async_copy(buf.at[slot], dst.at[b, h, rows], write_sem.at[n])
-                  for n, (buf, dst) in enumerate(((dk_buf, dk_hbm), (dv_buf, dv_hbm)))]  # fmt: skip
+        writes = [
+            pltpu.make_async_copy(buf.at[slot], dst.at[b, h, rows], write_sem.at[n])
+            for n, (buf, dst) in enumerate(((dk_buf, dk_hbm), (dv_buf, dv_hbm)))
+        ]
         for w in writes:
             w.start()
         for w in writes:  # done before any later step reads this block again

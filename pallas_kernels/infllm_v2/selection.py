@@ -157,16 +157,18 @@ def _query_chunks(x: jnp.ndarray, axis: int, chunk: int) -> jnp.ndarray:
     return jnp.moveaxis(split, axis, 0)
 
 
-def score_blocks(qg, seg, start, pos, *, keys: CompressedKeys, cfg: SparseConfig, n_c1: int, n_c2: int,
-                 n_blocks: int) -> jnp.ndarray:  # fmt: skip
+def score_blocks(
+    qg, seg, start, pos, *, keys: CompressedKeys, cfg: SparseConfig, n_c1: int, n_c2: int, n_blocks: int
+) -> jnp.ndarray:
     """Selected blocks [b, kv, T, topk] of queries qg [b, kv, T, g, d] (group_queries) whose segment, document
     start and position are seg, start, pos [b or 1, T]; looks at the first n_c1 / n_c2 windows, n_blocks blocks."""
     scores = block_scores(qg, seg, pos, keys=keys, cfg=cfg, n_c1=n_c1, n_c2=n_c2, n_blocks=n_blocks)
     return _top_blocks(scores, seg, start, pos, cfg)
 
 
-def block_scores(qg, seg, pos, *, keys: CompressedKeys, cfg: SparseConfig, n_c1: int, n_c2: int,
-                 n_blocks: int) -> jnp.ndarray:  # fmt: skip
+def block_scores(
+    qg, seg, pos, *, keys: CompressedKeys, cfg: SparseConfig, n_c1: int, n_c2: int, n_blocks: int
+) -> jnp.ndarray:
     """Steps 2-3 for queries as in `score_blocks`: [b, kv, T, n_blocks] group-summed probabilities max-pooled
     onto blocks, -inf where no visible kernel reaches a block."""
 

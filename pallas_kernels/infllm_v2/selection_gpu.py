@@ -119,9 +119,27 @@ def pallas_gpu_block_scores(
 
 
 def _block_scores_kernel(
-    q_ref, pos_ref, seg_ref, seg_tok_ref, c1_ref, c1_seg_ref, c1_end_ref, c2_ref, c2_seg_ref, c2_end_ref,
-    out_ref, *, rows, per_block, overlap, fine, coarse, coarse_tile, coarse_reach, n_tiles,
-):  # fmt: skip
+    q_ref,
+    pos_ref,
+    seg_ref,
+    seg_tok_ref,
+    c1_ref,
+    c1_seg_ref,
+    c1_end_ref,
+    c2_ref,
+    c2_seg_ref,
+    c2_end_ref,
+    out_ref,
+    *,
+    rows,
+    per_block,
+    overlap,
+    fine,
+    coarse,
+    coarse_tile,
+    coarse_reach,
+    n_tiles,
+):
     """fine, coarse: (kernel, stride, number of real keys) of C1 and of the normalising keys."""
     t = pl.program_id(0)
     q = q_ref[...]  # [tokens * rows, d], pre-scaled
