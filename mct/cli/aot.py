@@ -8,6 +8,8 @@ then the real TPU compiler compiles `TrainSetup.step_fn` for the abstract state 
 Printed per device: the compiler's argument / output / temporary bytes against the chip's HBM, the compile
 time, and XLA's FLOP count next to mct.model.flops'. Exit 0 when it fits; 3 and one line `does not fit: ...` when
 it does not; 2 and one line `error: ...` for bad input or a compiler rejection (a kernel's name and shape).
+
+Flags and wiring only: `mct.launch.aot` does the work.
 """
 
 import functools

@@ -6,6 +6,8 @@
 Tensors stream one at a time (one layer of one parameter, read through tensorstore) into safetensors shards
 of at most --max_shard_mb, so no process ever holds more than one shard. Everything is written into a
 temporary sibling of OUT and renamed at the end: a failed export leaves nothing behind.
+
+Flags and wiring only: `mct.export.hf_export` does the work.
 """
 
 from absl import flags

@@ -39,9 +39,13 @@ def _define_flags() -> None:
     flags.DEFINE_string("draft_workdir", None, "Speculative decoding: the draft model's training workdir.")
     flags.DEFINE_string("freq_vocab", None, "Speculative decoding: FR-Spec ids the draft head keeps.")
     flags.DEFINE_integer("num_draft", 4, "Speculative decoding: draft tokens per target pass.")
-    flags.DEFINE_enum("speculative", None, ["mtp"], "mtp: the model's MTP block drafts (model.mtp.depth >= 1).")
+    flags.DEFINE_enum(
+        "speculative", None, ["mtp"], "mtp: the model's MTP block drafts (model.mtp.depth >= 1)."
+    )
     flags.DEFINE_bool(
-        "chat", False, "Each prompt is a user turn (ChatML, data_pipelines.chat); the answer stops at <|im_end|>."
+        "chat",
+        False,
+        "Each prompt is a user turn (ChatML, data_pipelines.chat); the answer stops at <|im_end|>.",
     )
 
 

@@ -8,6 +8,8 @@ experiments/configs/base.py), whose optimizer the saved state is built for. A Ll
 scale-free model unless --unfold_mup restores the muP scales recorded at export. Exporting the result again in
 the same layout reproduces the input files bit for bit. A ternary export (mct.export --format ternary) reads
 back as its dequantised weights, a model with model.quant.weights = "none" (docs/bitcpm.md).
+
+Flags and wiring only: `mct.export.hf_import` does the work.
 """
 
 import pathlib

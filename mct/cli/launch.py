@@ -16,6 +16,8 @@ commands:
 
 Everything after `--` goes to `python -m mct.train` unchanged. A flag of another command is an error; bad
 input prints one line `error: ...` and exits 2.
+
+Flags and wiring only: `mct.launch.jobs` does the work.
 """
 
 import functools

@@ -2,11 +2,7 @@
 
     python -m mct.upcycle --from DENSE_WORKDIR [--step N] --out MOE_WORKDIR --config experiments/configs/X.py
 
-Every expert of a layer starts as a copy of that layer's MLP; the routers are drawn N(0, model.moe.
-router_init_std); attention, norms, embeddings (and MTP blocks) are copied unchanged; the optimizer state is
-fresh. Since the top-k weights sum to 1 and the experts are equal, the upcycled model computes the dense
-model's function exactly (while no token is dropped). Train on with `python -m mct.train --config ...
---config.workdir=MOE_WORKDIR`, which resumes from that step 0.
+Flags and wiring only: `mct.run.upcycle` does the work.
 """
 
 from absl import flags, logging

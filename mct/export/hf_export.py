@@ -1,11 +1,9 @@
-"""Exports a training checkpoint as a Hugging Face model directory (safetensors + config + tokenizer).
-
-    python -m mct.export --workdir DIR [--step N] --format minicpm|llama|ternary --out OUT [--freq_vocab FILE]
-    python -m mct.export --workdir DIR [--step N] --format gguf --gguf_type f16 --out FILE.gguf  (gguf_export)
+"""A run's checkpoint as a Hugging Face model directory (safetensors + config + tokenizer), in the MiniCPM or
+Llama layout or BitCPM's ternary one; GGUF through `gguf_export`.
 
 Tensors stream one at a time (one layer of one parameter, read through tensorstore) into safetensors shards
-of at most --max_shard_mb, so no process ever holds more than one shard. Everything is written into a
-temporary sibling of OUT and renamed at the end: a failed export leaves nothing behind.
+of at most `max_shard_bytes`, so no process ever holds more than one shard. Everything is written into a
+temporary sibling of the output and renamed at the end: a failed export leaves nothing behind.
 """
 
 import json

@@ -1,13 +1,9 @@
-"""Imports a Hugging Face Llama- or MiniCPM-layout safetensors checkpoint as an mct workdir that mct.train
-continues from (step 0, fresh optimizer state, fresh data iterator).
+"""A Hugging Face Llama- or MiniCPM-layout safetensors checkpoint as a new mct workdir at step 0 (fresh
+optimizer state, fresh data iterator), the inverse of `hf_export` bit for bit.
 
-    python -m mct.import_hf --hf_dir DIR --out WORKDIR [--unfold_mup] [--config experiments/configs/x.py]
-
-The model shape comes from config.json; everything else (optimizer, schedule, data) from --config (default:
-experiments/configs/base.py), whose optimizer the saved state is built for. A Llama layout reads as a
-scale-free model unless --unfold_mup restores the muP scales recorded at export. Exporting the result again in
-the same layout reproduces the input files bit for bit. A ternary export (mct.export --format ternary) reads
-back as its dequantised weights, a model with model.quant.weights = "none" (docs/bitcpm.md).
+The model shape comes from config.json; the optimizer the saved state is built for from the run config given.
+A Llama layout reads as a scale-free model unless `unfold_mup` restores the muP scales recorded at export; a
+ternary export reads back as its dequantised weights (model.quant.weights = "none", docs/bitcpm.md).
 """
 
 import collections

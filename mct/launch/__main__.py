@@ -1,8 +1,8 @@
-"""`python -m mct.launch`: start mct.train on local processes, a TPU slice or SLURM.
-
-A shim: mct/cli/launch.py is the entry point."""
+"""`python -m mct.launch`: a shim; mct/cli/launch.py is the entry point (its docstring is the usage)."""
 
 from mct.cli import launch
+
+__doc__ = launch.__doc__  # absl prints the __main__ module's docstring as the usage
 
 if __name__ == "__main__":
     launch.entry()

@@ -1,13 +1,9 @@
-"""Compile the train step ahead of time for a Cloud TPU slice, on any machine: does it fit, and what it costs.
+"""The train step compiled ahead of time for a Cloud TPU slice on any machine: does it fit, and what it costs.
 
-python -m mct.aot --config experiments/configs/minicpm4_8b.py --topology v5p-128 [--num_slices N] [--json]
-                  [--config.mesh.fsdp=... any other override]
-
-`mct.train.trainer.build` runs on the abstract devices of the named slice (libtpu describes them; no TPU needed),
-then the real TPU compiler compiles `TrainSetup.step_fn` for the abstract state and a batch of ShapeDtypeStructs.
-Printed per device: the compiler's argument / output / temporary bytes against the chip's HBM, the compile
-time, and XLA's FLOP count next to mct.model.flops'. Exit 0 when it fits; 3 and one line `does not fit: ...` when
-it does not; 2 and one line `error: ...` for bad input or a compiler rejection (a kernel's name and shape).
+`mct.train.trainer.build` runs on the abstract devices of the named slice (libtpu describes them; no TPU
+needed), then the real TPU compiler compiles `TrainSetup.step_fn` for the abstract state and a batch of
+ShapeDtypeStructs. The report: the compiler's argument / output / temporary bytes per device against the
+chip's HBM, the compile time, and XLA's FLOP count next to mct.model.flops'.
 """
 
 import dataclasses

@@ -1,21 +1,5 @@
-"""Starts `mct.train` as one process per host: locally (rehearsing a pod), on a TPU VM slice, or under SLURM.
-
-python -m mct.launch local --processes 4 [--devices_per_process 2] -- --config ... --config.workdir ...
-python -m mct.launch tpu --name NAME --zone ZONE [--project P] [--dry_run] -- <train flags>
-python -m mct.launch slurm --nodes N --gpus_per_node G [--partition P] [--submit] -- <train flags>
-
-commands:
-  local  N processes on this machine (jax.distributed over loopback)
-         --processes N [--devices_per_process D] [--heartbeat_timeout_s S] [--grace_s S]
-  tpu    every worker of one or more TPU VM slices
-         --name NAME (repeat for multislice) --zone ZONE [--project P] [--repo_dir DIR] [--coordinator_host H]
-         [--dry_run]
-  slurm  an sbatch script for a GPU cluster
-         --nodes N --gpus_per_node G [--partition P] [--per_node] [--repo_dir DIR] [--time T] [--out FILE]
-         [--submit]
-
-Everything after `--` goes to `python -m mct.train` unchanged. A flag of another command is an error; bad
-input prints one line `error: ...` and exits 2.
+"""`mct.train` as one process per host: local processes (rehearsing a pod, jax.distributed over loopback), the
+workers of TPU VM slices (gcloud ssh commands), or an sbatch script for a SLURM GPU cluster.
 """
 
 import os

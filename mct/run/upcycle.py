@@ -1,12 +1,9 @@
 """Sparse upcycling (MiniCPM paper section 7, MiniCPM-MoE): a dense run's checkpoint becomes step 0 of an MoE run.
 
-    python -m mct.upcycle --from DENSE_WORKDIR [--step N] --out MOE_WORKDIR --config experiments/configs/X.py
-
 Every expert of a layer starts as a copy of that layer's MLP; the routers are drawn N(0, model.moe.
 router_init_std); attention, norms, embeddings (and MTP blocks) are copied unchanged; the optimizer state is
 fresh. Since the top-k weights sum to 1 and the experts are equal, the upcycled model computes the dense
-model's function exactly (while no token is dropped). Train on with `python -m mct.train --config ...
---config.workdir=MOE_WORKDIR`, which resumes from that step 0.
+model's function exactly (while no token is dropped).
 """
 
 import pathlib
@@ -39,7 +36,9 @@ def upcycle_params(dense_params: dict, cfg: ModelConfig, seed: int) -> dict:
         else:
             out[name] = np.asarray(dense_params[name])
         if out[name].shape != value.shape:
-            raise ValueError(f"upcycle: {name} has shape {out[name].shape}, the MoE model wants {value.shape}")
+            raise ValueError(
+                f"upcycle: {name} has shape {out[name].shape}, the MoE model wants {value.shape}"
+            )
     return out
 
 
@@ -53,7 +52,11 @@ def upcycle(dense_workdir: str, step: int | None, out: str, config: Config) -> p
         raise UserError("upcycle: the --config has model.moe.num_experts=0; set it (e.g. 8) for the MoE run")
     model_cfg = config.model
     dense_sig, moe_sig = model_signature(run.model_cfg), model_signature(model_cfg)
-    diff = {k: (dense_sig[k], moe_sig[k]) for k in dense_sig if dense_sig[k] != moe_sig[k] and k != "moe.num_experts"}
+    diff = {
+        k: (dense_sig[k], moe_sig[k])
+        for k in dense_sig
+        if dense_sig[k] != moe_sig[k] and k != "moe.num_experts"
+    }
     if diff:
         raise UserError(f"upcycle: the --config's model differs from {dense_workdir}'s beyond model.moe "
                             f"(dense vs config: {diff})")  # fmt: skip
