@@ -18,7 +18,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from mct.cli import common as cli
-from mct.cli.common import run
 from mct.model.decoder import compute_dtype
 from mct.model.flops import matmul_params, measure_matmul_peak, train_flops_per_token
 from mct.train.trainer import build
@@ -82,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)
