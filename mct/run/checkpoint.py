@@ -1,11 +1,14 @@
-"""Orbax checkpoints of a run: train state (sharded arrays), data-iterator state and run metadata.
+"""Orbax checkpoints of a run: train state (sharded arrays), data-iterator state and run metadata. The one
+module that knows their layout and talks to orbax.
 
 Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. Only committed steps are listed and restored;
 a save interrupted by a kill leaves a tmp directory that orbax ignores. Saves are async by default; a save
 that fails (e.g. on a full disk) has its tmp directory removed and raises CheckpointSaveError at the next
-check_saves, save or wait.
+check_saves, save or wait. `Checkpointer` writes and resumes a run; `read_step` opens a finished run's step
+once (meta and data state) and `SavedStep` reads its params without the rest of the state, one at a time.
 """
 
+import dataclasses
 import functools
 import logging
 import os
@@ -16,6 +19,7 @@ import threading
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mct.config.model import ModelConfig
@@ -53,6 +57,22 @@ def run_meta(config: Config, step: int, **provenance) -> dict:
     }  # fmt: skip
 
 
+def checkpoints_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+    """WORKDIR/checkpoints, absolute (orbax wants absolute paths)."""
+    return pathlib.Path(workdir).absolute() / "checkpoints"
+
+
+def check_signature(meta: dict, model_cfg: ModelConfig, directory: pathlib.Path, step: int) -> None:
+    """ConfigError naming the differing fields when the meta of checkpoint `step` in `directory` records another
+    model shape than `model_cfg`."""
+    saved, wanted = {**_SIGNATURE_DEFAULTS, **meta["model_signature"]}, model_signature(model_cfg)
+    diff = {k: (saved.get(k), wanted[k]) for k in wanted if saved.get(k) != wanted[k]}
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(
+            f"{directory} holds a checkpoint (step {step}) of an incompatible model ({details}); "
+            "use a new workdir or the matching config"
+        )
 
 
 def root_cause(error: BaseException) -> str:
@@ -85,11 +105,11 @@ def _join_write_threads(timeout_s: float) -> None:
 class Checkpointer:
     """A CheckpointManager over WORKDIR/checkpoints; read_only for a source run a branch starts from."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int | None = None, async_save: bool = True,
+    def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int | None = None, async_save: bool = True,
                  read_only: bool = False):  # fmt: skip
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.directory = checkpoints_dir(workdir)
         if read_only and not self.directory.is_dir():
-            raise CheckpointMissing(f"no checkpoints directory in {workdir}")
+            raise CheckpointMissing(f"{workdir} is not a training workdir: it has no checkpoints/ directory")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -148,10 +168,6 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def read_data_state(self, step: int) -> dict | None:
-        """The data-iterator state saved with `step` (None for a step-0 import, which has none)."""
-        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
-
     def restore(self, step: int, abstract_state) -> tuple[dict, dict, dict]:
         """Restores (state, data_state, meta) onto the shardings given by `abstract_state`'s leaves."""
         if step not in self.all_steps():
@@ -169,16 +185,9 @@ class Checkpointer:
         return out["state"], out["data"], out["meta"]
 
     def check_compatible(self, step: int, model_cfg: ModelConfig) -> dict:
-        """Raises ConfigError naming the differing fields when the checkpoint holds another model shape."""
+        """The step's meta; ConfigError naming the differing fields when it holds another model shape."""
         meta = self.read_meta(step)
-        saved, wanted = {**_SIGNATURE_DEFAULTS, **meta["model_signature"]}, model_signature(model_cfg)
-        diff = {k: (saved.get(k), wanted[k]) for k in wanted if saved.get(k) != wanted[k]}
-        if diff:
-            details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-            raise ConfigError(
-                f"{self.directory} holds a checkpoint (step {step}) of an incompatible model ({details}); "
-                "use a new workdir or the matching config"
-            )
+        check_signature(meta, model_cfg, self.directory, step)
         return meta
 
     def is_complete(self, step: int) -> bool:
@@ -230,3 +239,60 @@ class Checkpointer:
             self.manager.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedStep:
+    """A committed step of a finished run, opened without its train state: the meta and data-iterator state it
+    was saved with, and its params read one at a time (orbax partial restore of the `state` item)."""
+
+    directory: pathlib.Path  # WORKDIR/checkpoints
+    step: int
+    meta: dict
+    data_state: dict | None  # None for a step-0 import, which has none
+
+    def check_compatible(self, model_cfg: ModelConfig) -> None:
+        """ConfigError naming the differing fields when the step holds another model shape than `model_cfg`."""
+        check_signature(self.meta, model_cfg, self.directory, self.step)
+
+    def read_param(self, name: str, like: jax.ShapeDtypeStruct) -> jax.Array | np.ndarray:
+        """Parameter `name`, which must have like.shape: onto like.sharding, or a host array where it has none.
+        Nothing else of the state is read; ValueError naming the checkpoint when it cannot be read."""
+        state_dir = self.directory / str(self.step) / "state"
+        sharding = like.sharding
+        how = ocp.RestoreArgs(restore_type=np.ndarray) if sharding is None else ocp.ArrayRestoreArgs(sharding=sharding)
+        args = ocp.args.PyTreeRestore(
+            item={"params": {name: 0}}, partial_restore=True, restore_args={"params": {name: how}}
+        )  # fmt: skip
+        try:
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                array = checkpointer.restore(state_dir, args=args)["params"][name]
+        except (ValueError, KeyError, OSError) as e:
+            raise ValueError(f"{state_dir}: cannot read parameter {name!r} ({root_cause(e)})") from None
+        if not isinstance(array, np.ndarray | jax.Array):  # a partial restore leaves a missing name's placeholder
+            raise ValueError(f"{state_dir}: cannot read parameter {name!r} (the checkpoint has none)")
+        if tuple(array.shape) != tuple(like.shape):
+            raise ValueError(f"{state_dir}: parameter {name!r} has shape {tuple(array.shape)}, but the model "
+                             f"needs {tuple(like.shape)}")  # fmt: skip
+        return array
+
+    def read_params(self, abstract: dict[str, jax.ShapeDtypeStruct]) -> dict:
+        """The params dict of `abstract`'s names, read one parameter at a time (see read_param)."""
+        return {name: self.read_param(name, like) for name, like in abstract.items()}
+
+
+def read_step(workdir: str | pathlib.Path, step: int | None = None) -> SavedStep:
+    """WORKDIR's committed `step` (default: the latest), its meta and data state read in one restore;
+    CheckpointMissing naming the workdir when it has no checkpoints/ or no such committed step."""
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise CheckpointMissing(f"{workdir} has no committed checkpoint (interrupted saves do not count)")
+        chosen = ckpt.latest_step() if step is None else step
+        if chosen not in steps:
+            raise CheckpointMissing(f"{workdir} has no committed checkpoint at step {step}; it has {steps}")
+        items = ckpt.manager.restore(
+            chosen, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore())
+        )
+    finally:
+        ckpt.close()
+    return SavedStep(ckpt.directory, chosen, items["meta"], items["data"])
