@@ -1,5 +1,5 @@
 """Orbax checkpoints of a run: train state (sharded arrays), data-iterator state and run metadata. The one
-module that knows their layout and talks to orbax.
+module that knows their layout and talks to orbax (its public API, but for `_orbax_write_threads`).
 
 Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. Only committed steps are listed and restored;
 a save interrupted by a kill leaves a tmp directory that orbax ignores. Saves are async by default; a save
@@ -27,7 +27,7 @@ from mct.config.run import Config
 from mct.errors import CheckpointMissing, CheckpointSaveError, ConfigError
 
 log = logging.getLogger(__name__)
-COMMIT_MARKER = "commit_success.txt"
+COMMIT_MARKER = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
 ITEMS = ("state", "data", "meta")
 # tensorstore puts the OS error in its message: "... No space left on device [os_error_code='28']"
 OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
@@ -90,16 +90,33 @@ def root_cause(error: BaseException) -> str:
     return lines[0][:300] if lines else type(chain[-1]).__name__
 
 
+def _orbax_write_threads() -> list[threading.Thread]:
+    """The threads of orbax's pending writes (its commit futures' threads, class _SignalingThread).
+
+    The one place mct names an orbax private: orbax 0.12 has no public handle on the writes of a save that
+    failed (its error is raised at the first failed write, while the others go on), and telling them from
+    its pools' idle threads, which never end, takes the class.
+    """
+    return [t for t in threading.enumerate() if type(t).__name__ == "_SignalingThread"]
+
+
 def _join_write_threads(timeout_s: float) -> None:
     """Waits for orbax's write threads: a save fails at its first failed write while the others may still be
     creating files in its tmp directory."""
     deadline = time.monotonic() + timeout_s
-    for thread in threading.enumerate():
-        if type(thread).__name__ == "_SignalingThread":  # orbax.checkpoint._src.futures.future
-            try:
-                thread.join(max(deadline - time.monotonic(), 0.0))
-            except Exception:  # noqa: BLE001 - orbax's join re-raises the thread's write error: already reported
-                pass
+    for thread in _orbax_write_threads():
+        try:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        except Exception:  # noqa: BLE001 - orbax's join re-raises the thread's write error: already reported
+            pass
+
+
+def _remove_tmp_dirs(directory: pathlib.Path, step: int) -> None:
+    """Removes the temporary directories a failed save of `step` left in `directory` (orbax's own listing)."""
+    for tmp in ocp.path.step.all_temporary_paths(directory):
+        path = tmp.get()
+        if ocp.path.step.step_from_checkpoint_name(path.name) == step:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class Checkpointer:
@@ -156,8 +173,7 @@ class Checkpointer:
         """Removes the failed step's tmp directory; the error names the cause and the last good checkpoint."""
         if jax.process_index() == 0:
             _join_write_threads(timeout_s=60.0)
-            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tmp_dirs(self.directory, step)
         self.manager.reload()  # from disk: the failed save may have dropped steps max_to_keep would delete
         good = self.latest_step()
         return CheckpointSaveError(
