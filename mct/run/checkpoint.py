@@ -37,6 +37,7 @@ SHAPE_KEYS = (
     "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_mlp", "vocab_size", "tie_embeddings",
     "moe.num_experts", "mtp.depth",
 )  # fmt: skip
+ASIDE = ".corrupt-"  # STEP.corrupt-TIME: an unreadable checkpoint moved aside by restore_latest
 # What a checkpoint written before a key existed holds for it.
 _SIGNATURE_DEFAULTS = {"moe.num_experts": 0, "mtp.depth": 0}
 
@@ -229,7 +230,7 @@ class Checkpointer:
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint is unusable
-                aside = self.directory / f"{step}.corrupt-{int(time.time())}"
+                aside = self.directory / f"{step}{ASIDE}{int(time.time())}"
                 log.warning("checkpoint %s/%d is unreadable (%s); moved to %s, trying the previous one",
                             self.directory, step, str(e).splitlines()[0][:200], aside.name)  # fmt: skip
                 if jax.process_index() == 0:
@@ -238,6 +239,10 @@ class Checkpointer:
         if steps:
             raise CheckpointMissing(f"no readable checkpoint left in {self.directory} (tried steps {steps})")
         return None
+
+    def moved_aside(self) -> list[str]:
+        """The names of the checkpoints restore_latest has moved aside (STEP.corrupt-TIME), sorted."""
+        return sorted(p.name for p in self.directory.glob(f"*{ASIDE}*"))
 
     def wait(self) -> None:
         """Blocks until the last save is committed; raises CheckpointSaveError if it failed."""
