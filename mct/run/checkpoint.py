@@ -58,12 +58,7 @@ def run_meta(config: Config, step: int, **provenance) -> dict:
     }  # fmt: skip
 
 
-def checkpoints_dir(workdir: str | pathlib.Path) -> pathlib.Path:
-    """WORKDIR/checkpoints, absolute (orbax wants absolute paths)."""
-    return pathlib.Path(workdir).absolute() / "checkpoints"
-
-
-def check_signature(meta: dict, model_cfg: ModelConfig, directory: pathlib.Path, step: int) -> None:
+def _check_signature(meta: dict, model_cfg: ModelConfig, directory: pathlib.Path, step: int) -> None:
     """ConfigError naming the differing fields when the meta of checkpoint `step` in `directory` records another
     model shape than `model_cfg`."""
     saved, wanted = {**_SIGNATURE_DEFAULTS, **meta["model_signature"]}, model_signature(model_cfg)
@@ -125,7 +120,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int | None = None, async_save: bool = True,
                  read_only: bool = False):  # fmt: skip
-        self.directory = checkpoints_dir(workdir)
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         if read_only and not self.directory.is_dir():
             raise CheckpointMissing(f"{workdir} is not a training workdir: it has no checkpoints/ directory")
         options = ocp.CheckpointManagerOptions(
@@ -204,7 +199,7 @@ class Checkpointer:
     def check_compatible(self, step: int, model_cfg: ModelConfig) -> dict:
         """The step's meta; ConfigError naming the differing fields when it holds another model shape."""
         meta = self.read_meta(step)
-        check_signature(meta, model_cfg, self.directory, step)
+        _check_signature(meta, model_cfg, self.directory, step)
         return meta
 
     def is_complete(self, step: int) -> bool:
@@ -272,7 +267,7 @@ class SavedStep:
 
     def check_compatible(self, model_cfg: ModelConfig) -> None:
         """ConfigError naming the differing fields when the step holds another model shape than `model_cfg`."""
-        check_signature(self.meta, model_cfg, self.directory, self.step)
+        _check_signature(self.meta, model_cfg, self.directory, self.step)
 
     def read_param(self, name: str, like: jax.ShapeDtypeStruct) -> jax.Array | np.ndarray:
         """Parameter `name`, which must have like.shape: onto like.sharding, or a host array where it has none.
