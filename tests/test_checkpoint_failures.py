@@ -13,7 +13,7 @@ import pytest
 
 from mct.errors import CheckpointSaveError
 from mct.parallel.sharding import abstract_with_shardings
-from mct.run.checkpoint import Checkpointer, root_cause
+from mct.run.checkpoint import Checkpointer, _orbax_write_threads, root_cause
 
 STATE = {"w": jnp.arange(8.0), "b": jnp.ones((2, 3))}
 
@@ -91,6 +91,21 @@ def test_an_unchecked_async_failure_is_raised_by_the_next_save_wait_or_close(tmp
         else:
             ckpt.close()
     assert_failed_at_40_with_20_intact(e.value, ckpt)
+    ckpt.close()
+
+
+def test_a_failed_save_finds_the_writes_it_waits_for(tmp_path, monkeypatch):
+    """The other writes of a failed save are found by orbax's private thread class (the one orbax private mct
+    names): an orbax that renames it fails here, not as a tmp directory left behind on a full disk."""
+    ckpt = Checkpointer(str(tmp_path))
+    gate = threading.Event()
+    full_disk(monkeypatch, gate)
+    ckpt.save(20, STATE, {"pos": 20}, {"step": 20})
+    assert _orbax_write_threads()  # the JSON items' writes wait at the gate
+    gate.set()
+    with pytest.raises(CheckpointSaveError):
+        ckpt.wait()
+    assert not _orbax_write_threads() and not list(ckpt.directory.iterdir())
     ckpt.close()
 
 

@@ -14,7 +14,7 @@ import pytest
 from data_pipelines.chat import CHAT_TEMPLATE
 from data_pipelines.tokenizer import read_tokenizer_file
 from mct.export.gguf_export import export_gguf
-from mct.run.reader import RunCheckpoint, load_run_tokenizer
+from mct.run.reader import RunCheckpoint
 from tests.test_export import LONGROPE, save_random_run, tiny_run_config
 from tests.tiny_runs import REPO
 
@@ -32,7 +32,7 @@ def saved_run(path, dataset, **model):
     config = tiny_run_config(path, dataset, **model)
     params = save_random_run(path, config)
     run = RunCheckpoint(path)
-    return run, load_run_tokenizer(run), params
+    return run, run.tokenizer(), params
 
 
 def field(reader: gguf.GGUFReader, key: str):

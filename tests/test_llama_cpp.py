@@ -25,7 +25,7 @@ from mct.export.gguf_export import export_gguf
 from mct.infer.decoding import forward, generate, init_cache, output_head, params_model
 from mct.infer.generate import encode_prompts
 from mct.run.pretrain import train
-from mct.run.reader import RunCheckpoint, load_run_tokenizer
+from mct.run.reader import RunCheckpoint
 from tests.data_fixtures import make_tiny_dataset, write_text_documents
 from tests.test_export import save_random_run, tiny_run_config
 from tests.tiny_runs import REPO, make_config, save_params_run
@@ -91,7 +91,7 @@ def files(tmp_path_factory, runs):
         if (name, gguf_type) not in made:
             run = runs[name]
             made[name, gguf_type] = export_gguf(
-                run, load_run_tokenizer(run), directory / f"{name}-{gguf_type}.gguf", gguf_type
+                run, run.tokenizer(), directory / f"{name}-{gguf_type}.gguf", gguf_type
             )
         return made[name, gguf_type]
 
@@ -125,7 +125,7 @@ def mct_logits(run: RunCheckpoint, params: dict, ids: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["tied", "untied_longrope"])
 def test_f32_logits_and_greedy_tokens_equal_mct(runs, files, name):
-    run, path, tokenizer = runs[name], files(name, "f32"), load_run_tokenizer(runs[name])
+    run, path, tokenizer = runs[name], files(name, "f32"), runs[name].tokenizer()
     params = run.read_params()
     ids = encode_prompts(tokenizer, ["the model of data and the river shard"])[0]
     prompts = encode_prompts(tokenizer, PROMPTS)
@@ -155,10 +155,8 @@ def test_llama3_rope_as_frequency_factors_gives_mct_logits(tmp_path, dataset):
         tmp_path / "wd", tiny_run_config(tmp_path / "wd", dataset, rope=rope, max_position=CTX)
     )
     run = RunCheckpoint(tmp_path / "wd")
-    path = export_gguf(run, load_run_tokenizer(run), tmp_path / "m.gguf", "f32")
-    ids = encode_prompts(load_run_tokenizer(run), ["the model of data and the river shard train loss state"])[
-        0
-    ]
+    path = export_gguf(run, run.tokenizer(), tmp_path / "m.gguf", "f32")
+    ids = encode_prompts(run.tokenizer(), ["the model of data and the river shard train loss state"])[0]
     expected = mct_logits(run, params, ids)
     np.testing.assert_allclose(llama_logits(path, [ids])[0], expected, atol=2e-3 * np.abs(expected).max())
 
@@ -169,7 +167,7 @@ def test_tq2_0_follows_the_qat_forward(runs, files):
     range of the QAT forward's, and its argmax is mct's token wherever mct's margin exceeds 6% (twice the usual
     error)."""
     run = runs["qat"]
-    prompts = encode_prompts(load_run_tokenizer(run), PROMPTS)
+    prompts = encode_prompts(run.tokenizer(), PROMPTS)
     params = run.read_params()
     continuations = generate(run.model_cfg, params, prompts, max_new_tokens=MAX_NEW)
     sequences = [prompt + tokens for prompt, tokens in zip(prompts, continuations)]
@@ -199,7 +197,7 @@ def perplexity(path, windows: list[list[int]]) -> float:
 
 def test_quantised_perplexity_stays_near_f32(tmp_path, runs, files):
     run = runs["tied"]
-    tokenizer = load_run_tokenizer(run)
+    tokenizer = run.tokenizer()
     held_out = write_text_documents(tmp_path / "held_out.jsonl", 24, seed=7, tag="held")  # unseen documents
     ids = [i for text in held_out for i in encode_prompts(tokenizer, [text])[0]]
     windows = [ids[i : i + 32] for i in range(0, 32 * 12, 32)]  # the training length
@@ -232,7 +230,7 @@ def test_quantised_perplexity_stays_near_f32(tmp_path, runs, files):
 
 def test_llama_cpp_tokenizes_and_renders_chats_as_mct(runs, files):
     run = runs["tied"]
-    tokenizer = load_run_tokenizer(run)
+    tokenizer = run.tokenizer()
     texts = [
         "the  river\n\n  model\t  token",
         "it's 2024: 12345 shard's data!!",

@@ -1,6 +1,7 @@
 """SFT: packed chat batches carry the exact loss masks (per-token losses equal each conversation run alone),
 the CLI runs from a pre-training workdir at its final lr, resumes exactly, and exports."""
 
+import collections
 import dataclasses
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from data_pipelines.loader import load_tokenizer, make_train_iterator
@@ -18,7 +20,7 @@ from mct.export.hf_export import export
 from mct.model.decoder import ParamsModel
 from mct.model.loss import token_losses
 from mct.posttrain.chat_data import fit_conversation, read_conversations
-from mct.posttrain.sft import CheckedBatches, sft_config, train_sft
+from mct.posttrain.sft import CheckedBatches, init_tokenizer, sft_config, train_sft
 from mct.run.init_from import read_init_source
 from tests.tiny_runs import REPO, losses, make_config, overrides, resume_copy
 
@@ -118,6 +120,30 @@ def test_sft_cli_continues_the_source_lr_resumes_exactly_and_exports(source, tmp
 
     out = export(str(resumed), str(tmp_path / "hf"), "minicpm")
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+
+
+def count_calls(monkeypatch, calls: collections.Counter, cls, method: str, key: str) -> None:
+    """Counts the calls of cls.method in calls[key] while the test runs."""
+    original = getattr(cls, method)
+
+    def counted(*args, **kwargs):
+        calls[key] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cls, method, counted)
+
+
+def test_the_source_tokenizer_is_one_restore_of_its_meta_and_data_state(source, tmp_path, monkeypatch):
+    """The tokenizer of init_from opens the source's checkpoints once and reads no parameter: no model is built."""
+    workdir, dataset, _ = source
+    calls = collections.Counter()
+    count_calls(monkeypatch, calls, ocp.CheckpointManager, "__init__", "opens")
+    count_calls(monkeypatch, calls, ocp.CheckpointManager, "restore", "restores")
+    count_calls(monkeypatch, calls, ocp.PyTreeCheckpointer, "restore", "parameter reads")
+    count_calls(monkeypatch, calls, ParamsModel, "__init__", "models")
+    tokenizer = init_tokenizer(make_config(tmp_path / "wd", dataset, init_from=str(workdir)))
+    assert calls == {"opens": 1, "restores": 1}
+    assert tokenizer.to_str() == load_tokenizer(dataset).to_str()
 
 
 def test_sft_refuses_bad_input(source, tmp_path, monkeypatch):

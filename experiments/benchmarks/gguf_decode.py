@@ -32,7 +32,7 @@ from mct.export.gguf_export import export_gguf  # noqa: E402
 from mct.infer.decoding import generate  # noqa: E402
 from mct.model.decoder import ParamsModel  # noqa: E402
 from mct.run.checkpoint import Checkpointer, model_signature  # noqa: E402
-from mct.run.reader import RunCheckpoint, load_run_tokenizer  # noqa: E402
+from mct.run.reader import RunCheckpoint  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = {"f16": "dense", "q8_0": "dense", "q4_k_m": "dense", "tq2_0": "qat"}  # gguf_type -> run
@@ -126,7 +126,7 @@ def main(argv: list[str]) -> None:
         "dense": make_run(work / "dense", {}),
         "qat": make_run(work / "qat", {"weights": "ternary", "group_size": 256}),
     }
-    tokenizer = load_run_tokenizer(runs["dense"])
+    tokenizer = runs["dense"].tokenizer()
     text = (REPO / "README.md").read_text(encoding="utf-8")
     prompt = [tokenizer.token_to_id(BOS)] + tokenizer.encode(text).ids[: _PROMPT_LEN.value - 1]
     result = {
@@ -143,7 +143,7 @@ def main(argv: list[str]) -> None:
     for gguf_type, run_name in VARIANTS.items():
         path = work / f"{run_name}-{gguf_type}.gguf"
         if not path.exists():
-            export_gguf(runs[run_name], load_run_tokenizer(runs[run_name]), path, gguf_type)
+            export_gguf(runs[run_name], runs[run_name].tokenizer(), path, gguf_type)
         rate = _MAX_NEW.value / llama_cpp_seconds(path, prompt)
         result["llama_cpp"][gguf_type] = {
             "file_mb": path.stat().st_size / 2**20,

@@ -25,7 +25,7 @@ from mct.cli.common import run  # noqa: E402
 from mct.infer.decoding import generate  # noqa: E402
 from mct.posttrain.rewards import numeric  # noqa: E402
 from mct.posttrain.rl import arithmetic_items  # noqa: E402
-from mct.run.reader import RunCheckpoint, load_run_tokenizer  # noqa: E402
+from mct.run.reader import RunCheckpoint  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 _WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/mct-chain", "Where the three runs live.")
@@ -53,7 +53,7 @@ def run_stage(module: str, config: str, workdir: pathlib.Path, *flags_: str) -> 
 def accuracy(workdir: pathlib.Path, items: list[dict]) -> float:
     """Greedy answers of the run's params to the items' prompts, scored by the numeric reward."""
     run = RunCheckpoint(str(workdir))
-    tokenizer = load_run_tokenizer(run)
+    tokenizer = run.tokenizer()
     prompts = [
         encode_chat(tokenizer, [{"role": "user", "content": item["prompt"]}], add_generation_prompt=True)[0]
         for item in items

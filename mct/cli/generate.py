@@ -25,7 +25,7 @@ from mct.infer.decoding import Sampling, generate
 from mct.infer.generate import StreamPrinter, encode_prompts
 from mct.infer.mtp_speculative import mtp_generate
 from mct.infer.speculative import speculative_generate
-from mct.run.reader import RunCheckpoint, load_run_tokenizer
+from mct.run.reader import RunCheckpoint
 
 
 def _define_flags() -> None:
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--max_new_tokens={f.max_new_tokens} must be at least 1")
     try:
         run = RunCheckpoint(f.workdir, f.step)
-        tokenizer = load_run_tokenizer(run)
+        tokenizer = run.tokenizer()
         sampling = Sampling(f.temperature, f.top_p)
         params = run.read_params()
         decode = functools.partial(generate, run.model_cfg, params)

@@ -22,7 +22,7 @@ from data_pipelines.shards import TOKENIZER
 from data_pipelines.tokenizer import BOS, EOS, PAD, read_tokenizer_file, special_token_ids, tokenizer_bytes
 from mct.export import hf_layout
 from mct.model import quant
-from mct.run.reader import RunCheckpoint, load_run_tokenizer
+from mct.run.reader import RunCheckpoint
 from mct.run.workdir import fresh_directory
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -150,7 +150,7 @@ def read_run(workdir: str, step: int | None, tokenizer_path: str | None) -> tupl
     """WORKDIR's checkpoint (latest unless `step`) and its tokenizer (the run's own unless tokenizer_path),
     which must fit the model's vocabulary."""
     run = RunCheckpoint(workdir, step)
-    tokenizer = read_tokenizer_file(tokenizer_path) if tokenizer_path else load_run_tokenizer(run)
+    tokenizer = read_tokenizer_file(tokenizer_path) if tokenizer_path else run.tokenizer()
     if tokenizer.get_vocab_size() > run.model_cfg.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "

@@ -23,7 +23,6 @@ from mct.errors import ConfigError, UserError
 from mct.posttrain.chat_data import chat_dataset_dir
 from mct.run.init_from import read_init_source, with_init_lr
 from mct.run.pretrain import RunData, train
-from mct.run.reader import RunCheckpoint, load_run_tokenizer
 from mct.train.trainer import TrainSetup
 
 
@@ -35,7 +34,7 @@ def init_tokenizer(config: Config) -> Tokenizer:
         )
     source = read_init_source(config.init_from)
     try:
-        return load_run_tokenizer(RunCheckpoint(source.workdir, source.step))
+        return source.run.tokenizer()
     except (OSError, ValueError) as e:
         raise UserError(f"config init_from={config.init_from}: {e}") from None
 

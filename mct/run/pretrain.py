@@ -71,7 +71,7 @@ def initial_state(setup: TrainSetup, ckpt: Checkpointer) -> tuple[int, dict, dic
     if restored is not None:
         log.info("resumed from %s step %d", ckpt.directory, restored[0])
         return restored
-    aside = sorted(p.name for p in ckpt.directory.glob("*.corrupt-*"))
+    aside = ckpt.moved_aside()
     if aside and not config.checkpoint.allow_fresh_start:
         raise ConfigError(
             f"every checkpoint in {ckpt.directory} was unreadable and moved aside ({', '.join(aside)}); "
