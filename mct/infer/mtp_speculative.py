@@ -45,7 +45,7 @@ def _draft(model: ParamsModel, params, head, residual, next_tokens, start, cache
     rope = rope_tables(cfg.rope, cfg.head_dim, cache.k.shape[2], cfg.max_position)
     layer_cache = jax.tree.map(lambda c: c[0], cache)
     attention = lambda q, k, v: cached_attend(q, k, v, positions, layer_cache, cfg)
-    _, out, layer_cache = mtp_step(cfg, residual, m._embed(next_tokens), mtp_weights(m, 0), positions, rope,
+    _, out, layer_cache = mtp_step(cfg, residual, m.embed_tokens(next_tokens), mtp_weights(m, 0), positions, rope,
                                    attention)  # fmt: skip
     logits = jnp.einsum("btd,dv->btv", out.astype(jnp.float32), head)
     return logits, jax.tree.map(lambda c: c[None], layer_cache)
