@@ -9,6 +9,7 @@ its own position).
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,11 +94,19 @@ def params_model(cfg: ModelConfig) -> ParamsModel:
     return ParamsModel(cfg)
 
 
-def decoder(cfg: ModelConfig, params: dict) -> tuple[ParamsModel, dict, jnp.ndarray]:
-    """The model, params and full output head [d_model, vocab] decoding runs on (a QAT model quantised once)."""
+class DecodeWeights(NamedTuple):
+    """What decoding runs on: the model, its params (a QAT model's quantised once) and its output head."""
+
+    model: ParamsModel
+    params: dict
+    head: jnp.ndarray  # [d_model, vocab]: head_weight(), muP's 1/m folded in
+
+
+def decode_weights(cfg: ModelConfig, params: dict) -> DecodeWeights:
+    """The DecodeWeights of a model config and its training params."""
     cfg, params = quantised_once(cfg, params)
     model = params_model(cfg)
-    return model, params, output_head(model, params)
+    return DecodeWeights(model, params, output_head(model, params))
 
 
 def output_head(model: ParamsModel, params: dict) -> jnp.ndarray:
@@ -177,7 +186,7 @@ def generate(
     on_tokens: TokenCallback | None = None,
 ) -> list[list[int]]:
     """Continues each prompt (token ids) by up to max_new_tokens tokens; EOS ends a row (and is not kept)."""
-    model, params, head = decoder(cfg, params)
+    model, params, head = decode_weights(cfg, params)
     tokens, lengths = pad_prompts(prompts)
     cache = init_cache(cfg, len(prompts), tokens.shape[1] + max_new_tokens)
     outputs = Outputs(len(prompts), max_new_tokens, eos_id, on_tokens)

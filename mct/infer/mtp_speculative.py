@@ -102,7 +102,7 @@ def mtp_generate(
     Every prompt needs at least 2 tokens (BOS + one)."""
     if not cfg.mtp.depth:
         raise ValueError("--speculative mtp needs a model with an MTP block (model.mtp.depth >= 1)")
-    model, params, head = decoding.decoder(cfg, params)
+    model, params, head = decoding.decode_weights(cfg, params)
     tokens, lengths = decoding.pad_prompts(prompts)
     if lengths.min() < 2:
         raise ValueError("MTP drafting needs prompts of at least 2 tokens (BOS and one more)")

@@ -116,8 +116,8 @@ def speculative_generate(
     vocab_ids = jnp.arange(shared, dtype=jnp.int32) if draft_vocab is None else jnp.asarray(draft_vocab, jnp.int32)
     if vocab_ids.size == 0 or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= shared:
         raise ValueError(f"draft_vocab ids must lie in [0, {shared}) (both models' vocabularies)")
-    target, target_params, target_head = decoding.decoder(target_cfg, target_params)
-    draft, draft_params, draft_head = decoding.decoder(draft_cfg, draft_params)
+    target, target_params, target_head = decoding.decode_weights(target_cfg, target_params)
+    draft, draft_params, draft_head = decoding.decode_weights(draft_cfg, draft_params)
     draft_head = draft_head[:, vocab_ids]  # [d_draft, V']: FR-Spec's cut LM head
     tokens, lengths = decoding.pad_prompts(prompts)
     # A row may overshoot max_new_tokens by num_draft in its last round, and a finished row keeps running

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mct.config.model import ModelConfig
-from mct.infer.decoding import Sampling, decoder, forward, init_cache, pad_prompts, sample, token_probs
+from mct.infer.decoding import Sampling, decode_weights, forward, init_cache, pad_prompts, sample, token_probs
 from mct.model.decoder import ParamsModel
 
 
@@ -63,7 +63,7 @@ def rollout_chunk(cfg: ModelConfig, params: dict, trajectories: Sequence[Traject
     active = [t for t in trajectories if not t.finished]
     if not active:
         return 0
-    model, params, head = decoder(cfg, params)
+    model, params, head = decode_weights(cfg, params)
     contexts = [t.prompt + t.response for t in active]
     rows = _round_up(len(active), row_multiple)
     tokens, lengths = pad_prompts(contexts + [[0]] * (rows - len(active)))  # [rows, P], [rows]
