@@ -107,7 +107,7 @@ def dataset(tmp_path_factory) -> pathlib.Path:
 
 KILLED = """
 import os, pathlib, signal, sys, jax
-from mct import rl
+from mct.posttrain import rl
 from tests.test_rl import RL_ARGS, length_reward
 from tests.tiny_runs import make_config
 workdir, dataset = sys.argv[1:]
