@@ -146,6 +146,7 @@ class SamplingState(NamedTuple):
 
 
 def _one_each(token: jnp.ndarray, logprob: jnp.ndarray) -> Proposal:
+    """Plain sampling's proposal: token [batch] and its log-prob [batch] as runs of one."""
     return Proposal(token[:, None], jnp.ones_like(token), logprob[:, None])
 
 
