@@ -48,11 +48,12 @@ def _block(p: dict, cfg, h: np.ndarray, positions: np.ndarray, mask: np.ndarray,
         if moe_stats is not None:
             moe_stats.append(stats)
     else:
-        mlp = _swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
+        mlp = swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
     return h + branch * mlp
 
 
-def _swiglu(x, gate, up, down):
+def swiglu(x, gate, up, down):
+    """SwiGLU in NumPy: (silu(x gate) * x up) down."""
     g, u = x @ gate, x @ up
     return ((g / (1 + np.exp(-g))) * u) @ down
 
@@ -68,7 +69,7 @@ def moe(x: np.ndarray, p: dict, top_k: int) -> tuple[np.ndarray, dict]:
         chosen = np.argsort(-probs[t], kind="stable")[:top_k]
         weights = probs[t, chosen] / probs[t, chosen].sum()
         for e, weight in zip(chosen, weights):
-            out[t] += weight * _swiglu(x[t], p["w_gate"][e], p["w_up"][e], p["w_down"][e])
+            out[t] += weight * swiglu(x[t], p["w_gate"][e], p["w_up"][e], p["w_down"][e])
             counts[e] += 1
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     aux = n_experts * np.sum(counts / (len(x) * top_k) * probs.mean(0))

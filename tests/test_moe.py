@@ -87,7 +87,7 @@ def test_dropped_count_is_exact_on_a_hand_made_routing():
     out, stats = moe_forward(cfg, jnp.asarray(x, jnp.float32), as32(w), dropless=False)
     assert float(stats["dropped"]) == 2
     p_first = np.exp(3.0) / (np.exp(3.0) + np.exp(2.0))  # renormalised top-2 weight of the first choice
-    swiglu = lambda v, e: reference_model._swiglu(v, w["w_gate"][e], w["w_up"][e], w["w_down"][e])
+    swiglu = lambda v, e: reference_model.swiglu(v, w["w_gate"][e], w["w_up"][e], w["w_down"][e])
     for t, (first, second) in enumerate(routing):
         want = p_first * swiglu(x[0, t], first) + (0.0 if t >= 4 else (1 - p_first) * swiglu(x[0, t], second))
         np.testing.assert_allclose(np.asarray(out[0, t]), want, rtol=1e-5, atol=1e-6)

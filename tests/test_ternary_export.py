@@ -42,7 +42,7 @@ def qat_run(tmp_path_factory):
     )
     params = save_random_run(root / "wd", config)
     model = ParamsModel(config.model)
-    forward = jax.jit(lambda p: model.bind(p)._layer_weights())(params)
+    forward = jax.jit(lambda p: model.bind(p).layer_weights())(params)
     return config, params, {k: np.asarray(v) for k, v in forward.items()}
 
 

@@ -38,7 +38,7 @@ def get_config():
 
 def _count_done(storage: str) -> int:
     try:
-        return sweep._finished(optuna.load_study(study_name="tiny", storage=storage))
+        return sweep.finished_trials(optuna.load_study(study_name="tiny", storage=storage))
     except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # not created yet, or the sweep is creating the schema
         return 0
 
@@ -158,7 +158,7 @@ def test_storage_waits_while_another_process_creates_the_schema(tmp_path, monkey
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
     monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
-    storage = sweep._storage(f"sqlite:///{tmp_path / 'study.db'}")
+    storage = sweep.connect_storage(f"sqlite:///{tmp_path / 'study.db'}")
     assert len(calls) == 3 and isinstance(storage, real)
 
 
@@ -168,7 +168,7 @@ def test_a_trial_taken_by_a_worker_that_died_before_its_first_heartbeat_is_rerun
     study.workdir, study.heartbeat_s = str(tmp_path), 1
     study.space = {"width": [32], "lr": [0.01, 0.02]}
     s = sweep.open_study(study)
-    sweep._enqueue_new_points(s, study)
+    sweep.enqueue_new_points(s, study)
     zombie = s.ask()  # RUNNING, and its worker dies before the heartbeat thread starts
     ran = []
 
@@ -180,4 +180,4 @@ def test_a_trial_taken_by_a_worker_that_died_before_its_first_heartbeat_is_rerun
     monkeypatch.setattr(sweep, "run_trial", fake_trial)
     done = sweep.work(study)
     assert sorted(ran) == [0.01, 0.02] and zombie.user_attrs["point"]["lr"] in ran
-    assert sweep._finished(done) == 2
+    assert sweep.finished_trials(done) == 2

@@ -1,5 +1,6 @@
 """Autoregressive decoding over a KV cache (MiniCPM.extend): batched prompts of different lengths, greedy,
-temperature and top-p sampling, EOS handling, and a callback per step for streaming output.
+temperature and top-p sampling, EOS handling, and a callback per step for streaming output; the loop and its
+stop rule are mct.infer.loop's, this module's `sampling_strategy` the plain one-token-per-step proposer.
 
 Prompts are right-padded into one [batch, prompt_len] block; row b's token t sits at position and cache slot
 t, so each row's generated tokens overwrite its padding slots and never see them (a query sees slots up to
@@ -8,19 +9,18 @@ its own position).
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mct.config.model import ModelConfig
+from mct.infer.loop import Proposal, StopRule, Strategy, TokenCallback, decode
 from mct.model.attention import KVCache
 from mct.model.decoder import ParamsModel, compute_dtype
 from mct.model.quant import quantised_once
-
-# on_tokens(new): the tokens each row committed in this step (possibly none), for streaming.
-TokenCallback = Callable[[list[list[int]]], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +93,19 @@ def params_model(cfg: ModelConfig) -> ParamsModel:
     return ParamsModel(cfg)
 
 
-def decoder(cfg: ModelConfig, params: dict) -> tuple[ParamsModel, dict, jnp.ndarray]:
-    """The model, params and full output head [d_model, vocab] decoding runs on (a QAT model quantised once)."""
+class DecodeWeights(NamedTuple):
+    """What decoding runs on: the model, its params (a QAT model's quantised once) and its output head."""
+
+    model: ParamsModel
+    params: dict
+    head: jnp.ndarray  # [d_model, vocab]: head_weight(), muP's 1/m folded in
+
+
+def decode_weights(cfg: ModelConfig, params: dict) -> DecodeWeights:
+    """The DecodeWeights of a model config and its training params."""
     cfg, params = quantised_once(cfg, params)
     model = params_model(cfg)
-    return model, params, output_head(model, params)
+    return DecodeWeights(model, params, output_head(model, params))
 
 
 def output_head(model: ParamsModel, params: dict) -> jnp.ndarray:
@@ -118,51 +126,60 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.n
     return tokens, lengths
 
 
-class Outputs:
-    """Host-side bookkeeping of the generated tokens: per-row stops at EOS (not kept) or max_new_tokens."""
+def next_token(model: ParamsModel, sampling: Sampling, params: dict, head: jnp.ndarray, tokens: jnp.ndarray,
+               start: jnp.ndarray, last: jnp.ndarray, cache: KVCache,
+               key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray, KVCache]:  # fmt: skip
+    """Runs tokens [batch, T] from positions start [batch] and samples each row's next token at index last
+    [batch]: (token [batch], its log-prob [batch] under logits / temperature (1 when greedy), cache)."""
+    logits, cache = forward(model, params, head, tokens, start, cache, last=last)  # [batch, vocab] fp32
+    token = sample(token_probs(logits, sampling), key)
+    logprobs = jax.nn.log_softmax(logits / (sampling.temperature or 1.0), axis=-1)
+    return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0], cache
 
-    def __init__(self, batch: int, max_new_tokens: int, eos_id: int | None, on_tokens: TokenCallback | None):
-        self.tokens: list[list[int]] = [[] for _ in range(batch)]
-        self.done = np.zeros(batch, bool)
-        self._max_new, self._eos, self._on_tokens = max_new_tokens, eos_id, on_tokens
-        if max_new_tokens <= 0:
-            self.done[:] = True
 
-    def add(self, new: np.ndarray, counts: np.ndarray | None = None) -> None:
-        """Commits the first counts[b] tokens of new[b] ([batch, n]; all n when counts is None)."""
-        fresh = []
-        for row, candidates in enumerate(np.asarray(new)):
-            taken = []
-            n = len(candidates) if counts is None else int(counts[row])
-            for token in candidates[:n].tolist() if not self.done[row] else []:
-                if token == self._eos:
-                    self.done[row] = True
-                    break
-                taken.append(token)
-                if len(self.tokens[row]) + len(taken) == self._max_new:
-                    self.done[row] = True
-                    break
-            self.tokens[row].extend(taken)
-            fresh.append(taken)
-        if self._on_tokens is not None:
-            self._on_tokens(fresh)
+class SamplingState(NamedTuple):
+    """Plain sampling's device state: the cache, and each row's last token (not yet cached) and its position."""
 
-    @property
-    def finished(self) -> bool:
-        return bool(self.done.all())
+    cache: KVCache
+    token: jnp.ndarray  # [batch] int32
+    position: jnp.ndarray  # [batch] int32
+
+
+def _one_each(token: jnp.ndarray, logprob: jnp.ndarray) -> Proposal:
+    """Plain sampling's proposal: token [batch] and its log-prob [batch] as runs of one."""
+    return Proposal(token[:, None], jnp.ones_like(token), logprob[:, None])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="cache")
-def prefill(model: ParamsModel, sampling: Sampling, params, head, tokens, lengths, cache, key):
+def _sample_prompts(model, sampling, params, head, tokens, lengths, cache, key) -> tuple[Proposal, SamplingState]:
     """Caches right-padded prompts tokens [batch, P] (lengths [batch]); samples each row's next token."""
-    logits, cache = forward(model, params, head, tokens, jnp.zeros_like(lengths), cache, last=lengths - 1)
-    return sample(token_probs(logits, sampling), key), cache
+    zeros = jnp.zeros_like(lengths)
+    token, logprob, cache = next_token(model, sampling, params, head, tokens, zeros, lengths - 1, cache, key)
+    return _one_each(token, logprob), SamplingState(cache, token, lengths)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="cache")
-def _step(model: ParamsModel, sampling: Sampling, params, head, tokens, positions, cache, key):
-    logits, cache = forward(model, params, head, tokens[:, None], positions, cache)
-    return sample(token_probs(logits[:, 0], sampling), key), cache
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="state")
+def _sample_step(model, sampling, params, head, state: SamplingState, key) -> tuple[Proposal, SamplingState]:
+    """Caches each row's last token and samples the one after it."""
+    token, logprob, cache = next_token(model, sampling, params, head, state.token[:, None], state.position,
+                                       jnp.zeros_like(state.position), state.cache, key)  # fmt: skip
+    return _one_each(token, logprob), SamplingState(cache, token, state.position + 1)
+
+
+def sampling_strategy(w: DecodeWeights, sampling: Sampling, tokens: np.ndarray, lengths: np.ndarray,
+                      capacity: int) -> Strategy:  # fmt: skip
+    """Plain decoding of right-padded prompts tokens [batch, P] (lengths [batch]): one sampled token per row
+    and step, with its log-prob, over a cache of `capacity` positions."""
+    cache = lambda: init_cache(w.model.cfg, len(lengths), capacity)  # made at prefill, which donates it
+    return Strategy(
+        prefill=lambda key: _sample_prompts(w.model, sampling, w.params, w.head, tokens, lengths, cache(), key),
+        step=lambda state, active, key: _sample_step(w.model, sampling, w.params, w.head, state, key),
+    )
+
+
+def eos_rule(batch: int, max_new_tokens: int, eos_id: int | None) -> StopRule:
+    """generate's stop rule: every row stops at eos_id (not kept) or after max_new_tokens tokens."""
+    return StopRule.of([max_new_tokens] * batch, [[] if eos_id is None else [eos_id]] * batch)
 
 
 def generate(
@@ -177,18 +194,8 @@ def generate(
     on_tokens: TokenCallback | None = None,
 ) -> list[list[int]]:
     """Continues each prompt (token ids) by up to max_new_tokens tokens; EOS ends a row (and is not kept)."""
-    model, params, head = decoder(cfg, params)
     tokens, lengths = pad_prompts(prompts)
-    cache = init_cache(cfg, len(prompts), tokens.shape[1] + max_new_tokens)
-    outputs = Outputs(len(prompts), max_new_tokens, eos_id, on_tokens)
-    key = jax.random.key(seed)
-    key, sub = jax.random.split(key)
-    next_tokens, cache = prefill(model, sampling, params, head, tokens, lengths, cache, sub)
-    positions = jnp.asarray(lengths)
-    while True:
-        outputs.add(np.asarray(next_tokens)[:, None])
-        if outputs.finished:
-            return outputs.tokens
-        key, sub = jax.random.split(key)
-        next_tokens, cache = _step(model, sampling, params, head, next_tokens, positions, cache, sub)
-        positions = positions + 1
+    strategy = sampling_strategy(decode_weights(cfg, params), sampling, tokens, lengths,
+                                 tokens.shape[1] + max_new_tokens)  # fmt: skip
+    out, _ = decode(strategy, eos_rule(len(prompts), max_new_tokens, eos_id), jax.random.key(seed), on_tokens)
+    return out.tokens

@@ -13,6 +13,7 @@ accepts or rejects the draft and adds its own token: 1 or 2 tokens per target pa
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,9 @@ import numpy as np
 
 from mct.config.model import ModelConfig
 from mct.infer import decoding
-from mct.infer.decoding import Sampling, sample, token_probs
-from mct.infer.speculative import SpeculativeStats, accept
+from mct.infer.decoding import DecodeWeights, Sampling, sample, token_probs
+from mct.infer.loop import Proposal, Strategy, TokenCallback, decode
+from mct.infer.speculative import NO_ROUNDS, SpeculativeStats, accept, tally, verified_run
 from mct.model.attention import KVCache, cached_attend
 from mct.model.decoder import ParamsModel
 from mct.model.mtp import mtp_step, mtp_weights
@@ -45,10 +47,21 @@ def _draft(model: ParamsModel, params, head, residual, next_tokens, start, cache
     rope = rope_tables(cfg.rope, cfg.head_dim, cache.k.shape[2], cfg.max_position)
     layer_cache = jax.tree.map(lambda c: c[0], cache)
     attention = lambda q, k, v: cached_attend(q, k, v, positions, layer_cache, cfg)
-    _, out, layer_cache = mtp_step(cfg, residual, m._embed(next_tokens), mtp_weights(m, 0), positions, rope,
+    _, out, layer_cache = mtp_step(cfg, residual, m.embed_tokens(next_tokens), mtp_weights(m, 0), positions, rope,
                                    attention)  # fmt: skip
     logits = jnp.einsum("btd,dv->btv", out.astype(jnp.float32), head)
     return logits, jax.tree.map(lambda c: c[None], layer_cache)
+
+
+class MtpState(NamedTuple):
+    """MTP self-speculation's device state between rounds (see the module docstring)."""
+
+    target_cache: KVCache
+    draft_cache: KVCache  # the MTP block's one-layer cache
+    last2: jnp.ndarray  # [batch, 2] x_{N-2}, x_{N-1}
+    h2: jnp.ndarray  # [batch, 2, d_model] the target's residual streams at positions N-3, N-2
+    n: jnp.ndarray  # [batch] committed length N
+    tally: jnp.ndarray  # [2] int32: SpeculativeStats' rounds and accepted
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("target_cache", "draft_cache"))
@@ -62,29 +75,30 @@ def _prefill(model, sampling, params, head, tokens, lengths, target_cache, draft
     _, draft_cache = _draft(model, params, head, residual[:, :-1], tokens[:, 1:], zeros, draft_cache)
     last2 = jnp.stack([tokens[rows, lengths - 1], first], axis=1)  # [batch, 2]
     h2 = jnp.stack([residual[rows, lengths - 2], residual[rows, lengths - 1]], axis=1)  # [batch, 2, d]
-    return first, target_cache, draft_cache, last2, h2
+    state = MtpState(target_cache, draft_cache, last2, h2, lengths + 1, jnp.asarray(NO_ROUNDS))
+    return Proposal(first[:, None], jnp.ones_like(first)), state
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("target_cache", "draft_cache"))
-def _round(model, sampling, params, head, target_cache, draft_cache, last2, h2, n, active, key):
-    """One round (see the module docstring); n [batch] committed lengths. Returns the candidates [batch, 2]
-    (the first `count` are committed), count, both caches and the new last2, h2 and n."""
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="state")
+def _round(model, sampling, params, head, state: MtpState, active, key):
+    """One round (see the module docstring): candidates [batch, 2] of which the first count are committed; the
+    new state (last2, h2 and n unchanged for rows not active)."""
+    last2, h2, n = state.last2, state.h2, state.n
     key_draft, key_accept = jax.random.split(key)
-    logits, draft_cache = _draft(model, params, head, h2, last2, n - 3, draft_cache)
+    logits, draft_cache = _draft(model, params, head, h2, last2, n - 3, state.draft_cache)
     q = token_probs(logits[:, -1], sampling)  # [batch, vocab]
     drafts = sample(q, key_draft)[:, None]  # [batch, 1]
     block = jnp.concatenate([last2[:, 1:], drafts], axis=1)  # x_{N-1}, draft at positions N-1, N
-    target_logits, target_cache, residual = _target(model, params, head, block, n - 1, target_cache)
-    n_accepted, next_token = accept(token_probs(target_logits, sampling), q[:, None], drafts, key_accept)
-    candidates = jnp.where(jnp.arange(2) < n_accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
-                           next_token[:, None])  # fmt: skip
-    count = n_accepted + 1
-    keep = count[:, None] + jnp.arange(2)  # [batch, 2]: indices of the new last two
-    new_last2 = jnp.take_along_axis(jnp.concatenate([last2, candidates], axis=1), keep, axis=1)
+    target_logits, target_cache, residual = _target(model, params, head, block, n - 1, state.target_cache)
+    n_accepted, following = accept(token_probs(target_logits, sampling), q[:, None], drafts, key_accept)
+    proposal = verified_run(drafts, n_accepted, following)
+    keep = proposal.counts[:, None] + jnp.arange(2)  # [batch, 2]: indices of the new last two
+    new_last2 = jnp.take_along_axis(jnp.concatenate([last2, proposal.tokens], axis=1), keep, axis=1)
     new_h2 = jnp.take_along_axis(jnp.concatenate([h2, residual], axis=1), keep[..., None], axis=1)
     last2 = jnp.where(active[:, None], new_last2, last2)
     h2 = jnp.where(active[:, None, None], new_h2, h2)
-    return candidates, count, target_cache, draft_cache, last2, h2, jnp.where(active, n + count, n)
+    n = jnp.where(active, n + proposal.counts, n)
+    return proposal, MtpState(target_cache, draft_cache, last2, h2, n, tally(state.tally, active, proposal))
 
 
 def mtp_generate(
@@ -96,34 +110,28 @@ def mtp_generate(
     sampling: Sampling = decoding.GREEDY,
     eos_id: int | None = None,
     seed: int = 0,
-    on_tokens: decoding.TokenCallback | None = None,
+    on_tokens: TokenCallback | None = None,
 ) -> tuple[list[list[int]], SpeculativeStats]:
     """decoding.generate's output distribution (its exact tokens when greedy), one MTP draft per target pass.
     Every prompt needs at least 2 tokens (BOS + one)."""
     if not cfg.mtp.depth:
         raise ValueError("--speculative mtp needs a model with an MTP block (model.mtp.depth >= 1)")
-    model, params, head = decoding.decoder(cfg, params)
     tokens, lengths = decoding.pad_prompts(prompts)
     if lengths.min() < 2:
         raise ValueError("MTP drafting needs prompts of at least 2 tokens (BOS and one more)")
-    batch, capacity = len(prompts), tokens.shape[1] + max_new_tokens + 3
-    target_cache = decoding.init_cache(cfg, batch, capacity)
-    draft_cache = decoding.init_cache(dataclasses.replace(cfg, n_layers=1), batch, capacity)
-    outputs, stats = decoding.Outputs(batch, max_new_tokens, eos_id, on_tokens), SpeculativeStats()
-    key, sub = jax.random.split(jax.random.key(seed))
-    first, target_cache, draft_cache, last2, h2 = _prefill(
-        model, sampling, params, head, tokens, jnp.asarray(lengths), target_cache, draft_cache, sub
-    )
-    outputs.add(np.asarray(first)[:, None])
-    n = jnp.asarray(lengths + 1)
-    while not outputs.finished:
-        key, sub = jax.random.split(key)
-        active = ~outputs.done
-        candidates, count, target_cache, draft_cache, last2, h2, n = _round(
-            model, sampling, params, head, target_cache, draft_cache, last2, h2, n, jnp.asarray(active), sub
-        )
-        count = np.asarray(count)
-        stats.rounds += int(active.sum())
-        stats.accepted += int((count - 1)[active].sum())
-        outputs.add(np.asarray(candidates), count)
-    return outputs.tokens, stats
+    capacity = tokens.shape[1] + max_new_tokens + 3
+    strategy = mtp_strategy(decoding.decode_weights(cfg, params), sampling, tokens, lengths, capacity)
+    rule = decoding.eos_rule(len(prompts), max_new_tokens, eos_id)
+    out, state = decode(strategy, rule, jax.random.key(seed), on_tokens)
+    return out.tokens, SpeculativeStats.of(state.tally)
+
+
+def mtp_strategy(w: DecodeWeights, sampling: Sampling, tokens: np.ndarray, lengths: np.ndarray,
+                 capacity: int) -> Strategy:  # fmt: skip
+    """MTP self-speculation over right-padded prompts tokens [batch, P] (lengths [batch], each >= 2): one
+    draft of the model's first MTP block per target pass, over caches of `capacity` positions."""
+    cfg, batch = w.model.cfg, len(lengths)
+    caches = lambda: (decoding.init_cache(cfg, batch, capacity),
+                      decoding.init_cache(dataclasses.replace(cfg, n_layers=1), batch, capacity))  # fmt: skip
+    prefill = lambda key: _prefill(w.model, sampling, w.params, w.head, tokens, lengths, *caches(), key)
+    return Strategy(prefill, functools.partial(_round, w.model, sampling, w.params, w.head))

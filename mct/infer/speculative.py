@@ -15,6 +15,7 @@ slot unless the draft never saw it, when all k drafts were accepted), then k - 1
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,9 @@ import numpy as np
 
 from mct.config.model import ModelConfig
 from mct.infer import decoding
-from mct.infer.decoding import Sampling, forward, sample, token_probs
+from mct.infer.decoding import DecodeWeights, Sampling, forward, next_token, sample, token_probs
+from mct.infer.loop import Proposal, Strategy, TokenCallback, decode
+from mct.model.attention import KVCache
 from mct.model.decoder import ParamsModel
 
 
@@ -37,6 +40,21 @@ class SpeculativeStats:
     def mean_accepted_length(self) -> float:
         """Tokens committed per target pass and row: accepted drafts + the target's own token."""
         return (self.accepted + self.rounds) / max(self.rounds, 1)
+
+    @classmethod
+    def of(cls, tally: jax.Array) -> "SpeculativeStats":
+        """The stats of a decoder state's tally [2]: rounds, accepted."""
+        rounds, accepted = np.asarray(tally).tolist()
+        return cls(rounds, accepted)
+
+
+NO_ROUNDS = np.zeros(2, np.int32)  # a tally before the first round
+
+
+def tally(counts: jnp.ndarray, active: jnp.ndarray, proposal: Proposal) -> jnp.ndarray:
+    """counts [2] (rounds, accepted) plus one round's: the rows still generating, and the drafts they kept."""
+    kept = jnp.sum(jnp.where(active, proposal.counts - 1, 0))
+    return counts + jnp.stack([jnp.sum(active), kept]).astype(jnp.int32)
 
 
 def accept(p: jnp.ndarray, q: jnp.ndarray, drafts: jnp.ndarray, key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -57,14 +75,45 @@ def accept(p: jnp.ndarray, q: jnp.ndarray, drafts: jnp.ndarray, key: jax.Array) 
     return n_accepted, sample(residual, key_residual)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("target_cache", "draft_cache"))
-def _round(target: ParamsModel, draft: ParamsModel, sampling: Sampling, k: int, target_params, target_head,
-           draft_params, draft_head, vocab_ids, target_cache, draft_cache, last2, n, active, key):  # fmt: skip
-    """One draft-and-verify round. last2: [batch, 2] the last two committed tokens; n: [batch] committed length.
+def verified_run(drafts: jnp.ndarray, n_accepted: jnp.ndarray, next_token: jnp.ndarray) -> Proposal:
+    """A round's proposal: the n_accepted [batch] kept of drafts [batch, k], then the target's next_token
+    [batch], as candidates [batch, k+1] of which the first n_accepted + 1 count."""
+    k = drafts.shape[1]
+    candidates = jnp.where(jnp.arange(k + 1) < n_accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
+                           next_token[:, None])  # fmt: skip
+    return Proposal(candidates, n_accepted + 1)
 
-    Returns the candidates [batch, k+1] (the first `count` are committed), count [batch], both caches and the
-    new last2 and n (unchanged for inactive rows).
-    """
+
+class DraftState(NamedTuple):
+    """Speculative decoding's device state between rounds (see the module docstring)."""
+
+    target_cache: KVCache
+    draft_cache: KVCache
+    last2: jnp.ndarray  # [batch, 2] the last two committed tokens
+    n: jnp.ndarray  # [batch] committed length (prompt + generated)
+    tally: jnp.ndarray  # [2] int32: SpeculativeStats' rounds and accepted
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("target_cache", "draft_cache"))
+def _prefill(target: ParamsModel, draft: ParamsModel, sampling: Sampling, target_params, target_head,
+             draft_params, draft_head, tokens, lengths, target_cache, draft_cache, key):  # fmt: skip
+    """Both caches over the right-padded prompts tokens [batch, P] (lengths [batch]); the target's first token."""
+    zeros = jnp.zeros_like(lengths)
+    first, _, target_cache = next_token(target, sampling, target_params, target_head, tokens, zeros, lengths - 1,
+                                        target_cache, key)  # fmt: skip
+    _, _, draft_cache = next_token(draft, sampling, draft_params, draft_head, tokens, zeros, lengths - 1,
+                                   draft_cache, key)  # fmt: skip
+    last2 = jnp.stack([tokens[jnp.arange(tokens.shape[0]), lengths - 1], first], axis=1)
+    state = DraftState(target_cache, draft_cache, last2, lengths + 1, jnp.asarray(NO_ROUNDS))
+    return Proposal(first[:, None], jnp.ones_like(first)), state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames="state")
+def _round(target: ParamsModel, draft: ParamsModel, sampling: Sampling, k: int, target_params, target_head,
+           draft_params, draft_head, vocab_ids, state: DraftState, active, key):  # fmt: skip
+    """One draft-and-verify round: candidates [batch, k+1] of which the first count are committed; the new
+    state (last2 and n unchanged for rows not active)."""
+    draft_cache, last2, n = state.draft_cache, state.last2, state.n
     batch, vocab = n.shape[0], target_head.shape[1]
     keys = jax.random.split(key, k + 1)
     logits, draft_cache = forward(draft, draft_params, draft_head, last2, n - 2, draft_cache)
@@ -79,15 +128,14 @@ def _round(target: ParamsModel, draft: ParamsModel, sampling: Sampling, k: int, 
             logits = logits[:, 0]
     drafts, q = jnp.stack(drafts, axis=1), jnp.stack(q, axis=1)  # [batch, k], [batch, k, vocab]
     block = jnp.concatenate([last2[:, 1:], drafts], axis=1)  # positions n-1 .. n-1+k
-    target_logits, target_cache = forward(target, target_params, target_head, block, n - 1, target_cache)
-    n_accepted, next_token = accept(token_probs(target_logits, sampling), q, drafts, keys[k])
-    candidates = jnp.where(jnp.arange(k + 1) < n_accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
-                           next_token[:, None])  # fmt: skip
-    committed = jnp.concatenate([last2[:, 1:], candidates], axis=1)  # [batch, k+2]
+    target_logits, target_cache = forward(target, target_params, target_head, block, n - 1, state.target_cache)
+    n_accepted, following = accept(token_probs(target_logits, sampling), q, drafts, keys[k])
+    proposal = verified_run(drafts, n_accepted, following)
+    committed = jnp.concatenate([last2[:, 1:], proposal.tokens], axis=1)  # [batch, k+2]
     new_last2 = jnp.take_along_axis(committed, n_accepted[:, None] + jnp.arange(2), axis=1)
-    count = n_accepted + 1
     last2 = jnp.where(active[:, None], new_last2, last2)
-    return candidates, count, target_cache, draft_cache, last2, jnp.where(active, n + count, n)
+    n = jnp.where(active, n + proposal.counts, n)
+    return proposal, DraftState(target_cache, draft_cache, last2, n, tally(state.tally, active, proposal))
 
 
 def speculative_generate(
@@ -103,7 +151,7 @@ def speculative_generate(
     sampling: Sampling = decoding.GREEDY,
     eos_id: int | None = None,
     seed: int = 0,
-    on_tokens: decoding.TokenCallback | None = None,
+    on_tokens: TokenCallback | None = None,
 ) -> tuple[list[list[int]], SpeculativeStats]:
     """decoding.generate's output distribution (its exact tokens when greedy), drafted num_draft at a time.
 
@@ -116,34 +164,27 @@ def speculative_generate(
     vocab_ids = jnp.arange(shared, dtype=jnp.int32) if draft_vocab is None else jnp.asarray(draft_vocab, jnp.int32)
     if vocab_ids.size == 0 or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= shared:
         raise ValueError(f"draft_vocab ids must lie in [0, {shared}) (both models' vocabularies)")
-    target, target_params, target_head = decoding.decoder(target_cfg, target_params)
-    draft, draft_params, draft_head = decoding.decoder(draft_cfg, draft_params)
-    draft_head = draft_head[:, vocab_ids]  # [d_draft, V']: FR-Spec's cut LM head
+    target = decoding.decode_weights(target_cfg, target_params)
+    draft = decoding.decode_weights(draft_cfg, draft_params)
     tokens, lengths = decoding.pad_prompts(prompts)
     # A row may overshoot max_new_tokens by num_draft in its last round, and a finished row keeps running
     # (frozen) rounds that write num_draft + 1 slots past its end: room for both.
-    batch, capacity = len(prompts), tokens.shape[1] + max_new_tokens + 2 * num_draft + 1
-    target_cache = decoding.init_cache(target_cfg, batch, capacity)
-    draft_cache = decoding.init_cache(draft_cfg, batch, capacity)
-    outputs, stats = decoding.Outputs(batch, max_new_tokens, eos_id, on_tokens), SpeculativeStats()
-    key = jax.random.key(seed)
-    key, sub = jax.random.split(key)
-    first, target_cache = decoding.prefill(
-        target, sampling, target_params, target_head, tokens, lengths, target_cache, sub
-    )
-    _, draft_cache = decoding.prefill(draft, sampling, draft_params, draft_head, tokens, lengths, draft_cache, sub)
-    outputs.add(np.asarray(first)[:, None])
-    last2 = jnp.stack([jnp.asarray(tokens[np.arange(batch), lengths - 1]), first], axis=1)
-    n = jnp.asarray(lengths + 1)
-    while not outputs.finished:
-        key, sub = jax.random.split(key)
-        active = ~outputs.done
-        candidates, count, target_cache, draft_cache, last2, n = _round(
-            target, draft, sampling, num_draft, target_params, target_head, draft_params, draft_head, vocab_ids,
-            target_cache, draft_cache, last2, n, jnp.asarray(active), sub,
-        )  # fmt: skip
-        count = np.asarray(count)
-        stats.rounds += int(active.sum())
-        stats.accepted += int((count - 1)[active].sum())
-        outputs.add(np.asarray(candidates), count)
-    return outputs.tokens, stats
+    capacity = tokens.shape[1] + max_new_tokens + 2 * num_draft + 1
+    strategy = speculative_strategy(target, draft, vocab_ids, sampling, num_draft, tokens, lengths, capacity)
+    rule = decoding.eos_rule(len(prompts), max_new_tokens, eos_id)
+    out, state = decode(strategy, rule, jax.random.key(seed), on_tokens)
+    return out.tokens, SpeculativeStats.of(state.tally)
+
+
+def speculative_strategy(target: DecodeWeights, draft: DecodeWeights, vocab_ids: jnp.ndarray, sampling: Sampling,
+                         num_draft: int, tokens: np.ndarray, lengths: np.ndarray,
+                         capacity: int) -> Strategy:  # fmt: skip
+    """FR-Spec decoding of right-padded prompts tokens [batch, P] (lengths [batch]): num_draft tokens drafted
+    from the vocab_ids [V'] columns of the draft's head, verified in one target pass, over caches of capacity."""
+    draft_head = draft.head[:, vocab_ids]  # [d_draft, V']: FR-Spec's cut LM head
+    caches = lambda: [decoding.init_cache(w.model.cfg, len(lengths), capacity) for w in (target, draft)]
+    prefill = lambda key: _prefill(target.model, draft.model, sampling, target.params, target.head, draft.params,
+                                   draft_head, tokens, lengths, *caches(), key)  # fmt: skip
+    step = functools.partial(_round, target.model, draft.model, sampling, num_draft, target.params, target.head,
+                             draft.params, draft_head, vocab_ids)  # fmt: skip
+    return Strategy(prefill, step)

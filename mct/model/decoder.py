@@ -231,14 +231,14 @@ class MiniCPM(nnx.Module):
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat))
-        h0 = constrain(self._embed(tokens), ("batch", None, None))
+        h0 = constrain(self.embed_tokens(tokens), ("batch", None, None))
         residual, (layers, stats) = scan_layers(cfg, layer, h0, self._block_weights())
         return Forward(rms_norm(residual, self.final_norm[...], cfg.rms_eps), residual, layers, stats)
 
     def _block_weights(self) -> dict:
-        """_layer_weights plus the MoE routers (never quantised)."""
+        """layer_weights plus the MoE routers (never quantised)."""
         router = {"router": self.router[...]} if self.cfg.moe.num_experts else {}
-        return {**self._layer_weights(), **router}
+        return {**self.layer_weights(), **router}
 
     def extend(
         self, tokens: jnp.ndarray, positions: jnp.ndarray, cache: KVCache, *, with_residual: bool = False
@@ -264,16 +264,16 @@ class MiniCPM(nnx.Module):
             h, layer_cache, _ = decoder_layer(cfg, h, w, positions, rope, attention, mlp)
             return h, layer_cache
 
-        h, cache = scan_layers(cfg, layer, self._embed(tokens), (self._block_weights(), cache))
+        h, cache = scan_layers(cfg, layer, self.embed_tokens(tokens), (self._block_weights(), cache))
         hidden = rms_norm(h, self.final_norm[...], cfg.rms_eps)
         return (hidden, cache, h) if with_residual else (hidden, cache)
 
-    def _embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
+    def embed_tokens(self, tokens: jnp.ndarray) -> jnp.ndarray:
         """h0 = scale_emb * E[tokens]: [batch, seq] -> [batch, seq, d_model]."""
         dtype = compute_dtype(self.cfg)
         return self.cfg.scale_emb * jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
 
-    def _layer_weights(self) -> dict:
+    def layer_weights(self) -> dict:
         """The stacked per-layer weights, each with a leading [layers] axis (what lax.scan iterates over), the
         hidden matrices quantised as model.quant says (BitCPM QAT: training, eval and decoding all see them)."""
         return quantise_weights(self.cfg.quant, {name: getattr(self, name)[...] for name in LAYER_WEIGHTS})

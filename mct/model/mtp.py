@@ -50,7 +50,7 @@ def mtp_hidden(model: MiniCPM, residual: jnp.ndarray, batch: dict) -> list[jnp.n
     attention = lambda q, k, v: (attend(q, k, v, batch["segment_ids"], cfg), None)
     h, outputs = residual, []
     for k in range(cfg.mtp.depth):
-        emb = model._embed(shift_left(batch["targets"], k))  # Emb(x_{i+k+1})
+        emb = model.embed_tokens(shift_left(batch["targets"], k))  # Emb(x_{i+k+1})
         h, out, _ = mtp_step(cfg, h, emb, mtp_weights(model, k), batch["positions"], rope, attention)
         outputs.append(out)
     return outputs

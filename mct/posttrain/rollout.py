@@ -1,5 +1,6 @@
 """Chunk-wise rollout (MiniCPM4 report section 3.2): each call decodes at most `chunk_tokens` new tokens per
-unfinished trajectory with the training job's own params and the KV-cache decoder (mct.infer.decoding).
+unfinished trajectory with the training job's own params, by plain sampling in the decode loop every decoder
+shares (mct.infer.loop; the stop token is kept in the response).
 
 A trajectory that stops (a stop token, e.g. `<|im_end|>`, or max_response_tokens) is finished; one that used
 its chunk is carried: it stays in the replay buffer with its tokens, the log-prob each token had under the
@@ -10,16 +11,14 @@ sparsely past sparse.dense_len (the decoder's cache does it).
 """
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mct.config.model import ModelConfig
-from mct.infer.decoding import Sampling, decoder, forward, init_cache, pad_prompts, sample, token_probs
-from mct.model.decoder import ParamsModel
+from mct.infer.decoding import Sampling, decode_weights, pad_prompts, sampling_strategy
+from mct.infer.loop import StopRule, decode
 
 
 @dataclasses.dataclass
@@ -42,16 +41,6 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="cache")
-def scored_extend(model: ParamsModel, sampling: Sampling, params, head, tokens, start, last, cache, key):
-    """Runs tokens [rows, T] from positions start [rows]; samples at index last [rows] -> (token [rows],
-    its log-prob [rows] under logits / temperature (1 when greedy), cache)."""
-    logits, cache = forward(model, params, head, tokens, start, cache, last=last)  # [rows, vocab] fp32
-    token = sample(token_probs(logits, sampling), key)
-    logprobs = jax.nn.log_softmax(logits / (sampling.temperature or 1.0), axis=-1)
-    return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0], cache
-
-
 def rollout_chunk(cfg: ModelConfig, params: dict, trajectories: Sequence[Trajectory], *, chunk_tokens: int,
                   max_response_tokens: int, stop_ids: Sequence[int], sampling: Sampling, key: jax.Array,
                   version: int, capacity: int, row_multiple: int = 8, width_multiple: int = 32) -> int:  # fmt: skip
@@ -63,40 +52,21 @@ def rollout_chunk(cfg: ModelConfig, params: dict, trajectories: Sequence[Traject
     active = [t for t in trajectories if not t.finished]
     if not active:
         return 0
-    model, params, head = decoder(cfg, params)
-    contexts = [t.prompt + t.response for t in active]
     rows = _round_up(len(active), row_multiple)
-    tokens, lengths = pad_prompts(contexts + [[0]] * (rows - len(active)))  # [rows, P], [rows]
+    tokens, lengths = pad_prompts([t.prompt + t.response for t in active] + [[0]] * (rows - len(active)))
     width = min(_round_up(tokens.shape[1], width_multiple), capacity)
-    tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
-    cache = init_cache(cfg, rows, capacity)
-    stops = np.asarray(sorted(set(stop_ids)), np.int32)
-    done = np.arange(rows) >= len(active)
-    key, sub = jax.random.split(key)
-    token, logprob, cache = scored_extend(model, sampling, params, head, tokens, jnp.zeros(rows, jnp.int32),
-                                          jnp.asarray(lengths - 1), cache, sub)  # fmt: skip
-    positions = jnp.asarray(lengths)
-    decoded = 0
-    for i in range(chunk_tokens):
-        token_host, logprob_host = np.asarray(token), np.asarray(logprob)
-        for row, t in enumerate(active):
-            if done[row]:
-                continue
-            t.response.append(int(token_host[row]))
-            t.logprobs.append(float(logprob_host[row]))
-            t.versions.append(version)
-            decoded += 1
-            if token_host[row] in stops:
-                t.finished = done[row] = True
-            elif len(t.response) >= max_response_tokens:
-                t.finished = t.truncated = done[row] = True
-        if done.all() or i + 1 == chunk_tokens:
-            return decoded
-        key, sub = jax.random.split(key)
-        token, logprob, cache = scored_extend(model, sampling, params, head, token[:, None], positions,
-                                              jnp.zeros(rows, jnp.int32), cache, sub)  # fmt: skip
-        positions = positions + 1
-    return decoded
+    tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))  # [rows, width]
+    budgets = [min(chunk_tokens, max_response_tokens - len(t.response)) for t in active]
+    rule = StopRule.of(budgets + [0] * (rows - len(active)), [stop_ids] * rows, keep_stop=True)
+    strategy = sampling_strategy(decode_weights(cfg, params), sampling, tokens, lengths, capacity)
+    out, _ = decode(strategy, rule, key)
+    for row, t in enumerate(active):
+        t.response.extend(out.tokens[row])
+        t.logprobs.extend(out.logprobs[row])
+        t.versions.extend([version] * len(out.tokens[row]))
+        t.finished = bool(out.stopped[row]) or len(t.response) >= max_response_tokens
+        t.truncated = t.finished and not out.stopped[row]
+    return sum(len(new) for new in out.tokens)
 
 
 def rollout(cfg: ModelConfig, params: dict, trajectories: Sequence[Trajectory], *, chunk_tokens: int,

@@ -82,7 +82,7 @@ def default_study() -> ml_collections.ConfigDict:
 
 def study_from_storage(name: str, url: str) -> ml_collections.ConfigDict:
     """The config a study was created with (what a worker on another machine needs)."""
-    s = optuna.load_study(study_name=name, storage=_storage(url))
+    s = optuna.load_study(study_name=name, storage=connect_storage(url))
     if "study_config" not in s.user_attrs:
         raise ValueError(f"study {name!r} in {url} has no stored config; start it with `mct.tunnel sweep`")
     return ml_collections.ConfigDict(json.loads(s.user_attrs["study_config"]))
@@ -106,10 +106,10 @@ def storage_url(study: ml_collections.ConfigDict) -> str:
 def study_storage(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.storages.RDBStorage:
     """The database at `url` (default: the study's own, in its workdir, made here)."""
     pathlib.Path(study.workdir).mkdir(parents=True, exist_ok=True)
-    return _storage(url or storage_url(study), study)
+    return connect_storage(url or storage_url(study), study)
 
 
-def _storage(
+def connect_storage(
     url: str, study: ml_collections.ConfigDict | None = None, retries: int = 8
 ) -> optuna.storages.RDBStorage:
     """The study database; retried while another process (a worker, a report) is creating its schema."""
@@ -363,7 +363,7 @@ def open_study(
     return s
 
 
-def _finished(s: optuna.Study) -> int:
+def finished_trials(s: optuna.Study) -> int:
     """Trials that ended by themselves (completed, diverged or crashed), not those whose worker died."""
     return sum(
         1
@@ -376,7 +376,7 @@ def _waiting(s: optuna.Study) -> int:
     return len(s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
-def _enqueue_new_points(s: optuna.Study, study: ml_collections.ConfigDict) -> None:
+def enqueue_new_points(s: optuna.Study, study: ml_collections.ConfigDict) -> None:
     """Queues every grid point (and seed repeat now due) that no trial holds yet, in the study's order; points
     added to the study file since the last sitting join the queue."""
     trials = s.get_trials(deepcopy=False)
@@ -404,14 +404,14 @@ def work(study: ml_collections.ConfigDict, url: str | None = None) -> optuna.Stu
     run = lambda t: run_trial(study, t)
     if study.sampler != "grid":
         target = study.n_trials or math.prod(len(v) for v in study.space.values())
-        if _finished(s) < target:
-            stop_when_done = lambda st, _: st.stop() if _finished(st) >= target else None
+        if finished_trials(s) < target:
+            stop_when_done = lambda st, _: st.stop() if finished_trials(st) >= target else None
             s.optimize(run, callbacks=[stop_when_done], catch=(Exception,))
         return s
     optuna.storages.fail_stale_trials(s)  # a dead worker's trial goes back to the queue
     _beat_running_trials(storage, s)  # after: a beat would keep an already stale trial from its retry
     while True:
-        _enqueue_new_points(s, study)
+        enqueue_new_points(s, study)
         if _waiting(s):
             s.optimize(
                 run, callbacks=[lambda st, _: st.stop() if not _waiting(st) else None], catch=(Exception,)
@@ -448,7 +448,7 @@ def sweep(study: ml_collections.ConfigDict, workers: int = 1) -> optuna.Study:
 def records(study_name: str, url: str) -> list[dict]:
     """Every trial's record (complete, diverged, failed), for mct.tunnel.report, with the trial's whole wall
     time as `trial_wall_s` (a branched trial's stable run is in no record's own `wall_s`)."""
-    s = optuna.load_study(study_name=study_name, storage=_storage(url))
+    s = optuna.load_study(study_name=study_name, storage=connect_storage(url))
     return [
         r | ({"trial_wall_s": t.duration.total_seconds()} if t.duration else {})
         for t in s.get_trials(deepcopy=False)
