@@ -60,7 +60,7 @@ def read_init_source(spec: str) -> InitSource:
         raise UserError(
             f"config init_from={spec}: the checkpoint meta of {workdir} step {step} lacks the config"
         )
-    config = Config.from_dict(meta["config"]).resolve()
+    config = Config.from_saved(meta["config"]).resolve()
     return InitSource(workdir, step, config, float(schedule_from_config(config)(step)))
 
 

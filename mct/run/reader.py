@@ -38,7 +38,7 @@ class RunCheckpoint:
         ckpt.close()
         if "config" not in meta:
             raise ValueError(f"{workdir} step {self.step}: the checkpoint's meta lacks the run 'config'")
-        self.config = Config.from_dict(meta["config"])  # fields added since it was saved take defaults
+        self.config = Config.from_saved(meta["config"])  # fields added since it was saved take defaults
         self.model_cfg = self.config.model
         # The tokenizers the run's data was prepared with (none for an imported run, which has no data state).
         mixture = (data_state or {}).get("fingerprint", {}).get("mixture", {})
