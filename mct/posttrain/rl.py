@@ -288,7 +288,7 @@ class RLData(RunData):
     unless it is one) is the policy's token loss on the held-out split of data.mixture: with init_from, the
     source run's mixture (an SFT source: its chat files' assistant tokens), the distribution RL starts from."""
 
-    final_eval = False
+    final_eval = False  # only every eval.every_steps: RL's held-out loss is a drift check, not the run's result
 
     def __init__(self, reward: Reward | None):
         self.reward = reward
