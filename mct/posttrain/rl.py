@@ -309,6 +309,12 @@ class RLData(RunData):
         host = RLState() if state is None else RLState.from_json(state)
         return Rollouts(setup, host, self.reward or REWARDS[setup.config.rl.reward])
 
+    def eval_sets(self, setup: TrainSetup) -> dict[str, list]:
+        """The held-out batches when the run reaches an eval step, else none (RL from a run without prepared
+        data, e.g. an imported model, reads no data)."""
+        c = setup.config
+        return super().eval_sets(setup) if c.eval.every_steps <= c.train.steps else {}
+
     def merge(self, states: list[dict]) -> dict:
         return states[0]  # one process
 
