@@ -14,6 +14,7 @@ import pytest
 from data_pipelines.chat import encode_chat
 from data_pipelines.loader import load_tokenizer
 from data_pipelines.prepare import is_eval_document
+from mct.config.posttrain import DPORunConfig
 from mct.export.hf_export import export
 from mct.model.decoder import ParamsModel
 from mct.model.loss import token_losses
@@ -93,7 +94,7 @@ def test_dpo_cli_resumes_exactly_and_exports(source, tmp_path):
                "train.steps": 4, "checkpoint.every_steps": 2, "schedule.warmup_steps": 0, "schedule.decay_steps": 2,
                "checkpoint.async_save": False, "optimizer.lr": 1e-3, "schedule.decay_shape": "cosine"}  # fmt: skip
     straight = tmp_path / "straight"
-    train_dpo(make_config(straight, dataset, init_from=str(workdir), **options), devices=ONE)
+    train_dpo(make_config(straight, dataset, DPORunConfig, init_from=str(workdir), **options), devices=ONE)
     first = json.loads((straight / "metrics.jsonl").read_text().splitlines()[0])
     assert first["dpo_loss"] == pytest.approx(np.log(2), rel=1e-5)  # step 1: the policy is the reference
     assert {"reward_margin", "reward_accuracy", "kl_proxy", "sft_loss"} <= first.keys()

@@ -13,16 +13,20 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mct.config.model import model_from_dict
+from mct.config.posttrain import RLRunConfig
+from mct.config.run import Config
+from mct.errors import ConfigError
 from mct.export.hf_export import export
 from mct.infer.decoding import Sampling, params_model
 from mct.posttrain import rl
 from mct.posttrain.grpo import token_logprobs
 from mct.posttrain.rl import training_rows
 from mct.posttrain.rollout import Trajectory, rollout, rollout_chunk
-from mct.run.checkpoint import Checkpointer
+from mct.run.checkpoint import Checkpointer, model_signature
+from mct.run.init_from import read_init_source
 from mct.run.reader import RunCheckpoint
 from tests.data_fixtures import make_tiny_dataset
-from tests.tiny_runs import REPO, VOCAB, make_config
+from tests.tiny_runs import REPO, VOCAB, make_config, overrides
 
 ONE = jax.devices()[:1]
 CFG = model_from_dict(dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_mlp=64, vocab_size=61,
@@ -95,8 +99,9 @@ def length_reward(text: str, item: dict) -> float:
 RL_ARGS = {
     "data.seq_len": 40, "train.steps": 4, "train.batch_size": 8, "rl.group_size": 4, "rl.prompts_per_step": 2,
     "rl.chunk_tokens": 4, "rl.max_prompt_tokens": 32, "rl.max_response_tokens": 8, "rl.overlong_filter": False,
-    "rl.ref_refresh_steps": 3, "rl.kl_beta": 0.01, "rl.lr": 1e-3, "checkpoint.every_steps": 2,
-    "checkpoint.async_save": False, "model.attention": "naive",
+    "rl.ref_refresh_steps": 3, "rl.kl_beta": 0.01, "optimizer.lr": 1e-3, "schedule.warmup_steps": 0,
+    "schedule.decay_steps": 0, "checkpoint.every_steps": 2, "checkpoint.async_save": False,
+    "model.attention": "naive",
 }  # fmt: skip
 
 
@@ -107,6 +112,7 @@ def dataset(tmp_path_factory) -> pathlib.Path:
 
 KILLED = """
 import os, pathlib, signal, sys, jax
+from mct.config.posttrain import RLRunConfig
 from mct.posttrain import rl
 from tests.test_rl import RL_ARGS, length_reward
 from tests.tiny_runs import make_config
@@ -116,7 +122,8 @@ def killing_reward(text, item):
     if marker.exists():  # mid-step 3, after checkpoint 2 was committed
         os.kill(os.getpid(), signal.SIGKILL)
     return length_reward(text, item)
-rl.train(make_config(workdir, pathlib.Path(dataset), **RL_ARGS), devices=jax.devices()[:1], reward=killing_reward)
+config = make_config(workdir, pathlib.Path(dataset), RLRunConfig, **RL_ARGS)
+rl.train(config, devices=jax.devices()[:1], reward=killing_reward)
 """
 
 
@@ -135,7 +142,7 @@ def killed_run(tmp_path_factory, dataset):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, dataset, killed_run):
     workdir = tmp_path_factory.mktemp("reference")
-    rl.train(make_config(workdir, dataset, **RL_ARGS), devices=ONE, reward=length_reward)
+    rl.train(make_config(workdir, dataset, RLRunConfig, **RL_ARGS), devices=ONE, reward=length_reward)
     return workdir
 
 
@@ -167,7 +174,7 @@ def test_resume_after_sigkill_gives_the_same_rollouts_and_losses(dataset, refere
     workdir, proc, log = killed_run
     assert proc.wait(timeout=600) == -9, log.read_text()[-2000:]
     assert Checkpointer(str(workdir), read_only=True).all_steps() == [2]
-    rl.train(make_config(workdir, dataset, **RL_ARGS), devices=ONE, reward=length_reward)
+    rl.train(make_config(workdir, dataset, RLRunConfig, **RL_ARGS), devices=ONE, reward=length_reward)
     assert metric_lines(workdir) == metric_lines(reference_run)
     a, b = RunCheckpoint(str(workdir)).read_params(), RunCheckpoint(str(reference_run)).read_params()
     for name in a:
@@ -177,6 +184,41 @@ def test_resume_after_sigkill_gives_the_same_rollouts_and_losses(dataset, refere
 def test_export_works_on_an_rl_workdir(tmp_path, reference_run):
     out = export(str(reference_run), str(tmp_path / "hf"), "minicpm")
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_rl_cli_logs_eval_loss_every_eval_steps(tmp_path, dataset, reference_run):
+    """python -m mct.rl evaluates like every run: the policy's held-out token loss on init_from's data."""
+    settings = overrides(dataset, **{**RL_ARGS, "train.steps": 2, "eval.every_steps": 2})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mct.rl", "--config", str(REPO / "experiments/configs/tiny_cpu_rl.py"),
+         f"--config.workdir={tmp_path}", f"--config.init_from={reference_run}",
+         *[f"--config.{k}={v}" for k, v in settings.items()]],
+        cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evals = [m for m in metric_lines(tmp_path) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [2] and np.isfinite(evals[0]["eval_loss"]) and evals[0]["eval_loss"] > 0
+
+
+def test_a_checkpoint_config_with_the_old_rl_and_dpo_sections_still_loads(tmp_path, params):
+    """Checkpoints saved before the config split by consumer carry `rl` (with its lr) and `dpo` in every run's
+    config: reading a run drops them; RL's own class keeps its section; unknown keys stay errors."""
+    config = Config(workdir=str(tmp_path), model=CFG)
+    sections = {"dpo": {"path": ["default"], "beta": 0.1, "sft_weight": 0.0}, "rl": {"group_size": 8, "lr": 1e-5}}
+    old = {**config.to_dict(), **sections}
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(0, {"params": params[0], "opt_state": {}}, None,
+              {"config": old, "model_signature": model_signature(CFG), "step": 0})  # fmt: skip
+    ckpt.wait()
+    ckpt.close()
+    assert RunCheckpoint(str(tmp_path)).config == config
+    assert read_init_source(str(tmp_path)).config == config.resolve()
+    with_rl = {**config.to_dict(), "rl": {"group_size": 8}, "dpo": sections["dpo"]}
+    assert RLRunConfig.from_saved(with_rl).rl.group_size == 8
+    with pytest.raises(ConfigError, match="unknown config key (dpo|rl)"):
+        Config.from_dict(old)  # a run's own config file may not name another entry point's section
+    with pytest.raises(ConfigError, match="unknown config key optimiser"):
+        Config.from_saved({**old, "optimiser": {}})
 
 
 def test_bad_rl_config_is_one_line_and_exit_2(tmp_path):

@@ -6,6 +6,7 @@ import shutil
 import sys
 
 from experiments.configs import tiny_cpu
+from experiments.configs.base import for_run
 from mct.config.run import Config
 from mct.run.checkpoint import Checkpointer, model_signature
 from mct.run.pretrain import train
@@ -29,8 +30,9 @@ def overrides(dataset: pathlib.Path, **extra) -> dict:
     return o
 
 
-def make_config(workdir, dataset, **extra):
-    c = tiny_cpu.get_config()
+def make_config(workdir, dataset, run_class: type[Config] = Config, **extra) -> Config:
+    """The tiny run's `run_class` (pre-training's Config or a post-training entry point's) with `extra`."""
+    c = for_run(tiny_cpu.get_config(), run_class)
     for key, value in overrides(dataset, **extra).items():
         *parents, leaf = key.split(".")
         node = c
@@ -38,7 +40,7 @@ def make_config(workdir, dataset, **extra):
             node = node[p]
         node[leaf] = value
     c.workdir = str(workdir)
-    return Config.from_dict(c.to_dict())
+    return run_class.from_dict(c.to_dict())
 
 
 def train_flags(workdir, dataset, **extra) -> list[str]:

@@ -24,11 +24,11 @@ from absl import flags
 
 from experiments.configs.tiny_cpu_rl import get_config
 from mct.cli.common import run
-from mct.config.run import Config
+from mct.config.posttrain import RLRunConfig
 from mct.infer.decoding import Sampling
 from mct.parallel.distributed import global_batch
 from mct.posttrain.grpo import accepted_groups, group_advantages, grpo_objective, token_logprobs
-from mct.posttrain.rl import rl_config, training_rows
+from mct.posttrain.rl import training_rows
 from mct.posttrain.rollout import Trajectory, rollout_chunk
 from mct.train.trainer import TrainSetup, build
 
@@ -45,7 +45,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line
 PROMPT_TOKENS = 16
 
 
-def bench_config() -> Config:
+def bench_config() -> RLRunConfig:
     c = get_config()
     c.model.vocab_size, c.data.vocab_size = 512, 512
     c.model.update(dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=128))
@@ -54,25 +54,20 @@ def bench_config() -> Config:
     c.rl.group_size, c.rl.prompts_per_step = _GROUP.value, _PROMPTS.value
     c.rl.max_prompt_tokens, c.rl.max_response_tokens = PROMPT_TOKENS, _MAX_RESPONSE.value
     c.mesh.data = 1
-    return Config.from_dict(c.to_dict())
+    return RLRunConfig.from_dict(c.to_dict())
 
 
-def run_variant(config: Config, chunk_tokens: int) -> dict:
+def run_variant(config: RLRunConfig, chunk_tokens: int) -> dict:
     """RL steps with at most chunk_tokens decoded per trajectory per step, run twice with the same seeds: the
     first pass compiles every shape the second (timed) pass meets."""
     r = config.rl
-    setup = build(
-        rl_config(config),
-        jax.devices()[:1],
-        objective=grpo_objective(
-            eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta
-        ),
-    )
+    setup = build(config, jax.devices()[:1], objective=grpo_objective(
+        eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta))  # fmt: skip
     run_steps(setup, config, chunk_tokens)
     return run_steps(setup, config, chunk_tokens)
 
 
-def run_steps(setup: TrainSetup, config: Config, chunk_tokens: int) -> dict:
+def run_steps(setup: TrainSetup, config: RLRunConfig, chunk_tokens: int) -> dict:
     """Warm-up steps (filling the buffer), then the timed ones; their mean times."""
     r = config.rl
     state = setup.init_state(0)

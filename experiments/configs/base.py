@@ -1,7 +1,8 @@
 """The defaults every experiment starts from: mct.config's typed schema as an ml_collections ConfigDict.
 
 Every key a run may set exists here, so a mistyped `--config.x.y=...` override fails loudly; the entry point
-converts the result back into a typed `mct.config.Config` once.
+converts the result back into its typed run config (`mct.config.run.Config`, or a post-training entry point's
+class from `mct.config.posttrain`) once.
 """
 
 import dataclasses
@@ -29,8 +30,19 @@ def model_config(
     return ml_collections.ConfigDict(dataclasses.asdict(ModelConfig(**shape)))
 
 
-def base_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dataclasses.asdict(Config()))
+def base_config(run_class: type[Config] = Config) -> ml_collections.ConfigDict:
+    """The defaults of a run config class (pre-training's Config, or a post-training entry point's)."""
+    return ml_collections.ConfigDict(dataclasses.asdict(run_class()))
+
+
+def for_run(c: ml_collections.ConfigDict, run_class: type[Config]) -> ml_collections.ConfigDict:
+    """`c` with the sections `run_class` adds to it, at their defaults: a post-training experiment (e.g.
+    mct.config.posttrain.RLRunConfig's) built on a pre-training one."""
+    defaults = base_config(run_class)
+    for name in defaults.keys():
+        if name not in c:
+            c[name] = defaults[name]
+    return c
 
 
 def mixture(components: dict[str, MixtureComponent]) -> ml_collections.ConfigDict:

@@ -2,10 +2,12 @@
 README's pretrain -> sft -> dpo chain. Pass --config.init_from=SFT_WORKDIR."""
 
 from experiments.configs import tiny_cpu_sft
+from experiments.configs.base import for_run
+from mct.config.posttrain import DPORunConfig
 
 
 def get_config():
-    c = tiny_cpu_sft.get_config()
+    c = for_run(tiny_cpu_sft.get_config(), DPORunConfig)
     c.workdir = "/tmp/mct-tiny-dpo"
     c.init_from = "/tmp/mct-tiny-sft"
     c.dpo.path = ("default",)

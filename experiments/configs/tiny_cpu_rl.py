@@ -6,10 +6,12 @@ shows both carried trajectories and learning within minutes.
 """
 
 from experiments.configs import tiny_cpu
+from experiments.configs.base import for_run
+from mct.config.posttrain import RLRunConfig
 
 
 def get_config():
-    c = tiny_cpu.get_config()
+    c = for_run(tiny_cpu.get_config(), RLRunConfig)
     c.workdir = "/tmp/mct-tiny-rl"
     c.data.seq_len = 64  # training rows: prompt + response
     c.train.steps = 100
@@ -17,6 +19,9 @@ def get_config():
     c.train.log_every_steps = 1
     c.checkpoint.every_steps = 25
     c.eval.every_steps = 1000
+    c.optimizer.lr = 1e-4  # constant (a tiny model moves little at the report's 1e-5 in 100 steps)
+    c.schedule.warmup_fraction = 0.0
+    c.schedule.decay_fraction = 0.0
     c.rl.reward = "numeric"
     c.rl.group_size = 8
     c.rl.prompts_per_step = 4
@@ -24,5 +29,4 @@ def get_config():
     c.rl.max_prompt_tokens = 40
     c.rl.max_response_tokens = 24
     c.rl.ref_refresh_steps = 20
-    c.rl.lr = 1e-4  # a tiny model moves little at the report's 1e-5 in 100 steps
     return c

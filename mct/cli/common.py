@@ -36,15 +36,16 @@ def select_platform() -> None:
         sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
-def config_from_flag(cd: ConfigDict | None) -> Config:
-    """The Config of a `--config` ml_collections file with its overrides applied."""
+def config_from_flag(cd: ConfigDict | None, cls: type[Config] = Config) -> Config:
+    """The `cls` (the entry point's run config class) of a `--config` ml_collections file with its overrides
+    applied."""
     if cd is None:
         raise ConfigError("no config: pass --config experiments/configs/NAME.py")
-    return Config.from_dict(cd.to_dict())
+    return cls.from_dict(cd.to_dict())
 
 
-def unknown_override(argv: list[str]) -> str | None:
-    """The schema's message for the first `--config.a.b=...` override naming no config key, if any."""
+def unknown_override(argv: list[str], cls: type[Config] = Config) -> str | None:
+    """The schema's message for the first `--config.a.b=...` override naming no key of `cls`, if any."""
     for arg in argv:
         if not arg.startswith("--config."):
             continue
@@ -53,25 +54,26 @@ def unknown_override(argv: list[str]) -> str | None:
         for key in reversed(parents):
             nested = {key: nested}
         try:
-            Config.from_dict(nested)
+            cls.from_dict(nested)
         except ConfigError as e:
             if str(e).startswith("unknown config key"):
                 return str(e)
     return None
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a mistyped `--config.a.b=...` override as a one-line error."""
+def parse_flags(argv: list[str], cls: type[Config] = Config) -> list[str]:
+    """absl flag parsing, with a mistyped `--config.a.b=...` override (a key `cls` lacks) as a one-line error."""
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError, ValueError, flags.Error) as e:
-        message = unknown_override(argv) or " ".join(str(e).split())
+        message = unknown_override(argv, cls) or " ".join(str(e).split())
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """app.run(main), printing the project's errors as `error: ...` with exit code 2."""
+def run(main: Callable[[list[str]], None], config_class: type[Config] = Config) -> None:
+    """app.run(main), printing the project's errors as `error: ...` with exit code 2; `config_class` names the
+    keys a `--config.a.b=...` override may set."""
 
     def guarded(argv: list[str]) -> None:
         select_platform()
@@ -81,7 +83,7 @@ def run(main: Callable[[list[str]], None]) -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(guarded, flags_parser=parse_flags)
+    app.run(guarded, flags_parser=lambda argv: parse_flags(argv, config_class))
 
 
 class Command(NamedTuple):

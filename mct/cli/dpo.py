@@ -9,9 +9,10 @@ checkpoints, SIGTERM save); eval_loss is the held-out chosen answers' token loss
 """
 
 from mct.cli.train import entry_for
+from mct.config.posttrain import DPORunConfig
 from mct.posttrain.dpo import train_dpo
 
-entry = entry_for(train_dpo)
+entry = entry_for(train_dpo, DPORunConfig)
 
 
 if __name__ == "__main__":

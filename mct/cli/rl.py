@@ -6,17 +6,22 @@ trajectories carried over in the replay buffer; one chunk (mct.posttrain.rollout
 finished trajectories get their reward; every group whose G trajectories are all finished leaves the buffer,
 gets group-normalised advantages, is dropped when uniform (dynamic sampling) and trains in mini-batches of
 train.batch_size rows through `mct.train.trainer.build`'s step with the GRPO objective (mct/posttrain/grpo.py). The
-reference policy is the params of the last multiple of rl.ref_refresh_steps; the lr is rl.lr, constant.
+reference policy is the params of the last multiple of rl.ref_refresh_steps. The lr is optimizer.lr under the
+schedule, as in every run (an RL config makes it constant: mct.config.posttrain.RLRunConfig).
 
-A checkpoint holds state = {params, opt_state, ref_params} and a JSON item with the replay buffer (tokens,
-cached log-probs, policy versions), the prompt cursor and the group counter; sampling keys derive from
-(seed, step), so a resumed run makes the same rollouts and losses as an uninterrupted one. SIGTERM saves.
+The run is every run's shell (mct.run.pretrain: lock, resume, the Trainer's non-finite guard, hooks for metrics,
+eval, checkpoints, the tokenizer copy and the profiler, SIGTERM save) whose steps come from `Rollouts` (a step
+with a skipped non-finite update counts as a non-finite step). A checkpoint holds state = {params, opt_state,
+ref_params} and a JSON item with the replay buffer (tokens, cached log-probs, policy versions), the prompt
+cursor and the group counter; sampling keys derive from (seed, step), so a resumed run makes the same
+rollouts and losses as an uninterrupted one. eval_loss: see `mct.posttrain.rl.RLData`.
 """
 
 from mct.cli.train import entry_for
+from mct.config.posttrain import RLRunConfig
 from mct.posttrain.rl import train
 
-entry = entry_for(train)
+entry = entry_for(train, RLRunConfig)
 
 
 if __name__ == "__main__":

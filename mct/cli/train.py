@@ -15,6 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mct.cli import common as cli
+from mct.config.run import Config
 from mct.parallel.distributed import initialize
 from mct.run.pretrain import train
 
@@ -46,12 +47,13 @@ def quiet_libraries() -> None:
     logging.getLogger("mct.train").setLevel(logging.INFO)
 
 
-def run_job(train_fn: Callable[..., dict]) -> None:
-    """Every training entry point's body (pre-training, mct.sft, mct.dpo): the config, the distributed job,
-    SIGTERM -> stop (the run saves and returns), `train_fn(config, stop=...)` and its result line."""
+def run_job(train_fn: Callable[..., dict], config_class: type[Config] = Config) -> None:
+    """Every training entry point's body (pre-training, mct.sft, mct.dpo, mct.rl): the config (a
+    `config_class`), the distributed job, SIGTERM -> stop (the run saves and returns), `train_fn(config,
+    stop=...)` and its result line."""
     quiet_libraries()
     f = flags.FLAGS
-    config = cli.config_from_flag(f.config)
+    config = cli.config_from_flag(f.config, config_class)
     initialize(
         coordinator=f.coordinator,
         num_processes=f.num_processes,
@@ -69,12 +71,13 @@ def run_job(train_fn: Callable[..., dict]) -> None:
         print("done:", finite)
 
 
-def entry_for(train_fn: Callable[..., dict]) -> Callable[[], None]:
-    """The console entry point of a training function (mct-train, mct-sft, mct-dpo)."""
+def entry_for(train_fn: Callable[..., dict], config_class: type[Config] = Config) -> Callable[[], None]:
+    """The console entry point of a training function (mct-train, mct-sft, mct-dpo, mct-rl) whose config is a
+    `config_class`."""
 
     def entry() -> None:
         _define_flags()
-        cli.run(lambda argv: run_job(train_fn))
+        cli.run(lambda argv: run_job(train_fn, config_class), config_class)
 
     return entry
 

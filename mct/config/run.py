@@ -1,9 +1,10 @@
 """The run configuration: typed, frozen dataclasses with every default and every cross-field check.
 
 Experiment files (`experiments/configs/*.py`) are ml_collections ConfigDicts for the command line; an entry
-point converts one exactly once with `Config.from_dict(cd.to_dict())`, which names any unknown key (with a
-suggestion), then `resolve()` turns schedule fractions into steps and `validate(n_devices)` checks the rest
-before anything compiles.
+point converts one exactly once with `Config.from_dict(cd.to_dict())` (or its own run class's, e.g.
+`mct.config.posttrain.RLRunConfig`), which names any unknown key (with a suggestion), then `resolve()` turns
+schedule fractions into steps and `validate(n_devices)` checks the rest before anything compiles. A config a
+checkpoint saved is read back with `from_saved`.
 """
 
 import dataclasses
@@ -17,6 +18,7 @@ from mct.errors import ConfigError
 
 DECAY_SHAPES = ("exponential", "linear", "cosine", "1-sqrt")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+POSTTRAIN_SECTIONS = ("dpo", "rl")  # the sections mct.config.posttrain's run configs add to Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,43 +105,9 @@ class ProfileConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOConfig:
-    """Direct preference optimisation (mct/posttrain/dpo.py):
-    -log sigmoid(beta * margin of policy/reference log-ratios),
-    plus sft_weight x the chosen answers' token loss (OpenBMB's script: beta 0.1, weight 0.5)."""
-
-    path: tuple[str, ...] = ("default",)  # preference JSONL files ({"prompt", "chosen", "rejected"}) or "default"
-    beta: float = 0.1
-    sft_weight: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-    """RL with chunk-wise rollout (mct/posttrain/rl.py; MiniCPM4 report section 3.2): GRPO advantages over group_size
-    rollouts per prompt, dynamic sampling, clip-higher, dual clip, KL to a reference refreshed every
-    ref_refresh_steps, overlong filtering; each step decodes at most chunk_tokens per trajectory."""
-
-    prompts: str = ""  # JSONL of {"prompt", "answer"} or {"prompt", "tests"}; "" = embedded arithmetic task
-    reward: str = "numeric"  # exact | numeric | python_tests (mct/posttrain/rewards.py)
-    group_size: int = 16  # rollouts per prompt (G)
-    prompts_per_step: int = 8  # new prompts (groups) entering the rollout each step
-    chunk_tokens: int = 8192  # new tokens per trajectory per step (>= max_response_tokens: full-length rollout)
-    max_prompt_tokens: int = 1024
-    max_response_tokens: int = 32768
-    temperature: float = 1.0
-    top_p: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.28  # clip-higher (DAPO)
-    dual_clip: float = 3.0  # c of the dual clip, for negative advantages
-    kl_beta: float = 0.001
-    ref_refresh_steps: int = 100  # the reference becomes the current policy every this many steps
-    overlong_filter: bool = True  # no loss on trajectories cut at max_response_tokens
-    lr: float = 1e-5  # constant (replaces optimizer.lr and the WSD schedule in RL runs)
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
-    """One training run."""
+    """One training run: pre-training's sections, which every run shares (post-training entry points extend
+    it with their own sections: mct.config.posttrain)."""
 
     workdir: str = ""
     seed: int = 0
@@ -153,13 +121,19 @@ class Config:
     eval: EvalConfig = EvalConfig()
     profile: ProfileConfig = ProfileConfig()
     init_from: str = ""  # post-training: WORKDIR[:STEP] whose params (not optimizer state) start the run
-    dpo: DPOConfig = DPOConfig()
-    rl: RLConfig = RLConfig()
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
         """The config of a nested dict (e.g. ConfigDict.to_dict()); unknown keys are ConfigErrors."""
         return build(cls, values)
+
+    @classmethod
+    def from_saved(cls, values: dict) -> "Config":
+        """The config a checkpoint's run_meta recorded, read as `cls`: the post-training sections `cls` has no
+        field for are dropped (checkpoints saved before the split carry `dpo` and `rl` in every config, and a
+        post-training run's carry its own), any other unknown key is a ConfigError as in `from_dict`."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict({k: v for k, v in values.items() if k in fields or k not in POSTTRAIN_SECTIONS})
 
     def to_dict(self) -> dict:
         """Plain nested dicts and lists (JSON): what checkpoints record."""
@@ -237,23 +211,6 @@ def check_ranges(c: "Config") -> None:
     )
     require(len(c.profile.steps) in (0, 2), f"profile.steps={c.profile.steps} must be () or (first, last)")
     require(not s.lr_from_init or c.init_from, "schedule.lr_from_init needs init_from=WORKDIR[:STEP]")
-    require(c.dpo.beta > 0 and c.dpo.sft_weight >= 0, f"dpo.beta={c.dpo.beta} must be > 0, dpo.sft_weight >= 0")
-    check_rl(c.rl)
-
-
-def check_rl(r: RLConfig) -> None:
-    """Ranges of the RL settings."""
-    for key in ("group_size", "prompts_per_step", "chunk_tokens", "max_prompt_tokens", "max_response_tokens",
-                "ref_refresh_steps"):  # fmt: skip
-        require(getattr(r, key) > 0, f"rl.{key}={getattr(r, key)} must be positive")
-    require(r.group_size > 1, f"rl.group_size={r.group_size} must be > 1 (advantages are relative to the group)")
-    require(r.reward in ("exact", "numeric", "python_tests"),
-             f"rl.reward={r.reward!r} is not one of exact, numeric, python_tests")  # fmt: skip
-    require(r.temperature >= 0 and 0 < r.top_p <= 1, f"rl.temperature={r.temperature} must be >= 0 and "
-             f"rl.top_p={r.top_p} in (0, 1]")  # fmt: skip
-    require(0 <= r.eps_low < 1 and r.eps_high >= 0, f"rl.eps_low={r.eps_low} must be in [0, 1), rl.eps_high >= 0")
-    require(r.dual_clip > 1, f"rl.dual_clip={r.dual_clip} must be > 1")
-    require(r.kl_beta >= 0 and r.lr > 0, f"rl.kl_beta={r.kl_beta} must be >= 0 and rl.lr={r.lr} > 0")
 
 
 def check_batch(c: "Config", data_parallel: int, n_processes: int) -> None:

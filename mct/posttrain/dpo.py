@@ -14,13 +14,13 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from mct.config.run import Config
+from mct.config.posttrain import DPORunConfig
 from mct.model.decoder import MiniCPM
 from mct.model.loss import token_losses
 from mct.parallel.distributed import global_batch
 from mct.posttrain.preference import PairBatches, eval_batches, pair_rows
-from mct.posttrain.sft import file_weights, init_tokenizer
-from mct.run.init_from import load_init_params, read_init_source, with_init_lr
+from mct.posttrain.sft import file_weights, init_tokenizer, with_source_data
+from mct.run.init_from import load_init_params
 from mct.run.pretrain import RunData, train
 from mct.train.step import Objective
 from mct.train.trainer import TrainSetup
@@ -62,7 +62,7 @@ def dpo_objective(beta: float, sft_weight: float) -> Objective:
 class PreferenceData(RunData):
     """Pair rows of dpo.path; the step gets the frozen reference's log-probs of each batch."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: DPORunConfig):
         self.tokenizer = init_tokenizer(config)
         self.rows = pair_rows(config.dpo.path, self.tokenizer, seq_len=config.data.seq_len,
                               eval_fraction=config.data.chat.eval_fraction)  # fmt: skip
@@ -96,16 +96,14 @@ class PreferenceData(RunData):
         return dataclasses.replace(setup, step_fn=step_with_reference)
 
 
-def dpo_config(config: Config) -> Config:
+def dpo_config(config: DPORunConfig) -> DPORunConfig:
     """`config` reading its tokenizer's dataset from the source run's mixture (kept in the workdir), with
     schedule.lr_from_init applied."""
     file_weights(config.dpo.path, (), "dpo")  # the files are read in turn, every pair once per epoch
-    source = read_init_source(config.init_from)
-    data = dataclasses.replace(config.data, mixture=source.config.data.mixture)
-    return with_init_lr(config.replace(data=data))
+    return with_source_data(config)
 
 
-def train_dpo(config: Config, devices: list | None = None, stop: threading.Event | None = None) -> dict:
+def train_dpo(config: DPORunConfig, devices: list | None = None, stop: threading.Event | None = None) -> dict:
     """Runs (or resumes) DPO in config.workdir; returns the last logged metrics and eval losses."""
     init_tokenizer(config)  # init_from is set and readable before anything else
     config = dpo_config(config)

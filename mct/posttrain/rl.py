@@ -6,18 +6,21 @@ trajectories carried over in the replay buffer; one chunk (mct.posttrain.rollout
 finished trajectories get their reward; every group whose G trajectories are all finished leaves the buffer,
 gets group-normalised advantages, is dropped when uniform (dynamic sampling) and trains in mini-batches of
 train.batch_size rows through `mct.train.trainer.build`'s step with the GRPO objective (mct/posttrain/grpo.py). The
-reference policy is the params of the last multiple of rl.ref_refresh_steps; the lr is rl.lr, constant.
+reference policy is the params of the last multiple of rl.ref_refresh_steps. The lr is optimizer.lr under the
+schedule, as in every run (an RL config makes it constant: mct.config.posttrain.RLRunConfig).
 
-A checkpoint holds state = {params, opt_state, ref_params} and a JSON item with the replay buffer (tokens,
-cached log-probs, policy versions), the prompt cursor and the group counter; sampling keys derive from
-(seed, step), so a resumed run makes the same rollouts and losses as an uninterrupted one. SIGTERM saves.
+The run is every run's shell (mct.run.pretrain: lock, resume, the Trainer's non-finite guard, hooks for metrics,
+eval, checkpoints, the tokenizer copy and the profiler, SIGTERM save) whose steps come from `Rollouts` (a step
+with a skipped non-finite update counts as a non-finite step). A checkpoint holds state = {params, opt_state,
+ref_params} and a JSON item with the replay buffer (tokens, cached log-probs, policy versions), the prompt
+cursor and the group counter; sampling keys derive from (seed, step), so a resumed run makes the same
+rollouts and losses as an uninterrupted one. eval_loss: see `RLData`.
 """
 
 import dataclasses
 import logging
 import math
 import pathlib
-import shutil
 import threading
 import time
 
@@ -30,23 +33,22 @@ from tqdm import tqdm
 from data_pipelines.chat import encode_chat, im_end_id
 from data_pipelines.shards import DatasetError
 from data_pipelines.tokenizer import EOS, read_tokenizer_file, special_token_ids
-from mct.config.run import Config
-from mct.errors import (
-    ConfigError,
-    TrainingDiverged,
-    UserError,
-)
+from mct.config.posttrain import RLRunConfig
+from mct.errors import UserError
 from mct.infer.decoding import Sampling
-from mct.parallel.distributed import global_batch, stop_agreed
+from mct.parallel.distributed import global_batch
 from mct.posttrain.chat_data import arithmetic_problem, read_jsonl
 from mct.posttrain.grpo import accepted_groups, group_advantages, grpo_objective, token_logprobs
 from mct.posttrain.rewards import ANSWER_KEYS, REWARDS, Reward, safe_reward
 from mct.posttrain.rollout import Trajectory, rollout_chunk
-from mct.run.checkpoint import Checkpointer, run_meta
+from mct.posttrain.sft import with_source_data
+from mct.run.checkpoint import Checkpointer
 from mct.run.init_from import init_from_state, parse_spec
-from mct.run.pretrain import check_workdir, first_dataset, job_lock
+from mct.run.pretrain import RunData, first_dataset
+from mct.run.pretrain import train as run_train
+from mct.train.hooks import StepLog
 from mct.train.metrics import MetricsWriter
-from mct.train.trainer import TrainSetup, build
+from mct.train.trainer import TrainSetup
 
 log = logging.getLogger("mct.train")
 
@@ -139,26 +141,7 @@ def training_rows(trajectories: list[Trajectory], advantages: list[float], seq_l
     return rows
 
 
-def rl_config(config: Config) -> Config:
-    """The run config with RL's constant lr (rl.lr, no warmup or decay)."""
-    schedule = dataclasses.replace(config.schedule, warmup_steps=0, decay_steps=0, lr_from_init=False)
-    return config.replace(optimizer=dataclasses.replace(config.optimizer, lr=config.rl.lr), schedule=schedule)
-
-
-def check_rl_fit(config: Config) -> None:
-    r, m = config.rl, config.model
-    total = r.max_prompt_tokens + r.max_response_tokens
-    if total > config.data.seq_len:
-        raise ConfigError(f"config rl.max_prompt_tokens + rl.max_response_tokens = {total} exceeds "
-                          f"data.seq_len={config.data.seq_len} (the training rows)")  # fmt: skip
-    if total > m.max_position:
-        raise ConfigError(f"config rl.max_prompt_tokens + rl.max_response_tokens = {total} exceeds "
-                          f"model.max_position={m.max_position}")  # fmt: skip
-    if jax.process_count() > 1:
-        raise ConfigError("mct.rl runs in one process (its devices may be several); got a multi-process job")
-
-
-def run_tokenizer(config: Config) -> pathlib.Path:
+def run_tokenizer(config: RLRunConfig) -> pathlib.Path:
     """The tokenizer.json of init_from's workdir, else of the data mixture's first dataset."""
     if config.init_from:
         path = parse_spec(config.init_from)[0] / "tokenizer.json"
@@ -168,19 +151,16 @@ def run_tokenizer(config: Config) -> pathlib.Path:
     return first_dataset(config) / "tokenizer.json"
 
 
-class RLRun:
-    """One RL run in a locked workdir: the state, the buffer, one step at a time."""
+class Rollouts:
+    """RL's StepSource: each step rolls one chunk out with the current params, trains on the completed groups
+    and refreshes the reference. The state is {params, opt_state, ref_params}; the replay buffer, prompt cursor
+    and group ids (`host`) are what checkpoints keep of it."""
 
-    def __init__(self, setup: TrainSetup, ckpt: Checkpointer, reward: Reward):
-        self.setup, self.ckpt, self.reward = setup, ckpt, reward
+    def __init__(self, setup: TrainSetup, host: RLState, reward: Reward):
+        self.setup, self.host, self.reward = setup, host, reward
         config = self.config = setup.config
         r = config.rl
-        tokenizer_path = run_tokenizer(config)
-        self.tokenizer = read_tokenizer_file(tokenizer_path)
-        target = pathlib.Path(config.workdir) / "tokenizer.json"
-        if not target.exists():  # export and generate read the workdir's own copy
-            shutil.copyfile(tokenizer_path, target.with_suffix(".tmp"))
-            target.with_suffix(".tmp").rename(target)
+        self.tokenizer = read_tokenizer_file(run_tokenizer(config))
         source = r.prompts or "the embedded arithmetic task"
         self.items = read_prompts(r.prompts, r.reward) if r.prompts else arithmetic_items(512, seed=0)
         self.prompt_ids = encode_prompts(self.items, self.tokenizer, r.max_prompt_tokens, source)
@@ -189,29 +169,27 @@ class RLRun:
         temperature = r.temperature or 1.0
         model = setup.model
         self.ref_fn = jax.jit(lambda p, b: token_logprobs(model.bind(p), b, temperature))
-        self.nonfinite_run = 0
-        self.start, self.state, self.ref_params, self.host = self.initial_state()
 
-    def initial_state(self) -> tuple[int, dict, dict, RLState]:
-        setup = self.setup
-        abstract = {**setup.abstract_state, "ref_params": setup.abstract_state["params"]}
-        restored = self.ckpt.restore_latest(abstract, self.config.model)
-        if restored is not None:
-            step, state, host = restored
-            log.info("resumed RL from %s step %d", self.ckpt.directory, step)
-            ref = state.pop("ref_params")
-            return step, state, ref, RLState.from_json(host)
-        if self.config.init_from:  # the source's params with a fresh optimizer state
-            state = init_from_state(self.config.init_from, setup)
-        else:
-            state = setup.init_state(self.config.seed)
-        return 0, state, jax.tree.map(jnp.copy, state["params"]), RLState()
+    def get_state(self) -> dict:
+        return self.host.to_json()
 
-    def save(self, step: int, force: bool = False) -> None:
-        tree = {**self.state, "ref_params": self.ref_params}
-        self.ckpt.save(step, tree, self.host.to_json(), run_meta(self.config, step), force=force)
+    def close(self) -> None:
+        """Nothing runs in the background."""
 
-    def rollout(self, step: int) -> dict:
+    def step(self, state: dict, step: int) -> tuple[dict, dict]:
+        """One RL step: rollout, rewards, group completion, updates, reference refresh; its host metrics."""
+        t0 = time.perf_counter()
+        metrics = self.rollout(state["params"], step)
+        t1 = time.perf_counter()
+        trajectories, advantages, group_metrics = self.complete_groups()
+        state, update_metrics = self.train_rows(state, step, trajectories, advantages)
+        jax.block_until_ready(state)
+        t2 = time.perf_counter()
+        if (step + 1) % self.config.rl.ref_refresh_steps == 0:
+            state = {**state, "ref_params": jax.tree.map(jnp.copy, state["params"])}
+        return state, metrics | group_metrics | update_metrics | {"rollout_s": t1 - t0, "train_s": t2 - t1}
+
+    def rollout(self, params: dict, step: int) -> dict:
         """Adds this step's new groups to the buffer and decodes one chunk of every unfinished trajectory."""
         r, host = self.config.rl, self.host
         for index in draw_prompts(host, len(self.items), r.prompts_per_step, self.config.seed):
@@ -222,12 +200,13 @@ class RLRun:
             host.next_group += 1
         pending = [t for t in host.buffer if not t.finished]
         key = jax.random.fold_in(jax.random.key(self.config.seed), step)
-        decoded = rollout_chunk(
-            self.setup.model.cfg, self.state["params"], pending, chunk_tokens=r.chunk_tokens,
-            max_response_tokens=r.max_response_tokens, stop_ids=self.stop_ids, sampling=self.sampling, key=key,
-            version=step, capacity=r.max_prompt_tokens + r.max_response_tokens,
-            row_multiple=r.group_size * r.prompts_per_step,
-        )  # fmt: skip
+        with jax.set_mesh(None):  # the decoder runs where the params are, outside the train step's mesh context
+            decoded = rollout_chunk(
+                self.setup.model.cfg, params, pending, chunk_tokens=r.chunk_tokens,
+                max_response_tokens=r.max_response_tokens, stop_ids=self.stop_ids, sampling=self.sampling,
+                key=key, version=step, capacity=r.max_prompt_tokens + r.max_response_tokens,
+                row_multiple=r.group_size * r.prompts_per_step,
+            )  # fmt: skip
         for t in pending:
             if t.finished:
                 text = self.tokenizer.decode(t.response[:-1] if not t.truncated else t.response)
@@ -261,30 +240,27 @@ class RLRun:
         ]
         return [t for t, _ in chosen], [a for _, a in chosen], metrics
 
-    def train_rows(self, step: int, trajectories: list[Trajectory], advantages: list[float]) -> dict:
-        """Mini-batch updates over the rows; returns token-weighted loss metrics (nothing when no rows)."""
+    def train_rows(self, state: dict, step: int, trajectories: list[Trajectory],
+                   advantages: list[float]) -> tuple[dict, dict]:  # fmt: skip
+        """Mini-batch updates of the state over the rows; (state, token-weighted loss metrics and "ok": no update
+        was skipped as non-finite)."""
         c, setup = self.config, self.setup
         if not trajectories:
-            return {}
+            return state, {"ok": True}
         rows = training_rows(trajectories, advantages, c.data.seq_len, c.rl.overlong_filter)
         batch = c.train.batch_size
         padded = math.ceil(len(trajectories) / batch) * batch
-        rows = {k: np.pad(v, ((0, padded - len(v)), (0, 0))) for k, v in rows.items()}
+        rows = {k: np.pad(v, ((0, padded - len(v)), (0, 0))) for k, v in rows.items()}  # [padded, seq_len]
+        ref_params, train_state = state["ref_params"], {"params": state["params"], "opt_state": state["opt_state"]}
         sums: dict[str, float] = {"tokens": 0.0, "updates": 0.0}
+        ok = True
         for first in range(0, padded, batch):
-            host_batch = {k: v[first : first + batch] for k, v in rows.items()}
-            with jax.set_mesh(setup.mesh):
-                device_batch = global_batch(host_batch, setup.batch_sharding)
-                ref = self.ref_fn(self.ref_params, device_batch)
-                device_batch["ref_logp"] = ref
-                self.state, metrics = setup.step_fn(self.state, device_batch, jnp.int32(step))
+            device_batch = global_batch({k: v[first : first + batch] for k, v in rows.items()}, setup.batch_sharding)
+            device_batch["ref_logp"] = self.ref_fn(ref_params, device_batch)
+            train_state, metrics = setup.step_fn(train_state, device_batch, jnp.int32(step))
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            self.nonfinite_run = 0 if m["ok"] else self.nonfinite_run + 1  # a non-finite update was skipped
-            if self.nonfinite_run >= c.train.max_consecutive_nonfinite:
-                raise TrainingDiverged(f"RL step {step}: {self.nonfinite_run} consecutive non-finite updates "
-                                       f"(train.max_consecutive_nonfinite); last good checkpoint: step "
-                                       f"{self.ckpt.latest_step()} in {self.ckpt.directory}")  # fmt: skip
-            if not m["ok"]:
+            ok = ok and bool(m["ok"])
+            if not m["ok"]:  # the update was skipped
                 continue
             for k, v in m.items():
                 if k not in ("ok", "lr", "tokens"):
@@ -293,66 +269,72 @@ class RLRun:
             sums["updates"] += 1
         tokens, updates = max(sums.pop("tokens"), 1.0), sums.pop("updates")
         out = {k: v / (max(updates, 1.0) if k == "grad_norm" else tokens) for k, v in sums.items()}
-        return out | {"loss_tokens": tokens, "updates": updates, "lr": c.rl.lr}
-
-    def step(self, step: int) -> dict:
-        """One RL step: rollout, rewards, group completion, updates, reference refresh; its metrics."""
-        t0 = time.perf_counter()
-        metrics = self.rollout(step)
-        t1 = time.perf_counter()
-        trajectories, advantages, group_metrics = self.complete_groups()
-        metrics |= group_metrics | self.train_rows(step, trajectories, advantages)
-        jax.block_until_ready(self.state)
-        t2 = time.perf_counter()
-        if (step + 1) % self.config.rl.ref_refresh_steps == 0:
-            self.ref_params = jax.tree.map(jnp.copy, self.state["params"])
-        return metrics | {"rollout_s": t1 - t0, "train_s": t2 - t1}
+        lr = float(setup.schedule(step))
+        return {**train_state, "ref_params": ref_params}, out | {"loss_tokens": tokens, "updates": updates, "lr": lr,
+                                                                "ok": ok}  # fmt: skip
 
 
-def train(config: Config, devices: list | None = None, stop: threading.Event | None = None,
+class RolloutLog(StepLog):
+    """RL's metrics line: the step's rollout, group and update metrics as they are."""
+
+    def postfix(self, line: dict) -> str:
+        return (f"reward {line.get('reward_mean', float('nan')):.3f} | groups {line['accepted_groups']}/"
+                f"{line['completed_groups']} | carried {line['chunk_carried']}")  # fmt: skip
+
+
+class RLData(RunData):
+    """RL as a kind of run of the run shell (mct.run.pretrain): its state adds the reference params, its steps
+    are `Rollouts`, its tokenizer is init_from's. eval_loss (every eval.every_steps; not at the last step
+    unless it is one) is the policy's token loss on the held-out split of data.mixture: with init_from, the
+    source run's mixture (an SFT source: its chat files' assistant tokens), the distribution RL starts from."""
+
+    final_eval = False  # only every eval.every_steps: RL's held-out loss is a drift check, not the run's result
+
+    def __init__(self, reward: Reward | None):
+        self.reward = reward
+
+    def initial_state(self, setup: TrainSetup, ckpt: Checkpointer) -> tuple[int, dict, dict | None]:
+        """The latest checkpoint, else init_from's params (or fresh ones) with a fresh optimizer state and the
+        reference = the params."""
+        abstract = {**setup.abstract_state, "ref_params": setup.abstract_state["params"]}
+        restored = ckpt.restore_latest(abstract, setup.config.model)
+        if restored is not None:
+            log.info("resumed RL from %s step %d", ckpt.directory, restored[0])
+            return restored
+        config = setup.config
+        state = init_from_state(config.init_from, setup) if config.init_from else setup.init_state(config.seed)
+        return 0, {**state, "ref_params": jax.tree.map(jnp.copy, state["params"])}, None
+
+    def source(self, setup: TrainSetup, state: dict | None) -> Rollouts:
+        host = RLState() if state is None else RLState.from_json(state)
+        return Rollouts(setup, host, self.reward or REWARDS[setup.config.rl.reward])
+
+    def eval_sets(self, setup: TrainSetup) -> dict[str, list]:
+        """The held-out batches when the run reaches an eval step, else none (RL from a run without prepared
+        data, e.g. an imported model, reads no data)."""
+        c = setup.config
+        return super().eval_sets(setup) if c.eval.every_steps <= c.train.steps else {}
+
+    def merge(self, states: list[dict]) -> dict:
+        return states[0]  # one process
+
+    def tokenizer_file(self, config: RLRunConfig) -> pathlib.Path:
+        return run_tokenizer(config)
+
+    def metrics_log(self, config: RLRunConfig, writer: MetricsWriter, bar: tqdm, start: int,
+                    n_devices: int) -> StepLog:  # fmt: skip
+        return RolloutLog(writer, bar, start)
+
+
+def rl_config(config: RLRunConfig) -> RLRunConfig:
+    """With init_from, `config` reading the source run's data mixture (the eval set) and lr (lr_from_init)."""
+    return with_source_data(config) if config.init_from else config
+
+
+def train(config: RLRunConfig, devices: list | None = None, stop: threading.Event | None = None,
           reward: Reward | None = None) -> dict:  # fmt: skip
-    """Runs (or resumes) RL to train.steps; returns the last step's metrics. `reward` overrides rl.reward."""
-    stop = stop or threading.Event()
-    check_workdir(config.workdir)
+    """Runs (or resumes) RL to train.steps; returns the last logged metrics. `reward` overrides rl.reward."""
     r = config.rl
     objective = grpo_objective(eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta,
                                temperature=r.temperature or 1.0)  # fmt: skip
-    setup = build(rl_config(config), devices, objective=objective)
-    config = setup.config
-    check_rl_fit(config)
-    with job_lock(config.workdir):
-        ckpt = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep,
-                            async_save=config.checkpoint.async_save)  # fmt: skip
-        try:
-            return _loop(RLRun(setup, ckpt, reward or REWARDS[r.reward]), stop)
-        finally:
-            ckpt.close()
-
-
-def _loop(run: RLRun, stop: threading.Event) -> dict:
-    config, steps = run.config, run.config.train.steps
-    writer = MetricsWriter(config.workdir, resume_step=run.start)
-    bar = tqdm(total=steps, initial=run.start, desc="rl", dynamic_ncols=True)
-    last: dict = {"step": run.start}
-    step = run.start
-    try:
-        while step < steps and not stop_agreed(stop, step):
-            metrics = run.step(step)
-            step += 1
-            run.ckpt.check_saves()
-            writer.write(step, metrics)
-            last = {"step": step, **metrics}
-            bar.update(1)
-            bar.set_postfix_str(f"reward {metrics.get('reward_mean', float('nan')):.3f} | "
-                                f"groups {metrics['accepted_groups']}/{metrics['completed_groups']} | "
-                                f"carried {metrics['chunk_carried']}")  # fmt: skip
-            if step % config.checkpoint.every_steps == 0 or step == steps:
-                run.save(step)
-        if stop.is_set() and step not in run.ckpt.all_steps():
-            log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
-            run.save(step, force=True)
-    finally:
-        run.ckpt.wait()
-        bar.close()
-        writer.close()
-    return last | {"preempted": stop.is_set()}
+    return run_train(rl_config(config), devices, stop, objective=objective, data=RLData(reward))

@@ -61,6 +61,13 @@ def sft_config(config: Config) -> Config:
     return with_init_lr(config.replace(data=dataclasses.replace(data, mixture=mixture)))
 
 
+def with_source_data(config: Config) -> Config:
+    """`config` reading the init_from run's data mixture (its tokenizer's dataset, its held-out split), with
+    schedule.lr_from_init applied."""
+    source = read_init_source(config.init_from)
+    return with_init_lr(config.replace(data=dataclasses.replace(config.data, mixture=source.config.data.mixture)))
+
+
 class CheckedBatches:
     """A train iterator whose every batch must hold loss tokens (else DatasetError naming the files)."""
 

@@ -1,10 +1,11 @@
-"""One pre-training run in a workdir: resume (or branch, or start fresh), data, hooks, the loop, the last save.
+"""One run in a workdir: resume (or branch, or start fresh), data, hooks, the loop, the last save.
 
 The workdir's latest committed checkpoint wins; else a decay branch restores the stable-phase checkpoint of
 another run (MiniCPM paper section 4.2: decay branches); else post-training's init_from params (fresh
 optimizer state); else the state is initialised. The workdir is locked for the run, metrics past the restored
-step are dropped, and SIGTERM (the `stop` event) saves and returns. `RunData` says where batches come from
-(post-training supplies its own), the objective what the step minimises.
+step are dropped, and SIGTERM (the `stop` event) saves and returns. This shell is every run's (pre-training,
+SFT, DPO, RL): `RunData` says what a kind of run brings (its start, the source of its steps, eval sets, its
+metrics line), the objective what the step minimises.
 """
 
 import contextlib
@@ -34,10 +35,10 @@ from mct.run.checkpoint import Checkpointer, run_meta
 from mct.run.init_from import continued_data_state, init_from_state
 from mct.run.lock import WorkdirLock
 from mct.run.scalingbench import make_scalingbench_batches
-from mct.train.hooks import Evaluator, MetricsLog, profile_hook
+from mct.train.hooks import Evaluator, MetricsLog, StepLog, profile_hook
 from mct.train.metrics import MetricsWriter, logged_metrics
 from mct.train.step import Objective, next_token_objective
-from mct.train.trainer import Trainer, TrainSetup, build
+from mct.train.trainer import Batches, StepSource, Trainer, TrainSetup, build
 
 log = logging.getLogger("mct.train")
 
@@ -150,8 +151,20 @@ def job_lock(workdir: str):
 
 
 class RunData:
-    """Where a run's batches come from: pre-training's mixture here; post-training (mct.sft, mct.dpo) overrides
-    the methods it needs."""
+    """What a kind of run brings to the run shell (`train`): where it starts, the source of its steps, its eval
+    sets, what checkpoints keep of its source, its tokenizer and its metrics line. Pre-training's here;
+    post-training (mct.sft, mct.dpo, mct.rl) overrides what it needs."""
+
+    final_eval = True  # evaluate at the last step too, besides every eval.every_steps
+
+    def initial_state(self, setup: TrainSetup, ckpt: Checkpointer) -> tuple[int, dict, dict | None]:
+        """(start step, state, the source's checkpointed state or None)."""
+        return initial_state(setup, ckpt)
+
+    def source(self, setup: TrainSetup, state: dict | None) -> StepSource:
+        """The loop's steps: the prepared step over this process's prefetched train batches."""
+        batches = prefetch(self.train_batches(setup, state), setup.config.data.prefetch)
+        return Batches(self.prepare(setup), batches)
 
     def train_batches(self, setup: TrainSetup, state: dict | None):
         """This process's train iterator (get_state() -> JSON), resumed from `state` when given."""
@@ -172,11 +185,18 @@ class RunData:
         """The TrainSetup the loop steps (e.g. DPO adds the reference log-probs to each batch)."""
         return setup
 
+    def tokenizer_file(self, config: Config) -> pathlib.Path:
+        """The tokenizer.json the run's ids come from (copied into the workdir)."""
+        return first_dataset(config) / "tokenizer.json"
+
+    def metrics_log(self, config: Config, writer: MetricsWriter, bar: tqdm, start: int, n_devices: int) -> StepLog:
+        return MetricsLog(config, writer, bar, start, n_devices)
+
 
 def train(config: Config, devices: list | None = None, stop: threading.Event | None = None, *,
           objective: Objective = next_token_objective, data: RunData | None = None) -> dict:  # fmt: skip
     """Runs (or resumes) training to train.steps on `devices` (default: all), minimising `objective` over
-    `data`'s batches (default: pre-training); returns the last logged metrics and eval losses."""
+    `data`'s steps (default: pre-training's batches); returns the last logged metrics and eval losses."""
     check_workdir(config.workdir)
     setup = build(config, devices, objective)
     config = setup.config
@@ -189,22 +209,24 @@ def train(config: Config, devices: list | None = None, stop: threading.Event | N
             ckpt.close()
 
 
-def keep_tokenizer(config: Config) -> None:
-    """Copies the run's tokenizer.json into the workdir (process 0), so export and generate need no dataset."""
-    target = pathlib.Path(config.workdir) / "tokenizer.json"
+def keep_tokenizer(workdir: str, source: pathlib.Path) -> None:
+    """Copies the run's tokenizer.json into the workdir (process 0, whole or not at all), so export and
+    generate need no dataset."""
+    target = pathlib.Path(workdir) / "tokenizer.json"
     if jax.process_index() == 0 and not target.exists():
-        shutil.copyfile(first_dataset(config) / "tokenizer.json", target)
+        shutil.copyfile(source, target.with_suffix(".tmp"))
+        target.with_suffix(".tmp").rename(target)
 
 
-def add_hooks(trainer: Trainer, config: Config, start: int, bar: tqdm, ckpt: Checkpointer, metrics: MetricsLog,
-              evaluate: Callable, save: Callable) -> None:  # fmt: skip
-    """The pre-training hooks: progress, save-failure check, metrics, eval, checkpoints, tokenizer, profiler."""
+def add_hooks(trainer: Trainer, config: Config, start: int, bar: tqdm, ckpt: Checkpointer, data: RunData,
+              metrics: StepLog, evaluate: Callable, save: Callable) -> None:  # fmt: skip
+    """Every run's hooks: progress, save-failure check, metrics, eval, checkpoints, tokenizer, profiler."""
     steps = config.train.steps
     trainer.add_hook(lambda info: bar.update(info.step - bar.n), every=1)
     trainer.add_hook(lambda _: ckpt.check_saves(), every=1)  # a failed async save stops the run at once
-    trainer.add_hook(lambda _: keep_tokenizer(config), at=[start + 1])
+    trainer.add_hook(lambda _: keep_tokenizer(config.workdir, data.tokenizer_file(config)), at=[start + 1])
     trainer.add_hook(metrics, every=config.train.log_every_steps, at=[steps])
-    trainer.add_hook(evaluate, every=config.eval.every_steps, at=[steps], needs_state=True)
+    trainer.add_hook(evaluate, every=config.eval.every_steps, at=[steps] if data.final_eval else [], needs_state=True)
     save_hook = lambda info: save(info.step, info.state)
     trainer.add_hook(save_hook, every=config.checkpoint.every_steps, at=[steps], needs_state=True)
     if config.profile.steps:
@@ -215,27 +237,25 @@ def add_hooks(trainer: Trainer, config: Config, start: int, bar: tqdm, ckpt: Che
 def _run(setup: TrainSetup, ckpt: Checkpointer, stop: threading.Event, data: RunData) -> dict:
     """The loop of one locked workdir, with its hooks; the final (or SIGTERM) save."""
     config, pid, steps = setup.config, jax.process_index(), setup.config.train.steps
-    start, state, data_state = initial_state(setup, ckpt)
-    batches = prefetch(data.train_batches(setup, data_state), config.data.prefetch)
+    start, state, data_state = data.initial_state(setup, ckpt)
+    source = data.source(setup, data_state)
     evaluate = Evaluator(setup.eval_fn, data.eval_sets(setup))
-    setup = data.prepare(setup)
 
     def save(step: int, state: dict, force: bool = False) -> None:
-        ckpt.save(step, state, data.merge(gather_json(batches.get_state())), run_meta(config, step), force=force)
+        ckpt.save(step, state, data.merge(gather_json(source.get_state())), run_meta(config, step), force=force)
 
     writer = MetricsWriter(config.workdir, enabled=pid == 0, resume_step=start)
     bar = tqdm(total=steps, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
-    trainer = Trainer(setup, stop)
-    trainer.last_good_step = lambda: f"{ckpt.latest_step()} in {ckpt.directory}"
-    metrics = MetricsLog(config, writer, bar, start, len(setup.mesh.devices.flat))
-    add_hooks(trainer, config, start, bar, ckpt, metrics, evaluate.hook(writer, bar, metrics.last), save)
+    trainer = Trainer(setup, stop, ckpt)
+    metrics = data.metrics_log(config, writer, bar, start, len(setup.mesh.devices.flat))
+    add_hooks(trainer, config, start, bar, ckpt, data, metrics, evaluate.hook(writer, bar, metrics.last), save)
     try:
-        state, step = trainer.run(state, batches, start, steps)
+        state, step = trainer.run(state, source, start, steps)
         if stop.is_set() and step not in ckpt.all_steps():
             log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
             save(step, state, force=True)
     finally:
-        getattr(batches, "close", lambda: None)()  # the prefetch thread
+        source.close()
         ckpt.wait()
         bar.close()
         writer.close()

@@ -30,7 +30,7 @@ class RunCheckpoint:
         self.step = self.checkpoint.step
         if "config" not in self.checkpoint.meta:
             raise ValueError(f"{workdir} step {self.step}: the checkpoint's meta lacks the run 'config'")
-        self.config = Config.from_dict(self.checkpoint.meta["config"])  # fields added since it was saved take defaults
+        self.config = Config.from_saved(self.checkpoint.meta["config"])  # fields added since it was saved take defaults
         self.model_cfg = self.config.model
         self._last: tuple[str, np.ndarray] | None = None  # the parameter read last (layers are read in turn)
 

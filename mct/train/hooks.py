@@ -1,4 +1,4 @@
-"""The train loop's hooks (Trainer.add_hook): metrics and MFU, eval, the profiler.
+"""The train loop's hooks (Trainer.add_hook): metrics lines (and MFU), eval, the profiler.
 
 Each is a small callable over a StepInfo; `mct.run.pretrain` registers them with their `every` / `at` steps.
 """
@@ -20,7 +20,31 @@ from mct.train.trainer import StepInfo
 log = logging.getLogger("mct.train")
 
 
-class MetricsLog:
+class StepLog:
+    """A metrics hook: writes a logged step's line (metrics.jsonl, TensorBoard), shows it on the progress bar
+    and keeps it in `last`; each kind of run says what its bar shows (`postfix`), and its line when it is not
+    the step's metrics as they are (`line`)."""
+
+    def __init__(self, writer: MetricsWriter, bar: tqdm, start: int):
+        self.writer, self.bar = writer, bar
+        self.last: dict = {"step": start}
+
+    def __call__(self, info: StepInfo) -> None:
+        line = self.line(info)
+        self.writer.write(info.step, line)
+        self.bar.set_postfix_str(self.postfix(line))
+        self.last.update(line, step=info.step)
+
+    def line(self, info: StepInfo) -> dict:
+        """The logged metrics of the step (without "ok")."""
+        return {k: v for k, v in info.metrics.items() if k != "ok"}
+
+    def postfix(self, line: dict) -> str:
+        """The progress bar's text of a line."""
+        raise NotImplementedError
+
+
+class MetricsLog(StepLog):
     """Writes loss, lr, grad norm, tokens/s, MFU, the loss-token count and the objective's extra metrics to
     metrics.jsonl, TensorBoard and the progress bar.
 
@@ -28,38 +52,34 @@ class MetricsLog:
     the global batch's, so the peak is the whole mesh's."""
 
     def __init__(self, config: Config, writer: MetricsWriter, bar: tqdm, start: int, n_devices: int):
-        self.config, self.writer, self.bar = config, writer, bar
+        super().__init__(writer, bar, start)
+        self.config = config
         seq = config.data.seq_len
         self.flops_per_step = train_flops_per_token(config.model, seq) * config.train.batch_size * seq
         self.peak = measure_matmul_peak(dtype=compute_dtype(config.model)) * n_devices
-        self.last: dict = {"step": start}
         self.t_mark, self.step_mark = time.perf_counter(), start
 
     def __call__(self, info: StepInfo) -> None:
+        super().__call__(info)
+        self.t_mark, self.step_mark = time.perf_counter(), info.step
+
+    def line(self, info: StepInfo) -> dict:
         c, m = self.config, info.metrics
         rate = max(info.step - self.step_mark, 1) / (
             time.perf_counter() - self.t_mark
         )  # 1st includes compile
-        line = {
-            "loss": m["loss"],
-            "lr": m["lr"],
-            "grad_norm": m["grad_norm"],
+        return {
+            "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
             "tokens_per_s": rate * c.train.batch_size * c.data.seq_len,
             "mfu": rate * self.flops_per_step / self.peak,
             "nonfinite_steps": m["nonfinite_steps"],
             "loss_tokens": m["tokens"],
-            **{
-                k: v
-                for k, v in m.items()
-                if k not in ("loss", "lr", "grad_norm", "ok", "tokens", "nonfinite_steps")
-            },
-        }
-        self.writer.write(info.step, line)
-        self.bar.set_postfix_str(
-            f"loss {line['loss']:.4f} | {line['tokens_per_s']:,.0f} tok/s | mfu {line['mfu']:.3f} | lr {line['lr']:.2e}"
-        )
-        self.last.update(line, step=info.step)
-        self.t_mark, self.step_mark = time.perf_counter(), info.step
+            **{k: v for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "ok", "tokens", "nonfinite_steps")},
+        }  # fmt: skip
+
+    def postfix(self, line: dict) -> str:
+        return (f"loss {line['loss']:.4f} | {line['tokens_per_s']:,.0f} tok/s | mfu {line['mfu']:.3f} | "
+                f"lr {line['lr']:.2e}")  # fmt: skip
 
 
 class Evaluator:

@@ -1,19 +1,23 @@
 """The training stack as a library: `build(cfg)` makes everything a train step needs, `Trainer.run` is the loop.
 
 `build` is the one setup sequence (mesh, model, optimizer, shardings, jitted step with donation): the train
-entry point, the coord check, the benchmarks and the sweeps all call it. The loop dispatches steps, reads
-each step's metrics one step late (the host never stalls the device) and calls hooks registered with
-`add_hook(fn, every=N, at=...)`; a hook that needs the state runs before the next step is dispatched (the state
-is donated to it), after that step's metrics line was read, so a checkpoint never precedes its metrics.
+entry point, the coord check, the benchmarks and the sweeps all call it. The loop asks a `StepSource` for
+each step (`Batches`: the step over host batches; RL's rollouts are another source), reads each step's metrics
+one step late (the host never stalls the device) and calls hooks registered with `add_hook(fn, every=N,
+at=...)`; a hook that needs the state runs before the next step is dispatched (the state is donated to it),
+after that step's metrics line was read, so a checkpoint never precedes its metrics.
 """
 
 import dataclasses
 import logging
+import pathlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
@@ -28,7 +32,6 @@ from mct.train.schedule import schedule_from_config
 from mct.train.step import Objective, make_eval_step, make_train_step, next_token_objective
 
 log = logging.getLogger("mct.train")
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,43 @@ def build(config: Config, devices: list | None = None, objective: Objective = ne
     )  # fmt: skip
 
 
+class StepSource(Protocol):
+    """What the loop steps: `step` runs one train step of the state and returns (state, its metrics: device or
+    host scalars, "ok" among them); `get_state` is what a checkpoint keeps of the source (JSON)."""
+
+    def step(self, state: dict, step: int) -> tuple[dict, dict]: ...
+
+    def get_state(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+class Batches:
+    """The StepSource of pre-training, SFT and DPO: setup's step over an iterator of host batches (each made
+    global, leaves [global_batch, seq]); the iterator's state is the source's."""
+
+    def __init__(self, setup: TrainSetup, batches: Iterator[dict]):
+        self.setup, self.batches = setup, batches
+
+    def step(self, state: dict, step: int) -> tuple[dict, dict]:
+        batch = global_batch(next(self.batches), self.setup.batch_sharding)
+        return self.setup.step_fn(state, batch, jnp.int32(step))
+
+    def get_state(self) -> dict:
+        return self.batches.get_state()
+
+    def close(self) -> None:
+        getattr(self.batches, "close", lambda: None)()  # a prefetch thread
+
+
+class SavedSteps(Protocol):
+    """A run's checkpoints as the non-finite guard names them (mct.run.checkpoint.Checkpointer)."""
+
+    directory: pathlib.Path
+
+    def latest_step(self) -> int | None: ...
+
+
 @dataclasses.dataclass
 class StepInfo:
     """What a hook sees: the step just finished, its host metrics, and the state (None for metrics-only hooks)."""
@@ -101,14 +141,15 @@ class Hook:
 
 
 class Trainer:
-    """The loop of `setup`'s step over an iterator of host batches, with hooks and a non-finite guard."""
+    """The loop of a StepSource's steps on `setup`'s mesh, with hooks and a non-finite guard (which names the
+    last good step of `checkpoints`, when given)."""
 
-    def __init__(self, setup: TrainSetup, stop: threading.Event | None = None):
+    def __init__(self, setup: TrainSetup, stop: threading.Event | None = None, checkpoints: SavedSteps | None = None):
         self.setup = setup
         self.stop = stop or threading.Event()
+        self.checkpoints = checkpoints
         self.hooks: list[Hook] = []
-        self.nonfinite_run = self.nonfinite_total = 0
-        self.last_good_step: Callable[[], int | None] = lambda: None
+        self.nonfinite_run = self.nonfinite_total = 0  # consecutive and total steps with a skipped update
 
     def add_hook(self, fn: Callable[[StepInfo], None], *, every: int = 0, at: Iterable[int] = (),
                  needs_state: bool = False) -> None:  # fmt: skip
@@ -116,14 +157,13 @@ class Trainer:
         the next step is dispatched; the others run when the step's metrics are read (one step late)."""
         self.hooks.append(Hook(fn, every, frozenset(at), needs_state))
 
-    def run(self, state: dict, batches: Iterator, start: int, steps: int) -> tuple[dict, int]:
+    def run(self, state: dict, source: StepSource, start: int, steps: int) -> tuple[dict, int]:
         """Steps from `start` to `steps` (or until `stop` is set); returns the state and the step reached."""
         pending = None  # (step, device metrics) not read yet
         step = start
         with jax.set_mesh(self.setup.mesh):
             while step < steps and not stop_agreed(self.stop, step):
-                batch = global_batch(next(batches), self.setup.batch_sharding)
-                state, metrics = self.setup.step_fn(state, batch, jnp.int32(step))
+                state, metrics = source.step(state, step)
                 if pending is not None:
                     self._read(*pending)
                 step, pending = step + 1, (step + 1, metrics)
@@ -139,7 +179,7 @@ class Trainer:
 
     def _read(self, step: int, device_metrics: dict) -> dict:
         """Host metrics of a finished step: counts non-finite steps, runs the metrics-only hooks due."""
-        m = {k: v.item() for k, v in jax.device_get(device_metrics).items()}
+        m = {k: np.asarray(v).item() for k, v in jax.device_get(device_metrics).items()}
         if not m["ok"]:
             self.nonfinite_run, self.nonfinite_total = self.nonfinite_run + 1, self.nonfinite_total + 1
             log.warning("step %d: non-finite loss or gradient, update skipped", step)
@@ -147,7 +187,7 @@ class Trainer:
             if self.nonfinite_run >= limit:
                 raise TrainingDiverged(
                     f"stopping: {self.nonfinite_run} consecutive non-finite steps up to step {step} "
-                    f"(train.max_consecutive_nonfinite); last good checkpoint: step {self.last_good_step()}"
+                    f"(train.max_consecutive_nonfinite); last good checkpoint: {self.last_good_checkpoint()}"
                 )
         else:
             self.nonfinite_run = 0
@@ -156,3 +196,8 @@ class Trainer:
             if not hook.needs_state and hook.due(step):
                 hook.fn(StepInfo(step, m, None))
         return m
+
+    def last_good_checkpoint(self) -> str:
+        """Where the run's latest checkpoint is, for the message of a diverged run."""
+        c = self.checkpoints
+        return "none" if c is None else f"step {c.latest_step()} in {c.directory}"

@@ -49,7 +49,7 @@ def branch_configs(
     try:
         if step not in checkpoints.all_steps():
             raise ConfigError(f"--step {step}: no checkpoint in {source} (have {checkpoints.all_steps()})")
-        base = Config.from_dict(checkpoints.read_meta(step)["config"])
+        base = Config.from_saved(checkpoints.read_meta(step)["config"])
     finally:
         checkpoints.close()
     mixture = base.data.mixture
