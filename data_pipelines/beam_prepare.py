@@ -92,7 +92,9 @@ def beam_prepare(
     with prepare.atomic_output_dir(out) as tmp:
         sample = tasks[:tokenizer_sample_files] if tokenizer_sample_files else tasks
         with prepare.worker_pool(0 if tokenizer_path is None else 1) as imap:
-            tokenizer = prepare.dataset_tokenizer(imap, sample, tokenizer_path, vocab_size, eval_fraction, progress)
+            tokenizer = prepare.dataset_tokenizer(
+                imap, sample, tokenizer_path, vocab_size, eval_fraction, progress
+            )
         tokenizer_json = tok.tokenizer_bytes(tokenizer)
         (tmp / shards.TOKENIZER).write_bytes(tokenizer_json)
         (tmp / _PARTS).mkdir()
@@ -168,11 +170,14 @@ def _build(pipeline, files: list[tuple[int, str, str]], tmp: pathlib.Path, **s) 
         docs = docs | "quality" >> beam.ParDo(_QualityFilter(s["quality_model"], s["quality_threshold"]))
         stage_counts.append(_stage_counts(docs, "quality"))
     tokenized = docs | "tokenize" >> beam.ParDo(
-        _Tokenize(str(tmp / shards.TOKENIZER), s["eval_fraction"], s["max_document_chars"], s["files_per_writer"])
+        _Tokenize(
+            str(tmp / shards.TOKENIZER), s["eval_fraction"], s["max_document_chars"], s["files_per_writer"]
+        )
     )
     stage_counts.append(
         tokenized
-        | "count tokenize" >> beam.Map(lambda kv: ("tokenize", (1, kv[1][2], sum(len(r) // 4 for r in kv[1][1]))))
+        | "count tokenize"
+        >> beam.Map(lambda kv: ("tokenize", (1, kv[1][2], sum(len(r) // 4 for r in kv[1][1]))))
         | "sum tokenize" >> beam.CombinePerKey(_sum_tuples)
     )
     _ = (
@@ -255,7 +260,9 @@ class _QualityFilter(beam.DoFn):
 class _Tokenize(beam.DoFn):
     """Doc -> ((split, writer), (order, records as int32 bytes, characters)): prepare's records and split."""
 
-    def __init__(self, tokenizer_file: str, eval_fraction: float, max_document_chars: int, files_per_writer: int):
+    def __init__(
+        self, tokenizer_file: str, eval_fraction: float, max_document_chars: int, files_per_writer: int
+    ):
         self._tokenizer_file, self._eval_fraction = tokenizer_file, eval_fraction
         self._max_document_chars, self._files_per_writer = max_document_chars, files_per_writer
 
@@ -321,22 +328,31 @@ def _manifest_from_parts(parts: pathlib.Path) -> dict:
                 split_documents[k] += e["split_documents"][k]
     counts = dict(json.loads((parts / "stages.json").read_text(encoding="utf-8")))
     by_reason = dict(json.loads((parts / "skips.json").read_text(encoding="utf-8")))
-    examples = [documents.Skipped(source, reason) for _, source, reason in json.loads(
-        (parts / "skip_examples.json").read_text(encoding="utf-8")
-    )]
+    examples = [
+        documents.Skipped(source, reason)
+        for _, source, reason in json.loads((parts / "skip_examples.json").read_text(encoding="utf-8"))
+    ]
     for p in parts.iterdir():
         p.unlink()
     parts.rmdir()
     manifest = prepare.dataset_manifest(splits, prepare.skipped_entry(examples, by_reason), split_documents)
     stages = [
-        {"stage": stage, "documents": n, "characters": chars, **({"tokens": tokens} if stage == "tokenize" else {})}
+        {
+            "stage": stage,
+            "documents": n,
+            "characters": chars,
+            **({"tokens": tokens} if stage == "tokenize" else {}),
+        }
         for stage in ("read", "exact_dedup", "minhash_dedup", "quality", "tokenize")
         if stage in counts
         for n, chars, tokens in [counts[stage]]
     ]
     reasons = {"exact_dedup": "exact duplicate", "minhash_dedup": "near duplicate", "quality": "low quality"}
-    removed = {reasons[b["stage"]]: a["documents"] - b["documents"] for a, b in zip(stages, stages[1:])
-               if b["stage"] in reasons}
+    removed = {
+        reasons[b["stage"]]: a["documents"] - b["documents"]
+        for a, b in zip(stages, stages[1:])
+        if b["stage"] in reasons
+    }
     manifest.update(stages=stages, removed=removed)
     return manifest
 
@@ -347,7 +363,9 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         description="Raw text -> deduplicated, quality-filtered ArrayRecord shards on Apache Beam. Options not "
         "listed here are Beam pipeline options (--runner DirectRunner|PrismRunner|DataflowRunner|...).",
     )
-    parser.add_argument("--input", action="append", help="File or glob; repeatable. None: the default corpus.")
+    parser.add_argument(
+        "--input", action="append", help="File or glob; repeatable. None: the default corpus."
+    )
     parser.add_argument("--out", required=True, help="Output dataset directory (must not exist).")
     parser.add_argument("--dedup", default="", help="Comma-separated: exact, minhash (default: none).")
     parser.add_argument("--minhash_threshold", type=float, default=0.8)
@@ -358,12 +376,18 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--text_field", default="text")
     parser.add_argument("--tokenizer", help="tokenizer.json to use instead of training one.")
     parser.add_argument("--vocab_size", type=int, default=None, help="Vocabulary of the trained BPE (8192).")
-    parser.add_argument("--tokenizer_sample_files", type=int, default=0, help="Train the BPE on N files (0 all).")
+    parser.add_argument(
+        "--tokenizer_sample_files", type=int, default=0, help="Train the BPE on N files (0 all)."
+    )
     parser.add_argument("--eval_fraction", type=float, default=0.05)
     parser.add_argument("--shard_tokens", type=int, default=1 << 25)
     parser.add_argument("--max_document_chars", type=int, default=1_000_000)
-    parser.add_argument("--files_per_writer", type=int, default=64,
-                        help="Input files per shard writer (it holds their tokenized documents to sort them).")
+    parser.add_argument(
+        "--files_per_writer",
+        type=int,
+        default=64,
+        help="Input files per shard writer (it holds their tokenized documents to sort them).",
+    )
     args, pipeline_args = parser.parse_known_args(argv)
     if args.tokenizer and args.vocab_size is not None:
         parser.error("pass either --tokenizer or --vocab_size, not both")

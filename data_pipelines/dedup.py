@@ -31,7 +31,9 @@ class MinHashSettings:
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"minhash threshold must be in (0, 1], got {self.threshold}")
         if self.num_perm < 2 or self.shingle_words < 1:
-            raise ValueError(f"need num_perm >= 2 and shingle_words >= 1, got {self.num_perm}, {self.shingle_words}")
+            raise ValueError(
+                f"need num_perm >= 2 and shingle_words >= 1, got {self.num_perm}, {self.shingle_words}"
+            )
 
 
 def content_hash(normalised: str) -> str:
@@ -48,14 +50,19 @@ def shingles(normalised: str, n: int) -> list[bytes]:
 
 @functools.cache
 def _template(num_perm: int, seed: int) -> MinHash:
-    return MinHash(num_perm=num_perm, seed=seed)  # its permutations are made once per process, not per document
+    return MinHash(
+        num_perm=num_perm, seed=seed
+    )  # its permutations are made once per process, not per document
 
 
 def signature(normalised: str, settings: MinHashSettings) -> np.ndarray:
     """The MinHash signature `[num_perm]` uint64 of the text's word shingles."""
     template = _template(settings.num_perm, settings.seed)
     minhash = MinHash(
-        num_perm=settings.num_perm, seed=settings.seed, permutations=template.permutations, scheme=template.scheme
+        num_perm=settings.num_perm,
+        seed=settings.seed,
+        permutations=template.permutations,
+        scheme=template.scheme,
     )
     minhash.update_batch(shingles(normalised, settings.shingle_words))
     return minhash.hashvalues.astype(SIGNATURE_DTYPE)

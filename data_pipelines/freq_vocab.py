@@ -89,7 +89,9 @@ def read_freq_vocab(path: str | pathlib.Path, vocab_size: int) -> np.ndarray:
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("data", None, "Prepared dataset directory (from data_pipelines.prepare).", required=True)
+    flags.DEFINE_string(
+        "data", None, "Prepared dataset directory (from data_pipelines.prepare).", required=True
+    )
     flags.DEFINE_integer("top", None, "How many ids to keep (e.g. 8192, 16384, 32768).", required=True)
     flags.DEFINE_string("out", None, "Output JSON file.", required=True)
     flags.DEFINE_string("split", "train", "Which split's tokens to count.")

@@ -159,7 +159,9 @@ class DataIterator:
                     f"data iterator state lacks logical shard {s}: combine every process's "
                     "get_state() with merge_states before resuming on another process count"
                 )
-            if _saved_mixture(state, s) != _mixture_entry(it).get("mixture", self._fingerprint.get("mixture")):
+            if _saved_mixture(state, s) != _mixture_entry(it).get(
+                "mixture", self._fingerprint.get("mixture")
+            ):
                 raise DatasetError(
                     f"data iterator state of logical shard {s} was saved with another mixture: resume it through "
                     "make_train_iterator(state=...), which continues every component where it stopped"
@@ -270,10 +272,13 @@ class _MixtureSwitch:
         return next(self._new)
 
     def _switch(self) -> None:
-        state = self._old.get_state()  # grain's packer: the mixture's state at the batch boundary, row counter
+        state = (
+            self._old.get_state()
+        )  # grain's packer: the mixture's state at the batch boundary, row counter
         components = state["parent"]["components"]
-        self._new.set_state({"parent": {"tokens": {}, "components": components}, "next_row": 0,
-                             "counter": state["counter"]})
+        self._new.set_state(
+            {"parent": {"tokens": {}, "components": components}, "next_row": 0, "counter": state["counter"]}
+        )
         self._old, self.mixture = None, None
 
     def get_state(self) -> dict:
@@ -307,8 +312,11 @@ def _check_mixture_change(saved: dict, current: dict, allow_removal: bool) -> No
     read the same documents; a removed one needs allow_removal.
     """
     for name in sorted(saved.keys() & current.keys()):
-        changed = sorted(k for k in saved[name].keys() | current[name].keys()
-                         if k != "weight" and saved[name].get(k) != current[name].get(k))
+        changed = sorted(
+            k
+            for k in saved[name].keys() | current[name].keys()
+            if k != "weight" and saved[name].get(k) != current[name].get(k)
+        )
         if changed:
             raise DatasetError(
                 f"mixture component {name!r} changed its {', '.join(changed)} since the checkpoint: only its "
@@ -361,9 +369,7 @@ class _Component:
     manifest: dict
 
 
-def _mixture_components(
-    data_cfg: DataConfig, model_vocab_size: int, split: str
-) -> list[_Component]:
+def _mixture_components(data_cfg: DataConfig, model_vocab_size: int, split: str) -> list[_Component]:
     """The mixture's components with weight > 0, sorted by name, each checked against the model's vocab."""
     mixture = {name: dataclasses.asdict(c) for name, c in data_cfg.mixture.items()}
     if not mixture:

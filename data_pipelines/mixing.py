@@ -8,7 +8,13 @@ from collections.abc import Callable
 import grain
 import numpy as np
 
-START = {"epoch": 0, "next_doc": 0, "next_chunk": 0, "accepted": 0, "exhausted": False}  # a stream's first state
+START = {
+    "epoch": 0,
+    "next_doc": 0,
+    "next_chunk": 0,
+    "accepted": 0,
+    "exhausted": False,
+}  # a stream's first state
 
 
 class DocumentChunks:

@@ -125,7 +125,12 @@ def atomic_output_dir(out: pathlib.Path) -> Iterator[pathlib.Path]:
 
 
 def dataset_tokenizer(
-    imap, tasks: list[_Task], tokenizer_path: str | None, vocab_size: int, eval_fraction: float, progress: bool
+    imap,
+    tasks: list[_Task],
+    tokenizer_path: str | None,
+    vocab_size: int,
+    eval_fraction: float,
+    progress: bool,
 ) -> Tokenizer:
     """The tokenizer file `tokenizer_path` names, or a byte-level BPE of `vocab_size` trained on the train
     split of `tasks` (read with `imap`, see worker_pool).

@@ -95,7 +95,9 @@ def train_classifier(
         examples = [
             (text, label)
             for text, label in seeds
-            if not _confidently(classifier.score_normalised(text), NEGATIVE if label == POSITIVE else POSITIVE, sure)
+            if not _confidently(
+                classifier.score_normalised(text), NEGATIVE if label == POSITIVE else POSITIVE, sure
+            )
         ]
         for text in pool:
             score = classifier.score_normalised(text)
@@ -113,8 +115,12 @@ def _confidently(score: float, label: str, sure: float) -> bool:
 def _fit(examples: list[tuple[str, str]], settings: TrainSettings) -> Classifier:
     import fasttext
 
-    order = np.random.default_rng(settings.seed).permutation(len(examples))  # SGD on one class, then the other
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as f:  # would learn the last one only
+    order = np.random.default_rng(settings.seed).permutation(
+        len(examples)
+    )  # SGD on one class, then the other
+    with tempfile.NamedTemporaryFile(
+        "w", suffix=".txt", encoding="utf-8"
+    ) as f:  # would learn the last one only
         f.writelines(f"{examples[i][1]} {_one_line(examples[i][0])}\n" for i in order)
         f.flush()
         model = fasttext.train_supervised(
@@ -141,8 +147,12 @@ def evaluate(classifier: Classifier, positives: list[str], negatives: list[str],
     scores = np.array([classifier.score(t) for t in positives + negatives])  # [documents]
     labels = np.array([True] * len(positives) + [False] * len(negatives))
     curve = [_metrics(scores, labels, t) for t in np.linspace(0.0, 1.0, 101)]
-    return {**_metrics(scores, labels, threshold), "positives": len(positives), "negatives": len(negatives),
-            "curve": curve}
+    return {
+        **_metrics(scores, labels, threshold),
+        "positives": len(positives),
+        "negatives": len(negatives),
+        "curve": curve,
+    }
 
 
 def _metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
@@ -167,8 +177,11 @@ def plot_curve(result: dict, path: str | pathlib.Path) -> None:
     for metric in ("precision", "recall", "f1"):
         ax.plot(thresholds, [c[metric] for c in curve], label=metric)
     ax.axvline(result["threshold"], color="gray", linestyle="--", linewidth=1)
-    ax.set(xlabel="threshold (score >= threshold is high quality)", ylim=(0, 1.02),
-           title=f"quality classifier: F1 {result['f1']:.3f} at {result['threshold']}")
+    ax.set(
+        xlabel="threshold (score >= threshold is high quality)",
+        ylim=(0, 1.02),
+        title=f"quality classifier: F1 {result['f1']:.3f} at {result['threshold']}",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -181,10 +194,16 @@ def read_texts(path: str, text_field: str = "text") -> list[str]:
     texts: list[str] = []
     for file in files:
         if documents.file_kind(file) in ("jsonl", "parquet"):
-            texts += [d.text for d in documents.read_documents(file, text_field) if isinstance(d, documents.Document)]
+            texts += [
+                d.text
+                for d in documents.read_documents(file, text_field)
+                if isinstance(d, documents.Document)
+            ]
         else:
             with documents.open_binary(file) as f:
-                texts += [line for line in f.read().decode("utf-8", errors="replace").splitlines() if line.strip()]
+                texts += [
+                    line for line in f.read().decode("utf-8", errors="replace").splitlines() if line.strip()
+                ]
     return texts
 
 
@@ -197,7 +216,9 @@ def default_seeds(split: str) -> tuple[list[str], list[str]]:
 
     def in_split(pairs: Iterator[tuple[str, str]]) -> list[str]:
         eval_split = split == "eval"
-        return [t for name, t in pairs if prepare.is_eval_document(name, _DEFAULT_EVAL_FRACTION) == eval_split]
+        return [
+            t for name, t in pairs if prepare.is_eval_document(name, _DEFAULT_EVAL_FRACTION) == eval_split
+        ]
 
     positives = _pieces(in_split((n, t) for n, t in _named_sources(root, files) if _documented(t)))
     negatives = _pieces(in_split(_named_sources(root, tests)))
@@ -237,11 +258,18 @@ def _train(args: argparse.Namespace) -> None:
     positives, negatives = _seeds(args, "train")
     unlabeled = read_texts(args.unlabeled, args.text_field) if args.unlabeled else []
     settings = TrainSettings(
-        dim=args.dim, epochs=args.epochs, bucket=args.bucket, seed=args.seed, rounds=args.rounds,
+        dim=args.dim,
+        epochs=args.epochs,
+        bucket=args.bucket,
+        seed=args.seed,
+        rounds=args.rounds,
         confidence=args.confidence,
     )
-    print(f"training on {len(positives)} positives, {len(negatives)} negatives, {len(unlabeled)} unlabeled, "
-          f"{settings.rounds} round(s)", file=sys.stderr)
+    print(
+        f"training on {len(positives)} positives, {len(negatives)} negatives, {len(unlabeled)} unlabeled, "
+        f"{settings.rounds} round(s)",
+        file=sys.stderr,
+    )
     classifier = train_classifier(positives, negatives, settings, unlabeled)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -274,14 +302,18 @@ def _eval(args: argparse.Namespace) -> None:
     if args.plot:
         plot_curve(result, args.plot)
     summary = {k: v for k, v in result.items() if k != "curve"}
-    print(f"precision {summary['precision']:.3f} recall {summary['recall']:.3f} f1 {summary['f1']:.3f} at "
-          f"threshold {args.threshold} ({summary['positives']} positives, {summary['negatives']} negatives)")
+    print(
+        f"precision {summary['precision']:.3f} recall {summary['recall']:.3f} f1 {summary['f1']:.3f} at "
+        f"threshold {args.threshold} ({summary['positives']} positives, {summary['negatives']} negatives)"
+    )
     if args.json:
         print(json.dumps(summary))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_pipelines.quality", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipelines.quality", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a classifier")
     score = commands.add_parser("score", help="score documents (JSONL lines out)")
@@ -296,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--unlabeled", help="documents the later rounds label confidently")
     train.add_argument("--confidence", type=float, default=TrainSettings.confidence)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="passes (more for small data)")
+    train.add_argument(
+        "--epochs", type=int, default=TrainSettings.epochs, help="passes (more for small data)"
+    )
     train.add_argument("--bucket", type=int, default=TrainSettings.bucket, help="hashed n-gram rows")
     train.add_argument("--dim", type=int, default=TrainSettings.dim, help="embedding size")
     score.add_argument("--model", required=True)

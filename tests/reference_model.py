@@ -26,7 +26,9 @@ def _rope(x, pos, rope, head_dim, seq_len, max_position):
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
-def _block(p: dict, cfg, h: np.ndarray, positions: np.ndarray, mask: np.ndarray, moe_stats: list | None = None):
+def _block(
+    p: dict, cfg, h: np.ndarray, positions: np.ndarray, mask: np.ndarray, moe_stats: list | None = None
+):
     """One decoder block of per-layer weights `p` (no layers axis): h [seq, d_model] -> [seq, d_model]."""
     s = len(h)
     group = cfg.n_heads // cfg.n_kv_heads
@@ -115,7 +117,9 @@ def mtp_logits(params: dict, cfg, tokens, positions, segments, next_tokens) -> l
     for k in range(cfg.mtp.depth):
         shifted = np.concatenate([next_tokens[k:], np.zeros(k, int)])
         e = cfg.scale_emb * p["embed"][shifted]
-        x = np.concatenate([_rms(h, p["mtp_h_norm"][k], cfg.rms_eps), _rms(e, p["mtp_e_norm"][k], cfg.rms_eps)], -1)
+        x = np.concatenate(
+            [_rms(h, p["mtp_h_norm"][k], cfg.rms_eps), _rms(e, p["mtp_e_norm"][k], cfg.rms_eps)], -1
+        )
         h = _block(_layer(p, k, "mtp_"), cfg, x @ p["mtp_proj"][k], positions, mask)
         out.append(_head(p, cfg, h, p["mtp_out_norm"][k]))
     return out

@@ -34,15 +34,19 @@ def test_splash_gradients_match_naive_attention():
     q, k, v, segments = _inputs(128)
     loss = lambda attn: lambda q, k, v: jnp.sum(attn(q, k, v) * (segments > 0)[..., None, None])
     want = jax.grad(loss(lambda q, k, v: naive_attention(q, k, v, segments)), argnums=(0, 1, 2))(q, k, v)
-    got = jax.grad(loss(lambda q, k, v: splash_attention(q, k, v, segments, interpret=True)), argnums=(0, 1, 2))(
-        q, k, v
-    )
+    got = jax.grad(
+        loss(lambda q, k, v: splash_attention(q, k, v, segments, interpret=True)), argnums=(0, 1, 2)
+    )(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=5e-5)
 
 
 def test_auto_picks_the_platforms_kernel():
-    assert [resolve_attention("auto", p) for p in ("tpu", "gpu", "cpu")] == ["splash", "flash_gpu", "blockwise"]
+    assert [resolve_attention("auto", p) for p in ("tpu", "gpu", "cpu")] == [
+        "splash",
+        "flash_gpu",
+        "blockwise",
+    ]
     assert resolve_attention("naive", "tpu") == "naive"
     sparse = pin_attention(ModelConfig(attention="infllm_v2"), "tpu")
     assert (sparse.attention, sparse.dense_attention) == ("infllm_v2", "splash")

@@ -32,15 +32,24 @@ def scripted(streams: np.ndarray, k: int, seed: int) -> Strategy:
         return Proposal(tokens, counts, -tokens / 10), np.where(active, start + counts, start)
 
     batch = len(streams)
-    return Strategy(prefill=lambda key: propose(np.zeros(batch, int), np.ones(batch, bool)),
-                    step=lambda start, active, key: propose(start, np.asarray(active)))  # fmt: skip
+    return Strategy(
+        prefill=lambda key: propose(np.zeros(batch, int), np.ones(batch, bool)),
+        step=lambda start, active, key: propose(start, np.asarray(active)),
+    )
 
 
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("keep_stop", [False, True])
 def test_rows_stop_at_their_own_stop_ids_and_limits_whatever_the_run_sizes(k, keep_stop):
     streams = np.random.default_rng(0).integers(0, 10, (6, 24))
-    stops = [set(), {int(streams[1, 4])}, {int(streams[2, 0])}, {11, int(streams[3, 9])}, {int(streams[4, 2])}, {3}]
+    stops = [
+        set(),
+        {int(streams[1, 4])},
+        {int(streams[2, 0])},
+        {11, int(streams[3, 9])},
+        {int(streams[4, 2])},
+        {3},
+    ]
     max_new = [7, 12, 9, 20, 2, 0]  # row 4's stop lies past its limit; row 5 emits nothing
     streamed = [[] for _ in streams]
 
@@ -48,8 +57,9 @@ def test_rows_stop_at_their_own_stop_ids_and_limits_whatever_the_run_sizes(k, ke
         for row, tokens in enumerate(new):
             streamed[row].extend(tokens)
 
-    out, _ = decode(scripted(streams, k, seed=k), StopRule.of(max_new, stops, keep_stop), jax.random.key(0),
-                    on_tokens)  # fmt: skip
+    out, _ = decode(
+        scripted(streams, k, seed=k), StopRule.of(max_new, stops, keep_stop), jax.random.key(0), on_tokens
+    )
     for row, stream in enumerate(streams.tolist()):
         want, stopped = expected(stream, stops[row], max_new[row], keep_stop)
         assert out.tokens[row] == streamed[row] == want
@@ -63,16 +73,23 @@ def test_plain_and_speculative_decoding_stop_each_row_by_its_rule(keep_stop):
     target_cfg = tiny_cfg()
     draft_cfg = tiny_cfg(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=64)
     target_params = random_params(target_cfg, seed=0)
-    target, draft = decode_weights(target_cfg, target_params), decode_weights(draft_cfg, random_params(draft_cfg, 5))
+    target, draft = (
+        decode_weights(target_cfg, target_params),
+        decode_weights(draft_cfg, random_params(draft_cfg, 5)),
+    )
     prompts = [[5, 17, 3, 8], [9, 2], [40, 41, 42], [7]]
     free = generate(target_cfg, target_params, prompts, max_new_tokens=12)  # greedy: each row's stream
     stops = [{free[0][4]}, set(), {free[2][0], free[2][7]}, {free[3][9]}]
     max_new = [12, 7, 12, 3]
     tokens, lengths = pad_prompts(prompts)
-    subset = jnp.asarray(np.random.default_rng(1).permutation(target_cfg.vocab_size)[:24])  # drafts get rejected
+    subset = jnp.asarray(
+        np.random.default_rng(1).permutation(target_cfg.vocab_size)[:24]
+    )  # drafts get rejected
     strategies = {
         "plain": sampling_strategy(target, GREEDY, tokens, lengths, tokens.shape[1] + 12),
-        "speculative": speculative_strategy(target, draft, subset, GREEDY, 3, tokens, lengths, tokens.shape[1] + 19),
+        "speculative": speculative_strategy(
+            target, draft, subset, GREEDY, 3, tokens, lengths, tokens.shape[1] + 19
+        ),
     }
     for name, strategy in strategies.items():
         out, _ = decode(strategy, StopRule.of(max_new, stops, keep_stop), jax.random.key(0))

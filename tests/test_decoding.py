@@ -175,8 +175,16 @@ def test_generate_cli_prints_the_greedy_continuation(tmp_path):
     config = tiny_run_config(tmp_path / "wd", make_tiny_dataset(tmp_path, vocab_size=300))
     params = save_random_run(tmp_path / "wd", config)
     tokenizer = read_tokenizer_file(tmp_path / "dataset" / "tokenizer.json")
-    want = generate(config.model, params, encode_prompts(tokenizer, ["the river"]), max_new_tokens=8, eos_id=2)
-    cmd = [sys.executable, "-m", "mct.generate", f"--workdir={tmp_path / 'wd'}", "--prompt=the river",
-           "--max_new_tokens=8"]  # fmt: skip
+    want = generate(
+        config.model, params, encode_prompts(tokenizer, ["the river"]), max_new_tokens=8, eos_id=2
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "mct.generate",
+        f"--workdir={tmp_path / 'wd'}",
+        "--prompt=the river",
+        "--max_new_tokens=8",
+    ]
     printed = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     assert printed == "the river" + tokenizer.decode(want[0]) + "\n"

@@ -36,8 +36,13 @@ def source(tmp_path_factory, pretrained):
     for i in range(40):
         a, b = (int(x) for x in rng.integers(0, 50, 2))
         chosen, rejected = ({"role": "assistant", "content": f"{v}"} for v in (a + b, a + b + 1 + i % 3))
-        pairs.append({"prompt": [{"role": "user", "content": f"q{i}: {a} + {b}?"}], "chosen": chosen,
-                      "rejected": rejected})  # fmt: skip
+        pairs.append(
+            {
+                "prompt": [{"role": "user", "content": f"q{i}: {a} + {b}?"}],
+                "chosen": chosen,
+                "rejected": rejected,
+            }
+        )
     path = root / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return workdir, dataset, path, pairs
@@ -90,9 +95,19 @@ def test_packed_pairs_at_init_give_log2_and_each_answers_logprob(source):
 
 def test_dpo_cli_resumes_exactly_and_exports(source, tmp_path):
     workdir, dataset, path, _ = source
-    options = {"data.seq_len": SEQ, "dpo.path": (str(path),), "dpo.sft_weight": 0.5, "data.chat.eval_fraction": 0.2,
-               "train.steps": 4, "checkpoint.every_steps": 2, "schedule.warmup_steps": 0, "schedule.decay_steps": 2,
-               "checkpoint.async_save": False, "optimizer.lr": 1e-3, "schedule.decay_shape": "cosine"}  # fmt: skip
+    options = {
+        "data.seq_len": SEQ,
+        "dpo.path": (str(path),),
+        "dpo.sft_weight": 0.5,
+        "data.chat.eval_fraction": 0.2,
+        "train.steps": 4,
+        "checkpoint.every_steps": 2,
+        "schedule.warmup_steps": 0,
+        "schedule.decay_steps": 2,
+        "checkpoint.async_save": False,
+        "optimizer.lr": 1e-3,
+        "schedule.decay_shape": "cosine",
+    }
     straight = tmp_path / "straight"
     train_dpo(make_config(straight, dataset, DPORunConfig, init_from=str(workdir), **options), devices=ONE)
     first = json.loads((straight / "metrics.jsonl").read_text().splitlines()[0])
@@ -101,10 +116,19 @@ def test_dpo_cli_resumes_exactly_and_exports(source, tmp_path):
 
     resumed = resume_copy(straight, tmp_path / "resumed", step=2)
     flags = [f"--config.{k}={v}" for k, v in overrides(dataset, **options).items()]
-    cmd = [sys.executable, "-m", "mct.dpo", "--config", str(REPO / "experiments/configs/tiny_cpu_dpo.py"),
-           f"--config.workdir={resumed}", f"--config.init_from={workdir}", *flags]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mct.dpo",
+        "--config",
+        str(REPO / "experiments/configs/tiny_cpu_dpo.py"),
+        f"--config.workdir={resumed}",
+        f"--config.init_from={workdir}",
+        *flags,
+    ]
+    done = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5) and len(losses(resumed)) == 4
 

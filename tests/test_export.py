@@ -27,7 +27,9 @@ from tests.data_fixtures import make_tiny_dataset
 def tiny_run_dict(workdir, dataset, **model_overrides):
     c = get_config()
     c.workdir = str(workdir)
-    c.model.update(dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=320))
+    c.model.update(
+        dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=320)
+    )
     c.model.attention = "naive"
     c.model.update(model_overrides)
     c.data.mixture.default.path = str(dataset)
@@ -81,14 +83,19 @@ def run_config(tmp_path_factory, dataset):
     return config
 
 
-LONGROPE = {"type": "longrope", "original_max_position": 16, "theta": 10000.0,
-            "short_factor": tuple(1.0 + 0.1 * i for i in range(8)),
-            "long_factor": tuple(1.0 + 0.5 * i for i in range(8))}  # fmt: skip
+LONGROPE = {
+    "type": "longrope",
+    "original_max_position": 16,
+    "theta": 10000.0,
+    "short_factor": tuple(1.0 + 0.1 * i for i in range(8)),
+    "long_factor": tuple(1.0 + 0.5 * i for i in range(8)),
+}
 VARIANTS = {
-    "untied-mqa-longrope-sparse": dict(tie_embeddings=False, n_kv_heads=1, rope=LONGROPE, max_position=64,
-                                       attention="infllm_v2"),
+    "untied-mqa-longrope-sparse": dict(
+        tie_embeddings=False, n_kv_heads=1, rope=LONGROPE, max_position=64, attention="infllm_v2"
+    ),
     "sp-tied-bf16": dict(parametrization="sp", n_kv_heads=4),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("layout", hf_layout.LAYOUTS)
@@ -122,17 +129,25 @@ def test_layouts_hold_the_documented_tensors(tmp_path, dataset):
     branch = cfg.scale_depth / math.sqrt(cfg.n_layers)
     freq = tmp_path / "freq.json"
     freq.write_text(json.dumps(build_freq_vocab(dataset, 32)))
-    out = {layout: export(tmp_path / "wd", tmp_path / layout, layout, freq_vocab=freq) for layout in hf_layout.LAYOUTS}
-    with safe_open(out["minicpm"] / "model.safetensors", "np") as mini, \
-         safe_open(out["llama"] / "model.safetensors", "np") as llama:  # fmt: skip
+    out = {
+        layout: export(tmp_path / "wd", tmp_path / layout, layout, freq_vocab=freq)
+        for layout in hf_layout.LAYOUTS
+    }
+    with (
+        safe_open(out["minicpm"] / "model.safetensors", "np") as mini,
+        safe_open(out["llama"] / "model.safetensors", "np") as llama,
+    ):
         q = mini.get_tensor("model.layers.1.self_attn.q_proj.weight")  # [heads * head_dim, d] = W^T
         np.testing.assert_array_equal(q, params["wq"][1].reshape(cfg.d_model, -1).T)
         o = mini.get_tensor("model.layers.0.self_attn.o_proj.weight")
         np.testing.assert_array_equal(o, params["wo"][0].reshape(-1, cfg.d_model).T)
         np.testing.assert_array_equal(mini.get_tensor("lm_head.weight"), params["lm_head"].T)
-        np.testing.assert_allclose(llama.get_tensor("model.embed_tokens.weight"), params["embed"] * 12.0, rtol=1e-6)
-        np.testing.assert_allclose(llama.get_tensor("model.layers.0.mlp.down_proj.weight"),
-                                   params["w_down"][0].T * branch, rtol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            llama.get_tensor("model.embed_tokens.weight"), params["embed"] * 12.0, rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            llama.get_tensor("model.layers.0.mlp.down_proj.weight"), params["w_down"][0].T * branch, rtol=1e-6
+        )
         np.testing.assert_allclose(llama.get_tensor("lm_head.weight"), params["lm_head"].T / m, rtol=1e-6)
     mini_cfg = json.loads((out["minicpm"] / "config.json").read_text())
     assert (mini_cfg["scale_emb"], mini_cfg["scale_depth"], mini_cfg["dim_model_base"]) == (12.0, 1.4, 256)
@@ -150,7 +165,9 @@ def test_unfold_finds_a_preimage_for_every_constraint(dtype):
     x = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
     fold = lambda scale: (x * np.float32(scale)).astype(dtype)
     for scale in (12.0, 1.4 / math.sqrt(3)):
-        np.testing.assert_array_equal(fold_with(hf_layout.unfold([(fold(scale), scale)]), scale, dtype), fold(scale))
+        np.testing.assert_array_equal(
+            fold_with(hf_layout.unfold([(fold(scale), scale)]), scale, dtype), fold(scale)
+        )
     # A tied embedding exported twice (x 12 as embed_tokens, x 1/m as lm_head): dividing one of them back
     # breaks the other for many elements; unfold must satisfy both, as the original weights do.
     constraints = [(fold(12.0), 12.0), (fold(1 / 0.75), 1 / 0.75)]
@@ -181,7 +198,9 @@ def test_imported_llama_export_trains_on_from_its_weights(tmp_path, run_config):
     resumed = tiny_run_dict(workdir, run_config.data.mixture["default"].path)
     resumed.train.steps = resumed.eval.every_steps = resumed.checkpoint.every_steps = 1
     resumed.schedule.warmup_steps = 0
-    resumed.optimizer.lr = 1e-30  # an update far below every weight's ulp: step 1 holds the weights train started from
+    resumed.optimizer.lr = (
+        1e-30  # an update far below every weight's ulp: step 1 holds the weights train started from
+    )
     result = train(Config.from_dict(resumed.to_dict()))
     assert result["step"] == 1 and np.isfinite(result["eval_loss"])
     assert Checkpointer(str(workdir), read_only=True).all_steps() == [0, 1]

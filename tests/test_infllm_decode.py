@@ -14,7 +14,9 @@ from pallas_kernels.infllm_v2.selection import select_blocks
 from tests.test_decoding import full_logits, tiny_cfg
 from tests.test_export import random_params
 
-SPARSE = dict(block_size=4, kernel_size=4, kernel_stride=2, init_blocks=1, window_size=8, topk=4, dense_len=20)
+SPARSE = dict(
+    block_size=4, kernel_size=4, kernel_stride=2, init_blocks=1, window_size=8, topk=4, dense_len=20
+)
 
 
 def expected_outputs(q, k, v, cfg: SparseConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -21,8 +21,9 @@ from tests.test_data_loader import VOCAB, _chunks, _config, _json, _reference_ch
 def gamma(datasets, tmp_path_factory):  # noqa: F811
     """A third dataset with the tokenizer of "a": the component added mid-run."""
     root = tmp_path_factory.mktemp("gamma")
-    return make_tiny_dataset(root, num_docs=40, seed=3, max_words=120, tag="gamma",
-                             tokenizer=str(datasets["a"] / "tokenizer.json"))
+    return make_tiny_dataset(
+        root, num_docs=40, seed=3, max_words=120, tag="gamma", tokenizer=str(datasets["a"] / "tokenizer.json")
+    )
 
 
 def _run(cfg, process_count: int, state: dict | None, steps: int | None) -> tuple[collections.Counter, dict]:
@@ -32,7 +33,12 @@ def _run(cfg, process_count: int, state: dict | None, steps: int | None) -> tupl
     seen, states = collections.Counter(), []
     for p in range(process_count):
         it = make_train_iterator(
-            cfg, batch_size=2, process_index=p, process_count=process_count, model_vocab_size=VOCAB, state=state
+            cfg,
+            batch_size=2,
+            process_index=p,
+            process_count=process_count,
+            model_vocab_size=VOCAB,
+            state=state,
         )
         batches = list(it) if steps is None else [next(it) for _ in range(steps)]
         seen.update(c for b in batches for c in _chunks(b))
@@ -41,10 +47,14 @@ def _run(cfg, process_count: int, state: dict | None, steps: int | None) -> tupl
 
 
 @pytest.mark.parametrize("before_processes, after_processes", [(1, 1), (2, 2), (2, 1)])
-def test_new_weights_and_an_added_component_partition_the_epoch(datasets, gamma, before_processes, after_processes):  # noqa: F811
+def test_new_weights_and_an_added_component_partition_the_epoch(
+    datasets, gamma, before_processes, after_processes  # noqa: F811
+):
     a, b = str(datasets["a"]), str(datasets["b"])
     before = _config({"a": dict(path=a, weight=2.0), "b": dict(path=b)}, num_epochs=1)
-    after = _config({"a": dict(path=a), "b": dict(path=b, weight=3.0), "g": dict(path=str(gamma))}, num_epochs=1)
+    after = _config(
+        {"a": dict(path=a), "b": dict(path=b, weight=3.0), "g": dict(path=str(gamma))}, num_epochs=1
+    )
     seen, state = _run(before, before_processes, None, 3)
     # One step under the new mixture, saved mid-switch, resumed again: the switch itself resumes exactly.
     more, state = _run(after, after_processes, state, 1)
@@ -95,12 +105,22 @@ def test_a_manifest_of_a_million_shards_opens_and_iterates(datasets, tmp_path): 
     small = datasets["a"]
     manifest = json.loads((small / "manifest.json").read_text())
     first = manifest["splits"]["train"]["shards"][0]
-    manifest["splits"] = {"train": {"documents": first["documents"] * 10**6, "tokens": first["tokens"] * 10**6,
-                                    "shards": [first] * 10**6}}
+    manifest["splits"] = {
+        "train": {
+            "documents": first["documents"] * 10**6,
+            "tokens": first["tokens"] * 10**6,
+            "shards": [first] * 10**6,
+        }
+    }
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     for name in (first["file"], "tokenizer.json"):
         shutil.copy(small / name, tmp_path / name)
-    it = make_train_iterator(_config({"big": dict(path=str(tmp_path))}), batch_size=8, process_index=0,
-                             process_count=1, model_vocab_size=VOCAB)
+    it = make_train_iterator(
+        _config({"big": dict(path=str(tmp_path))}),
+        batch_size=8,
+        process_index=0,
+        process_count=1,
+        model_vocab_size=VOCAB,
+    )
     reference = _reference_chunks(small, 64)
     assert all(c in reference for c in _chunks(next(it)))

@@ -14,7 +14,9 @@ from tests import reference_model
 
 def tiny_cfg(**overrides):
     shape = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=96, vocab_size=97)
-    return model_from_dict({**shape, "attention": "naive", "mtp": {"depth": 2, "loss_weight": 0.3}, **overrides})
+    return model_from_dict(
+        {**shape, "attention": "naive", "mtp": {"depth": 2, "loss_weight": 0.3}, **overrides}
+    )
 
 
 def perturbed(model: ParamsModel, seed: int = 0) -> dict:
@@ -36,8 +38,13 @@ def packed(docs: list[np.ndarray], seq: int) -> dict:
         tokens[at : at + n], targets[at : at + n] = d[:-1], d[1:]
         seg[at : at + n], pos[at : at + n] = i + 1, np.arange(n)
         at += n
-    return {"tokens": tokens, "targets": targets, "segment_ids": seg, "positions": pos,
-            "loss_mask": (seg > 0).astype(np.float32)}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "targets": targets,
+        "segment_ids": seg,
+        "positions": pos,
+        "loss_mask": (seg > 0).astype(np.float32),
+    }
 
 
 def as_batch(rows: list[dict]) -> dict:
@@ -88,11 +95,23 @@ def test_no_mtp_target_crosses_a_document_boundary():
 
 
 def test_training_step_reports_both_losses():
-    cfg = Config.from_dict({
-        "model": {"n_layers": 2, "d_model": 32, "n_heads": 2, "n_kv_heads": 2, "head_dim": 16, "d_mlp": 64,
-                  "vocab_size": 64, "mtp": {"depth": 1}},
-        "data": {"seq_len": 16}, "train": {"batch_size": 8, "steps": 4}, "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
-    })  # fmt: skip
+    cfg = Config.from_dict(
+        {
+            "model": {
+                "n_layers": 2,
+                "d_model": 32,
+                "n_heads": 2,
+                "n_kv_heads": 2,
+                "head_dim": 16,
+                "d_mlp": 64,
+                "vocab_size": 64,
+                "mtp": {"depth": 1},
+            },
+            "data": {"seq_len": 16},
+            "train": {"batch_size": 8, "steps": 4},
+            "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
+        }
+    )
     setup = build(cfg, jax.devices()[:8])
     rng = np.random.default_rng(0)
     rows = [packed([rng.integers(0, 64, n) for n in (7, 10)], 16) for _ in range(8)]

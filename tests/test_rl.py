@@ -29,8 +29,19 @@ from tests.data_fixtures import make_tiny_dataset
 from tests.tiny_runs import REPO, VOCAB, make_config, overrides
 
 ONE = jax.devices()[:1]
-CFG = model_from_dict(dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_mlp=64, vocab_size=61,
-                           attention="naive", max_position=64))  # fmt: skip
+CFG = model_from_dict(
+    dict(
+        n_layers=2,
+        d_model=32,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=16,
+        d_mlp=64,
+        vocab_size=61,
+        attention="naive",
+        max_position=64,
+    )
+)
 PROMPTS = [[3, 9, 4], [7, 1, 8, 2, 8, 1, 8], [5, 5], [11, 12, 13, 14, 15]]
 CAPACITY = 32
 
@@ -40,8 +51,9 @@ def params():
     """Three policy versions: an initialisation and two perturbations of it."""
     base = jax.jit(params_model(CFG).init, static_argnums=0)(0)
     rng = np.random.default_rng(0)
-    return [base] + [jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), base)
-                     for _ in range(2)]  # fmt: skip
+    return [base] + [
+        jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), base) for _ in range(2)
+    ]
 
 
 def trajectories() -> list[Trajectory]:
@@ -50,14 +62,35 @@ def trajectories() -> list[Trajectory]:
 
 def test_chunked_and_unchunked_greedy_rollouts_are_identical(params):
     probe = trajectories()
-    rollout(CFG, params[0], probe, chunk_tokens=12, max_response_tokens=12, stop_ids=[], sampling=Sampling(),
-            seed=0, capacity=CAPACITY)  # fmt: skip
+    rollout(
+        CFG,
+        params[0],
+        probe,
+        chunk_tokens=12,
+        max_response_tokens=12,
+        stop_ids=[],
+        sampling=Sampling(),
+        seed=0,
+        capacity=CAPACITY,
+    )
     stop = probe[1].response[6]  # a token row 1 emits mid-way: some rows stop early, others run to the limit
     runs = {}
     for chunk in (12, 5, 3):
         ts = trajectories()
-        runs[chunk] = rollout(CFG, params[0], ts, chunk_tokens=chunk, max_response_tokens=12, stop_ids=[stop],
-                              sampling=Sampling(), seed=0, capacity=CAPACITY), ts  # fmt: skip
+        runs[chunk] = (
+            rollout(
+                CFG,
+                params[0],
+                ts,
+                chunk_tokens=chunk,
+                max_response_tokens=12,
+                stop_ids=[stop],
+                sampling=Sampling(),
+                seed=0,
+                capacity=CAPACITY,
+            ),
+            ts,
+        )
     assert runs[12][0] == 1 and runs[3][0] == 4
     full = runs[12][1]
     assert any(not t.truncated for t in full) and any(t.truncated for t in full)
@@ -72,8 +105,18 @@ def test_a_trajectory_cut_into_three_chunks_keeps_its_cached_logprobs_and_versio
     ts = trajectories()
     snapshots = []
     for version in range(3):
-        rollout_chunk(CFG, params[version], ts, chunk_tokens=4, max_response_tokens=12, stop_ids=[],
-                      sampling=Sampling(), key=jax.random.key(0), version=version, capacity=CAPACITY)  # fmt: skip
+        rollout_chunk(
+            CFG,
+            params[version],
+            ts,
+            chunk_tokens=4,
+            max_response_tokens=12,
+            stop_ids=[],
+            sampling=Sampling(),
+            key=jax.random.key(0),
+            version=version,
+            capacity=CAPACITY,
+        )
         snapshots.append([list(t.logprobs) for t in ts])
     for t in ts:
         assert t.finished and t.truncated and len(t.response) == 12
@@ -97,12 +140,24 @@ def length_reward(text: str, item: dict) -> float:
 
 
 RL_ARGS = {
-    "data.seq_len": 40, "train.steps": 4, "train.batch_size": 8, "rl.group_size": 4, "rl.prompts_per_step": 2,
-    "rl.chunk_tokens": 4, "rl.max_prompt_tokens": 32, "rl.max_response_tokens": 8, "rl.overlong_filter": False,
-    "rl.ref_refresh_steps": 3, "rl.kl_beta": 0.01, "optimizer.lr": 1e-3, "schedule.warmup_steps": 0,
-    "schedule.decay_steps": 0, "checkpoint.every_steps": 2, "checkpoint.async_save": False,
+    "data.seq_len": 40,
+    "train.steps": 4,
+    "train.batch_size": 8,
+    "rl.group_size": 4,
+    "rl.prompts_per_step": 2,
+    "rl.chunk_tokens": 4,
+    "rl.max_prompt_tokens": 32,
+    "rl.max_response_tokens": 8,
+    "rl.overlong_filter": False,
+    "rl.ref_refresh_steps": 3,
+    "rl.kl_beta": 0.01,
+    "optimizer.lr": 1e-3,
+    "schedule.warmup_steps": 0,
+    "schedule.decay_steps": 0,
+    "checkpoint.every_steps": 2,
+    "checkpoint.async_save": False,
     "model.attention": "naive",
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +188,9 @@ def killed_run(tmp_path_factory, dataset):
     workdir, log = tmp_path_factory.mktemp("killed"), tmp_path_factory.mktemp("killed_log") / "stderr.txt"
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", KILLED, str(workdir), str(dataset)], cwd=REPO, env=env,
-                                stderr=stderr)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLED, str(workdir), str(dataset)], cwd=REPO, env=env, stderr=stderr
+        )
     yield workdir, proc, log
     proc.kill()
 
@@ -190,25 +246,45 @@ def test_rl_cli_logs_eval_loss_every_eval_steps(tmp_path, dataset, reference_run
     """python -m mct.rl evaluates like every run: the policy's held-out token loss on init_from's data."""
     settings = overrides(dataset, **{**RL_ARGS, "train.steps": 2, "eval.every_steps": 2})
     proc = subprocess.run(
-        [sys.executable, "-m", "mct.rl", "--config", str(REPO / "experiments/configs/tiny_cpu_rl.py"),
-         f"--config.workdir={tmp_path}", f"--config.init_from={reference_run}",
-         *[f"--config.{k}={v}" for k, v in settings.items()]],
-        cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mct.rl",
+            "--config",
+            str(REPO / "experiments/configs/tiny_cpu_rl.py"),
+            f"--config.workdir={tmp_path}",
+            f"--config.init_from={reference_run}",
+            *[f"--config.{k}={v}" for k, v in settings.items()],
+        ],
+        cwd=REPO,
+        env={**os.environ, "XLA_FLAGS": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     evals = [m for m in metric_lines(tmp_path) if "eval_loss" in m]
-    assert [m["step"] for m in evals] == [2] and np.isfinite(evals[0]["eval_loss"]) and evals[0]["eval_loss"] > 0
+    assert (
+        [m["step"] for m in evals] == [2] and np.isfinite(evals[0]["eval_loss"]) and evals[0]["eval_loss"] > 0
+    )
 
 
 def test_a_checkpoint_config_with_the_old_rl_and_dpo_sections_still_loads(tmp_path, params):
     """Checkpoints saved before the config split by consumer carry `rl` (with its lr) and `dpo` in every run's
     config: reading a run drops them; RL's own class keeps its section; unknown keys stay errors."""
     config = Config(workdir=str(tmp_path), model=CFG)
-    sections = {"dpo": {"path": ["default"], "beta": 0.1, "sft_weight": 0.0}, "rl": {"group_size": 8, "lr": 1e-5}}
+    sections = {
+        "dpo": {"path": ["default"], "beta": 0.1, "sft_weight": 0.0},
+        "rl": {"group_size": 8, "lr": 1e-5},
+    }
     old = {**config.to_dict(), **sections}
     ckpt = Checkpointer(str(tmp_path), async_save=False)
-    ckpt.save(0, {"params": params[0], "opt_state": {}}, None,
-              {"config": old, "model_signature": model_signature(CFG), "step": 0})  # fmt: skip
+    ckpt.save(
+        0,
+        {"params": params[0], "opt_state": {}},
+        None,
+        {"config": old, "model_signature": model_signature(CFG), "step": 0},
+    )
     ckpt.wait()
     ckpt.close()
     assert RunCheckpoint(str(tmp_path)).config == config
@@ -223,8 +299,18 @@ def test_a_checkpoint_config_with_the_old_rl_and_dpo_sections_still_loads(tmp_pa
 
 def test_bad_rl_config_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "mct.rl", "--config", str(REPO / "experiments/configs/tiny_cpu_rl.py"),
-         f"--config.workdir={tmp_path}", "--config.rl.reward=bogus"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mct.rl",
+            "--config",
+            str(REPO / "experiments/configs/tiny_cpu_rl.py"),
+            f"--config.workdir={tmp_path}",
+            "--config.rl.reward=bogus",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "rl.reward='bogus'" in proc.stderr and "Traceback" not in proc.stderr

@@ -63,31 +63,53 @@ def test_policy_loss_is_token_level_and_matches_numpy():
     adv = np.array([[1.5] * 6, [-0.7] * 6], np.float32)
     mask = np.array([[1, 1, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]], np.float32)  # a long and a short answer
     loss_sum, count, extras = policy_loss_sums(
-        *map(jnp.asarray, (logp, old, ref, adv, mask)), eps_low=EPS_LOW, eps_high=EPS_HIGH, dual_clip=DUAL,
+        *map(jnp.asarray, (logp, old, ref, adv, mask)),
+        eps_low=EPS_LOW,
+        eps_high=EPS_HIGH,
+        dual_clip=DUAL,
         kl_beta=0.001,
-    )  # fmt: skip
+    )
     want, want_kl = numpy_policy_loss(logp, old, ref, adv, mask, 0.001)
     assert count == 7
     np.testing.assert_allclose(loss_sum / count, want, rtol=1e-5)
     np.testing.assert_allclose(extras["kl"] / count, want_kl, rtol=1e-5)
     np.testing.assert_allclose(kl_k3(jnp.log(0.5), jnp.log(0.25)), 0.5 - np.log(0.5) - 1, rtol=1e-6)
-    per_row = [numpy_policy_loss(logp[i : i + 1], old[i : i + 1], ref[i : i + 1], adv[i : i + 1],
-                                 mask[i : i + 1], 0.001)[0] for i in range(2)]  # fmt: skip
+    per_row = [
+        numpy_policy_loss(
+            logp[i : i + 1], old[i : i + 1], ref[i : i + 1], adv[i : i + 1], mask[i : i + 1], 0.001
+        )[0]
+        for i in range(2)
+    ]
     assert abs(np.mean(per_row) - want) > 1e-3  # token-level, not the mean of per-sequence means
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    cfg = model_from_dict(dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_mlp=64,
-                               vocab_size=61, attention="naive", max_position=64))  # fmt: skip
+    cfg = model_from_dict(
+        dict(
+            n_layers=2,
+            d_model=32,
+            n_heads=2,
+            n_kv_heads=1,
+            head_dim=16,
+            d_mlp=64,
+            vocab_size=61,
+            attention="naive",
+            max_position=64,
+        )
+    )
     model = params_model(cfg)
     return model, jax.jit(model.init, static_argnums=0)(0)
 
 
 def batch_of(rng, rows: int, seq: int, vocab: int) -> dict:
     tokens = rng.integers(0, vocab, (rows, seq + 1)).astype(np.int32)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(seq), (rows, 1)),
-            "segment_ids": np.ones((rows, seq), np.int32)}  # fmt: skip
+    return {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": np.tile(np.arange(seq), (rows, 1)),
+        "segment_ids": np.ones((rows, seq), np.int32),
+    }
 
 
 def test_token_logprobs_match_numpy_log_softmax_with_and_without_slices(tiny_model):

@@ -29,9 +29,16 @@ SEQ = 96
 
 
 def sft_overrides(chat_files, **extra) -> dict:
-    return {"data.seq_len": SEQ, "data.chat.path": tuple(map(str, chat_files)), "data.chat.eval_fraction": 0.2,
-            "schedule.lr_from_init": True, "schedule.warmup_steps": 0, "schedule.decay_steps": 0,
-            "checkpoint.async_save": False, **extra}  # fmt: skip
+    return {
+        "data.seq_len": SEQ,
+        "data.chat.path": tuple(map(str, chat_files)),
+        "data.chat.eval_fraction": 0.2,
+        "schedule.lr_from_init": True,
+        "schedule.warmup_steps": 0,
+        "schedule.decay_steps": 0,
+        "checkpoint.async_save": False,
+        **extra,
+    }
 
 
 def write_chats(path, n: int, seed: int) -> list[list[dict]]:
@@ -41,8 +48,10 @@ def write_chats(path, n: int, seed: int) -> list[list[dict]]:
         messages = [{"role": "system", "content": "Be brief."}] if i % 3 == 0 else []
         for _ in range(int(rng.integers(1, 3))):
             a, b = (int(x) for x in rng.integers(0, 50, 2))
-            messages += [{"role": "user", "content": f"{path.stem} {i}: {a} + {b}?"},
-                         {"role": "assistant", "content": f"{a + b}"}]  # fmt: skip
+            messages += [
+                {"role": "user", "content": f"{path.stem} {i}: {a} + {b}?"},
+                {"role": "assistant", "content": f"{a + b}"},
+            ]
         chats.append(messages)
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
     return chats
@@ -62,8 +71,14 @@ def source(tmp_path_factory, pretrained):
 def test_packed_batch_losses_equal_each_conversation_alone(source, tmp_path, monkeypatch):
     workdir, dataset, files = source
     monkeypatch.setenv("MCT_CACHE", str(tmp_path / "cache"))
-    config = sft_config(make_config(tmp_path / "wd", dataset, init_from=str(workdir),
-                                    **sft_overrides(files, **{"data.chat.weights": (2.0, 1.0)})))  # fmt: skip
+    config = sft_config(
+        make_config(
+            tmp_path / "wd",
+            dataset,
+            init_from=str(workdir),
+            **sft_overrides(files, **{"data.chat.weights": (2.0, 1.0)}),
+        )
+    )
     assert [c.weight for c in config.data.mixture.values()] == [2.0, 1.0]
     tokenizer = load_tokenizer(dataset)
     masks = {}  # the conversation's inputs -> its target mask, from the raw JSON
@@ -71,8 +86,9 @@ def test_packed_batch_losses_equal_each_conversation_alone(source, tmp_path, mon
         for _, messages in read_conversations(str(f)):
             ids, mask, _ = fit_conversation(tokenizer, messages, SEQ)
             masks[tuple(ids[:-1])] = np.array(mask[1:], np.float32)
-    batch = next(make_train_iterator(config.data, batch_size=8, process_index=0, process_count=1,
-                                     model_vocab_size=320))  # fmt: skip
+    batch = next(
+        make_train_iterator(config.data, batch_size=8, process_index=0, process_count=1, model_vocab_size=320)
+    )
     model = ParamsModel(dataclasses.replace(config.model, attention="naive"))
     params = model.init(0)
     per_token = jax.jit(lambda p, b: token_losses(model.bind(p), b))
@@ -111,8 +127,16 @@ def test_sft_cli_continues_the_source_lr_resumes_exactly_and_exports(source, tmp
 
     resumed = resume_copy(straight, tmp_path / "resumed", step=2)
     flags = [f"--config.{k}={v}" for k, v in overrides(dataset, **options).items()]
-    cmd = [sys.executable, "-m", "mct.sft", "--config", str(REPO / "experiments/configs/tiny_cpu_sft.py"),
-           f"--config.workdir={resumed}", f"--config.init_from={workdir}", *flags]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mct.sft",
+        "--config",
+        str(REPO / "experiments/configs/tiny_cpu_sft.py"),
+        f"--config.workdir={resumed}",
+        f"--config.init_from={workdir}",
+        *flags,
+    ]
     env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as mesh.data=1 asks
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -24,7 +24,9 @@ def test_count_tokens_matches_tokenizing_the_raw_documents(tmp_path):
     tokenizer = read_tokenizer_file(dataset / "tokenizer.json")
     want = np.zeros(tokenizer.get_vocab_size(), np.int64)
     for line in (tmp_path / "raw" / "docs.jsonl").read_text().splitlines():
-        ids = [1] + tokenizer.encode(json.loads(line)["text"], add_special_tokens=False).ids + [2]  # BOS .. EOS
+        ids = (
+            [1] + tokenizer.encode(json.loads(line)["text"], add_special_tokens=False).ids + [2]
+        )  # BOS .. EOS
         np.add.at(want, ids, 1)
     got = count_tokens(dataset, "train", progress=False) + count_tokens(dataset, "eval", progress=False)
     np.testing.assert_array_equal(got, want)
@@ -89,17 +91,34 @@ def test_greedy_output_equals_plain_greedy_decoding(models):
     prompts = [[5, 17, 3, 8], [9], [40, 41, 42, 43, 44, 45, 46]]
     subset = np.random.default_rng(1).permutation(target_cfg.vocab_size)[:24]  # 25% of the vocabulary
     want = generate(target_cfg, target_params, prompts, max_new_tokens=14)
-    got, spec_stats = speculative_generate(target_cfg, target_params, draft_cfg, draft_params, prompts,
-                                           max_new_tokens=14, num_draft=3, draft_vocab=subset)  # fmt: skip
+    got, spec_stats = speculative_generate(
+        target_cfg,
+        target_params,
+        draft_cfg,
+        draft_params,
+        prompts,
+        max_new_tokens=14,
+        num_draft=3,
+        draft_vocab=subset,
+    )
     assert got == want
     assert 1.0 <= spec_stats.mean_accepted_length <= 4.0
     eos = want[0][5]
-    assert speculative_generate(target_cfg, target_params, draft_cfg, draft_params, prompts, max_new_tokens=14,
-                                num_draft=3, draft_vocab=subset, eos_id=eos)[0] == generate(
-        target_cfg, target_params, prompts, max_new_tokens=14, eos_id=eos)  # fmt: skip
+    assert speculative_generate(
+        target_cfg,
+        target_params,
+        draft_cfg,
+        draft_params,
+        prompts,
+        max_new_tokens=14,
+        num_draft=3,
+        draft_vocab=subset,
+        eos_id=eos,
+    )[0] == generate(target_cfg, target_params, prompts, max_new_tokens=14, eos_id=eos)
     # The target as its own full-vocabulary draft: every draft is kept, k + 1 tokens per target pass.
-    same, same_stats = speculative_generate(target_cfg, target_params, target_cfg, target_params, prompts,
-                                            max_new_tokens=14, num_draft=3)  # fmt: skip
+    same, same_stats = speculative_generate(
+        target_cfg, target_params, target_cfg, target_params, prompts, max_new_tokens=14, num_draft=3
+    )
     assert same == want and same_stats.mean_accepted_length == 4.0
 
 
@@ -110,10 +129,21 @@ def test_sampled_tokens_follow_the_target_distribution():
     draft_cfg = tiny_cfg(vocab_size=vocab, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=64)
     draft_params = random_params(draft_cfg, seed=4)
     sampling, prompt, n = Sampling(temperature=1.0, top_p=0.95), [3, 7, 1], 4000
-    out, _ = speculative_generate(target_cfg, target_params, draft_cfg, draft_params, [prompt] * n,
-                                  max_new_tokens=3, num_draft=2, draft_vocab=np.arange(0, vocab, 2),
-                                  sampling=sampling, seed=0)  # fmt: skip
-    out = np.array(out)  # [n, 3]: token 0 comes from the target's prefill, tokens 1 and 2 from one draft round
+    out, _ = speculative_generate(
+        target_cfg,
+        target_params,
+        draft_cfg,
+        draft_params,
+        [prompt] * n,
+        max_new_tokens=3,
+        num_draft=2,
+        draft_vocab=np.arange(0, vocab, 2),
+        sampling=sampling,
+        seed=0,
+    )
+    out = np.array(
+        out
+    )  # [n, 3]: token 0 comes from the target's prefill, tokens 1 and 2 from one draft round
     probs = lambda seq: numpy_token_probs(full_logits(target_cfg, target_params, seq)[-1:], 1.0, 0.95)[0]
     p1 = probs(prompt)
     p2 = {x: probs(prompt + [x]) for x in range(vocab) if p1[x] > 0}

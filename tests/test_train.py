@@ -106,7 +106,9 @@ def test_sigkill_resumes_from_last_committed_checkpoint(tmp_path, dataset):
     done = subprocess.run(cli(tmp_path, dataset, **args), cwd=REPO, env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     reference = tmp_path / "uninterrupted"  # same command, same environment: bit-identical numerics
-    done = subprocess.run(cli(reference, dataset, **args), cwd=REPO, env=env, capture_output=True, timeout=300)
+    done = subprocess.run(
+        cli(reference, dataset, **args), cwd=REPO, env=env, capture_output=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     want, got = losses(reference), losses(tmp_path)
     for step in range(killed_at + 1, 41):
@@ -132,8 +134,9 @@ def test_a_crash_right_after_a_checkpoint_keeps_that_steps_metrics(tmp_path, dat
 
 def test_sigterm_saves_and_exits_zero(tmp_path, dataset):
     args = {"train.steps": 100000, "checkpoint.every_steps": 1000, "eval.every_steps": 3}
-    proc = subprocess.Popen(cli(tmp_path, dataset, **args), cwd=REPO, env={**os.environ, "XLA_FLAGS": ""},
-                            stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        cli(tmp_path, dataset, **args), cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 180
     while not (tmp_path / "metrics.jsonl").exists() or len(losses(tmp_path)) < 3:
         assert time.time() < deadline and proc.poll() is None
@@ -154,8 +157,11 @@ def test_decay_branch_leaves_source_untouched(tmp_path, dataset):
 
     before = snapshot()
     branch = tmp_path / "branch"
-    config = make_config(branch, dataset, **{"schedule.branch_from": str(source), "schedule.branch_step": 10,
-                                             "schedule.decay_steps": 4})  # fmt: skip
+    config = make_config(
+        branch,
+        dataset,
+        **{"schedule.branch_from": str(source), "schedule.branch_step": 10, "schedule.decay_steps": 4},
+    )
     train(config, devices=ONE)
     assert snapshot() == before
     first = first_metrics(branch)
@@ -170,9 +176,16 @@ def test_decay_branch_leaves_source_untouched(tmp_path, dataset):
 
 
 def test_nonfinite_losses_stop_the_run_keeping_the_last_checkpoint(tmp_path, dataset):
-    config = make_config(tmp_path, dataset, **{"optimizer.lr": 1e30, "schedule.warmup_steps": 0,
-                                               "checkpoint.every_steps": 1,
-                                               "train.max_consecutive_nonfinite": 3})  # fmt: skip
+    config = make_config(
+        tmp_path,
+        dataset,
+        **{
+            "optimizer.lr": 1e30,
+            "schedule.warmup_steps": 0,
+            "checkpoint.every_steps": 1,
+            "train.max_consecutive_nonfinite": 3,
+        },
+    )
     with pytest.raises(TrainingDiverged, match="3 consecutive non-finite"):
         train(config, devices=ONE)
     assert Checkpointer(tmp_path, read_only=True).latest_step() is not None
@@ -234,13 +247,20 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path, dataset, reference_ru
         train(make_config(tmp_path, dataset), devices=ONE)
 
 
-def test_a_rerun_after_every_checkpoint_was_moved_aside_refuses_a_silent_fresh_start(tmp_path, dataset, reference_run):
+def test_a_rerun_after_every_checkpoint_was_moved_aside_refuses_a_silent_fresh_start(
+    tmp_path, dataset, reference_run
+):
     _copy_with_unreadable_checkpoints(tmp_path, reference_run)
     with pytest.raises(FileNotFoundError, match="no readable checkpoint left"):
         train(make_config(tmp_path, dataset), devices=ONE)
-    with pytest.raises(ConfigError, match=r"moved aside \(10\.corrupt-\d+, 5\.corrupt-\d+\).*allow_fresh_start"):
+    with pytest.raises(
+        ConfigError, match=r"moved aside \(10\.corrupt-\d+, 5\.corrupt-\d+\).*allow_fresh_start"
+    ):
         train(make_config(tmp_path, dataset), devices=ONE)
-    train(make_config(tmp_path, dataset, **{"checkpoint.allow_fresh_start": True, "train.steps": 5}), devices=ONE)
+    train(
+        make_config(tmp_path, dataset, **{"checkpoint.allow_fresh_start": True, "train.steps": 5}),
+        devices=ONE,
+    )
     assert Checkpointer(tmp_path, read_only=True).all_steps() == [5]
 
 

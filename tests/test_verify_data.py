@@ -21,14 +21,25 @@ ONE = jax.devices()[:1]
 
 def test_verify_data_runs_both_branches_and_reports(tmp_path):
     dataset = make_tiny_dataset(tmp_path / "data", VOCAB, num_docs=64)
-    candidate = make_tiny_dataset(tmp_path / "candidate", num_docs=40, seed=5, tag="candidate",
-                                  tokenizer=str(dataset / "tokenizer.json"))
+    candidate = make_tiny_dataset(
+        tmp_path / "candidate",
+        num_docs=40,
+        seed=5,
+        tag="candidate",
+        tokenizer=str(dataset / "tokenizer.json"),
+    )
     bench = tmp_path / "bench.jsonl"  # problems short enough for seq_len 32 (the default set needs ~200)
-    bench.write_text("".join(json.dumps({"question": f"{i} + {i} =", "solution": f" {2 * i}"}) + "\n"
-                             for i in range(8)))
+    bench.write_text(
+        "".join(json.dumps({"question": f"{i} + {i} =", "solution": f" {2 * i}"}) + "\n" for i in range(8))
+    )
     source = tmp_path / "source"
-    settings = {"train.steps": 8, "schedule.decay_steps": 2, "checkpoint.every_steps": 4, "eval.every_steps": 4,
-                "eval.scalingbench": str(bench)}
+    settings = {
+        "train.steps": 8,
+        "schedule.decay_steps": 2,
+        "checkpoint.every_steps": 4,
+        "eval.every_steps": 4,
+        "eval.scalingbench": str(bench),
+    }
     train(make_config(source, dataset, **settings), devices=ONE)
     out = tmp_path / "verify"
     summary = verify_data.verify_data(str(source), 4, str(candidate), 0.3, 2, str(out), devices=ONE)
@@ -42,16 +53,19 @@ def test_verify_data_runs_both_branches_and_reports(tmp_path):
     for name in ("default", "candidate"):
         meta = Checkpointer(out / name, read_only=True).read_meta(6)  # branch step 4 + 2 decay steps
         mixtures[name] = {n: c.weight for n, c in Config.from_dict(meta["config"]).data.mixture.items()}
-    assert mixtures == {"default": {"default": 1.0},
-                        "candidate": {"default": pytest.approx(0.7), verify_data.CANDIDATE: 0.3}}
+    assert mixtures == {
+        "default": {"default": 1.0},
+        "candidate": {"default": pytest.approx(0.7), verify_data.CANDIDATE: 0.3},
+    }
     assert "| eval_loss |" in (out / "report.md").read_text()
     assert (out / "losses.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_verify_data_bad_input_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        tunnel_cli.main(["verify_data", "--from", str(tmp_path / "nothing"), "--step", "3", "--candidate",
-                         str(tmp_path)])
+        tunnel_cli.main(
+            ["verify_data", "--from", str(tmp_path / "nothing"), "--step", "3", "--candidate", str(tmp_path)]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err

@@ -19,13 +19,27 @@ VOCAB = 320
 # The tiny run every test trains: overrides of experiments/configs/tiny_cpu.py, usable in-process and as CLI flags.
 def overrides(dataset: pathlib.Path, **extra) -> dict:
     o = {
-        "model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2,
-        "model.head_dim": 16, "model.d_mlp": 128, "model.vocab_size": VOCAB,
-        "data.mixture.default.path": str(dataset), "data.seq_len": 32, "data.eval_batches": 2,
-        "data.num_logical_shards": 8, "train.batch_size": 8, "train.steps": 10, "train.log_every_steps": 1,
-        "schedule.warmup_steps": 2, "schedule.decay_steps": 3, "eval.every_steps": 5,
-        "checkpoint.every_steps": 5, "checkpoint.max_to_keep": 10, "mesh.data": 1,
-    }  # fmt: skip
+        "model.n_layers": 2,
+        "model.d_model": 64,
+        "model.n_heads": 4,
+        "model.n_kv_heads": 2,
+        "model.head_dim": 16,
+        "model.d_mlp": 128,
+        "model.vocab_size": VOCAB,
+        "data.mixture.default.path": str(dataset),
+        "data.seq_len": 32,
+        "data.eval_batches": 2,
+        "data.num_logical_shards": 8,
+        "train.batch_size": 8,
+        "train.steps": 10,
+        "train.log_every_steps": 1,
+        "schedule.warmup_steps": 2,
+        "schedule.decay_steps": 3,
+        "eval.every_steps": 5,
+        "checkpoint.every_steps": 5,
+        "checkpoint.max_to_keep": 10,
+        "mesh.data": 1,
+    }
     o.update(extra)
     return o
 
@@ -78,8 +92,14 @@ def resume_copy(workdir, target, step: int) -> pathlib.Path:
 def pretrain_source(root: pathlib.Path, devices) -> tuple[pathlib.Path, pathlib.Path]:
     """(workdir, dataset) of a 2-step tiny pre-training run: the init_from of post-training tests."""
     dataset = make_tiny_dataset(root / "data", vocab_size=VOCAB, num_docs=60)
-    source = {"train.steps": 2, "schedule.warmup_steps": 0, "schedule.decay_steps": 1, "checkpoint.every_steps": 2,
-              "eval.every_steps": 2, "checkpoint.async_save": False}  # fmt: skip
+    source = {
+        "train.steps": 2,
+        "schedule.warmup_steps": 0,
+        "schedule.decay_steps": 1,
+        "checkpoint.every_steps": 2,
+        "eval.every_steps": 2,
+        "checkpoint.async_save": False,
+    }
     train(make_config(root / "pretrain", dataset, **source), devices=devices)
     return root / "pretrain", dataset
 

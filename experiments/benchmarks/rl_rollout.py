@@ -61,8 +61,13 @@ def run_variant(config: RLRunConfig, chunk_tokens: int) -> dict:
     """RL steps with at most chunk_tokens decoded per trajectory per step, run twice with the same seeds: the
     first pass compiles every shape the second (timed) pass meets."""
     r = config.rl
-    setup = build(config, jax.devices()[:1], objective=grpo_objective(
-        eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta))  # fmt: skip
+    setup = build(
+        config,
+        jax.devices()[:1],
+        objective=grpo_objective(
+            eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta
+        ),
+    )
     run_steps(setup, config, chunk_tokens)
     return run_steps(setup, config, chunk_tokens)
 

@@ -9,7 +9,9 @@ def get_config():
     c.model = model_config(
         n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, d_mlp=384, vocab_size=4096
     )
-    c.model.scan_layers = False  # unrolled: ~25% more tokens/s on CPU (6.0-6.2K vs 4.8-5.0K), as in the tunnel
+    c.model.scan_layers = (
+        False  # unrolled: ~25% more tokens/s on CPU (6.0-6.2K vs 4.8-5.0K), as in the tunnel
+    )
     c.data.vocab_size = 4096
     c.data.seq_len = 256
     c.train.steps = 300

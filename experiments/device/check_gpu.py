@@ -171,7 +171,9 @@ def check_and_time_dense(seq: int, reps: int) -> bool:
     one_doc = jnp.ones(q.shape[:2], jnp.int32)
     kernels = {
         "flash_gpu": lambda q, k, v: gpu_flash_attention(q, k, v, one_doc),
-        "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+        "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"
+        ),
         "blockwise": lambda q, k, v: causal_attention(q, k, v, segment_ids=one_doc),
     }
     want = jax.jit(kernels["cudnn"])(q, k, v)

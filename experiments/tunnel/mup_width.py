@@ -19,9 +19,7 @@ def get_config():
     c = base_study("mup_width", "mup_width.db")
     sp_lrs = lambda w: lr_grid(CENTRE_LR * BASE_WIDTH / w) + SP_EXTENSION.get(w, [])
     c.grids = [{"parametrization": ["mup"], "width": list(WIDTHS), "lr": lr_grid(CENTRE_LR)}] + [
-        {"parametrization": ["sp"], "width": [w], "lr": sp_lrs(w)}
-        for w in WIDTHS
-        if w != BASE_WIDTH
+        {"parametrization": ["sp"], "width": [w], "lr": sp_lrs(w)} for w in WIDTHS if w != BASE_WIDTH
     ]
     c.repeat_top = 3
     c.repeat_seeds = (1,)

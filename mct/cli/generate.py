@@ -65,14 +65,21 @@ def main(argv: list[str]) -> None:
             draft = RunCheckpoint(f.draft_workdir)
             vocab = read_freq_vocab(f.freq_vocab, run.model_cfg.vocab_size) if f.freq_vocab else None
             speculative = functools.partial(
-                speculative_generate, run.model_cfg, params, draft.model_cfg, draft.read_params(),
-                num_draft=f.num_draft, draft_vocab=vocab,
-            )  # fmt: skip
+                speculative_generate,
+                run.model_cfg,
+                params,
+                draft.model_cfg,
+                draft.read_params(),
+                num_draft=f.num_draft,
+                draft_vocab=vocab,
+            )
             decode = lambda prompts, **kwargs: speculative(prompts, **kwargs)[0]
         if f.speculative == "mtp":
             if f.draft_workdir or not run.model_cfg.mtp.depth:
-                raise ValueError(f"--speculative mtp needs a run with an MTP block (model.mtp.depth="
-                                 f"{run.model_cfg.mtp.depth}) and no --draft_workdir")  # fmt: skip
+                raise ValueError(
+                    f"--speculative mtp needs a run with an MTP block (model.mtp.depth="
+                    f"{run.model_cfg.mtp.depth}) and no --draft_workdir"
+                )
             decode = lambda prompts, **kwargs: mtp_generate(run.model_cfg, params, prompts, **kwargs)[0]
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -92,9 +99,13 @@ def main(argv: list[str]) -> None:
     if stream:
         sys.stdout.write(shown[0])
     outputs = decode(
-        prompts, max_new_tokens=f.max_new_tokens, sampling=sampling, eos_id=eos_id,
-        seed=f.seed, on_tokens=stream,
-    )  # fmt: skip
+        prompts,
+        max_new_tokens=f.max_new_tokens,
+        sampling=sampling,
+        eos_id=eos_id,
+        seed=f.seed,
+        on_tokens=stream,
+    )
     if stream:
         stream.finish()
         return

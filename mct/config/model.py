@@ -13,9 +13,17 @@ from pallas_kernels.infllm_v2.config import SparseConfig
 ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "naive", "splash", "flash_gpu", "infllm_v2")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 REMAT_NAMES = (
-    "none", "full", "minimal", "save_qkv_proj", "save_attn_out", "save_dot_except_mlp", "offload_residual",
-    "save_residual", "dots_saveable", "dots_with_no_batch_dims_saveable",
-)  # fmt: skip
+    "none",
+    "full",
+    "minimal",
+    "save_qkv_proj",
+    "save_attn_out",
+    "save_dot_except_mlp",
+    "offload_residual",
+    "save_residual",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+)
 QUANT_WEIGHTS = ("none", "ternary")
 
 

@@ -17,7 +17,9 @@ class DPOConfig:
     -log sigmoid(beta * margin of policy/reference log-ratios),
     plus sft_weight x the chosen answers' token loss (OpenBMB's script: beta 0.1, weight 0.5)."""
 
-    path: tuple[str, ...] = ("default",)  # preference JSONL files ({"prompt", "chosen", "rejected"}) or "default"
+    path: tuple[str, ...] = (
+        "default",
+    )  # preference JSONL files ({"prompt", "chosen", "rejected"}) or "default"
     beta: float = 0.1
     sft_weight: float = 0.0
 
@@ -32,7 +34,9 @@ class RLConfig:
     reward: str = "numeric"  # exact | numeric | python_tests (mct/posttrain/rewards.py)
     group_size: int = 16  # rollouts per prompt (G)
     prompts_per_step: int = 8  # new prompts (groups) entering the rollout each step
-    chunk_tokens: int = 8192  # new tokens per trajectory per step (>= max_response_tokens: full-length rollout)
+    chunk_tokens: int = (
+        8192  # new tokens per trajectory per step (>= max_response_tokens: full-length rollout)
+    )
     max_prompt_tokens: int = 1024
     max_response_tokens: int = 32768
     temperature: float = 1.0
@@ -75,15 +79,29 @@ class RLRunConfig(Config):
 
 def check_rl(r: RLConfig) -> None:
     """Ranges of the RL settings."""
-    for key in ("group_size", "prompts_per_step", "chunk_tokens", "max_prompt_tokens", "max_response_tokens",
-                "ref_refresh_steps"):  # fmt: skip
+    for key in (
+        "group_size",
+        "prompts_per_step",
+        "chunk_tokens",
+        "max_prompt_tokens",
+        "max_response_tokens",
+        "ref_refresh_steps",
+    ):
         require(getattr(r, key) > 0, f"rl.{key}={getattr(r, key)} must be positive")
-    require(r.group_size > 1, f"rl.group_size={r.group_size} must be > 1 (advantages are relative to the group)")
-    require(r.reward in ("exact", "numeric", "python_tests"),
-             f"rl.reward={r.reward!r} is not one of exact, numeric, python_tests")  # fmt: skip
-    require(r.temperature >= 0 and 0 < r.top_p <= 1, f"rl.temperature={r.temperature} must be >= 0 and "
-             f"rl.top_p={r.top_p} in (0, 1]")  # fmt: skip
-    require(0 <= r.eps_low < 1 and r.eps_high >= 0, f"rl.eps_low={r.eps_low} must be in [0, 1), rl.eps_high >= 0")
+    require(
+        r.group_size > 1, f"rl.group_size={r.group_size} must be > 1 (advantages are relative to the group)"
+    )
+    require(
+        r.reward in ("exact", "numeric", "python_tests"),
+        f"rl.reward={r.reward!r} is not one of exact, numeric, python_tests",
+    )
+    require(
+        r.temperature >= 0 and 0 < r.top_p <= 1,
+        f"rl.temperature={r.temperature} must be >= 0 and rl.top_p={r.top_p} in (0, 1]",
+    )
+    require(
+        0 <= r.eps_low < 1 and r.eps_high >= 0, f"rl.eps_low={r.eps_low} must be in [0, 1), rl.eps_high >= 0"
+    )
     require(r.dual_clip > 1, f"rl.dual_clip={r.dual_clip} must be > 1")
     require(r.kl_beta >= 0, f"rl.kl_beta={r.kl_beta} must be >= 0")
 
@@ -91,9 +109,15 @@ def check_rl(r: RLConfig) -> None:
 def check_rl_fit(c: RLRunConfig, n_processes: int) -> None:
     """A prompt and its response fit the training rows and the model's positions; RL runs in one process."""
     total = c.rl.max_prompt_tokens + c.rl.max_response_tokens
-    require(total <= c.data.seq_len, f"rl.max_prompt_tokens + rl.max_response_tokens = {total} exceeds "
-            f"data.seq_len={c.data.seq_len} (the training rows)")  # fmt: skip
-    require(total <= c.model.max_position, f"rl.max_prompt_tokens + rl.max_response_tokens = {total} exceeds "
-            f"model.max_position={c.model.max_position}")  # fmt: skip
+    require(
+        total <= c.data.seq_len,
+        f"rl.max_prompt_tokens + rl.max_response_tokens = {total} exceeds "
+        f"data.seq_len={c.data.seq_len} (the training rows)",
+    )
+    require(
+        total <= c.model.max_position,
+        f"rl.max_prompt_tokens + rl.max_response_tokens = {total} exceeds "
+        f"model.max_position={c.model.max_position}",
+    )
     if n_processes > 1:
         raise ConfigError("mct.rl runs in one process (its devices may be several); got a multi-process job")

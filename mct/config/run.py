@@ -64,7 +64,9 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
-    expert: int = 1  # MoE expert parallelism: experts split over it, and the batch too (a data axis elsewhere)
+    expert: int = (
+        1  # MoE expert parallelism: experts split over it, and the batch too (a data axis elsewhere)
+    )
     tensor: int = 1
 
     def shape(self, n_devices: int) -> tuple[int, int, int, int]:

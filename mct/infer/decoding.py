@@ -73,8 +73,15 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> KVCache:
     return KVCache(jnp.zeros(shape, compute_dtype(cfg)), jnp.zeros(shape, compute_dtype(cfg)), k_sums)
 
 
-def forward(model: ParamsModel, params: dict, head: jnp.ndarray, tokens: jnp.ndarray, start: jnp.ndarray,
-            cache: KVCache, last: jnp.ndarray | None = None) -> tuple[jnp.ndarray, KVCache]:  # fmt: skip
+def forward(
+    model: ParamsModel,
+    params: dict,
+    head: jnp.ndarray,
+    tokens: jnp.ndarray,
+    start: jnp.ndarray,
+    cache: KVCache,
+    last: jnp.ndarray | None = None,
+) -> tuple[jnp.ndarray, KVCache]:
     """Runs tokens [batch, T] at positions start[b] + (0..T-1) through the cache; logits via `head`.
 
     head: [d_model, vocab'] (the full head_weight(), or some of its columns for an FR-Spec draft). Returns
@@ -126,9 +133,17 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.n
     return tokens, lengths
 
 
-def next_token(model: ParamsModel, sampling: Sampling, params: dict, head: jnp.ndarray, tokens: jnp.ndarray,
-               start: jnp.ndarray, last: jnp.ndarray, cache: KVCache,
-               key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray, KVCache]:  # fmt: skip
+def next_token(
+    model: ParamsModel,
+    sampling: Sampling,
+    params: dict,
+    head: jnp.ndarray,
+    tokens: jnp.ndarray,
+    start: jnp.ndarray,
+    last: jnp.ndarray,
+    cache: KVCache,
+    key: jax.Array,
+) -> tuple[jnp.ndarray, jnp.ndarray, KVCache]:
     """Runs tokens [batch, T] from positions start [batch] and samples each row's next token at index last
     [batch]: (token [batch], its log-prob [batch] under logits / temperature (1 when greedy), cache)."""
     logits, cache = forward(model, params, head, tokens, start, cache, last=last)  # [batch, vocab] fp32
@@ -151,7 +166,9 @@ def _one_each(token: jnp.ndarray, logprob: jnp.ndarray) -> Proposal:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="cache")
-def _sample_prompts(model, sampling, params, head, tokens, lengths, cache, key) -> tuple[Proposal, SamplingState]:
+def _sample_prompts(
+    model, sampling, params, head, tokens, lengths, cache, key
+) -> tuple[Proposal, SamplingState]:
     """Caches right-padded prompts tokens [batch, P] (lengths [batch]); samples each row's next token."""
     zeros = jnp.zeros_like(lengths)
     token, logprob, cache = next_token(model, sampling, params, head, tokens, zeros, lengths - 1, cache, key)
@@ -161,18 +178,30 @@ def _sample_prompts(model, sampling, params, head, tokens, lengths, cache, key) 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="state")
 def _sample_step(model, sampling, params, head, state: SamplingState, key) -> tuple[Proposal, SamplingState]:
     """Caches each row's last token and samples the one after it."""
-    token, logprob, cache = next_token(model, sampling, params, head, state.token[:, None], state.position,
-                                       jnp.zeros_like(state.position), state.cache, key)  # fmt: skip
+    token, logprob, cache = next_token(
+        model,
+        sampling,
+        params,
+        head,
+        state.token[:, None],
+        state.position,
+        jnp.zeros_like(state.position),
+        state.cache,
+        key,
+    )
     return _one_each(token, logprob), SamplingState(cache, token, state.position + 1)
 
 
-def sampling_strategy(w: DecodeWeights, sampling: Sampling, tokens: np.ndarray, lengths: np.ndarray,
-                      capacity: int) -> Strategy:  # fmt: skip
+def sampling_strategy(
+    w: DecodeWeights, sampling: Sampling, tokens: np.ndarray, lengths: np.ndarray, capacity: int
+) -> Strategy:
     """Plain decoding of right-padded prompts tokens [batch, P] (lengths [batch]): one sampled token per row
     and step, with its log-prob, over a cache of `capacity` positions."""
     cache = lambda: init_cache(w.model.cfg, len(lengths), capacity)  # made at prefill, which donates it
     return Strategy(
-        prefill=lambda key: _sample_prompts(w.model, sampling, w.params, w.head, tokens, lengths, cache(), key),
+        prefill=lambda key: _sample_prompts(
+            w.model, sampling, w.params, w.head, tokens, lengths, cache(), key
+        ),
         step=lambda state, active, key: _sample_step(w.model, sampling, w.params, w.head, state, key),
     )
 
@@ -195,7 +224,8 @@ def generate(
 ) -> list[list[int]]:
     """Continues each prompt (token ids) by up to max_new_tokens tokens; EOS ends a row (and is not kept)."""
     tokens, lengths = pad_prompts(prompts)
-    strategy = sampling_strategy(decode_weights(cfg, params), sampling, tokens, lengths,
-                                 tokens.shape[1] + max_new_tokens)  # fmt: skip
+    strategy = sampling_strategy(
+        decode_weights(cfg, params), sampling, tokens, lengths, tokens.shape[1] + max_new_tokens
+    )
     out, _ = decode(strategy, eos_rule(len(prompts), max_new_tokens, eos_id), jax.random.key(seed), on_tokens)
     return out.tokens

@@ -26,7 +26,9 @@ class Proposal(NamedTuple):
 
     tokens: jax.Array  # [batch, n] int32
     counts: jax.Array  # [batch] int32 in 1..n
-    logprobs: jax.Array | None = None  # [batch, n] fp32: each token's log-prob under the policy that sampled it
+    logprobs: jax.Array | None = (
+        None  # [batch, n] fp32: each token's log-prob under the policy that sampled it
+    )
 
 
 class Strategy(NamedTuple):
@@ -49,14 +51,18 @@ class StopRule:
     keep_stop: bool = False
 
     @classmethod
-    def of(cls, max_new: Sequence[int], stop_ids: Sequence[Collection[int]], keep_stop: bool = False) -> "StopRule":
+    def of(
+        cls, max_new: Sequence[int], stop_ids: Sequence[Collection[int]], keep_stop: bool = False
+    ) -> "StopRule":
         """A rule from each row's token limit and its set of stop ids."""
         table = np.full((len(max_new), max((len(ids) for ids in stop_ids), default=0)), -1, np.int32)
         for row, ids in enumerate(stop_ids):
             table[row, : len(ids)] = sorted(ids)
         return cls(np.asarray(max_new, np.int64), table, keep_stop)
 
-    def emit(self, emitted: np.ndarray, done: np.ndarray, proposal: Proposal) -> tuple[np.ndarray, np.ndarray]:
+    def emit(
+        self, emitted: np.ndarray, done: np.ndarray, proposal: Proposal
+    ) -> tuple[np.ndarray, np.ndarray]:
         """How many of each row's proposed tokens it emits [batch], and whether it reached a stop id [batch].
 
         emitted: [batch] tokens emitted so far; done: [batch] rows already stopped (they emit nothing);
@@ -64,7 +70,9 @@ class StopRule:
         """
         tokens, counts = proposal.tokens, proposal.counts  # [batch, n], [batch]
         j = np.arange(tokens.shape[1])
-        live = ~done[:, None] & (j < counts[:, None]) & (emitted[:, None] + j < self.max_new[:, None])  # [batch, n]
+        live = (
+            ~done[:, None] & (j < counts[:, None]) & (emitted[:, None] + j < self.max_new[:, None])
+        )  # [batch, n]
         stop = live & (tokens[:, :, None] == self.stop_ids[:, None, :]).any(axis=-1)  # [batch, n]
         before_stop = np.cumsum(stop, axis=1) - stop == 0  # no stop id earlier in the row
         taken = live & before_stop & (self.keep_stop | ~stop)
@@ -97,8 +105,9 @@ class Emitted:
         return fresh
 
 
-def decode(strategy: Strategy, rule: StopRule, key: jax.Array,
-           on_tokens: TokenCallback | None = None) -> tuple[Emitted, State]:  # fmt: skip
+def decode(
+    strategy: Strategy, rule: StopRule, key: jax.Array, on_tokens: TokenCallback | None = None
+) -> tuple[Emitted, State]:
     """Runs `strategy` until every row has stopped by `rule` (a split of `key` per proposal); returns the
     emitted tokens and the strategy's final state (where speculative decoding keeps its counts)."""
     out = Emitted(rule)

@@ -47,8 +47,9 @@ def _draft(model: ParamsModel, params, head, residual, next_tokens, start, cache
     rope = rope_tables(cfg.rope, cfg.head_dim, cache.k.shape[2], cfg.max_position)
     layer_cache = jax.tree.map(lambda c: c[0], cache)
     attention = lambda q, k, v: cached_attend(q, k, v, positions, layer_cache, cfg)
-    _, out, layer_cache = mtp_step(cfg, residual, m.embed_tokens(next_tokens), mtp_weights(m, 0), positions, rope,
-                                   attention)  # fmt: skip
+    _, out, layer_cache = mtp_step(
+        cfg, residual, m.embed_tokens(next_tokens), mtp_weights(m, 0), positions, rope, attention
+    )
     logits = jnp.einsum("btd,dv->btv", out.astype(jnp.float32), head)
     return logits, jax.tree.map(lambda c: c[None], layer_cache)
 
@@ -126,12 +127,15 @@ def mtp_generate(
     return out.tokens, SpeculativeStats.of(state.tally)
 
 
-def mtp_strategy(w: DecodeWeights, sampling: Sampling, tokens: np.ndarray, lengths: np.ndarray,
-                 capacity: int) -> Strategy:  # fmt: skip
+def mtp_strategy(
+    w: DecodeWeights, sampling: Sampling, tokens: np.ndarray, lengths: np.ndarray, capacity: int
+) -> Strategy:
     """MTP self-speculation over right-padded prompts tokens [batch, P] (lengths [batch], each >= 2): one
     draft of the model's first MTP block per target pass, over caches of `capacity` positions."""
     cfg, batch = w.model.cfg, len(lengths)
-    caches = lambda: (decoding.init_cache(cfg, batch, capacity),
-                      decoding.init_cache(dataclasses.replace(cfg, n_layers=1), batch, capacity))  # fmt: skip
+    caches = lambda: (
+        decoding.init_cache(cfg, batch, capacity),
+        decoding.init_cache(dataclasses.replace(cfg, n_layers=1), batch, capacity),
+    )
     prefill = lambda key: _prefill(w.model, sampling, w.params, w.head, tokens, lengths, *caches(), key)
     return Strategy(prefill, functools.partial(_round, w.model, sampling, w.params, w.head))

@@ -57,7 +57,9 @@ def tally(counts: jnp.ndarray, active: jnp.ndarray, proposal: Proposal) -> jnp.n
     return counts + jnp.stack([jnp.sum(active), kept]).astype(jnp.int32)
 
 
-def accept(p: jnp.ndarray, q: jnp.ndarray, drafts: jnp.ndarray, key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
+def accept(
+    p: jnp.ndarray, q: jnp.ndarray, drafts: jnp.ndarray, key: jax.Array
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Speculative sampling for a batch: how many drafts each row keeps, and the target's next token.
 
     p: [batch, k+1, vocab] target probabilities at the k drafts and after them; q: [batch, k, vocab] draft
@@ -79,8 +81,9 @@ def verified_run(drafts: jnp.ndarray, n_accepted: jnp.ndarray, next_token: jnp.n
     """A round's proposal: the n_accepted [batch] kept of drafts [batch, k], then the target's next_token
     [batch], as candidates [batch, k+1] of which the first n_accepted + 1 count."""
     k = drafts.shape[1]
-    candidates = jnp.where(jnp.arange(k + 1) < n_accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
-                           next_token[:, None])  # fmt: skip
+    candidates = jnp.where(
+        jnp.arange(k + 1) < n_accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), next_token[:, None]
+    )
     return Proposal(candidates, n_accepted + 1)
 
 
@@ -95,22 +98,48 @@ class DraftState(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("target_cache", "draft_cache"))
-def _prefill(target: ParamsModel, draft: ParamsModel, sampling: Sampling, target_params, target_head,
-             draft_params, draft_head, tokens, lengths, target_cache, draft_cache, key):  # fmt: skip
+def _prefill(
+    target: ParamsModel,
+    draft: ParamsModel,
+    sampling: Sampling,
+    target_params,
+    target_head,
+    draft_params,
+    draft_head,
+    tokens,
+    lengths,
+    target_cache,
+    draft_cache,
+    key,
+):
     """Both caches over the right-padded prompts tokens [batch, P] (lengths [batch]); the target's first token."""
     zeros = jnp.zeros_like(lengths)
-    first, _, target_cache = next_token(target, sampling, target_params, target_head, tokens, zeros, lengths - 1,
-                                        target_cache, key)  # fmt: skip
-    _, _, draft_cache = next_token(draft, sampling, draft_params, draft_head, tokens, zeros, lengths - 1,
-                                   draft_cache, key)  # fmt: skip
+    first, _, target_cache = next_token(
+        target, sampling, target_params, target_head, tokens, zeros, lengths - 1, target_cache, key
+    )
+    _, _, draft_cache = next_token(
+        draft, sampling, draft_params, draft_head, tokens, zeros, lengths - 1, draft_cache, key
+    )
     last2 = jnp.stack([tokens[jnp.arange(tokens.shape[0]), lengths - 1], first], axis=1)
     state = DraftState(target_cache, draft_cache, last2, lengths + 1, jnp.asarray(NO_ROUNDS))
     return Proposal(first[:, None], jnp.ones_like(first)), state
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames="state")
-def _round(target: ParamsModel, draft: ParamsModel, sampling: Sampling, k: int, target_params, target_head,
-           draft_params, draft_head, vocab_ids, state: DraftState, active, key):  # fmt: skip
+def _round(
+    target: ParamsModel,
+    draft: ParamsModel,
+    sampling: Sampling,
+    k: int,
+    target_params,
+    target_head,
+    draft_params,
+    draft_head,
+    vocab_ids,
+    state: DraftState,
+    active,
+    key,
+):
     """One draft-and-verify round: candidates [batch, k+1] of which the first count are committed; the new
     state (last2 and n unchanged for rows not active)."""
     draft_cache, last2, n = state.draft_cache, state.last2, state.n
@@ -124,11 +153,15 @@ def _round(target: ParamsModel, draft: ParamsModel, sampling: Sampling, k: int, 
         drafts.append(vocab_ids[sample(q_subset, keys[i])])  # subset index -> token id
         q.append(jnp.zeros((batch, vocab), jnp.float32).at[:, vocab_ids].set(q_subset))
         if i + 1 < k:
-            logits, draft_cache = forward(draft, draft_params, draft_head, drafts[-1][:, None], n + i, draft_cache)
+            logits, draft_cache = forward(
+                draft, draft_params, draft_head, drafts[-1][:, None], n + i, draft_cache
+            )
             logits = logits[:, 0]
     drafts, q = jnp.stack(drafts, axis=1), jnp.stack(q, axis=1)  # [batch, k], [batch, k, vocab]
     block = jnp.concatenate([last2[:, 1:], drafts], axis=1)  # positions n-1 .. n-1+k
-    target_logits, target_cache = forward(target, target_params, target_head, block, n - 1, state.target_cache)
+    target_logits, target_cache = forward(
+        target, target_params, target_head, block, n - 1, state.target_cache
+    )
     n_accepted, following = accept(token_probs(target_logits, sampling), q, drafts, keys[k])
     proposal = verified_run(drafts, n_accepted, following)
     committed = jnp.concatenate([last2[:, 1:], proposal.tokens], axis=1)  # [batch, k+2]
@@ -161,7 +194,9 @@ def speculative_generate(
     if num_draft < 1:
         raise ValueError(f"num_draft must be at least 1, got {num_draft}")
     shared = min(target_cfg.vocab_size, draft_cfg.vocab_size)
-    vocab_ids = jnp.arange(shared, dtype=jnp.int32) if draft_vocab is None else jnp.asarray(draft_vocab, jnp.int32)
+    vocab_ids = (
+        jnp.arange(shared, dtype=jnp.int32) if draft_vocab is None else jnp.asarray(draft_vocab, jnp.int32)
+    )
     if vocab_ids.size == 0 or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= shared:
         raise ValueError(f"draft_vocab ids must lie in [0, {shared}) (both models' vocabularies)")
     target = decoding.decode_weights(target_cfg, target_params)
@@ -176,15 +211,43 @@ def speculative_generate(
     return out.tokens, SpeculativeStats.of(state.tally)
 
 
-def speculative_strategy(target: DecodeWeights, draft: DecodeWeights, vocab_ids: jnp.ndarray, sampling: Sampling,
-                         num_draft: int, tokens: np.ndarray, lengths: np.ndarray,
-                         capacity: int) -> Strategy:  # fmt: skip
+def speculative_strategy(
+    target: DecodeWeights,
+    draft: DecodeWeights,
+    vocab_ids: jnp.ndarray,
+    sampling: Sampling,
+    num_draft: int,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    capacity: int,
+) -> Strategy:
     """FR-Spec decoding of right-padded prompts tokens [batch, P] (lengths [batch]): num_draft tokens drafted
     from the vocab_ids [V'] columns of the draft's head, verified in one target pass, over caches of capacity."""
     draft_head = draft.head[:, vocab_ids]  # [d_draft, V']: FR-Spec's cut LM head
     caches = lambda: [decoding.init_cache(w.model.cfg, len(lengths), capacity) for w in (target, draft)]
-    prefill = lambda key: _prefill(target.model, draft.model, sampling, target.params, target.head, draft.params,
-                                   draft_head, tokens, lengths, *caches(), key)  # fmt: skip
-    step = functools.partial(_round, target.model, draft.model, sampling, num_draft, target.params, target.head,
-                             draft.params, draft_head, vocab_ids)  # fmt: skip
+    prefill = lambda key: _prefill(
+        target.model,
+        draft.model,
+        sampling,
+        target.params,
+        target.head,
+        draft.params,
+        draft_head,
+        tokens,
+        lengths,
+        *caches(),
+        key,
+    )
+    step = functools.partial(
+        _round,
+        target.model,
+        draft.model,
+        sampling,
+        num_draft,
+        target.params,
+        target.head,
+        draft.params,
+        draft_head,
+        vocab_ids,
+    )
     return Strategy(prefill, step)

@@ -108,9 +108,13 @@ def _write(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndar
 
 
 def cached_attend(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, positions: jnp.ndarray, cache: KVCache,
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    positions: jnp.ndarray,
+    cache: KVCache,
     cfg: ModelConfig,
-) -> tuple[jnp.ndarray, KVCache]:  # fmt: skip
+) -> tuple[jnp.ndarray, KVCache]:
     """Decoding: writes k, v [batch, T, kv_heads, d] into one layer's cache at positions [batch, T]
     (consecutive per row), then attends q [batch, T, q_heads, d] to the slots up to each query's position.
 

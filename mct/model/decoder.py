@@ -46,10 +46,12 @@ def remat_policy(name: str) -> Callable | None:
         "save_dot_except_mlp": save("qkv_proj", "attn_out", "out_proj"),
         "save_residual": save("residual"),
         "offload_residual": _policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=[], names_which_can_be_offloaded=["residual"],
-            offload_src="device", offload_dst="pinned_host",
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=["residual"],
+            offload_src="device",
+            offload_dst="pinned_host",
         ),
-    }  # fmt: skip
+    }
     return None if name == "none" else table[name]
 
 
@@ -100,8 +102,15 @@ def dense_mlp(cfg: ModelConfig, x: jnp.ndarray, w: dict, linear: Linear) -> tupl
     return linear(jax.nn.silu(gate) * up, w["w_down"], 1), {}
 
 
-def decoder_layer(cfg: ModelConfig, h: jnp.ndarray, w: dict, positions: jnp.ndarray, rope,
-                  attention: Callable, mlp: Mlp = dense_mlp) -> tuple[jnp.ndarray, Any, dict]:  # fmt: skip
+def decoder_layer(
+    cfg: ModelConfig,
+    h: jnp.ndarray,
+    w: dict,
+    positions: jnp.ndarray,
+    rope,
+    attention: Callable,
+    mlp: Mlp = dense_mlp,
+) -> tuple[jnp.ndarray, Any, dict]:
     """One pre-norm block: h + s * Attn(RMSNorm(h)), then + s * MLP(RMSNorm(h)), s = scale_depth / sqrt(L).
 
     h: [batch, seq, d_model]; w: one layer's weights (LAYER_WEIGHTS, + "router" for MoE); positions: [batch,
@@ -171,8 +180,9 @@ def block_params(cfg: ModelConfig, rngs: nnx.Rngs, n: int, experts: int = 0) -> 
         "mlp_norm": _param(rngs, (n, d), ("layers", "norm"), None, "vector"),
     }
     if experts:  # MiniCPM-MoE: router N(0, router_init_std)
-        params["router"] = _param(rngs, (n, d, experts), ("layers", "embed", None), cfg.moe.router_init_std,
-                                  "hidden")  # fmt: skip
+        params["router"] = _param(
+            rngs, (n, d, experts), ("layers", "embed", None), cfg.moe.router_init_std, "hidden"
+        )
     return params
 
 
@@ -216,8 +226,14 @@ class MiniCPM(nnx.Module):
         out = self.forward(tokens, positions, segment_ids, return_layers=return_layers)
         return (out.hidden, out.layers) if return_layers else out.hidden
 
-    def forward(self, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray, *,
-                return_layers: bool = False) -> "Forward":  # fmt: skip
+    def forward(
+        self,
+        tokens: jnp.ndarray,
+        positions: jnp.ndarray,
+        segment_ids: jnp.ndarray,
+        *,
+        return_layers: bool = False,
+    ) -> "Forward":
         """The whole forward pass of a training batch: what the losses (next-token, MTP, MoE aux) read."""
         cfg = self.cfg
         rope = rope_tables(cfg.rope, cfg.head_dim, tokens.shape[1], cfg.max_position)

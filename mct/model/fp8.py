@@ -73,7 +73,10 @@ def _scaled_dot(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     qw, sw = quantise_blocks(w)  # [Kb, 128, Nb, 128], [Kb, Nb]
     kb, _, nb, _ = qw.shape
     partial = jax.lax.dot_general(
-        qx, qw.reshape(kb, BLOCK, nb * BLOCK), (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.float32
+        qx,
+        qw.reshape(kb, BLOCK, nb * BLOCK),
+        (((2,), (1,)), ((1,), (0,))),
+        preferred_element_type=jnp.float32,
     )  # [Kb, M, N_padded]: one fp32 sum per 128-wide slice of the contraction
     scales = sx.T[:, :, None] * jnp.repeat(sw, BLOCK, axis=1)[:, None, :]  # [Kb, M, N_padded]
     return jnp.sum(partial * scales, axis=0)[:, :n]

@@ -113,8 +113,9 @@ def fit_conversation(tokenizer: Tokenizer, messages: list[dict], seq_len: int) -
     return [], [], len(ends)
 
 
-def prepare_chat_dataset(out_dir: pathlib.Path, path: str, tokenizer: Tokenizer, *, seq_len: int,
-                         eval_fraction: float) -> pathlib.Path:  # fmt: skip
+def prepare_chat_dataset(
+    out_dir: pathlib.Path, path: str, tokenizer: Tokenizer, *, seq_len: int, eval_fraction: float
+) -> pathlib.Path:
     """Writes the conversations of `path` as a masked dataset into out_dir (atomically); DatasetError naming
     the file when a split would have no loss tokens."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -142,13 +143,23 @@ def prepare_chat_dataset(out_dir: pathlib.Path, path: str, tokenizer: Tokenizer,
                     f"conversations, {counts['dropped']} without an assistant turn within data.seq_len={seq_len}"
                     f"); add conversations{' or raise data.chat.eval_fraction' if split == 'eval' else ''}"
                 )
-        shards.write_manifest(tmp, {
-            "format": shards.FORMAT, "format_version": shards.FORMAT_VERSION, "loss_mask": True,
-            "token_dtype": "int32 little-endian, one record per conversation: [num_tokens, 2] (id, loss mask)",
-            "source": path, "seq_len": seq_len, "eval_fraction": eval_fraction, "splits": splits, **counts,
-            "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-            "tokenizer_sha256": sha256_hex(json_bytes), "special_tokens": special_token_ids(tokenizer),
-        })  # fmt: skip
+        shards.write_manifest(
+            tmp,
+            {
+                "format": shards.FORMAT,
+                "format_version": shards.FORMAT_VERSION,
+                "loss_mask": True,
+                "token_dtype": "int32 little-endian, one record per conversation: [num_tokens, 2] (id, loss mask)",
+                "source": path,
+                "seq_len": seq_len,
+                "eval_fraction": eval_fraction,
+                "splits": splits,
+                **counts,
+                "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+                "tokenizer_sha256": sha256_hex(json_bytes),
+                "special_tokens": special_token_ids(tokenizer),
+            },
+        )
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process prepared it first
@@ -158,14 +169,23 @@ def prepare_chat_dataset(out_dir: pathlib.Path, path: str, tokenizer: Tokenizer,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logging.info("chat data %s: %d conversations, %d cut at a message boundary to fit seq_len %d, %d dropped "
-                 "(no assistant turn fits); loss tokens %s -> %s", path, counts["conversations"], counts["cut"],
-                 seq_len, counts["dropped"], counts["loss_tokens"], out_dir)  # fmt: skip
+    logging.info(
+        "chat data %s: %d conversations, %d cut at a message boundary to fit seq_len %d, %d dropped "
+        "(no assistant turn fits); loss tokens %s -> %s",
+        path,
+        counts["conversations"],
+        counts["cut"],
+        seq_len,
+        counts["dropped"],
+        counts["loss_tokens"],
+        out_dir,
+    )
     return out_dir
 
 
-def chat_dataset_dir(path: str, tokenizer: Tokenizer, *, seq_len: int, eval_fraction: float,
-                     cache_root: pathlib.Path) -> pathlib.Path:  # fmt: skip
+def chat_dataset_dir(
+    path: str, tokenizer: Tokenizer, *, seq_len: int, eval_fraction: float, cache_root: pathlib.Path
+) -> pathlib.Path:
     """The masked dataset of `path` for this tokenizer and seq_len under cache_root/chat-*, prepared on first
     use (a changed file gets a new directory: the key hashes its bytes)."""
     source = _DEFAULT_VERSION if path == DEFAULT else _file_sha256(path)
@@ -195,9 +215,13 @@ def default_pairs(n: int = _DEFAULT_CONVERSATIONS, seed: int = 1) -> Iterator[tu
     for i in range(n):
         question, value = arithmetic_problem(rng)
         wrong = value + int(rng.choice([-10, -2, -1, 1, 2, 10]))
-        chosen, rejected = ({"role": "assistant", "content": f"{question[8:-1]} = {v}."} for v in (value, wrong))
-        yield f"{DEFAULT}:{i}", {"prompt": [{"role": "user", "content": question}], "chosen": chosen,
-                                 "rejected": rejected}  # fmt: skip
+        chosen, rejected = (
+            {"role": "assistant", "content": f"{question[8:-1]} = {v}."} for v in (value, wrong)
+        )
+        yield (
+            f"{DEFAULT}:{i}",
+            {"prompt": [{"role": "user", "content": question}], "chosen": chosen, "rejected": rejected},
+        )
 
 
 def read_pairs(path: str) -> Iterator[tuple[str, dict]]:

@@ -50,10 +50,12 @@ def dpo_objective(beta: float, sft_weight: float) -> Objective:
         sft = -policy[:, 0] / jnp.maximum(chosen_tokens, 1.0)  # the chosen answer's mean token loss
         total = jnp.sum(valid * (loss + sft_weight * sft))
         extras = {
-            "dpo_loss": jnp.sum(valid * loss), "sft_loss": jnp.sum(valid * sft),
-            "reward_margin": jnp.sum(valid * margin), "reward_accuracy": jnp.sum(valid * (margin > 0)),
+            "dpo_loss": jnp.sum(valid * loss),
+            "sft_loss": jnp.sum(valid * sft),
+            "reward_margin": jnp.sum(valid * margin),
+            "reward_accuracy": jnp.sum(valid * (margin > 0)),
             "kl_proxy": jnp.sum(valid * (policy - reference).mean(1)),  # mean log pi/ref of the answers
-        }  # fmt: skip
+        }
         return total, jnp.sum(valid), extras
 
     return objective
@@ -64,21 +66,35 @@ class PreferenceData(RunData):
 
     def __init__(self, config: DPORunConfig):
         self.tokenizer = init_tokenizer(config)
-        self.rows = pair_rows(config.dpo.path, self.tokenizer, seq_len=config.data.seq_len,
-                              eval_fraction=config.data.chat.eval_fraction)  # fmt: skip
+        self.rows = pair_rows(
+            config.dpo.path,
+            self.tokenizer,
+            seq_len=config.data.seq_len,
+            eval_fraction=config.data.chat.eval_fraction,
+        )
 
     def train_batches(self, setup: TrainSetup, state: dict | None):
-        batches = PairBatches(self.rows["train"], global_batch=setup.config.train.batch_size,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              seed=setup.config.data.seed, tokenizer=self.tokenizer)  # fmt: skip
+        batches = PairBatches(
+            self.rows["train"],
+            global_batch=setup.config.train.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            seed=setup.config.data.seed,
+            tokenizer=self.tokenizer,
+        )
         if state is not None:
             batches.set_state(state)
         return batches
 
     def eval_sets(self, setup: TrainSetup) -> dict[str, list]:
         c = setup.config
-        local = eval_batches(self.rows["eval"], batch_size=c.train.batch_size, num_batches=c.data.eval_batches,
-                             process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
+        local = eval_batches(
+            self.rows["eval"],
+            batch_size=c.train.batch_size,
+            num_batches=c.data.eval_batches,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         return {"eval_loss": [global_batch(b, setup.batch_sharding) for b in local]}
 
     def merge(self, states: list[dict]) -> dict:
@@ -107,5 +123,10 @@ def train_dpo(config: DPORunConfig, devices: list | None = None, stop: threading
     """Runs (or resumes) DPO in config.workdir; returns the last logged metrics and eval losses."""
     init_tokenizer(config)  # init_from is set and readable before anything else
     config = dpo_config(config)
-    return train(config, devices, stop, objective=dpo_objective(config.dpo.beta, config.dpo.sft_weight),
-                 data=PreferenceData(config))  # fmt: skip
+    return train(
+        config,
+        devices,
+        stop,
+        objective=dpo_objective(config.dpo.beta, config.dpo.sft_weight),
+        data=PreferenceData(config),
+    )

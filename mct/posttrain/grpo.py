@@ -34,8 +34,9 @@ def accepted_groups(rewards: np.ndarray) -> np.ndarray:
     return ~np.all(rewards == rewards[:, :1], axis=1)
 
 
-def clipped_objective(ratio: jnp.ndarray, advantages: jnp.ndarray, eps_low: float, eps_high: float,
-                      dual_clip: float) -> jnp.ndarray:  # fmt: skip
+def clipped_objective(
+    ratio: jnp.ndarray, advantages: jnp.ndarray, eps_low: float, eps_high: float, dual_clip: float
+) -> jnp.ndarray:
     """Per-token surrogate (to maximise): min(rA, clip(r, 1-eps_low, 1+eps_high) A), floored at c A for A < 0."""
     clipped = jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - eps_low, 1 + eps_high) * advantages)
     return jnp.where(advantages < 0, jnp.maximum(clipped, dual_clip * advantages), clipped)
@@ -68,8 +69,18 @@ def token_logprobs(model: MiniCPM, batch: dict, temperature: float = 1.0) -> jnp
     return jnp.moveaxis(out, 0, 1).reshape(h.shape[0], seq)
 
 
-def policy_loss_sums(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float, eps_high: float,
-                     dual_clip: float, kl_beta: float) -> tuple[jnp.ndarray, jnp.ndarray, dict]:  # fmt: skip
+def policy_loss_sums(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float,
+    kl_beta: float,
+) -> tuple[jnp.ndarray, jnp.ndarray, dict]:
     """(loss sum, token count, extras sums) over [batch, seq] token arrays; mask marks trained tokens."""
     mask = mask.astype(jnp.float32)
     ratio = jnp.exp(logp - old_logp)
@@ -86,16 +97,24 @@ def policy_loss_sums(logp, old_logp, ref_logp, advantages, mask, *, eps_low: flo
     return jnp.sum(per_token * mask), jnp.sum(mask), extras
 
 
-def grpo_objective(*, eps_low: float, eps_high: float, dual_clip: float, kl_beta: float,
-                   temperature: float = 1.0) -> Objective:  # fmt: skip
+def grpo_objective(
+    *, eps_low: float, eps_high: float, dual_clip: float, kl_beta: float, temperature: float = 1.0
+) -> Objective:
     """The RL objective for `mct.train.trainer.build`: the batch carries tokens, targets, positions, segment_ids,
     loss_mask and, per token [batch, seq], old_logp (the generating policy's), ref_logp and advantages."""
 
     def objective(model: MiniCPM, batch: dict):
         logp = token_logprobs(model, batch, temperature)
         return policy_loss_sums(
-            logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["loss_mask"],
-            eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl_beta=kl_beta,
-        )  # fmt: skip
+            logp,
+            batch["old_logp"],
+            batch["ref_logp"],
+            batch["advantages"],
+            batch["loss_mask"],
+            eps_low=eps_low,
+            eps_high=eps_high,
+            dual_clip=dual_clip,
+            kl_beta=kl_beta,
+        )
 
     return objective

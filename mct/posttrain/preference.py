@@ -37,8 +37,9 @@ def pair_row(tokenizer: Tokenizer, pair: dict, seq_len: int) -> Row | None:
     return row
 
 
-def pair_rows(paths: tuple[str, ...], tokenizer: Tokenizer, *, seq_len: int,
-              eval_fraction: float) -> dict[str, dict[str, np.ndarray]]:  # fmt: skip
+def pair_rows(
+    paths: tuple[str, ...], tokenizer: Tokenizer, *, seq_len: int, eval_fraction: float
+) -> dict[str, dict[str, np.ndarray]]:
     """{"train", "eval"} -> FIELDS -> [rows, seq_len] of every pair that fits; DatasetError naming the files
     when a split has no pair (with loss tokens in both answers)."""
     splits: dict[str, list[Row]] = {"train": [], "eval": []}
@@ -52,23 +53,39 @@ def pair_rows(paths: tuple[str, ...], tokenizer: Tokenizer, *, seq_len: int,
             splits["eval" if is_eval_document(key, eval_fraction) else "train"].append(row)
     for split, rows in splits.items():
         if not rows:
-            raise DatasetError(f"preference data {paths}: no {split} pair fits data.seq_len={seq_len} with loss "
-                               f"tokens in both answers ({dropped} dropped)")  # fmt: skip
+            raise DatasetError(
+                f"preference data {paths}: no {split} pair fits data.seq_len={seq_len} with loss "
+                f"tokens in both answers ({dropped} dropped)"
+            )
     return {s: {k: np.stack([r[k] for r in rows]) for k in FIELDS} for s, rows in splits.items()}
 
 
 class PairBatches:
     """This process's rows of each global batch of `rows`, in a seeded permutation per epoch, forever."""
 
-    def __init__(self, rows: dict[str, np.ndarray], *, global_batch: int, process_index: int, process_count: int,
-                 seed: int, tokenizer: Tokenizer):  # fmt: skip
+    def __init__(
+        self,
+        rows: dict[str, np.ndarray],
+        *,
+        global_batch: int,
+        process_index: int,
+        process_count: int,
+        seed: int,
+        tokenizer: Tokenizer,
+    ):
         self._rows, self._n = rows, len(rows["tokens"])
         self._global, self._seed = global_batch, seed
         local = global_batch // process_count
         self._local = slice(process_index * local, (process_index + 1) * local)
-        tokenizer_sha256 = sha256_hex(tokenizer_bytes(tokenizer))  # what mct.run.reader checks the tokenizer by
-        self._fingerprint = {"rows": self._n, "seed": seed, "global_batch": global_batch,
-                             "mixture": {"pairs": {"tokenizer_sha256": tokenizer_sha256}}}  # fmt: skip
+        tokenizer_sha256 = sha256_hex(
+            tokenizer_bytes(tokenizer)
+        )  # what mct.run.reader checks the tokenizer by
+        self._fingerprint = {
+            "rows": self._n,
+            "seed": seed,
+            "global_batch": global_batch,
+            "mixture": {"pairs": {"tokenizer_sha256": tokenizer_sha256}},
+        }
         self._step = 0
 
     def __iter__(self) -> "PairBatches":
@@ -91,13 +108,16 @@ class PairBatches:
                 f"the checkpoint's data state is not a preference iterator state ({_STATE_FORMAT})"
             )
         if state["fingerprint"] != self._fingerprint:
-            raise DatasetError(f"the checkpoint's preference data ({state['fingerprint']}) differs from this run's "
-                               f"({self._fingerprint}): set the data settings back or use a new workdir")  # fmt: skip
+            raise DatasetError(
+                f"the checkpoint's preference data ({state['fingerprint']}) differs from this run's "
+                f"({self._fingerprint}): set the data settings back or use a new workdir"
+            )
         self._step = state["step"]
 
 
-def eval_batches(rows: dict[str, np.ndarray], *, batch_size: int, num_batches: int, process_index: int,
-                 process_count: int) -> list[dict[str, np.ndarray]]:  # fmt: skip
+def eval_batches(
+    rows: dict[str, np.ndarray], *, batch_size: int, num_batches: int, process_index: int, process_count: int
+) -> list[dict[str, np.ndarray]]:
     """This process's rows of `num_batches` fixed global batches of the eval pairs, in order (cycled)."""
     n, local = len(rows["tokens"]), batch_size // process_count
     out = []

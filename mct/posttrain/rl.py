@@ -103,14 +103,21 @@ class RLState:
     buffer: list[Trajectory] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"cursor": self.cursor, "next_group": self.next_group,
-                "groups": {str(g): i for g, i in self.groups.items()},
-                "buffer": [dataclasses.asdict(t) for t in self.buffer]}  # fmt: skip
+        return {
+            "cursor": self.cursor,
+            "next_group": self.next_group,
+            "groups": {str(g): i for g, i in self.groups.items()},
+            "buffer": [dataclasses.asdict(t) for t in self.buffer],
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "RLState":
-        return cls(d["cursor"], d["next_group"], {int(g): i for g, i in d["groups"].items()},
-                   [Trajectory(**t) for t in d["buffer"]])  # fmt: skip
+        return cls(
+            d["cursor"],
+            d["next_group"],
+            {int(g): i for g, i in d["groups"].items()},
+            [Trajectory(**t) for t in d["buffer"]],
+        )
 
 
 def draw_prompts(state: RLState, n_items: int, count: int, seed: int) -> list[int]:
@@ -123,8 +130,9 @@ def draw_prompts(state: RLState, n_items: int, count: int, seed: int) -> list[in
     return out
 
 
-def training_rows(trajectories: list[Trajectory], advantages: list[float], seq_len: int,
-                  overlong_filter: bool) -> dict[str, np.ndarray]:  # fmt: skip
+def training_rows(
+    trajectories: list[Trajectory], advantages: list[float], seq_len: int, overlong_filter: bool
+) -> dict[str, np.ndarray]:
     """Rows [n, seq_len] of prompt + response: the model reads tokens and predicts targets; loss_mask,
     old_logp and advantages sit on the positions whose target is a response token (0 on overlong ones)."""
     n = len(trajectories)
@@ -200,13 +208,22 @@ class Rollouts:
             host.next_group += 1
         pending = [t for t in host.buffer if not t.finished]
         key = jax.random.fold_in(jax.random.key(self.config.seed), step)
-        with jax.set_mesh(None):  # the decoder runs where the params are, outside the train step's mesh context
+        with jax.set_mesh(
+            None
+        ):  # the decoder runs where the params are, outside the train step's mesh context
             decoded = rollout_chunk(
-                self.setup.model.cfg, params, pending, chunk_tokens=r.chunk_tokens,
-                max_response_tokens=r.max_response_tokens, stop_ids=self.stop_ids, sampling=self.sampling,
-                key=key, version=step, capacity=r.max_prompt_tokens + r.max_response_tokens,
+                self.setup.model.cfg,
+                params,
+                pending,
+                chunk_tokens=r.chunk_tokens,
+                max_response_tokens=r.max_response_tokens,
+                stop_ids=self.stop_ids,
+                sampling=self.sampling,
+                key=key,
+                version=step,
+                capacity=r.max_prompt_tokens + r.max_response_tokens,
                 row_multiple=r.group_size * r.prompts_per_step,
-            )  # fmt: skip
+            )
         for t in pending:
             if t.finished:
                 text = self.tokenizer.decode(t.response[:-1] if not t.truncated else t.response)
@@ -231,17 +248,19 @@ class Rollouts:
         keep, advantages = accepted_groups(rewards), group_advantages(rewards)
         lengths = [len(t.response) for ts in done.values() for t in ts]
         metrics |= {
-            "reward_mean": float(rewards.mean()), "accepted_groups": int(keep.sum()),
+            "reward_mean": float(rewards.mean()),
+            "accepted_groups": int(keep.sum()),
             "response_len_mean": float(np.mean(lengths)),
             "truncated_fraction": float(np.mean([t.truncated for ts in done.values() for t in ts])),
-        }  # fmt: skip
+        }
         chosen = [
             (t, float(a)) for k, ts, adv in zip(keep, done.values(), advantages) if k for t, a in zip(ts, adv)
         ]
         return [t for t, _ in chosen], [a for _, a in chosen], metrics
 
-    def train_rows(self, state: dict, step: int, trajectories: list[Trajectory],
-                   advantages: list[float]) -> tuple[dict, dict]:  # fmt: skip
+    def train_rows(
+        self, state: dict, step: int, trajectories: list[Trajectory], advantages: list[float]
+    ) -> tuple[dict, dict]:
         """Mini-batch updates of the state over the rows; (state, token-weighted loss metrics and "ok": no update
         was skipped as non-finite)."""
         c, setup = self.config, self.setup
@@ -251,11 +270,16 @@ class Rollouts:
         batch = c.train.batch_size
         padded = math.ceil(len(trajectories) / batch) * batch
         rows = {k: np.pad(v, ((0, padded - len(v)), (0, 0))) for k, v in rows.items()}  # [padded, seq_len]
-        ref_params, train_state = state["ref_params"], {"params": state["params"], "opt_state": state["opt_state"]}
+        ref_params, train_state = (
+            state["ref_params"],
+            {"params": state["params"], "opt_state": state["opt_state"]},
+        )
         sums: dict[str, float] = {"tokens": 0.0, "updates": 0.0}
         ok = True
         for first in range(0, padded, batch):
-            device_batch = global_batch({k: v[first : first + batch] for k, v in rows.items()}, setup.batch_sharding)
+            device_batch = global_batch(
+                {k: v[first : first + batch] for k, v in rows.items()}, setup.batch_sharding
+            )
             device_batch["ref_logp"] = self.ref_fn(ref_params, device_batch)
             train_state, metrics = setup.step_fn(train_state, device_batch, jnp.int32(step))
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -270,16 +294,22 @@ class Rollouts:
         tokens, updates = max(sums.pop("tokens"), 1.0), sums.pop("updates")
         out = {k: v / (max(updates, 1.0) if k == "grad_norm" else tokens) for k, v in sums.items()}
         lr = float(setup.schedule(step))
-        return {**train_state, "ref_params": ref_params}, out | {"loss_tokens": tokens, "updates": updates, "lr": lr,
-                                                                "ok": ok}  # fmt: skip
+        return {**train_state, "ref_params": ref_params}, out | {
+            "loss_tokens": tokens,
+            "updates": updates,
+            "lr": lr,
+            "ok": ok,
+        }
 
 
 class RolloutLog(StepLog):
     """RL's metrics line: the step's rollout, group and update metrics as they are."""
 
     def postfix(self, line: dict) -> str:
-        return (f"reward {line.get('reward_mean', float('nan')):.3f} | groups {line['accepted_groups']}/"
-                f"{line['completed_groups']} | carried {line['chunk_carried']}")  # fmt: skip
+        return (
+            f"reward {line.get('reward_mean', float('nan')):.3f} | groups {line['accepted_groups']}/"
+            f"{line['completed_groups']} | carried {line['chunk_carried']}"
+        )
 
 
 class RLData(RunData):
@@ -288,7 +318,9 @@ class RLData(RunData):
     unless it is one) is the policy's token loss on the held-out split of data.mixture: with init_from, the
     source run's mixture (an SFT source: its chat files' assistant tokens), the distribution RL starts from."""
 
-    final_eval = False  # only every eval.every_steps: RL's held-out loss is a drift check, not the run's result
+    final_eval = (
+        False  # only every eval.every_steps: RL's held-out loss is a drift check, not the run's result
+    )
 
     def __init__(self, reward: Reward | None):
         self.reward = reward
@@ -302,7 +334,9 @@ class RLData(RunData):
             log.info("resumed RL from %s step %d", ckpt.directory, restored[0])
             return restored
         config = setup.config
-        state = init_from_state(config.init_from, setup) if config.init_from else setup.init_state(config.seed)
+        state = (
+            init_from_state(config.init_from, setup) if config.init_from else setup.init_state(config.seed)
+        )
         return 0, {**state, "ref_params": jax.tree.map(jnp.copy, state["params"])}, None
 
     def source(self, setup: TrainSetup, state: dict | None) -> Rollouts:
@@ -321,8 +355,9 @@ class RLData(RunData):
     def tokenizer_file(self, config: RLRunConfig) -> pathlib.Path:
         return run_tokenizer(config)
 
-    def metrics_log(self, config: RLRunConfig, writer: MetricsWriter, bar: tqdm, start: int,
-                    n_devices: int) -> StepLog:  # fmt: skip
+    def metrics_log(
+        self, config: RLRunConfig, writer: MetricsWriter, bar: tqdm, start: int, n_devices: int
+    ) -> StepLog:
         return RolloutLog(writer, bar, start)
 
 
@@ -331,10 +366,19 @@ def rl_config(config: RLRunConfig) -> RLRunConfig:
     return with_source_data(config) if config.init_from else config
 
 
-def train(config: RLRunConfig, devices: list | None = None, stop: threading.Event | None = None,
-          reward: Reward | None = None) -> dict:  # fmt: skip
+def train(
+    config: RLRunConfig,
+    devices: list | None = None,
+    stop: threading.Event | None = None,
+    reward: Reward | None = None,
+) -> dict:
     """Runs (or resumes) RL to train.steps; returns the last logged metrics. `reward` overrides rl.reward."""
     r = config.rl
-    objective = grpo_objective(eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta,
-                               temperature=r.temperature or 1.0)  # fmt: skip
+    objective = grpo_objective(
+        eps_low=r.eps_low,
+        eps_high=r.eps_high,
+        dual_clip=r.dual_clip,
+        kl_beta=r.kl_beta,
+        temperature=r.temperature or 1.0,
+    )
     return run_train(rl_config(config), devices, stop, objective=objective, data=RLData(reward))

@@ -41,9 +41,21 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def rollout_chunk(cfg: ModelConfig, params: dict, trajectories: Sequence[Trajectory], *, chunk_tokens: int,
-                  max_response_tokens: int, stop_ids: Sequence[int], sampling: Sampling, key: jax.Array,
-                  version: int, capacity: int, row_multiple: int = 8, width_multiple: int = 32) -> int:  # fmt: skip
+def rollout_chunk(
+    cfg: ModelConfig,
+    params: dict,
+    trajectories: Sequence[Trajectory],
+    *,
+    chunk_tokens: int,
+    max_response_tokens: int,
+    stop_ids: Sequence[int],
+    sampling: Sampling,
+    key: jax.Array,
+    version: int,
+    capacity: int,
+    row_multiple: int = 8,
+    width_multiple: int = 32,
+) -> int:
     """Extends every unfinished trajectory (in place) by up to chunk_tokens tokens; returns the tokens decoded.
 
     Rows are padded to a multiple of row_multiple and the re-encoded contexts to a multiple of width_multiple
@@ -69,15 +81,35 @@ def rollout_chunk(cfg: ModelConfig, params: dict, trajectories: Sequence[Traject
     return sum(len(new) for new in out.tokens)
 
 
-def rollout(cfg: ModelConfig, params: dict, trajectories: Sequence[Trajectory], *, chunk_tokens: int,
-            max_response_tokens: int, stop_ids: Sequence[int], sampling: Sampling, seed: int, capacity: int,
-            **kwargs) -> int:  # fmt: skip
+def rollout(
+    cfg: ModelConfig,
+    params: dict,
+    trajectories: Sequence[Trajectory],
+    *,
+    chunk_tokens: int,
+    max_response_tokens: int,
+    stop_ids: Sequence[int],
+    sampling: Sampling,
+    seed: int,
+    capacity: int,
+    **kwargs,
+) -> int:
     """Chunks until every trajectory is finished (one params version per chunk: 0, 1, ...); returns the number
     of chunks. The unchunked rollout is this with chunk_tokens >= max_response_tokens (one chunk)."""
     chunks = 0
     while not all(t.finished for t in trajectories):
-        rollout_chunk(cfg, params, trajectories, chunk_tokens=chunk_tokens, max_response_tokens=max_response_tokens,
-                      stop_ids=stop_ids, sampling=sampling, key=jax.random.fold_in(jax.random.key(seed), chunks),
-                      version=chunks, capacity=capacity, **kwargs)  # fmt: skip
+        rollout_chunk(
+            cfg,
+            params,
+            trajectories,
+            chunk_tokens=chunk_tokens,
+            max_response_tokens=max_response_tokens,
+            stop_ids=stop_ids,
+            sampling=sampling,
+            key=jax.random.fold_in(jax.random.key(seed), chunks),
+            version=chunks,
+            capacity=capacity,
+            **kwargs,
+        )
         chunks += 1
     return chunks

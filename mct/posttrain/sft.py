@@ -55,8 +55,13 @@ def sft_config(config: Config) -> Config:
     tokenizer = init_tokenizer(config)
     mixture = {}
     for i, (path, weight) in enumerate(zip(chat.path, file_weights(chat.path, chat.weights, "data.chat"))):
-        directory = chat_dataset_dir(path, tokenizer, seq_len=data.seq_len, eval_fraction=chat.eval_fraction,
-                                     cache_root=cache_root(data.cache_dir))  # fmt: skip
+        directory = chat_dataset_dir(
+            path,
+            tokenizer,
+            seq_len=data.seq_len,
+            eval_fraction=chat.eval_fraction,
+            cache_root=cache_root(data.cache_dir),
+        )
         mixture[f"chat{i}"] = MixtureComponent(str(directory), weight)
     return with_init_lr(config.replace(data=dataclasses.replace(data, mixture=mixture)))
 
@@ -65,7 +70,9 @@ def with_source_data(config: Config) -> Config:
     """`config` reading the init_from run's data mixture (its tokenizer's dataset, its held-out split), with
     schedule.lr_from_init applied."""
     source = read_init_source(config.init_from)
-    return with_init_lr(config.replace(data=dataclasses.replace(config.data, mixture=source.config.data.mixture)))
+    return with_init_lr(
+        config.replace(data=dataclasses.replace(config.data, mixture=source.config.data.mixture))
+    )
 
 
 class CheckedBatches:

@@ -34,9 +34,17 @@ OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 # Model fields that must match for a checkpoint to be restored into a run (dotted: a nested field).
 SHAPE_KEYS = (
-    "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_mlp", "vocab_size", "tie_embeddings",
-    "moe.num_experts", "mtp.depth",
-)  # fmt: skip
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "d_mlp",
+    "vocab_size",
+    "tie_embeddings",
+    "moe.num_experts",
+    "mtp.depth",
+)
 ASIDE = ".corrupt-"  # STEP.corrupt-TIME: an unreadable checkpoint moved aside by restore_latest
 # What a checkpoint written before a key existed holds for it.
 _SIGNATURE_DEFAULTS = {"moe.num_experts": 0, "mtp.depth": 0}
@@ -52,10 +60,13 @@ def run_meta(config: Config, step: int, **provenance) -> dict:
     and step, plus where its weights came from (an import, an upcycle) when they did not come from training."""
     as_dict = config.to_dict()
     return {
-        "config": as_dict, "model_signature": model_signature(config.model),
-        "data_mixture": as_dict["data"]["mixture"], "decay_start": config.decay_start, "step": step,
+        "config": as_dict,
+        "model_signature": model_signature(config.model),
+        "data_mixture": as_dict["data"]["mixture"],
+        "decay_start": config.decay_start,
+        "step": step,
         **provenance,
-    }  # fmt: skip
+    }
 
 
 def _check_signature(meta: dict, model_cfg: ModelConfig, directory: pathlib.Path, step: int) -> None:
@@ -118,8 +129,14 @@ def _remove_tmp_dirs(directory: pathlib.Path, step: int) -> None:
 class Checkpointer:
     """A CheckpointManager over WORKDIR/checkpoints; read_only for a source run a branch starts from."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int | None = None, async_save: bool = True,
-                 read_only: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        *,
+        max_to_keep: int | None = None,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         if read_only and not self.directory.is_dir():
             raise CheckpointMissing(f"{workdir} is not a training workdir: it has no checkpoints/ directory")
@@ -226,8 +243,13 @@ class Checkpointer:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint is unusable
                 aside = self.directory / f"{step}{ASIDE}{int(time.time())}"
-                log.warning("checkpoint %s/%d is unreadable (%s); moved to %s, trying the previous one",
-                            self.directory, step, str(e).splitlines()[0][:200], aside.name)  # fmt: skip
+                log.warning(
+                    "checkpoint %s/%d is unreadable (%s); moved to %s, trying the previous one",
+                    self.directory,
+                    step,
+                    str(e).splitlines()[0][:200],
+                    aside.name,
+                )
                 if jax.process_index() == 0:
                     (self.directory / str(step)).rename(aside)
                 self.manager.reload()
@@ -274,20 +296,28 @@ class SavedStep:
         Nothing else of the state is read; ValueError naming the checkpoint when it cannot be read."""
         state_dir = self.directory / str(self.step) / "state"
         sharding = like.sharding
-        how = ocp.RestoreArgs(restore_type=np.ndarray) if sharding is None else ocp.ArrayRestoreArgs(sharding=sharding)
+        how = (
+            ocp.RestoreArgs(restore_type=np.ndarray)
+            if sharding is None
+            else ocp.ArrayRestoreArgs(sharding=sharding)
+        )
         args = ocp.args.PyTreeRestore(
             item={"params": {name: 0}}, partial_restore=True, restore_args={"params": {name: how}}
-        )  # fmt: skip
+        )
         try:
             with ocp.PyTreeCheckpointer() as checkpointer:
                 array = checkpointer.restore(state_dir, args=args)["params"][name]
         except (ValueError, KeyError, OSError) as e:
             raise ValueError(f"{state_dir}: cannot read parameter {name!r} ({root_cause(e)})") from None
-        if not isinstance(array, np.ndarray | jax.Array):  # a partial restore leaves a missing name's placeholder
+        if not isinstance(
+            array, np.ndarray | jax.Array
+        ):  # a partial restore leaves a missing name's placeholder
             raise ValueError(f"{state_dir}: cannot read parameter {name!r} (the checkpoint has none)")
         if tuple(array.shape) != tuple(like.shape):
-            raise ValueError(f"{state_dir}: parameter {name!r} has shape {tuple(array.shape)}, but the model "
-                             f"needs {tuple(like.shape)}")  # fmt: skip
+            raise ValueError(
+                f"{state_dir}: parameter {name!r} has shape {tuple(array.shape)}, but the model "
+                f"needs {tuple(like.shape)}"
+            )
         return array
 
     def read_params(self, abstract: dict[str, jax.ShapeDtypeStruct]) -> dict:

@@ -52,8 +52,10 @@ def with_init_lr(config: Config) -> Config:
         return config
     lr = read_init_source(config.init_from).final_lr
     if not lr > 0:
-        raise UserError(f"config init_from={config.init_from}: its final lr is {lr}; set optimizer.lr and "
-                        "schedule.lr_from_init=false")  # fmt: skip
+        raise UserError(
+            f"config init_from={config.init_from}: its final lr is {lr}; set optimizer.lr and "
+            "schedule.lr_from_init=false"
+        )
     return config.replace(optimizer=dataclasses.replace(config.optimizer, lr=lr))
 
 

@@ -26,7 +26,6 @@ LOCK_FILE = ".mct-lock"
 FLOCK_UNSUPPORTED = (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -48,8 +47,14 @@ class WorkdirLock:
     """Holds WORKDIR/.mct-lock while entered (or between acquire and release). enabled=False, for every
     process of a job but process 0, makes it a no-op."""
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, heartbeat_s: float = 30.0,
-                 stale_after_s: float = 300.0):  # fmt: skip
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        heartbeat_s: float = 30.0,
+        stale_after_s: float = 300.0,
+    ):
         if stale_after_s <= heartbeat_s:
             raise ValueError(f"stale_after_s ({stale_after_s}) must exceed heartbeat_s ({heartbeat_s})")
         self.path = pathlib.Path(workdir).absolute() / LOCK_FILE
@@ -92,8 +97,13 @@ class WorkdirLock:
         if old is not None:
             log.warning("%s: taking over the stale lock of %s", self.path.parent, _describe(old))
         now = time.time()
-        self._lease = {"pid": os.getpid(), "host": self.host, "started": now, "heartbeat": now,
-                       "token": uuid.uuid4().hex}  # fmt: skip
+        self._lease = {
+            "pid": os.getpid(),
+            "host": self.host,
+            "started": now,
+            "heartbeat": now,
+            "token": uuid.uuid4().hex,
+        }
         self._write(self._lease)
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat, name="workdir-lock-heartbeat", daemon=True)
@@ -154,8 +164,11 @@ class WorkdirLock:
                 if not self._holds_lease():
                     current = self._read()
                     who = _describe(current) if current else "nobody (the lock file was cleared)"
-                    log.error("%s: lost the workdir lock to %s; another trainer may be writing this run",
-                              self.path.parent, who)  # fmt: skip
+                    log.error(
+                        "%s: lost the workdir lock to %s; another trainer may be writing this run",
+                        self.path.parent,
+                        who,
+                    )
                     return
                 self._lease["heartbeat"] = time.time()
                 self._write(self._lease)

@@ -84,8 +84,11 @@ def initial_state(setup: TrainSetup, ckpt: Checkpointer) -> tuple[int, dict, dic
         return config.schedule.branch_step, state, data_state
     if config.init_from:
         data_state = continued_data_state(config.init_from, config)
-        log.info("starting from the params of %s (fresh optimizer state, %s)", config.init_from,
-                 "its data stream continued" if data_state else "data from the start")  # fmt: skip
+        log.info(
+            "starting from the params of %s (fresh optimizer state, %s)",
+            config.init_from,
+            "its data stream continued" if data_state else "data from the start",
+        )
         return 0, init_from_state(config.init_from, setup), data_state
     return 0, setup.init_state(config.seed), None
 
@@ -102,18 +105,26 @@ def make_eval_sets(setup: TrainSetup) -> dict[str, list]:
     pid, nproc = jax.process_index(), jax.process_count()
     local_batch = config.train.batch_size // nproc
     held_out = make_eval_batches(
-        config.data, batch_size=local_batch, num_batches=config.data.eval_batches,
-        process_index=pid, process_count=nproc, model_vocab_size=config.model.vocab_size,
-    )  # fmt: skip
+        config.data,
+        batch_size=local_batch,
+        num_batches=config.data.eval_batches,
+        process_index=pid,
+        process_count=nproc,
+        model_vocab_size=config.model.vocab_size,
+    )
     eval_sets = {"eval_loss": [global_batch(b, sharding) for b in held_out]}
     if config.eval.scalingbench:
         tokenizer = load_tokenizer(first_dataset(config))
         ids = special_token_ids(tokenizer)
         path = None if config.eval.scalingbench == "default" else config.eval.scalingbench
         batches = make_scalingbench_batches(
-            tokenizer, seq_len=config.data.seq_len, batch_size=config.train.batch_size, path=path,
-            bos_id=ids[BOS], eos_id=ids[EOS],
-        )  # fmt: skip
+            tokenizer,
+            seq_len=config.data.seq_len,
+            batch_size=config.train.batch_size,
+            path=path,
+            bos_id=ids[BOS],
+            eos_id=ids[EOS],
+        )
         rows = slice(pid * local_batch, (pid + 1) * local_batch)
         eval_sets["scalingbench_loss"] = [
             global_batch({k: v[rows] for k, v in b.items()}, sharding) for b in batches
@@ -170,9 +181,13 @@ class RunData:
         """This process's train iterator (get_state() -> JSON), resumed from `state` when given."""
         config = setup.config
         return make_train_iterator(
-            config.data, batch_size=config.train.batch_size // jax.process_count(), process_index=jax.process_index(),
-            process_count=jax.process_count(), model_vocab_size=config.model.vocab_size, state=state,
-        )  # fmt: skip
+            config.data,
+            batch_size=config.train.batch_size // jax.process_count(),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            model_vocab_size=config.model.vocab_size,
+            state=state,
+        )
 
     def eval_sets(self, setup: TrainSetup) -> dict[str, list]:
         return make_eval_sets(setup)
@@ -189,20 +204,29 @@ class RunData:
         """The tokenizer.json the run's ids come from (copied into the workdir)."""
         return first_dataset(config) / "tokenizer.json"
 
-    def metrics_log(self, config: Config, writer: MetricsWriter, bar: tqdm, start: int, n_devices: int) -> StepLog:
+    def metrics_log(
+        self, config: Config, writer: MetricsWriter, bar: tqdm, start: int, n_devices: int
+    ) -> StepLog:
         return MetricsLog(config, writer, bar, start, n_devices)
 
 
-def train(config: Config, devices: list | None = None, stop: threading.Event | None = None, *,
-          objective: Objective = next_token_objective, data: RunData | None = None) -> dict:  # fmt: skip
+def train(
+    config: Config,
+    devices: list | None = None,
+    stop: threading.Event | None = None,
+    *,
+    objective: Objective = next_token_objective,
+    data: RunData | None = None,
+) -> dict:
     """Runs (or resumes) training to train.steps on `devices` (default: all), minimising `objective` over
     `data`'s steps (default: pre-training's batches); returns the last logged metrics and eval losses."""
     check_workdir(config.workdir)
     setup = build(config, devices, objective)
     config = setup.config
     with job_lock(config.workdir):
-        ckpt = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep,
-                            async_save=config.checkpoint.async_save)  # fmt: skip
+        ckpt = Checkpointer(
+            config.workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
+        )
         try:
             return _run(setup, ckpt, stop or threading.Event(), data or RunData())
         finally:
@@ -218,15 +242,26 @@ def keep_tokenizer(workdir: str, source: pathlib.Path) -> None:
         target.with_suffix(".tmp").rename(target)
 
 
-def add_hooks(trainer: Trainer, config: Config, start: int, bar: tqdm, ckpt: Checkpointer, data: RunData,
-              metrics: StepLog, evaluate: Callable, save: Callable) -> None:  # fmt: skip
+def add_hooks(
+    trainer: Trainer,
+    config: Config,
+    start: int,
+    bar: tqdm,
+    ckpt: Checkpointer,
+    data: RunData,
+    metrics: StepLog,
+    evaluate: Callable,
+    save: Callable,
+) -> None:
     """Every run's hooks: progress, save-failure check, metrics, eval, checkpoints, tokenizer, profiler."""
     steps = config.train.steps
     trainer.add_hook(lambda info: bar.update(info.step - bar.n), every=1)
     trainer.add_hook(lambda _: ckpt.check_saves(), every=1)  # a failed async save stops the run at once
     trainer.add_hook(lambda _: keep_tokenizer(config.workdir, data.tokenizer_file(config)), at=[start + 1])
     trainer.add_hook(metrics, every=config.train.log_every_steps, at=[steps])
-    trainer.add_hook(evaluate, every=config.eval.every_steps, at=[steps] if data.final_eval else [], needs_state=True)
+    trainer.add_hook(
+        evaluate, every=config.eval.every_steps, at=[steps] if data.final_eval else [], needs_state=True
+    )
     save_hook = lambda info: save(info.step, info.state)
     trainer.add_hook(save_hook, every=config.checkpoint.every_steps, at=[steps], needs_state=True)
     if config.profile.steps:
@@ -242,13 +277,17 @@ def _run(setup: TrainSetup, ckpt: Checkpointer, stop: threading.Event, data: Run
     evaluate = Evaluator(setup.eval_fn, data.eval_sets(setup))
 
     def save(step: int, state: dict, force: bool = False) -> None:
-        ckpt.save(step, state, data.merge(gather_json(source.get_state())), run_meta(config, step), force=force)
+        ckpt.save(
+            step, state, data.merge(gather_json(source.get_state())), run_meta(config, step), force=force
+        )
 
     writer = MetricsWriter(config.workdir, enabled=pid == 0, resume_step=start)
     bar = tqdm(total=steps, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
     trainer = Trainer(setup, stop, ckpt)
     metrics = data.metrics_log(config, writer, bar, start, len(setup.mesh.devices.flat))
-    add_hooks(trainer, config, start, bar, ckpt, data, metrics, evaluate.hook(writer, bar, metrics.last), save)
+    add_hooks(
+        trainer, config, start, bar, ckpt, data, metrics, evaluate.hook(writer, bar, metrics.last), save
+    )
     try:
         state, step = trainer.run(state, source, start, steps)
         if stop.is_set() and step not in ckpt.all_steps():

@@ -26,11 +26,15 @@ class RunCheckpoint:
 
     def __init__(self, workdir: str | pathlib.Path, step: int | None = None):
         self.workdir = pathlib.Path(workdir)
-        self.checkpoint = read_step(self.workdir, step)  # the meta and data state, for the storage-level reads
+        self.checkpoint = read_step(
+            self.workdir, step
+        )  # the meta and data state, for the storage-level reads
         self.step = self.checkpoint.step
         if "config" not in self.checkpoint.meta:
             raise ValueError(f"{workdir} step {self.step}: the checkpoint's meta lacks the run 'config'")
-        self.config = Config.from_saved(self.checkpoint.meta["config"])  # fields added since it was saved take defaults
+        self.config = Config.from_saved(
+            self.checkpoint.meta["config"]
+        )  # fields added since it was saved take defaults
         self.model_cfg = self.config.model
         self._last: tuple[str, np.ndarray] | None = None  # the parameter read last (layers are read in turn)
 
@@ -62,8 +66,10 @@ class RunCheckpoint:
                 problems.append(f"{path} is not the tokenizer the run was trained with")
                 continue
             return read_tokenizer_file(path)
-        raise FileNotFoundError(f"no tokenizer for {self.workdir}: {'; '.join(problems) or 'none found'}; pass a "
-                                "tokenizer.json explicitly")  # fmt: skip
+        raise FileNotFoundError(
+            f"no tokenizer for {self.workdir}: {'; '.join(problems) or 'none found'}; pass a "
+            "tokenizer.json explicitly"
+        )
 
     @property
     def tokenizer_sha256(self) -> set[str]:

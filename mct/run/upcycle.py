@@ -58,9 +58,16 @@ def upcycle(dense_workdir: str, step: int | None, out: str, config: Config) -> p
         if dense_sig[k] != moe_sig[k] and k != "moe.num_experts"
     }
     if diff:
-        raise UserError(f"upcycle: the --config's model differs from {dense_workdir}'s beyond model.moe "
-                            f"(dense vs config: {diff})")  # fmt: skip
+        raise UserError(
+            f"upcycle: the --config's model differs from {dense_workdir}'s beyond model.moe "
+            f"(dense vs config: {diff})"
+        )
     config = config.replace(workdir=str(out)).resolve()
     params = upcycle_params(run.read_params(), model_cfg, config.seed)
-    return write_step0_workdir(out, config, params, pathlib.Path(dense_workdir) / TOKENIZER,
-                               upcycled_from=f"{pathlib.Path(dense_workdir).absolute()}:{run.step}")  # fmt: skip
+    return write_step0_workdir(
+        out,
+        config,
+        params,
+        pathlib.Path(dense_workdir) / TOKENIZER,
+        upcycled_from=f"{pathlib.Path(dense_workdir).absolute()}:{run.step}",
+    )

@@ -39,12 +39,17 @@ def fresh_directory(out: str | pathlib.Path):
         raise
 
 
-def write_step0_workdir(out: str, config: Config, params: dict, tokenizer: pathlib.Path, **provenance) -> pathlib.Path:
+def write_step0_workdir(
+    out: str, config: Config, params: dict, tokenizer: pathlib.Path, **provenance
+) -> pathlib.Path:
     """A new workdir `out` whose step 0 holds `params` with a fresh optimizer state (and a copy of `tokenizer`
     if it exists): what mct.train resumes from. Written to a temporary sibling and renamed, so nothing is
     left half-written when anything fails."""
     params = jax.tree.map(jnp.asarray, params)
-    state = {"params": params, "opt_state": jax.jit(make_optimizer(config, ParamsModel(config.model)).init)(params)}
+    state = {
+        "params": params,
+        "opt_state": jax.jit(make_optimizer(config, ParamsModel(config.model)).init)(params),
+    }
     with fresh_directory(out) as tmp:
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / TOKENIZER)

@@ -69,17 +69,25 @@ class MetricsLog(StepLog):
             time.perf_counter() - self.t_mark
         )  # 1st includes compile
         return {
-            "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+            "loss": m["loss"],
+            "lr": m["lr"],
+            "grad_norm": m["grad_norm"],
             "tokens_per_s": rate * c.train.batch_size * c.data.seq_len,
             "mfu": rate * self.flops_per_step / self.peak,
             "nonfinite_steps": m["nonfinite_steps"],
             "loss_tokens": m["tokens"],
-            **{k: v for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "ok", "tokens", "nonfinite_steps")},
-        }  # fmt: skip
+            **{
+                k: v
+                for k, v in m.items()
+                if k not in ("loss", "lr", "grad_norm", "ok", "tokens", "nonfinite_steps")
+            },
+        }
 
     def postfix(self, line: dict) -> str:
-        return (f"loss {line['loss']:.4f} | {line['tokens_per_s']:,.0f} tok/s | mfu {line['mfu']:.3f} | "
-                f"lr {line['lr']:.2e}")  # fmt: skip
+        return (
+            f"loss {line['loss']:.4f} | {line['tokens_per_s']:,.0f} tok/s | mfu {line['mfu']:.3f} | "
+            f"lr {line['lr']:.2e}"
+        )
 
 
 class Evaluator:

@@ -57,14 +57,18 @@ class TrainSetup:
             return jax.jit(init, out_shardings=self.state_shardings)()
 
 
-def build(config: Config, devices: list | None = None, objective: Objective = next_token_objective) -> TrainSetup:
+def build(
+    config: Config, devices: list | None = None, objective: Objective = next_token_objective
+) -> TrainSetup:
     """Resolves and validates `config` for `devices` (default: all), then builds its model and the jitted step
     minimising `objective` (next-token loss for pre-training; post-training passes its own)."""
     config = config.resolve()
     devices = jax.devices() if devices is None else devices
     config.validate(len(devices), len({d.process_index for d in devices}))  # hosts (AOT: the topology's)
     mesh = make_mesh(config.mesh, devices)
-    model = ParamsModel(pin_attention(config.model, devices[0].platform))  # "auto" attention for these devices
+    model = ParamsModel(
+        pin_attention(config.model, devices[0].platform)
+    )  # "auto" attention for these devices
     tx = make_optimizer(config, model)
     schedule = schedule_from_config(config)
     specs = state_specs(model.metadata("logical_axes"), tx, model.abstract())
@@ -78,9 +82,17 @@ def build(config: Config, devices: list | None = None, objective: Objective = ne
         donate_argnums=0,
     )
     return TrainSetup(
-        config, mesh, model, tx, schedule, shardings, batch_sharding,
-        abstract_with_shardings(abstract, shardings), step_fn, jax.jit(make_eval_step(model)),
-    )  # fmt: skip
+        config,
+        mesh,
+        model,
+        tx,
+        schedule,
+        shardings,
+        batch_sharding,
+        abstract_with_shardings(abstract, shardings),
+        step_fn,
+        jax.jit(make_eval_step(model)),
+    )
 
 
 class StepSource(Protocol):
@@ -144,15 +156,23 @@ class Trainer:
     """The loop of a StepSource's steps on `setup`'s mesh, with hooks and a non-finite guard (which names the
     last good step of `checkpoints`, when given)."""
 
-    def __init__(self, setup: TrainSetup, stop: threading.Event | None = None, checkpoints: SavedSteps | None = None):
+    def __init__(
+        self, setup: TrainSetup, stop: threading.Event | None = None, checkpoints: SavedSteps | None = None
+    ):
         self.setup = setup
         self.stop = stop or threading.Event()
         self.checkpoints = checkpoints
         self.hooks: list[Hook] = []
         self.nonfinite_run = self.nonfinite_total = 0  # consecutive and total steps with a skipped update
 
-    def add_hook(self, fn: Callable[[StepInfo], None], *, every: int = 0, at: Iterable[int] = (),
-                 needs_state: bool = False) -> None:  # fmt: skip
+    def add_hook(
+        self,
+        fn: Callable[[StepInfo], None],
+        *,
+        every: int = 0,
+        at: Iterable[int] = (),
+        needs_state: bool = False,
+    ) -> None:
         """Calls fn after every `every`-th step and at the steps `at`. A hook that needs the state runs before
         the next step is dispatched; the others run when the step's metrics are read (one step late)."""
         self.hooks.append(Hook(fn, every, frozenset(at), needs_state))
