@@ -48,7 +48,7 @@ def _run(cfg, process_count: int, state: dict | None, steps: int | None) -> tupl
 
 @pytest.mark.parametrize("before_processes, after_processes", [(1, 1), (2, 2), (2, 1)])
 def test_new_weights_and_an_added_component_partition_the_epoch(
-    datasets, gamma, before_processes, after_processes  # noqa: F811
+    datasets, gamma, before_processes, after_processes
 ):
     a, b = str(datasets["a"]), str(datasets["b"])
     before = _config({"a": dict(path=a, weight=2.0), "b": dict(path=b)}, num_epochs=1)
