@@ -9,6 +9,8 @@ One prompt streams token by token; several are decoded as one batch and printed 
 --draft_workdir, a smaller model of the same tokenizer drafts tokens (FR-Spec speculative decoding, its LM
 head cut to the --freq_vocab ids); with --speculative mtp, the model's own MTP block drafts one token per
 pass (mct.infer.mtp_speculative). The output distribution is the same.
+
+Flags and wiring only: `mct.infer.generate` does the work.
 """
 
 import functools

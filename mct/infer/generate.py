@@ -1,14 +1,9 @@
-"""Text generation from a training checkpoint, streaming the continuation as it is decoded.
+"""Prompts of a run's tokenizer decoded by the one decode loop: plain sampling, FR-Spec speculative decoding
+with a draft run, or MTP self-speculation.
 
-    python -m mct.generate --workdir DIR --prompt "def main(" [--prompt "..."] [--max_new_tokens N
-        --temperature T --top_p P --seed S --step N --chat] [--draft_workdir DIR --freq_vocab FILE --num_draft K]
-
-Prompts are encoded with the run's tokenizer and start with BOS, like training documents; EOS ends a row.
-With --chat each prompt is a user turn of the chat format (data_pipelines.chat) and the answer ends at `<|im_end|>`.
-One prompt streams token by token; several are decoded as one batch and printed when done. With
---draft_workdir, a smaller model of the same tokenizer drafts tokens (FR-Spec speculative decoding, its LM
-head cut to the --freq_vocab ids); with --speculative mtp, the model's own MTP block drafts one token per
-pass (mct.infer.mtp_speculative). The output distribution is the same.
+Prompts start with BOS, like training documents; EOS ends a row. A chat prompt is a user turn of the chat
+format (data_pipelines.chat) and its answer ends at `<|im_end|>`. The output distribution is the same for
+every strategy.
 """
 
 import sys

@@ -1,5 +1,4 @@
-"""Direct preference optimisation (Rafailov et al. 2023; MiniCPM-DPO, MiniCPM paper section 7):
-python -m mct.dpo --config experiments/configs/tiny_cpu_dpo.py --config.workdir W --config.init_from=SFT_WORKDIR
+"""Direct preference optimisation (Rafailov et al. 2023; MiniCPM-DPO, MiniCPM paper section 7).
 
 loss = -log sigmoid(beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)))) per pair, plus
 dpo.sft_weight x the chosen answer's mean token loss (OpenBMB: beta 0.1, weight 0.5). The reference is a

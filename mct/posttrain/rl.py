@@ -1,5 +1,4 @@
-"""RL entry point with chunk-wise rollout (MiniCPM4 report section 3.2):
-python -m mct.rl --config experiments/configs/tiny_cpu_rl.py --config.init_from=SFT_WORKDIR
+"""RL with chunk-wise rollout (MiniCPM4 report section 3.2).
 
 Every step: rl.prompts_per_step new prompts enter as groups of rl.group_size trajectories, merged with the
 trajectories carried over in the replay buffer; one chunk (mct.posttrain.rollout) is decoded with the current params;

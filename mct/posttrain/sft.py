@@ -1,5 +1,4 @@
-"""Supervised fine-tuning on chat data (MiniCPM4 report, SFT):
-python -m mct.sft --config experiments/configs/tiny_cpu_sft.py --config.workdir W --config.init_from=PRETRAIN_WORKDIR
+"""Supervised fine-tuning on chat data (MiniCPM4 report, SFT).
 
 The run is a pre-training run (mct.run.pretrain: lock, resume, hooks, checkpoints, SIGTERM save) whose mixture is
 the chat files of data.chat, each prepared once with the source run's tokenizer into a masked dataset
