@@ -19,8 +19,8 @@ from mct.export.hf_import import import_hf
 from mct.infer.decoding import params_model
 from mct.model.decoder import width_multiplier
 from mct.run.checkpoint import Checkpointer, model_signature
-from mct.run.pretrain import train
 from mct.run.reader import RunCheckpoint
+from mct.run.training_run import train
 from tests.data_fixtures import make_tiny_dataset
 
 

@@ -24,8 +24,8 @@ from mct.config.run import Config
 from mct.export.gguf_export import export_gguf
 from mct.infer.decoding import forward, generate, init_cache, output_head, params_model
 from mct.infer.generate import encode_prompts
-from mct.run.pretrain import train
 from mct.run.reader import RunCheckpoint
+from mct.run.training_run import train
 from tests.data_fixtures import make_tiny_dataset, write_text_documents
 from tests.test_export import save_random_run, tiny_run_config
 from tests.tiny_runs import REPO, make_config, save_params_run

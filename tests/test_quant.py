@@ -13,7 +13,7 @@ from mct.config.run import Config
 from mct.errors import ConfigError
 from mct.model import quant
 from mct.model.decoder import ParamsModel
-from mct.run.pretrain import train
+from mct.run.training_run import train
 from tests.data_fixtures import make_tiny_dataset
 from tests.test_export import random_params
 from tests.tiny_runs import first_metrics, losses, make_config

@@ -13,7 +13,7 @@ import pytest
 
 from mct.errors import ConfigError, TrainingDiverged
 from mct.run.checkpoint import Checkpointer
-from mct.run.pretrain import train
+from mct.run.training_run import train
 from tests.data_fixtures import make_tiny_dataset
 from tests.tiny_runs import REPO, VOCAB, cli, first_metrics, losses, make_config
 

@@ -11,7 +11,7 @@ import pytest
 from mct.cli import tunnel as tunnel_cli
 from mct.config.run import Config
 from mct.run.checkpoint import Checkpointer
-from mct.run.pretrain import train
+from mct.run.training_run import train
 from mct.tunnel import verify_data
 from tests.data_fixtures import make_tiny_dataset
 from tests.tiny_runs import VOCAB, make_config

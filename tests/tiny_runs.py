@@ -9,7 +9,7 @@ from experiments.configs import tiny_cpu
 from experiments.configs.base import for_run
 from mct.config.run import Config
 from mct.run.checkpoint import Checkpointer, model_signature
-from mct.run.pretrain import train
+from mct.run.training_run import train
 from tests.data_fixtures import make_tiny_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

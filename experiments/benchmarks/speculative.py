@@ -25,8 +25,8 @@ from mct.config.run import Config
 from mct.infer.decoding import generate
 from mct.infer.speculative import speculative_generate
 from mct.run.checkpoint import Checkpointer
-from mct.run.pretrain import train
 from mct.run.reader import RunCheckpoint
+from mct.run.training_run import train
 
 DRAFT_SHAPE = dict(n_layers=1, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_mlp=192)
 

@@ -19,7 +19,7 @@ from absl import flags
 
 from experiments.configs import tiny_cpu
 from mct.config.run import Config
-from mct.run.pretrain import train
+from mct.run.training_run import train
 from mct.train.metrics import logged_metrics
 
 matplotlib.use("Agg")

@@ -1,6 +1,6 @@
 """Pre-training entry point: python -m mct.train --config experiments/configs/tiny_cpu.py --config.workdir DIR
 
-Flags, logging and signals only; `mct.run.pretrain.train` runs the workdir (resume, branches, eval, metrics, async
+Flags, logging and signals only; `mct.run.training_run.train` runs the workdir (resume, branches, eval, metrics, async
 orbax checkpoints) over `mct.train.trainer`. SIGTERM saves a checkpoint and exits 0.
 """
 
@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from mct.cli import common as cli
 from mct.config.run import Config
 from mct.parallel.distributed import initialize
-from mct.run.pretrain import train
+from mct.run.training_run import train
 
 
 def _define_flags() -> None:

@@ -3,7 +3,7 @@
 loss = -log sigmoid(beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)))) per pair, plus
 dpo.sft_weight x the chosen answer's mean token loss (OpenBMB: beta 0.1, weight 0.5). The reference is a
 frozen copy of init_from's params; its log-probs are computed once per batch, before the step, and ride in
-the batch (`ref_logp` [rows, 2]). Everything else is a pre-training run (mct.run.pretrain: resume, hooks,
+the batch (`ref_logp` [rows, 2]). Everything else is a pre-training run (mct.run.training_run: resume, hooks,
 checkpoints, SIGTERM save); eval_loss is the held-out chosen answers' token loss.
 """
 
@@ -20,7 +20,7 @@ from mct.parallel.distributed import global_batch
 from mct.posttrain.preference import PairBatches, eval_batches, pair_rows
 from mct.posttrain.sft import file_weights, init_tokenizer, with_source_data
 from mct.run.init_from import load_init_params
-from mct.run.pretrain import RunData, train
+from mct.run.training_run import RunData, train
 from mct.train.step import Objective
 from mct.train.trainer import TrainSetup
 

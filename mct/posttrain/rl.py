@@ -8,7 +8,7 @@ train.batch_size rows through `mct.train.trainer.build`'s step with the GRPO obj
 reference policy is the params of the last multiple of rl.ref_refresh_steps. The lr is optimizer.lr under the
 schedule, as in every run (an RL config makes it constant: mct.config.posttrain.RLRunConfig).
 
-The run is every run's shell (mct.run.pretrain: lock, resume, the Trainer's non-finite guard, hooks for metrics,
+The run is every run's shell (mct.run.training_run: lock, resume, the Trainer's non-finite guard, hooks for metrics,
 eval, checkpoints, the tokenizer copy and the profiler, SIGTERM save) whose steps come from `Rollouts` (a step
 with a skipped non-finite update counts as a non-finite step). A checkpoint holds state = {params, opt_state,
 ref_params} and a JSON item with the replay buffer (tokens, cached log-probs, policy versions), the prompt
@@ -43,8 +43,8 @@ from mct.posttrain.rollout import Trajectory, rollout_chunk
 from mct.posttrain.sft import with_source_data
 from mct.run.checkpoint import Checkpointer
 from mct.run.init_from import init_from_state, parse_spec
-from mct.run.pretrain import RunData, first_dataset
-from mct.run.pretrain import train as run_train
+from mct.run.training_run import RunData, first_dataset
+from mct.run.training_run import train as run_train
 from mct.train.hooks import StepLog
 from mct.train.metrics import MetricsWriter
 from mct.train.trainer import TrainSetup
@@ -312,7 +312,7 @@ class RolloutLog(StepLog):
 
 
 class RLData(RunData):
-    """RL as a kind of run of the run shell (mct.run.pretrain): its state adds the reference params, its steps
+    """RL as a kind of run of the run shell (mct.run.training_run): its state adds the reference params, its steps
     are `Rollouts`, its tokenizer is init_from's. eval_loss (every eval.every_steps; not at the last step
     unless it is one) is the policy's token loss on the held-out split of data.mixture: with init_from, the
     source run's mixture (an SFT source: its chat files' assistant tokens), the distribution RL starts from."""

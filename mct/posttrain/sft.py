@@ -1,6 +1,6 @@
 """Supervised fine-tuning on chat data (MiniCPM4 report, SFT).
 
-The run is a pre-training run (mct.run.pretrain: lock, resume, hooks, checkpoints, SIGTERM save) whose mixture is
+The run is a pre-training run (mct.run.training_run: lock, resume, hooks, checkpoints, SIGTERM save) whose mixture is
 the chat files of data.chat, each prepared once with the source run's tokenizer into a masked dataset
 (mct/posttrain/chat_data.py), so the loss covers assistant content and its `<|im_end|>` only. It starts from
 init_from's params with a fresh optimizer; with schedule.lr_from_init the WSD peak is the source's final lr.
@@ -21,7 +21,7 @@ from mct.config.run import Config
 from mct.errors import ConfigError, UserError
 from mct.posttrain.chat_data import chat_dataset_dir
 from mct.run.init_from import read_init_source, with_init_lr
-from mct.run.pretrain import RunData, train
+from mct.run.training_run import RunData, train
 from mct.train.trainer import TrainSetup
 
 

@@ -1,6 +1,6 @@
 """The train loop's hooks (Trainer.add_hook): metrics lines (and MFU), eval, the profiler.
 
-Each is a small callable over a StepInfo; `mct.run.pretrain` registers them with their `every` / `at` steps.
+Each is a small callable over a StepInfo; `mct.run.training_run` registers them with their `every` / `at` steps.
 """
 
 import logging

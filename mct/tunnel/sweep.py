@@ -26,7 +26,7 @@ import sqlalchemy
 from mct.config.run import Config
 from mct.errors import TrainingDiverged, UserError
 from mct.model.flops import matmul_params, train_flops_per_token
-from mct.run.pretrain import train
+from mct.run.training_run import train
 
 log = logging.getLogger(__name__)
 

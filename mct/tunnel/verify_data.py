@@ -5,7 +5,7 @@ full run decides whether candidate data helps.
 
     python -m mct.tunnel verify_data --from WORKDIR --step N --candidate DIR --share 0.3 --decay_steps K
 
-Branches run with mct.run.pretrain (schedule.branch_from / branch_step, MiniCPM paper section 4.2) into
+Branches run with mct.run.training_run (schedule.branch_from / branch_step, MiniCPM paper section 4.2) into
 OUT/default and OUT/candidate (OUT: --out, default WORKDIR/verify_data-N); a finished branch is not rerun.
 OUT gets report.md and losses.png.
 """
@@ -18,7 +18,7 @@ from data_pipelines.config import MixtureComponent
 from mct.config.run import Config
 from mct.errors import ConfigError
 from mct.run.checkpoint import Checkpointer
-from mct.run.pretrain import RunData, make_eval_sets, train
+from mct.run.training_run import RunData, make_eval_sets, train
 from mct.train.trainer import TrainSetup
 
 CANDIDATE = "verify_candidate"
