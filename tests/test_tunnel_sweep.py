@@ -5,8 +5,10 @@ import sys
 import time
 
 import optuna
+import pytest
 import sqlalchemy
 
+from mct.errors import UserError
 from mct.tunnel import sweep
 from mct.tunnel.coord_check import coord_check
 from tests.data_fixtures import make_tiny_dataset
@@ -115,6 +117,7 @@ def test_decay_branches_share_one_stable_run(tmp_path):
         dict(
             name="branches",
             workdir=str(tmp_path / "study"),
+            base_config=str(REPO / "experiments/configs/tiny_cpu.py"),
             n_layers=2,
             head_dim=16,
             width=32,
@@ -181,3 +184,9 @@ def test_a_trial_taken_by_a_worker_that_died_before_its_first_heartbeat_is_rerun
     done = sweep.work(study)
     assert sorted(ran) == [0.01, 0.02] and zombie.user_attrs["point"]["lr"] in ran
     assert sweep.finished_trials(done) == 2
+
+
+def test_a_study_names_its_base_config(tmp_path):
+    """The library holds no repo-relative default: a study without base_config is one line naming the key."""
+    with pytest.raises(UserError, match="study study: base_config is empty"):
+        sweep.trial_config(sweep.default_study(), {"lr": 0.01}, str(tmp_path / "t"))
