@@ -18,8 +18,11 @@ from mct.config.posttrain import DPORunConfig
 from mct.export.hf_export import export
 from mct.model.decoder import ParamsModel
 from mct.model.loss import token_losses
-from mct.posttrain.dpo import dpo_objective, dpo_terms, sequence_logps, train_dpo
+from mct.posttrain.dpo import PreferenceData, dpo_objective, dpo_terms, sequence_logps, train_dpo
 from mct.posttrain.preference import pair_rows
+from mct.run.checkpoint import Checkpointer
+from mct.run.training_run import initial_state
+from mct.train.trainer import build
 from tests.tiny_runs import REPO, losses, make_config, overrides, resume_copy
 
 ONE = jax.devices()[:1]
@@ -134,3 +137,15 @@ def test_dpo_cli_resumes_exactly_and_exports(source, tmp_path):
 
     out = export(str(resumed), str(tmp_path / "hf"), "minicpm")
     assert (out / "model.safetensors").is_file()
+
+
+def test_dpo_from_a_run_on_the_same_data_starts_its_pairs_from_the_start(pretrained, tmp_path):
+    """The README chain sft -> dpo: the source read the very data DPO's config names, and a continuation of
+    its stream would be a document iterator's state where DPO's is its pairs'."""
+    workdir, dataset = pretrained
+    config = make_config(tmp_path / "w", dataset, init_from=str(workdir))  # the source's data settings
+    setup = build(config.resolve(), ONE)
+    ckpt = Checkpointer(tmp_path / "w")
+    assert initial_state(setup, ckpt)[2] is not None  # pre-training on the same data continues the stream
+    assert initial_state(setup, ckpt, PreferenceData.continues_source_data)[2] is None
+    ckpt.close()

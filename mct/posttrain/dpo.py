@@ -63,6 +63,8 @@ def dpo_objective(beta: float, sft_weight: float) -> Objective:
 class PreferenceData(RunData):
     """Pair rows of dpo.path; the step gets the frozen reference's log-probs of each batch."""
 
+    continues_source_data = False  # its stream is preference pairs, never the source's documents
+
     def __init__(self, config: DPORunConfig):
         self.tokenizer = init_tokenizer(config)
         self.rows = pair_rows(

@@ -317,9 +317,8 @@ class RLData(RunData):
     unless it is one) is the policy's token loss on the held-out split of data.mixture: with init_from, the
     source run's mixture (an SFT source: its chat files' assistant tokens), the distribution RL starts from."""
 
-    final_eval = (
-        False  # only every eval.every_steps: RL's held-out loss is a drift check, not the run's result
-    )
+    # only every eval.every_steps: RL's held-out loss is a drift check, not the run's result
+    final_eval = False
 
     def __init__(self, reward: Reward | None):
         self.reward = reward

@@ -65,8 +65,12 @@ def restore_branch_source(setup: TrainSetup) -> tuple[dict, dict | None]:
     return state, data_state
 
 
-def initial_state(setup: TrainSetup, ckpt: Checkpointer) -> tuple[int, dict, dict | None]:
-    """(start step, state, data state): the latest committed checkpoint, a branch's source, or a fresh state."""
+def initial_state(
+    setup: TrainSetup, ckpt: Checkpointer, continue_source_data: bool = True
+) -> tuple[int, dict, dict | None]:
+    """(start step, state, data state): the latest committed checkpoint, a branch's source, init_from's params
+    (with the source's data stream when `continue_source_data` and the run reads the same data), or a fresh
+    state."""
     config = setup.config
     restored = ckpt.restore_latest(setup.abstract_state, config.model)
     if restored is not None:
@@ -83,7 +87,7 @@ def initial_state(setup: TrainSetup, ckpt: Checkpointer) -> tuple[int, dict, dic
         log.info("decay branch from %s step %d", config.schedule.branch_from, config.schedule.branch_step)
         return config.schedule.branch_step, state, data_state
     if config.init_from:
-        data_state = continued_data_state(config.init_from, config)
+        data_state = continued_data_state(config.init_from, config) if continue_source_data else None
         log.info(
             "starting from the params of %s (fresh optimizer state, %s)",
             config.init_from,
@@ -167,10 +171,11 @@ class RunData:
     post-training (mct.sft, mct.dpo, mct.rl) overrides what it needs."""
 
     final_eval = True  # evaluate at the last step too, besides every eval.every_steps
+    continues_source_data = True  # an init_from run reading the source's data continues its stream
 
     def initial_state(self, setup: TrainSetup, ckpt: Checkpointer) -> tuple[int, dict, dict | None]:
         """(start step, state, the source's checkpointed state or None)."""
-        return initial_state(setup, ckpt)
+        return initial_state(setup, ckpt, self.continues_source_data)
 
     def source(self, setup: TrainSetup, state: dict | None) -> StepSource:
         """The loop's steps: the prepared step over this process's prefetched train batches."""
