@@ -6,6 +6,8 @@ too large for one machine (MiniCPM4 trains on ~8T tokens, ~30 TB of text).
         --runner DataflowRunner ...beam pipeline options...
     python -m data_pipelines.beam_prepare --out DIR       # the embedded default corpus on the DirectRunner
 
+An argument that is neither one of this CLI's flags nor a Beam pipeline option is an error.
+
 Stages: read (prepare's readers and skips) -> normalise (data_pipelines.normalise; documents keep their text)
 -> exact dedup (content hash; CombinePerKey keeps the first document in input order) -> MinHash LSH near-dedup
 (data_pipelines.dedup: band keys grouped with GroupByKey, so no worker holds the index) -> quality score and
@@ -394,11 +396,25 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, pipeline_args
 
 
+def check_pipeline_args(pipeline_args: list[str]) -> None:
+    """ValueError naming the arguments that are neither this CLI's nor a Beam pipeline option: Beam only logs
+    and drops those, so a misspelt flag (--dedupe exact) would silently turn its stage off. Beam's parser of
+    every registered option is the one its get_all_options builds (and hands to add_extra_args_fn)."""
+    parsers = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
+    _, unknown = parsers[0].parse_known_args(pipeline_args)
+    if unknown:
+        raise ValueError(
+            f"unknown arguments {' '.join(unknown)}: neither beam_prepare's (see --help) nor Beam pipeline options"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     args, pipeline_args = _parse_args(sys.argv[1:] if argv is None else argv)
     if not any(a.startswith("--runner") for a in pipeline_args):
         pipeline_args.append("--runner=DirectRunner")
     try:
+        check_pipeline_args(pipeline_args)
         beam_prepare(
             args.out,
             args.input,

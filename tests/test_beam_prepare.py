@@ -148,3 +148,14 @@ def test_cli_rejects_bad_options_in_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     assert not pathlib.Path(tmp_path / "o").exists()
+
+
+def test_cli_refuses_a_flag_neither_its_own_nor_beams(tmp_path, capsys):
+    """Beam logs and drops options it does not know: a misspelt --dedup would run without dedup."""
+    with pytest.raises(SystemExit) as exit_info:
+        beam_prepare.main(["--out", str(tmp_path / "o"), "--dedupe", "exact", "--input", str(tmp_path / "a")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown arguments --dedupe exact") and err.count("\n") == 1
+    assert not pathlib.Path(tmp_path / "o").exists()
+    beam_prepare.check_pipeline_args(["--runner=DirectRunner", "--direct_num_workers", "2"])  # Beam's own

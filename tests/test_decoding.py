@@ -2,6 +2,7 @@
 
 import functools
 import io
+import math
 import subprocess
 import sys
 
@@ -123,6 +124,14 @@ def test_token_probs_matches_numpy(temperature, top_p):
     np.testing.assert_allclose(got, numpy_token_probs(logits, temperature, top_p), atol=1e-6)
     greedy = np.asarray(token_probs(jnp.asarray(logits), Sampling()))
     np.testing.assert_array_equal(greedy, np.eye(40)[logits.argmax(-1)])
+
+
+@pytest.mark.parametrize(
+    "temperature, top_p", [(math.nan, 1.0), (math.inf, 1.0), (-1.0, 1.0), (1.0, -0.5), (1.0, math.nan)]
+)
+def test_sampling_refuses_nan_inf_and_out_of_range_settings(temperature, top_p):
+    with pytest.raises(ValueError, match="temperature >= 0 and 0 < top_p <= 1"):
+        Sampling(temperature, top_p)
 
 
 def test_sampled_tokens_follow_the_model_distribution():

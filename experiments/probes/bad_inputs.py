@@ -300,6 +300,25 @@ def big_text(c) -> None:
     (c.dir / "big.txt").write_text((block + " ") * (20_000_000 // (len(block) + 1) + 1))
 
 
+def fake_tpu_worker(c) -> None:
+    """c.dir/bin: a `gcloud` that runs its --command in bash in c.dir (a TPU worker), a `python3` that does
+    nothing; and the repo dir of case 14h, whose name holds a shell command."""
+    (c.dir / "bin").mkdir()
+    (c.dir / "x; touch pwned").mkdir()
+    stubs = {
+        "gcloud": '#!/bin/sh\nfor last; do :; done\ncd "$(dirname "$0")/.." && exec bash -c "${last#--command=}"\n',
+        "python3": "#!/bin/sh\nexit 0\n",
+    }
+    for name, text in stubs.items():
+        (c.dir / "bin" / name).write_text(text)
+        (c.dir / "bin" / name).chmod(0o755)
+
+
+def on_fake_path(c, argv: list[str]) -> list[str]:
+    """argv with c.dir/bin first on PATH."""
+    return ["env", f"PATH={c.dir / 'bin'}:{os.environ['PATH']}", *argv]
+
+
 # --- while running ------------------------------------------------------------------------------------------
 
 
@@ -591,6 +610,87 @@ CASES = [
         nothing,
         lambda c: [str(REPO / ".venv/bin/tensorboard"), "--version"],
         [exit_code(0)],
+    ),
+    # config ranges and launchers (issue 26)
+    Case(
+        "14a-max-to-keep-0",
+        nothing,
+        lambda c: train(c.w, "checkpoint.max_to_keep=0"),
+        exits_2_naming("checkpoint.max_to_keep"),
+    ),
+    Case(
+        "14b-grad-clip-negative",
+        nothing,
+        lambda c: train(c.w, "optimizer.grad_clip=-1"),
+        exits_2_naming("optimizer.grad_clip"),
+    ),
+    Case(
+        "14c-eval-batches-0",
+        nothing,
+        lambda c: train(c.w, "data.eval_batches=0"),
+        exits_2_naming("eval_batches"),
+    ),
+    Case(
+        "14d-generate-temperature-nan",
+        nothing,
+        lambda c: module("mct.generate", "--workdir", finished(), *GEN, 8, "--temperature=nan"),
+        exits_2_naming("temperature"),
+    ),
+    Case(
+        "14e-generate-temperature-inf",
+        nothing,
+        lambda c: module("mct.generate", "--workdir", finished(), *GEN, 8, "--temperature=inf"),
+        exits_2_naming("temperature"),
+    ),
+    Case(
+        "14f-generate-top-p-negative",
+        nothing,
+        lambda c: module("mct.generate", "--workdir", finished(), *GEN, 8, "--temperature=1", "--top_p=-0.5"),
+        exits_2_naming("top_p"),
+    ),
+    Case(
+        "14g-beam-prepare-misspelt-flag",
+        nothing,
+        lambda c: module("data_pipelines.beam_prepare", "--out", c.dir / "ds", "--dedupe", "exact"),
+        [
+            *exits_2_naming("--dedupe"),
+            holds(lambda r, c: not (c.dir / "ds").exists(), "a dataset was written"),
+        ],
+    ),
+    Case(
+        "14h-tpu-repo-dir-injection",
+        fake_tpu_worker,
+        lambda c: on_fake_path(
+            c,
+            module(
+                "mct.launch",
+                "tpu",
+                "--name=v5e",
+                "--zone=z",
+                "--repo_dir=x; touch pwned",
+                "--",
+                "--config=x.py",
+            ),
+        ),
+        [exit_code(0), holds(lambda r, c: not (c.dir / "pwned").exists(), "the injected `touch pwned` ran")],
+    ),
+    Case(
+        "14i-slurm-partition-newline",
+        nothing,
+        lambda c: module(
+            "mct.launch",
+            "slurm",
+            "--nodes=1",
+            "--gpus_per_node=8",
+            "--partition=gpu\ntouch pwned",
+            f"--out={c.dir / 'job.sbatch'}",
+            "--",
+            "--config=x.py",
+        ),
+        [
+            *exits_2_naming("--partition"),
+            holds(lambda r, c: not (c.dir / "job.sbatch").exists(), "script written"),
+        ],
     ),
 ]
 

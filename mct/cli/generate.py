@@ -58,9 +58,9 @@ def main(argv: list[str]) -> None:
     if f.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens={f.max_new_tokens} must be at least 1")
     try:
+        sampling = Sampling(f.temperature, f.top_p)  # before any checkpoint is read
         run = RunCheckpoint(f.workdir, f.step)
         tokenizer = run.tokenizer()
-        sampling = Sampling(f.temperature, f.top_p)
         params = run.read_params()
         decode = functools.partial(generate, run.model_cfg, params)
         if f.draft_workdir:

@@ -93,23 +93,23 @@ def _run_tpu(train_args: list[str]) -> int:
 
 
 def _run_slurm(train_args: list[str]) -> int:
-    script = slurm_script(
-        F.nodes,
-        F.gpus_per_node,
-        train_args,
-        partition=F.partition,
-        per_gpu=not F.per_node,
-        repo_dir="." if F.repo_dir is None else F.repo_dir,
-        time_limit=F.time,
-    )
     try:
+        script = slurm_script(
+            F.nodes,
+            F.gpus_per_node,
+            train_args,
+            partition=F.partition,
+            per_gpu=not F.per_node,
+            repo_dir="." if F.repo_dir is None else F.repo_dir,
+            time_limit=F.time,
+        )
         with open(F.out, "w") as f:
             f.write(script)
         print(f"wrote {F.out}")
         if F.submit:
             return subprocess.run(["sbatch", F.out], check=False).returncode
-    except OSError as e:  # an unwritable --out, no sbatch
-        raise UserError(str(e)) from None
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None  # --partition, --time not SLURM's; unwritable --out; no sbatch
     return 0
 
 

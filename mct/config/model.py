@@ -160,6 +160,7 @@ def check_model(m: ModelConfig) -> None:
     require(m.remat in REMAT_NAMES, f"model.remat={m.remat!r} is not one of {REMAT_NAMES}")
     require(m.rope.type in ROPE_TYPES, f"model.rope.type={m.rope.type!r} is not one of {ROPE_TYPES}")
     require(m.max_position > 0, f"model.max_position={m.max_position} must be positive")
+    check_scales(m)
     check_quant(m)
     require(m.mtp.depth >= 0 and m.mtp.loss_weight >= 0, f"model.mtp {m.mtp} needs depth, loss_weight >= 0")
     require(m.moe.num_experts >= 0, f"model.moe.num_experts={m.moe.num_experts} must be >= 0 (0 = dense)")
@@ -168,6 +169,11 @@ def check_model(m: ModelConfig) -> None:
             0 < m.moe.top_k <= m.moe.num_experts and m.moe.capacity_factor >= 0,
             f"model.moe.top_k={m.moe.top_k} must be in [1, num_experts={m.moe.num_experts}] and "
             f"model.moe.capacity_factor={m.moe.capacity_factor} >= 0",
+        )
+        require(
+            m.moe.aux_loss_weight >= 0 and m.moe.z_loss_weight >= 0,
+            f"model.moe.aux_loss_weight={m.moe.aux_loss_weight} and model.moe.z_loss_weight="
+            f"{m.moe.z_loss_weight} must be >= 0 (a negative one rewards the imbalance it should penalise)",
         )
     if m.attention == "infllm_v2":
         require(
@@ -179,6 +185,23 @@ def check_model(m: ModelConfig) -> None:
             m.sparse.implementation in SPARSE_IMPLEMENTATIONS,
             f"model.sparse.implementation={m.sparse.implementation!r} is not one of {SPARSE_IMPLEMENTATIONS}",
         )
+
+
+def check_scales(m: ModelConfig) -> None:
+    """The positive scales and divisors of the forward pass and the init: 0 zeroes a term or divides by zero,
+    a negative one flips a sign or NaNs a square root."""
+    scales = {
+        "rms_eps": m.rms_eps,
+        "scale_emb": m.scale_emb,
+        "scale_depth": m.scale_depth,
+        "dim_model_base": m.dim_model_base,
+        "init_std": m.init_std,
+        "attention_block": m.attention_block,
+        "rope.theta": m.rope.theta,
+        "rope.factor": m.rope.factor,
+    }
+    for key, value in scales.items():
+        require(value > 0, f"model.{key}={value} must be positive")
 
 
 def check_quant(m: ModelConfig) -> None:

@@ -13,7 +13,7 @@ import math
 from data_pipelines.batch_layout import BatchLayout
 from data_pipelines.config import DataConfig
 from mct.config.model import ModelConfig, check_model, check_sharding
-from mct.config.schema import build, require, to_dict
+from mct.config.schema import build, check_finite, require, to_dict
 from mct.errors import ConfigError
 
 DECAY_SHAPES = ("exponential", "linear", "cosine", "1-sqrt")
@@ -168,6 +168,7 @@ class Config:
 
     def validate(self, n_devices: int, n_processes: int = 1) -> None:
         """Raises ConfigError for a resolved config that cannot run on n_devices devices in n_processes."""
+        check_finite(self.to_dict())  # every section's, post-training's too
         check_model(self.model)
         check_ranges(self)  # values first, then their fit to the devices
         data, fsdp, expert, tensor = self.mesh.shape(n_devices)
@@ -176,8 +177,8 @@ class Config:
 
 
 def check_ranges(c: "Config") -> None:
-    """Ranges of the train, data, optimizer and schedule settings."""
-    t, d, s, o = c.train, c.data, c.schedule, c.optimizer
+    """Ranges of the train, data, optimizer, schedule and checkpoint settings."""
+    t, d, s = c.train, c.data, c.schedule
     require(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
     require(
         t.batch_size > 0 and t.grad_accum > 0,
@@ -187,7 +188,6 @@ def check_ranges(c: "Config") -> None:
         0 < d.seq_len <= c.model.max_position,
         f"data.seq_len={d.seq_len} must be in [1, model.max_position={c.model.max_position}]",
     )
-    require(o.lr > 0, f"optimizer.lr={o.lr} must be positive")
     require(
         0 < t.log_every_steps and 0 < c.eval.every_steps and 0 < c.checkpoint.every_steps,
         "train.log_every_steps, eval.every_steps and checkpoint.every_steps must be positive",
@@ -211,8 +211,48 @@ def check_ranges(c: "Config") -> None:
         s.branch_from or s.warmup_steps + s.decay_steps <= t.steps,
         f"schedule warmup + decay = {s.warmup_steps + s.decay_steps} steps exceeds train.steps={t.steps}",
     )
-    require(len(c.profile.steps) in (0, 2), f"profile.steps={c.profile.steps} must be () or (first, last)")
+    require(
+        s.half_life >= 0 and s.lr_min >= 0,
+        f"schedule.half_life={s.half_life} (0 = decay_steps / 5) and schedule.lr_min={s.lr_min} must be >= 0 "
+        "(a negative one grows or flips the lr)",
+    )
+    profile = c.profile.steps
+    require(
+        profile == () or len(profile) == 2 and profile[0] < profile[1],
+        f"profile.steps={profile} must be () or (first, last) with first < last",
+    )
     require(not s.lr_from_init or c.init_from, "schedule.lr_from_init needs init_from=WORKDIR[:STEP]")
+    require(
+        c.checkpoint.max_to_keep > 0,
+        f"checkpoint.max_to_keep={c.checkpoint.max_to_keep} must be positive (0 would delete every checkpoint, "
+        "the one just saved too)",
+    )
+    check_optimizer(c.optimizer)
+    check_data(d)
+
+
+def check_optimizer(o: OptimizerConfig) -> None:
+    """AdamW's settings: each outside its range stalls, flips or NaNs the updates."""
+    require(o.lr > 0, f"optimizer.lr={o.lr} must be positive")
+    require(
+        o.grad_clip > 0,
+        f"optimizer.grad_clip={o.grad_clip} must be positive: the global gradient norm's cap (0 zeroes every "
+        "update, a negative cap flips it; a large one, e.g. 1e9, clips nothing)",
+    )
+    require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1={o.b1} and optimizer.b2={o.b2} must be in [0, 1)")
+    require(o.eps > 0, f"optimizer.eps={o.eps} must be positive (0: a zero gradient's update is 0 / 0)")
+    require(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+
+
+def check_data(d: DataConfig) -> None:
+    """The loader's counts: evaluation batches, epochs, packing bins and prefetched batches."""
+    require(
+        d.eval_batches > 0,
+        f"data.eval_batches={d.eval_batches} must be positive (0 batches would log an eval_loss of 0.0)",
+    )
+    require(d.num_epochs >= 0, f"data.num_epochs={d.num_epochs} must be >= 0 (0 = repeat forever)")
+    require(d.packing_bins > 0, f"data.packing_bins={d.packing_bins} must be positive")
+    require(d.prefetch >= 0, f"data.prefetch={d.prefetch} must be >= 0 (0 = on the training thread)")
 
 
 def check_batch(c: "Config", data_parallel: int, n_processes: int) -> None:

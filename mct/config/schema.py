@@ -1,11 +1,13 @@
 """The config schema's machinery: nested dicts <-> frozen dataclasses, with unknown keys named.
 
 Every section of a run's config is a frozen dataclass; `build` makes one from a nested dict (a ConfigDict's
-`to_dict()` or a checkpoint's saved config), naming the first unknown key with a suggestion.
+`to_dict()` or a checkpoint's saved config), naming the first unknown key with a suggestion; `require` and
+`check_finite` are the checks every section's validation shares.
 """
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any
@@ -16,6 +18,19 @@ from mct.errors import ConfigError
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(f"config {message}")
+
+
+def check_finite(values: Any, key: str = "") -> None:
+    """Raises ConfigError naming the first NaN or infinite float of a config's `to_dict()`: a NaN fails every
+    comparison, so a `not x < 0` check lets it through, and no setting means an infinite lr or weight."""
+    if isinstance(values, dict):
+        for name, value in values.items():
+            check_finite(value, f"{key}.{name}" if key else name)
+    elif isinstance(values, list):
+        for i, value in enumerate(values):
+            check_finite(value, f"{key}[{i}]")
+    else:
+        require(not isinstance(values, float) or math.isfinite(values), f"{key}={values} must be finite")
 
 
 def build(cls: type, values: Any, path: str = "") -> Any:

@@ -9,6 +9,7 @@ its own position).
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -31,8 +32,13 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling needs temperature >= 0 and 0 < top_p <= 1, got {self}")
+        """ValueError out of range; a NaN temperature (which passes `< 0`: NaN probabilities) or an infinite one
+        (uniform over the vocabulary) is no setting either."""
+        if not (math.isfinite(self.temperature) and self.temperature >= 0 and 0 < self.top_p <= 1):
+            raise ValueError(
+                f"sampling needs a finite temperature >= 0 and 0 < top_p <= 1, got temperature="
+                f"{self.temperature}, top_p={self.top_p}"
+            )
 
 
 GREEDY = Sampling()

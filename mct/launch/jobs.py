@@ -1,8 +1,12 @@
 """`mct.train` as one process per host: local processes (rehearsing a pod, jax.distributed over loopback), the
 workers of TPU VM slices (gcloud ssh commands), or an sbatch script for a SLURM GPU cluster.
+
+Every value that goes into a shell command or a script is quoted (`shell_word`), and the values of #SBATCH
+lines, which no quoting protects from a newline, must match their SLURM syntax: a value never runs as code.
 """
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -14,6 +18,32 @@ import portpicker
 
 def _describe_exit(code: int) -> str:
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+
+# The syntax (a pattern, an example) of each sbatch option whose value slurm_script writes from a caller's text.
+_SBATCH_SYNTAX = {
+    "job-name": (re.compile(r"[A-Za-z0-9_.-]+"), "mct"),
+    "partition": (re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*"), "gpu or gpu,debug"),
+    "time": (re.compile(r"\d+(-\d+)?(:\d+){0,2}|UNLIMITED|INFINITE"), "90, 2:00:00 or 1-12:00:00"),
+}
+
+
+def shell_word(value: str) -> str:
+    """`value` as one shell word, metacharacters inert; a leading `~` or `~/` still expands to the home directory
+    (the default repo_dir is ~/mct on the TPU VMs)."""
+    if value == "~" or value.startswith("~/"):
+        rest = value[2:]
+        return "~/" + shlex.quote(rest) if rest else "~"
+    return shlex.quote(value)
+
+
+def sbatch_line(option: str, value: str) -> str:
+    """`#SBATCH --option=value`; ValueError unless value has the option's syntax: the line is a comment to the
+    shell, but a newline in the value would start a line the script runs, and no quoting stops that."""
+    pattern, example = _SBATCH_SYNTAX[option]
+    if not pattern.fullmatch(value):
+        raise ValueError(f"slurm --{option}={value!r} is not a valid value (e.g. {example})")
+    return f"#SBATCH --{option}={value}"
 
 
 def train_command(python: str, train_args: list[str], *extra: str) -> list[str]:
@@ -95,10 +125,11 @@ def tpu_commands(
         env = ""
         if len(names) > 1:
             env = (
-                f"MEGASCALE_COORDINATOR_ADDRESS={coordinator_host}:8080 MEGASCALE_NUM_SLICES={len(names)} "
-                f"MEGASCALE_SLICE_ID={slice_id} "
+                f"MEGASCALE_COORDINATOR_ADDRESS={shell_word(f'{coordinator_host}:8080')} "
+                f"MEGASCALE_NUM_SLICES={len(names)} MEGASCALE_SLICE_ID={slice_id} "
             )
-        remote = f"cd {repo_dir} && {env}{shlex.join(train_command('python3', train_args, '--distributed'))}"
+        train = shlex.join(train_command("python3", train_args, "--distributed"))
+        remote = f"cd {shell_word(repo_dir)} && {env}{train}"
         command = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, f"--zone={zone}", "--worker=all"]
         if project:
             command.append(f"--project={project}")
@@ -117,11 +148,14 @@ def slurm_script(
     job_name: str = "mct",
     time_limit: str = "",
 ) -> str:
-    """An sbatch script: srun starts one process per GPU (or per node) and JAX reads the SLURM environment."""
+    """An sbatch script: srun starts one process per GPU (or per node) and JAX reads the SLURM environment.
+    ValueError for a partition, time limit or job name that is not SLURM's syntax (sbatch_line)."""
+    if not (nodes > 0 and gpus_per_node > 0):
+        raise ValueError(f"slurm nodes={nodes} and gpus_per_node={gpus_per_node} must be positive")
     tasks = gpus_per_node if per_gpu else 1
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={job_name}",
+        sbatch_line("job-name", job_name),
         f"#SBATCH --nodes={nodes}",
         f"#SBATCH --ntasks-per-node={tasks}",
         f"#SBATCH --gpus-per-node={gpus_per_node}",
@@ -130,12 +164,12 @@ def slurm_script(
     if per_gpu:
         lines.append("#SBATCH --gpus-per-task=1")
     if partition:
-        lines.append(f"#SBATCH --partition={partition}")
+        lines.append(sbatch_line("partition", partition))
     if time_limit:
-        lines.append(f"#SBATCH --time={time_limit}")
+        lines.append(sbatch_line("time", time_limit))
     lines += [
         "set -euo pipefail",
-        f"cd {shlex.quote(repo_dir)}",
+        f"cd {shell_word(repo_dir)}",
         f"srun {shlex.join(train_command('python3', train_args, '--distributed'))}",
     ]
     return "\n".join(lines) + "\n"
