@@ -9,10 +9,10 @@ Each reward maps (response text, the prompt's item) to a score in [0, 1]:
 - `python_tests`: the fraction of the item's "tests" (assert statements) that pass against the response's
   code (the last ```python block, else the whole response), run in a bubblewrap sandbox: its own user, pid,
   mount and network namespaces, a read-only view of the interpreter, a small tmpfs as its working dir, limits
-  on wall-clock and CPU time, memory, processes and what the trainer reads back. For `assert EXPR == LITERAL`
-  (and the other comparisons with a literal) the sandbox sends EXPR's value and the trainer compares it, so a
-  candidate never sees the expected value and cannot write a pass. Without bwrap the reward refuses (a
-  UserError), never running candidate code unsandboxed. The threat model is in docs/posttrain.md.
+  on wall-clock and CPU time, memory and what the trainer reads back, and no new process (seccomp). For
+  `assert EXPR == LITERAL` (and the other comparisons with a literal) the sandbox sends EXPR's value and the
+  trainer compares it, so a candidate never sees the expected value and cannot write a pass. Without bwrap the
+  reward refuses (a UserError), never running candidate code unsandboxed. The threat model is in docs/posttrain.md.
 """
 
 import ast
