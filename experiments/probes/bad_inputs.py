@@ -456,6 +456,74 @@ def nothing_left_in(c) -> list[str]:
     return sorted(p.name for p in c.disk.iterdir() if p.name != "filler")
 
 
+# --- reward sandbox (issue 26): a stand-in trainer scoring one hostile candidate ------------------------------
+
+ADD_TEST = ("assert add(1, 2) == 3",)  # the hostile candidates below define no `add`: honest score 0
+SANDBOXED = 'run_tests("import os", ["assert os.getppid() == 1"]) == 1'  # candidates have a pid namespace
+SPAWN = (  # starts `python -c CHILD ARGS...` with every open fd inherited, in a session of its own
+    "import _posixsubprocess, os, sys\n"
+    "def spawn(child, *args):\n"
+    "    fds = []\n"
+    "    for fd in range(3, 64):\n"
+    "        try:\n"
+    "            os.fstat(fd)\n"
+    "            fds.append(fd)\n"
+    "        except OSError:\n"
+    "            pass\n"
+    "    errors = os.pipe()\n"
+    "    _posixsubprocess.fork_exec(\n"
+    "        [sys.executable, '-c', child, *args], [os.fsencode(sys.executable)], True,\n"
+    "        tuple(sorted(fds + [errors[1]])), None, None, -1, -1, -1, -1, -1, -1, errors[0], errors[1],\n"
+    "        False, True, -1, None, None, None, -1, None, False)\n"
+)
+BOMB = SPAWN + (  # each copy starts copies of itself (its source and the marker in its argv)
+    "import sys\nwhile True:\n    try:\n"
+    "        spawn(sys.argv[1], sys.argv[1], sys.argv[2])\n    except OSError:\n        pass"
+)
+
+
+def reward(code: str | Callable, timeout_s: float = 5, guard: bool = False) -> Callable:
+    """A command: this Python as a stand-in trainer scoring `code` (or code(ctx)) on ADD_TEST with run_tests,
+    printing `score N/1 in T s`. With `guard` it refuses (exit 1) unless candidates run in a pid namespace of
+    their own: what kill(-1) or a fork bomb would otherwise hit is every process of this machine."""
+
+    def command(c) -> list[str]:
+        text = code(c) if callable(code) else code
+        lines = ["import sys, time", "from mct.posttrain.rewards import run_tests"]
+        if guard:
+            lines.append(f"if not {SANDBOXED}:\n    sys.exit('no pid namespace around candidates: not run')")
+        lines += [
+            "began = time.monotonic()",
+            f"score = run_tests({text!r}, {list(ADD_TEST)!r}, timeout_s={timeout_s})",
+            "print(f'score {score}/1 in {time.monotonic() - began:.1f} s')",
+        ]
+        return [PY, "-c", "\n".join(lines)]
+
+    return command
+
+
+def scored(n: int, within_s: float) -> Callable:
+    """The stand-in trainer lived (exit 0) and scored n within `within_s` seconds."""
+
+    def check(r: Run, c):
+        m = re.search(r"score (\d+)/1 in ([\d.]+) s", r.out)
+        if r.rc != 0 or not m:
+            return f"the stand-in trainer exited {r.rc} without a score"
+        if int(m.group(1)) != n:
+            return f"scored {m.group(1)}, expected {n}"
+        return None if float(m.group(2)) < within_s else f"took {m.group(2)} s, limit {within_s} s"
+
+    return check
+
+
+def escape_attempt(c) -> str:
+    """A candidate that writes a file into the case's dir and reads /etc/hostname, and says so in `add`."""
+    return (
+        f"open({str(c.dir / 'escaped')!r}, 'w').write('x')\nhost = open('/etc/hostname').read()\n"
+        "def add(a, b):\n    return a + b"
+    )
+
+
 # --- the cases ----------------------------------------------------------------------------------------------
 
 GEN = ("--prompt", "def f(", "--max_new_tokens")
@@ -691,6 +759,51 @@ CASES = [
             *exits_2_naming("--partition"),
             holds(lambda r, c: not (c.dir / "job.sbatch").exists(), "script written"),
         ],
+    ),
+    # reward sandbox (issue 26)
+    Case("26a-reward-kills-caller", nothing, reward("import os\nos.kill(os.getppid(), 9)"), [scored(0, 30)]),
+    Case(
+        "26b-reward-killpg-caller",
+        nothing,
+        reward("import os\nos.killpg(os.getpgid(os.getppid()), 9)"),
+        [scored(0, 30)],
+    ),
+    Case("26c-reward-kill-all", nothing, reward("import os\nos.kill(-1, 9)", guard=True), [scored(0, 30)]),
+    Case(
+        "26d-reward-forged-result",
+        nothing,
+        reward(
+            "import __main__, os, sys\n"
+            "sys.stdout.write('\\n' + getattr(__main__, '_nonce', '') + '1000\\n')\nsys.stdout.flush()\nos._exit(0)"
+        ),
+        [scored(0, 30)],
+    ),
+    Case(
+        "26e-reward-setsid-child",
+        nothing,
+        reward(SPAWN + "spawn('import time; time.sleep(20)')", timeout_s=1),
+        [scored(0, 5)],
+    ),
+    Case(
+        "26f-reward-fork-bomb",
+        nothing,
+        reward(f"import sys\nsys.argv[1:] = [{BOMB!r}, 'mct-probe-bomb']\nexec(sys.argv[1])", 1, guard=True),
+        [scored(0, 5)],
+    ),
+    Case(
+        "26g-reward-host-files",
+        nothing,
+        reward(escape_attempt),
+        [
+            scored(0, 30),
+            holds(lambda r, c: not (c.dir / "escaped").exists(), "the candidate wrote a host file"),
+        ],
+    ),
+    Case(
+        "26h-reward-200mb-stdout",
+        nothing,
+        lambda c: measured(reward("import sys\nfor _ in range(200):\n    sys.stdout.write('x' * 2**20)")(c)),
+        [scored(0, 30), peak_rss_under(200)],
     ),
 ]
 

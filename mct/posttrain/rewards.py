@@ -7,25 +7,35 @@ Each reward maps (response text, the prompt's item) to a score in [0, 1]:
   does not parse as one (a format violation) scores 0. Only arithmetic characters are parsed, and powers are
   bounded, so a response never runs code or hangs the trainer.
 - `python_tests`: the fraction of the item's "tests" (assert statements) that pass against the response's
-  code (the last ```python block, else the whole response), run in a child process with a wall-clock and CPU
-  limit, an address-space limit (RLIMIT_AS), a temporary working directory and no network: a network
-  namespace of its own (`unshare -rn`) where the host allows it, and always an audit hook that refuses
-  sockets, subprocesses and ctypes. A hung, crashing or memory-hungry candidate scores 0.
+  code (the last ```python block, else the whole response), run in a bubblewrap sandbox: its own user, pid,
+  mount and network namespaces, a read-only view of the interpreter, a small tmpfs as its working dir, limits
+  on wall-clock and CPU time, memory and what the trainer reads back, and no new process (seccomp). For
+  `assert EXPR == LITERAL` (and the other comparisons with a literal) the sandbox sends EXPR's value and the
+  trainer compares it, so a candidate never sees the expected value and cannot write a pass. Without bwrap the
+  reward refuses (a UserError), never running candidate code unsandboxed. The threat model is in docs/posttrain.md.
 """
 
+import ast
+import dataclasses
+import errno
 import functools
 import json
+import operator
 import os
+import platform
 import re
-import secrets
+import select
 import shutil
+import struct
 import subprocess
 import sys
-import tempfile
+import time
 from collections.abc import Callable
 
 import sympy
 from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, standard_transformations
+
+from mct.errors import MctError, UserError
 
 Reward = Callable[[str, dict], float]
 
@@ -102,36 +112,128 @@ def numeric(response: str, item: dict) -> float:
 
 _CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 
-# The child: its limits (set before any candidate code runs), an audit hook that refuses the network,
-# subprocesses and ctypes (it cannot be removed), then the candidate, then each test in its own try; the count
-# goes out on a line tagged with a nonce.
+SANDBOX_TMP_BYTES = 64 * 2**20  # the sandbox's /tmp (its working dir) is a tmpfs of this size
+SANDBOX_OPEN_FILES = 64
+MAX_RESULT_BYTES = 2**20  # what the trainer reads of the result channel; then the sandbox is killed
+
+# The sandbox's program: its limits (set before any candidate code runs), the result channel (a copy of stdout;
+# the candidate's own stdout and stderr go to /dev/null), an audit hook that refuses the network, subprocesses
+# and ctypes (a second layer: the namespaces are the boundary), then the candidate, then each check in a copy of
+# its namespace. A check sends `[index, ascii(value)]` on a line: "eval" the expression's value, "exec" True
+# once the test statement ran through. The expected values never enter the sandbox.
 _HARNESS = """
-import json, resource, sys
-_source, _tests, _nonce, _memory, _cpu = json.loads(sys.stdin.readline())
-resource.setrlimit(resource.RLIMIT_AS, (_memory, _memory))
-resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu))
-resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 24, 1 << 24))
+import json, os, resource, sys
+_source, _checks, _memory, _cpu, _files = json.loads(sys.stdin.readline())
+_LIMITS = {"AS": _memory, "CPU": _cpu, "NOFILE": _files, "FSIZE": 1 << 24, "CORE": 0}
+for _name, _value in _LIMITS.items():
+    resource.setrlimit(getattr(resource, "RLIMIT_" + _name), (_value, _value))
+_results = os.fdopen(os.dup(1), "w", encoding="ascii")
+_null = os.open("/dev/null", os.O_RDWR)
+for _fd in (0, 1, 2):
+    os.dup2(_null, _fd)
 _BLOCKED = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
             "os.forkpty", "ctypes.", "pty.", "_posixsubprocess")
 def _guard(event, args):
     if event.startswith(_BLOCKED):
         raise PermissionError("sandbox: " + event + " is not allowed")
 sys.addaudithook(_guard)
-_passed = 0
 try:
     _namespace = {"__name__": "__candidate__"}
     exec(compile(_source, "candidate.py", "exec"), _namespace)
-    for _test in _tests:
+    for _index, (_mode, _code) in enumerate(_checks):
         try:
-            exec(compile(_test, "test.py", "exec"), dict(_namespace))
-            _passed += 1
+            _scope = dict(_namespace)
+            if _mode == "eval":
+                _value = ascii(eval(compile(_code, "test.py", "eval"), _scope))
+            else:
+                exec(compile(_code, "test.py", "exec"), _scope)
+                _value = "True"
+            _results.write(json.dumps([_index, _value]) + "\\n")
+            _results.flush()
         except BaseException:
             pass
 except BaseException:
     pass
-sys.stdout.write("\\n" + _nonce + json.dumps(_passed) + "\\n")
-sys.stdout.flush()
 """
+
+# `assert VALUE <op> LITERAL`: the sandbox sends VALUE, the trainer applies <op> with LITERAL
+_COMPARISONS: dict[type, Callable[[object, object], bool]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.In: lambda value, expected: value in expected,
+    ast.NotIn: lambda value, expected: value not in expected,
+    ast.Is: operator.is_,
+    ast.IsNot: operator.is_not,
+}
+_SINGLETONS = (None, True, False)  # the only literals `is` compares meaningfully
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One test as the trainer judges it. The sandbox runs `code` ("eval": an expression, whose value's ascii()
+    it sends back; "exec": the whole test statement, True once it runs through) and `judge` decides on the
+    literal it sent. An expected value lives only in `judge`, in the trainer: a candidate cannot read it, and
+    what it can write to the channel is no more than a value its own code could have returned."""
+
+    mode: str
+    code: str
+    judge: Callable[[object], bool]
+
+
+def parse_test(test: str) -> Check:
+    """`assert EXPR <op> LITERAL` (one comparison: == != < <= > >= in, not in; is, is not with None, True or
+    False) becomes an "eval" of EXPR judged against the literal; any other test is an "exec" of the test, which
+    holds no secret from the candidate (its pass is only as good as evaluating it next to the candidate)."""
+    whole = Check("exec", test, functools.partial(operator.is_, True))
+    try:
+        (statement,) = ast.parse(test).body
+    except (
+        SyntaxError,
+        ValueError,
+    ):  # not one statement: the sandbox runs it (and a syntax error fails there)
+        return whole
+    compare = statement.test if isinstance(statement, ast.Assert) else None
+    if (
+        not isinstance(compare, ast.Compare)
+        or len(compare.ops) != 1
+        or type(compare.ops[0]) not in _COMPARISONS
+    ):
+        return whole
+    try:
+        expected = ast.literal_eval(compare.comparators[0])
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # not a literal
+        return whole
+    op = compare.ops[0]
+    if isinstance(op, ast.Is | ast.IsNot) and not any(expected is s for s in _SINGLETONS):
+        return whole
+    compare_with = _COMPARISONS[type(op)]
+    return Check("eval", ast.unparse(compare.left), lambda value: compare_with(value, expected))
+
+
+def accepts(check: Check, text: str) -> bool:
+    """Whether the literal `text` the sandbox sent passes `check`; text that is not a literal fails."""
+    try:
+        return bool(check.judge(ast.literal_eval(text)))
+    except Exception:  # noqa: BLE001 - not a literal, or not comparable with the expected value: a failed test
+        return False
+
+
+def count_passed(channel: bytes, checks: list[Check]) -> int:
+    """How many checks pass on what the sandbox wrote to its result channel: a check needs exactly one complete
+    `[index, literal]` line, which it accepts; lines that do not parse, and checks with several lines, fail."""
+    sent: dict[int, list[str]] = {}
+    for line in channel.split(b"\n")[:-1]:  # the last piece is empty or cut off
+        try:
+            index, text = json.loads(line)
+        except (ValueError, TypeError, RecursionError):
+            continue
+        if isinstance(index, int) and isinstance(text, str):
+            sent.setdefault(index, []).append(text)
+    return sum(len(sent.get(i, ())) == 1 and accepts(check, sent[i][0]) for i, check in enumerate(checks))
 
 
 def candidate_code(response: str) -> str:
@@ -140,47 +242,131 @@ def candidate_code(response: str) -> str:
     return blocks[-1] if blocks else response
 
 
+def sandbox_flags() -> list[str]:
+    """bwrap's flags: new user, pid, mount, network, ipc, uts and cgroup namespaces, no capabilities, no nested
+    user namespaces, killed with the trainer; a read-only root holding only /usr (with the host's /bin, /lib...
+    links), the interpreter's prefix read-only and /dev/null; a size-capped tmpfs /tmp as the working dir; an
+    empty environment."""
+    flags = ["--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session"]
+    flags += ["--cap-drop", "ALL", "--hostname", "sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin"]
+    flags += ["--setenv", "HOME", "/tmp", "--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            flags += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            flags += ["--ro-bind", top, top]
+    prefix = os.path.realpath(sys.base_prefix)  # the stdlib; a venv's site-packages stay outside
+    if os.path.commonpath([prefix, "/usr"]) != "/usr":
+        flags += ["--ro-bind", prefix, prefix]
+    flags += ["--dev-bind", "/dev/null", "/dev/null", "--size", str(SANDBOX_TMP_BYTES), "--tmpfs", "/tmp"]
+    return [*flags, "--remount-ro", "/", "--chdir", "/tmp"]
+
+
+# seccomp: (AUDIT_ARCH, clone, clone3, fork-like syscalls) per machine; see seccomp_filter
+_SYSCALLS = {"x86_64": (0xC000003E, 56, 435, (57, 58)), "aarch64": (0xC00000B7, 220, 435, ())}
+_BPF_LOAD, _BPF_JEQ, _BPF_JGE, _BPF_JSET, _BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06  # classic BPF opcodes
+_ALLOW, _KILL, _ERRNO = 0x7FFF0000, 0x80000000, 0x00050000  # seccomp return actions
+_CLONE_THREAD = 0x00010000
+
+
+def _bpf(code: int, k: int, jump_true: int = 0, jump_false: int = 0) -> bytes:
+    return struct.pack("HBBI", code, jump_true, jump_false, k)
+
+
 @functools.cache
-def network_namespace_prefix() -> tuple[str, ...]:
-    """("unshare", "-rn") when this host lets an unprivileged child take a network namespace of its own."""
-    if shutil.which("unshare") is None:
-        return ()
+def seccomp_filter() -> bytes:
+    """A seccomp program that lets the sandboxed interpreter start threads but no process: fork, vfork and clone
+    without CLONE_THREAD fail with EPERM, clone3 with ENOSYS (glibc then makes threads with clone), and a
+    syscall of another ABI (i386, x32) kills the process. RLIMIT_NPROC would not do: the kernel does not
+    enforce it on processes whose real uid is root outside their user namespace, as a root trainer's sandbox."""
+    machine = platform.machine()
+    if machine not in _SYSCALLS:
+        raise UserError(
+            f"reward python_tests has no seccomp filter for this machine ({machine}): x86_64 or aarch64"
+        )
+    arch, clone, clone3, forks = _SYSCALLS[machine]
+    deny = _bpf(_BPF_RET, _ERRNO | errno.EPERM)
+    program = [_bpf(_BPF_LOAD, 4), _bpf(_BPF_JEQ, arch, 1, 0), _bpf(_BPF_RET, _KILL), _bpf(_BPF_LOAD, 0)]
+    program += [_bpf(_BPF_JGE, 0x40000000, 0, 1), _bpf(_BPF_RET, _KILL)]  # x32's numbers
+    program += [_bpf(_BPF_JEQ, clone3, 0, 1), _bpf(_BPF_RET, _ERRNO | errno.ENOSYS)]
+    for number in forks:
+        program += [_bpf(_BPF_JEQ, number, 0, 1), deny]
+    program += [_bpf(_BPF_JEQ, clone, 0, 3), _bpf(_BPF_LOAD, 16), _bpf(_BPF_JSET, _CLONE_THREAD, 1, 0), deny]
+    return b"".join([*program, _bpf(_BPF_RET, _ALLOW)])
+
+
+def start_sandbox(bwrap: str, args: list[str], **popen) -> subprocess.Popen:
+    """`python -I -S ARGS...` (this interpreter, no site-packages) in a bwrap sandbox: sandbox_flags and
+    seccomp_filter (handed to bwrap in a memfd)."""
+    fd = os.memfd_create("mct-seccomp")
     try:
-        probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ()
-    return ("unshare", "-rn") if probe.returncode == 0 else ()
+        os.write(fd, seccomp_filter())
+        os.lseek(fd, 0, os.SEEK_SET)
+        python = os.path.realpath(sys.executable)
+        argv = [bwrap, *sandbox_flags(), "--seccomp", str(fd), "--", python, "-I", "-S", *args]
+        return subprocess.Popen(argv, pass_fds=(fd,), **popen)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def sandbox_bwrap() -> str:
+    """The bwrap that sandboxes candidates, checked once by starting a sandbox. Raises UserError, one line naming
+    what is missing, where this machine cannot sandbox: candidate code never runs unsandboxed."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise UserError(
+            "reward python_tests needs bubblewrap to sandbox candidate code: no `bwrap` on PATH "
+            "(Debian: apt-get install bubblewrap)"
+        )
+    with start_sandbox(bwrap, ["-c", "pass"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as probe:
+        try:
+            _, err = probe.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            probe.kill()
+            raise UserError("reward python_tests: `bwrap` did not start a sandbox within 60 s") from None
+    if probe.returncode != 0:
+        why = err.decode(errors="replace").strip().splitlines() or [f"exit {probe.returncode}"]
+        raise UserError(f"reward python_tests: `bwrap` cannot start its sandbox here: {why[-1]}")
+    return bwrap
+
+
+def read_results(proc: subprocess.Popen, request: bytes, deadline: float) -> bytes:
+    """Sends the request, then reads the result channel until it closes, the deadline passes or
+    MAX_RESULT_BYTES have come (a candidate may flood it)."""
+    try:
+        with proc.stdin:  # closed even when it fails
+            proc.stdin.write(request)
+    except BrokenPipeError:  # the sandbox is gone already
+        return b""
+    chunks, size, fd = [], 0, proc.stdout.fileno()
+    while size < MAX_RESULT_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, min(2**16, MAX_RESULT_BYTES - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def run_tests(code: str, tests: list[str], *, timeout_s: float = 5.0, memory_mb: int = 512) -> int:
-    """How many of `tests` pass against `code` in the sandbox; 0 when the child hangs, crashes or is killed."""
-    nonce = secrets.token_hex(16)
-    request = json.dumps([code, tests, nonce, memory_mb * 2**20, int(timeout_s) + 1]).encode() + b"\n"
-    with tempfile.TemporaryDirectory(prefix="mct-sandbox-") as tmp:
-        command = [*network_namespace_prefix(), sys.executable, "-I", "-S", "-c", _HARNESS]
-        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "PYTHONHASHSEED": "0"}
+    """How many of `tests` pass against `code` in the sandbox (docs/posttrain.md, "The python_tests sandbox");
+    what the candidate has not sent by the wall-clock limit counts for nothing."""
+    checks = [parse_test(test) for test in tests]
+    limits = [memory_mb * 2**20, int(timeout_s) + 1, SANDBOX_OPEN_FILES]
+    request = json.dumps([code, [[c.mode, c.code] for c in checks], *limits]).encode() + b"\n"
+    bwrap = sandbox_bwrap()
+    deadline = time.monotonic() + timeout_s
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL}
+    with start_sandbox(bwrap, ["-c", _HARNESS], **pipes) as proc:
         try:
-            proc = subprocess.Popen(
-                command,
-                cwd=tmp,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        except OSError:
-            return 0
-        try:
-            out, _ = proc.communicate(request, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the child and anything it started
-            proc.communicate()
-            return 0
-    for line in reversed(out.decode(errors="replace").splitlines()):
-        if line.startswith(nonce):
-            return int(json.loads(line[len(nonce) :]))
-    return 0
+            channel = read_results(proc, request, deadline)
+        finally:
+            proc.kill()  # bwrap: its pid-namespace init dies with it, and with that init everything inside
+    return count_passed(channel, checks)
 
 
 def python_tests(response: str, item: dict) -> float:
@@ -198,8 +384,11 @@ ANSWER_KEYS = {"exact": "answer", "numeric": "answer", "python_tests": "tests"}
 
 def safe_reward(reward: Reward, response: str, item: dict) -> float:
     """reward(response, item) clipped to [0, 1]; a reward that fails on this response scores 0 (a reward
-    function must never stop training)."""
+    function must never stop training), but a refusal (an MctError: e.g. no sandbox on this machine) stops
+    the run with its one line."""
     try:
         return min(max(float(reward(response, item)), 0.0), 1.0)
+    except MctError:
+        raise
     except Exception:  # noqa: BLE001 - e.g. SymPy failing on an odd expression
         return 0.0
