@@ -1,6 +1,6 @@
 """Text inputs that are not text (issue 26): a lone surrogate escape, bytes that are not UTF-8 and JSON nested
 past Python's recursion limit are refused by SFT, DPO and RL readers with the file and line, and skipped and
-counted by prepare."""
+counted by prepare; RL prompts that can never score are refused with the file and line."""
 
 import json
 import re
@@ -50,3 +50,24 @@ def test_prepare_skips_and_counts_lines_that_are_not_text(tmp_path):
     assert manifest["documents"] == 2 and skipped["total"] == len(skipped["examples"]) == len(lines)
     for line, (what, example) in enumerate(zip(lines, skipped["examples"]), 2):
         assert example["source"] == f"{path}:{line}" and what in example["reason"]
+
+
+@pytest.mark.parametrize(
+    "reward, item, problem",
+    [
+        ("exact", {"answer": None}, '"answer" must be a string or a number'),
+        ("numeric", {"answer": None}, '"answer" must be a string or a number'),
+        ("numeric", {"answer": "4!"}, "\"answer\" '4!' is not a number or expression"),
+        ("python_tests", {"tests": []}, '"tests" must be an assert statement or a non-empty list'),
+        ("python_tests", {"tests": 5}, '"tests" must be an assert statement or a non-empty list'),
+        ("python_tests", {"tests": ["assert f() == 1", 5]}, '"tests" must be an assert statement'),
+    ],
+)
+def test_rl_prompts_that_can_never_score_are_refused(tmp_path, reward, item, problem):
+    good = {"numeric": {"answer": "2 / 3"}, "exact": {"answer": 4}, "python_tests": {"tests": "assert 1"}}
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "q", **i}) + "\n" for i in (good[reward], item)))
+    with pytest.raises(DatasetError, match=re.escape(f"prompts.jsonl:2: {problem}")):
+        rl.read_prompts(str(path), reward)
+    path.write_text(json.dumps({"prompt": "q", **good[reward]}) + "\n")
+    assert rl.read_prompts(str(path), reward) == [{"prompt": "q", **good[reward]}]
