@@ -27,6 +27,8 @@ INVALID_JSON = "invalid JSON"
 MISSING_FIELD = "missing text field"
 NOT_A_STRING = "text field is not a string"
 EMPTY = "empty document"
+TOO_DEEP = "JSON nested too deeply"
+LONE_SURROGATE = "lone surrogate escape (not UTF-8 text)"
 
 _TEXT_SUFFIXES = (".txt", ".md", ".py")  # one file = one document
 _COMPRESSED_SUFFIXES = (".gz", ".zst")
@@ -38,6 +40,15 @@ _UP_TO_LAST_CUT = re.compile(r".+[ \t\n\r](?=\S)", re.DOTALL)
 
 class InputError(ValueError):
     """A path or glob on the command line that names nothing readable."""
+
+
+class BadLine(ValueError):
+    """A JSONL line that holds no usable JSON value; `reason` is NOT_UTF8, INVALID_JSON, TOO_DEEP or
+    LONE_SURROGATE."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +165,28 @@ def _read_text_file(path: str, name: str) -> Document | Skipped:
         return Skipped(name, NOT_UTF8)
 
 
+def parse_json_line(raw: bytes) -> object:
+    """The JSON value of one JSONL line; BadLine when the bytes are not UTF-8, not JSON, nested deeper than
+    Python's recursion limit, or hold a lone surrogate escape (`"\\ud800"`: Python parses it, but it is not
+    text: no tokenizer or UTF-8 writer accepts it). Every JSONL reader (prepare, SFT, DPO, RL) reads lines so.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadLine(NOT_UTF8, f"byte {e.start}") from None
+    try:
+        value = json.loads(text)
+        if "\\ud" in text or "\\uD" in text:  # surrogates come only from escapes: the bytes were UTF-8
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError as e:
+        raise BadLine(INVALID_JSON, e.msg) from None
+    except RecursionError:
+        raise BadLine(TOO_DEEP) from None
+    except UnicodeEncodeError:
+        raise BadLine(LONE_SURROGATE) from None
+    return value
+
+
 def _read_jsonl(path: str, name: str, text_field: str) -> Iterator[Document | Skipped]:
     with open_binary(path) as f:
         for line_number, raw in enumerate(f, start=1):
@@ -161,12 +194,9 @@ def _read_jsonl(path: str, name: str, text_field: str) -> Iterator[Document | Sk
             if not raw.strip():
                 continue  # blank lines separate nothing and are not documents
             try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield Skipped(key, NOT_UTF8)
-                continue
-            except json.JSONDecodeError:
-                yield Skipped(key, INVALID_JSON)
+                record = parse_json_line(raw)
+            except BadLine as e:
+                yield Skipped(key, e.reason)
                 continue
             yield _field_document(key, record.get(text_field) if isinstance(record, dict) else None)
 

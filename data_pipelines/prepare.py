@@ -243,7 +243,7 @@ def worker_tokenizer(tokenizer_file: str) -> Tokenizer:
     tokenizer = _worker_tokenizers.get(tokenizer_file)
     if tokenizer is None:
         tokenizer = _worker_tokenizers[tokenizer_file] = Tokenizer.from_file(tokenizer_file)
-        tokenizer.encode_special_tokens = True  # "<s>" inside a document is text, not a control token
+        tokenizer.encode_special_tokens = True  # tok.encode_texts' rule: "<s>" inside a document is text
     return tokenizer
 
 

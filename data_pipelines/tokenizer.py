@@ -7,7 +7,7 @@ import hashlib
 import pathlib
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, "<|im_start|>", "<|im_end|>", "<|system|>", "<|user|>", "<|assistant|>")
@@ -51,6 +51,21 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """The ids of those SPECIAL_TOKENS that the tokenizer has."""
     ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     return {token: i for token, i in ids.items() if i is not None}
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Iterable[str]) -> list[Encoding]:
+    """The encodings of `texts` as plain text, nothing added: a special token's string inside a text (`<s>`,
+    `<|im_end|>`) is encoded as its characters, never as that control token, so no text can forge a document
+    boundary or a chat turn. This is the rule for every text mct encodes (prepare's documents, chat content,
+    prompts): control tokens are inserted by id. (HF tokenizers' `encode_special_tokens`, transformers'
+    `split_special_tokens`, tiktoken's `allowed_special=()`; the tokenizer's own setting is restored.)
+    """
+    previous = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    finally:
+        tokenizer.encode_special_tokens = previous
 
 
 def tokenizer_bytes(tokenizer: Tokenizer) -> bytes:

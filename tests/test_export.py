@@ -269,6 +269,26 @@ def test_import_refuses_bad_input(tmp_path, run_config):
     assert not any(p.name.startswith(("w", ".w")) for p in tmp_path.iterdir())
 
 
+def test_import_refuses_malformed_files(tmp_path, run_config):
+    """A config.json that is not an object or has no attention heads, and a truncated safetensors file, are
+    ValueErrors naming the file or field (mct.import_hf prints them as one `error:` line), not tracebacks."""
+    hf = export(run_config.workdir, tmp_path / "hf", "minicpm")
+    config, weights = hf / "config.json", hf / "model.safetensors"
+    cfg = json.loads(config.read_text())
+    for bad, error in (
+        ([cfg], "config.json must hold a JSON object"),
+        ({**cfg, "num_attention_heads": 0}, "config field 'num_attention_heads' must be a positive integer"),
+    ):
+        config.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=error):
+            import_hf(hf, tmp_path / "w")
+    config.write_text(json.dumps(cfg))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        import_hf(hf, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
 def test_run_saved_before_a_model_setting_existed_still_reads(tmp_path, dataset):
     """A checkpoint whose saved model config predates a settings key (here scan_layers) reads with the default."""
     config = tiny_run_config(tmp_path / "wd", dataset)

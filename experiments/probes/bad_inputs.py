@@ -513,6 +513,72 @@ def scored(n: int, within_s: float) -> Callable:
             return f"scored {m.group(1)}, expected {n}"
         return None if float(m.group(2)) < within_s else f"took {m.group(2)} s, limit {within_s} s"
 
+
+# --- text inputs and chat tokens (issue 26): helpers ------------------------------------------------------------
+
+NOT_TEXT = {  # a JSONL line that is no text, by what is wrong with it
+    "surrogate": b'{"note": "\\ud800"}',
+    "not-utf8": b'{"note": "caf\xe9"}',
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+def posttrain(entry: str, config: str, workdir: pathlib.Path, *overrides: str) -> list[str]:
+    """mct.<entry> (sft, dpo, rl) on experiments/configs/<config>.py from the finished tiny run."""
+    argv = train(workdir, f"init_from={finished()}", *overrides)  # [PY, -m, mct.train, --config, FILE, flags]
+    return [PY, "-m", f"mct.{entry}", "--config", f"experiments/configs/{config}.py", *argv[5:]]
+
+
+def jsonl_file(name: str, *lines: bytes) -> Callable:
+    """Writes c.dir/name holding `lines`."""
+    return lambda c: (c.dir / name).write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+@fixture
+def hf_checkpoint(out: pathlib.Path) -> None:
+    """The finished tiny run exported in the MiniCPM layout (one model.safetensors)."""
+    argv = module("mct.export", "--workdir", finished(), "--format", "minicpm", "--out", out)
+    must(sh(argv, out.with_suffix(".log")), "fixture: export the finished run")
+
+
+def copy_hf(damage: Callable[[pathlib.Path], None]) -> Callable:
+    def run(c) -> None:
+        c.hf = c.dir / "hf"
+        shutil.copytree(hf_checkpoint(), c.hf)
+        damage(c.hf)
+
+    return run
+
+
+def edit_hf_config(edit: Callable[[dict], object]) -> Callable[[pathlib.Path], None]:
+    def damage(hf: pathlib.Path) -> None:
+        (hf / "config.json").write_text(json.dumps(edit(json.loads((hf / "config.json").read_text()))))
+
+    return damage
+
+
+def truncate_weights(hf: pathlib.Path) -> None:
+    weights = hf / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def import_command(c) -> list[str]:
+    return module("mct.import_hf", "--hf_dir", c.hf, "--out", c.dir / "imported")
+
+
+def skip_examples(*sources: str) -> Callable:
+    """The dataset's manifest lists a skip example for each of `sources` (names relative to the case dir)."""
+
+    def check(r: Run, c):
+        path = c.dir / "ds" / "manifest.json"
+        listed = (
+            {e["source"] for e in json.loads(path.read_text())["skipped"]["examples"]}
+            if path.exists()
+            else set()
+        )
+        missing = [s for s in sources if str(c.dir / s) not in listed]
+        return f"manifest.json lists no skip of {missing}" if missing else None
+
     return check
 
 
@@ -804,6 +870,69 @@ CASES = [
         nothing,
         lambda c: measured(reward("import sys\nfor _ in range(200):\n    sys.stdout.write('x' * 2**20)")(c)),
         [scored(0, 30), peak_rss_under(200)],
+    ),
+    # text inputs and chat tokens (issue 26)
+    Case(
+        "26i-sft-lone-surrogate",
+        jsonl_file("sft.jsonl", NOT_TEXT["surrogate"]),
+        lambda c: posttrain("sft", "tiny_cpu_sft", c.w, f"data.chat.path=('{c.dir / 'sft.jsonl'}',)"),
+        exits_2_naming("sft.jsonl:1", "lone surrogate"),
+    ),
+    Case(
+        "26j-dpo-not-utf8",
+        jsonl_file("dpo.jsonl", NOT_TEXT["not-utf8"]),
+        lambda c: posttrain("dpo", "tiny_cpu_dpo", c.w, f"dpo.path=('{c.dir / 'dpo.jsonl'}',)"),
+        exits_2_naming("dpo.jsonl:1", "not UTF-8"),
+    ),
+    Case(
+        "26k-rl-deeply-nested-json",
+        jsonl_file("prompts.jsonl", NOT_TEXT["deep"]),
+        lambda c: posttrain(
+            "rl", "tiny_cpu_rl", c.w, "data.seq_len=64", f"rl.prompts={c.dir / 'prompts.jsonl'}"
+        ),
+        exits_2_naming("prompts.jsonl:1", "nested too deeply"),
+    ),
+    Case(
+        "26l-rl-answer-never-scores",
+        jsonl_file("prompts.jsonl", b'{"prompt": "What is 4!?", "answer": "4!"}'),
+        lambda c: posttrain(
+            "rl", "tiny_cpu_rl", c.w, "data.seq_len=64", f"rl.prompts={c.dir / 'prompts.jsonl'}"
+        ),
+        exits_2_naming("prompts.jsonl:1", "numeric reward"),
+    ),
+    Case(
+        "26m-prepare-skips-non-text-lines",
+        jsonl_file("docs.jsonl", b'{"text": "the one document"}', *NOT_TEXT.values()),
+        lambda c: module(
+            "data_pipelines.prepare",
+            "--input",
+            c.dir / "docs.jsonl",
+            "--out",
+            c.dir / "ds",
+            "--vocab_size",
+            300,
+            "--workers",
+            1,
+        ),
+        [exit_code(0), says("skipped 3"), skip_examples("docs.jsonl:2", "docs.jsonl:3", "docs.jsonl:4")],
+    ),
+    Case(
+        "26n-import-truncated-safetensors",
+        copy_hf(truncate_weights),
+        import_command,
+        exits_2_naming("model.safetensors"),
+    ),
+    Case(
+        "26o-import-config-is-a-list",
+        copy_hf(edit_hf_config(lambda cfg: [cfg])),
+        import_command,
+        exits_2_naming("config.json"),
+    ),
+    Case(
+        "26p-import-zero-heads",
+        copy_hf(edit_hf_config(lambda cfg: {**cfg, "num_attention_heads": 0})),
+        import_command,
+        exits_2_naming("num_attention_heads"),
     ),
 ]
 

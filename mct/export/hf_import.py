@@ -7,11 +7,13 @@ ternary export reads back as its dequantised weights (model.quant.weights = "non
 """
 
 import collections
+import contextlib
 import json
 import pathlib
+from collections.abc import Iterator
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from data_pipelines.shards import TOKENIZER
 from data_pipelines.tokenizer import read_tokenizer_file
@@ -27,6 +29,17 @@ from mct.run.workdir import write_step0_workdir
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters save; recomputed from the config
 
 
+@contextlib.contextmanager
+def open_safetensors(path: pathlib.Path) -> Iterator:
+    """safe_open(path) for NumPy arrays; a damaged file (truncated, a bad header) is a ValueError naming it
+    instead of safetensors' own error type, which entry points would not know."""
+    try:
+        with safe_open(path, "np") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+
+
 class SafetensorsDir:
     """An HF directory's tensors (model.safetensors, or the shards its index names), read one at a time."""
 
@@ -39,7 +52,7 @@ class SafetensorsDir:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{index} is not a safetensors index with a 'weight_map': {e}") from None
         elif (hf_dir / "model.safetensors").is_file():
-            with safe_open(hf_dir / "model.safetensors", "np") as f:
+            with open_safetensors(hf_dir / "model.safetensors") as f:
                 self.files = dict.fromkeys(f.keys(), "model.safetensors")
         else:
             raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor {INDEX_FILE}")
@@ -49,7 +62,7 @@ class SafetensorsDir:
         if name not in self.files:
             raise ValueError(f"{self.hf_dir}: the checkpoint lacks the tensor {name!r}")
         path = self.hf_dir / self.files[name]
-        with safe_open(path, "np") as f:
+        with open_safetensors(path) as f:
             tensor = f.get_tensor(name)
         if tensor.shape != shape:
             raise ValueError(f"{path}: tensor {name!r} has shape {tensor.shape}, config.json implies {shape}")
@@ -57,11 +70,15 @@ class SafetensorsDir:
 
 
 def read_hf_config(hf_dir: pathlib.Path) -> dict:
+    """The config.json of an HF directory: a JSON object, else a ValueError naming the file."""
     path = hf_dir / "config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object of config fields, not a {type(config).__name__}")
+    return config
 
 
 def import_params(hf_dir: pathlib.Path, model_cfg: ModelConfig, layout: str, group_size: int = 0) -> dict:

@@ -368,18 +368,28 @@ def model_fields(hf: dict, path: str, unfold_mup: bool) -> dict:
     def need(key, source=hf, where=""):
         return _field(source, key, path, where)
 
+    def count(key: str, default: int | None = None) -> int:
+        """A shape field (layers, widths, heads): a positive integer; `default` if missing or null."""
+        value = hf.get(key)
+        if value is None:
+            value = need(key) if default is None else default
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{path}: config field {key!r} must be a positive integer, got {value!r}")
+        return value
+
     layout = layout_of(hf, path)
-    n_layers, d_model = need("num_hidden_layers"), need("hidden_size")
+    n_layers, d_model = count("num_hidden_layers"), count("hidden_size")
+    n_heads = count("num_attention_heads")
     fields = dict(
         n_layers=n_layers,
         d_model=d_model,
-        n_heads=need("num_attention_heads"),
-        n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-        head_dim=hf.get("head_dim") or d_model // hf["num_attention_heads"],
-        d_mlp=need("intermediate_size"),
-        vocab_size=need("vocab_size"),
+        n_heads=n_heads,
+        n_kv_heads=count("num_key_value_heads", n_heads),
+        head_dim=count("head_dim", d_model // n_heads),
+        d_mlp=count("intermediate_size"),
+        vocab_size=count("vocab_size"),
         rms_eps=need("rms_norm_eps"),
-        max_position=need("max_position_embeddings"),
+        max_position=count("max_position_embeddings"),
         parametrization="mup",
     )
     if hf.get("hidden_act", "silu") != "silu":

@@ -8,7 +8,6 @@ one without an assistant turn that fits is dropped. The manifest counts both ("c
 """
 
 import hashlib
-import json
 import os
 import pathlib
 import shutil
@@ -21,6 +20,7 @@ from tokenizers import Tokenizer
 
 from data_pipelines import shards
 from data_pipelines.chat import check_messages, encode_chat
+from data_pipelines.documents import BadLine, parse_json_line
 from data_pipelines.prepare import is_eval_document
 from data_pipelines.shards import DatasetError
 from data_pipelines.tokenizer import sha256_hex, special_token_ids, tokenizer_bytes
@@ -71,18 +71,18 @@ def default_conversations(n: int = _DEFAULT_CONVERSATIONS, seed: int = 0) -> Ite
 
 def read_jsonl(path: str | pathlib.Path, fields: Sequence[str]) -> Iterator[tuple[str, dict]]:
     """(key "FILE:LINE", record) of each non-blank line of a JSONL file; DatasetError naming the file and line
-    when it is missing, not JSON, or lacks one of `fields`."""
+    when it is missing, not UTF-8 or not JSON (documents.parse_json_line), or lacks one of `fields`."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise DatasetError(f"chat data file {path} does not exist")
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                record = parse_json_line(line)
+            except BadLine as e:
+                raise DatasetError(f"{path}:{line_no}: {e}") from None
             missing = [k for k in fields if not isinstance(record, dict) or k not in record]
             if missing:
                 raise DatasetError(f"{path}:{line_no}: the record lacks {missing}")

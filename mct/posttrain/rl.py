@@ -38,7 +38,7 @@ from mct.infer.decoding import Sampling
 from mct.parallel.distributed import global_batch
 from mct.posttrain.chat_data import arithmetic_problem, read_jsonl
 from mct.posttrain.grpo import accepted_groups, group_advantages, grpo_objective, token_logprobs
-from mct.posttrain.rewards import ANSWER_KEYS, REWARDS, Reward, safe_reward
+from mct.posttrain.rewards import ANSWER_KEYS, REWARDS, Reward, parse_math, safe_reward
 from mct.posttrain.rollout import Trajectory, rollout_chunk
 from mct.posttrain.sft import with_source_data
 from mct.run.checkpoint import Checkpointer
@@ -64,13 +64,35 @@ def arithmetic_items(n: int, seed: int, exclude: frozenset[str] = frozenset()) -
     return items
 
 
+def item_problem(item: dict, reward: str) -> str | None:
+    """Why a prompt item can never score under `reward`, or None: the prompt is not a string, the answer is
+    not a string or number (or, for `numeric`, nothing SymPy reads), the tests are not an assert statement or
+    a non-empty list of them. Such an item would only ever add zero rewards."""
+    if not isinstance(item["prompt"], str):
+        return f'"prompt" must be a string, got {item["prompt"]!r:.60}'
+    if ANSWER_KEYS[reward] == "tests":
+        tests = item["tests"]
+        listed = tests if isinstance(tests, list) and tests else [tests]
+        if all(isinstance(t, str) and t.strip() for t in listed):
+            return None
+        return f'"tests" must be an assert statement or a non-empty list of them, got {tests!r:.60}'
+    answer = item["answer"]
+    if not isinstance(answer, str | int | float) or isinstance(answer, bool):
+        return f'"answer" must be a string or a number, got {answer!r:.60}'
+    if reward == "numeric" and parse_math(str(answer)) is None:
+        return f'"answer" {answer!r:.60} is not a number or expression the numeric reward reads'
+    return None
+
+
 def read_prompts(path: str, reward: str) -> list[dict]:
-    """The items of a prompts JSONL; DatasetError naming the file and line of a malformed one."""
+    """The items of a prompts JSONL; DatasetError naming the file and line of a malformed one or one that can
+    never score (item_problem)."""
     key = ANSWER_KEYS[reward]
     items = []
     for where, item in read_jsonl(path, ("prompt", key)):
-        if not isinstance(item["prompt"], str):
-            raise DatasetError(f'{where}: needs {{"prompt": str, "{key}": ...}} for reward {reward}')
+        problem = item_problem(item, reward)
+        if problem:
+            raise DatasetError(f"{where}: {problem} (rl.reward={reward})")
         items.append(item)
     if not items:
         raise UserError(f"config rl.prompts={path}: no prompts in the file")
