@@ -46,6 +46,7 @@ logging.getLogger().removeFilter(_not_gcp_notice)
 from data_pipelines import dedup, documents, prepare, quality, shards  # noqa: E402
 from data_pipelines import tokenizer as tok  # noqa: E402
 from data_pipelines.normalise import normalise  # noqa: E402
+from data_pipelines.output_dirs import fresh_directory  # noqa: E402
 
 DEDUP_KINDS = ("exact", "minhash")
 _PARTS = ".beam-parts"  # per-writer results inside the temporary output, read by the driver and removed
@@ -91,7 +92,7 @@ def beam_prepare(
         quality.load_classifier(quality_model)  # a bad model file fails here, before any work
     tasks, input_names = prepare.input_tasks(inputs, text_field, max_document_chars)
     start = time.perf_counter()
-    with prepare.atomic_output_dir(out) as tmp:
+    with fresh_directory(out) as tmp:
         sample = tasks[:tokenizer_sample_files] if tokenizer_sample_files else tasks
         with prepare.worker_pool(0 if tokenizer_path is None else 1) as imap:
             tokenizer = prepare.dataset_tokenizer(

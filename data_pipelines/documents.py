@@ -1,7 +1,10 @@
 """Raw inputs -> text documents: path and glob expansion, txt/jsonl (optionally .gz/.zst) and parquet readers,
 and the embedded default corpus (the Python standard library's own sources).
 
-A bad file or record never stops preparation: it becomes a `Skipped` with a reason that the manifest counts.
+A bad file or record never stops preparation: it becomes a `Skipped` with a reason that the manifest counts. A
+compressed file is decompressed to its end, its checksum checked, before any of its documents is read: a
+stream damaged mid-file decodes to garbage documents that only the checksum at its end reveals, so a file that
+fails it contributes nothing but one Skipped (UNREADABLE) naming it.
 """
 
 import dataclasses
@@ -13,6 +16,7 @@ import os
 import pathlib
 import re
 import sysconfig
+import zlib
 from collections.abc import Iterator
 
 import pyarrow
@@ -32,6 +36,10 @@ LONE_SURROGATE = "lone surrogate escape (not UTF-8 text)"
 
 _TEXT_SUFFIXES = (".txt", ".md", ".py")  # one file = one document
 _COMPRESSED_SUFFIXES = (".gz", ".zst")
+_CHECK_CHUNK = 1 << 20  # bytes decompressed per read while checking a compressed file
+# What reading a damaged or unreadable file raises: OS errors (gzip's CRC and length checks among them), a
+# truncated stream's EOFError, and the decompressors' and parquet's own errors.
+_READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException)
 _DEFAULT_CORPUS_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib"}
 # Up to the last ASCII whitespace before a non-whitespace character (ASCII: whitespace to the tokenizer's
 # regex too, which is not so for all of Python's \s, e.g. "\x1c").
@@ -111,6 +119,8 @@ def read_documents(path: str, text_field: str, name: str | None = None) -> Itera
     name = path if name is None else name
     kind = file_kind(path)
     try:
+        if kind is not None:
+            check_compressed(path)
         if kind == "text":
             yield _read_text_file(path, name)
         elif kind == "jsonl":
@@ -119,8 +129,8 @@ def read_documents(path: str, text_field: str, name: str | None = None) -> Itera
             yield from _read_parquet(path, name, text_field)
         else:
             yield Skipped(name, UNSUPPORTED)
-    except (OSError, EOFError, zstandard.ZstdError, pyarrow.ArrowException):
-        # Documents read before a corrupt block stay; the rest of the file is skipped.
+    except _READ_ERRORS:
+        # Only a plain file (parquet, uncompressed text) fails after its first documents: those stay.
         yield Skipped(name, UNREADABLE)
 
 
@@ -141,6 +151,15 @@ def text_pieces(text: str, max_chars: int) -> Iterator[str]:
         yield text[start:end]
         start = end
     yield text[start:]
+
+
+def check_compressed(path: str) -> None:
+    """Decompresses a .gz or .zst file to its end, raising what a damaged stream raises (gzip: a CRC or length
+    mismatch, a truncated end); other files pass unread."""
+    if path.endswith(_COMPRESSED_SUFFIXES):
+        with open_binary(path) as f:
+            while f.read(_CHECK_CHUNK):
+                pass
 
 
 def open_binary(path: str):

@@ -17,9 +17,7 @@ import multiprocessing
 import os
 import pathlib
 import platform
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -29,6 +27,7 @@ from tqdm import tqdm
 
 from data_pipelines import documents, shards
 from data_pipelines import tokenizer as tok
+from data_pipelines.output_dirs import fresh_directory
 
 _MAX_SKIP_EXAMPLES = 100
 _ENCODE_CHARS = 1 << 16  # characters per tokenizer call (it needs ~100 bytes of memory per character)
@@ -61,7 +60,7 @@ def prepare_dataset(
     if max_document_chars < 0:
         raise ValueError(f"max_document_chars must be >= 0 (0 = no limit), got {max_document_chars}")
     tasks, input_names = input_tasks(inputs, text_field, max_document_chars)
-    with atomic_output_dir(out) as tmp, worker_pool(workers) as imap:
+    with fresh_directory(out) as tmp, worker_pool(workers) as imap:
         tokenizer = dataset_tokenizer(imap, tasks, tokenizer_path, vocab_size, eval_fraction, progress)
         tokenizer_json = tok.tokenizer_bytes(tokenizer)
         (tmp / shards.TOKENIZER).write_bytes(tokenizer_json)
@@ -101,27 +100,6 @@ def prepare_default_corpus(
 ) -> pathlib.Path:
     """The embedded default corpus (the Python standard library's .py sources) with a trained tokenizer."""
     return prepare_dataset(out_dir, None, vocab_size=vocab_size, progress=progress)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: pathlib.Path) -> Iterator[pathlib.Path]:
-    """Yields a fresh temporary sibling of `out`, renamed to `out` when the block completes and removed when
-    it raises, so `out` is either absent or complete. `out` must not exist (or be an empty directory).
-    """
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output {out} already exists; remove it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
-    try:
-        yield tmp
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            raise FileExistsError(f"output {out} appeared while preparing it (another run?)") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def dataset_tokenizer(

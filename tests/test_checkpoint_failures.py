@@ -1,8 +1,11 @@
 """A failed checkpoint save (a full disk) stops the run: one-line CheckpointSaveError naming the step, the cause
 and the last good checkpoint, raised by the first check after the failure; its tmp directory is removed and the
-previous checkpoint stays restorable."""
+previous checkpoint stays restorable. A checkpoints directory turned read-only ends the process at once."""
 
 import errno
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,6 +17,8 @@ import pytest
 from mct.errors import CheckpointSaveError
 from mct.parallel.sharding import abstract_with_shardings
 from mct.run.checkpoint import Checkpointer, _orbax_write_threads, root_cause
+from tests.data_fixtures import make_tiny_dataset
+from tests.tiny_runs import REPO, VOCAB, train_flags
 
 STATE = {"w": jnp.arange(8.0), "b": jnp.ones((2, 3))}
 
@@ -107,6 +112,38 @@ def test_a_failed_save_finds_the_writes_it_waits_for(tmp_path, monkeypatch):
         ckpt.wait()
     assert not _orbax_write_threads() and not list(ckpt.directory.iterdir())
     ckpt.close()
+
+
+def test_checkpoints_turned_read_only_mid_run_end_the_process_at_once_on_its_own_error_line(tmp_path):
+    """The last save of a run fails because its checkpoints directory turned read-only after the first save
+    (tests/read_only_checkpoints.py): exit 2 within seconds, not minutes on orbax's threads, and the `error:`
+    line starts a line of its own after the progress bar."""
+    dataset = make_tiny_dataset(tmp_path / "data", vocab_size=VOCAB, num_docs=60)
+    workdir = tmp_path / "run"
+    steps = {
+        "train.steps": 2,
+        "schedule.warmup_steps": 0,
+        "schedule.decay_steps": 1,
+        "checkpoint.every_steps": 1,
+    }
+    fault = [sys.executable, "-m", "tests.read_only_checkpoints", str(workdir / "checkpoints")]
+    env = {**os.environ, "XLA_FLAGS": ""}
+    began = time.monotonic()
+    done = subprocess.run(
+        [*fault, *train_flags(workdir, dataset, **steps)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    took = time.monotonic() - began
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert [line for line in done.stderr.split("\n") if "error:" in line] == [
+        f"error: checkpoint save at step 2 failed: Read-only file system in {workdir / 'checkpoints'}; "
+        "last good checkpoint: step 1"
+    ]
+    assert took < 60, f"the process took {took:.0f} s to end"
 
 
 def test_root_cause_is_one_line_naming_the_os_error():

@@ -165,6 +165,28 @@ def test_eval_split_follows_the_key_hash(corpus, tmp_path):
     assert eval_texts == expected and 0 < len(expected) < 12
 
 
+def test_a_gzip_file_failing_its_checksum_contributes_nothing_and_is_counted(tmp_path):
+    """A gzip stream damaged mid-file decodes to garbage documents before its CRC fails at the end: none of the
+    file's documents is kept, and the manifest counts the file as unreadable, naming it."""
+    texts = [f"document {i}: the river model reads data" for i in range(40)]
+    (tmp_path / "good.jsonl").write_bytes(_jsonl({"text": t} for t in texts))
+    stored = gzip.compress(_jsonl({"text": t} for t in texts), compresslevel=0)  # stored blocks: text as is
+    third = len(stored) // 3
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(
+        stored[:third] + stored[third : 2 * third].replace(b"river", b"xxxxx") + stored[2 * third :]
+    )
+    assert list(documents.read_documents(str(bad), "text")) == [
+        documents.Skipped(str(bad), documents.UNREADABLE)
+    ]
+    out = prepare.prepare_dataset(
+        tmp_path / "ds", [str(tmp_path / "*.jsonl*")], vocab_size=300, workers=1, progress=False
+    )
+    manifest = shards.read_manifest(out)
+    assert manifest["documents"] == len(texts)
+    assert manifest["skipped"]["examples"] == [{"source": str(bad), "reason": documents.UNREADABLE}]
+
+
 def test_interrupted_prepare_leaves_nothing_a_loader_accepts(corpus, tmp_path, monkeypatch):
     root, _, _ = corpus
 

@@ -10,6 +10,7 @@ It exits 0 whatever the cases do: it is a probe, not a test.
 
 import argparse
 import dataclasses
+import gzip
 import json
 import os
 import pathlib
@@ -547,6 +548,77 @@ def copy_hf(damage: Callable[[pathlib.Path], None]) -> Callable:
         shutil.copytree(hf_checkpoint(), c.hf)
         damage(c.hf)
 
+
+# --- faults (issue 26): setups, hooks and checks -------------------------------------------------------------
+
+
+def checkpoints_on_tmpfs(c) -> None:
+    """c.w/checkpoints links to a tmpfs of its own (Skip where mounting is not allowed) that can turn read-only."""
+    tmpfs("64m")(c)
+    c.w.mkdir()
+    (c.w / "checkpoints").symlink_to(c.disk)
+
+
+def read_only_after_first_checkpoint(proc, c) -> bool:
+    """Remounts the checkpoints' tmpfs read-only once it holds a committed step (root ignores chmod)."""
+    if not any((p / "commit_success.txt").exists() for p in c.disk.iterdir() if p.name.isdigit()):
+        return False
+    remount = subprocess.run(["mount", "-o", "remount,ro", str(c.disk)], capture_output=True, text=True)
+    c.remount_error = (remount.stderr or remount.stdout).strip()[:100] if remount.returncode else None
+    return True
+
+
+FORTY_DOCUMENTS = b"".join(b'{"text": "document %d: the river model reads data"}\n' % i for i in range(40))
+
+
+def prepare_ds(inputs: str) -> Callable:
+    """The prepare command of c.dir/inputs (a name or glob) into c.dir/ds."""
+    return lambda c: module(
+        "data_pipelines.prepare", "--input", c.dir / inputs, "--out", c.dir / "ds", "--vocab_size", 300
+    )
+
+
+def small_jsonl(c) -> None:
+    (c.dir / "small.jsonl").write_bytes(FORTY_DOCUMENTS)
+
+
+def damaged_gzip(c) -> None:
+    """bad.jsonl.gz: FORTY_DOCUMENTS gzipped in stored blocks with the "river"s of the middle third turned to
+    "xxxxx", so the stream decodes (to garbage documents) until its CRC fails at the end."""
+    stored = gzip.compress(FORTY_DOCUMENTS, compresslevel=0)
+    third = len(stored) // 3
+    damaged = stored[:third] + stored[third : 2 * third].replace(b"river", b"xxxxx") + stored[2 * third :]
+    (c.dir / "bad.jsonl.gz").write_bytes(damaged)
+
+
+def killed_prepare(c) -> None:
+    """A prepare of c.dir/ds (of a 20 MB document) SIGKILLed once its temporary sibling exists."""
+    big_text(c)
+    proc = start(prepare_ds("big.txt")(c), c.dir / "killed")
+    while not list(c.dir.glob(".ds.tmp-*")):
+        if proc.poll() is not None or time.monotonic() - proc.began > TIMEOUT:
+            raise SetupError(f"the prepare to kill never made its temporary directory (exit {proc.poll()})")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def sibling(c, out: str, pid: int, tail: str) -> pathlib.Path:
+    """A temporary sibling of c.dir/out, holding a partial file, named for its maker: process `pid` here."""
+    path = c.dir / f".{out}.tmp-{socket.gethostname()}-{pid}-{tail}"
+    path.mkdir()
+    (path / "partial").write_bytes(b"half")
+    return path
+
+
+def dead_writer(out: str) -> Callable:
+    """The sibling of a writer of c.dir/out that was killed: its pid is a process that has ended."""
+
+    def run(c) -> None:
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        sibling(c, out, ended.pid, "deadwrit")
+
     return run
 
 
@@ -579,6 +651,27 @@ def skip_examples(*sources: str) -> Callable:
         missing = [s for s in sources if str(c.dir / s) not in listed]
         return f"manifest.json lists no skip of {missing}" if missing else None
 
+
+def live_writer(out: str) -> Callable:
+    """The sibling of another writer of c.dir/out, alive (a sleeping process) while the case runs."""
+
+    def run(c) -> None:
+        sleeper = subprocess.Popen(["sleep", "600"])
+        c.cleanups.append(lambda: (sleeper.kill(), sleeper.wait()))
+        c.live = sibling(c, out, sleeper.pid, "livewrit")
+
+    return run
+
+
+def remounted(r: Run, c):
+    why = getattr(c, "remount_error", "the checkpoints never held a committed step")
+    return None if why is None else f"not made read-only: {why}"
+
+
+def ended_within(seconds: int) -> Callable:
+    def check(r: Run, c):
+        return None if r.wall < seconds else f"the process took {r.wall:.0f} s to end"
+
     return check
 
 
@@ -588,6 +681,30 @@ def escape_attempt(c) -> str:
         f"open({str(c.dir / 'escaped')!r}, 'w').write('x')\nhost = open('/etc/hostname').read()\n"
         "def add(a, b):\n    return a + b"
     )
+
+
+def kept_only(documents: int, skipped_source: str) -> Callable:
+    """c.dir/ds holds `documents` documents, and one file skipped as unreadable: c.dir/skipped_source."""
+
+    def check(r: Run, c):
+        if not (c.dir / "ds/manifest.json").exists():
+            return "no ds/manifest.json"
+        manifest = json.loads((c.dir / "ds/manifest.json").read_text())
+        skipped = manifest["skipped"]["examples"]
+        want = [{"source": str(c.dir / skipped_source), "reason": "unreadable file"}]
+        if manifest["documents"] != documents or skipped != want:
+            return f"{manifest['documents']} documents (want {documents}), skipped {skipped}"
+        return None
+
+    return check
+
+
+def only_the_live_sibling_left(out: str) -> Callable:
+    def check(r: Run, c):
+        left = sorted(p.name for p in c.dir.glob(f".{out}.tmp-*"))
+        return None if left == [c.live.name] else f"temporary siblings left: {left}, want [{c.live.name}]"
+
+    return check
 
 
 # --- the cases ----------------------------------------------------------------------------------------------
@@ -933,6 +1050,36 @@ CASES = [
         copy_hf(edit_hf_config(lambda cfg: {**cfg, "num_attention_heads": 0})),
         import_command,
         exits_2_naming("num_attention_heads"),
+    ),
+    # faults (issue 26)
+    Case(
+        "14j-checkpoints-read-only-mid-run",
+        checkpoints_on_tmpfs,
+        lambda c: train(c.w, "train.steps=2000", "checkpoint.every_steps=50"),
+        [
+            remounted,
+            *exits_2_naming("Read-only file system", "last good checkpoint: step"),
+            ended_within(120),
+        ],
+        during=read_only_after_first_checkpoint,
+    ),
+    Case(
+        "14k-prepare-damaged-gzip",
+        steps(small_jsonl, damaged_gzip),
+        prepare_ds("*.jsonl*"),
+        [exit_code(0), kept_only(40, "bad.jsonl.gz")],
+    ),
+    Case(
+        "14l-prepare-after-killed-prepare",
+        steps(killed_prepare, live_writer("ds"), small_jsonl),
+        prepare_ds("small.jsonl"),
+        [exit_code(0), only_the_live_sibling_left("ds")],
+    ),
+    Case(
+        "14m-export-after-killed-export",
+        steps(dead_writer("out"), live_writer("out")),
+        lambda c: module("mct.export", "--workdir", finished(), "--format", "llama", "--out", c.dir / "out"),
+        [exit_code(0), only_the_live_sibling_left("out")],
     ),
 ]
 

@@ -18,12 +18,12 @@ from tqdm import tqdm
 
 from data_pipelines.chat import CHAT_TEMPLATE, IM_END, IM_START
 from data_pipelines.freq_vocab import read_freq_vocab
+from data_pipelines.output_dirs import fresh_directory
 from data_pipelines.shards import TOKENIZER
 from data_pipelines.tokenizer import BOS, EOS, PAD, read_tokenizer_file, special_token_ids, tokenizer_bytes
 from mct.export import hf_layout
 from mct.model import quant
 from mct.run.reader import RunCheckpoint
-from mct.run.workdir import fresh_directory
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 

@@ -2,10 +2,12 @@
 module that knows their layout and talks to orbax (its public API, but for `_orbax_write_threads`).
 
 Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. Only committed steps are listed and restored;
-a save interrupted by a kill leaves a tmp directory that orbax ignores. Saves are async by default; a save
-that fails (e.g. on a full disk) has its tmp directory removed and raises CheckpointSaveError at the next
-check_saves, save or wait. `Checkpointer` writes and resumes a run; `read_step` opens a finished run's step
-once (meta and data state) and `SavedStep` reads its params without the rest of the state, one at a time.
+a save interrupted by a kill leaves a tmp directory that orbax ignores. Saves are async by default, but a
+step's directories are made in `save` itself, so a directory that cannot be written (read-only) fails that
+call at once; a save that fails later (e.g. on a full disk) has its tmp directory removed and raises
+CheckpointSaveError at the next check_saves, save or wait. `Checkpointer` writes and resumes a run;
+`read_step` opens a finished run's step once (meta and data state) and `SavedStep` reads its params without
+the rest of the state, one at a time.
 """
 
 import dataclasses
@@ -145,6 +147,10 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             read_only=read_only,
             create=not read_only,
+            # Made in the background, a step directory that cannot be made would leave orbax's item writes
+            # waiting for its "directory created" signal for orbax's 300 s coordination timeout, keeping the
+            # process alive long after the failure was reported; made in save(), it fails that call.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")

@@ -18,22 +18,13 @@ import threading
 import time
 import uuid
 
+from data_pipelines.output_dirs import pid_alive
 from mct.errors import WorkdirLocked
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".mct-lock"
 # flock errors that mean "this filesystem cannot lock", as opposed to "someone else holds the lock"
 FLOCK_UNSUPPORTED = (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def _describe(lease: dict) -> str:
@@ -132,7 +123,7 @@ class WorkdirLock:
             return True
         if lease["host"] != self.host:
             return False
-        return self._fd is not None or lease["pid"] == os.getpid() or not _pid_alive(lease["pid"])
+        return self._fd is not None or lease["pid"] == os.getpid() or not pid_alive(lease["pid"])
 
     def _read(self) -> dict | None:
         """The lease in the lock file; None when free (missing, empty, or unreadable)."""

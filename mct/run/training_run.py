@@ -300,9 +300,9 @@ def _run(setup: TrainSetup, ckpt: Checkpointer, stop: threading.Event, data: Run
             save(step, state, force=True)
     finally:
         source.close()
-        ckpt.wait()
-        bar.close()
+        bar.close()  # first: the error of a failed last save starts a line of its own, not the bar's line
         writer.close()
+        ckpt.wait()
     result = metrics.last
     if start >= steps:  # resumed a finished run (e.g. a sweep trial re-queued after its worker died)
         result.update({k: v for k, v in logged_metrics(config.workdir).items() if k != "step"})

@@ -1,42 +1,18 @@
-"""New directories written whole: filled in a temporary sibling and renamed, so nothing is ever left
-half-written or overwritten (exports, imported and upcycled workdirs)."""
+"""Step-0 workdirs (imports, upcycles) written whole: filled in a temporary sibling and renamed
+(`data_pipelines.output_dirs`), so nothing is ever left half-written or overwritten."""
 
-import contextlib
-import os
 import pathlib
 import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
+from data_pipelines.output_dirs import fresh_directory
 from data_pipelines.shards import TOKENIZER
 from mct.config.run import Config
 from mct.model.decoder import ParamsModel
 from mct.run.checkpoint import Checkpointer, run_meta
 from mct.train.optimizer import make_optimizer
-
-
-@contextlib.contextmanager
-def fresh_directory(out: str | pathlib.Path):
-    """Yields a temporary sibling of `out` to fill; it becomes `out` on success and vanishes on failure.
-
-    `out` must not exist or be an empty directory, so nothing is ever overwritten.
-    """
-    out = pathlib.Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output {out} already exists and is not empty; choose another")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_step0_workdir(
