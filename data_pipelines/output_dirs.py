@@ -1,5 +1,6 @@
-"""Output directories written whole (prepared datasets, exports, imported and upcycled workdirs): filled in a
-temporary sibling `.NAME.tmp-HOST-PID-XXXXXXXX` and renamed when complete, so an output is absent or complete.
+"""Outputs written whole (prepared datasets, chat datasets, exports, GGUF files, imported and upcycled
+workdirs): filled in a temporary sibling `.NAME.tmp-HOST-PID-XXXXXXXX` and renamed when complete, so an output
+is absent or complete.
 
 A writer killed hard (SIGKILL, the OOM killer) cannot remove its sibling. The name says who made it, so the
 next writer of the same output removes the siblings of gone processes of its own host; never a live process's,
@@ -47,6 +48,50 @@ def stale_siblings(out: pathlib.Path) -> list[pathlib.Path]:
     return stale
 
 
+def _remove_stale_siblings(out: pathlib.Path) -> None:
+    for stale in stale_siblings(out):
+        log.info("removing %s, left by a killed writer of %s", stale, out)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _maker_prefix(out: pathlib.Path) -> str:
+    """The name a new temporary sibling of `out` starts with: it says which process of which host makes it."""
+    return f"{_sibling_prefix(out)}{socket.gethostname()}-{os.getpid()}-"
+
+
+@contextlib.contextmanager
+def temporary_file_beside(out: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yields a new empty file beside `out` (named as every temporary sibling), removed on exit unless it was
+    renamed away; the stale siblings a killed writer of `out` left are removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(out)
+    fd, name = tempfile.mkstemp(prefix=_maker_prefix(out), dir=out.parent)
+    os.close(fd)
+    tmp = pathlib.Path(name)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def fresh_file(out: str | pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yields a temporary sibling file of `out` to fill: it becomes `out` (mode 644) when the block completes.
+    `out` must not exist, so nothing is ever overwritten."""
+    out = pathlib.Path(out)
+    if out.exists():
+        raise FileExistsError(f"output {out} already exists; remove it or choose another")
+    with temporary_file_beside(out) as tmp:
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp makes it private; outputs are meant to be shared
+        if out.exists():
+            raise FileExistsError(f"output {out} appeared while it was written (another run?)")
+        os.rename(tmp, out)
+
+
 @contextlib.contextmanager
 def fresh_directory(out: str | pathlib.Path) -> Iterator[pathlib.Path]:
     """Yields a new temporary sibling of `out` to fill: it becomes `out` when the block completes and is removed
@@ -56,11 +101,8 @@ def fresh_directory(out: str | pathlib.Path) -> Iterator[pathlib.Path]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} already exists and is not empty; remove it or choose another")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in stale_siblings(out):
-        log.info("removing %s, left by a killed writer of %s", stale, out)
-        shutil.rmtree(stale, ignore_errors=True)
-    maker = f"{socket.gethostname()}-{os.getpid()}-"
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=_sibling_prefix(out) + maker, dir=out.parent))
+    _remove_stale_siblings(out)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=_maker_prefix(out), dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; outputs are meant to be shared
     try:
         yield tmp

@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 
-from data_pipelines import prepare
+import pytest
+
+from data_pipelines import output_dirs, prepare
 from tests.data_fixtures import write_text_documents
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -55,3 +57,27 @@ def test_the_next_prepare_removes_what_a_killed_one_left_and_keeps_a_live_ones(t
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [raw.name, out.name, live_tmp.name, other_host.name]
     ), f"{killed_tmp.name} was left"
+
+
+def test_a_file_output_removes_a_dead_writers_sibling_and_keeps_a_live_ones(tmp_path):
+    """GGUF files are written whole too (output_dirs.fresh_file): a killed export's temporary file goes, a live
+    writer's and another host's stay, and the output is the block's file."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names a process of this host that is gone
+    host, out = socket.gethostname(), tmp_path / "model.gguf"
+    left = {
+        "dead": tmp_path / f".model.gguf.tmp-{host}-{dead.pid}-abcdefgh",
+        "live": tmp_path / f".model.gguf.tmp-{host}-{os.getpid()}-abcdefgh",
+        "other host": tmp_path / f".model.gguf.tmp-not-{host}-{dead.pid}-abcdefgh",
+    }
+    for path in left.values():
+        path.write_bytes(b"partial")
+    with output_dirs.fresh_file(out) as tmp:
+        tmp.write_bytes(b"GGUF")
+    assert out.read_bytes() == b"GGUF" and oct(out.stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [out.name, left["live"].name, left["other host"].name]
+    )
+    with pytest.raises(FileExistsError):  # never overwritten
+        with output_dirs.fresh_file(out):
+            pass

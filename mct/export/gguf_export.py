@@ -28,13 +28,11 @@ Tensors stream one parameter at a time (mct.run.reader), so host memory holds on
 written under a temporary name beside FILE.gguf and renamed at the end, so a failed export leaves nothing.
 """
 
-import contextlib
 import ctypes
 import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 
 import gguf
 import numpy as np
@@ -42,6 +40,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from data_pipelines.chat import CHAT_TEMPLATE
+from data_pipelines.output_dirs import fresh_file, temporary_file_beside
 from data_pipelines.tokenizer import BOS, EOS, PAD
 from mct.config.model import ModelConfig
 from mct.export import hf_layout
@@ -315,34 +314,17 @@ def llama_cpp_quantize(source: pathlib.Path, target: pathlib.Path, ftype: int) -
         raise ValueError(f"llama.cpp could not quantize {source} (see its log above)")
 
 
-@contextlib.contextmanager
-def temporary_sibling(out: pathlib.Path):
-    """Yields the path of a new empty file beside `out`, removed on exit unless it was renamed away."""
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = pathlib.Path(name)
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_gguf(
     run: RunCheckpoint, tokenizer: Tokenizer, out: str | pathlib.Path, gguf_type: str
 ) -> pathlib.Path:
     """Writes the run's checkpoint with its tokenizer as the new GGUF file `out` (never overwritten)."""
     kind = check_gguf_type(gguf_type, run.model_cfg)
     out = pathlib.Path(out)
-    if out.exists():
-        raise FileExistsError(f"output {out} already exists; choose another")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with temporary_sibling(out) as tmp:
+    with fresh_file(out) as tmp:
         if kind.llama_cpp_ftype is None:
             write_gguf(run, tokenizer, kind, tmp)
         else:
-            with temporary_sibling(out) as source:
+            with temporary_file_beside(out) as source:
                 write_gguf(run, tokenizer, kind, source)
                 llama_cpp_quantize(source, tmp, kind.llama_cpp_ftype)
-        tmp.chmod(0o644)  # mkstemp makes it private
-        os.rename(tmp, out)
     return out

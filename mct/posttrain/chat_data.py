@@ -8,10 +8,7 @@ one without an assistant turn that fits is dropped. The manifest counts both ("c
 """
 
 import hashlib
-import os
 import pathlib
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -21,6 +18,7 @@ from tokenizers import Tokenizer
 from data_pipelines import shards
 from data_pipelines.chat import check_messages, encode_chat
 from data_pipelines.documents import BadLine, parse_json_line
+from data_pipelines.output_dirs import fresh_directory
 from data_pipelines.prepare import is_eval_document
 from data_pipelines.shards import DatasetError
 from data_pipelines.tokenizer import sha256_hex, special_token_ids, tokenizer_bytes
@@ -117,58 +115,57 @@ def prepare_chat_dataset(
     out_dir: pathlib.Path, path: str, tokenizer: Tokenizer, *, seq_len: int, eval_fraction: float
 ) -> pathlib.Path:
     """Writes the conversations of `path` as a masked dataset into out_dir (atomically); DatasetError naming
-    the file when a split would have no loss tokens."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    the file when a split would have no loss tokens. A killed preparation's leftovers go (output_dirs)."""
     try:
-        json_bytes = tokenizer_bytes(tokenizer)
-        (tmp / shards.TOKENIZER).write_bytes(json_bytes)
-        writers = {split: shards.ShardWriter(tmp, split, 1 << 25) for split in shards.SPLITS}
-        counts = {"conversations": 0, "cut": 0, "dropped": 0, "loss_tokens": dict.fromkeys(shards.SPLITS, 0)}
-        for key, messages in read_conversations(path):
-            counts["conversations"] += 1
-            ids, mask, dropped_turns = fit_conversation(tokenizer, messages, seq_len)
-            if not sum(mask):
-                counts["dropped"] += 1
-                continue
-            counts["cut"] += bool(dropped_turns)
-            split = "eval" if is_eval_document(key, eval_fraction) else "train"
-            writers[split].write(np.stack([ids, mask], axis=1))  # [num_tokens, 2]
-            counts["loss_tokens"][split] += sum(mask)
-        splits = {split: writer.close() for split, writer in writers.items()}
-        for split, n in counts["loss_tokens"].items():
-            if n == 0:
-                raise DatasetError(
-                    f"chat data {path}: its {split} split has no loss tokens ({counts['conversations']} "
-                    f"conversations, {counts['dropped']} without an assistant turn within data.seq_len={seq_len}"
-                    f"); add conversations{' or raise data.chat.eval_fraction' if split == 'eval' else ''}"
-                )
-        shards.write_manifest(
-            tmp,
-            {
-                "format": shards.FORMAT,
-                "format_version": shards.FORMAT_VERSION,
-                "loss_mask": True,
-                "token_dtype": "int32 little-endian, one record per conversation: [num_tokens, 2] (id, loss mask)",
-                "source": path,
-                "seq_len": seq_len,
-                "eval_fraction": eval_fraction,
-                "splits": splits,
-                **counts,
-                "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-                "tokenizer_sha256": sha256_hex(json_bytes),
-                "special_tokens": special_token_ids(tokenizer),
-            },
-        )
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:  # another process prepared it first
-            if not (out_dir / shards.MANIFEST).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with fresh_directory(out_dir) as tmp:
+            json_bytes = tokenizer_bytes(tokenizer)
+            (tmp / shards.TOKENIZER).write_bytes(json_bytes)
+            writers = {split: shards.ShardWriter(tmp, split, 1 << 25) for split in shards.SPLITS}
+            counts = {
+                "conversations": 0,
+                "cut": 0,
+                "dropped": 0,
+                "loss_tokens": dict.fromkeys(shards.SPLITS, 0),
+            }
+            for key, messages in read_conversations(path):
+                counts["conversations"] += 1
+                ids, mask, dropped_turns = fit_conversation(tokenizer, messages, seq_len)
+                if not sum(mask):
+                    counts["dropped"] += 1
+                    continue
+                counts["cut"] += bool(dropped_turns)
+                split = "eval" if is_eval_document(key, eval_fraction) else "train"
+                writers[split].write(np.stack([ids, mask], axis=1))  # [num_tokens, 2]
+                counts["loss_tokens"][split] += sum(mask)
+            splits = {split: writer.close() for split, writer in writers.items()}
+            for split, n in counts["loss_tokens"].items():
+                if n == 0:
+                    raise DatasetError(
+                        f"chat data {path}: its {split} split has no loss tokens ({counts['conversations']} "
+                        f"conversations, {counts['dropped']} without an assistant turn within data.seq_len={seq_len}"
+                        f"); add conversations{' or raise data.chat.eval_fraction' if split == 'eval' else ''}"
+                    )
+            shards.write_manifest(
+                tmp,
+                {
+                    "format": shards.FORMAT,
+                    "format_version": shards.FORMAT_VERSION,
+                    "loss_mask": True,
+                    "token_dtype": "int32 little-endian, one record per conversation: [num_tokens, 2] (id, loss mask)",
+                    "source": path,
+                    "seq_len": seq_len,
+                    "eval_fraction": eval_fraction,
+                    "splits": splits,
+                    **counts,
+                    "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+                    "tokenizer_sha256": sha256_hex(json_bytes),
+                    "special_tokens": special_token_ids(tokenizer),
+                },
+            )
+    except FileExistsError:  # another process prepared it first
+        if not (out_dir / shards.MANIFEST).is_file():
+            raise
+        return out_dir
     logging.info(
         "chat data %s: %d conversations, %d cut at a message boundary to fit seq_len %d, %d dropped "
         "(no assistant turn fits); loss tokens %s -> %s",
