@@ -10,6 +10,7 @@ import tracemalloc
 
 import pytest
 
+from experiments.probes.hostile_code import BOMB, SPAWN
 from mct.errors import UserError
 from mct.posttrain import rewards
 from mct.posttrain.rewards import (
@@ -194,24 +195,6 @@ def test_printing_and_exiting_early_score_what_really_passed():
     assert run_tests(code, TWO + ["assert add(0, 0) == 0"]) == 1  # the 2nd test ends the program: no 3rd
 
 
-SPAWN = (  # starts `python -c CHILD ARGS...` with every open fd inherited, in a session of its own
-    "import _posixsubprocess, os, sys\n"
-    "def spawn(child, *args):\n"
-    "    fds = []\n"
-    "    for fd in range(3, 64):\n"
-    "        try:\n"
-    "            os.fstat(fd)\n"
-    "            fds.append(fd)\n"
-    "        except OSError:\n"
-    "            pass\n"
-    "    errors = os.pipe()\n"
-    "    _posixsubprocess.fork_exec(\n"
-    "        [sys.executable, '-c', child, *args], [os.fsencode(sys.executable)], True,\n"
-    "        tuple(sorted(fds + [errors[1]])), None, None, -1, -1, -1, -1, -1, -1, errors[0], errors[1],\n"
-    "        False, True, -1, None, None, None, -1, None, False)\n"
-)
-
-
 @pytest.fixture(params=["seccomp", "namespace only"])
 def layers(request, monkeypatch):
     """The sandbox as it is, then without its seccomp filter: the pid namespace alone must still contain what a
@@ -254,15 +237,7 @@ def test_a_candidate_starts_threads_but_no_process():
 def test_a_fork_bomb_starts_nothing_and_ends_at_the_limit():
     require_pid_namespace()
     marker = f"mct-bomb-{os.getpid()}-{time.monotonic_ns()}"
-    bomb = SPAWN + (  # each copy starts copies of itself (its source and the marker in its argv)
-        "import sys\n"
-        "while True:\n"
-        "    try:\n"
-        "        spawn(sys.argv[1], sys.argv[1], sys.argv[2])\n"
-        "    except OSError:\n"
-        "        pass"
-    )
-    code = f"import sys\nsys.argv[1:] = [{bomb!r}, {marker!r}]\nexec(sys.argv[1])"
+    code = f"import sys\nsys.argv[1:] = [{BOMB!r}, {marker!r}]\nexec(sys.argv[1])"
     start = time.monotonic()
     assert run_tests(code, TWO, timeout_s=1) == 0
     assert time.monotonic() - start < 4

@@ -26,6 +26,8 @@ import time
 import types
 from collections.abc import Callable
 
+from experiments.probes.hostile_code import BOMB, SPAWN
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PY = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else sys.executable
 TIMEOUT = 180
@@ -461,26 +463,6 @@ def nothing_left_in(c) -> list[str]:
 
 ADD_TEST = ("assert add(1, 2) == 3",)  # the hostile candidates below define no `add`: honest score 0
 SANDBOXED = 'run_tests("import os", ["assert os.getppid() == 1"]) == 1'  # candidates have a pid namespace
-SPAWN = (  # starts `python -c CHILD ARGS...` with every open fd inherited, in a session of its own
-    "import _posixsubprocess, os, sys\n"
-    "def spawn(child, *args):\n"
-    "    fds = []\n"
-    "    for fd in range(3, 64):\n"
-    "        try:\n"
-    "            os.fstat(fd)\n"
-    "            fds.append(fd)\n"
-    "        except OSError:\n"
-    "            pass\n"
-    "    errors = os.pipe()\n"
-    "    _posixsubprocess.fork_exec(\n"
-    "        [sys.executable, '-c', child, *args], [os.fsencode(sys.executable)], True,\n"
-    "        tuple(sorted(fds + [errors[1]])), None, None, -1, -1, -1, -1, -1, -1, errors[0], errors[1],\n"
-    "        False, True, -1, None, None, None, -1, None, False)\n"
-)
-BOMB = SPAWN + (  # each copy starts copies of itself (its source and the marker in its argv)
-    "import sys\nwhile True:\n    try:\n"
-    "        spawn(sys.argv[1], sys.argv[1], sys.argv[2])\n    except OSError:\n        pass"
-)
 
 
 def reward(code: str | Callable, timeout_s: float = 5, guard: bool = False) -> Callable:
