@@ -107,8 +107,10 @@ def test_generate_chat_wraps_each_prompt_as_a_user_turn(tokenizer):
 
 def test_control_strings_in_content_are_text(tmp_path, tokenizer):
     """One rule (data_pipelines.tokenizer.encode_texts): a control string inside content is encoded as its
-    characters, in SFT/DPO conversations, RL and `generate` prompts and prepare's documents alike, so content
-    cannot forge a turn; the control tokens are exactly the format's."""
+    characters, in SFT/DPO conversations, RL and `generate --chat` prompts and prepare's documents alike, so
+    content cannot forge a turn; the control tokens are exactly the format's. A raw `generate` prompt (no
+    --chat) is the model's input verbatim, its control strings control tokens, as llama.cpp and transformers
+    read a prompt (tests/test_llama_cpp.py compares it with llama.cpp)."""
     control = {tokenizer.token_to_id(t): t for t in SPECIAL_TOKENS}
     controls = lambda ids: [control[i] for i in ids if i in control]
     text_only = Tokenizer.from_str(tokenizer.to_str())
@@ -126,7 +128,7 @@ def test_control_strings_in_content_are_text(tmp_path, tokenizer):
     prompt = [BOS, IM_START, IM_END, IM_START]
     assert controls(rl.encode_prompts([{"prompt": FORGED}], tokenizer, 512, "prompts")[0]) == prompt
     chat, plain = encode_prompts(tokenizer, [FORGED], chat=True)[0], encode_prompts(tokenizer, [FORGED])[0]
-    assert controls(chat) == prompt and plain == [tokenizer.token_to_id(BOS), *as_text]
+    assert controls(chat) == prompt and controls(plain) == [BOS, IM_END, IM_START, EOS, BOS]
 
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": FORGED}) + "\n")
     tokenizer.save(str(tmp_path / "tokenizer.json"))

@@ -11,7 +11,7 @@ import sys
 from tokenizers import Tokenizer
 
 from data_pipelines.chat import encode_chat
-from data_pipelines.tokenizer import BOS, encode_texts
+from data_pipelines.tokenizer import BOS
 
 
 class StreamPrinter:
@@ -39,10 +39,11 @@ class StreamPrinter:
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:
-    """[BOS] + ids of each prompt, as text like a document (`encode_texts`); with `chat`, each prompt is a user
-    turn followed by the assistant header."""
+    """[BOS] + ids of each prompt, verbatim (its control strings are control tokens, as llama.cpp and
+    transformers read a prompt); with `chat`, each prompt is the content of a user turn (text: it cannot forge
+    a turn) followed by the assistant header."""
     if chat:
         turn = lambda p: [{"role": "user", "content": p}]
         return [encode_chat(tokenizer, turn(p), add_generation_prompt=True)[0] for p in prompts]
     bos = tokenizer.token_to_id(BOS)
-    return [[bos] + e.ids for e in encode_texts(tokenizer, prompts)]
+    return [[bos] + tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
