@@ -11,8 +11,9 @@ import tracemalloc
 import pytest
 
 from experiments.probes.hostile_code import BOMB, SPAWN
+from mct.config.posttrain import RLRunConfig
 from mct.errors import UserError
-from mct.posttrain import rewards
+from mct.posttrain import rewards, rl
 from mct.posttrain.rewards import (
     count_passed,
     exact,
@@ -294,6 +295,17 @@ def test_without_bwrap_the_reward_refuses_in_one_line(monkeypatch, tmp_path, fre
     fake.chmod(0o755)
     with pytest.raises(UserError, match="cannot start its sandbox here: bwrap: No permissions"):
         python_tests(ADD, {"tests": TWO})
+
+
+def test_an_rl_run_with_the_code_reward_refuses_before_it_builds_anything(
+    monkeypatch, tmp_path, fresh_sandbox_check
+):
+    """The refusal comes at the run's start (no model, data or checkpoint is touched), not at its first reward."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    config = RLRunConfig.from_dict({"workdir": str(tmp_path / "w"), "rl": {"reward": "python_tests"}})
+    with pytest.raises(UserError, match="needs bubblewrap"):
+        rl.train(config)
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ from mct.infer.decoding import Sampling
 from mct.parallel.distributed import global_batch
 from mct.posttrain.chat_data import arithmetic_problem, read_jsonl
 from mct.posttrain.grpo import accepted_groups, group_advantages, grpo_objective, token_logprobs
-from mct.posttrain.rewards import ANSWER_KEYS, REWARDS, Reward, parse_math, safe_reward
+from mct.posttrain.rewards import ANSWER_KEYS, REWARDS, Reward, parse_math, safe_reward, sandbox_bwrap
 from mct.posttrain.rollout import Trajectory, rollout_chunk
 from mct.posttrain.sft import with_source_data
 from mct.run.checkpoint import Checkpointer
@@ -392,8 +392,11 @@ def train(
     stop: threading.Event | None = None,
     reward: Reward | None = None,
 ) -> dict:
-    """Runs (or resumes) RL to train.steps; returns the last logged metrics. `reward` overrides rl.reward."""
+    """Runs (or resumes) RL to train.steps; returns the last logged metrics. `reward` overrides rl.reward.
+    The code reward's sandbox is checked first: a machine without one refuses before any model is built."""
     r = config.rl
+    if reward is None and r.reward == "python_tests":
+        sandbox_bwrap()
     objective = grpo_objective(
         eps_low=r.eps_low,
         eps_high=r.eps_high,
