@@ -111,57 +111,61 @@ def fit_conversation(tokenizer: Tokenizer, messages: list[dict], seq_len: int) -
     return [], [], len(ends)
 
 
+def write_chat_dataset(
+    directory: pathlib.Path, path: str, tokenizer: Tokenizer, *, seq_len: int, eval_fraction: float
+) -> dict:
+    """Writes the conversations of `path` into `directory` as a masked dataset (shards, tokenizer, manifest);
+    returns the counts. DatasetError naming the file when a split would have no loss tokens."""
+    json_bytes = tokenizer_bytes(tokenizer)
+    (directory / shards.TOKENIZER).write_bytes(json_bytes)
+    writers = {split: shards.ShardWriter(directory, split, 1 << 25) for split in shards.SPLITS}
+    counts = {"conversations": 0, "cut": 0, "dropped": 0, "loss_tokens": dict.fromkeys(shards.SPLITS, 0)}
+    for key, messages in read_conversations(path):
+        counts["conversations"] += 1
+        ids, mask, dropped_turns = fit_conversation(tokenizer, messages, seq_len)
+        if not sum(mask):
+            counts["dropped"] += 1
+            continue
+        counts["cut"] += bool(dropped_turns)
+        split = "eval" if is_eval_document(key, eval_fraction) else "train"
+        writers[split].write(np.stack([ids, mask], axis=1))  # [num_tokens, 2]
+        counts["loss_tokens"][split] += sum(mask)
+    splits = {split: writer.close() for split, writer in writers.items()}
+    for split, n in counts["loss_tokens"].items():
+        if n == 0:
+            raise DatasetError(
+                f"chat data {path}: its {split} split has no loss tokens ({counts['conversations']} "
+                f"conversations, {counts['dropped']} without an assistant turn within data.seq_len={seq_len}"
+                f"); add conversations{' or raise data.chat.eval_fraction' if split == 'eval' else ''}"
+            )
+    shards.write_manifest(
+        directory,
+        {
+            "format": shards.FORMAT,
+            "format_version": shards.FORMAT_VERSION,
+            "loss_mask": True,
+            "token_dtype": "int32 little-endian, one record per conversation: [num_tokens, 2] (id, loss mask)",
+            "source": path,
+            "seq_len": seq_len,
+            "eval_fraction": eval_fraction,
+            "splits": splits,
+            **counts,
+            "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+            "tokenizer_sha256": sha256_hex(json_bytes),
+            "special_tokens": special_token_ids(tokenizer),
+        },
+    )
+    return counts
+
+
 def prepare_chat_dataset(
     out_dir: pathlib.Path, path: str, tokenizer: Tokenizer, *, seq_len: int, eval_fraction: float
 ) -> pathlib.Path:
-    """Writes the conversations of `path` as a masked dataset into out_dir (atomically); DatasetError naming
-    the file when a split would have no loss tokens. A killed preparation's leftovers go (output_dirs)."""
+    """The masked dataset of `path` written whole into out_dir (output_dirs: a killed preparation's leftovers
+    go); another process's finished one is taken as it is."""
     try:
         with fresh_directory(out_dir) as tmp:
-            json_bytes = tokenizer_bytes(tokenizer)
-            (tmp / shards.TOKENIZER).write_bytes(json_bytes)
-            writers = {split: shards.ShardWriter(tmp, split, 1 << 25) for split in shards.SPLITS}
-            counts = {
-                "conversations": 0,
-                "cut": 0,
-                "dropped": 0,
-                "loss_tokens": dict.fromkeys(shards.SPLITS, 0),
-            }
-            for key, messages in read_conversations(path):
-                counts["conversations"] += 1
-                ids, mask, dropped_turns = fit_conversation(tokenizer, messages, seq_len)
-                if not sum(mask):
-                    counts["dropped"] += 1
-                    continue
-                counts["cut"] += bool(dropped_turns)
-                split = "eval" if is_eval_document(key, eval_fraction) else "train"
-                writers[split].write(np.stack([ids, mask], axis=1))  # [num_tokens, 2]
-                counts["loss_tokens"][split] += sum(mask)
-            splits = {split: writer.close() for split, writer in writers.items()}
-            for split, n in counts["loss_tokens"].items():
-                if n == 0:
-                    raise DatasetError(
-                        f"chat data {path}: its {split} split has no loss tokens ({counts['conversations']} "
-                        f"conversations, {counts['dropped']} without an assistant turn within data.seq_len={seq_len}"
-                        f"); add conversations{' or raise data.chat.eval_fraction' if split == 'eval' else ''}"
-                    )
-            shards.write_manifest(
-                tmp,
-                {
-                    "format": shards.FORMAT,
-                    "format_version": shards.FORMAT_VERSION,
-                    "loss_mask": True,
-                    "token_dtype": "int32 little-endian, one record per conversation: [num_tokens, 2] (id, loss mask)",
-                    "source": path,
-                    "seq_len": seq_len,
-                    "eval_fraction": eval_fraction,
-                    "splits": splits,
-                    **counts,
-                    "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-                    "tokenizer_sha256": sha256_hex(json_bytes),
-                    "special_tokens": special_token_ids(tokenizer),
-                },
-            )
+            counts = write_chat_dataset(tmp, path, tokenizer, seq_len=seq_len, eval_fraction=eval_fraction)
     except FileExistsError:  # another process prepared it first
         if not (out_dir / shards.MANIFEST).is_file():
             raise
