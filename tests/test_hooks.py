@@ -1,6 +1,7 @@
 """The loop's pieces: hooks fire when due and see their step's metrics before the state hooks; MFU is per mesh."""
 
 from mct.config.run import Config
+from mct.model import flops
 from mct.train import hooks
 from mct.train.trainer import Hook, StepInfo
 
@@ -28,3 +29,11 @@ def test_mfu_divides_by_the_peak_of_every_device(monkeypatch):
 def test_hook_due_every_and_at():
     hook = Hook(fn=print, every=5, at=frozenset({7}), needs_state=False)
     assert [s for s in range(1, 13) if hook.due(s)] == [5, 7, 10]
+
+
+def test_matmul_peak_is_measured_unless_overridden(monkeypatch):
+    monkeypatch.delenv("MCT_MATMUL_PEAK")
+    measured = flops.measure_matmul_peak(n=256, repeats=2)
+    assert 1e8 < measured < 1e16  # any CPU or accelerator: above 0.1 GFLOP/s, below 10 PFLOP/s
+    monkeypatch.setenv("MCT_MATMUL_PEAK", "2.5e12")
+    assert flops.measure_matmul_peak() == 2.5e12

@@ -7,14 +7,14 @@ tokens_per_s is the median over batches after warm-up; sustained_tokens_per_s di
 (it includes the batches that refill a logical shard's packing bins, which the median skips).
 """
 
+import dataclasses
 import json
 import time
 
-import ml_collections
 import numpy as np
 from absl import app, flags
 
-from data_pipelines.config import default_data_config, mixture_component
+from data_pipelines.config import DataConfig, MixtureComponent
 from data_pipelines.loader import make_train_iterator
 from data_pipelines.shards import read_manifest
 from mct.cli.common import run
@@ -33,11 +33,12 @@ def main(argv: list[str]) -> None:
     del argv
     if _BATCHES.value < 20:
         raise app.UsageError("--batches must be at least 20")
-    cfg = default_data_config()
-    cfg.seq_len = _SEQ.value
-    cfg.mixture = ml_collections.ConfigDict({"bench": mixture_component(_DATA.value)})
-    cfg.num_logical_shards = _SHARDS.value or cfg.num_logical_shards
-    cfg.packing_bins = _BINS.value or cfg.packing_bins
+    cfg = DataConfig(seq_len=_SEQ.value, mixture={"bench": MixtureComponent(_DATA.value)})
+    cfg = dataclasses.replace(
+        cfg,
+        num_logical_shards=_SHARDS.value or cfg.num_logical_shards,
+        packing_bins=_BINS.value or cfg.packing_bins,
+    )
     start = time.perf_counter()
     iterator = make_train_iterator(
         cfg,
