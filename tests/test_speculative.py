@@ -86,6 +86,27 @@ def models():
     return target_cfg, random_params(target_cfg, seed=0), draft_cfg, random_params(draft_cfg, seed=5)
 
 
+def greedy_rounds(models, prompts, max_new_tokens: int, k: int, subset) -> tuple[int, int]:
+    """(rounds, accepted drafts) of greedy speculative decoding replayed by hand over rows: each round the draft
+    proposes k greedy tokens (full forward passes, argmax over `subset`), the target keeps them up to the first
+    that differs from its own greedy continuation and adds one token of its own."""
+    target_cfg, target_params, draft_cfg, draft_params = models
+    wants = generate(target_cfg, target_params, prompts, max_new_tokens=max_new_tokens + k)
+    outside = np.full(draft_cfg.vocab_size, -np.inf)
+    outside[subset] = 0.0
+    rounds = accepted = 0
+    for prompt, want in zip(prompts, wants):
+        done = 1  # the prefill pass gives the first token
+        while done < max_new_tokens:
+            drafts = []
+            for _ in range(k):
+                logits = full_logits(draft_cfg, draft_params, [*prompt, *want[:done], *drafts], pad_to=32)
+                drafts.append(int(np.argmax(logits[-1] + outside)))
+            kept = next((j for j in range(k) if drafts[j] != want[done + j]), k)
+            rounds, accepted, done = rounds + 1, accepted + kept, done + kept + 1
+    return rounds, accepted
+
+
 def test_greedy_output_equals_plain_greedy_decoding(models):
     target_cfg, target_params, draft_cfg, draft_params = models
     prompts = [[5, 17, 3, 8], [9], [40, 41, 42, 43, 44, 45, 46]]
@@ -102,7 +123,8 @@ def test_greedy_output_equals_plain_greedy_decoding(models):
         draft_vocab=subset,
     )
     assert got == want
-    assert 1.0 <= spec_stats.mean_accepted_length <= 4.0
+    replayed = greedy_rounds(models, prompts, 14, 3, subset)
+    assert (spec_stats.rounds, spec_stats.accepted) == replayed
     eos = want[0][5]
     assert speculative_generate(
         target_cfg,
@@ -115,6 +137,15 @@ def test_greedy_output_equals_plain_greedy_decoding(models):
         draft_vocab=subset,
         eos_id=eos,
     )[0] == generate(target_cfg, target_params, prompts, max_new_tokens=14, eos_id=eos)
+    # A draft near the target (its weights plus 0.3 std of noise) keeps some drafts (measured: 21 of 21 rounds'
+    # 63), so the replay checks kept and rejected drafts alike.
+    rng = np.random.default_rng(2)
+    noise = lambda w: np.asarray(w) + 0.3 * np.std(w) * rng.standard_normal(np.shape(w)).astype(np.float32)
+    near = (target_cfg, target_params, target_cfg, jax.tree.map(noise, target_params))
+    near_stats = speculative_generate(*near, prompts, max_new_tokens=14, num_draft=3)[1]
+    full_vocab = np.arange(target_cfg.vocab_size)
+    assert (near_stats.rounds, near_stats.accepted) == greedy_rounds(near, prompts, 14, 3, full_vocab)
+    assert 0 < near_stats.accepted < 3 * near_stats.rounds
     # The target as its own full-vocabulary draft: every draft is kept, k + 1 tokens per target pass.
     same, same_stats = speculative_generate(
         target_cfg, target_params, target_cfg, target_params, prompts, max_new_tokens=14, num_draft=3
