@@ -1,7 +1,9 @@
 """Test session setup: 8 simulated CPU devices (before JAX initialises), a fixed matmul peak (each training run
 would otherwise measure it; tests/test_hooks.py measures it once) and shared tiny fixtures."""
 
+import fcntl
 import os
+import pathlib
 
 import pytest
 
@@ -18,3 +20,25 @@ def pretrained(tmp_path_factory):
     from tests.tiny_runs import pretrain_source
 
     return pretrain_source(tmp_path_factory.mktemp("pretrained"), jax.devices()[:1])
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory) -> pathlib.Path:
+    """A directory every xdist worker of this session sees (the workers' base temp dirs share a parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(shared_dir) -> pathlib.Path:
+    """The tests' tiny prepared dataset (vocab tiny_runs.VOCAB), prepared once a session by the first worker that
+    asks, under an exclusive lock the others wait on."""
+    from tests.data_fixtures import make_tiny_dataset
+    from tests.tiny_runs import VOCAB
+
+    with (shared_dir / "tiny_dataset.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        dataset = shared_dir / "tiny" / "dataset"
+        if not (dataset / "manifest.json").is_file():
+            make_tiny_dataset(shared_dir / "tiny", vocab_size=VOCAB, num_docs=60)
+    return dataset

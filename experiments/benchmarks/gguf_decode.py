@@ -1,10 +1,12 @@
 """llama.cpp CPU decoding of mct's GGUF exports (f16, q8_0, q4_k_m, tq2_0) beside mct.infer.decoding on JAX.
 
-python -m experiments.benchmarks.gguf_decode [--shape 30m --prompt_len 32 --max_new_tokens 64 --threads 2] --json
+python -m experiments.benchmarks.gguf_decode [--config experiments/configs/tunnel.py:30m --prompt_len 32
+    --max_new_tokens 64 --threads 2] --json
 
-Makes (or reuses) two runs of the tunnel shape under --work_dir with random weights (speed does not depend on
-them): a dense one and a ternary QAT one (model.quant.group_size 256, as tq2_0 needs), with a byte-level BPE
-tokenizer trained on mct's own sources (the model keeps the tunnel's 32768-row vocabulary). Exports the dense
+Makes (or reuses) two runs of the --config model (default: the 30m tunnel shape; `--config.KEY=VALUE` overrides)
+under --work_dir with random weights (speed does not depend on them): a dense one and a ternary QAT one
+(model.quant.group_size 256, as tq2_0 needs), with a byte-level BPE tokenizer trained on mct's own sources (the
+model keeps its config's vocabulary, 32768 rows in the tunnel). Exports the dense
 run as f16 / q8_0 / q4_k_m and the QAT run as tq2_0, then times greedy decoding of one prompt, end to end
 (prefill + max_new_tokens steps, each variant run once untimed first): llama.cpp through llama-cpp-python on
 --threads CPU threads, and mct.infer.decoding.generate on JAX's CPU backend on the same machine. Prints tokens/s,
@@ -19,13 +21,13 @@ import llama_cpp
 import matplotlib
 import numpy as np
 from absl import flags, logging
+from ml_collections import config_flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from data_pipelines.shards import TOKENIZER  # noqa: E402
 from data_pipelines.tokenizer import BOS, tokenizer_bytes, train_bpe_tokenizer  # noqa: E402
-from experiments.configs.tunnel import get_config  # noqa: E402
 from mct.cli.common import run
 from mct.config.run import Config  # noqa: E402
 from mct.export.gguf_export import export_gguf  # noqa: E402
@@ -38,7 +40,11 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = {"f16": "dense", "q8_0": "dense", "q4_k_m": "dense", "tq2_0": "qat"}  # gguf_type -> run
 
 _WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/mct-bench-gguf", "Where the runs and GGUF files go.")
-_SHAPE = flags.DEFINE_string("shape", "30m", "experiments/configs/tunnel.py shape.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    str(REPO / "experiments/configs/tunnel.py:30m"),
+    "The model's config (d_model a multiple of 256).",
+)
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated.")
 _THREADS = flags.DEFINE_integer("threads", 2, "llama.cpp CPU threads.")
@@ -47,9 +53,9 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line
 
 
 def make_run(workdir: pathlib.Path, quant: dict) -> RunCheckpoint:
-    """A checkpoint of the tunnel shape with random weights and a small tokenizer (reused when present)."""
+    """A checkpoint of the --config model with random weights and a small tokenizer (reused when present)."""
     if not (workdir / "checkpoints").is_dir():
-        c = get_config(_SHAPE.value)
+        c = _CONFIG.value.copy_and_resolve_references()
         c.workdir = str(workdir)
         c.model.quant.update(quant)
         config = Config.from_dict(c.to_dict())
@@ -110,7 +116,7 @@ def draw(result: dict, path: pathlib.Path) -> None:
         )
     ax.set_ylabel("decode tokens/s (batch 1, CPU)")
     ax.set_title(
-        f"tunnel {result['shape']}: {result['max_new_tokens']} new tokens after {result['prompt_len']}"
+        f"{result['params'] / 1e6:.1f}M params: {result['max_new_tokens']} new tokens after {result['prompt_len']}"
     )
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
@@ -130,8 +136,10 @@ def main(argv: list[str]) -> None:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     prompt = [tokenizer.token_to_id(BOS)] + tokenizer.encode(text).ids[: _PROMPT_LEN.value - 1]
     result = {
-        "shape": _SHAPE.value,
-        "params": sum(int(np.prod(s)) for s in runs["dense"].shapes.values()),
+        "model": {
+            key: getattr(runs["dense"].model_cfg, key) for key in ("n_layers", "d_model", "vocab_size")
+        },
+        "params": sum(int(np.prod(s.shape)) for s in runs["dense"].abstract.values()),
         "prompt_len": len(prompt),
         "max_new_tokens": _MAX_NEW.value,
         "llama_cpp_threads": _THREADS.value,

@@ -22,6 +22,11 @@ _PROCESSES = flags.DEFINE_list("processes", ["1", "2", "4"], "Process counts to 
 _BATCH = flags.DEFINE_integer("batch_per_process", 8, "Sequences per process per step.")
 _SEQ = flags.DEFINE_integer("seq", 256, "Sequence length.")
 _STEPS = flags.DEFINE_integer("steps", 30, "Steps per run (the first 5 are warm-up).")
+_TRAIN_FLAGS = flags.DEFINE_multi_string(
+    "train_flag",
+    [],
+    "A flag for every mct.train run after this script's own (e.g. --config.model.n_layers=1).",
+)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
 
 
@@ -41,6 +46,7 @@ def run(processes: int, workdir: str) -> list[dict]:
         f"--config.data.num_logical_shards={max(8, processes)}",
         "--config.mesh.data=-1",
         f"--config.data.seq_len={_SEQ.value}",
+        *_TRAIN_FLAGS.value,
     ]
     command = [sys.executable, "-m", "mct.launch", "local", f"--processes={processes}", "--", *train_flags]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

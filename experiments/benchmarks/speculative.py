@@ -2,9 +2,10 @@
 
 python -m experiments.benchmarks.speculative [--train_steps 200 --num_draft 4 --max_new_tokens 64] --json
 
-Trains (or resumes) a tiny_cpu-shaped target and a one-layer draft under --work_dir, counts the FR-Spec
-vocabulary on the corpus, then decodes eval-split prompts with: plain greedy decoding of the target, and
-speculative decoding with the draft's LM head over the full vocabulary and over its most frequent 25%.
+Trains (or resumes) a target of --config (default tiny_cpu; `--config.KEY=VALUE` overrides) and a one-layer
+draft under --work_dir, counts the FR-Spec vocabulary on the target's first mixture component, then decodes
+eval-split prompts with: plain greedy decoding of the target, and speculative decoding with the draft's LM head
+over the full vocabulary and over its most frequent 25%.
 Reports mean accepted length (tokens per target pass), the draft LM head's FLOPs relative to the full head,
 and end-to-end tokens/s (compilation excluded: every variant runs once before it is timed).
 """
@@ -15,11 +16,11 @@ import time
 
 import numpy as np
 from absl import flags, logging
+from ml_collections import config_flags
 
 from data_pipelines import shards
 from data_pipelines.freq_vocab import build_freq_vocab
 from data_pipelines.loader import resolve_dataset
-from experiments.configs.tiny_cpu import get_config
 from mct.cli.common import run
 from mct.config.run import Config
 from mct.infer.decoding import generate
@@ -28,8 +29,12 @@ from mct.run.checkpoint import Checkpointer
 from mct.run.reader import RunCheckpoint
 from mct.run.training_run import train
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
 DRAFT_SHAPE = dict(n_layers=1, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_mlp=192)
 
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(REPO / "experiments/configs/tiny_cpu.py"), "The target's config (the draft: DRAFT_SHAPE)."
+)
 _WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/mct-bench-speculative", "Where the two runs train.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "Training steps of each model.")
 _NUM_DRAFT = flags.DEFINE_integer("num_draft", 4, "Draft tokens per round.")
@@ -41,8 +46,8 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line
 
 
 def train_run(name: str, shape: dict) -> RunCheckpoint:
-    """Trains (unless already done) a run of the tiny_cpu config with the given model shape."""
-    config = get_config()
+    """Trains (unless already done) a run of --config with the given model shape."""
+    config = _CONFIG.value.copy_and_resolve_references()
     config.workdir = str(pathlib.Path(_WORK_DIR.value) / name)
     config.model.update(shape)
     config.data.seq_len = 128
@@ -82,7 +87,9 @@ def main(argv: list[str]) -> None:
     draft_run = train_run("draft", DRAFT_SHAPE)
     cfg, draft_cfg = target_run.model_cfg, draft_run.model_cfg
     target, draft = target_run.read_params(), draft_run.read_params()
-    dataset = resolve_dataset("default", cache_dir="", vocab_size=target_run.config.data.vocab_size)
+    data = target_run.config.data
+    corpus = next(iter(data.mixture.values())).path
+    dataset = resolve_dataset(corpus, cache_dir=data.cache_dir, vocab_size=data.vocab_size)
     prompts = eval_prompts(dataset, _BATCH.value * _NUM_BATCHES.value, _PROMPT_LEN.value)
     batches = [prompts[i : i + _BATCH.value] for i in range(0, len(prompts), _BATCH.value)]
     new, k = _MAX_NEW.value, _NUM_DRAFT.value
@@ -90,8 +97,8 @@ def main(argv: list[str]) -> None:
     plain, plain_s, _ = timed(lambda b: (generate(cfg, target, b, max_new_tokens=new), None), batches)
     generated = sum(len(t) for t in plain)
     result = {
-        "target": {key: cfg[key] for key in ("n_layers", "d_model", "vocab_size")},
-        "draft": {key: draft_cfg[key] for key in ("n_layers", "d_model")},
+        "target": {key: getattr(cfg, key) for key in ("n_layers", "d_model", "vocab_size")},
+        "draft": {key: getattr(draft_cfg, key) for key in ("n_layers", "d_model")},
         "num_draft": k,
         "prompts": len(prompts),
         "batch": _BATCH.value,

@@ -3,7 +3,8 @@ training from scratch, at the same total token budget?
 
 python -m experiments.bitcpm.qat_vs_scratch --out docs/bitcpm [--steps 300] [--json]
 
-Runs on the embedded default corpus, one tiny proxy shape: (1) fp32 WSD over `steps`; (2) ternary (group 32)
+Runs on the embedded default corpus (or --config's data: `--config.KEY=VALUE` overrides tiny_cpu), one tiny
+proxy shape: (1) fp32 WSD over `steps`; (2) ternary (group 32)
 from scratch over the same steps; (3) for each QAT fraction r: the fp32 run's stable-phase checkpoint at
 (1 - r) * steps, then r * steps of ternary QAT (fresh optimizer, re-warmed lr at half the peak, its own decay).
 Every ternary run sees `steps` batches in total. Writes results.json and qat_vs_scratch.png (eval loss over
@@ -16,8 +17,8 @@ import pathlib
 import jax
 import matplotlib
 from absl import flags
+from ml_collections import config_flags
 
-from experiments.configs import tiny_cpu
 from mct.config.run import Config
 from mct.run.training_run import train
 from mct.train.metrics import logged_metrics
@@ -27,6 +28,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mct.cli.common import run
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    str(REPO / "experiments/configs/tiny_cpu.py"),
+    "The runs' base config (the proxy shape replaces its model's).",
+)
 _OUT = flags.DEFINE_string("out", "docs/bitcpm", "Directory for results.json and the PNG.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", "/tmp/mct-bitcpm", "Parent of the runs' workdirs (reused: resumes)."
@@ -42,7 +49,7 @@ def proxy_config(
     workdir: pathlib.Path, steps: int, *, ternary: bool = False, lr: float = LR, init_from: str = ""
 ) -> Config:
     """The tiny proxy: 2 layers x 64 wide, seq 128, batch 16, WSD (10% warmup, 20% decay), eval every 20%."""
-    c = tiny_cpu.get_config()
+    c = _CONFIG.value.copy_and_resolve_references()
     c.workdir, c.init_from = str(workdir), init_from
     c.model.update(dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=192))
     c.model.quant.weights, c.model.quant.group_size = ("ternary" if ternary else "none"), 32

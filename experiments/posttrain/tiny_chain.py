@@ -1,7 +1,7 @@
 """The tiny post-training chain on CPU: pretrain -> SFT -> RL on the arithmetic task (docs/posttrain.md).
 
 python -m experiments.posttrain.tiny_chain [--work_dir /tmp/mct-chain --pretrain_steps 300 --sft_steps 100
-    --rl_steps 60] [--json]
+    --rl_steps 60] [--stage_flag=--config.KEY=VALUE ...] [--json]
 
 Runs the three entry points as a user would (mct.train, mct.sft, mct.rl, each resuming if its workdir already
 has checkpoints), then decodes held-out arithmetic prompts (none of RL's training prompts) greedily with the
@@ -33,6 +33,9 @@ _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 300, "Pre-training step
 _SFT_STEPS = flags.DEFINE_integer("sft_steps", 100, "SFT steps (tiny_cpu_sft).")
 _RL_STEPS = flags.DEFINE_integer("rl_steps", 60, "RL steps (tiny_cpu_rl).")
 _HELD_OUT = flags.DEFINE_integer("held_out", 200, "Held-out prompts scored before and after RL.")
+_STAGE_FLAGS = flags.DEFINE_multi_string(
+    "stage_flag", [], "A flag for every stage after this script's own (e.g. --config.model.n_layers=1)."
+)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
 
 
@@ -45,6 +48,7 @@ def run_stage(module: str, config: str, workdir: pathlib.Path, *flags_: str) -> 
         str(REPO / "experiments/configs" / config),
         f"--config.workdir={workdir}",
         *flags_,
+        *_STAGE_FLAGS.value,
     ]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True)

@@ -1,6 +1,6 @@
 """Bad-input and fault probe: runs the real CLIs the way a user would, in a temp dir, and tabulates what happened.
 
-    python -m experiments.probes.bad_inputs [--only NAME,...] [--keep]
+    python -m experiments.probes.bad_inputs [--only NAME,...] [--keep] [--json]
 
 Each case is Case(name, setup, command, expect): setup builds the case's files in its own directory (and may run
 earlier commands), command is the argv under test, expect returns None (PASS) or why it did not hold. A case
@@ -1110,16 +1110,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated case names or numbers")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    parser.add_argument("--json", action="store_true", help="print {case: verdict} as JSON on the last line")
     args = parser.parse_args()
     cases = selected(args.only)
     ROOT = pathlib.Path(tempfile.mkdtemp(prefix="mct-bad-inputs-"))
-    began, results = time.monotonic(), []
+    began, results = time.monotonic(), {}
     print(f"{'case':34} | {'exit':>7} | {'first line of output':72} | result", flush=True)
     print("-" * 150, flush=True)
     try:
         for case in cases:
             run, verdict = run_case(case)
-            results.append(verdict)
+            results[case.name] = verdict
             code = "-" if run is None else "timeout" if run.rc is None else str(run.rc)
             line = "" if run is None else run.first_line()
             line = line if len(line) <= 72 else line[:69] + "..."
@@ -1129,7 +1130,7 @@ def main() -> None:
             print(f"kept {ROOT}")
         else:
             shutil.rmtree(ROOT, ignore_errors=True)
-    ran = [r for r in results if not r.startswith("SKIP")]
+    ran = [r for r in results.values() if not r.startswith("SKIP")]
     passed = sum(r == "PASS" for r in ran)
     skipped = len(results) - len(ran)
     print(
@@ -1137,6 +1138,8 @@ def main() -> None:
         + (f", {skipped} skipped" if skipped else "")
         + f" ({time.monotonic() - began:.0f} s)"
     )
+    if args.json:
+        print(json.dumps(results))
 
 
 if __name__ == "__main__":
