@@ -17,6 +17,7 @@ twice with the same seeds and only the second pass is timed, so no compile is co
 import json
 import math
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -68,16 +69,16 @@ def run_variant(config: RLRunConfig, chunk_tokens: int) -> dict:
             eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta
         ),
     )
-    run_steps(setup, config, chunk_tokens)
-    return run_steps(setup, config, chunk_tokens)
+    ref_fn = jax.jit(lambda p, b: token_logprobs(setup.model.bind(p), b))  # one function: compiled once
+    run_steps(setup, ref_fn, config, chunk_tokens)
+    return run_steps(setup, ref_fn, config, chunk_tokens)
 
 
-def run_steps(setup: TrainSetup, config: RLRunConfig, chunk_tokens: int) -> dict:
+def run_steps(setup: TrainSetup, ref_fn: Callable, config: RLRunConfig, chunk_tokens: int) -> dict:
     """Warm-up steps (filling the buffer), then the timed ones; their mean times."""
     r = config.rl
     state = setup.init_state(0)
     ref_params = jax.tree.map(lambda x: x.copy(), state["params"])
-    ref_fn = jax.jit(lambda p, b: token_logprobs(setup.model.bind(p), b))
     rng = np.random.default_rng(0)  # the same prompts, lengths and rewards for both variants
     buffer: list[Trajectory] = []
     targets: dict[int, int] = {}  # id(trajectory) -> answer length
