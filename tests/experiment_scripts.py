@@ -48,8 +48,8 @@ BENCHMARKS: dict[str, tuple[Flags, str]] = {
     ),
     "experiments.benchmarks.rl_rollout": (
         lambda tmp, data: (
-            ["--steps=1", "--warmup_steps=0", "--max_response_tokens=4", "--chunk_tokens=2"]
-            + ["--median_tokens=2", "--group_size=2", "--prompts_per_step=1"]
+            ["--steps=1", "--warmup_steps=0", "--max_response_tokens=4", "--chunk_tokens=4", "--sigma=0"]
+            + ["--median_tokens=4", "--group_size=2", "--prompts_per_step=1"]  # one rollout shape to compile
         ),
         "throughput_ratio",
     ),

@@ -58,18 +58,20 @@ def bench_config() -> RLRunConfig:
     return RLRunConfig.from_dict(c.to_dict())
 
 
-def run_variant(config: RLRunConfig, chunk_tokens: int) -> dict:
+def bench_setup(config: RLRunConfig) -> tuple[TrainSetup, Callable]:
+    """The GRPO train setup and the jitted reference log-prob function, shared by both variants (built and
+    compiled once: the variants differ in chunk_tokens only)."""
+    r = config.rl
+    objective = grpo_objective(
+        eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta
+    )
+    setup = build(config, jax.devices()[:1], objective=objective)
+    return setup, jax.jit(lambda p, b: token_logprobs(setup.model.bind(p), b))
+
+
+def run_variant(setup: TrainSetup, ref_fn: Callable, config: RLRunConfig, chunk_tokens: int) -> dict:
     """RL steps with at most chunk_tokens decoded per trajectory per step, run twice with the same seeds: the
     first pass compiles every shape the second (timed) pass meets."""
-    r = config.rl
-    setup = build(
-        config,
-        jax.devices()[:1],
-        objective=grpo_objective(
-            eps_low=r.eps_low, eps_high=r.eps_high, dual_clip=r.dual_clip, kl_beta=r.kl_beta
-        ),
-    )
-    ref_fn = jax.jit(lambda p, b: token_logprobs(setup.model.bind(p), b))  # one function: compiled once
     run_steps(setup, ref_fn, config, chunk_tokens)
     return run_steps(setup, ref_fn, config, chunk_tokens)
 
@@ -169,8 +171,9 @@ def run_steps(setup: TrainSetup, ref_fn: Callable, config: RLRunConfig, chunk_to
 def main(argv: list[str]) -> None:
     del argv
     config = bench_config()
-    full = run_variant(config, _MAX_RESPONSE.value)
-    chunked = run_variant(config, _CHUNK.value)
+    setup, ref_fn = bench_setup(config)
+    full = run_variant(setup, ref_fn, config, _MAX_RESPONSE.value)
+    chunked = run_variant(setup, ref_fn, config, _CHUNK.value)
     report = {
         "full": full,
         "chunked": chunked,
