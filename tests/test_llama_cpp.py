@@ -1,6 +1,6 @@
 """GGUF exports run in llama.cpp itself (llama-cpp-python, built from its sdist: requirements.txt): f32 logits and
 greedy tokens equal mct's (tied; untied with LongRoPE's long factors active), q8_0 / q4_k_m perplexity stays
-within 1% / 10% of f32, a ternary QAT model in tq2_0 follows mct's QAT forward (logits, decisive argmaxes),
+within 1% / 2% of f32, a ternary QAT model in tq2_0 follows mct's QAT forward (logits, decisive argmaxes),
 llama3 RoPE gives mct's logits, and llama.cpp tokenizes and renders chats as mct does. llama.cpp runs in a process
 of its own (tests/llama_cpp_client.py), never beside JAX's and torch's runtimes in the test's.
 
@@ -226,7 +226,7 @@ def test_quantised_perplexity_stays_near_f32(tmp_path, runs, files):
     ppl["q4_k_m"] = perplexity(q4, windows)
     assert ppl["f32"] < 30  # trained: far below uniform over 300 tokens
     assert abs(ppl["q8_0"] / ppl["f32"] - 1) < 0.01, ppl
-    assert abs(ppl["q4_k_m"] / ppl["f32"] - 1) < 0.10, ppl
+    assert abs(ppl["q4_k_m"] / ppl["f32"] - 1) < 0.02, ppl  # measured 0.74% (q8_0: 0.05%)
     assert q4.stat().st_size < 0.45 * files("tied", "f32").stat().st_size
 
 
