@@ -101,7 +101,7 @@ OTHERS: dict[str, tuple[Flags, str]] = {
         "accuracy_rl",
     ),
     "experiments.probes.bad_inputs": (lambda tmp, data: ["--only=2"], "2-seq-len-0"),
-    "experiments.device.check_gpu": (lambda tmp, data: ["--cpu_dry_run", "--check_seq=512"], "checks"),
+    "experiments.device.check_gpu": (lambda tmp, data: ["--cpu_dry_run", "--check_seq=128"], "checks"),
 }
 
 
