@@ -146,6 +146,21 @@ def test_sft_cli_continues_the_source_lr_resumes_exactly_and_exports(source, tmp
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
 
 
+def test_sft_lowers_the_held_out_assistant_loss(source, tmp_path, monkeypatch):
+    """12 steps on the arithmetic chats: eval_loss (the held-out chats' assistant tokens) after the last step is
+    well below its value after the first (measured: 9.67 -> 4.15, falling at every step)."""
+    workdir, dataset, files = source
+    monkeypatch.setenv("MCT_CACHE", str(tmp_path / "cache"))
+    options = sft_overrides(
+        files[:1], **{"train.steps": 12, "eval.every_steps": 1, "checkpoint.every_steps": 12}
+    )
+    train_sft(make_config(tmp_path / "run", dataset, init_from=str(workdir), **options), devices=ONE)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(m["step"], m["eval_loss"]) for m in lines if "eval_loss" in m]
+    assert evals[0][0] == 1 and evals[-1][0] == 12
+    assert evals[-1][1] < 0.6 * evals[0][1]  # measured ratio 0.43
+
+
 def count_calls(monkeypatch, calls: collections.Counter, cls, method: str, key: str) -> None:
     """Counts the calls of cls.method in calls[key] while the test runs."""
     original = getattr(cls, method)
