@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = pathlib.Path(tmp) / "quality.bin"
         classifier.save(model)
-        (pathlib.Path(tmp) / "tokenizer.json").write_bytes(tok.tokenizer_bytes(tokenizer))
+        tokenizer.save(tmp)
         start = time.perf_counter()
         out = beam_prepare.beam_prepare(
             pathlib.Path(tmp) / "out",

@@ -34,7 +34,11 @@ def _define_flags() -> None:
     )
     flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Tensor dtype in the safetensors files.")
     flags.DEFINE_integer("max_shard_mb", 2048, "Largest safetensors shard, in MiB.")
-    flags.DEFINE_string("tokenizer", None, "tokenizer.json (default: the run's own).")
+    flags.DEFINE_string(
+        "tokenizer",
+        None,
+        "tokenizer.json, tokenizer.model or a directory holding one (default: the run's own).",
+    )
     flags.DEFINE_bool(
         "keep_mtp",
         False,

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from data_pipelines.chat import CHAT_TEMPLATE
 from data_pipelines.output_dirs import fresh_file, temporary_file_beside
-from data_pipelines.tokenizer import BOS, EOS, PAD
+from data_pipelines.tokenizer import BOS, EOS, PAD, BpeTokenizer
 from mct.config.model import ModelConfig
 from mct.export import hf_layout
 from mct.model import quant
@@ -221,7 +221,7 @@ def vocab_metadata(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], li
 
 
 def write_metadata(
-    writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer, kind: GGUFType, name: str
+    writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: BpeTokenizer, kind: GGUFType, name: str
 ):
     """Every key llama.cpp's minicpm loader and its gpt2 vocabulary read (see the module docstring)."""
     for add, value in (
@@ -251,7 +251,7 @@ def write_metadata(
         writer.add_rope_scaling_attn_factors(rope_tables(cfg.rope, cfg.head_dim, 1, cfg.max_position)[1])
     else:  # linear / llama3 live in the rope_freqs tensor
         writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
-    tokens, types, merges = vocab_metadata(tokenizer, cfg.vocab_size)
+    tokens, types, merges = vocab_metadata(tokenizer.hf, cfg.vocab_size)
     writer.add_tokenizer_model(TOKENIZER_MODEL)
     writer.add_tokenizer_pre(TOKENIZER_PRE)
     writer.add_token_list(tokens)
@@ -269,7 +269,7 @@ def write_metadata(
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
-def write_gguf(run: RunCheckpoint, tokenizer: Tokenizer, kind: GGUFType, path: pathlib.Path) -> None:
+def write_gguf(run: RunCheckpoint, tokenizer: BpeTokenizer, kind: GGUFType, path: pathlib.Path) -> None:
     """Writes the GGUF file at `path`: metadata, tensor infos, then the tensors one by one from `run`."""
     cfg = run.model_cfg
     plan = tensor_plan(cfg, kind)
@@ -315,7 +315,7 @@ def llama_cpp_quantize(source: pathlib.Path, target: pathlib.Path, ftype: int) -
 
 
 def export_gguf(
-    run: RunCheckpoint, tokenizer: Tokenizer, out: str | pathlib.Path, gguf_type: str
+    run: RunCheckpoint, tokenizer: BpeTokenizer, out: str | pathlib.Path, gguf_type: str
 ) -> pathlib.Path:
     """Writes the run's checkpoint with its tokenizer as the new GGUF file `out` (never overwritten)."""
     kind = check_gguf_type(gguf_type, run.model_cfg)
