@@ -10,6 +10,7 @@ import pathlib
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import sentencepiece
 
 from data_pipelines.tokenizer import SENTENCEPIECE_MODEL, Encoded, TextTokenizer, TokenizerError
@@ -54,8 +55,16 @@ class SentencePieceTokenizer(TextTokenizer):
         return self.processor.encode(list(texts), out_type=int) if texts else []
 
     def encode_with_offsets(self, texts: Sequence[str]) -> list[Encoded]:
-        mappings = [self.processor.encode_as_offset_mapping(t) for t in texts]
-        return [Encoded(list(m["ids"]), [tuple(o) for o in m["offsets"]]) for m in mappings]
+        return [self._encode_with_offsets(t) for t in texts]
+
+    def _encode_with_offsets(self, text: str) -> Encoded:
+        """Each piece's span is its surface, the stretch of `text` it covers (SentencePiece's surfaces concatenate
+        to the text; the byte-fallback pieces of one character but the last have an empty one)."""
+        pieces = self.processor.encode(text, out_type="immutable_proto").pieces
+        ends = np.cumsum([len(p.surface) for p in pieces], dtype=np.int64)  # [pieces]
+        return Encoded(
+            [p.id for p in pieces], [(int(e) - len(p.surface), int(e)) for p, e in zip(pieces, ends)]
+        )
 
     def encode_verbatim(self, text: str) -> list[int]:
         """Added tokens and the model's control pieces (`<s>`, `</s>`) are matched in the text, longest first;

@@ -373,7 +373,7 @@ class RLData(RunData):
     def merge(self, states: list[dict]) -> dict:
         return states[0]  # one process
 
-    def tokenizer(self, config: RLRunConfig) -> TextTokenizer:
+    def ids_tokenizer(self, config: RLRunConfig) -> TextTokenizer:
         return run_tokenizer(config)
 
     def metrics_log(

@@ -204,7 +204,7 @@ class RunData:
         """The TrainSetup the loop steps (e.g. DPO adds the reference log-probs to each batch)."""
         return setup
 
-    def tokenizer(self, config: Config) -> TextTokenizer:
+    def ids_tokenizer(self, config: Config) -> TextTokenizer:
         """The tokenizer the run's ids come from (copied into the workdir)."""
         return dataset_tokenizer(first_dataset(config))
 
@@ -263,7 +263,7 @@ def add_hooks(
     steps = config.train.steps
     trainer.add_hook(lambda info: bar.update(info.step - bar.n), every=1)
     trainer.add_hook(lambda _: ckpt.check_saves(), every=1)  # a failed async save stops the run at once
-    trainer.add_hook(lambda _: keep_tokenizer(config.workdir, data.tokenizer(config)), at=[start + 1])
+    trainer.add_hook(lambda _: keep_tokenizer(config.workdir, data.ids_tokenizer(config)), at=[start + 1])
     trainer.add_hook(metrics, every=config.train.log_every_steps, at=[steps])
     trainer.add_hook(
         evaluate, every=config.eval.every_steps, at=[steps] if data.final_eval else [], needs_state=True
