@@ -57,6 +57,7 @@ HARD_TEXTS = [
     "\n",
     "x" * 40,
 ]
+CHAT = "<|im_start|>user\n日本語 the river<|im_end|>\n"  # control tokens split the text; each part is encoded alone
 PROMPTS = ["the river model", "日本語の data", "\tshard  train"]
 MAX_NEW = 16
 
@@ -155,10 +156,11 @@ def test_llama_cpp_tokenizes_as_sentencepiece_and_runs_mct_s_model(exported, pro
     run, params, path = exported
     prompts = [[1, *processor.encode(text)] for text in PROMPTS]
     ids = prompts[0] + processor.encode(" and the model of data")
-    eog, logits, *answers = ask(  # one llama.cpp process
+    eog, logits, chat, *answers = ask(  # one llama.cpp process
         path,
         {"op": "eog"},
         {"op": "logits", "ids": ids},
+        {"op": "tokenize", "text": CHAT},
         *({"op": "tokenize", "text": text} for text in HARD_TEXTS),
         *({"op": "greedy", "prompt": p, "max_new": MAX_NEW} for p in prompts),
     )
@@ -167,6 +169,9 @@ def test_llama_cpp_tokenizes_as_sentencepiece_and_runs_mct_s_model(exported, pro
         assert got == [1, *processor.encode(text)], text
     assert any(processor.is_byte(i) for ids in tokenized for i in ids)  # byte fallback was exercised
     assert eog == [2, PIECES]  # </s> and <|im_end|>
+    # as HF's LlamaTokenizer with legacy true (the releases'): each text part gets sentencepiece's dummy prefix
+    im_start, im_end = PIECES + 1, PIECES
+    assert chat == [1, im_start, *processor.encode("user\n日本語 the river"), im_end, *processor.encode("\n")]
     expected = mct_logits(run, params, ids)
     # both sides in f32 (llama.cpp's KV cache too): measured max |difference| 1.7e-5 with logits up to 10.9, i.e.
     # 1.5e-6 of the largest (summation order); 2e-5 of it leaves ~13x room for other CPUs' kernels
