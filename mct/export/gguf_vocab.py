@@ -51,7 +51,7 @@ class Vocab:
     tokens: list[str]
     types: list[int]  # gguf.TokenType per token
     special_ids: dict[str, int]  # "bos" / "eos" / "eot" / "unk" / "pad" -> id
-    chat_template: str | list
+    chat_template: str | list[dict[str, str]]  # one template, or named ones as tokenizer_config.json has them
     scores: list[float] | None = None  # SentencePiece only
     merges: list[str] | None = None  # byte-level BPE only
     add_space_prefix: bool | None = None  # SentencePiece only
@@ -128,10 +128,8 @@ def space_prefix(sp: sentencepiece.SentencePieceProcessor) -> bool:
     """Whether the model adds a dummy space prefix; ValueError when its normalizer does anything llama.cpp's
     `llama` tokenizer does not (which only escapes spaces), checked on a probe of whitespace runs, compatibility
     and combining characters."""
-    normalized = sp.normalize(
-        NORMALIZER_PROBE
-    )  # the probe starts with a letter: a leading U+2581 is the prefix
-    prefix = normalized.startswith(SPACE)
+    normalized = sp.normalize(NORMALIZER_PROBE)
+    prefix = normalized.startswith(SPACE)  # the probe starts with a letter: a leading U+2581 is the prefix
     if normalized != SPACE * prefix + NORMALIZER_PROBE.replace(" ", SPACE):
         raise ValueError(
             "GGUF export needs a SentencePiece model without a normalizer (normalization_rule_name identity, "
@@ -144,7 +142,7 @@ def sentencepiece_vocab(
     model_proto: bytes,
     added_tokens: Mapping[int, AddedToken],
     vocab_size: int,
-    chat_template: str | list = CHAT_TEMPLATE,
+    chat_template: str | list[dict[str, str]] = CHAT_TEMPLATE,
 ) -> Vocab:
     """llama.cpp's `llama` vocabulary of a SentencePiece model (its serialized ModelProto) with `added_tokens`
     (id -> token) over it, padded to the model's vocab_size (the module docstring gives the rules)."""
