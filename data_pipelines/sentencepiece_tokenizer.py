@@ -45,6 +45,10 @@ class SentencePieceTokenizer(TextTokenizer):
         tokens = sorted({*added_tokens, *controls}, key=len, reverse=True)
         self._control_pattern = re.compile("(" + "|".join(map(re.escape, tokens)) + ")")
 
+    def is_special(self, i: int) -> bool:
+        """Whether added token `i` is special (a control token, left out of decoded text)."""
+        return i in self._special_ids
+
     def token_to_id(self, token: str) -> int | None:
         if token in self.added_tokens:
             return self.added_tokens[token]

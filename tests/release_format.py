@@ -44,12 +44,15 @@ def training_texts() -> list[str]:
     return prose + code + cjk * 3 + ["emoji 😀🎉 party 🎂"] * 3
 
 
-def write_release_tokenizer(directory: pathlib.Path, pieces: int = 400) -> dict[str, int]:
+def write_release_tokenizer(
+    directory: pathlib.Path, pieces: int = 400, texts: list[str] | None = None
+) -> dict[str, int]:
     """Writes tokenizer.model, tokenizer_config.json and special_tokens_map.json into `directory` as the
-    MiniCPM4 release lays them out; returns the added tokens' ids (they follow the model's `pieces`)."""
+    MiniCPM4 release lays them out, the model trained on `texts` (default training_texts()); returns the added
+    tokens' ids (they follow the model's `pieces`)."""
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_texts()),
+        sentence_iterator=iter(texts or training_texts()),
         model_writer=model,
         model_type="bpe",
         vocab_size=pieces,

@@ -51,6 +51,11 @@ def _define_flags() -> None:
         list(gguf_export.GGUF_TYPES),
         "--format gguf: the tensor type (q4_k_m through llama.cpp's quantizer; tq2_0 for ternary QAT runs).",
     )
+    flags.DEFINE_bool(
+        "allow_dense",
+        False,
+        "Export an InfLLM v2 (sparse attention) run to a format that attends densely (gguf).",
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -58,7 +63,9 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     try:
         if f.format == GGUF:
-            out = gguf_export.export_gguf(*read_run(f.workdir, f.step, f.tokenizer), f.out, f.gguf_type)
+            out = gguf_export.export_gguf(
+                *read_run(f.workdir, f.step, f.tokenizer), f.out, f.gguf_type, f.allow_dense
+            )
             print(f"exported {f.gguf_type} GGUF to {out}")
             return
         out = export(
