@@ -26,12 +26,12 @@ from data_pipelines.loader import (
     merge_states,
 )
 from data_pipelines.prefetch import prefetch
-from data_pipelines.tokenizer import BOS, EOS, TextTokenizer, has_tokenizer
+from data_pipelines.tokenizer import BOS, EOS, TextTokenizer, has_tokenizer, load_tokenizer
 from mct.config.run import Config
-from mct.errors import ConfigError, WorkdirLocked
+from mct.errors import ConfigError, UserError, WorkdirLocked
 from mct.parallel.distributed import gather_json, global_batch
 from mct.run.checkpoint import Checkpointer, run_meta
-from mct.run.init_from import continued_data_state, init_from_state
+from mct.run.init_from import continued_data_state, init_from_state, parse_spec
 from mct.run.lock import WorkdirLock
 from mct.run.scalingbench import make_scalingbench_batches
 from mct.train.hooks import Evaluator, MetricsLog, StepLog, profile_hook
@@ -86,6 +86,7 @@ def initial_state(
         log.info("decay branch from %s step %d", config.schedule.branch_from, config.schedule.branch_step)
         return config.schedule.branch_step, state, data_state
     if config.init_from:
+        check_init_tokenizer(config)
         data_state = continued_data_state(config.init_from, config) if continue_source_data else None
         log.info(
             "starting from the params of %s (fresh optimizer state, %s)",
@@ -94,6 +95,21 @@ def initial_state(
         )
         return 0, init_from_state(config.init_from, setup), data_state
     return 0, setup.init_state(config.seed), None
+
+
+def check_init_tokenizer(config: Config) -> None:
+    """UserError naming both when init_from's workdir holds a tokenizer other than the one the run's data was
+    prepared with (an imported release continued on data of another vocabulary)."""
+    source = parse_spec(config.init_from)[0]
+    if not has_tokenizer(source):
+        return
+    theirs, ours = load_tokenizer(source), dataset_tokenizer(first_dataset(config))
+    if theirs.fingerprint != ours.fingerprint:
+        raise UserError(
+            f"config init_from={config.init_from}: its tokenizer ({theirs.kind}, {theirs.vocab_size} ids) is not "
+            f"the one {first_dataset(config)} was prepared with ({ours.kind}, {ours.vocab_size} ids); prepare the "
+            f"data with --tokenizer={source}"
+        )
 
 
 def first_dataset(config: Config) -> pathlib.Path:
