@@ -264,7 +264,9 @@ def test_import_refuses_bad_input(tmp_path, run_config):
     (hf / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(ValueError, match="lacks the tensor 'model.norm.weight'"):
         import_hf(hf, tmp_path / "w4")
-    (hf / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))  # no muP record to unfold
+    minicpm_only = ("scale_emb", "scale_depth", "dim_model_base", "sparse_config")
+    llama_cfg = {k: v for k, v in cfg.items() if k not in minicpm_only}
+    (hf / "config.json").write_text(json.dumps({**llama_cfg, "model_type": "llama"}))  # no muP record to unfold
     with pytest.raises(ValueError, match="lacks the field 'mct_folded_mup'"):
         import_hf(hf, tmp_path / "w5", unfold_mup=True)
     assert not any(p.name.startswith(("w", ".w")) for p in tmp_path.iterdir())
