@@ -266,7 +266,9 @@ def test_import_refuses_bad_input(tmp_path, run_config):
         import_hf(hf, tmp_path / "w4")
     minicpm_only = ("scale_emb", "scale_depth", "dim_model_base", "sparse_config")
     llama_cfg = {k: v for k, v in cfg.items() if k not in minicpm_only}
-    (hf / "config.json").write_text(json.dumps({**llama_cfg, "model_type": "llama"}))  # no muP record to unfold
+    (hf / "config.json").write_text(
+        json.dumps({**llama_cfg, "model_type": "llama"})
+    )  # no muP record to unfold
     with pytest.raises(ValueError, match="lacks the field 'mct_folded_mup'"):
         import_hf(hf, tmp_path / "w5", unfold_mup=True)
     assert not any(p.name.startswith(("w", ".w")) for p in tmp_path.iterdir())

@@ -43,7 +43,12 @@ ROPES = {
         "long_factor": [1.0 + 0.5 * i for i in range(8)],
     },
     # correction band of dimensions 1..4 at theta 10000: some kept, some blended, some divided
-    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
 }
 # LongRoPE's cos/sin magnitude three ways: from the lengths (above), from `factor`, or given; YaRN's settings.
 MORE_ROPES = {
