@@ -236,7 +236,8 @@ def test_imported_sparse_config_attends_openbmbs_blocks(sparse):
     [
         ({"sparse_config": {**SPARSE, "use_nope": True}}, "sparse_config.use_nope=True is not supported"),
         ({"sparse_config": {**SPARSE, "stride_blocks": 2}}, "sparse_config.stride_blocks is not supported"),
-        ({"sparse_config": {**SPARSE, "topk": 0}}, "sparse_config"),
+        ({"sparse_config": {**SPARSE, "topk": 0}}, "sparse_config.topk 0 must count its init_blocks 1"),
+        ({"sparse_config": {**SPARSE, "window_size": 40}}, "window_size 40 must be a positive multiple"),
         ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic' is not supported"),
         ({"use_sliding_window": True}, "config field 'use_sliding_window' is not supported"),
         ({"mup_denominator": 32}, "config field 'mup_denominator'=32 is not supported"),
@@ -247,6 +248,7 @@ def test_imported_sparse_config_attends_openbmbs_blocks(sparse):
         "use-nope",
         "unknown-sparse-key",
         "topk-below-init",
+        "window-not-blocks",
         "unknown-rope",
         "unknown-key",
         "mup-denominator",
@@ -262,21 +264,24 @@ def test_fields_mct_cannot_honour_are_refused_by_name(tmp_path, overrides, error
     assert not (tmp_path / "wd").exists()
 
 
-def test_the_import_command_refuses_in_one_line_with_exit_2(tmp_path):
-    write_release(tmp_path / "release", release_config(sparse_config={**SPARSE, "use_nope": True}))
-    command = [
-        sys.executable,
-        "-m",
-        "mct.import_hf",
-        f"--hf_dir={tmp_path / 'release'}",
-        f"--out={tmp_path / 'wd'}",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert (
-        lines[-1].startswith("error: ")
-        and "config.json" in lines[-1]
-        and "sparse_config.use_nope" in lines[-1]
-    )
-    assert "Traceback" not in result.stderr
+def one_line_error(*args: str) -> str:
+    """The `error: ...` line of a refused `python -m mct.X ...` (exit 2, no traceback)."""
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    return line
+
+
+def test_the_commands_refuse_in_one_line_with_exit_2(tmp_path):
+    write_release(tmp_path / "bad", release_config(sparse_config={**SPARSE, "use_nope": True}))
+    line = one_line_error("mct.import_hf", f"--hf_dir={tmp_path / 'bad'}", f"--out={tmp_path / 'wd'}")
+    assert "config.json" in line and "sparse_config.use_nope" in line
+    config = release_config(sparse_config=SPARSE)
+    write_release(tmp_path / "release", config, release_tensors(config))
+    workdir = import_hf(tmp_path / "release", tmp_path / "wd")
+    for format in ("llama", "gguf"):
+        line = one_line_error(
+            "mct.export", f"--workdir={workdir}", f"--format={format}", f"--out={tmp_path / 'x'}"
+        )
+        assert f"the {format} format has no InfLLM v2" in line and "--allow_dense" in line

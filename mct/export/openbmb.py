@@ -74,6 +74,10 @@ def sparse_from_release(sparse: object, path: str) -> dict:
     for key, value in s.items():
         if key != "use_nope" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"{path}: sparse_config.{key} must be a non-negative integer, got {value!r}")
+    if s["topk"] < s["init_blocks"]:
+        raise ValueError(
+            f"{path}: sparse_config.topk {s['topk']} must count its init_blocks {s['init_blocks']}"
+        )
     window_blocks = s["window_size"] // max(s["block_size"], 1)
     try:
         settings = SparseConfig(**{**s, "topk": s["topk"] + window_blocks, "lse_approx": True})
