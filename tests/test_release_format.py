@@ -4,6 +4,7 @@ config.json keys at a 2-layer shape, bf16 safetensors in two shards with an inde
 so that mct attends OpenBMB's set of blocks; fields mct cannot honour are refused by name, before anything is
 written."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from safetensors.numpy import save_file
 from data_pipelines.shards import TOKENIZER
 from data_pipelines.tokenizer import tokenizer_bytes, train_bpe_tokenizer
 from mct.config.model import SparseSettings
+from mct.config.run import Config
 from mct.export import hf_layout, openbmb
 from mct.export.hf_export import INDEX_FILE, export
 from mct.export.hf_import import import_hf
@@ -180,6 +182,14 @@ def test_release_imports_exports_and_reimports_exactly(tmp_path, overrides):
     assert second.model_cfg == model
     again, params = second.read_params(), first.read_params()
     assert all(np.array_equal(again[name], value) for name, value in params.items())
+
+
+def test_a_dense_release_stays_dense_under_a_sparse_training_config(tmp_path):
+    config = release_config()
+    write_release(tmp_path / "release", config, release_tensors(config))
+    sparse = Config().replace(model=dataclasses.replace(Config().model, attention="infllm_v2"))
+    workdir = import_hf(tmp_path / "release", tmp_path / "wd", config=sparse)
+    assert RunCheckpoint(workdir).model_cfg.attention == sparse.model.dense_attention
 
 
 def test_a_sparse_run_exports_to_llama_only_with_allow_dense(tmp_path):

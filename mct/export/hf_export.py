@@ -206,9 +206,7 @@ def export(
         if ternary:
             config["quantization_config"] = quant.ternary_config(cfg.quant)
         stops = stop_ids(ids)
-        if (
-            layout == "minicpm" and len(stops) > 1
-        ):  # OpenBMB's release format: eos_token_id [</s>, <|im_end|>]
+        if layout == "minicpm" and len(stops) > 1:  # the release format lists both: [</s>, <|im_end|>]
             config["eos_token_id"] = stops
         write_json(tmp / "config.json", config)
         generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
