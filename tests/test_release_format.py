@@ -5,6 +5,7 @@ so that mct attends OpenBMB's set of blocks; fields mct cannot honour are refuse
 written."""
 
 import dataclasses
+import importlib
 import json
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from safetensors.numpy import save_file
 
 from data_pipelines.shards import TOKENIZER
 from data_pipelines.tokenizer import tokenizer_bytes, train_bpe_tokenizer
-from mct.config.model import SparseSettings
+from experiments.configs import minicpm4_0p5b
+from mct.config.model import RopeConfig, SparseSettings
 from mct.config.run import Config
 from mct.export import hf_layout, openbmb
 from mct.export.hf_export import INDEX_FILE, export
@@ -272,6 +274,61 @@ def test_fields_mct_cannot_honour_are_refused_by_name(tmp_path, overrides, error
     with pytest.raises(ValueError, match=f"{path}: .*{error}"):
         import_hf(tmp_path / "release", tmp_path / "wd")
     assert not (tmp_path / "wd").exists()
+
+
+# The published config.json fields of the two releases (hub pages of openbmb/MiniCPM4-0.5B and -8B).
+PUBLISHED = {
+    "minicpm4_0p5b": release_config(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        intermediate_size=4096,
+        vocab_size=73448,
+        eos_token_id=[2, 73440],
+        rope_scaling={
+            "rope_type": "longrope",
+            "long_factor": list(minicpm4_0p5b.RELEASED_LONGROPE_FACTORS),
+            "short_factor": list(minicpm4_0p5b.RELEASED_LONGROPE_FACTORS),
+            "original_max_position_embeddings": 32768,
+        },
+    ),
+    "minicpm4_8b": release_config(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        intermediate_size=16384,
+        vocab_size=73448,
+        eos_token_id=[2, 73440],
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_scaling=None,
+        sparse_config={
+            "kernel_size": 32,
+            "kernel_stride": 16,
+            "init_blocks": 1,
+            "block_size": 64,
+            "window_size": 2048,
+            "topk": 64,
+            "use_nope": False,
+            "dense_len": 8192,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_release_configs_are_the_published_models(name):
+    """experiments/configs/NAME.py's model is what importing the published config.json gives."""
+    model = Config.from_dict(
+        importlib.import_module(f"experiments.configs.{name}").get_config().to_dict()
+    ).model
+    fields = hf_layout.model_fields(PUBLISHED[name], "config.json", unfold_mup=False)
+    assert model.rope == RopeConfig(**fields.pop("rope"))
+    sparse = fields.pop("sparse", {})
+    assert {key: getattr(model.sparse, key) for key in sparse} == sparse
+    assert {key: getattr(model, key) for key in fields} == fields
 
 
 def one_line_error(*args: str) -> str:
