@@ -54,6 +54,8 @@ _METADATA_FIELDS = frozenset(
         "auto_map",
         "model_type",
         "_name_or_path",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
         "transformers_version",
         "torch_dtype",
         "dtype",
