@@ -58,6 +58,21 @@ def sparse_from_release(sparse: object, path: str) -> dict:
     blocks; mct's topk counts the window too, so it is OpenBMB's plus the window's blocks."""
     if sparse is None:
         return {}
+    s = _release_sparse(sparse, path)
+    window_blocks = s["window_size"] // max(s["block_size"], 1)
+    try:
+        settings = SparseConfig(**{**s, "topk": s["topk"] + window_blocks, "lse_approx": True})
+    except ValueError as e:
+        raise ValueError(f"{path}: sparse_config {sparse}: {e}") from None
+    return {
+        "attention": "infllm_v2",
+        "sparse": {k: getattr(settings, k) for k in (*SPARSE_DEFAULTS, "lse_approx")},
+    }
+
+
+def _release_sparse(sparse: object, path: str) -> dict:
+    """A release's sparse_config with OpenBMB's defaults filled in; a field mct cannot honour is a ValueError
+    naming it and the file."""
     if not isinstance(sparse, Mapping):
         raise ValueError(f"{path}: sparse_config must be null or an object, not {type(sparse).__name__}")
     unknown = sorted(set(sparse) - set(SPARSE_DEFAULTS))
@@ -78,15 +93,7 @@ def sparse_from_release(sparse: object, path: str) -> dict:
         raise ValueError(
             f"{path}: sparse_config.topk {s['topk']} must count its init_blocks {s['init_blocks']}"
         )
-    window_blocks = s["window_size"] // max(s["block_size"], 1)
-    try:
-        settings = SparseConfig(**{**s, "topk": s["topk"] + window_blocks, "lse_approx": True})
-    except ValueError as e:
-        raise ValueError(f"{path}: sparse_config {sparse}: {e}") from None
-    return {
-        "attention": "infllm_v2",
-        "sparse": {k: getattr(settings, k) for k in (*SPARSE_DEFAULTS, "lse_approx")},
-    }
+    return s
 
 
 def sparse_to_release(sparse: SparseConfig) -> dict:
