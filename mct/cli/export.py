@@ -3,6 +3,9 @@
     python -m mct.export --workdir DIR [--step N] --format minicpm|llama|ternary --out OUT [--freq_vocab FILE]
     python -m mct.export --workdir DIR [--step N] --format gguf --gguf_type f16 --out FILE.gguf  (gguf_export)
 
+--format minicpm writes OpenBMB's release format (docs/design.md). Llama and GGUF have no InfLLM v2: a sparse
+run exports to them only with --allow_dense.
+
 Tensors stream one at a time (one layer of one parameter, read through tensorstore) into safetensors shards
 of at most --max_shard_mb, so no process ever holds more than one shard. Everything is written into a
 temporary sibling of OUT and renamed at the end: a failed export leaves nothing behind.
@@ -44,17 +47,18 @@ def _define_flags() -> None:
         False,
         "Keep the MTP blocks (model.mtp.depth > 0; dropped by default), for self-speculative decoding.",
     )
+    flags.DEFINE_bool(
+        "allow_dense",
+        False,
+        "--format llama|gguf of an InfLLM v2 run: export it anyway, to run densely (a different model past "
+        "model.sparse.dense_len tokens).",
+    )
     flags.DEFINE_string("freq_vocab", None, "FR-Spec vocabulary file to include (data_pipelines.freq_vocab).")
     flags.DEFINE_enum(
         "gguf_type",
         "f16",
         list(gguf_export.GGUF_TYPES),
         "--format gguf: the tensor type (q4_k_m through llama.cpp's quantizer; tq2_0 for ternary QAT runs).",
-    )
-    flags.DEFINE_bool(
-        "allow_dense",
-        False,
-        "Export an InfLLM v2 (sparse attention) run to a format that attends densely (gguf).",
     )
 
 
@@ -78,6 +82,7 @@ def main(argv: list[str]) -> None:
             tokenizer_path=f.tokenizer,
             freq_vocab=f.freq_vocab,
             keep_mtp=f.keep_mtp,
+            allow_dense=f.allow_dense,
         )
     except (OSError, ValueError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         raise UserError(str(e).splitlines()[0]) from None

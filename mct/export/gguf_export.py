@@ -40,7 +40,6 @@ from tqdm import tqdm
 from data_pipelines.output_dirs import fresh_file, temporary_file_beside
 from data_pipelines.tokenizer import TextTokenizer
 from mct.config.model import ModelConfig
-from mct.errors import ConfigError
 from mct.export import gguf_vocab, hf_layout
 from mct.model import quant
 from mct.model.decoder import width_multiplier
@@ -266,16 +265,6 @@ def llama_cpp_quantize(source: pathlib.Path, target: pathlib.Path, ftype: int) -
         raise ValueError(f"llama.cpp could not quantize {source} (see its log above)")
 
 
-def check_dense(cfg: ModelConfig, allow_dense: bool) -> None:
-    """ConfigError for an InfLLM v2 run unless `allow_dense`: GGUF (llama.cpp) has no sparse attention, so the
-    file would silently attend densely."""
-    if cfg.attention == "infllm_v2" and not allow_dense:
-        raise ConfigError(
-            "model.attention='infllm_v2': GGUF cannot express InfLLM v2 sparse attention (llama.cpp attends "
-            "densely); pass --allow_dense to export it as a dense model"
-        )
-
-
 def export_gguf(
     run: RunCheckpoint,
     tokenizer: TextTokenizer,
@@ -286,7 +275,7 @@ def export_gguf(
     """Writes the run's checkpoint with its tokenizer (a byte-level BPE or a SentencePiece one, gguf_vocab) as
     the new GGUF file `out` (never overwritten)."""
     kind = check_gguf_type(gguf_type, run.model_cfg)
-    check_dense(run.model_cfg, allow_dense)
+    hf_layout.check_dense_export(run.model_cfg, "gguf", allow_dense)
     vocab = gguf_vocab.tokenizer_vocab(tokenizer, run.model_cfg.vocab_size)
     out = pathlib.Path(out)
     with fresh_file(out) as tmp:

@@ -189,6 +189,12 @@ def write_bpe_tokenizer(tokenizer: BpeTokenizer, out: pathlib.Path, max_length: 
     return ids
 
 
+def stop_ids(ids: dict[str, int]) -> list[int]:
+    """The ids a generation ends at: EOS, and <|im_end|> where the tokenizer has the chat format (a chat turn
+    ends there; mct.generate --chat stops there too, and OpenBMB's releases list both)."""
+    return [ids[token] for token in (EOS, IM_END) if token in ids]
+
+
 def read_run(
     workdir: str, step: int | None, tokenizer_path: str | None
 ) -> tuple[RunCheckpoint, TextTokenizer]:
@@ -215,14 +221,18 @@ def export(
     tokenizer_path: str | None = None,
     freq_vocab: str | None = None,
     keep_mtp: bool = False,
+    allow_dense: bool = False,
 ) -> pathlib.Path:
-    """Exports WORKDIR's checkpoint (latest unless `step`) in `layout` (or TERNARY) to the new directory `out`."""
+    """Exports WORKDIR's checkpoint (latest unless `step`) in `layout` (or TERNARY) to the new directory `out`;
+    an InfLLM v2 run in the llama layout (which runs it densely) only with allow_dense."""
     ternary, layout = layout == TERNARY, "minicpm" if layout == TERNARY else layout
     hf_layout.check_layout(layout)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     run, tokenizer = read_run(workdir, step, tokenizer_path)
     cfg = run.model_cfg
+    if layout == "llama":
+        hf_layout.check_dense_export(cfg, layout, allow_dense)
     if ternary and cfg.quant.weights != "ternary":
         raise ValueError(
             f"{workdir} is not a ternary QAT run (model.quant.weights={cfg.quant.weights!r}); train with "
@@ -240,11 +250,14 @@ def export(
             config["num_nextn_predict_layers"] = cfg.mtp.depth  # DeepSeek-V3's name for the MTP depth
         if ternary:
             config["quantization_config"] = quant.ternary_config(cfg.quant)
+        stops = stop_ids(ids)
+        if layout == "minicpm" and len(stops) > 1:  # the release format lists both: [</s>, <|im_end|>]
+            config["eos_token_id"] = stops
         write_json(tmp / "config.json", config)
         generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        if IM_END in ids:  # a chat turn ends at <|im_end|>: HF generate stops there too (mct.generate --chat)
-            generation["eos_token_id"] = [config["eos_token_id"], ids[IM_END]]
-        write_json(tmp / "generation_config.json", generation)
+        write_json(
+            tmp / "generation_config.json", {**generation, "eos_token_id": stops or config["eos_token_id"]}
+        )
         if freq_vocab:
             shutil.copyfile(freq_vocab, tmp / FREQ_VOCAB_FILE)
     return pathlib.Path(out)

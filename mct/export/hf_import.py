@@ -1,5 +1,5 @@
-"""A Hugging Face Llama- or MiniCPM-layout safetensors checkpoint as a new mct workdir at step 0 (fresh
-optimizer state, fresh data iterator), the inverse of `hf_export` bit for bit.
+"""A Hugging Face Llama- or MiniCPM-layout safetensors checkpoint (OpenBMB's releases as published included) as a
+new mct workdir at step 0 (fresh optimizer state, fresh data iterator), the inverse of `hf_export` bit for bit.
 
 The model shape comes from config.json; the optimizer the saved state is built for from the run config given.
 A Llama layout reads as a scale-free model unless `unfold_mup` restores the muP scales recorded at export; a
@@ -128,6 +128,8 @@ def import_hf(
     if group_size:  # the dequantised weights are the model: quantising them again would change them
         fields["quant"] = {"weights": "none"}
     config = (config or Config()).resolve()
+    if "attention" not in fields and config.model.attention == "infllm_v2":  # a dense checkpoint stays dense
+        fields["attention"] = config.model.dense_attention
     model = Config.from_dict({"model": {**to_dict(config.model), **fields}}).model
     config = config.replace(model=model, workdir=str(out))
     params = import_params(hf_path, config.model, layout, group_size)
