@@ -185,3 +185,14 @@ def test_an_infllm_v2_run_needs_allow_dense(tmp_path, dataset, tokenizer_model):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--allow_dense" in result.stderr.strip().splitlines()[-1] and not (tmp_path / "b.gguf").exists()
     assert export_gguf(run, run.tokenizer(), tmp_path / "c.gguf", "f16", allow_dense=True).is_file()
+
+
+def test_a_yarn_run_is_refused_in_one_line(tmp_path, dataset):
+    """llama.cpp's yarn scales attention otherwise than transformers' YaRN, which mct imports: refused."""
+    rope = {"type": "yarn", "factor": 4.0, "original_max_position": 64}
+    config = tiny_run_config(tmp_path / "wd", dataset, max_position=CTX, rope=rope)
+    save_random_run(tmp_path / "wd", config)
+    run = RunCheckpoint(tmp_path / "wd")
+    with pytest.raises(ConfigError, match="model.rope.type='yarn': GGUF export writes"):
+        export_gguf(run, run.tokenizer(), tmp_path / "y.gguf", "f32")
+    assert not (tmp_path / "y.gguf").exists()

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from data_pipelines.output_dirs import fresh_file, temporary_file_beside
 from data_pipelines.tokenizer import TextTokenizer
 from mct.config.model import ModelConfig
+from mct.errors import ConfigError
 from mct.export import gguf_vocab, hf_layout
 from mct.model import quant
 from mct.model.decoder import width_multiplier
@@ -121,6 +122,9 @@ def check_gguf_type(gguf_type: str, cfg: ModelConfig) -> GGUFType:
                 f"--config.model.quant.group_size={TERNARY_BLOCK}"
             )
     return GGUF_TYPES[gguf_type]
+
+
+GGUF_ROPE_TYPES = ("default", "linear", "llama3", "longrope")  # exactly what llama.cpp computes from the file
 
 
 def rope_tensors(cfg: ModelConfig) -> dict[gguf.MODEL_TENSOR, np.ndarray]:
@@ -276,6 +280,11 @@ def export_gguf(
     the new GGUF file `out` (never overwritten)."""
     kind = check_gguf_type(gguf_type, run.model_cfg)
     hf_layout.check_dense_export(run.model_cfg, "gguf", allow_dense)
+    if run.model_cfg.rope.type not in GGUF_ROPE_TYPES:  # llama.cpp's yarn scales attention its own way
+        raise ConfigError(
+            f"model.rope.type={run.model_cfg.rope.type!r}: GGUF export writes {GGUF_ROPE_TYPES} only; export "
+            "--format minicpm or llama instead"
+        )
     vocab = gguf_vocab.tokenizer_vocab(tokenizer, run.model_cfg.vocab_size)
     out = pathlib.Path(out)
     with fresh_file(out) as tmp:
