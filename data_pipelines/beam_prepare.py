@@ -44,7 +44,6 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 logging.getLogger().removeFilter(_not_gcp_notice)
 
 from data_pipelines import dedup, documents, prepare, quality, shards  # noqa: E402
-from data_pipelines import tokenizer as tok  # noqa: E402
 from data_pipelines.normalise import normalise  # noqa: E402
 from data_pipelines.output_dirs import fresh_directory  # noqa: E402
 
@@ -98,8 +97,7 @@ def beam_prepare(
             tokenizer = prepare.dataset_tokenizer(
                 imap, sample, tokenizer_path, vocab_size, eval_fraction, progress
             )
-        tokenizer_json = tok.tokenizer_bytes(tokenizer)
-        (tmp / shards.TOKENIZER).write_bytes(tokenizer_json)
+        tokenizer.save(tmp)
         (tmp / _PARTS).mkdir()
         options = PipelineOptions(pipeline_args or ["--runner=DirectRunner"])
         with beam.Pipeline(options=options) as pipeline:
@@ -131,7 +129,7 @@ def beam_prepare(
                 "quality_threshold": quality_threshold if quality_model else None,
                 "tokenizer_sample_files": tokenizer_sample_files,
             },
-            **prepare.tokenizer_fields(tokenizer_json, tokenizer_path, vocab_size),
+            **prepare.tokenizer_fields(tokenizer, tokenizer_path, vocab_size),
         )
         shards.write_manifest(tmp, manifest)
     if progress:
@@ -173,9 +171,7 @@ def _build(pipeline, files: list[tuple[int, str, str]], tmp: pathlib.Path, **s) 
         docs = docs | "quality" >> beam.ParDo(_QualityFilter(s["quality_model"], s["quality_threshold"]))
         stage_counts.append(_stage_counts(docs, "quality"))
     tokenized = docs | "tokenize" >> beam.ParDo(
-        _Tokenize(
-            str(tmp / shards.TOKENIZER), s["eval_fraction"], s["max_document_chars"], s["files_per_writer"]
-        )
+        _Tokenize(str(tmp), s["eval_fraction"], s["max_document_chars"], s["files_per_writer"])
     )
     stage_counts.append(
         tokenized
@@ -377,7 +373,10 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--quality_model", help="fastText model from python -m data_pipelines.quality train.")
     parser.add_argument("--quality_threshold", type=float, default=0.5)
     parser.add_argument("--text_field", default="text")
-    parser.add_argument("--tokenizer", help="tokenizer.json to use instead of training one.")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer.json, SentencePiece tokenizer.model or HF directory to use instead of training one.",
+    )
     parser.add_argument("--vocab_size", type=int, default=None, help="Vocabulary of the trained BPE (8192).")
     parser.add_argument(
         "--tokenizer_sample_files", type=int, default=0, help="Train the BPE on N files (0 all)."

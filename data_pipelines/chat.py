@@ -7,7 +7,7 @@ SFT trains on assistant content and its closing `<|im_end|>` only (MiniCPM4 repo
 script): system and user turns and the `<|im_start|>assistant\n` header are masked.
 
 Content is text: the control tokens (`<s>`, `<|im_start|>`, `<|im_end|>`) are inserted by id where the format
-puts them, and the text between them, content included, is encoded by `tokenizer.encode_texts` (a control
+puts them, and the text between them, content included, is encoded as text (`TextTokenizer`; a control
 string inside content becomes the ids of its characters, as in prepare's documents), so no message can forge a
 turn. For the byte-level BPE that prepare trains, the ids equal one encoding of the rendered text whenever the
 content holds no control string, so transformers' `apply_chat_template` with the exported template gives the
@@ -17,9 +17,7 @@ same ids; for content that holds one, transformers reads it as the control token
 import dataclasses
 from collections.abc import Sequence
 
-from tokenizers import Tokenizer
-
-from data_pipelines.tokenizer import BOS, encode_texts
+from data_pipelines.tokenizer import BOS, TextTokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ROLES = ("system", "user", "assistant")
@@ -74,20 +72,20 @@ def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = False
     return "".join(p.text for p in _pieces(messages, add_generation_prompt))
 
 
-def _token_id(tokenizer: Tokenizer, token: str) -> int:
+def _token_id(tokenizer: TextTokenizer, token: str) -> int:
     i = tokenizer.token_to_id(token)
     if i is None:
         raise ValueError(f"the tokenizer has no {token} token: it cannot encode chats")
     return i
 
 
-def im_end_id(tokenizer: Tokenizer) -> int:
+def im_end_id(tokenizer: TextTokenizer) -> int:
     """The id of `<|im_end|>`, which ends every turn (decoding stops there)."""
     return _token_id(tokenizer, IM_END)
 
 
 def encode_chat(
-    tokenizer: Tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False
+    tokenizer: TextTokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False
 ) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of a conversation: mask 1 on the tokens of assistant content and its `<|im_end|>`.
 
@@ -95,7 +93,7 @@ def encode_chat(
     leading newlines of the content stays masked: the header is never trained on)."""
     control = {token: _token_id(tokenizer, token) for token in (BOS, IM_START, IM_END)}
     pieces = _pieces(messages, add_generation_prompt)
-    texts = iter(encode_texts(tokenizer, [p.text for p in pieces if not p.control]))
+    texts = iter(tokenizer.encode_with_offsets([p.text for p in pieces if not p.control]))
     ids, mask = [], []
     for p in pieces:
         if p.control:

@@ -19,7 +19,6 @@ from typing import Literal
 import grain
 import numpy as np
 from absl import logging
-from tokenizers import Tokenizer
 
 from data_pipelines import shards
 from data_pipelines.batch_layout import BatchLayout
@@ -27,7 +26,7 @@ from data_pipelines.config import DataConfig, MixtureComponent
 from data_pipelines.mixing import DocumentChunks, TokenWeightedMixture
 from data_pipelines.prepare import prepare_default_corpus
 from data_pipelines.shards import DatasetError
-from data_pipelines.tokenizer import sha256_hex
+from data_pipelines.tokenizer import TextTokenizer, TokenizerError, load_tokenizer
 
 DEFAULT_CORPUS = "default"
 _STATE_FORMAT = "mct-data-iterator-v2"
@@ -73,16 +72,18 @@ def resolve_dataset(path: str, *, cache_dir: str, vocab_size: int) -> pathlib.Pa
     return directory
 
 
-def load_tokenizer(dataset_dir: str | pathlib.Path) -> Tokenizer:
+def dataset_tokenizer(dataset_dir: str | pathlib.Path) -> TextTokenizer:
     """The tokenizer a dataset was prepared with (checked against the manifest's hash)."""
     manifest = shards.read_manifest(dataset_dir)
-    path = pathlib.Path(dataset_dir) / shards.TOKENIZER
-    if not path.is_file():
-        raise DatasetError(f"dataset {dataset_dir} has no {shards.TOKENIZER}")
-    data = path.read_bytes()
-    if sha256_hex(data) != manifest["tokenizer_sha256"]:
-        raise DatasetError(f"{path} does not match the tokenizer_sha256 in {shards.MANIFEST}")
-    return Tokenizer.from_str(data.decode("utf-8"))
+    try:
+        tokenizer = load_tokenizer(dataset_dir)
+    except TokenizerError as e:
+        raise DatasetError(f"dataset {dataset_dir}: {e}") from None
+    if tokenizer.fingerprint != manifest["tokenizer_sha256"]:
+        raise DatasetError(
+            f"{dataset_dir}'s tokenizer does not match the tokenizer_sha256 in {shards.MANIFEST}"
+        )
+    return tokenizer
 
 
 class DataIterator:

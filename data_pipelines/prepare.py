@@ -22,7 +22,6 @@ from collections.abc import Iterator
 
 import numpy as np
 from absl import app, flags
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from data_pipelines import documents, shards
@@ -62,12 +61,11 @@ def prepare_dataset(
     tasks, input_names = input_tasks(inputs, text_field, max_document_chars)
     with fresh_directory(out) as tmp, worker_pool(workers) as imap:
         tokenizer = dataset_tokenizer(imap, tasks, tokenizer_path, vocab_size, eval_fraction, progress)
-        tokenizer_json = tok.tokenizer_bytes(tokenizer)
-        (tmp / shards.TOKENIZER).write_bytes(tokenizer_json)
+        tokenizer.save(tmp)
         manifest = _write_shards(imap, tasks, tmp, tokenizer, eval_fraction, shard_tokens, progress)
         manifest.update(
             settings_fields(input_names, text_field, eval_fraction, shard_tokens, max_document_chars),
-            **tokenizer_fields(tokenizer_json, tokenizer_path, vocab_size),
+            **tokenizer_fields(tokenizer, tokenizer_path, vocab_size),
         )
         shards.write_manifest(tmp, manifest)
     if progress:
@@ -109,12 +107,13 @@ def dataset_tokenizer(
     vocab_size: int,
     eval_fraction: float,
     progress: bool,
-) -> Tokenizer:
-    """The tokenizer file `tokenizer_path` names, or a byte-level BPE of `vocab_size` trained on the train
+) -> tok.TextTokenizer:
+    """The tokenizer `tokenizer_path` names (a tokenizer.json, a SentencePiece tokenizer.model, or a directory
+    holding either, see tokenizer.load_tokenizer), or a byte-level BPE of `vocab_size` trained on the train
     split of `tasks` (read with `imap`, see worker_pool).
     """
     if tokenizer_path:
-        return tok.read_tokenizer_file(tokenizer_path)
+        return tok.load_tokenizer(tokenizer_path)
     return tok.train_bpe_tokenizer(_train_split_texts(imap, tasks, eval_fraction, progress), vocab_size)
 
 
@@ -131,14 +130,14 @@ def settings_fields(
     }
 
 
-def tokenizer_fields(tokenizer_json: bytes, tokenizer_path: str | None, vocab_size: int) -> dict:
-    """The manifest's tokenizer fields for the tokenizer.json bytes a dataset holds."""
-    tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+def tokenizer_fields(tokenizer: tok.TextTokenizer, tokenizer_path: str | None, vocab_size: int) -> dict:
+    """The manifest's tokenizer fields for the tokenizer a dataset holds."""
     return {
-        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-        "tokenizer_sha256": tok.sha256_hex(tokenizer_json),
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_kind": tokenizer.kind,
+        "tokenizer_sha256": tokenizer.fingerprint,
         "tokenizer_source": str(tokenizer_path) if tokenizer_path else f"trained, vocab_size {vocab_size}",
-        "special_tokens": tok.special_token_ids(tokenizer),
+        "special_tokens": tokenizer.special_token_ids(),
     }
 
 
@@ -197,7 +196,9 @@ def _read_train_texts(task: tuple[str, str, str, int, float]) -> list[str]:
     ]
 
 
-_worker_tokenizers: dict[str, Tokenizer] = {}  # tokenizer.json path -> loaded tokenizer, per worker process
+_worker_tokenizers: dict[
+    str, tok.TextTokenizer
+] = {}  # tokenizer path -> loaded tokenizer, per worker process
 
 
 def _tokenize_file(
@@ -216,16 +217,15 @@ def _tokenize_file(
     return items
 
 
-def worker_tokenizer(tokenizer_file: str) -> Tokenizer:
-    """The tokenizer.json at `tokenizer_file`, loaded once per process, set to encode special tokens as text."""
+def worker_tokenizer(tokenizer_file: str) -> tok.TextTokenizer:
+    """The tokenizer at `tokenizer_file` (a directory or file), loaded once per process."""
     tokenizer = _worker_tokenizers.get(tokenizer_file)
     if tokenizer is None:
-        tokenizer = _worker_tokenizers[tokenizer_file] = Tokenizer.from_file(tokenizer_file)
-        tokenizer.encode_special_tokens = True  # tok.encode_texts' rule: "<s>" inside a document is text
+        tokenizer = _worker_tokenizers[tokenizer_file] = tok.load_tokenizer(tokenizer_file)
     return tokenizer
 
 
-def document_records(tokenizer: Tokenizer, text: str, max_document_chars: int) -> list[np.ndarray]:
+def document_records(tokenizer: tok.TextTokenizer, text: str, max_document_chars: int) -> list[np.ndarray]:
     """The records `[num_tokens]` int32 of one document: [BOS] + ids + [EOS] per piece of at most
     `max_document_chars` characters (one piece if it is shorter; see documents.text_pieces).
     """
@@ -236,21 +236,19 @@ def document_records(tokenizer: Tokenizer, text: str, max_document_chars: int) -
     ]
 
 
-def encode_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    """The ids `[n]` of `text`, encoded in pieces of at most _ENCODE_CHARS characters so the tokenizer's
-    buffers stay small; for the byte-level BPE prepare trains, the ids of one encode of the whole text
-    (see documents.text_pieces).
-    """
-    pieces = documents.text_pieces(text, _ENCODE_CHARS)
-    encodings = (tokenizer.encode_batch_fast([p], add_special_tokens=False)[0] for p in pieces)
-    return np.concatenate([np.array(e.ids, dtype=shards.TOKEN_DTYPE) for e in encodings])
+def encode_ids(tokenizer: tok.TextTokenizer, text: str) -> np.ndarray:
+    """The ids `[n]` of `text`; a piecewise tokenizer (the byte-level BPE prepare trains) encodes it in pieces
+    of at most _ENCODE_CHARS characters, so its buffers stay small, to the ids of the whole text."""
+    pieces = documents.text_pieces(text, _ENCODE_CHARS) if tokenizer.piecewise else [text]
+    ids = [np.array(tokenizer.encode_ids(p), dtype=shards.TOKEN_DTYPE) for p in pieces]
+    return np.concatenate(ids)
 
 
 def _write_shards(
     imap,
     tasks: list[_Task],
     directory: pathlib.Path,
-    tokenizer: Tokenizer,
+    tokenizer: tok.TextTokenizer,
     eval_fraction: float,
     shard_tokens: int,
     progress: bool,
@@ -258,7 +256,7 @@ def _write_shards(
     """Tokenizes every input into the split writers; returns the manifest's counts, splits, skipped and split
     documents (a split document's records all go to its key's split).
     """
-    tokenizer_file = str(directory / shards.TOKENIZER)
+    tokenizer_file = str(directory)
     writers = {split: shards.ShardWriter(directory, split, shard_tokens) for split in shards.SPLITS}
     skipped: list[documents.Skipped] = []
     split_documents = {"documents": 0, "pieces": 0}
@@ -315,7 +313,11 @@ def _define_flags() -> None:
         "File or glob (.txt, .jsonl[.gz|.zst], .parquet); repeatable. None: the embedded default corpus.",
     )
     flags.DEFINE_string("text_field", "text", "JSONL/parquet field holding the document text.")
-    flags.DEFINE_string("tokenizer", None, "tokenizer.json to use instead of training one.")
+    flags.DEFINE_string(
+        "tokenizer",
+        None,
+        "tokenizer.json, SentencePiece tokenizer.model or HF directory to use instead of training one.",
+    )
     flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size of the trained byte-level BPE.")
     flags.DEFINE_string("out", None, "Output dataset directory (must not exist).", required=True)
     flags.DEFINE_float("eval_fraction", 0.05, "Fraction of documents in the held-out eval split.")

@@ -10,7 +10,6 @@ import numpy as np
 from array_record.python import array_record_module
 
 MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.json"
 FORMAT = "mct-tokens"
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.dtype("<i4")

@@ -6,7 +6,8 @@ OpenMP threads, and a crash in llama.cpp fails one test with its stderr instead 
 Requests: {"op": "logits", "ids": [...]} -> [len(ids), vocab] logits of a fresh sequence;
 {"op": "greedy", "prompt": [...], "max_new": n} -> n argmax tokens through llama.cpp's KV cache (no EOS stop);
 {"op": "tokenize", "text": s} -> ids with BOS and special tokens; {"op": "chat", "messages": [...]} -> the GGUF's
-chat template rendered with a generation prompt; {"op": "special"} -> {"bos": id, "eos": id}."""
+chat template rendered with a generation prompt; {"op": "special"} -> {"bos": id, "eos": id}; {"op": "eog"} -> the
+ids llama.cpp ends generation at."""
 
 import json
 import sys
@@ -66,6 +67,9 @@ def answer(llm: llama_cpp.Llama, request: dict) -> list | str | dict:
         return render(messages=request["messages"]).prompt
     if op == "special":
         return {"bos": llm.token_bos(), "eos": llm.token_eos()}
+    if op == "eog":
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        return [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
     raise ValueError(f"unknown op {op!r}")
 
 

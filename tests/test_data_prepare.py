@@ -16,7 +16,7 @@ from array_record.python import array_record_module
 
 from data_pipelines import documents, prepare, shards
 from data_pipelines import tokenizer as tok
-from data_pipelines.loader import load_tokenizer, resolve_dataset
+from data_pipelines.loader import dataset_tokenizer, resolve_dataset
 from data_pipelines.tokenizer import SPECIAL_TOKENS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_prepare_counts_skips_and_round_trip(corpus, tmp_path):
     assert manifest["inputs"] == sorted(str(p) for p in root.iterdir())
     assert manifest["special_tokens"] == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
 
-    tokenizer = load_tokenizer(out)
+    tokenizer = dataset_tokenizer(out)
     bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
     decoded, total_tokens = [], 0
     for split in ("train", "eval"):
@@ -124,7 +124,7 @@ def test_prepare_counts_skips_and_round_trip(corpus, tmp_path):
         for record in records:
             assert record[0] == bos and record[-1] == eos and record.max() < manifest["vocab_size"]
             assert bos not in record[1:-1]  # "<s>" inside a text is text, not the control token
-            decoded.append(tokenizer.decode(record[1:-1].tolist(), skip_special_tokens=False))
+            decoded.append(tokenizer.hf.decode(record[1:-1].tolist(), skip_special_tokens=False))
     assert manifest["documents"] == len(texts) and manifest["tokens"] == total_tokens
     assert sorted(decoded) == sorted(texts)  # every valid document once, exactly as written
     assert manifest["splits"]["eval"]["documents"] > 0 and manifest["splits"]["train"]["documents"] > 0
@@ -154,7 +154,7 @@ def test_eval_split_follows_the_key_hash(corpus, tmp_path):
         workers=1,
         progress=False,
     )
-    tokenizer = load_tokenizer(out)
+    tokenizer = dataset_tokenizer(out)
     eval_texts = {tokenizer.decode(r[1:-1].tolist()) for r in _read_split(out, "eval")}
     expected = set()
     for line, text in enumerate(texts[3:15], start=1):
@@ -311,17 +311,16 @@ def _medium_document(num_chars: int) -> str:
 def test_text_pieces_encode_to_the_same_ids_and_bpe_as_the_whole_text(monkeypatch):
     text = _medium_document(60_000)
     tokenizer = tok.train_bpe_tokenizer([text], 400)
-    tokenizer.encode_special_tokens = True
-    whole = tokenizer.encode(text, add_special_tokens=False).ids
+    whole = tokenizer.encode_ids(text)
     for max_chars in (40, 257, 4096):
         pieces = list(documents.text_pieces(text, max_chars))
         assert "".join(pieces) == text and all(0 < len(p) <= max_chars for p in pieces)
         assert all(p[0] in " \t\n\r" for p in pieces[1:])  # cut at whitespace, never mid-word
-        ids = [i for p in pieces for i in tokenizer.encode(p, add_special_tokens=False).ids]
+        ids = [i for p in pieces for i in tokenizer.encode_ids(p)]
         assert ids == whole, max_chars
     # The tokenizer trained on pieces is the one trained on the whole text (same pre-token counts).
     pieces_bpe = tok.train_bpe_tokenizer(documents.text_pieces(text, 257), 400)
-    assert tok.tokenizer_bytes(pieces_bpe) == tok.tokenizer_bytes(tokenizer)
+    assert pieces_bpe.files == tokenizer.files
     monkeypatch.setattr(prepare, "_ENCODE_CHARS", 100)
     np.testing.assert_array_equal(prepare.encode_ids(tokenizer, text), whole)
 
@@ -351,7 +350,7 @@ def test_long_documents_are_split_into_consecutive_documents(tmp_path):
     assert manifest["split_documents"] == {"documents": 1, "pieces": 6}  # 999 + 4 * 1000 + 500 characters
     assert manifest["max_document_chars"] == 1000
     assert manifest["documents"] == len(short) + 6
-    tokenizer = load_tokenizer(out)
+    tokenizer = dataset_tokenizer(out)
     records = [(split, r[1:-1]) for split in shards.SPLITS for r in _read_split(out, split)]
     assert manifest["tokens"] == sum(ids.size + 2 for _, ids in records)
     pieces = [
@@ -360,7 +359,7 @@ def test_long_documents_are_split_into_consecutive_documents(tmp_path):
     assert len(pieces) == 6 and len({split for split, _ in pieces}) == 1  # all in the split of the key
     assert "".join(tokenizer.decode(ids.tolist()) for _, ids in pieces) == long_text
     # Cut at pre-token boundaries: the pieces' ids are exactly the whole text's.
-    assert np.concatenate([ids for _, ids in pieces]).tolist() == tokenizer.encode(long_text).ids
+    assert np.concatenate([ids for _, ids in pieces]).tolist() == tokenizer.encode_ids(long_text)
 
 
 def test_cli_prints_the_skip_and_split_summary(corpus, tmp_path):

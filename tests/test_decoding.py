@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from data_pipelines.tokenizer import read_tokenizer_file
+from data_pipelines.tokenizer import load_tokenizer
 from mct.config.model import model_from_dict
 from mct.infer.decoding import Sampling, forward, generate, init_cache, output_head, params_model, token_probs
 from mct.infer.generate import StreamPrinter, encode_prompts
@@ -163,8 +163,8 @@ def test_errors_name_the_problem():
 
 
 def test_stream_printer_holds_back_incomplete_characters(tmp_path):
-    tokenizer = read_tokenizer_file(make_tiny_dataset(tmp_path, vocab_size=300) / "tokenizer.json")
-    ids = tokenizer.encode("river é data", add_special_tokens=False).ids
+    tokenizer = load_tokenizer(make_tiny_dataset(tmp_path, vocab_size=300))
+    ids = tokenizer.encode_ids("river é data")
     out = io.StringIO()
     printer = StreamPrinter(tokenizer, out)
     seen = []
@@ -173,7 +173,7 @@ def test_stream_printer_holds_back_incomplete_characters(tmp_path):
         seen.append(out.getvalue())
     assert out.getvalue() == "river é data"
     assert all("\ufffd" not in text for text in seen)
-    half = tokenizer.encode("é", add_special_tokens=False).ids[:1]  # half a character, never completed
+    half = tokenizer.encode_ids("é")[:1]  # half a character, never completed
     printer([[ids[-1]]])
     printer([half])
     printer.finish()
@@ -183,7 +183,7 @@ def test_stream_printer_holds_back_incomplete_characters(tmp_path):
 def test_generate_cli_prints_the_greedy_continuation(tmp_path):
     config = tiny_run_config(tmp_path / "wd", make_tiny_dataset(tmp_path, vocab_size=300))
     params = save_random_run(tmp_path / "wd", config)
-    tokenizer = read_tokenizer_file(tmp_path / "dataset" / "tokenizer.json")
+    tokenizer = load_tokenizer(tmp_path / "dataset")
     want = generate(
         config.model, params, encode_prompts(tokenizer, ["the river"]), max_new_tokens=8, eos_id=2
     )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.chat import encode_chat
-from data_pipelines.loader import load_tokenizer
+from data_pipelines.loader import dataset_tokenizer
 from data_pipelines.prepare import is_eval_document
 from mct.config.posttrain import DPORunConfig
 from mct.export.hf_export import export
@@ -62,7 +62,7 @@ def test_dpo_loss_matches_numpy():
 
 def test_packed_pairs_at_init_give_log2_and_each_answers_logprob(source):
     workdir, dataset, path, pairs = source
-    tokenizer = load_tokenizer(dataset)
+    tokenizer = dataset_tokenizer(dataset)
     split = pair_rows((str(path),), tokenizer, seq_len=SEQ, eval_fraction=0.2)
     rows = split["train"]
     train_pairs = [p for i, p in enumerate(pairs) if not is_eval_document(f"{path}:{i + 1}", 0.2)]

@@ -104,13 +104,14 @@ def test_round_trip_is_bit_identical(tmp_path, dataset, layout, variant):
     config = tiny_run_config(tmp_path / "wd", dataset, **VARIANTS[variant])
     params = save_random_run(tmp_path / "wd", config)
     dtype = "bfloat16" if "bf16" in variant else "float32"
-    first = export(tmp_path / "wd", tmp_path / "a", layout, dtype=dtype, max_shard_bytes=20_000)
+    sharded = dict(dtype=dtype, max_shard_bytes=20_000, allow_dense=True)  # llama runs the sparse one densely
+    first = export(tmp_path / "wd", tmp_path / "a", layout, **sharded)
     index = json.loads((first / INDEX_FILE).read_text())
     plan = hf_layout.tensor_plan(config.model, layout)
     assert sorted(index["weight_map"]) == sorted(s.name for s in plan)
     assert len(set(index["weight_map"].values())) > 2  # really sharded
     workdir = import_hf(first, tmp_path / "imported", unfold_mup=True, config=config)
-    second = export(workdir, tmp_path / "b", layout, dtype=dtype, max_shard_bytes=20_000)
+    second = export(workdir, tmp_path / "b", layout, **sharded)
     files = sorted(p.name for p in first.iterdir())
     assert files == sorted(p.name for p in second.iterdir())
     _, mismatch, errors = filecmp.cmpfiles(first, second, files, shallow=False)
@@ -151,7 +152,7 @@ def test_layouts_hold_the_documented_tensors(tmp_path, dataset):
         np.testing.assert_allclose(llama.get_tensor("lm_head.weight"), params["lm_head"].T / m, rtol=1e-6)
     mini_cfg = json.loads((out["minicpm"] / "config.json").read_text())
     assert (mini_cfg["scale_emb"], mini_cfg["scale_depth"], mini_cfg["dim_model_base"]) == (12.0, 1.4, 256)
-    assert mini_cfg["architectures"] == ["MiniCPMForCausalLM"] and "sparse_config" not in mini_cfg
+    assert mini_cfg["architectures"] == ["MiniCPMForCausalLM"] and mini_cfg["sparse_config"] is None
     llama_cfg = json.loads((out["llama"] / "config.json").read_text())
     assert llama_cfg["architectures"] == ["LlamaForCausalLM"] and "scale_emb" not in llama_cfg
     generation = json.loads((out["llama"] / "generation_config.json").read_text())
@@ -263,7 +264,11 @@ def test_import_refuses_bad_input(tmp_path, run_config):
     (hf / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(ValueError, match="lacks the tensor 'model.norm.weight'"):
         import_hf(hf, tmp_path / "w4")
-    (hf / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))  # no muP record to unfold
+    minicpm_only = ("scale_emb", "scale_depth", "dim_model_base", "sparse_config")
+    llama_cfg = {k: v for k, v in cfg.items() if k not in minicpm_only}
+    (hf / "config.json").write_text(
+        json.dumps({**llama_cfg, "model_type": "llama"})
+    )  # no muP record to unfold
     with pytest.raises(ValueError, match="lacks the field 'mct_folded_mup'"):
         import_hf(hf, tmp_path / "w5", unfold_mup=True)
     assert not any(p.name.startswith(("w", ".w")) for p in tmp_path.iterdir())

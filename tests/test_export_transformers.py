@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines.tokenizer import read_tokenizer_file
+from data_pipelines.tokenizer import load_tokenizer
 from mct.config.model import ModelConfig
 from mct.export.hf_export import export
 from mct.infer.decoding import generate
@@ -53,7 +53,7 @@ def test_llama_export_matches_transformers(tmp_path, dataset, overrides):
 
     # The exported tokenizer encodes a prompt as mct does, BOS first.
     text = "the river runs to the sea"
-    prompt = encode_prompts(read_tokenizer_file(dataset / "tokenizer.json"), [text])[0]
+    prompt = encode_prompts(load_tokenizer(dataset), [text])[0]
     hf_prompt = transformers.AutoTokenizer.from_pretrained(hf_dir)(text, return_tensors="pt").input_ids
     assert hf_prompt[0].tolist() == prompt
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.chat import CHAT_TEMPLATE
-from data_pipelines.tokenizer import read_tokenizer_file
+from data_pipelines.tokenizer import load_tokenizer
 from mct.export.gguf_export import export_gguf
 from mct.run.reader import RunCheckpoint
 from tests.test_export import LONGROPE, save_random_run, tiny_run_config
@@ -97,7 +97,7 @@ def test_metadata_holds_every_key_the_minicpm_loader_reads(tmp_path, dataset):
     for key, value in approx.items():
         assert field(reader, key) == pytest.approx(value, rel=1e-6), key
     # the vocabulary: the tokenizer's tokens by id, then unused pads up to vocab_size; specials are control
-    vocab = tokenizer.get_vocab()
+    vocab = tokenizer.hf.get_vocab()
     tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
     assert len(tokens) == len(types) == cfg.vocab_size == 320
     assert all(tokens[i] == token for token, i in vocab.items())
@@ -105,7 +105,7 @@ def test_metadata_holds_every_key_the_minicpm_loader_reads(tmp_path, dataset):
     assert (
         types[:8] == [3] * 8 and set(types[8:n]) == {1} and set(types[n:]) == {5} and tokens[-1] == "[PAD319]"
     )
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    merges = json.loads(tokenizer.hf.to_str())["model"]["merges"]
     assert field(reader, "tokenizer.ggml.merges") == [" ".join(m) for m in merges]
     # tensors: llama.cpp's names, ggml shapes (fastest dimension first), values as mct's HF layout has them
     t = tensors(reader)
@@ -208,11 +208,11 @@ def test_bad_input_fails_clearly_and_leaves_nothing(tmp_path, dataset):
     with pytest.raises(ValueError, match="model.quant.group_size must be a multiple of 256"):
         export_gguf(qat, qat_tokenizer, tmp_path / "a.gguf", "tq2_0")
     other = tmp_path / "tokenizer.json"
-    spec = json.loads(tokenizer.to_str())
+    spec = json.loads(tokenizer.hf.to_str())
     spec["pre_tokenizer"] = {"type": "Whitespace"}
     other.write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="needs a byte-level BPE tokenizer with GPT-2's split"):
-        export_gguf(run, read_tokenizer_file(other), tmp_path / "a.gguf", "f16")
+        export_gguf(run, load_tokenizer(other), tmp_path / "a.gguf", "f16")
     (tmp_path / "b.gguf").write_text("keep")
     with pytest.raises(FileExistsError):
         export_gguf(run, tokenizer, tmp_path / "b.gguf", "f16")

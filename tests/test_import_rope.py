@@ -42,11 +42,22 @@ ROPES = {
         "short_factor": [1.0 + 0.1 * i for i in range(8)],
         "long_factor": [1.0 + 0.5 * i for i in range(8)],
     },
+    # correction band of dimensions 1..4 at theta 10000: some kept, some blended, some divided
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
 }
-# LongRoPE's cos/sin magnitude three ways: from the lengths (above), from `factor`, or given.
+# LongRoPE's cos/sin magnitude three ways: from the lengths (above), from `factor`, or given; YaRN's settings.
 MORE_ROPES = {
     "longrope-factor": {**ROPES["longrope"], "factor": 4.0},
     "longrope-attention": {**ROPES["longrope"], "attention_factor": 1.3},
+    "yarn-betas-untruncated": {**ROPES["yarn"], "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False},
+    "yarn-mscale": {**ROPES["yarn"], "mscale": 0.8, "mscale_all_dim": 0.5},
+    "yarn-attention": {**ROPES["yarn"], "attention_factor": 1.2},
+    "yarn-no-factor": {**ROPES["yarn"], "factor": None},  # the length ratio 256 / 64
 }
 
 
@@ -138,6 +149,9 @@ def test_old_config_layout_reads_the_same(rope):
             long_factor=(3.0,) * 8,
             attention_factor=1.3,
         ),
+        RopeConfig(
+            type="yarn", factor=8.0, original_max_position=64, beta_fast=16.0, beta_slow=2.0, truncate=False
+        ),
     ],
     ids=lambda rope: rope.type,
 )
@@ -151,13 +165,8 @@ def test_exported_rope_reads_back_in_mct_and_transformers(rope):
 @pytest.mark.parametrize(
     "where, settings, error",
     [
-        (
-            "rope_parameters",
-            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
-            "rope_parameters rope_type 'yarn' is not supported",
-        ),
         ("rope_parameters", {"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' is not supported"),
-        ("rope_scaling", {"type": "yarn", "factor": 4.0}, "rope_scaling rope_type 'yarn' is not supported"),
+        ("rope_scaling", {"type": "su", "factor": 4.0}, "rope_scaling rope_type 'su' is not supported"),
         (
             "rope_parameters",
             {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5},
@@ -169,7 +178,7 @@ def test_exported_rope_reads_back_in_mct_and_transformers(rope):
             "lacks the field rope_scaling.'high_freq_factor'",
         ),
     ],
-    ids=["yarn", "dynamic", "old-layout-yarn", "partial-rotary", "llama3-incomplete"],
+    ids=["dynamic", "old-layout-su", "partial-rotary", "llama3-incomplete"],
 )
 def test_unsupported_rope_is_refused(tmp_path, where, settings, error):
     hf = llama_config({"rope_type": "default", "rope_theta": 10000.0}).to_dict()

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import tokenizers
 
+from data_pipelines.tokenizer import BpeTokenizer
 from mct.run import scalingbench
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> tokenizers.Tokenizer:
+def tokenizer() -> BpeTokenizer:
     """A small byte-level BPE trained on the problems' own text (a few KB), so decoding is exact."""
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -25,10 +26,10 @@ def tokenizer() -> tokenizers.Tokenizer:
     )
     texts = [p.question + p.solution for p in scalingbench.default_problems(64, seed=1)]
     tok.train_from_iterator(texts, trainer)
-    return tok
+    return BpeTokenizer(tok)
 
 
-def ids(tok: tokenizers.Tokenizer) -> dict:
+def ids(tok: BpeTokenizer) -> dict:
     return {"bos_id": tok.token_to_id("<bos>"), "eos_id": tok.token_to_id("<eos>")}
 
 
@@ -101,7 +102,7 @@ def test_batches_mask_exactly_the_solution(tokenizer):
 
 def test_long_questions_are_truncated_from_the_front(tokenizer, caplog):
     problems = scalingbench.default_problems()
-    longest_solution = max(len(tokenizer.encode(p.solution).ids) for p in problems)
+    longest_solution = max(len(tokenizer.encode_ids(p.solution)) for p in problems)
     seq_len = longest_solution + 8
     batches = scalingbench.make_scalingbench_batches(
         tokenizer, seq_len=seq_len, batch_size=64, **ids(tokenizer)

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from data_pipelines.loader import load_tokenizer, make_train_iterator
+from data_pipelines.loader import dataset_tokenizer, make_train_iterator
 from data_pipelines.shards import DatasetError
 from mct.errors import UserError
 from mct.export.hf_export import export
@@ -80,7 +80,7 @@ def test_packed_batch_losses_equal_each_conversation_alone(source, tmp_path, mon
         )
     )
     assert [c.weight for c in config.data.mixture.values()] == [2.0, 1.0]
-    tokenizer = load_tokenizer(dataset)
+    tokenizer = dataset_tokenizer(dataset)
     masks = {}  # the conversation's inputs -> its target mask, from the raw JSON
     for f in files:
         for _, messages in read_conversations(str(f)):
@@ -182,7 +182,7 @@ def test_the_source_tokenizer_is_one_restore_of_its_meta_and_data_state(source, 
     count_calls(monkeypatch, calls, ParamsModel, "__init__", "models")
     tokenizer = init_tokenizer(make_config(tmp_path / "wd", dataset, init_from=str(workdir)))
     assert calls == {"opens": 1, "restores": 1}
-    assert tokenizer.to_str() == load_tokenizer(dataset).to_str()
+    assert tokenizer.files == dataset_tokenizer(dataset).files
 
 
 def test_sft_refuses_bad_input(source, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from data_pipelines.freq_vocab import build_freq_vocab, count_tokens, read_freq_vocab, top_ids
-from data_pipelines.tokenizer import read_tokenizer_file
+from data_pipelines.tokenizer import load_tokenizer
 from mct.infer.decoding import Sampling, generate
 from mct.infer.speculative import accept, speculative_generate
 from tests.data_fixtures import make_tiny_dataset
@@ -21,12 +21,10 @@ from tests.test_decoding import full_logits, numpy_token_probs, random_params, t
 
 def test_count_tokens_matches_tokenizing_the_raw_documents(tmp_path):
     dataset = make_tiny_dataset(tmp_path, vocab_size=300, num_docs=40)
-    tokenizer = read_tokenizer_file(dataset / "tokenizer.json")
-    want = np.zeros(tokenizer.get_vocab_size(), np.int64)
+    tokenizer = load_tokenizer(dataset)
+    want = np.zeros(tokenizer.vocab_size, np.int64)
     for line in (tmp_path / "raw" / "docs.jsonl").read_text().splitlines():
-        ids = (
-            [1] + tokenizer.encode(json.loads(line)["text"], add_special_tokens=False).ids + [2]
-        )  # BOS .. EOS
+        ids = [1] + tokenizer.encode_ids(json.loads(line)["text"]) + [2]  # BOS .. EOS
         np.add.at(want, ids, 1)
     got = count_tokens(dataset, "train", progress=False) + count_tokens(dataset, "eval", progress=False)
     np.testing.assert_array_equal(got, want)

@@ -71,7 +71,7 @@ def test_ternary_export_holds_packed_codes_and_scales(qat_run, exported):
     out = exported["ternary"]
     hf = json.loads((out / "config.json").read_text())
     assert hf["quantization_config"]["quant_method"] == "mct_ternary"
-    assert hf["quantization_config"]["group_size"] == GROUP and hf["model_type"] == "minicpm"
+    assert hf["quantization_config"]["group_size"] == GROUP and hf["architectures"] == ["MiniCPMForCausalLM"]
     with safe_open(out / "model.safetensors", "np") as f:
         for layer in range(cfg.n_layers):
             want = hf_forward_weights(cfg, forward, layer)

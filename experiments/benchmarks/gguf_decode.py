@@ -26,8 +26,7 @@ from ml_collections import config_flags
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from data_pipelines.shards import TOKENIZER  # noqa: E402
-from data_pipelines.tokenizer import BOS, tokenizer_bytes, train_bpe_tokenizer  # noqa: E402
+from data_pipelines.tokenizer import BOS, train_bpe_tokenizer  # noqa: E402
 from mct.cli.common import run
 from mct.config.run import Config  # noqa: E402
 from mct.export.gguf_export import export_gguf  # noqa: E402
@@ -61,7 +60,7 @@ def make_run(workdir: pathlib.Path, quant: dict) -> RunCheckpoint:
         config = Config.from_dict(c.to_dict())
         texts = [p.read_text(encoding="utf-8") for p in sorted((REPO / "mct").glob("*.py"))]
         workdir.mkdir(parents=True)
-        (workdir / TOKENIZER).write_bytes(tokenizer_bytes(train_bpe_tokenizer(texts, 2048)))
+        train_bpe_tokenizer(texts, 2048).save(workdir)
         params = ParamsModel(config.model).init(0)
         meta = {"config": config.to_dict(), "model_signature": model_signature(config.model), "step": 0}
         ckpt = Checkpointer(str(workdir), async_save=False)
@@ -134,7 +133,7 @@ def main(argv: list[str]) -> None:
     }
     tokenizer = runs["dense"].tokenizer()
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    prompt = [tokenizer.token_to_id(BOS)] + tokenizer.encode(text).ids[: _PROMPT_LEN.value - 1]
+    prompt = [tokenizer.token_to_id(BOS)] + tokenizer.encode_ids(text)[: _PROMPT_LEN.value - 1]
     result = {
         "model": {
             key: getattr(runs["dense"].model_cfg, key) for key in ("n_layers", "d_model", "vocab_size")

@@ -48,7 +48,7 @@ def _loader_start(directory: pathlib.Path, num_shards: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         big = pathlib.Path(tmp)
         (big / shards.MANIFEST).write_text(json.dumps(manifest))
-        for name in (first["file"], shards.TOKENIZER):
+        for name in (first["file"], tok.TOKENIZER_JSON):
             (big / name).write_bytes((directory / name).read_bytes())
         cfg = DataConfig(seq_len=1024, mixture={"big": MixtureComponent(str(big))})
         start = time.perf_counter()
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = pathlib.Path(tmp) / "quality.bin"
         classifier.save(model)
-        (pathlib.Path(tmp) / "tokenizer.json").write_bytes(tok.tokenizer_bytes(tokenizer))
+        tokenizer.save(tmp)
         start = time.perf_counter()
         out = beam_prepare.beam_prepare(
             pathlib.Path(tmp) / "out",

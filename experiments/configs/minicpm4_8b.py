@@ -1,4 +1,8 @@
-"""MiniCPM4-8B pre-training (stable phase): 32 x 4096, 32 q / 2 kv heads, untied embeddings.
+"""MiniCPM4-8B pre-training (stable phase): the released model's shape and fields (openbmb/MiniCPM4-8B's
+config.json): 32 x 4096, 32 q / 2 kv heads, MLP 16384, vocabulary 73,448, untied embeddings, RMSNorm eps 1e-6,
+scale_emb 12, dim_model_base 256, scale_depth 1.4, default RoPE over 32,768 positions, and InfLLM v2 as its
+sparse_config (kernel 32 / stride 16, blocks of 64, 1 initial block, a 2048-token window, top-64 beside it,
+dense below 8192 tokens).
 
 Peak lr 7e-3 under muP (hidden matrices get 7e-3 / 16), 2048 x 4096 tokens per batch (the report gives no batch size).
 """
@@ -15,6 +19,17 @@ def get_config():
     )
     c.model.rms_eps = 1e-6
     c.model.tie_embeddings = False
+    c.model.max_position = 32768
+    c.model.scale_emb, c.model.dim_model_base, c.model.scale_depth = 12.0, 256, 1.4
+    c.model.attention = "infllm_v2"  # dense below sparse.dense_len: all of the 4K stable phase
+    c.model.sparse.implementation = "pallas_tpu"  # "pallas_gpu" on GPUs, "xla" anywhere
+    sparse = dict(
+        kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1, window_size=2048, dense_len=8192
+    )
+    c.model.sparse.update(sparse)
+    c.model.sparse.topk = (
+        64 + 2048 // 64
+    )  # mct counts the window's 32 blocks inside topk; OpenBMB's topk 64 beside them
     c.model.compute_dtype = "bfloat16"
     c.model.remat = "full"
     c.model.loss_chunk = 1024

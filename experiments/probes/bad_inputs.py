@@ -530,6 +530,8 @@ def copy_hf(damage: Callable[[pathlib.Path], None]) -> Callable:
         shutil.copytree(hf_checkpoint(), c.hf)
         damage(c.hf)
 
+    return run
+
 
 # --- faults (issue 26): setups, hooks and checks -------------------------------------------------------------
 
@@ -1032,6 +1034,32 @@ CASES = [
         copy_hf(edit_hf_config(lambda cfg: {**cfg, "num_attention_heads": 0})),
         import_command,
         exits_2_naming("num_attention_heads"),
+    ),
+    # released tokenizers (issue 25)
+    Case(
+        "25a-prepare-tokenizer-model-not-sentencepiece",
+        steps(small_jsonl, jsonl_file("tokenizer.model", b'{"not": "a sentencepiece model"}')),
+        lambda c: module(
+            "data_pipelines.prepare",
+            "--input",
+            c.dir / "small.jsonl",
+            "--out",
+            c.dir / "ds",
+            "--tokenizer",
+            c.dir / "tokenizer.model",
+            "--workers",
+            1,
+        ),
+        [
+            *exits_2_naming("tokenizer.model", "not a SentencePiece model"),
+            holds(lambda r, c: not (c.dir / "ds").exists(), "a dataset was written"),
+        ],
+    ),
+    Case(
+        "25b-import-special-ids-disagree",
+        copy_hf(edit_hf_config(lambda cfg: {**cfg, "bos_token_id": 5})),
+        import_command,
+        exits_2_naming("config.json", "bos_token_id 5", "tokenizer"),
     ),
     # faults (issue 26)
     Case(

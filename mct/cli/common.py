@@ -15,10 +15,15 @@ from absl import app, flags
 from ml_collections import ConfigDict
 
 from data_pipelines.shards import DatasetError
+from data_pipelines.tokenizer import TokenizerError
 from mct.config.run import Config
 from mct.errors import ConfigError, MctError, UserError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (MctError, DatasetError)  # printed as one line, exit 2
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    MctError,
+    DatasetError,
+    TokenizerError,
+)  # printed as one line, exit 2
 
 
 def select_platform() -> None:

@@ -3,6 +3,9 @@
     python -m mct.export --workdir DIR [--step N] --format minicpm|llama|ternary --out OUT [--freq_vocab FILE]
     python -m mct.export --workdir DIR [--step N] --format gguf --gguf_type f16 --out FILE.gguf  (gguf_export)
 
+--format minicpm writes OpenBMB's release format (docs/design.md). Llama and GGUF have no InfLLM v2: a sparse
+run exports to them only with --allow_dense.
+
 Tensors stream one at a time (one layer of one parameter, read through tensorstore) into safetensors shards
 of at most --max_shard_mb, so no process ever holds more than one shard. Everything is written into a
 temporary sibling of OUT and renamed at the end: a failed export leaves nothing behind.
@@ -34,11 +37,21 @@ def _define_flags() -> None:
     )
     flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Tensor dtype in the safetensors files.")
     flags.DEFINE_integer("max_shard_mb", 2048, "Largest safetensors shard, in MiB.")
-    flags.DEFINE_string("tokenizer", None, "tokenizer.json (default: the run's own).")
+    flags.DEFINE_string(
+        "tokenizer",
+        None,
+        "tokenizer.json, tokenizer.model or a directory holding one (default: the run's own).",
+    )
     flags.DEFINE_bool(
         "keep_mtp",
         False,
         "Keep the MTP blocks (model.mtp.depth > 0; dropped by default), for self-speculative decoding.",
+    )
+    flags.DEFINE_bool(
+        "allow_dense",
+        False,
+        "--format llama|gguf of an InfLLM v2 run: export it anyway, to run densely (a different model past "
+        "model.sparse.dense_len tokens).",
     )
     flags.DEFINE_string("freq_vocab", None, "FR-Spec vocabulary file to include (data_pipelines.freq_vocab).")
     flags.DEFINE_enum(
@@ -54,7 +67,9 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     try:
         if f.format == GGUF:
-            out = gguf_export.export_gguf(*read_run(f.workdir, f.step, f.tokenizer), f.out, f.gguf_type)
+            out = gguf_export.export_gguf(
+                *read_run(f.workdir, f.step, f.tokenizer), f.out, f.gguf_type, f.allow_dense
+            )
             print(f"exported {f.gguf_type} GGUF to {out}")
             return
         out = export(
@@ -67,6 +82,7 @@ def main(argv: list[str]) -> None:
             tokenizer_path=f.tokenizer,
             freq_vocab=f.freq_vocab,
             keep_mtp=f.keep_mtp,
+            allow_dense=f.allow_dense,
         )
     except (OSError, ValueError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         raise UserError(str(e).splitlines()[0]) from None

@@ -3,11 +3,13 @@ continues from (step 0, fresh optimizer state, fresh data iterator).
 
     python -m mct.import_hf --hf_dir DIR --out WORKDIR [--unfold_mup] [--config experiments/configs/x.py]
 
-The model shape comes from config.json; everything else (optimizer, schedule, data) from --config (default:
-experiments/configs/base.py), whose optimizer the saved state is built for. A Llama layout reads as a
-scale-free model unless --unfold_mup restores the muP scales recorded at export. Exporting the result again in
-the same layout reproduces the input files bit for bit. A ternary export (mct.export --format ternary) reads
-back as its dequantised weights, a model with model.quant.weights = "none" (docs/bitcpm.md).
+A MiniCPM directory as OpenBMB publishes it (MiniCPM4-0.5B, -8B: no model_type, sparse_config in OpenBMB's top-k
+convention) imports as is; a config field mct would not compute exactly is refused by name (docs/design.md, "The
+MiniCPM release format"). The model shape comes from config.json; everything else (optimizer, schedule, data)
+from --config (default: experiments/configs/base.py), whose optimizer the saved state is built for. A Llama layout
+reads as a scale-free model unless --unfold_mup restores the muP scales recorded at export. Exporting the result
+again in the same layout reproduces the input files bit for bit. A ternary export (mct.export --format ternary)
+reads back as its dequantised weights, a model with model.quant.weights = "none" (docs/bitcpm.md).
 
 Flags and wiring only: `mct.export.hf_import` does the work.
 """

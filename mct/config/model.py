@@ -11,7 +11,7 @@ from pallas_kernels.infllm_v2.config import IMPLEMENTATIONS as SPARSE_IMPLEMENTA
 from pallas_kernels.infllm_v2.config import SparseConfig
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "naive", "splash", "flash_gpu", "infllm_v2")
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 REMAT_NAMES = (
     "none",
     "full",
@@ -31,17 +31,22 @@ QUANT_WEIGHTS = ("none", "ternary")
 class RopeConfig:
     """RoPE: `default`; `linear` (positions / factor); `llama3` (wavelength-banded factors); `longrope`
     (per-frequency factors, the short list up to original_max_position; cos/sin scaled by attention_factor,
-    0 = sqrt(1 + ln(max/orig) / ln(orig)))."""
+    0 = sqrt(1 + ln(max/orig) / ln(orig))); `yarn` (frequencies / factor below the beta_slow .. beta_fast
+    rotation band of original_max_position, kept above it, blended within; attention_factor 0 =
+    0.1 ln(factor) + 1)."""
 
     theta: float = 10000.0
     type: str = "default"
     original_max_position: int = 32768
     short_factor: tuple[float, ...] = ()  # longrope: one factor per frequency (head_dim // 2); () = all 1
     long_factor: tuple[float, ...] = ()
-    factor: float = 1.0  # linear, llama3
+    factor: float = 1.0  # linear, llama3, yarn
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
-    attention_factor: float = 0.0  # longrope: cos/sin magnitude (0 = derived from the lengths)
+    attention_factor: float = 0.0  # longrope, yarn: cos/sin magnitude (0 = derived)
+    beta_fast: float = 32.0  # yarn: rotations over original_max_position above which frequencies are kept
+    beta_slow: float = 1.0  # yarn: rotations below which frequencies are divided by factor
+    truncate: bool = True  # yarn: round the blend band outward to whole dimensions
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,16 +13,16 @@ writes there (MiniCPM paper section 4; docs/design.md "Model"):
   and the `rope_factors_long` / `rope_factors_short` tensors; llama.cpp takes the long factors when its context
   exceeds the original length, as mct takes them when its sequence (its decoding cache) does. linear and llama3
   RoPE become a `rope_freqs` tensor (each frequency's divisor). The head is tied unless `output.weight` exists.
-- The tokenizer as llama.cpp's byte-level BPE (`gpt2` model, `gpt-2` pre-tokenizer: GPT-2's split regex, which
-  HF's ByteLevel(use_regex=True) applies), special tokens as control tokens, BOS added as mct encodes prompts,
-  and data_pipelines.chat's chat template.
+- The tokenizer (gguf_vocab): mct's byte-level BPE as llama.cpp's `gpt2` vocabulary, or a SentencePiece
+  tokenizer.model (MiniCPM4's) as its `llama` vocabulary; BOS added as mct encodes prompts, and the chat template.
 
 Types: f32, f16; q8_0 (gguf's NumPy quantiser); q4_k_m through llama.cpp's own quantizer (llama-cpp-python;
 an f16 file is written first and quantized); tq2_0 for BitCPM QAT runs: the QAT forward's ternary codes with
 one f16 scale per block of 256 consecutive inputs, so model.quant.group_size must be a multiple of 256 (each
 block inside one group). Embeddings and the head stay f16 in tq2_0 (BitCPM keeps them high precision), norms
 and RoPE factors f32 in every type. A QAT run in the other types holds its dequantised (forward) weights.
-llama.cpp attends densely: an InfLLM v2 run behaves as below its dense_len; MoE runs are refused.
+llama.cpp attends densely, so an InfLLM v2 run is refused unless allow_dense (--allow_dense) accepts it as the dense
+model it is below its dense_len; MoE runs are refused.
 
 Tensors stream one parameter at a time (mct.run.reader), so host memory holds one stacked parameter; the file is
 written under a temporary name beside FILE.gguf and renamed at the end, so a failed export leaves nothing.
@@ -30,20 +30,18 @@ written under a temporary name beside FILE.gguf and renamed at the end, so a fai
 
 import ctypes
 import dataclasses
-import json
 import os
 import pathlib
 
 import gguf
 import numpy as np
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from data_pipelines.chat import CHAT_TEMPLATE
 from data_pipelines.output_dirs import fresh_file, temporary_file_beside
-from data_pipelines.tokenizer import BOS, EOS, PAD
+from data_pipelines.tokenizer import TextTokenizer
 from mct.config.model import ModelConfig
-from mct.export import hf_layout
+from mct.errors import ConfigError
+from mct.export import gguf_vocab, hf_layout
 from mct.model import quant
 from mct.model.decoder import width_multiplier
 from mct.model.rope import rope_tables
@@ -53,7 +51,6 @@ ARCH = gguf.MODEL_ARCH.MINICPM
 ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
 Q = gguf.GGMLQuantizationType
 TERNARY_BLOCK = gguf.QK_K  # TQ2_0: 256 weights of a row share one f16 scale
-TOKENIZER_MODEL, TOKENIZER_PRE = "gpt2", "gpt-2"  # llama.cpp's byte-level BPE and GPT-2's split regex
 # mct parameter -> llama.cpp tensor (the lm_head row is the untied head)
 TENSORS = {
     "embed": gguf.MODEL_TENSOR.TOKEN_EMBD,
@@ -127,6 +124,9 @@ def check_gguf_type(gguf_type: str, cfg: ModelConfig) -> GGUFType:
     return GGUF_TYPES[gguf_type]
 
 
+GGUF_ROPE_TYPES = ("default", "linear", "llama3", "longrope")  # exactly what llama.cpp computes from the file
+
+
 def rope_tensors(cfg: ModelConfig) -> dict[gguf.MODEL_TENSOR, np.ndarray]:
     """The RoPE factor tensors [head_dim / 2] (llama.cpp divides each frequency by its factor)."""
     rope, half = cfg.rope, cfg.head_dim // 2
@@ -190,40 +190,10 @@ def tensor_data(cfg: ModelConfig, planned: PlannedTensor, value: np.ndarray) -> 
     return gguf.quants.quantize(w, planned.qtype)
 
 
-def vocab_metadata(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens, token types, merges) for llama.cpp's gpt2 tokenizer; ids past the tokenizer's are unused pads.
-
-    Only byte-level BPE with GPT-2's split (data_pipelines.tokenizer) maps onto llama.cpp exactly: others fail.
-    """
-    spec = json.loads(tokenizer.to_str())
-    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-    if (
-        model.get("type") != "BPE"
-        or pre.get("type") != "ByteLevel"
-        or not pre.get("use_regex", True)
-        or pre.get("add_prefix_space")
-        or spec.get("normalizer")
-    ):
-        raise ValueError(
-            "GGUF export needs a byte-level BPE tokenizer with GPT-2's split (pre_tokenizer ByteLevel, no prefix "
-            f"space, no normalizer), as data_pipelines.tokenizer trains; this one has model {model.get('type')!r}, "
-            f"pre_tokenizer {pre.get('type')!r}"
-        )
-    added = {t["content"]: t["special"] for t in spec.get("added_tokens", [])}
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [int(gguf.TokenType.UNUSED)] * vocab_size
-    for token, i in tokenizer.get_vocab(with_added_tokens=True).items():
-        tokens[i] = token
-        kind = gguf.TokenType.CONTROL if added.get(token) else gguf.TokenType.NORMAL
-        types[i] = int(gguf.TokenType.USER_DEFINED if added.get(token) is False else kind)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, types, merges
-
-
 def write_metadata(
-    writer: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer, kind: GGUFType, name: str
+    writer: gguf.GGUFWriter, cfg: ModelConfig, vocab: gguf_vocab.Vocab, kind: GGUFType, name: str
 ):
-    """Every key llama.cpp's minicpm loader and its gpt2 vocabulary read (see the module docstring)."""
+    """Every key llama.cpp's minicpm loader and its vocabulary read (see the module docstring)."""
     for add, value in (
         (writer.add_name, name),
         (writer.add_file_type, int(kind.file_type)),
@@ -251,31 +221,16 @@ def write_metadata(
         writer.add_rope_scaling_attn_factors(rope_tables(cfg.rope, cfg.head_dim, 1, cfg.max_position)[1])
     else:  # linear / llama3 live in the rope_freqs tensor
         writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
-    tokens, types, merges = vocab_metadata(tokenizer, cfg.vocab_size)
-    writer.add_tokenizer_model(TOKENIZER_MODEL)
-    writer.add_tokenizer_pre(TOKENIZER_PRE)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for token, add in (
-        (BOS, writer.add_bos_token_id),
-        (EOS, writer.add_eos_token_id),
-        (PAD, writer.add_pad_token_id),
-    ):
-        if tokenizer.token_to_id(token) is not None:
-            add(tokenizer.token_to_id(token))
-    writer.add_add_bos_token(True)  # mct.generate.encode_prompts: [BOS] + ids
-    writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    gguf_vocab.write_vocab(writer, vocab)
 
 
-def write_gguf(run: RunCheckpoint, tokenizer: Tokenizer, kind: GGUFType, path: pathlib.Path) -> None:
+def write_gguf(run: RunCheckpoint, vocab: gguf_vocab.Vocab, kind: GGUFType, path: pathlib.Path) -> None:
     """Writes the GGUF file at `path`: metadata, tensor infos, then the tensors one by one from `run`."""
     cfg = run.model_cfg
     plan = tensor_plan(cfg, kind)
     writer = gguf.GGUFWriter(path, ARCH_NAME)
     try:
-        write_metadata(writer, cfg, tokenizer, kind, run.workdir.name)
+        write_metadata(writer, cfg, vocab, kind, run.workdir.name)
         for t in plan:
             writer.add_tensor_info(
                 t.name,
@@ -315,16 +270,28 @@ def llama_cpp_quantize(source: pathlib.Path, target: pathlib.Path, ftype: int) -
 
 
 def export_gguf(
-    run: RunCheckpoint, tokenizer: Tokenizer, out: str | pathlib.Path, gguf_type: str
+    run: RunCheckpoint,
+    tokenizer: TextTokenizer,
+    out: str | pathlib.Path,
+    gguf_type: str,
+    allow_dense: bool = False,
 ) -> pathlib.Path:
-    """Writes the run's checkpoint with its tokenizer as the new GGUF file `out` (never overwritten)."""
+    """Writes the run's checkpoint with its tokenizer (a byte-level BPE or a SentencePiece one, gguf_vocab) as
+    the new GGUF file `out` (never overwritten)."""
     kind = check_gguf_type(gguf_type, run.model_cfg)
+    hf_layout.check_dense_export(run.model_cfg, "gguf", allow_dense)
+    if run.model_cfg.rope.type not in GGUF_ROPE_TYPES:  # llama.cpp's yarn scales attention its own way
+        raise ConfigError(
+            f"model.rope.type={run.model_cfg.rope.type!r}: GGUF export writes {GGUF_ROPE_TYPES} only; export "
+            "--format minicpm or llama instead"
+        )
+    vocab = gguf_vocab.tokenizer_vocab(tokenizer, run.model_cfg.vocab_size)
     out = pathlib.Path(out)
     with fresh_file(out) as tmp:
         if kind.llama_cpp_ftype is None:
-            write_gguf(run, tokenizer, kind, tmp)
+            write_gguf(run, vocab, kind, tmp)
         else:
             with temporary_file_beside(out) as source:
-                write_gguf(run, tokenizer, kind, source)
+                write_gguf(run, vocab, kind, source)
                 llama_cpp_quantize(source, tmp, kind.llama_cpp_ftype)
     return out

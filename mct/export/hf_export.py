@@ -19,8 +19,8 @@ from tqdm import tqdm
 from data_pipelines.chat import CHAT_TEMPLATE, IM_END, IM_START
 from data_pipelines.freq_vocab import read_freq_vocab
 from data_pipelines.output_dirs import fresh_directory
-from data_pipelines.shards import TOKENIZER
-from data_pipelines.tokenizer import BOS, EOS, PAD, read_tokenizer_file, special_token_ids, tokenizer_bytes
+from data_pipelines.sentencepiece_tokenizer import TOKENIZER_CONFIG, SentencePieceTokenizer
+from data_pipelines.tokenizer import BOS, EOS, PAD, BpeTokenizer, TextTokenizer, load_tokenizer
 from mct.export import hf_layout
 from mct.model import quant
 from mct.run.reader import RunCheckpoint
@@ -116,16 +116,59 @@ def with_bos(tokenizer: Tokenizer) -> Tokenizer:
     return copy
 
 
-def write_tokenizer(tokenizer: Tokenizer, out: pathlib.Path, max_length: int) -> dict[str, int]:
+def write_tokenizer(tokenizer: TextTokenizer, out: pathlib.Path, max_length: int) -> dict[str, int]:
+    """The tokenizer's files in the form transformers loads; returns the special ids. A SentencePiece tokenizer
+    (a release's) is copied as it came, with a tokenizer_config.json when it had none."""
+    if isinstance(tokenizer, BpeTokenizer):
+        return write_bpe_tokenizer(tokenizer, out, max_length)
+    tokenizer.save(out)
+    ids = tokenizer.special_token_ids()
+    if TOKENIZER_CONFIG not in tokenizer.files:
+        write_json(out / TOKENIZER_CONFIG, sentencepiece_tokenizer_config(tokenizer, ids, max_length))
+    return ids
+
+
+def sentencepiece_tokenizer_config(
+    tokenizer: SentencePieceTokenizer, ids: dict[str, int], max_length: int
+) -> dict:
+    """What a LlamaTokenizer (legacy, BOS added) reads beside a tokenizer.model: the added tokens past its
+    pieces, the special tokens, the chat format."""
+    added = {
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t, i in sorted(tokenizer.added_tokens.items(), key=lambda item: item[1])
+    }
+    chat = {"chat_template": CHAT_TEMPLATE} if {IM_START, IM_END} <= ids.keys() else {}
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": added,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        **chat,
+    }
+
+
+def write_bpe_tokenizer(tokenizer: BpeTokenizer, out: pathlib.Path, max_length: int) -> dict[str, int]:
     """tokenizer.json plus the configs a PreTrainedTokenizerFast loads with it; returns the special ids.
 
     Encoding text prepends BOS, as mct does: the tokenizer.json post-processor does it (all transformers 5
     reads: it drops add_bos_token/add_eos_token when a tokenizer.json exists), and the add_bos_token /
     add_eos_token flags say the same to readers of tokenizer_config.json (e.g. llama.cpp's GGUF converter).
     """
-    (out / TOKENIZER).write_bytes(tokenizer_bytes(with_bos(tokenizer)))
+    BpeTokenizer(with_bos(tokenizer.hf)).save(out)
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-    ids = special_token_ids(tokenizer)
+    ids = tokenizer.special_token_ids()
     special = {role: token for role, token in special.items() if token in ids}
     write_json(out / "special_tokens_map.json", special)
     chat = (
@@ -146,14 +189,22 @@ def write_tokenizer(tokenizer: Tokenizer, out: pathlib.Path, max_length: int) ->
     return ids
 
 
-def read_run(workdir: str, step: int | None, tokenizer_path: str | None) -> tuple[RunCheckpoint, Tokenizer]:
+def stop_ids(ids: dict[str, int]) -> list[int]:
+    """The ids a generation ends at: EOS, and <|im_end|> where the tokenizer has the chat format (a chat turn
+    ends there; mct.generate --chat stops there too, and OpenBMB's releases list both)."""
+    return [ids[token] for token in (EOS, IM_END) if token in ids]
+
+
+def read_run(
+    workdir: str, step: int | None, tokenizer_path: str | None
+) -> tuple[RunCheckpoint, TextTokenizer]:
     """WORKDIR's checkpoint (latest unless `step`) and its tokenizer (the run's own unless tokenizer_path),
     which must fit the model's vocabulary."""
     run = RunCheckpoint(workdir, step)
-    tokenizer = read_tokenizer_file(tokenizer_path) if tokenizer_path else run.tokenizer()
-    if tokenizer.get_vocab_size() > run.model_cfg.vocab_size:
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else run.tokenizer()
+    if tokenizer.vocab_size > run.model_cfg.vocab_size:
         raise ValueError(
-            f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "
+            f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
             f"{run.model_cfg.vocab_size}"
         )
     return run, tokenizer
@@ -170,14 +221,18 @@ def export(
     tokenizer_path: str | None = None,
     freq_vocab: str | None = None,
     keep_mtp: bool = False,
+    allow_dense: bool = False,
 ) -> pathlib.Path:
-    """Exports WORKDIR's checkpoint (latest unless `step`) in `layout` (or TERNARY) to the new directory `out`."""
+    """Exports WORKDIR's checkpoint (latest unless `step`) in `layout` (or TERNARY) to the new directory `out`;
+    an InfLLM v2 run in the llama layout (which runs it densely) only with allow_dense."""
     ternary, layout = layout == TERNARY, "minicpm" if layout == TERNARY else layout
     hf_layout.check_layout(layout)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     run, tokenizer = read_run(workdir, step, tokenizer_path)
     cfg = run.model_cfg
+    if layout == "llama":
+        hf_layout.check_dense_export(cfg, layout, allow_dense)
     if ternary and cfg.quant.weights != "ternary":
         raise ValueError(
             f"{workdir} is not a ternary QAT run (model.quant.weights={cfg.quant.weights!r}); train with "
@@ -195,11 +250,14 @@ def export(
             config["num_nextn_predict_layers"] = cfg.mtp.depth  # DeepSeek-V3's name for the MTP depth
         if ternary:
             config["quantization_config"] = quant.ternary_config(cfg.quant)
+        stops = stop_ids(ids)
+        if layout == "minicpm" and len(stops) > 1:  # the release format lists both: [</s>, <|im_end|>]
+            config["eos_token_id"] = stops
         write_json(tmp / "config.json", config)
         generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        if IM_END in ids:  # a chat turn ends at <|im_end|>: HF generate stops there too (mct.generate --chat)
-            generation["eos_token_id"] = [config["eos_token_id"], ids[IM_END]]
-        write_json(tmp / "generation_config.json", generation)
+        write_json(
+            tmp / "generation_config.json", {**generation, "eos_token_id": stops or config["eos_token_id"]}
+        )
         if freq_vocab:
             shutil.copyfile(freq_vocab, tmp / FREQ_VOCAB_FILE)
     return pathlib.Path(out)

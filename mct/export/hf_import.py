@@ -1,5 +1,5 @@
-"""A Hugging Face Llama- or MiniCPM-layout safetensors checkpoint as a new mct workdir at step 0 (fresh
-optimizer state, fresh data iterator), the inverse of `hf_export` bit for bit.
+"""A Hugging Face Llama- or MiniCPM-layout safetensors checkpoint (OpenBMB's releases as published included) as a
+new mct workdir at step 0 (fresh optimizer state, fresh data iterator), the inverse of `hf_export` bit for bit.
 
 The model shape comes from config.json; the optimizer the saved state is built for from the run config given.
 A Llama layout reads as a scale-free model unless `unfold_mup` restores the muP scales recorded at export; a
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from data_pipelines.shards import TOKENIZER
-from data_pipelines.tokenizer import read_tokenizer_file
+from data_pipelines.chat import IM_END
+from data_pipelines.tokenizer import BOS, EOS, TextTokenizer, TokenizerError, has_tokenizer, load_tokenizer
 from mct.config.model import ModelConfig
 from mct.config.run import Config
 from mct.config.schema import to_dict
@@ -128,11 +128,29 @@ def import_hf(
     if group_size:  # the dequantised weights are the model: quantising them again would change them
         fields["quant"] = {"weights": "none"}
     config = (config or Config()).resolve()
+    if "attention" not in fields and config.model.attention == "infllm_v2":  # a dense checkpoint stays dense
+        fields["attention"] = config.model.dense_attention
     model = Config.from_dict({"model": {**to_dict(config.model), **fields}}).model
     config = config.replace(model=model, workdir=str(out))
     params = import_params(hf_path, config.model, layout, group_size)
-    tokenizer = hf_path / TOKENIZER
-    if tokenizer.is_file():
-        read_tokenizer_file(tokenizer)  # refuse a broken tokenizer before writing anything
+    tokenizer = (
+        load_tokenizer(hf_path) if has_tokenizer(hf_path) else None
+    )  # refused before anything is written
+    if tokenizer is not None:
+        check_special_ids(hf, tokenizer, hf_path)
 
     return write_step0_workdir(out, config, params, tokenizer, imported_from=str(hf_path.absolute()))
+
+
+def check_special_ids(hf: dict, tokenizer: TextTokenizer, hf_path: pathlib.Path) -> None:
+    """TokenizerError naming both files when config.json's bos_token_id / eos_token_id are not the tokenizer's
+    `<s>` and its end tokens (`</s>`, `<|im_end|>`)."""
+    ends = {tokenizer.token_to_id(token) for token in (EOS, IM_END)} - {None}
+    eos = hf.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    bos = hf.get("bos_token_id")
+    if (bos is not None and bos != tokenizer.token_to_id(BOS)) or not set(eos) <= ends:
+        raise TokenizerError(
+            f"{hf_path / 'config.json'} gives bos_token_id {bos}, eos_token_id {hf.get('eos_token_id')}, but the "
+            f"tokenizer in {hf_path} has {BOS} {tokenizer.token_to_id(BOS)} and end tokens {sorted(ends)}"
+        )

@@ -1,11 +1,12 @@
 """The Hugging Face checkpoint layouts that export writes and import reads: tensor names, [out, in]
 orientation, config.json fields, and the muP scales that the Llama layout folds into the weights.
 
-`minicpm`: MiniCPM's own names and config (scale_emb, scale_depth, dim_model_base, LongRoPE rope_scaling,
-sparse_config), computed exactly like mct.model. `llama`: stock Llama; embedding x scale_emb, o_proj and
-down_proj x scale_depth/sqrt(L), lm_head x 1/m (m = d_model/dim_model_base), untied unless the embedding and
-head scales coincide. Both layouts list every tensor with the parameter (and layer) it comes from, so export
-and import are one table read in two directions.
+`minicpm`: MiniCPM's own names and OpenBMB's release config (`openbmb`: scale_emb, scale_depth,
+dim_model_base, LongRoPE rope_scaling, sparse_config, auto_map), computed exactly like mct.model. `llama`: stock
+Llama; embedding x scale_emb, o_proj and down_proj x scale_depth/sqrt(L), lm_head x 1/m (m =
+d_model/dim_model_base), untied unless the embedding and head scales coincide. Both layouts list every tensor with
+the parameter (and layer) it comes from, so export and import are one table read in two directions. Import
+refuses, by name, every config.json field mct would not compute exactly as written.
 """
 
 import dataclasses
@@ -14,23 +15,15 @@ import math
 import numpy as np
 
 from mct.config.model import ROPE_TYPES, ModelConfig
+from mct.errors import ConfigError
+from mct.export import openbmb
 from mct.model.decoder import width_multiplier
-from mct.model.rope import longrope_attention_factor
+from mct.model.rope import longrope_attention_factor, yarn_attention_factor
 
 LAYOUTS = ("minicpm", "llama")
-ARCHITECTURES = {"minicpm": "MiniCPMForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"minicpm": openbmb.ARCHITECTURE, "llama": "LlamaForCausalLM"}
 # What config.json carries for import to undo the Llama layout's folding (ignored by Llama loaders).
 MUP_RECORD = "mct_folded_mup"
-SPARSE_FIELDS = (
-    "kernel_size",
-    "kernel_stride",
-    "init_blocks",
-    "block_size",
-    "window_size",
-    "topk",
-    "use_nope",
-    "dense_len",
-)
 # The rope settings (besides rope_type, type, rope_theta) that transformers' computation of each rope type
 # reads (modeling_rope_utils); import refuses any other, which mct would silently ignore.
 _ROPE_SETTINGS = {
@@ -44,6 +37,76 @@ _ROPE_SETTINGS = {
         "factor",
         "attention_factor",
     ),
+    "yarn": (
+        "factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    ),
+}
+# config.json fields that describe the files or the HF runtime, not the computation.
+_METADATA_FIELDS = frozenset(
+    {
+        "architectures",
+        "auto_map",
+        "model_type",
+        "_name_or_path",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "use_cache",
+        "initializer_range",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+    }
+)
+# Fields mct computes at one value only (a bias, dropout, split matmuls, an Eagle head's muP): others are refused.
+_FIXED_FIELDS = {
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "attention_dropout": 0.0,
+    "pretraining_tp": 1,
+    "mup_denominator": None,
+}
+# Fields model_fields reads, in every layout and in one.
+_READ_FIELDS = frozenset(
+    {
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "original_max_position_embeddings",
+        "tie_word_embeddings",
+        "quantization_config",
+    }
+)
+_LAYOUT_FIELDS = {
+    "minicpm": {"scale_emb", "scale_depth", "dim_model_base", "sparse_config"},
+    "llama": {MUP_RECORD},
 }
 _UNFOLD_SEARCH_ULPS = 3  # how far from the interval's middle unfold looks for an exact preimage
 
@@ -230,24 +293,28 @@ def _rope_fields(cfg: ModelConfig) -> dict:
     if rope.type == "default":
         return {"rope_theta": rope.theta, "rope_scaling": None}
     scaling = {"rope_type": rope.type}
-    if rope.type in ("linear", "llama3"):
+    if rope.type in ("linear", "llama3", "yarn"):
         scaling["factor"] = rope.factor
-    if rope.type in ("llama3", "longrope"):
+    if rope.type in ("llama3", "longrope", "yarn"):
         scaling["original_max_position_embeddings"] = rope.original_max_position
     if rope.type == "llama3":
         scaling.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
+    if rope.type == "yarn":
+        scaling.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate)
     if rope.type == "longrope":
         ones = [1.0] * (cfg.head_dim // 2)
         scaling.update(
             short_factor=list(rope.short_factor) or ones, long_factor=list(rope.long_factor) or ones
         )
-        if rope.attention_factor:  # else transformers derives it from the lengths, as mct does
-            scaling["attention_factor"] = rope.attention_factor
+    if rope.type in ("longrope", "yarn") and rope.attention_factor:  # else derived, in transformers as in mct
+        scaling["attention_factor"] = rope.attention_factor
     return {"rope_theta": rope.theta, "rope_scaling": scaling}
 
 
 def hf_config(cfg: ModelConfig, layout: str, special_ids: dict[str, int], dtype: str) -> dict:
-    """config.json for the layout. special_ids: the tokenizer's bos/eos/pad ids ("<s>", "</s>", "<pad>")."""
+    """config.json for the layout. special_ids: the tokenizer's bos/eos/pad ids ("<s>", "</s>", "<pad>"); the
+    minicpm layout is OpenBMB's release format (no model_type: auto_map names the classes; sparse_config in
+    OpenBMB's convention, null when dense)."""
     check_layout(layout)
     config = {
         "architectures": [ARCHITECTURES[layout]],
@@ -288,20 +355,49 @@ def hf_config(cfg: ModelConfig, layout: str, special_ids: dict[str, int], dtype:
         )
         config[MUP_RECORD] = {**mup, "tie_embeddings": cfg.tie_embeddings}
     elif layout == "minicpm":
-        config.update(mup)
-        if cfg.attention == "infllm_v2":
-            config["sparse_config"] = {k: getattr(cfg.sparse, k) for k in SPARSE_FIELDS}
+        del config["model_type"]
+        sparse = openbmb.sparse_to_release(cfg.sparse) if cfg.attention == "infllm_v2" else None
+        config.update(mup, auto_map=openbmb.AUTO_MAP, sparse_config=sparse)
     else:
         config[MUP_RECORD] = {**mup, "tie_embeddings": cfg.tie_embeddings}
     return config
 
 
+def check_dense_export(cfg: ModelConfig, target: str, allow_dense: bool) -> None:
+    """A format without sparse attention (`target`: "llama", "gguf") would run an InfLLM v2 model densely, a
+    different model past sparse.dense_len tokens: refused unless allow_dense."""
+    if cfg.attention == "infllm_v2" and not allow_dense:
+        raise ConfigError(
+            f"the {target} format has no InfLLM v2 sparse attention (model.attention='infllm_v2'): it would run "
+            "this model densely; pass --allow_dense to export it anyway, or export --format minicpm"
+        )
+
+
 def layout_of(hf: dict, path: str) -> str:
-    """Which layout a config.json describes ("minicpm" or "llama")."""
+    """Which layout a config.json describes ("minicpm" or "llama"); OpenBMB's releases have no model_type,
+    only architectures ["MiniCPMForCausalLM"] (and auto_map)."""
     model_type = hf.get("model_type")
+    if model_type is None and hf.get("architectures") == [openbmb.ARCHITECTURE]:
+        return "minicpm"
     if model_type not in LAYOUTS:
         raise ValueError(f"{path}: model_type {model_type!r} is not one of {LAYOUTS}")
     return model_type
+
+
+def check_fields(hf: dict, path: str, layout: str) -> None:
+    """Refuses, by name, every config.json field mct would not compute exactly: unknown ones (mct would
+    ignore them) and known ones at a value other than the one mct computes."""
+    known = _METADATA_FIELDS | _READ_FIELDS | _FIXED_FIELDS.keys() | _LAYOUT_FIELDS[layout]
+    unknown = sorted(set(hf) - known)
+    if unknown:
+        raise ValueError(
+            f"{path}: config field {unknown[0]!r} is not supported (mct would ignore it and compute another model)"
+        )
+    for key, value in _FIXED_FIELDS.items():
+        if hf.get(key, value) != value:
+            raise ValueError(
+                f"{path}: config field {key!r}={hf[key]!r} is not supported (mct computes {value!r})"
+            )
 
 
 def _field(source: dict, key: str, path: str, where: str = ""):
@@ -339,9 +435,11 @@ def _rope_from_hf(hf: dict, path: str, head_dim: int, max_position: int) -> dict
     if rope_type == "llama3":
         rope["low_freq_factor"] = float(need("low_freq_factor"))
         rope["high_freq_factor"] = float(need("high_freq_factor"))
-    if rope_type in ("llama3", "longrope"):
+    if rope_type in ("llama3", "longrope", "yarn"):
         key = "original_max_position_embeddings"
         rope["original_max_position"] = int(hf.get(key) or settings.get(key) or max_position)
+    if rope_type == "yarn":
+        rope.update(_yarn_from_hf(settings, path, where, max_position / rope["original_max_position"]))
     if rope_type == "longrope":
         for key in ("short_factor", "long_factor"):
             rope[key] = tuple(float(f) for f in need(key))
@@ -361,6 +459,28 @@ def _rope_from_hf(hf: dict, path: str, head_dim: int, max_position: int) -> dict
     return rope
 
 
+def _yarn_from_hf(settings: dict, path: str, where: str, length_ratio: float) -> dict:
+    """YaRN's RopeConfig fields as transformers reads them (_compute_yarn_parameters): factor (null: the
+    length ratio), beta_fast / beta_slow (null or 0: 32 / 1), truncate; the cos/sin magnitude given, else
+    from mscale / mscale_all_dim when both are set, else from factor."""
+    factor = float(settings.get("factor") or length_ratio)
+    attention = settings.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = settings.get("mscale"), settings.get("mscale_all_dim")
+        attention = (
+            yarn_attention_factor(factor, mscale, mscale_all_dim) if mscale and mscale_all_dim else None
+        )
+    if attention is not None and attention <= 0:
+        raise ValueError(f"{path}: {where}.attention_factor must be positive")
+    return {
+        "factor": factor,
+        "beta_fast": float(settings.get("beta_fast") or 32.0),
+        "beta_slow": float(settings.get("beta_slow") or 1.0),
+        "truncate": bool(settings.get("truncate", True)),
+        "attention_factor": float(attention or 0.0),  # 0: from factor, as transformers derives it
+    }
+
+
 def model_fields(hf: dict, path: str, unfold_mup: bool) -> dict:
     """mct model config fields from a config.json. A Llama layout reads as scale-free (scale_emb 1, branch
     scale 1, m 1) unless unfold_mup, which restores the muP scales recorded at export."""
@@ -378,6 +498,9 @@ def model_fields(hf: dict, path: str, unfold_mup: bool) -> dict:
         return value
 
     layout = layout_of(hf, path)
+    if layout == "minicpm":  # what OpenBMB's MiniCPMConfig reads for a field the file leaves out
+        hf = {**openbmb.CONFIG_DEFAULTS, **hf}
+    check_fields(hf, path, layout)
     n_layers, d_model = count("num_hidden_layers"), count("hidden_size")
     n_heads = count("num_attention_heads")
     fields = dict(
@@ -392,12 +515,11 @@ def model_fields(hf: dict, path: str, unfold_mup: bool) -> dict:
         max_position=count("max_position_embeddings"),
         parametrization="mup",
     )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs 'silu')")
     fields["rope"] = _rope_from_hf(hf, path, fields["head_dim"], fields["max_position"])
     tied = bool(hf.get("tie_word_embeddings", False))
     if layout == "minicpm":
         mup = {k: need(k) for k in ("scale_emb", "scale_depth", "dim_model_base")}
+        fields.update(openbmb.sparse_from_release(hf.get("sparse_config"), path))
     elif unfold_mup:
         record = need(MUP_RECORD)
         mup = {k: need(k, record, f"{MUP_RECORD}.") for k in ("scale_emb", "scale_depth", "dim_model_base")}
@@ -405,7 +527,4 @@ def model_fields(hf: dict, path: str, unfold_mup: bool) -> dict:
     else:
         mup = {"scale_emb": 1.0, "scale_depth": math.sqrt(n_layers), "dim_model_base": d_model}
     fields.update(mup, tie_embeddings=tied)
-    if "sparse_config" in hf:
-        fields["attention"] = "infllm_v2"
-        fields["sparse"] = {k: hf["sparse_config"][k] for k in SPARSE_FIELDS if k in hf["sparse_config"]}
     return fields

@@ -8,16 +8,14 @@ every strategy.
 
 import sys
 
-from tokenizers import Tokenizer
-
 from data_pipelines.chat import encode_chat
-from data_pipelines.tokenizer import BOS
+from data_pipelines.tokenizer import BOS, TextTokenizer
 
 
 class StreamPrinter:
     """Prints one row's continuation as it grows, holding back bytes that do not yet form a character."""
 
-    def __init__(self, tokenizer: Tokenizer, out=sys.stdout):
+    def __init__(self, tokenizer: TextTokenizer, out=sys.stdout):
         self._tokenizer, self._out = tokenizer, out
         self._ids: list[int] = []
         self._printed = 0
@@ -38,7 +36,7 @@ class StreamPrinter:
         self._printed = len(text)
 
 
-def encode_prompts(tokenizer: Tokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:
+def encode_prompts(tokenizer: TextTokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:
     """[BOS] + ids of each prompt, verbatim (its control strings are control tokens, as llama.cpp and
     transformers read a prompt); with `chat`, each prompt is the content of a user turn (text: it cannot forge
     a turn) followed by the assistant header."""
@@ -46,4 +44,4 @@ def encode_prompts(tokenizer: Tokenizer, prompts: list[str], chat: bool = False)
         turn = lambda p: [{"role": "user", "content": p}]
         return [encode_chat(tokenizer, turn(p), add_generation_prompt=True)[0] for p in prompts]
     bos = tokenizer.token_to_id(BOS)
-    return [[bos] + tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    return [[bos] + tokenizer.encode_verbatim(p) for p in prompts]

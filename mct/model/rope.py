@@ -1,7 +1,8 @@
 """Rotary position embeddings (RoFormer, Su et al. 2021) and the context extensions transformers calls `linear`
-(position interpolation, Chen et al. 2023), `llama3` (Llama 3.1's wavelength bands) and `longrope` (Ding et al.
-2024). Each extension only changes the inverse frequencies and the cos/sin magnitude, computed here as
-transformers' modeling_rope_utils computes them, so imported checkpoints give transformers' logits."""
+(position interpolation, Chen et al. 2023), `llama3` (Llama 3.1's wavelength bands), `longrope` (Ding et al.
+2024) and `yarn` (Peng et al. 2023). Each extension only changes the inverse frequencies and the cos/sin
+magnitude, computed here as transformers' modeling_rope_utils computes them, so imported checkpoints give
+transformers' logits."""
 
 import math
 
@@ -18,6 +19,37 @@ def longrope_attention_factor(factor: float, original_max_position: int) -> floa
     return math.sqrt(1.0 + math.log(factor) / math.log(original_max_position))
 
 
+def yarn_attention_factor(factor: float, mscale: float = 1.0, mscale_all_dim: float | None = None) -> float:
+    """YaRN's cos/sin magnitude: 0.1 mscale ln(factor) + 1 (1 for factor <= 1), over the same with
+    mscale_all_dim when that is given (DeepSeek's variant)."""
+
+    def magnitude(m: float) -> float:
+        return 1.0 if factor <= 1.0 else 0.1 * m * math.log(factor) + 1.0
+
+    return magnitude(mscale) / (magnitude(mscale_all_dim) if mscale_all_dim else 1.0)
+
+
+def _yarn_inv_freq(rope: RopeConfig, head_dim: int, inv_freq: jnp.ndarray) -> jnp.ndarray:
+    """YaRN's inverse frequencies [head_dim // 2]: dimensions turning fewer than beta_slow times over the
+    original context are divided by factor, those turning more than beta_fast times kept, a linear blend between
+    (transformers' _compute_yarn_parameters)."""
+
+    def dimension(rotations: float) -> float:  # the dimension whose wavelength fits `rotations` times
+        return (
+            head_dim
+            * math.log(rope.original_max_position / (rotations * 2 * math.pi))
+            / (2 * math.log(rope.theta))
+        )
+
+    low, high = dimension(rope.beta_fast), dimension(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)  # [half]
+    return inv_freq / rope.factor * ramp + inv_freq * (1 - ramp)
+
+
 def rope_tables(
     rope: RopeConfig, head_dim: int, seq_len: int, max_position: int
 ) -> tuple[jnp.ndarray, float]:
@@ -27,7 +59,7 @@ def rope_tables(
     original / low_freq_factor by `factor`, keeps those below original / high_freq_factor, and blends the two
     linearly in 1 / wavelength between. longrope divides each frequency by its own factor (the long list once
     seq_len exceeds the original context) and scales cos/sin by attention_factor (0: derived from
-    max_position / original).
+    max_position / original). yarn: `_yarn_inv_freq`, cos/sin scaled by attention_factor (0: from factor).
     """
     inv_freq = 1.0 / rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [half]
     orig = rope.original_max_position
@@ -45,6 +77,10 @@ def rope_tables(
         if factors:
             inv_freq = inv_freq / jnp.asarray(factors, jnp.float32)
         return inv_freq, rope.attention_factor or longrope_attention_factor(max_position / orig, orig)
+    if rope.type == "yarn":
+        return _yarn_inv_freq(rope, head_dim, inv_freq), rope.attention_factor or yarn_attention_factor(
+            rope.factor
+        )
     raise ValueError(f"config model.rope.type={rope.type!r} is not one of {ROPE_TYPES}")
 
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from absl import logging
-from tokenizers import Tokenizer
 
 from data_pipelines import shards
 from data_pipelines.chat import check_messages, encode_chat
@@ -21,7 +20,7 @@ from data_pipelines.documents import BadLine, parse_json_line
 from data_pipelines.output_dirs import fresh_directory
 from data_pipelines.prepare import is_eval_document
 from data_pipelines.shards import DatasetError
-from data_pipelines.tokenizer import sha256_hex, special_token_ids, tokenizer_bytes
+from data_pipelines.tokenizer import TextTokenizer
 
 DEFAULT = "default"
 _DEFAULT_VERSION = "generated-v1"  # bump when the generated conversations change
@@ -100,7 +99,7 @@ def read_conversations(path: str) -> Iterator[tuple[str, list[dict]]]:
         yield key, record["messages"]
 
 
-def fit_conversation(tokenizer: Tokenizer, messages: list[dict], seq_len: int) -> tuple[list, list, int]:
+def fit_conversation(tokenizer: TextTokenizer, messages: list[dict], seq_len: int) -> tuple[list, list, int]:
     """(ids, loss_mask, assistant turns dropped) of the longest prefix ending with an assistant turn that fits
     seq_len + 1 tokens (seq_len input/target pairs); ([], [], turns) when none fits."""
     ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -112,12 +111,11 @@ def fit_conversation(tokenizer: Tokenizer, messages: list[dict], seq_len: int) -
 
 
 def write_chat_dataset(
-    directory: pathlib.Path, path: str, tokenizer: Tokenizer, *, seq_len: int, eval_fraction: float
+    directory: pathlib.Path, path: str, tokenizer: TextTokenizer, *, seq_len: int, eval_fraction: float
 ) -> dict:
     """Writes the conversations of `path` into `directory` as a masked dataset (shards, tokenizer, manifest);
     returns the counts. DatasetError naming the file when a split would have no loss tokens."""
-    json_bytes = tokenizer_bytes(tokenizer)
-    (directory / shards.TOKENIZER).write_bytes(json_bytes)
+    tokenizer.save(directory)
     writers = {split: shards.ShardWriter(directory, split, 1 << 25) for split in shards.SPLITS}
     counts = {"conversations": 0, "cut": 0, "dropped": 0, "loss_tokens": dict.fromkeys(shards.SPLITS, 0)}
     for key, messages in read_conversations(path):
@@ -150,16 +148,16 @@ def write_chat_dataset(
             "eval_fraction": eval_fraction,
             "splits": splits,
             **counts,
-            "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-            "tokenizer_sha256": sha256_hex(json_bytes),
-            "special_tokens": special_token_ids(tokenizer),
+            "vocab_size": tokenizer.vocab_size,
+            "tokenizer_sha256": tokenizer.fingerprint,
+            "special_tokens": tokenizer.special_token_ids(),
         },
     )
     return counts
 
 
 def prepare_chat_dataset(
-    out_dir: pathlib.Path, path: str, tokenizer: Tokenizer, *, seq_len: int, eval_fraction: float
+    out_dir: pathlib.Path, path: str, tokenizer: TextTokenizer, *, seq_len: int, eval_fraction: float
 ) -> pathlib.Path:
     """The masked dataset of `path` written whole into out_dir (output_dirs: a killed preparation's leftovers
     go); another process's finished one is taken as it is."""
@@ -185,12 +183,12 @@ def prepare_chat_dataset(
 
 
 def chat_dataset_dir(
-    path: str, tokenizer: Tokenizer, *, seq_len: int, eval_fraction: float, cache_root: pathlib.Path
+    path: str, tokenizer: TextTokenizer, *, seq_len: int, eval_fraction: float, cache_root: pathlib.Path
 ) -> pathlib.Path:
     """The masked dataset of `path` for this tokenizer and seq_len under cache_root/chat-*, prepared on first
     use (a changed file gets a new directory: the key hashes its bytes)."""
     source = _DEFAULT_VERSION if path == DEFAULT else _file_sha256(path)
-    key = "/".join(map(str, (source, sha256_hex(tokenizer_bytes(tokenizer)), seq_len, eval_fraction)))
+    key = "/".join(map(str, (source, tokenizer.fingerprint, seq_len, eval_fraction)))
     stem = DEFAULT if path == DEFAULT else pathlib.Path(path).stem
     directory = cache_root / f"chat-{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if not (directory / shards.MANIFEST).is_file():

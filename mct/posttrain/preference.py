@@ -7,12 +7,11 @@ iterator state is its step, so a run resumes exactly on any process count (like 
 """
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from data_pipelines.chat import encode_chat
 from data_pipelines.prepare import is_eval_document
 from data_pipelines.shards import DatasetError
-from data_pipelines.tokenizer import sha256_hex, tokenizer_bytes
+from data_pipelines.tokenizer import TextTokenizer
 from mct.posttrain.chat_data import read_pairs
 
 _STATE_FORMAT = "mct-preference-iterator-v1"
@@ -20,7 +19,7 @@ FIELDS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "rejecte
 Row = dict[str, np.ndarray]  # FIELDS -> [seq_len]
 
 
-def pair_row(tokenizer: Tokenizer, pair: dict, seq_len: int) -> Row | None:
+def pair_row(tokenizer: TextTokenizer, pair: dict, seq_len: int) -> Row | None:
     """The packed row of a pair; None when both conversations do not fit seq_len input/target pairs."""
     row = {k: np.zeros(seq_len, np.float32 if k.endswith("mask") else np.int32) for k in FIELDS}
     cursor = 0
@@ -38,7 +37,7 @@ def pair_row(tokenizer: Tokenizer, pair: dict, seq_len: int) -> Row | None:
 
 
 def pair_rows(
-    paths: tuple[str, ...], tokenizer: Tokenizer, *, seq_len: int, eval_fraction: float
+    paths: tuple[str, ...], tokenizer: TextTokenizer, *, seq_len: int, eval_fraction: float
 ) -> dict[str, dict[str, np.ndarray]]:
     """{"train", "eval"} -> FIELDS -> [rows, seq_len] of every pair that fits; DatasetError naming the files
     when a split has no pair (with loss tokens in both answers)."""
@@ -71,15 +70,13 @@ class PairBatches:
         process_index: int,
         process_count: int,
         seed: int,
-        tokenizer: Tokenizer,
+        tokenizer: TextTokenizer,
     ):
         self._rows, self._n = rows, len(rows["tokens"])
         self._global, self._seed = global_batch, seed
         local = global_batch // process_count
         self._local = slice(process_index * local, (process_index + 1) * local)
-        tokenizer_sha256 = sha256_hex(
-            tokenizer_bytes(tokenizer)
-        )  # what mct.run.reader checks the tokenizer by
+        tokenizer_sha256 = tokenizer.fingerprint  # what mct.run.reader checks the tokenizer by
         self._fingerprint = {
             "rows": self._n,
             "seed": seed,

@@ -19,19 +19,18 @@ rollouts and losses as an uninterrupted one. eval_loss: see `RLData`.
 import dataclasses
 import logging
 import math
-import pathlib
 import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from data_pipelines.chat import encode_chat, im_end_id
+from data_pipelines.loader import dataset_tokenizer
 from data_pipelines.shards import DatasetError
-from data_pipelines.tokenizer import EOS, read_tokenizer_file, special_token_ids
+from data_pipelines.tokenizer import EOS, TextTokenizer, has_tokenizer, load_tokenizer
 from mct.config.posttrain import RLRunConfig
 from mct.errors import UserError
 from mct.infer.decoding import Sampling
@@ -99,7 +98,9 @@ def read_prompts(path: str, reward: str) -> list[dict]:
     return items
 
 
-def encode_prompts(items: list[dict], tokenizer: Tokenizer, max_tokens: int, source: str) -> list[list[int]]:
+def encode_prompts(
+    items: list[dict], tokenizer: TextTokenizer, max_tokens: int, source: str
+) -> list[list[int]]:
     """Each item's prompt as a user turn plus the assistant header (data_pipelines.chat); too long is a UserError."""
     encoded = []
     for i, item in enumerate(items):
@@ -170,14 +171,14 @@ def training_rows(
     return rows
 
 
-def run_tokenizer(config: RLRunConfig) -> pathlib.Path:
-    """The tokenizer.json of init_from's workdir, else of the data mixture's first dataset."""
+def run_tokenizer(config: RLRunConfig) -> TextTokenizer:
+    """The tokenizer of init_from's workdir, else of the data mixture's first dataset."""
     if config.init_from:
-        path = parse_spec(config.init_from)[0] / "tokenizer.json"
-        if not path.is_file():
-            raise UserError(f"config init_from={config.init_from}: no tokenizer.json in {path.parent}")
-        return path
-    return first_dataset(config) / "tokenizer.json"
+        directory = parse_spec(config.init_from)[0]
+        if not has_tokenizer(directory):
+            raise UserError(f"config init_from={config.init_from}: no tokenizer in {directory}")
+        return load_tokenizer(directory)
+    return dataset_tokenizer(first_dataset(config))
 
 
 class Rollouts:
@@ -189,11 +190,11 @@ class Rollouts:
         self.setup, self.host, self.reward = setup, host, reward
         config = self.config = setup.config
         r = config.rl
-        self.tokenizer = read_tokenizer_file(run_tokenizer(config))
+        self.tokenizer = run_tokenizer(config)
         source = r.prompts or "the embedded arithmetic task"
         self.items = read_prompts(r.prompts, r.reward) if r.prompts else arithmetic_items(512, seed=0)
         self.prompt_ids = encode_prompts(self.items, self.tokenizer, r.max_prompt_tokens, source)
-        self.stop_ids = [im_end_id(self.tokenizer), special_token_ids(self.tokenizer)[EOS]]
+        self.stop_ids = [im_end_id(self.tokenizer), self.tokenizer.token_to_id(EOS)]
         self.sampling = Sampling(r.temperature, r.top_p)
         temperature = r.temperature or 1.0
         model = setup.model
@@ -372,7 +373,7 @@ class RLData(RunData):
     def merge(self, states: list[dict]) -> dict:
         return states[0]  # one process
 
-    def tokenizer_file(self, config: RLRunConfig) -> pathlib.Path:
+    def ids_tokenizer(self, config: RLRunConfig) -> TextTokenizer:
         return run_tokenizer(config)
 
     def metrics_log(

@@ -12,11 +12,11 @@ import threading
 
 import jax.numpy as jnp
 import numpy as np
-from tokenizers import Tokenizer
 
 from data_pipelines.config import MixtureComponent
 from data_pipelines.loader import cache_root
 from data_pipelines.shards import DatasetError
+from data_pipelines.tokenizer import TextTokenizer
 from mct.config.run import Config
 from mct.errors import ConfigError, UserError
 from mct.posttrain.chat_data import chat_dataset_dir
@@ -25,7 +25,7 @@ from mct.run.training_run import RunData, train
 from mct.train.trainer import TrainSetup
 
 
-def init_tokenizer(config: Config) -> Tokenizer:
+def init_tokenizer(config: Config) -> TextTokenizer:
     """The tokenizer of the init_from run (post-training must keep its ids)."""
     if not config.init_from:
         raise ConfigError(

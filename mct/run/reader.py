@@ -10,11 +10,9 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
-from tokenizers import Tokenizer
 
 from data_pipelines.loader import dataset_dir
-from data_pipelines.shards import TOKENIZER
-from data_pipelines.tokenizer import read_tokenizer_file, sha256_hex
+from data_pipelines.tokenizer import TextTokenizer, has_tokenizer, load_tokenizer
 from mct.config.run import Config
 from mct.model.decoder import ParamsModel
 from mct.run.checkpoint import read_step
@@ -55,20 +53,21 @@ class RunCheckpoint:
         """Every parameter, as a params dict of host arrays (for decoding, where the model fits in memory)."""
         return self.checkpoint.read_params(self.abstract)
 
-    def tokenizer(self) -> Tokenizer:
-        """The run's tokenizer: WORKDIR/tokenizer.json if present, else its data mixture's; it must be the one
-        the checkpoint's data state recorded (a dataset prepared again may hold another)."""
+    def tokenizer(self) -> TextTokenizer:
+        """The run's tokenizer: the workdir's if present, else its data mixture's; it must be the one the
+        checkpoint's data state recorded (a dataset prepared again may hold another)."""
         problems = []
-        for path in self._tokenizer_candidates(problems):
-            if not path.is_file():
+        for directory in self._tokenizer_candidates(problems):
+            if not has_tokenizer(directory):
                 continue
-            if self.tokenizer_sha256 and sha256_hex(path.read_bytes()) not in self.tokenizer_sha256:
-                problems.append(f"{path} is not the tokenizer the run was trained with")
+            tokenizer = load_tokenizer(directory)
+            if self.tokenizer_sha256 and tokenizer.fingerprint not in self.tokenizer_sha256:
+                problems.append(f"{directory}'s tokenizer is not the one the run was trained with")
                 continue
-            return read_tokenizer_file(path)
+            return tokenizer
         raise FileNotFoundError(
             f"no tokenizer for {self.workdir}: {'; '.join(problems) or 'none found'}; pass a "
-            "tokenizer.json explicitly"
+            "tokenizer explicitly"
         )
 
     @property
@@ -79,9 +78,9 @@ class RunCheckpoint:
         return {c["tokenizer_sha256"] for c in mixture.values() if "tokenizer_sha256" in c}
 
     def _tokenizer_candidates(self, problems: list[str]) -> Iterator[pathlib.Path]:
-        """WORKDIR/tokenizer.json (mct.import_hf puts one there), then each mixture dataset's, looked up only
-        when the ones before do not fit; a dataset that cannot be found is added to `problems`."""
-        yield self.workdir / TOKENIZER
+        """WORKDIR (mct.import_hf puts the tokenizer there), then each mixture dataset, looked up only when the
+        ones before do not fit; a dataset that cannot be found is added to `problems`."""
+        yield self.workdir
         data = self.config.data
         for name, component in sorted(data.mixture.items()):
             try:
@@ -89,4 +88,4 @@ class RunCheckpoint:
             except (OSError, ValueError) as e:
                 problems.append(f"mixture component {name!r}: {e}")
                 continue
-            yield directory / TOKENIZER
+            yield directory

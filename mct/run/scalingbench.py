@@ -10,8 +10,9 @@ import json
 import pathlib
 
 import numpy as np
-import tokenizers
 from absl import logging
+
+from data_pipelines.tokenizer import TextTokenizer
 
 DEFAULT_NUM_PROBLEMS = 256
 DEFAULT_SEED = 0
@@ -102,12 +103,8 @@ def load_problems(path: str) -> list[Problem]:
     return problems
 
 
-def _encode(tokenizer: tokenizers.Tokenizer, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-
 def make_scalingbench_batches(
-    tokenizer: tokenizers.Tokenizer,
+    tokenizer: TextTokenizer,
     *,
     seq_len: int,
     batch_size: int,
@@ -126,8 +123,8 @@ def make_scalingbench_batches(
             f"need seq_len >= 2 and batch_size >= 1, got seq_len={seq_len}, batch_size={batch_size}"
         )
     problems = default_problems() if path is None else load_problems(path)
-    questions = _encode(tokenizer, [p.question for p in problems])
-    solutions = _encode(tokenizer, [p.solution for p in problems])
+    questions = tokenizer.encode_texts([p.question for p in problems])
+    solutions = tokenizer.encode_texts([p.solution for p in problems])
     num_batches = -(-len(problems) // batch_size)
     shape = (num_batches * batch_size, seq_len)
     arrays = {key: np.zeros(shape, np.int32) for key in ("tokens", "targets", "segment_ids", "positions")}

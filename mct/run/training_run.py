@@ -11,7 +11,6 @@ metrics line), the objective what the step minimises.
 import contextlib
 import logging
 import pathlib
-import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -21,18 +20,18 @@ from tqdm import tqdm
 
 from data_pipelines.loader import (
     dataset_dir,
-    load_tokenizer,
+    dataset_tokenizer,
     make_eval_batches,
     make_train_iterator,
     merge_states,
 )
 from data_pipelines.prefetch import prefetch
-from data_pipelines.tokenizer import BOS, EOS, special_token_ids
+from data_pipelines.tokenizer import BOS, EOS, TextTokenizer, has_tokenizer, load_tokenizer
 from mct.config.run import Config
-from mct.errors import ConfigError, WorkdirLocked
+from mct.errors import ConfigError, UserError, WorkdirLocked
 from mct.parallel.distributed import gather_json, global_batch
 from mct.run.checkpoint import Checkpointer, run_meta
-from mct.run.init_from import continued_data_state, init_from_state
+from mct.run.init_from import continued_data_state, init_from_state, parse_spec
 from mct.run.lock import WorkdirLock
 from mct.run.scalingbench import make_scalingbench_batches
 from mct.train.hooks import Evaluator, MetricsLog, StepLog, profile_hook
@@ -87,6 +86,7 @@ def initial_state(
         log.info("decay branch from %s step %d", config.schedule.branch_from, config.schedule.branch_step)
         return config.schedule.branch_step, state, data_state
     if config.init_from:
+        check_init_tokenizer(config)
         data_state = continued_data_state(config.init_from, config) if continue_source_data else None
         log.info(
             "starting from the params of %s (fresh optimizer state, %s)",
@@ -95,6 +95,21 @@ def initial_state(
         )
         return 0, init_from_state(config.init_from, setup), data_state
     return 0, setup.init_state(config.seed), None
+
+
+def check_init_tokenizer(config: Config) -> None:
+    """UserError naming both when init_from's workdir holds a tokenizer other than the one the run's data was
+    prepared with (an imported release continued on data of another vocabulary)."""
+    source = parse_spec(config.init_from)[0]
+    if not has_tokenizer(source):
+        return
+    theirs, ours = load_tokenizer(source), dataset_tokenizer(first_dataset(config))
+    if theirs.fingerprint != ours.fingerprint:
+        raise UserError(
+            f"config init_from={config.init_from}: its tokenizer ({theirs.kind}, {theirs.vocab_size} ids) is not "
+            f"the one {first_dataset(config)} was prepared with ({ours.kind}, {ours.vocab_size} ids); prepare the "
+            f"data with --tokenizer={source}"
+        )
 
 
 def first_dataset(config: Config) -> pathlib.Path:
@@ -118,8 +133,8 @@ def make_eval_sets(setup: TrainSetup) -> dict[str, list]:
     )
     eval_sets = {"eval_loss": [global_batch(b, sharding) for b in held_out]}
     if config.eval.scalingbench:
-        tokenizer = load_tokenizer(first_dataset(config))
-        ids = special_token_ids(tokenizer)
+        tokenizer = dataset_tokenizer(first_dataset(config))
+        ids = tokenizer.special_token_ids()
         path = None if config.eval.scalingbench == "default" else config.eval.scalingbench
         batches = make_scalingbench_batches(
             tokenizer,
@@ -205,9 +220,9 @@ class RunData:
         """The TrainSetup the loop steps (e.g. DPO adds the reference log-probs to each batch)."""
         return setup
 
-    def tokenizer_file(self, config: Config) -> pathlib.Path:
-        """The tokenizer.json the run's ids come from (copied into the workdir)."""
-        return first_dataset(config) / "tokenizer.json"
+    def ids_tokenizer(self, config: Config) -> TextTokenizer:
+        """The tokenizer the run's ids come from (copied into the workdir)."""
+        return dataset_tokenizer(first_dataset(config))
 
     def metrics_log(
         self, config: Config, writer: MetricsWriter, bar: tqdm, start: int, n_devices: int
@@ -238,13 +253,15 @@ def train(
             ckpt.close()
 
 
-def keep_tokenizer(workdir: str, source: pathlib.Path) -> None:
-    """Copies the run's tokenizer.json into the workdir (process 0, whole or not at all), so export and
-    generate need no dataset."""
-    target = pathlib.Path(workdir) / "tokenizer.json"
-    if jax.process_index() == 0 and not target.exists():
-        shutil.copyfile(source, target.with_suffix(".tmp"))
-        target.with_suffix(".tmp").rename(target)
+def keep_tokenizer(workdir: str, tokenizer: TextTokenizer) -> None:
+    """Writes the run's tokenizer files into the workdir (process 0; each file whole or not at all, the main
+    file last), so export and generate need no dataset."""
+    if jax.process_index() != 0 or has_tokenizer(workdir):
+        return
+    for name, data in tokenizer.files_in_save_order():
+        target = pathlib.Path(workdir) / name
+        target.with_name(name + ".tmp").write_bytes(data)
+        target.with_name(name + ".tmp").rename(target)
 
 
 def add_hooks(
@@ -262,7 +279,7 @@ def add_hooks(
     steps = config.train.steps
     trainer.add_hook(lambda info: bar.update(info.step - bar.n), every=1)
     trainer.add_hook(lambda _: ckpt.check_saves(), every=1)  # a failed async save stops the run at once
-    trainer.add_hook(lambda _: keep_tokenizer(config.workdir, data.tokenizer_file(config)), at=[start + 1])
+    trainer.add_hook(lambda _: keep_tokenizer(config.workdir, data.ids_tokenizer(config)), at=[start + 1])
     trainer.add_hook(metrics, every=config.train.log_every_steps, at=[steps])
     trainer.add_hook(
         evaluate, every=config.eval.every_steps, at=[steps] if data.final_eval else [], needs_state=True

@@ -10,7 +10,7 @@ import pathlib
 
 import numpy as np
 
-from data_pipelines.shards import TOKENIZER
+from data_pipelines.tokenizer import has_tokenizer, load_tokenizer
 from mct.config.model import ModelConfig
 from mct.config.run import Config
 from mct.errors import UserError
@@ -68,6 +68,6 @@ def upcycle(dense_workdir: str, step: int | None, out: str, config: Config) -> p
         out,
         config,
         params,
-        pathlib.Path(dense_workdir) / TOKENIZER,
+        load_tokenizer(dense_workdir) if has_tokenizer(dense_workdir) else None,
         upcycled_from=f"{pathlib.Path(dense_workdir).absolute()}:{run.step}",
     )
