@@ -1,15 +1,17 @@
 """Weight-only int8 / int4 decoding (mct/model/weight_quant.py): codes and scales against a NumPy quantiser, the
-quantised matmul against the dequantised weights, decoding logits against a model holding those weights, and
-the refusals (a QAT ternary model, an unknown mode)."""
+quantised matmul against the dequantised weights, decoding logits against a model holding those weights,
+held-out perplexity of a briefly trained tiny model, and the refusals (a QAT ternary model, an unknown mode)."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mct.config.model import QuantConfig
-from mct.infer.decoding import QUANTIZED, decode_weights, forward, init_cache
+from mct.infer.decoding import QUANTIZED, decode_weights, forward, init_cache, params_model
 from mct.model.quant import MATRIX_DIMS, QUANTISED
 from mct.model.weight_quant import dequantize, quantize_param, quantized_linear
 from tests.test_decoding import random_params, tiny_cfg
@@ -87,3 +89,66 @@ def test_quant_is_refused_on_a_ternary_model_and_for_an_unknown_mode():
         decode_weights(cfg, params, "int3")
     with pytest.raises(ValueError, match="groups of 128 do not divide"):
         decode_weights(cfg, params, "int4")  # d_model 64
+
+
+def markov_batch(rng: np.random.Generator, successors: np.ndarray, batch: int, length: int) -> np.ndarray:
+    """Sequences [batch, length] of a Markov chain: token t is followed by successors[t, i] with prob
+    (0.6, 0.3, 0.1)[i]."""
+    seqs = np.zeros((batch, length), np.int32)
+    seqs[:, 0] = rng.integers(0, len(successors), batch)
+    for t in range(1, length):
+        choice = rng.choice(3, size=batch, p=[0.6, 0.3, 0.1])
+        seqs[:, t] = successors[seqs[:, t - 1], choice]
+    return seqs
+
+
+def trained_params(cfg, successors: np.ndarray, steps: int = 150) -> dict:
+    """The tiny model trained briefly (Adam) on the Markov chain, so its weights carry what quantising loses."""
+    model = params_model(cfg)
+
+    def loss(params, tokens):  # tokens [batch, seq]
+        m = model.bind(params)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        logits = jnp.einsum(
+            "bsd,dv->bsv",
+            m(tokens[:, :-1], positions[:, :-1], jnp.ones_like(tokens[:, :-1])),
+            m.head_weight(),
+        )
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1))
+
+    optimizer = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params, state, tokens):
+        grads = jax.grad(loss)(params, tokens)
+        updates, state = optimizer.update(grads, state)
+        return optax.apply_updates(params, updates), state
+
+    params = random_params(cfg, seed=5)
+    state = optimizer.init(params)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        params, state = step(params, state, jnp.asarray(markov_batch(rng, successors, 16, 33)))
+    return params
+
+
+def perplexity(w, tokens: np.ndarray) -> float:
+    """exp(mean next-token NLL) of held-out tokens [batch, seq] through the decoding forward (the cache path)."""
+    batch, seq = tokens.shape
+    cache = init_cache(w.model.cfg, batch, seq)
+    logits, _ = forward(w.model, w.params, w.head, jnp.asarray(tokens), jnp.zeros(batch, jnp.int32), cache)
+    logp = jax.nn.log_softmax(logits[:, :-1])
+    return float(jnp.exp(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], axis=-1))))
+
+
+def test_held_out_perplexity_stays_within_1_percent_int8_and_4_percent_int4_of_fp32():
+    cfg = big_cfg()
+    rng = np.random.default_rng(1)
+    successors = rng.integers(0, cfg.vocab_size, (cfg.vocab_size, 3))
+    params = trained_params(cfg, successors)
+    held_out = markov_batch(np.random.default_rng(2), successors, 32, 32)
+    fp32, int8, int4 = (
+        perplexity(decode_weights(cfg, params, q), held_out) for q in ("none", "int8", "int4")
+    )
+    assert fp32 < cfg.vocab_size / 4  # trained: far from uniform
+    assert abs(int8 / fp32 - 1) < 0.01 and abs(int4 / fp32 - 1) < 0.04, (fp32, int8, int4)

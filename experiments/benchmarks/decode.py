@@ -123,6 +123,16 @@ def measure_row(w: DecodeWeights, batch: int, prompt_len: int, max_new: int, rep
     }
 
 
+def show(row: dict) -> None:
+    """One measured row as a line of text, printed as soon as it is measured."""
+    print(
+        f"{row['quant']:>5} batch {row['batch']:>3}: {row['before_tokens_per_s']:8.1f} -> "
+        f"{row['after_tokens_per_s']:8.1f} tokens/s (x{row['speedup']}); bandwidth limit "
+        f"{row['bandwidth_limit_steps_per_s']} steps/s",
+        flush=True,
+    )
+
+
 def measure(
     cfg: ModelConfig, prompt_len: int, max_new: int, batches: list[int], quants: list[str], repeats: int
 ) -> dict:
@@ -137,7 +147,9 @@ def measure(
             "step_weight_mb": round(step_bytes(w) / 1e6, 1),
             "bandwidth_limit_steps_per_s": round(bandwidth * 1e9 / step_bytes(w), 1),
         }
-        rows += [{**context, **measure_row(w, batch, prompt_len, max_new, repeats)} for batch in batches]
+        for batch in batches:
+            rows.append({**context, **measure_row(w, batch, prompt_len, max_new, repeats)})
+            show(rows[-1])
     return {
         "platform": jax.devices()[0].platform,
         "load_average": os.getloadavg(),
@@ -159,12 +171,6 @@ def main(argv: list[str]) -> None:
         _QUANTS.value,
         _REPEATS.value,
     )
-    for row in result["rows"]:
-        print(
-            f"{row['quant']:>5} batch {row['batch']:>3}: {row['before_tokens_per_s']:8.1f} -> "
-            f"{row['after_tokens_per_s']:8.1f} tokens/s (x{row['speedup']}); bandwidth limit "
-            f"{row['bandwidth_limit_steps_per_s']} steps/s"
-        )
     if _JSON.value:
         print(json.dumps({"shape": _SHAPE.value, **result}))
 

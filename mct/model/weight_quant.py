@@ -61,14 +61,18 @@ def dequantize(q: QuantizedMatrix, axis: int) -> jax.Array:
 def quantized_linear(x: jax.Array, q: QuantizedMatrix, n: int) -> jax.Array:
     """The model's `linear` hook on a quantised matrix: x [..., in...] (n input dims) -> [..., out...].
 
-    One layer's q (no lead): codes [groups, group, out...]. Each group's integer codes meet x in x's dtype and
-    the group's partial sums are scaled after the contraction, so the fp weights are never materialised.
+    One layer's q (no lead): codes [groups, group, out...]. The integer codes meet x in x's dtype block by block
+    (blocks of 128 inputs within a group: XLA's CPU dot keeps the conversion inside a batched contraction, where
+    one long contraction would first build the fp32 matrix), and each group's partial sums are scaled after.
     """
     groups, group = q.codes.shape[:2]
     out_shape = q.codes.shape[2:]
     lead = x.shape[: x.ndim - n]
-    xg = x.reshape(-1, groups, group)  # [tokens, groups, group]
-    codes = q.codes.reshape(groups, group, -1).astype(x.dtype)  # [groups, group, out]
-    partial = jnp.einsum("tgk,gko->tgo", xg, codes, preferred_element_type=jnp.float32)
+    blocks = group // INT4_GROUP if group % INT4_GROUP == 0 else 1
+    xb = x.reshape(-1, groups, blocks, group // blocks)  # [tokens, groups, blocks, block]
+    codes = q.codes.reshape(groups, blocks, group // blocks, -1).astype(
+        x.dtype
+    )  # [groups, blocks, block, out]
+    partial = jnp.einsum("tgbk,gbko->tgbo", xb, codes, preferred_element_type=jnp.float32).sum(axis=2)
     y = jnp.einsum("tgo,go->to", partial, q.scales.reshape(groups, -1))  # [tokens, out]
     return y.astype(x.dtype).reshape(*lead, *out_shape)
