@@ -3,6 +3,8 @@ quantised matmul against the dequantised weights, decoding logits against a mode
 held-out perplexity of a briefly trained tiny model, and the refusals (a QAT ternary model, an unknown mode)."""
 
 import dataclasses
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,9 @@ from mct.config.model import QuantConfig
 from mct.infer.decoding import QUANTIZED, decode_weights, forward, init_cache, params_model
 from mct.model.quant import MATRIX_DIMS, QUANTISED
 from mct.model.weight_quant import dequantize, quantize_param, quantized_linear
+from tests.data_fixtures import make_tiny_dataset
 from tests.test_decoding import random_params, tiny_cfg
+from tests.test_export import save_random_run, tiny_run_config
 
 
 def numpy_quantize(w: np.ndarray, n_in: int, bits: int, group: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -152,3 +156,14 @@ def test_held_out_perplexity_stays_within_1_percent_int8_and_4_percent_int4_of_f
     )
     assert fp32 < cfg.vocab_size / 4  # trained: far from uniform
     assert abs(int8 / fp32 - 1) < 0.01 and abs(int4 / fp32 - 1) < 0.04, (fp32, int8, int4)
+
+
+def test_generate_cli_refuses_quant_on_a_ternary_model_in_one_line(tmp_path):
+    config = tiny_run_config(tmp_path / "wd", make_tiny_dataset(tmp_path), quant={"weights": "ternary"})
+    save_random_run(tmp_path / "wd", config)
+    cmd = [sys.executable, "-m", "mct.generate", f"--workdir={tmp_path / 'wd'}", "--prompt=a", "--quant=int8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --quant int8: the model is already ternary (BitCPM QAT); decode it as is"
+    )
