@@ -1,6 +1,8 @@
 """Autoregressive decoding over a KV cache (MiniCPM.extend): batched prompts of different lengths, greedy,
-temperature and top-p sampling, EOS handling, and a callback per step for streaming output; the loop and its
-stop rule are mct.infer.loop's, this module's `sampling_strategy` the plain one-token-per-step proposer.
+temperature and top-p sampling, EOS handling, and a streaming callback (every loop.STREAM_EVERY steps); the
+loop and its stop rule are mct.infer.loop's, this module's `sampling_strategy` the plain one-token-per-step
+proposer.
+Weight-only int8 / int4 decoding (`decode_weights(..., quant)`) keeps the quantised matrices under QUANTIZED.
 
 Prompts are right-padded into one [batch, prompt_len] block; row b's token t sits at position and cache slot
 t, so each row's generated tokens overwrite its padding slots and never see them (a query sees slots up to
@@ -24,9 +26,8 @@ from mct.model.decoder import MiniCPM, ParamsModel, compute_dtype
 from mct.model.quant import QUANTISED, quantised_once
 from mct.model.weight_quant import MODES, quantize_param
 
-QUANTIZED = (
-    "quantized_layers"  # decoding params' entry of weight-only quantised matrices (they replace the params')
-)
+# decoding params' entry of weight-only quantised matrices (used in place of the params' own)
+QUANTIZED = "quantized_layers"
 
 
 @dataclasses.dataclass(frozen=True)
