@@ -2,6 +2,7 @@
 
 import functools
 import io
+import json
 import math
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def test_stream_printer_holds_back_incomplete_characters(tmp_path):
     assert out.getvalue() == tokenizer.decode(ids + [ids[-1]] + half) + "\n"
 
 
-def test_generate_cli_prints_the_greedy_continuation(tmp_path):
+def test_generate_cli_prints_the_greedy_continuation_and_its_json_summary_last(tmp_path):
     config = tiny_run_config(tmp_path / "wd", make_tiny_dataset(tmp_path, vocab_size=300))
     params = save_random_run(tmp_path / "wd", config)
     tokenizer = load_tokenizer(tmp_path / "dataset")
@@ -194,6 +195,12 @@ def test_generate_cli_prints_the_greedy_continuation(tmp_path):
         f"--workdir={tmp_path / 'wd'}",
         "--prompt=the river",
         "--max_new_tokens=8",
+        "--json",
     ]
     printed = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    assert printed == "the river" + tokenizer.decode(want[0]) + "\n"
+    text, summary = printed.rsplit("\n", 2)[:2]
+    assert text + "\n" == "the river" + tokenizer.decode(want[0]) + "\n"
+    summary = json.loads(summary)
+    assert summary["tokens"] == want and summary["texts"] == [tokenizer.decode(want[0])]
+    assert summary["batch"] == 1 and summary["compile_s"] > 0
+    assert summary["decode_tokens_per_s"] > 0 and summary["prefill_tokens_per_s"] > 0

@@ -1,19 +1,23 @@
 """Text generation from a training checkpoint, streaming the continuation as it is decoded.
 
     python -m mct.generate --workdir DIR --prompt "def main(" [--prompt "..."] [--max_new_tokens N
-        --temperature T --top_p P --seed S --step N --chat] [--draft_workdir DIR --freq_vocab FILE --num_draft K]
+        --temperature T --top_p P --seed S --step N --chat --json --quant Q] [--draft_workdir DIR --freq_vocab FILE
+        --num_draft K]
 
 Prompts are encoded with the run's tokenizer and start with BOS, like training documents; EOS ends a row.
 With --chat each prompt is a user turn of the chat format (data_pipelines.chat) and the answer ends at `<|im_end|>`.
 One prompt streams token by token; several are decoded as one batch and printed when done. With
 --draft_workdir, a smaller model of the same tokenizer drafts tokens (FR-Spec speculative decoding, its LM
 head cut to the --freq_vocab ids); with --speculative mtp, the model's own MTP block drafts one token per
-pass (mct.infer.mtp_speculative). The output distribution is the same.
+pass (mct.infer.mtp_speculative). The output distribution is the same. --quant int8 / int4 decodes with
+weight-only quantised hidden matrices (mct/model/weight_quant.py). With --json the last line is one JSON
+object: texts, tokens, decode and prefill tokens/s (without compiling), compile_s, batch.
 
 Flags and wiring only: `mct.infer.generate` does the work.
 """
 
 import functools
+import json
 import sys
 
 from absl import flags, logging
@@ -23,8 +27,9 @@ from data_pipelines.freq_vocab import read_freq_vocab
 from data_pipelines.tokenizer import EOS
 from mct.cli import common as cli
 from mct.errors import UserError
-from mct.infer.decoding import Sampling, generate
-from mct.infer.generate import StreamPrinter, encode_prompts
+from mct.infer.decoding import Sampling, check_quant, generate
+from mct.infer.generate import StreamPrinter, encode_prompts, report
+from mct.infer.loop import Timings
 from mct.infer.mtp_speculative import mtp_generate
 from mct.infer.speculative import speculative_generate
 from mct.run.reader import RunCheckpoint
@@ -49,6 +54,13 @@ def _define_flags() -> None:
         False,
         "Each prompt is a user turn (ChatML, data_pipelines.chat); the answer stops at <|im_end|>.",
     )
+    flags.DEFINE_enum(
+        "quant",
+        "none",
+        ["none", "int8", "int4"],
+        "Weight-only quantised decoding (int8 per channel, int4 per 128).",
+    )
+    flags.DEFINE_bool("json", False, "End with one JSON line: texts, tokens, tokens/s, compile_s, batch.")
 
 
 def main(argv: list[str]) -> None:
@@ -62,6 +74,7 @@ def main(argv: list[str]) -> None:
         run = RunCheckpoint(f.workdir, f.step)
         tokenizer = run.tokenizer()
         params = run.read_params()
+        check_quant(run.model_cfg, f.quant)
         decode = functools.partial(generate, run.model_cfg, params)
         if f.draft_workdir:
             draft = RunCheckpoint(f.draft_workdir)
@@ -100,6 +113,7 @@ def main(argv: list[str]) -> None:
     stream = StreamPrinter(tokenizer) if len(prompts) == 1 else None
     if stream:
         sys.stdout.write(shown[0])
+    timings = Timings()
     outputs = decode(
         prompts,
         max_new_tokens=f.max_new_tokens,
@@ -107,12 +121,16 @@ def main(argv: list[str]) -> None:
         eos_id=eos_id,
         seed=f.seed,
         on_tokens=stream,
+        timings=timings,
+        quant=f.quant,
     )
     if stream:
         stream.finish()
-        return
-    for prompt, text, tokens in zip(f.prompt, shown, outputs):
-        print(f"--- {prompt!r} ({len(tokens)} tokens)\n{text}{tokenizer.decode(tokens)}")
+    else:
+        for prompt, text, tokens in zip(f.prompt, shown, outputs):
+            print(f"--- {prompt!r} ({len(tokens)} tokens)\n{text}{tokenizer.decode(tokens)}")
+    if f.json:
+        print(json.dumps(report(tokenizer, prompts, outputs, timings)))
 
 
 def entry() -> None:

@@ -1,6 +1,8 @@
 """Autoregressive decoding over a KV cache (MiniCPM.extend): batched prompts of different lengths, greedy,
-temperature and top-p sampling, EOS handling, and a callback per step for streaming output; the loop and its
-stop rule are mct.infer.loop's, this module's `sampling_strategy` the plain one-token-per-step proposer.
+temperature and top-p sampling, EOS handling, and a streaming callback (every loop.STREAM_EVERY steps); the
+loop and its stop rule are mct.infer.loop's, this module's `sampling_strategy` the plain one-token-per-step
+proposer.
+Weight-only int8 / int4 decoding (`decode_weights(..., quant)`) keeps the quantised matrices under QUANTIZED.
 
 Prompts are right-padded into one [batch, prompt_len] block; row b's token t sits at position and cache slot
 t, so each row's generated tokens overwrite its padding slots and never see them (a query sees slots up to
@@ -18,10 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mct.config.model import ModelConfig
-from mct.infer.loop import Proposal, StopRule, Strategy, TokenCallback, decode
+from mct.infer.loop import Bound, Proposal, StopRule, Strategy, Timings, TokenCallback, bucket, decode
 from mct.model.attention import KVCache
-from mct.model.decoder import ParamsModel, compute_dtype
-from mct.model.quant import quantised_once
+from mct.model.decoder import MiniCPM, ParamsModel, compute_dtype
+from mct.model.quant import QUANTISED, quantised_once
+from mct.model.weight_quant import MODES, quantize_param
+
+# decoding params' entry of weight-only quantised matrices (used in place of the params' own)
+QUANTIZED = "quantized_layers"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +100,8 @@ def forward(
     logits [batch, T, vocab'] (fp32), or [batch, vocab'] at token index last[b] when `last` is given.
     """
     positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # [batch, T]
-    hidden, cache = model.bind(params).extend(tokens, positions, cache)  # [batch, T, d_model]
+    m, layers = bind(model, params)
+    hidden, cache = m.extend(tokens, positions, cache, layer_weights=layers)  # [batch, T, d_model]
     if last is not None:
         hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [batch, d_model]
     return jnp.einsum("...d,dv->...v", hidden.astype(jnp.float32), head), cache
@@ -106,19 +113,47 @@ def params_model(cfg: ModelConfig) -> ParamsModel:
     return ParamsModel(cfg)
 
 
+def bind(model: ParamsModel, params: dict) -> tuple[MiniCPM, dict | None]:
+    """The module of decoding params, and their weight-only quantised layer matrices (None: not quantised)."""
+    quantized = params.get(QUANTIZED)
+    return model.bind({k: v for k, v in params.items() if k != QUANTIZED}), quantized
+
+
 class DecodeWeights(NamedTuple):
-    """What decoding runs on: the model, its params (a QAT model's quantised once) and its output head."""
+    """What decoding runs on: the model, its params (a QAT model's quantised once; with `quant`, the hidden
+    matrices' int8 / int4 codes under QUANTIZED) and its output head."""
 
     model: ParamsModel
     params: dict
     head: jnp.ndarray  # [d_model, vocab]: head_weight(), muP's 1/m folded in
 
 
-def decode_weights(cfg: ModelConfig, params: dict) -> DecodeWeights:
-    """The DecodeWeights of a model config and its training params."""
+def decode_weights(cfg: ModelConfig, params: dict, quant: str = "none") -> DecodeWeights:
+    """The DecodeWeights of a model config and its training params, the hidden matrices weight-only quantised
+    by `quant` ("none", "int8": per output channel, "int4": groups of 128 inputs; mct/model/weight_quant.py)."""
+    check_quant(cfg, quant)
     cfg, params = quantised_once(cfg, params)
     model = params_model(cfg)
-    return DecodeWeights(model, params, output_head(model, params))
+    head = output_head(model, params)
+    if quant != "none":
+        params = {
+            **params,
+            QUANTIZED: {name: quantize_param(name, params[name], quant) for name in QUANTISED},
+        }
+    return DecodeWeights(model, params, head)
+
+
+def check_quant(cfg: ModelConfig, quant: str) -> None:
+    """ValueError (one line) unless `quant` applies to the model: a QAT ternary model is quantised already,
+    and an MoE one's expert matrices are not covered."""
+    if quant not in MODES:
+        raise ValueError(f"--quant must be one of {MODES}, got {quant!r}")
+    if quant != "none" and cfg.quant.weights != "none":
+        raise ValueError(
+            f"--quant {quant}: the model is already {cfg.quant.weights} (BitCPM QAT); decode it as is"
+        )
+    if quant != "none" and cfg.moe.num_experts:
+        raise ValueError(f"--quant {quant}: weight-only quantisation covers dense models, not MoE")
 
 
 def output_head(model: ParamsModel, params: dict) -> jnp.ndarray:
@@ -181,9 +216,11 @@ def _sample_prompts(
     return _one_each(token, logprob), SamplingState(cache, token, lengths)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="state")
-def _sample_step(model, sampling, params, head, state: SamplingState, key) -> tuple[Proposal, SamplingState]:
-    """Caches each row's last token and samples the one after it."""
+def _sample_step(
+    model, sampling, params, head, state: SamplingState, active, key
+) -> tuple[Proposal, SamplingState]:
+    """Caches each row's last token and samples the one after it (rows not active too: nothing reads them)."""
+    del active
     token, logprob, cache = next_token(
         model,
         sampling,
@@ -202,14 +239,24 @@ def sampling_strategy(
     w: DecodeWeights, sampling: Sampling, tokens: np.ndarray, lengths: np.ndarray, capacity: int
 ) -> Strategy:
     """Plain decoding of right-padded prompts tokens [batch, P] (lengths [batch]): one sampled token per row
-    and step, with its log-prob, over a cache of `capacity` positions."""
+    and step, with its log-prob, over a cache of (the bucket of) `capacity` positions."""
+    tokens, capacity = bucketed(w.model.cfg, tokens, capacity)
     cache = lambda: init_cache(w.model.cfg, len(lengths), capacity)  # made at prefill, which donates it
     return Strategy(
         prefill=lambda key: _sample_prompts(
             w.model, sampling, w.params, w.head, tokens, lengths, cache(), key
         ),
-        step=lambda state, active, key: _sample_step(w.model, sampling, w.params, w.head, state, key),
+        step=Bound(_sample_step, (w.model, sampling)),
+        operands=(w.params, w.head),
     )
+
+
+def bucketed(cfg: ModelConfig, tokens: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
+    """Right-padded prompts tokens [batch, P] padded on to their width's bucket, and the bucket of a cache
+    capacity (within max_position), so that a new prompt length or token limit reuses compiled programs."""
+    capacity = bucket(capacity, cfg.max_position)
+    width = max(min(bucket(tokens.shape[1]), capacity), tokens.shape[1])
+    return np.pad(tokens, ((0, 0), (0, width - tokens.shape[1]))), capacity
 
 
 def eos_rule(batch: int, max_new_tokens: int, eos_id: int | None) -> StopRule:
@@ -227,11 +274,20 @@ def generate(
     eos_id: int | None = None,
     seed: int = 0,
     on_tokens: TokenCallback | None = None,
+    timings: Timings | None = None,
+    quant: str = "none",
 ) -> list[list[int]]:
-    """Continues each prompt (token ids) by up to max_new_tokens tokens; EOS ends a row (and is not kept)."""
+    """Continues each prompt (token ids) by up to max_new_tokens tokens; EOS ends a row (and is not kept).
+    `timings`, when given, is filled in (loop.decode); quant: decode_weights'."""
     tokens, lengths = pad_prompts(prompts)
     strategy = sampling_strategy(
-        decode_weights(cfg, params), sampling, tokens, lengths, tokens.shape[1] + max_new_tokens
+        decode_weights(cfg, params, quant), sampling, tokens, lengths, tokens.shape[1] + max_new_tokens
     )
-    out, _ = decode(strategy, eos_rule(len(prompts), max_new_tokens, eos_id), jax.random.key(seed), on_tokens)
+    out, _ = decode(
+        strategy,
+        eos_rule(len(prompts), max_new_tokens, eos_id),
+        jax.random.key(seed),
+        on_tokens,
+        timings=timings,
+    )
     return out.tokens

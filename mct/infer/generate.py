@@ -10,6 +10,7 @@ import sys
 
 from data_pipelines.chat import encode_chat
 from data_pipelines.tokenizer import BOS, TextTokenizer
+from mct.infer.loop import Timings
 
 
 class StreamPrinter:
@@ -45,3 +46,23 @@ def encode_prompts(tokenizer: TextTokenizer, prompts: list[str], chat: bool = Fa
         return [encode_chat(tokenizer, turn(p), add_generation_prompt=True)[0] for p in prompts]
     bos = tokenizer.token_to_id(BOS)
     return [[bos] + tokenizer.encode_verbatim(p) for p in prompts]
+
+
+def report(
+    tokenizer: TextTokenizer, prompts: list[list[int]], outputs: list[list[int]], timings: Timings
+) -> dict:
+    """`mct.generate --json`'s summary of a batch: each row's text and tokens, and its rates (all rows).
+
+    decode_tokens_per_s counts the tokens of the token loop (a row's first token comes from the prefill) over
+    its time; neither rate includes compiling, which compile_s reports.
+    """
+    decoded = sum(max(len(tokens) - 1, 0) for tokens in outputs)
+    rate = lambda n, seconds: n / seconds if seconds > 0 else None
+    return {
+        "texts": [tokenizer.decode(tokens) for tokens in outputs],
+        "tokens": outputs,
+        "decode_tokens_per_s": rate(decoded, timings.decode_s),
+        "prefill_tokens_per_s": rate(sum(map(len, prompts)), timings.prefill_s),
+        "compile_s": timings.compile_s,
+        "batch": len(prompts),
+    }

@@ -22,7 +22,7 @@ import numpy as np
 from mct.config.model import ModelConfig
 from mct.infer import decoding
 from mct.infer.decoding import DecodeWeights, Sampling, sample, token_probs
-from mct.infer.loop import Proposal, Strategy, TokenCallback, decode
+from mct.infer.loop import Bound, Proposal, Strategy, Timings, TokenCallback, decode
 from mct.infer.speculative import NO_ROUNDS, SpeculativeStats, accept, tally, verified_run
 from mct.model.attention import KVCache, cached_attend
 from mct.model.decoder import ParamsModel
@@ -34,14 +34,15 @@ def _target(model: ParamsModel, params, head, tokens, start, cache):
     """tokens [batch, T] at positions start + (0..T-1) -> (logits [batch, T, vocab], cache, residual
     [batch, T, d_model])."""
     positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    hidden, cache, residual = model.bind(params).extend(tokens, positions, cache, with_residual=True)
+    m, layers = decoding.bind(model, params)
+    hidden, cache, residual = m.extend(tokens, positions, cache, with_residual=True, layer_weights=layers)
     return jnp.einsum("btd,dv->btv", hidden.astype(jnp.float32), head), cache, residual
 
 
 def _draft(model: ParamsModel, params, head, residual, next_tokens, start, cache: KVCache):
     """The first MTP block at positions start + (0..T-1) on (residual, Emb(next_tokens)) [batch, T(, d)] ->
     (logits [batch, T, vocab] for the tokens after next_tokens, its updated one-layer cache)."""
-    m = model.bind(params)
+    m, _ = decoding.bind(model, params)
     cfg = m.cfg
     positions = start[:, None] + jnp.arange(next_tokens.shape[1], dtype=jnp.int32)[None, :]
     rope = rope_tables(cfg.rope, cfg.head_dim, cache.k.shape[2], cfg.max_position)
@@ -80,7 +81,6 @@ def _prefill(model, sampling, params, head, tokens, lengths, target_cache, draft
     return Proposal(first[:, None], jnp.ones_like(first)), state
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="state")
 def _round(model, sampling, params, head, state: MtpState, active, key):
     """One round (see the module docstring): candidates [batch, 2] of which the first count are committed; the
     new state (last2, h2 and n unchanged for rows not active)."""
@@ -112,18 +112,20 @@ def mtp_generate(
     eos_id: int | None = None,
     seed: int = 0,
     on_tokens: TokenCallback | None = None,
+    timings: Timings | None = None,
+    quant: str = "none",
 ) -> tuple[list[list[int]], SpeculativeStats]:
     """decoding.generate's output distribution (its exact tokens when greedy), one MTP draft per target pass.
-    Every prompt needs at least 2 tokens (BOS + one)."""
+    Every prompt needs at least 2 tokens (BOS + one); quant: decoding.decode_weights'."""
     if not cfg.mtp.depth:
         raise ValueError("--speculative mtp needs a model with an MTP block (model.mtp.depth >= 1)")
     tokens, lengths = decoding.pad_prompts(prompts)
     if lengths.min() < 2:
         raise ValueError("MTP drafting needs prompts of at least 2 tokens (BOS and one more)")
     capacity = tokens.shape[1] + max_new_tokens + 3
-    strategy = mtp_strategy(decoding.decode_weights(cfg, params), sampling, tokens, lengths, capacity)
+    strategy = mtp_strategy(decoding.decode_weights(cfg, params, quant), sampling, tokens, lengths, capacity)
     rule = decoding.eos_rule(len(prompts), max_new_tokens, eos_id)
-    out, state = decode(strategy, rule, jax.random.key(seed), on_tokens)
+    out, state = decode(strategy, rule, jax.random.key(seed), on_tokens, timings=timings)
     return out.tokens, SpeculativeStats.of(state.tally)
 
 
@@ -133,9 +135,10 @@ def mtp_strategy(
     """MTP self-speculation over right-padded prompts tokens [batch, P] (lengths [batch], each >= 2): one
     draft of the model's first MTP block per target pass, over caches of `capacity` positions."""
     cfg, batch = w.model.cfg, len(lengths)
+    tokens, capacity = decoding.bucketed(cfg, tokens, capacity)
     caches = lambda: (
         decoding.init_cache(cfg, batch, capacity),
         decoding.init_cache(dataclasses.replace(cfg, n_layers=1), batch, capacity),
     )
     prefill = lambda key: _prefill(w.model, sampling, w.params, w.head, tokens, lengths, *caches(), key)
-    return Strategy(prefill, functools.partial(_round, w.model, sampling, w.params, w.head))
+    return Strategy(prefill, Bound(_round, (w.model, sampling)), (w.params, w.head))

@@ -24,7 +24,7 @@ import numpy as np
 from mct.config.model import ModelConfig
 from mct.infer import decoding
 from mct.infer.decoding import DecodeWeights, Sampling, forward, next_token, sample, token_probs
-from mct.infer.loop import Proposal, Strategy, TokenCallback, decode
+from mct.infer.loop import Bound, Proposal, Strategy, Timings, TokenCallback, decode
 from mct.model.attention import KVCache
 from mct.model.decoder import ParamsModel
 
@@ -125,7 +125,6 @@ def _prefill(
     return Proposal(first[:, None], jnp.ones_like(first)), state
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames="state")
 def _round(
     target: ParamsModel,
     draft: ParamsModel,
@@ -185,11 +184,13 @@ def speculative_generate(
     eos_id: int | None = None,
     seed: int = 0,
     on_tokens: TokenCallback | None = None,
+    timings: Timings | None = None,
+    quant: str = "none",
 ) -> tuple[list[list[int]], SpeculativeStats]:
     """decoding.generate's output distribution (its exact tokens when greedy), drafted num_draft at a time.
 
     draft_vocab: the token ids [V'] the draft's LM head keeps (FR-Spec, data_pipelines.freq_vocab); None
-    keeps its whole vocabulary.
+    keeps its whole vocabulary. quant: both models' weight-only quantisation (decoding.decode_weights).
     """
     if num_draft < 1:
         raise ValueError(f"num_draft must be at least 1, got {num_draft}")
@@ -199,15 +200,15 @@ def speculative_generate(
     )
     if vocab_ids.size == 0 or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= shared:
         raise ValueError(f"draft_vocab ids must lie in [0, {shared}) (both models' vocabularies)")
-    target = decoding.decode_weights(target_cfg, target_params)
-    draft = decoding.decode_weights(draft_cfg, draft_params)
+    target = decoding.decode_weights(target_cfg, target_params, quant)
+    draft = decoding.decode_weights(draft_cfg, draft_params, quant)
     tokens, lengths = decoding.pad_prompts(prompts)
     # A row may overshoot max_new_tokens by num_draft in its last round, and a finished row keeps running
     # (frozen) rounds that write num_draft + 1 slots past its end: room for both.
     capacity = tokens.shape[1] + max_new_tokens + 2 * num_draft + 1
     strategy = speculative_strategy(target, draft, vocab_ids, sampling, num_draft, tokens, lengths, capacity)
     rule = decoding.eos_rule(len(prompts), max_new_tokens, eos_id)
-    out, state = decode(strategy, rule, jax.random.key(seed), on_tokens)
+    out, state = decode(strategy, rule, jax.random.key(seed), on_tokens, timings=timings)
     return out.tokens, SpeculativeStats.of(state.tally)
 
 
@@ -223,6 +224,7 @@ def speculative_strategy(
 ) -> Strategy:
     """FR-Spec decoding of right-padded prompts tokens [batch, P] (lengths [batch]): num_draft tokens drafted
     from the vocab_ids [V'] columns of the draft's head, verified in one target pass, over caches of capacity."""
+    tokens, capacity = decoding.bucketed(target.model.cfg, tokens, capacity)
     draft_head = draft.head[:, vocab_ids]  # [d_draft, V']: FR-Spec's cut LM head
     caches = lambda: [decoding.init_cache(w.model.cfg, len(lengths), capacity) for w in (target, draft)]
     prefill = lambda key: _prefill(
@@ -238,16 +240,5 @@ def speculative_strategy(
         *caches(),
         key,
     )
-    step = functools.partial(
-        _round,
-        target.model,
-        draft.model,
-        sampling,
-        num_draft,
-        target.params,
-        target.head,
-        draft.params,
-        draft_head,
-        vocab_ids,
-    )
-    return Strategy(prefill, step)
+    step = Bound(_round, (target.model, draft.model, sampling, num_draft))
+    return Strategy(prefill, step, (target.params, target.head, draft.params, draft_head, vocab_ids))

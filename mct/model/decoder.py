@@ -21,6 +21,7 @@ from mct.model.fp8 import fp8_linear
 from mct.model.moe import moe_mlp
 from mct.model.quant import quantise_weights
 from mct.model.rope import apply_rope, rope_tables
+from mct.model.weight_quant import QuantizedMatrix, quantized_linear
 from mct.parallel.sharding import constrain
 
 _policies = jax.checkpoint_policies
@@ -88,10 +89,10 @@ Mlp = Callable[[ModelConfig, jnp.ndarray, dict, Linear], tuple[jnp.ndarray, dict
 
 
 def linear_fn(cfg: ModelConfig) -> Linear:
-    """The linear layers' matmul: jnp.tensordot, or FP8 with block scales when model.fp8 (mct/model/fp8.py)."""
-    if cfg.fp8:
-        return fp8_linear
-    return lambda x, w, n: jnp.tensordot(x, w, n)
+    """The linear layers' matmul: jnp.tensordot, or FP8 with block scales when model.fp8 (mct/model/fp8.py);
+    a weight-only quantised matrix (decoding's --quant, mct/model/weight_quant.py) brings its own."""
+    dense = fp8_linear if cfg.fp8 else lambda x, w, n: jnp.tensordot(x, w, n)
+    return lambda x, w, n: quantized_linear(x, w, n) if isinstance(w, QuantizedMatrix) else dense(x, w, n)
 
 
 def dense_mlp(cfg: ModelConfig, x: jnp.ndarray, w: dict, linear: Linear) -> tuple[jnp.ndarray, dict]:
@@ -120,7 +121,8 @@ def decoder_layer(
     """
     dtype = compute_dtype(cfg)
     branch_scale = cfg.scale_depth / math.sqrt(cfg.n_layers)
-    w = {name: value if name == "router" else value.astype(dtype) for name, value in w.items()}
+    keep = lambda name, value: name == "router" or isinstance(value, QuantizedMatrix)
+    w = {name: value if keep(name, value) else value.astype(dtype) for name, value in w.items()}
     linear = linear_fn(cfg)
     x = rms_norm(h, w["attn_norm"], cfg.rms_eps)
     q = constrain(linear(x, w["wq"], 1), ("batch", None, "heads", None))
@@ -257,7 +259,13 @@ class MiniCPM(nnx.Module):
         return {**self.layer_weights(), **router}
 
     def extend(
-        self, tokens: jnp.ndarray, positions: jnp.ndarray, cache: KVCache, *, with_residual: bool = False
+        self,
+        tokens: jnp.ndarray,
+        positions: jnp.ndarray,
+        cache: KVCache,
+        *,
+        with_residual: bool = False,
+        layer_weights: dict | None = None,
     ) -> tuple[jnp.ndarray, KVCache] | tuple[jnp.ndarray, KVCache, jnp.ndarray]:
         """Decoding: runs `tokens` [batch, T] at `positions` [batch, T] against a KV cache.
 
@@ -267,7 +275,8 @@ class MiniCPM(nnx.Module):
         sparse.dense_len - 1 on (mct.model.attention.cached_attend). RoPE tables are those of a sequence as long as
         the cache (LongRoPE keeps one factor list per generation). Returns the final hidden states
         [batch, T, d_model] and the updated cache (with_residual: and the last block's output before the
-        final norm, which MTP drafting reads).
+        final norm, which MTP drafting reads). layer_weights replace some stacked layer weights (weight-only
+        quantised matrices, mct/model/weight_quant.py).
         """
         cfg = self.cfg
         rope = rope_tables(cfg.rope, cfg.head_dim, cache.k.shape[2], cfg.max_position)
@@ -280,7 +289,8 @@ class MiniCPM(nnx.Module):
             h, layer_cache, _ = decoder_layer(cfg, h, w, positions, rope, attention, mlp)
             return h, layer_cache
 
-        h, cache = scan_layers(cfg, layer, self.embed_tokens(tokens), (self._block_weights(), cache))
+        weights = {**self._block_weights(), **(layer_weights or {})}
+        h, cache = scan_layers(cfg, layer, self.embed_tokens(tokens), (weights, cache))
         hidden = rms_norm(h, self.final_norm[...], cfg.rms_eps)
         return (hidden, cache, h) if with_residual else (hidden, cache)
 
