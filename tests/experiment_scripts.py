@@ -78,6 +78,13 @@ BENCHMARKS: dict[str, tuple[Flags, str]] = {
         ),
         "variants",
     ),
+    "experiments.benchmarks.decode": (
+        lambda tmp, data: (
+            ["--shape=9m", "--prompt_len=6", "--max_new_tokens=4", "--batches=1,2"]
+            + ["--quants=none,int8", "--repeats=1"]
+        ),
+        "rows",
+    ),
     "experiments.benchmarks.aot_remat_table": (
         lambda tmp, data: (
             ["--rows=0p5b:v5e-8", "--policies=none", "--overrides=model.n_layers=1"]
