@@ -21,7 +21,7 @@ from mct.model.decoder import ParamsModel
 from mct.parallel.sharding import logical_spec, make_mesh, named
 from mct.run.reader import RunCheckpoint
 from mct.run.task_files import SCORED, Task
-from mct.run.tasks import Scorer, TaskResult, score_tasks
+from mct.run.tasks import Scorer, TaskResult, score_tasks, task_requests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,8 @@ def evaluate(run: RunCheckpoint, tasks: Sequence[Task], options: Options) -> lis
     if scored:
         scorer, placed = sharded_scorer(run, params, options.batch_size)
         with jax.set_mesh(scorer.sharding.mesh):
-            results = {r.name: r for r in score_tasks(scored, scorer, placed, run.model_cfg.max_position)}
+            requests = [task_requests(t, scorer, run.model_cfg.max_position) for t in scored]
+            results = {r.name: r for r in score_tasks(scored, requests, scorer, placed)}
     for task in tasks:
         if task.kind not in SCORED:
             results[task.name] = generation_task(

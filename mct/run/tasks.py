@@ -216,14 +216,16 @@ def task_requests(task: Task, scorer: Scorer, max_position: int) -> list[list[Re
     return per_doc
 
 
-def score_tasks(tasks: Sequence[Task], scorer: Scorer, params: dict, max_position: int) -> list[TaskResult]:
-    """Every log-likelihood task's result; their requests share packed batches."""
-    per_task = [task_requests(t, scorer, max_position) for t in tasks]
-    flat = [r for per_doc in per_task for rs in per_doc for r in rs]
+def score_tasks(
+    tasks: Sequence[Task], requests: Sequence[list[list[Request]]], scorer: Scorer, params: dict
+) -> list[TaskResult]:
+    """Every log-likelihood task's result from its examples' requests (task_requests); all tasks' requests
+    share packed batches."""
+    flat = [r for per_doc in requests for rs in per_doc for r in rs]
     scores = iter(scorer.score(params, flat))
     return [
         summarise(task, [[next(scores) for _ in rs] for rs in per_doc])
-        for task, per_doc in zip(tasks, per_task)
+        for task, per_doc in zip(tasks, requests)
     ]
 
 
@@ -309,10 +311,10 @@ def task_hook(
             raise UserError(
                 f"eval.tasks: {task.name} is a {task.kind} task; training evaluates {', '.join(SCORED)}"
             )
-        task_requests(task, scorer, max_position)  # bad examples fail before the first step
+    requests = [task_requests(t, scorer, max_position) for t in tasks]  # bad examples fail before step 1
 
     def run(info: StepInfo) -> None:
-        results = score_tasks(tasks, scorer, info.state["params"], max_position)
+        results = score_tasks(tasks, requests, scorer, info.state["params"])
         writer.write(info.step, {f"task/{r.name}/{k}": v for r in results for k, v in r.metrics.items()})
 
     return run
