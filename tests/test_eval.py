@@ -218,3 +218,11 @@ def test_the_training_hook_logs_task_metrics_at_its_steps_and_once_after_resume(
     logged = [x["step"] for x in lines if "task/mc/acc" in x]
     assert logged == [2, 3, 4]  # every 2 steps and at each run's last
     assert all(set(x) >= {"task/mc/acc_norm", "task/mc/acc"} for x in lines if "task/mc/acc" in x)
+
+
+def test_the_throughput_benchmark_runs_at_a_tiny_size(tmp_path, dataset):
+    from experiments.benchmarks.eval_throughput import measure
+
+    config = make_config(tmp_path / "wd", dataset, **{"data.seq_len": 128, "model.vocab_size": 2048})
+    result = measure(config, examples=6, choices=2, steps=1, max_words=30)
+    assert result["requests"] == 12 and 0 < result["fill"] <= 1 and result["ratio"] > 0
