@@ -15,14 +15,15 @@ import pytest
 
 from mct.errors import UserError
 from mct.evaluation.harness import Options, evaluate, write_results
-from mct.infer.decoding import params_model
+from mct.infer.decoding import generate, params_model
+from mct.infer.generate import encode_prompts
 from mct.model.decoder import ParamsModel
 from mct.run.reader import RunCheckpoint
 from mct.run.task_files import read_task, read_tasks
 from mct.run.tasks import Request, Scorer, encode_pairs, multiple_choice, rolling_requests
 from mct.run.training_run import train
 from tests.test_export import save_random_run, tiny_run_config
-from tests.tiny_runs import REPO, make_config
+from tests.tiny_runs import REPO, make_config, resume_copy
 
 WORDS = "the river runs to the sea and every stone remembers".split()
 
@@ -116,7 +117,7 @@ def test_loglikelihoods_match_transformers(tmp_path, run, dataset):
     tasks = read_tasks(
         f"mc={write_jsonl(tmp_path / 'mc.jsonl', mc)},ll={write_jsonl(tmp_path / 'll.jsonl', ll)}"
     )
-    results = evaluate(checkpoint, tasks, Options(batch_size=8))
+    results = evaluate(checkpoint, tokenizer, tasks, Options(batch_size=8))
     hf_dir = export(workdir, tmp_path / "hf", "llama")
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
@@ -162,6 +163,22 @@ def test_rolling_loglikelihood_is_a_direct_sum(run):
     np.testing.assert_allclose(got[1], sum(direct_loglikelihood(cfg, params, w) for w in windows), atol=1e-3)
 
 
+def test_generation_tasks_judge_the_decode_loops_text(tmp_path, run):
+    workdir, params = run
+    checkpoint = RunCheckpoint(workdir)
+    tokenizer = checkpoint.tokenizer()
+    prompts = ["the river", "every stone"]
+    outputs = generate(
+        checkpoint.model_cfg, params, encode_prompts(tokenizer, prompts), max_new_tokens=4, eos_id=2
+    )
+    texts = [tokenizer.decode(ids) for ids in outputs]
+    rows = [{"prompt": prompts[0], "answer": texts[0]}, {"prompt": prompts[1], "answer": 42}]
+    tasks = read_tasks(str(write_jsonl(tmp_path / "gen.jsonl", rows)))
+    (result,) = evaluate(checkpoint, tokenizer, tasks, Options(batch_size=8, max_new_tokens=4))
+    assert [s["prediction"] for s in result.samples] == texts
+    assert result.metrics == {"exact_match": 0.5, "numeric": 0.0}  # a random model never says 42
+
+
 @pytest.mark.parametrize(
     "rows, message",
     [
@@ -204,20 +221,25 @@ def test_a_context_past_max_position_is_refused_naming_its_line(tmp_path, run):
     assert line.startswith(f"error: {path}:2: ") and "max_position" in line
 
 
-def test_the_training_hook_logs_task_metrics_at_its_steps_and_once_after_resume(tmp_path, dataset):
+def test_the_training_hook_logs_task_metrics_at_its_steps_and_once_after_resume(tmp_path, pretrained):
+    source, dataset = pretrained  # a 2-step run, checkpointed at step 2
+    workdir = resume_copy(source, tmp_path / "wd", 2)
+    with open(workdir / "metrics.jsonl", "a") as f:  # what a killed attempt logged past its checkpoint
+        f.write(json.dumps({"step": 4, "task/mc/acc": -1.0}) + "\n")
     rows = [{"context": "the river", "choices": [" runs", " sea"], "gold": 0}] * 3
     extra = {
         "eval.tasks": f"mc={write_jsonl(tmp_path / 'mc.jsonl', rows)}",
         "eval.tasks_every_steps": 2,
-        "schedule.warmup_steps": 1,
+        "train.steps": 5,
+        "schedule.warmup_steps": 0,
         "schedule.decay_steps": 1,
     }
-    for steps in (3, 4):  # the second run resumes the first's last checkpoint (step 3)
-        train(make_config(tmp_path / "wd", dataset, **extra, **{"train.steps": steps}), jax.devices()[:1])
-    lines = [json.loads(x) for x in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
-    logged = [x["step"] for x in lines if "task/mc/acc" in x]
-    assert logged == [2, 3, 4]  # every 2 steps and at each run's last
-    assert all(set(x) >= {"task/mc/acc_norm", "task/mc/acc"} for x in lines if "task/mc/acc" in x)
+    train(make_config(workdir, dataset, **extra), jax.devices()[:1])
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = [(x["step"], x["task/mc/acc"]) for x in lines if "task/mc/acc" in x]
+    assert [step for step, _ in logged] == [4, 5]  # every 2 steps and at the last; once each
+    assert all(0 <= acc <= 1 for _, acc in logged)
+    assert all("task/mc/acc_norm" in x for x in lines if "task/mc/acc" in x)
 
 
 def test_the_throughput_benchmark_runs_at_a_tiny_size(tmp_path, dataset):

@@ -44,10 +44,11 @@ def main(argv: list[str]) -> None:
         raise UserError("--max_new_tokens and --batch_size must be at least 1")
     try:
         run = RunCheckpoint(f.workdir, f.step)
-        options = Options(f.batch_size or run.config.train.batch_size, f.chat, f.max_new_tokens)
-        results = evaluate(run, tasks, options)
+        tokenizer = run.tokenizer()
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
+    options = Options(f.batch_size or run.config.train.batch_size, f.chat, f.max_new_tokens)
+    results = evaluate(run, tokenizer, tasks, options)
     summary = write_results(pathlib.Path(f.out), results, {"workdir": str(f.workdir), "step": run.step})
     if f.json:
         print(json.dumps(summary))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import NamedSharding
 
+from data_pipelines.tokenizer import TextTokenizer
 from mct.errors import UserError
 from mct.evaluation.generation import generation_task
 from mct.model.attention import pin_attention
@@ -33,7 +34,9 @@ class Options:
     max_new_tokens: int = 256
 
 
-def sharded_scorer(run: RunCheckpoint, params: dict, batch_size: int) -> tuple[Scorer, dict]:
+def sharded_scorer(
+    run: RunCheckpoint, tokenizer: TextTokenizer, params: dict, batch_size: int
+) -> tuple[Scorer, dict]:
     """A Scorer on the run's mesh over every device and the params placed as training places them."""
     devices = jax.devices()
     mesh = make_mesh(run.config.mesh, devices)
@@ -45,7 +48,7 @@ def sharded_scorer(run: RunCheckpoint, params: dict, batch_size: int) -> tuple[S
     model = ParamsModel(pin_attention(run.model_cfg, devices[0].platform))
     specs = jax.tree.map(logical_spec, model.metadata("logical_axes"), is_leaf=lambda x: isinstance(x, tuple))
     placed = jax.device_put(params, named(mesh, specs))
-    return Scorer(model, run.tokenizer(), batch_size, run.config.data.seq_len, batch_sharding), placed
+    return Scorer(model, tokenizer, batch_size, run.config.data.seq_len, batch_sharding), placed
 
 
 def _batch_ways(mesh: jax.sharding.Mesh) -> int:
@@ -53,13 +56,15 @@ def _batch_ways(mesh: jax.sharding.Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
 
 
-def evaluate(run: RunCheckpoint, tasks: Sequence[Task], options: Options) -> list[TaskResult]:
-    """Every task's result, in the order given."""
+def evaluate(
+    run: RunCheckpoint, tokenizer: TextTokenizer, tasks: Sequence[Task], options: Options
+) -> list[TaskResult]:
+    """Every task's result, in the order given (`tokenizer`: the run's)."""
     params = run.read_params()
     scored = [t for t in tasks if t.kind in SCORED]
     results = {}
     if scored:
-        scorer, placed = sharded_scorer(run, params, options.batch_size)
+        scorer, placed = sharded_scorer(run, tokenizer, params, options.batch_size)
         with jax.set_mesh(scorer.sharding.mesh):
             requests = [task_requests(t, scorer, run.model_cfg.max_position) for t in scored]
             results = {r.name: r for r in score_tasks(scored, requests, scorer, placed)}
@@ -69,7 +74,7 @@ def evaluate(run: RunCheckpoint, tasks: Sequence[Task], options: Options) -> lis
                 task,
                 run.model_cfg,
                 params,
-                run.tokenizer(),
+                tokenizer,
                 chat=options.chat,
                 max_new_tokens=options.max_new_tokens,
                 batch_size=options.batch_size,
