@@ -114,9 +114,12 @@ def test_loglikelihoods_match_transformers(tmp_path, run, dataset):
         {"context": "", "choices": ["the sea", "the"], "gold": 1},
     ]
     ll = [{"context": "and every ", "continuation": "stone remembers the river"}]
-    tasks = read_tasks(
-        f"mc={write_jsonl(tmp_path / 'mc.jsonl', mc)},ll={write_jsonl(tmp_path / 'll.jsonl', ll)}"
-    )
+    text = "the river runs to the sea"
+    files = [
+        write_jsonl(tmp_path / f"{n}.jsonl", rows)
+        for n, rows in (("mc", mc), ("ll", ll), ("text", [{"text": text}]))
+    ]
+    tasks = read_tasks(",".join(map(str, files)))
     results = evaluate(checkpoint, tokenizer, tasks, Options(batch_size=8))
     hf_dir = export(workdir, tmp_path / "hf", "llama")
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -138,6 +141,13 @@ def test_loglikelihoods_match_transformers(tmp_path, run, dataset):
             assert sample["is_greedy"] == [g for _, g in want]
             if "gold" in doc:
                 assert sample["prediction"] == int(np.argmax([w for w, _ in want]))
+    bos = tokenizer.token_to_id("<s>")
+    (rolled,) = results[2].samples
+    np.testing.assert_allclose(
+        rolled["loglikelihoods"], [hf_loglikelihood(Request([bos], tokenizer.encode_ids(text)))[0]], atol=1e-4
+    )
+    bytes_ = len(text.encode())
+    assert np.isclose(results[2].metrics["bits_per_byte"], -rolled["loglikelihoods"][0] / bytes_ / np.log(2))
     acc = np.mean([s["prediction"] == d["gold"] for s, d in zip(results[0].samples, mc)])
     assert results[0].metrics["acc"] == acc and results[0].stderr["acc"] >= 0
     summary = write_results(tmp_path / "out", results, {"step": checkpoint.step})
