@@ -8,6 +8,7 @@ generation tasks decode from host params, as mct.generate does.
 
 import dataclasses
 import json
+import math
 import pathlib
 from collections.abc import Sequence
 
@@ -19,7 +20,7 @@ from mct.errors import UserError
 from mct.evaluation.generation import generation_task
 from mct.model.attention import pin_attention
 from mct.model.decoder import ParamsModel
-from mct.parallel.sharding import logical_spec, make_mesh, named
+from mct.parallel.sharding import RULES, logical_spec, make_mesh, named
 from mct.run.reader import RunCheckpoint
 from mct.run.task_files import SCORED, Task
 from mct.run.tasks import Scorer, TaskResult, score_tasks, task_requests
@@ -41,19 +42,13 @@ def sharded_scorer(
     devices = jax.devices()
     mesh = make_mesh(run.config.mesh, devices)
     batch_sharding = NamedSharding(mesh, logical_spec(("batch", None)))
-    if batch_size % _batch_ways(mesh):
-        raise UserError(
-            f"--batch_size={batch_size} must be a multiple of the mesh's {_batch_ways(mesh)} batch shards"
-        )
+    ways = math.prod(mesh.shape[axis] for axis in RULES["batch"])
+    if batch_size % ways:
+        raise UserError(f"batch size {batch_size} is not a multiple of the mesh's {ways} batch shards")
     model = ParamsModel(pin_attention(run.model_cfg, devices[0].platform))
     specs = jax.tree.map(logical_spec, model.metadata("logical_axes"), is_leaf=lambda x: isinstance(x, tuple))
     placed = jax.device_put(params, named(mesh, specs))
     return Scorer(model, tokenizer, batch_size, run.config.data.seq_len, batch_sharding), placed
-
-
-def _batch_ways(mesh: jax.sharding.Mesh) -> int:
-    """How many ways the mesh splits a batch (data x fsdp x expert)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
 
 
 def evaluate(
