@@ -2,6 +2,7 @@
 export), acc / acc_norm by hand, rolling windows against a direct sum, bad task files, and eval.tasks'
 training hook."""
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -18,6 +19,7 @@ from mct.evaluation.harness import Options, evaluate, write_results
 from mct.infer.decoding import generate, params_model
 from mct.infer.generate import encode_prompts
 from mct.model.decoder import ParamsModel
+from mct.model.loss import token_scores
 from mct.run.reader import RunCheckpoint
 from mct.run.task_files import read_task, read_tasks
 from mct.run.tasks import Request, Scorer, encode_pairs, multiple_choice, rolling_requests
@@ -258,3 +260,21 @@ def test_the_throughput_benchmark_runs_at_a_tiny_size(tmp_path, dataset):
     config = make_config(tmp_path / "wd", dataset, **{"data.seq_len": 128, "model.vocab_size": 2048})
     result = measure(config, examples=6, choices=2, steps=1, max_words=30)
     assert result["requests"] == 12 and 0 < result["fill"] <= 1 and result["ratio"] > 0
+
+
+def test_token_scores_in_loss_chunks_are_the_whole_heads(run):
+    """The 30m shape scores in loss chunks of 128; the transformers test runs the whole head at once."""
+    workdir, params = run
+    cfg = RunCheckpoint(workdir).model_cfg
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 33)), jnp.int32)
+    batch = {
+        "tokens": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "positions": jnp.tile(jnp.arange(32), (2, 1)),
+        "segment_ids": jnp.ones((2, 32), jnp.int32),
+    }
+    scores = lambda c: jax.jit(lambda p, b: token_scores(ParamsModel(c).bind(p), b))(params, batch)
+    whole, chunked = scores(cfg), scores(dataclasses.replace(cfg, loss_chunk=8))
+    np.testing.assert_allclose(chunked[0], whole[0], atol=1e-5)
+    assert (np.asarray(chunked[1]) == np.asarray(whole[1])).all()
