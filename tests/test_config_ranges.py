@@ -34,6 +34,7 @@ def validated(cls: type[Config] = Config, **dotted) -> Config:
         ({"optimizer.grad_clip": -1.0}, "optimizer.grad_clip=-1.0 must be positive"),
         ({"optimizer.grad_clip": 0.0}, "optimizer.grad_clip=0.0 must be positive"),
         ({"data.eval_batches": 0}, "data.eval_batches=0 must be positive"),
+        ({"eval.tasks_every_steps": -1}, "eval.tasks_every_steps=-1 must be >= 0"),
         ({"optimizer.lr": math.inf}, "optimizer.lr=inf must be finite"),
         ({"data.mixture.default.weight": math.nan}, "data.mixture.default.weight=nan must be finite"),
         ({"optimizer.b2": 1.0}, "optimizer.b2=1.0 must be in"),

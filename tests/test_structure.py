@@ -20,6 +20,7 @@ LAYERS = (
     ("mct.run",),
     ("mct.infer", "mct.export", "mct.launch"),
     ("mct.posttrain", "mct.tunnel"),
+    ("mct.evaluation",),
     ("mct.cli",),
 )
 FLOOR = {package: i for i, floor in enumerate(LAYERS) for package in floor}

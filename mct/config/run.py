@@ -99,6 +99,10 @@ class CheckpointConfig:
 class EvalConfig:
     every_steps: int = 50  # batches per eval: data.eval_batches
     scalingbench: str = ""  # "" (off), "default" (embedded) or a JSONL path
+    tasks: str = (
+        ""  # downstream task files ([NAME=]PATH,...; mct.run.task_files), logged as task/<name>/<metric>
+    )
+    tasks_every_steps: int = 0  # 0: every eval.every_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +195,10 @@ def check_ranges(c: "Config") -> None:
     require(
         0 < t.log_every_steps and 0 < c.eval.every_steps and 0 < c.checkpoint.every_steps,
         "train.log_every_steps, eval.every_steps and checkpoint.every_steps must be positive",
+    )
+    require(
+        c.eval.tasks_every_steps >= 0,
+        f"eval.tasks_every_steps={c.eval.tasks_every_steps} must be >= 0 (0: every eval.every_steps)",
     )
     chunk = c.model.loss_chunk
     require(

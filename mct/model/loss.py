@@ -29,14 +29,20 @@ def _merge(x: jnp.ndarray) -> jnp.ndarray:
     return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
+def _logits_losses(h, w, targets):
+    """h: [batch, chunk, d_model], w: [d_model, vocab] fp32, targets: [batch, chunk] -> logits [batch, chunk,
+    vocab] fp32, their logsumexp [batch, chunk] and the targets' cross-entropy [batch, chunk]."""
+    logits = jnp.einsum("bsd,dv->bsv", h.astype(jnp.float32), w)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return logits, lse, lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
 def _chunk_pass(h, w, targets, mask, with_grads: bool):
     """One chunk. h: [batch, chunk, d_model], w: [d_model, vocab] fp32, targets/mask: [batch, chunk].
 
     Returns per-token losses [batch, chunk] and, with_grads, d(sum(mask * losses)) wrt h and w.
     """
-    logits = jnp.einsum("bsd,dv->bsv", h.astype(jnp.float32), w)  # [batch, chunk, vocab] fp32
-    lse = jax.nn.logsumexp(logits, axis=-1)  # [batch, chunk]
-    losses = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    logits, lse, losses = _logits_losses(h, w, targets)
     if not with_grads:
         return losses, None, None
     probs = jnp.exp(logits - lse[..., None])
@@ -96,3 +102,22 @@ def loss_sums(model: MiniCPM, batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarra
     h = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [batch, seq, d_model]
     total = masked_loss_sum(h, model.head_weight(), batch["targets"], mask, model.cfg.loss_chunk)
     return total, jnp.sum(mask)
+
+
+def token_scores(model: MiniCPM, batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Each target's log-prob [batch, seq] fp32 and whether it is the argmax [batch, seq] bool, on a packed
+    batch: what downstream evaluation reads (log-likelihoods, lm-eval-harness's is_greedy). The head runs in
+    model.loss_chunk pieces, as in training, so no [batch, seq, vocab] array is held whole."""
+    h = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [batch, seq, d_model]
+    w, chunk = model.head_weight(), model.cfg.loss_chunk
+
+    def scores(h, targets):  # one chunk: h [batch, chunk, d_model], targets [batch, chunk]
+        logits, _, losses = _logits_losses(h, w, targets)
+        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return -losses, target_logit >= jnp.max(logits, axis=-1)
+
+    if not chunk or chunk >= h.shape[1]:
+        return scores(h, batch["targets"])
+    split = (_split(h, chunk), _split(batch["targets"], chunk))
+    logprobs, greedy = jax.lax.map(lambda xs: scores(*xs), split)
+    return _merge(logprobs), _merge(greedy)

@@ -34,6 +34,8 @@ from mct.run.checkpoint import Checkpointer, run_meta
 from mct.run.init_from import continued_data_state, init_from_state, parse_spec
 from mct.run.lock import WorkdirLock
 from mct.run.scalingbench import make_scalingbench_batches
+from mct.run.task_files import read_tasks
+from mct.run.tasks import Scorer, task_hook
 from mct.train.hooks import Evaluator, MetricsLog, StepLog, profile_hook
 from mct.train.metrics import MetricsWriter, logged_metrics
 from mct.train.step import Objective, next_token_objective
@@ -291,6 +293,22 @@ def add_hooks(
         trainer.add_hook(profile_hook(config.workdir, first, last), at=[first, last], needs_state=True)
 
 
+def add_task_hook(
+    trainer: Trainer, setup: TrainSetup, tokenizer: TextTokenizer, writer: MetricsWriter, final: bool
+) -> None:
+    """eval.tasks' hook: every eval.tasks_every_steps (else eval.every_steps) and, with `final`, at the last
+    step; its task files are read and checked now, before the first step."""
+    config = setup.config
+    if not config.eval.tasks:
+        return
+    scorer = Scorer(
+        setup.model, tokenizer, config.train.batch_size, config.data.seq_len, setup.batch_sharding
+    )
+    hook = task_hook(read_tasks(config.eval.tasks), scorer, config.model.max_position, writer)
+    every = config.eval.tasks_every_steps or config.eval.every_steps
+    trainer.add_hook(hook, every=every, at=[config.train.steps] if final else [], needs_state=True)
+
+
 def _run(setup: TrainSetup, ckpt: Checkpointer, stop: threading.Event, data: RunData) -> dict:
     """The loop of one locked workdir, with its hooks; the final (or SIGTERM) save."""
     config, pid, steps = setup.config, jax.process_index(), setup.config.train.steps
@@ -310,6 +328,7 @@ def _run(setup: TrainSetup, ckpt: Checkpointer, stop: threading.Event, data: Run
     add_hooks(
         trainer, config, start, bar, ckpt, data, metrics, evaluate.hook(writer, bar, metrics.last), save
     )
+    add_task_hook(trainer, setup, data.ids_tokenizer(config), writer, data.final_eval)
     try:
         state, step = trainer.run(state, source, start, steps)
         if stop.is_set() and step not in ckpt.all_steps():
