@@ -85,6 +85,13 @@ BENCHMARKS: dict[str, tuple[Flags, str]] = {
         ),
         "rows",
     ),
+    "experiments.benchmarks.eval_throughput": (
+        lambda tmp, data: (
+            [*tiny_config(data), "--examples=6", "--choices=2", "--steps=1", "--max_words=30"]
+            + ["--seq=128", "--batch=2"]
+        ),
+        "ratio",
+    ),
     "experiments.benchmarks.aot_remat_table": (
         lambda tmp, data: (
             ["--rows=0p5b:v5e-8", "--policies=none", "--overrides=model.n_layers=1"]

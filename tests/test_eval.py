@@ -254,14 +254,6 @@ def test_the_training_hook_logs_task_metrics_at_its_steps_and_once_after_resume(
     assert all("task/mc/acc_norm" in x for x in lines if "task/mc/acc" in x)
 
 
-def test_the_throughput_benchmark_runs_at_a_tiny_size(tmp_path, dataset):
-    from experiments.benchmarks.eval_throughput import measure
-
-    config = make_config(tmp_path / "wd", dataset, **{"data.seq_len": 128, "model.vocab_size": 2048})
-    result = measure(config, examples=6, choices=2, steps=1, max_words=30)
-    assert result["requests"] == 12 and 0 < result["fill"] <= 1 and result["ratio"] > 0
-
-
 def test_token_scores_in_loss_chunks_are_the_whole_heads(run):
     """The 30m shape scores in loss chunks of 128; the transformers test runs the whole head at once."""
     workdir, params = run
