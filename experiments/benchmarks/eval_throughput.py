@@ -19,12 +19,12 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from data_pipelines.tokenizer import TextTokenizer, train_bpe_tokenizer
+from experiments.benchmarks.synthetic import random_batch
 from mct.cli import common as cli
 from mct.config.run import Config
 from mct.run.task_files import Task
@@ -65,14 +65,7 @@ def forward_tokens_per_s(setup: TrainSetup, params: dict, steps: int) -> float:
     """Tokens/s of the training forward (the jitted eval step) on full random batches."""
     config = setup.config
     batch, seq = config.train.batch_size, config.data.seq_len
-    rng = np.random.default_rng(0)
-    data = {
-        "tokens": jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, seq)), jnp.int32),
-        "targets": jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, seq)), jnp.int32),
-        "segment_ids": jnp.ones((batch, seq), jnp.int32),
-        "positions": jnp.tile(jnp.arange(seq, dtype=jnp.int32), (batch, 1)),
-        "loss_mask": jnp.ones((batch, seq), jnp.float32),
-    }
+    data = random_batch(config.model.vocab_size, batch, seq)
     jax.block_until_ready(setup.eval_fn(params, data))
     times = []
     for _ in range(steps):

@@ -13,10 +13,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from experiments.benchmarks.synthetic import random_batch
 from mct.cli import common as cli
 from mct.model.decoder import compute_dtype
 from mct.model.flops import matmul_params, measure_matmul_peak, train_flops_per_token
@@ -37,14 +37,7 @@ def main(argv):
     setup = build(cli.config_from_flag(cd), jax.devices()[:1])
     config, step = setup.config, setup.step_fn
     state = setup.init_state(0)
-    rng = np.random.default_rng(0)
-    data = {
-        "tokens": jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, seq)), jnp.int32),
-        "targets": jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, seq)), jnp.int32),
-        "segment_ids": jnp.ones((batch, seq), jnp.int32),
-        "positions": jnp.tile(jnp.arange(seq, dtype=jnp.int32), (batch, 1)),
-        "loss_mask": jnp.ones((batch, seq), jnp.float32),
-    }
+    data = random_batch(config.model.vocab_size, batch, seq)
     for i in range(2):
         state, metrics = step(state, data, jnp.int32(i))
     jax.block_until_ready(metrics)
