@@ -105,11 +105,12 @@ def check_init_tokenizer(config: Config) -> None:
     source = parse_spec(config.init_from)[0]
     if not has_tokenizer(source):
         return
-    theirs, ours = load_tokenizer(source), dataset_tokenizer(first_dataset(config))
+    dataset = first_dataset(config)
+    theirs, ours = load_tokenizer(source), dataset_tokenizer(dataset)
     if theirs.fingerprint != ours.fingerprint:
         raise UserError(
             f"config init_from={config.init_from}: its tokenizer ({theirs.kind}, {theirs.vocab_size} ids) is not "
-            f"the one {first_dataset(config)} was prepared with ({ours.kind}, {ours.vocab_size} ids); prepare the "
+            f"the one {dataset} was prepared with ({ours.kind}, {ours.vocab_size} ids); prepare the "
             f"data with --tokenizer={source}"
         )
 
@@ -258,7 +259,7 @@ def train(
 def keep_tokenizer(workdir: str, tokenizer: TextTokenizer) -> None:
     """Writes the run's tokenizer files into the workdir (process 0; each file whole or not at all, the main
     file last), so export and generate need no dataset."""
-    if jax.process_index() != 0 or has_tokenizer(workdir):
+    if jax.process_index() != 0:
         return
     for name, data in tokenizer.files_in_save_order():
         target = pathlib.Path(workdir) / name
@@ -281,7 +282,8 @@ def add_hooks(
     steps = config.train.steps
     trainer.add_hook(lambda info: bar.update(info.step - bar.n), every=1)
     trainer.add_hook(lambda _: ckpt.check_saves(), every=1)  # a failed async save stops the run at once
-    trainer.add_hook(lambda _: keep_tokenizer(config.workdir, data.ids_tokenizer(config)), at=[start + 1])
+    if not has_tokenizer(config.workdir):  # a resumed run has it: its data's tokenizer is not read again
+        trainer.add_hook(lambda _: keep_tokenizer(config.workdir, data.ids_tokenizer(config)), at=[start + 1])
     trainer.add_hook(metrics, every=config.train.log_every_steps, at=[steps])
     trainer.add_hook(
         evaluate, every=config.eval.every_steps, at=[steps] if data.final_eval else [], needs_state=True
