@@ -80,15 +80,18 @@ def run(main: Callable[[list[str]], None], config_class: type[Config] = Config) 
     """app.run(main), printing the project's errors as `error: ...` with exit code 2; `config_class` names the
     keys a `--config.a.b=...` override may set."""
 
-    def guarded(argv: list[str]) -> None:
-        select_platform()
-        try:
-            main(argv)
-        except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+    app.run(lambda argv: guarded(main, argv), flags_parser=lambda argv: parse_flags(argv, config_class))
 
-    app.run(guarded, flags_parser=lambda argv: parse_flags(argv, config_class))
+
+def guarded(main: Callable[[list[str]], None], argv: list[str]) -> None:
+    """main(argv) once the platform is chosen, the project's errors printed as `error: ...` with exit code 2
+    (what `run` does after absl parsed the flags; an entry point whose flags are another tool's calls it)."""
+    select_platform()
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 class Command(NamedTuple):

@@ -37,6 +37,15 @@ def generate_until(
     return texts
 
 
+def check_prompt(where: str, prompt: list[int], max_new_tokens: int, max_position: int) -> None:
+    """UserError at `where` for a prompt that cannot fit max_new_tokens more positions in max_position."""
+    if len(prompt) + max_new_tokens > max_position:
+        raise UserError(
+            f"{where}: the prompt's {len(prompt)} tokens + {max_new_tokens} new ones exceed the "
+            f"model's max_position={max_position}"
+        )
+
+
 def numeric_score(response: str, doc: dict) -> float:
     """`numeric`, 0 where the gold answer is no number SymPy reads (the example stays in the denominator)."""
     try:
@@ -63,11 +72,7 @@ def generation_task(
     except ValueError as e:  # a tokenizer without the chat tokens
         raise UserError(f"task {task.name}: {e}") from None
     for i, prompt in enumerate(prompts):
-        if len(prompt) + max_new_tokens > cfg.max_position:
-            raise UserError(
-                f"{task.where(i)}: the prompt's {len(prompt)} tokens + {max_new_tokens} new ones exceed the "
-                f"model's max_position={cfg.max_position}"
-            )
+        check_prompt(task.where(i), prompt, max_new_tokens, cfg.max_position)
     texts = generate_until(
         cfg, params, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_id=stop_id
     )

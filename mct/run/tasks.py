@@ -206,14 +206,20 @@ def task_requests(task: Task, scorer: Scorer, max_position: int) -> list[list[Re
         per_doc = [[next(flat) for _ in ps] for ps in pairs]
     for i, requests in enumerate(per_doc):
         for r in requests:
-            if not r.continuation:
-                raise UserError(f"{task.where(i)}: a continuation encodes to no tokens after its context")
-            if r.length > max_position:
-                raise UserError(
-                    f"{task.where(i)}: context and continuation take {r.length} positions, over the model's "
-                    f"max_position={max_position}"
-                )
+            check_request(task.where(i), r, max_position)
     return per_doc
+
+
+def check_request(where: str, request: Request, max_position: int) -> None:
+    """UserError at `where` for a request that cannot be scored: a continuation of no tokens, or more than
+    max_position positions (never truncated, so never scored on less than its text)."""
+    if not request.continuation:
+        raise UserError(f"{where}: a continuation encodes to no tokens after its context")
+    if request.length > max_position:
+        raise UserError(
+            f"{where}: context and continuation take {request.length} positions, over the model's "
+            f"max_position={max_position}"
+        )
 
 
 def score_tasks(
