@@ -1,5 +1,7 @@
 """ScalingBench: deterministic problems with correct worked steps, and a loss mask on exactly the solution."""
 
+import contextlib
+import io
 import json
 import re
 
@@ -8,7 +10,8 @@ import pytest
 import tokenizers
 
 from data_pipelines.tokenizer import BpeTokenizer
-from mct.run import scalingbench
+from mct.run import scalingbench, scalingbench_tasks
+from mct.run.task_files import read_tasks
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 
@@ -152,3 +155,43 @@ def test_bad_jsonl_names_the_line_and_field(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         scalingbench.load_problems(str(tmp_path / "nope.jsonl"))
+
+
+def wrong_steps(solution: str) -> int:
+    """How many steps of a worked solution do their arithmetic wrong (each step read on its own)."""
+    operators = {"+": int.__add__, "-": int.__sub__, "x": int.__mul__, "/": int.__floordiv__}
+    *steps, _ = solution.splitlines()
+    parts = [re.fullmatch(r"Step \d+: (-?\d+) (.) (\d+) = (-?\d+) \w+\.", line).groups() for line in steps]
+    return sum(operators[op](int(a), int(b)) != int(result) for a, op, b, result in parts)
+
+
+def test_math_task_is_scalingbench_with_one_slipped_step_per_wrong_choice():
+    docs = scalingbench_tasks.math_docs(64, seed=1)
+    problems = scalingbench.default_problems(64, seed=1)
+    golds = [d["gold"] for d in docs]
+    for doc, problem in zip(docs, problems):
+        choices = doc["choices"]
+        assert doc["context"] == problem.question and choices[doc["gold"]] == problem.solution
+        assert len(set(choices)) == len(choices) == scalingbench_tasks.NUM_CHOICES
+        assert [wrong_steps(c) for i, c in enumerate(choices) if i != doc["gold"]] == [1, 1, 1]
+    assert set(golds) == {0, 1, 2, 3}  # the right choice is not always in one place
+
+
+def test_code_task_gold_is_what_python_prints():
+    for doc in scalingbench_tasks.code_docs(64):
+        program = doc["context"].split("\n\n")[1]
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(program, {})  # the task's own generated program: assignments and one print
+        assert doc["choices"][doc["gold"]] == " " + printed.getvalue().strip()
+        assert len(set(doc["choices"])) == scalingbench_tasks.NUM_CHOICES
+
+
+def test_task_files_are_mct_eval_multiple_choice_tasks(tmp_path):
+    spec = scalingbench_tasks.write_tasks(tmp_path, num_problems=8)
+    tasks = read_tasks(spec)
+    assert [(t.name, t.kind, len(t.docs)) for t in tasks] == [
+        ("scalingbench_math", "multiple_choice", 8),
+        ("scalingbench_code", "multiple_choice", 8),
+    ]
+    assert tasks[0].docs == scalingbench_tasks.math_docs(8)

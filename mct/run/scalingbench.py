@@ -38,39 +38,84 @@ class Problem:
     solution: str
 
 
-def _word_problem(rng: np.random.Generator) -> Problem:
-    """One problem: a starting count of a x b items, then 2-4 random events, solved step by step."""
+@dataclasses.dataclass(frozen=True)
+class Story:
+    """A word problem's facts: who, what is counted, the starting groups and the events after them."""
+
+    name: str
+    container: str
+    containers: str
+    item: str
+    groups: int
+    per_group: int
+    events: tuple[tuple[str, int], ...]  # (buy | give | double | share, its amount; double's is 2)
+
+
+def story(rng: np.random.Generator) -> Story:
+    """One problem's facts: a starting count of a x b items, then 2-4 random events that keep it whole."""
     name = str(rng.choice(_NAMES))
     container, containers, item = _ITEMS[int(rng.integers(len(_ITEMS)))]
     groups, per_group = int(rng.integers(2, 13)), int(rng.integers(3, 25))
-    count = groups * per_group
-    story = [f"{name} has {groups} {containers} of {item} with {per_group} {item} in each {container}."]
-    steps = [f"Step 1: {groups} x {per_group} = {count} {item}."]
-    for step in range(2, int(rng.integers(3, 6)) + 1):
+    count, events = groups * per_group, []
+    for _ in range(2, int(rng.integers(3, 6)) + 1):
         divisors = [d for d in range(2, 7) if count % d == 0]
         event = str(rng.choice(["buy", "double"] + ["give"] * (count > 1) + ["share"] * bool(divisors)))
         if event == "buy":
             amount = int(rng.integers(5, 60))
-            story.append(f"Then {name} buys {amount} more {item}.")
-            steps.append(f"Step {step}: {count} + {amount} = {count + amount} {item}.")
-            count += amount
         elif event == "give":
             amount = int(rng.integers(1, count))
-            story.append(f"Then {name} gives {amount} {item} to a friend.")
-            steps.append(f"Step {step}: {count} - {amount} = {count - amount} {item}.")
-            count -= amount
         elif event == "double":
-            story.append(f"Then the number of {item} doubles.")
-            steps.append(f"Step {step}: {count} x 2 = {count * 2} {item}.")
-            count *= 2
+            amount = 2
         else:
-            parts = int(rng.choice(divisors))
-            story.append(f"Then {name} splits the {item} into {parts} equal groups and keeps one group.")
-            steps.append(f"Step {step}: {count} / {parts} = {count // parts} {item}.")
-            count //= parts
-    question = " ".join(story) + f" How many {item} does {name} have now?\n"
-    solution = "\n".join(steps) + f"\nAnswer: {count}"
-    return Problem(question, solution)
+            amount = int(rng.choice(divisors))
+        events.append((event, amount))
+        count = _apply(event, count, amount)
+    return Story(name, container, containers, item, groups, per_group, tuple(events))
+
+
+def _apply(event: str, count: int, amount: int) -> int:
+    """The count after one event."""
+    return {"buy": count + amount, "give": count - amount, "double": count * 2}.get(event, count // amount)
+
+
+_SYMBOL = {"buy": "+", "give": "-", "double": "x", "share": "/"}
+
+
+def question(s: Story) -> str:
+    """The problem's text, ending in its question and a newline."""
+    lines = [
+        f"{s.name} has {s.groups} {s.containers} of {s.item} with {s.per_group} {s.item} in each {s.container}."
+    ]
+    for event, amount in s.events:
+        lines.append(
+            {
+                "buy": f"Then {s.name} buys {amount} more {s.item}.",
+                "give": f"Then {s.name} gives {amount} {s.item} to a friend.",
+                "double": f"Then the number of {s.item} doubles.",
+                "share": f"Then {s.name} splits the {s.item} into {amount} equal groups and keeps one group.",
+            }[event]
+        )
+    return " ".join(lines) + f" How many {s.item} does {s.name} have now?\n"
+
+
+def solution(s: Story, slip: tuple[int, int] | None = None) -> str:
+    """The worked solution, one step per line, then the answer; `slip` = (step index, delta) makes that
+    step's result off by delta and every later step continue from the wrong value (a plausible mistake)."""
+    count, steps = s.groups * s.per_group, []
+    if slip and slip[0] == 0:
+        count += slip[1]
+    steps.append(f"Step 1: {s.groups} x {s.per_group} = {count} {s.item}.")
+    for i, (event, amount) in enumerate(s.events, 1):
+        result = _apply(event, count, amount) + (slip[1] if slip and slip[0] == i else 0)
+        steps.append(f"Step {i + 1}: {count} {_SYMBOL[event]} {amount} = {result} {s.item}.")
+        count = result
+    return "\n".join(steps) + f"\nAnswer: {count}"
+
+
+def _word_problem(rng: np.random.Generator) -> Problem:
+    """One problem: a starting count of a x b items, then 2-4 random events, solved step by step."""
+    s = story(rng)
+    return Problem(question(s), solution(s))
 
 
 def default_problems(num_problems: int = DEFAULT_NUM_PROBLEMS, seed: int = DEFAULT_SEED) -> list[Problem]:
