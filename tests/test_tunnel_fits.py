@@ -197,3 +197,20 @@ def test_fit_cli_bad_csv_exits_with_a_clear_error(tmp_path, capsys, rows, header
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--csv", path, "--json"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sigmoid_recovers_exact_parameters_and_its_closed_form_line():
+    """Noise-free points of a known sigmoid: the fit returns its parameters, and with the fitted floor and
+    ceiling, log((ceiling - y) / (y - floor)) is the straight line slope (L - midpoint) (least squares)."""
+    floor, ceiling, slope, midpoint = 0.25, 0.8, 6.0, 2.5
+    loss = np.linspace(1.8, 3.4, 9)
+    accuracy = floor + (ceiling - floor) / (1.0 + np.exp(slope * (loss - midpoint)))
+    fit = fits.fit_sigmoid(loss, accuracy)
+    assert [fit.floor, fit.ceiling, fit.slope, fit.midpoint] == pytest.approx(
+        [floor, ceiling, slope, midpoint], rel=1e-9
+    )
+    line_slope, intercept = np.polyfit(loss, np.log((fit.ceiling - accuracy) / (accuracy - fit.floor)), 1)
+    assert fit.slope == pytest.approx(line_slope, rel=1e-9)
+    assert fit.midpoint == pytest.approx(-intercept / line_slope, rel=1e-9)
+    assert fit.rmse < 1e-12
+    assert fit.predict(midpoint) == pytest.approx((floor + ceiling) / 2, abs=1e-9)

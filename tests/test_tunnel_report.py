@@ -1,4 +1,5 @@
-"""The sweep report writes its table, plots and fits; diverged and failed trials stay out of the fits."""
+"""The sweep report writes its table, plots and fits; diverged and failed trials stay out of the fits; the
+ScalingBench loss -> accuracy sigmoid predicts a held-out model's accuracy."""
 
 import csv
 import json
@@ -13,10 +14,36 @@ from mct.tunnel import report
 
 TRUE = {"C_N": 208.0, "alpha": 0.29, "C_D": 200.0, "beta": 0.23, "L0": 1.7}
 BATCH_K, BATCH_GAMMA, SEQ_LEN = 1.21e9, 6.24, 512
+SIGMOID = {"floor": 0.25, "ceiling": 0.85, "slope": 4.0, "midpoint": 4.1}  # over ScalingBench losses 3.5-4.8
 
 
 def true_loss(n, d):
     return TRUE["C_N"] * n ** -TRUE["alpha"] + TRUE["C_D"] * d ** -TRUE["beta"] + TRUE["L0"]
+
+
+def true_accuracy(scalingbench_loss):
+    """MiniCPM4's accuracy = sigmoid(ScalingBench loss), falling from ceiling to floor (4 choices: 0.25)."""
+    rise = 1.0 + np.exp(SIGMOID["slope"] * (scalingbench_loss - SIGMOID["midpoint"]))
+    return SIGMOID["floor"] + (SIGMOID["ceiling"] - SIGMOID["floor"]) / rise
+
+
+def held_out() -> dict:
+    """A width-1024 model kept out of the fits, on the laws and the sigmoid."""
+    n, d = 1500.0 * 1024**2, 1e10
+    loss = true_loss(n, d)
+    params = {"lr": 0.01, "width": 1024, "parametrization": "mup"}
+    return {
+        "trial": 999,
+        "params": params,
+        "n_params": n,
+        "tokens": d,
+        "flops": 6.0 * n * d,
+        "state": "complete",
+    } | {
+        "eval_loss": loss,
+        "scalingbench_loss": loss + 0.3,
+        "scalingbench_accuracy": true_accuracy(loss + 0.3),
+    }
 
 
 def synthetic_records() -> list[dict]:
@@ -35,6 +62,7 @@ def synthetic_records() -> list[dict]:
                 "train_loss": loss,
                 "eval_loss": loss,
                 "scalingbench_loss": None if loss is None else loss + 0.3,
+                "scalingbench_accuracy": None if loss is None else true_accuracy(loss + 0.3),
                 "wall_s": 10.0,
                 "state": state,
             }
@@ -74,7 +102,7 @@ def synthetic_records() -> list[dict]:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    return out, report.write_report(synthetic_records(), str(out), predict=(1e9, 2e10))
+    return out, report.write_report(synthetic_records(), str(out), predict=(1e9, 2e10), holdout=[held_out()])
 
 
 def test_fits_recover_the_laws_without_diverged_trials(written):
@@ -96,6 +124,21 @@ def test_fits_recover_the_laws_without_diverged_trials(written):
     assert {"envelope_loss", "envelope_loss_std"} <= set(prediction)
 
 
+def test_the_accuracy_sigmoid_predicts_the_held_out_models_accuracy(written):
+    accuracy = written[1]["fits"]["accuracy"]
+    assert accuracy["points"] == len(synthetic_records()) - 3
+    for name, value in SIGMOID.items():
+        assert accuracy[name] == pytest.approx(value, rel=1e-9), name
+    (row,) = accuracy["holdout"]
+    want = held_out()
+    assert row["trial"] == 999 and row["scalingbench_loss"] == want["scalingbench_loss"]
+    fitted = [r["scalingbench_loss"] for r in synthetic_records() if r["state"] == "complete"]
+    assert row["scalingbench_loss"] < min(fitted)  # better than every model of the fit: an extrapolation
+    assert row["accuracy"] < SIGMOID["ceiling"] - 0.02  # not yet flat at the ceiling
+    assert row["predicted_accuracy"] == pytest.approx(want["scalingbench_accuracy"], abs=1e-9)
+    assert abs(row["error"]) < 1e-9
+
+
 def test_table_marks_diverged_and_failed(written):
     _, result = written
     records = synthetic_records()
@@ -114,7 +157,7 @@ def test_table_marks_diverged_and_failed(written):
 def test_plots_are_written(written):
     out, result = written
     names = sorted(p.rsplit("/", 1)[-1] for p in result["plots"])
-    expected = ["loss_nd.png", "loss_vs_compute.png", "loss_vs_lr.png"]
+    expected = ["accuracy_vs_scalingbench.png", "loss_nd.png", "loss_vs_compute.png", "loss_vs_lr.png"]
     expected += [f"loss_vs_param_{n}.png" for n in ("batch_size", "lr", "width")]
     assert names == sorted(expected)
     for name in names:
@@ -143,8 +186,10 @@ def test_dotted_config_keys_count_as_plain_names(tmp_path):
 
 def test_few_trials_skip_fits_with_reasons(tmp_path):
     records = [r for r in synthetic_records() if r["params"].get("parametrization") == "mup"][:5]
+    records[0]["scalingbench_accuracy"] = None  # 4 points for the sigmoid's 4 parameters
     result = report.write_report(records, str(tmp_path), predict=None, metric="scalingbench_loss")
-    assert set(result["fits"]["skipped"]) == {"loss_nd", "loss_compute", "batch_size"}
+    assert set(result["fits"]["skipped"]) == {"loss_nd", "loss_compute", "batch_size", "accuracy"}
+    assert "at least 5" in result["fits"]["skipped"]["accuracy"]
     assert "distinct N" in result["fits"]["skipped"]["loss_nd"]
     assert "prediction" not in result["fits"]
     assert image.imread(tmp_path / "loss_vs_lr.png").shape[1] == 500  # one panel
@@ -166,12 +211,18 @@ def test_report_cli(tmp_path, capsys):
             str(tmp_path / "out"),
             "--predict",
             "1e9,2e10",
+            "--metric",
+            "scalingbench_loss",
             "--json",
         ]
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["fits"]["prediction"]["loss"] == pytest.approx(true_loss(1e9, 2e10), rel=1e-4)
-    assert (tmp_path / "out" / "trials.md").is_file() and len(result["plots"]) == 6
+    scalingbench_loss = true_loss(1e9, 2e10) + 0.3  # the laws' loss -> ScalingBench's -> its accuracy
+    assert result["fits"]["prediction"]["loss"] == pytest.approx(scalingbench_loss, rel=1e-4)
+    assert result["fits"]["prediction"]["accuracy"] == pytest.approx(
+        true_accuracy(scalingbench_loss), abs=1e-4
+    )
+    assert (tmp_path / "out" / "trials.md").is_file() and len(result["plots"]) == 7
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,13 @@
 
 A trial record is a dict with `trial`, `params` (the swept values: lr, width or d_model, parametrization,
 batch_size (sequences), seq_len, ...; a dotted key such as "optimizer.lr" also counts as "lr"), `n_params`,
-`tokens`, `flops`, `train_loss`, `eval_loss`, `scalingbench_loss`, `wall_s` and `state` in {"complete",
-"diverged", "failed"}. Only complete trials enter plots and fits; the others are marked in the table.
+`tokens`, `flops`, `train_loss`, `eval_loss`, `scalingbench_loss`, `scalingbench_accuracy` (the mean acc of
+ScalingBench's tasks, mct.run.scalingbench_tasks), `wall_s` and `state` in {"complete", "diverged", "failed"}.
+Only complete trials enter plots and fits; the others are marked in the table.
+
+ModelTunnel v2's accuracy prediction (MiniCPM4 report, section 4.1): accuracy = sigmoid(ScalingBench loss)
+fitted on the sweep's models, each held-out model's accuracy predicted from its ScalingBench loss, and, with
+`predict` and metric scalingbench_loss, the accuracy at L(N, D)'s predicted loss.
 """
 
 import csv
@@ -22,7 +27,16 @@ from mct.tunnel import fits
 
 STATES = ("complete", "diverged", "failed")
 METRICS = ("eval_loss", "train_loss", "scalingbench_loss")
-_NUMBER_COLUMNS = ("n_params", "tokens", "flops", "train_loss", "eval_loss", "scalingbench_loss", "wall_s")
+_NUMBER_COLUMNS = (
+    "n_params",
+    "tokens",
+    "flops",
+    "train_loss",
+    "eval_loss",
+    "scalingbench_loss",
+    "scalingbench_accuracy",
+    "wall_s",
+)
 _MIN_DISTINCT_SIZES = 3  # distinct N and distinct D needed to separate the two terms of L(N, D)
 _MIN_ENVELOPE_POINTS = 4
 
@@ -532,6 +546,80 @@ def _plot_loss_nd(
     fig.savefig(path, dpi=100)
 
 
+def _accuracy_points(records: Sequence[dict]) -> list[dict]:
+    """Complete records with a positive ScalingBench loss and an accuracy."""
+    return [
+        r
+        for r in records
+        if r["state"] == "complete"
+        and (_number(r.get("scalingbench_loss")) or 0.0) > 0.0
+        and _number(r.get("scalingbench_accuracy")) is not None
+    ]
+
+
+def _fit_accuracy(records: list[dict], holdout: Sequence[dict]) -> tuple[fits.SigmoidFit, dict]:
+    """accuracy = sigmoid(ScalingBench loss) on the records (ValueError under 5 points), and each held-out
+    run's accuracy predicted from its ScalingBench loss against the measured one."""
+    points = _accuracy_points(records)
+    fit = fits.fit_sigmoid(
+        [r["scalingbench_loss"] for r in points], [r["scalingbench_accuracy"] for r in points]
+    )
+    rows = []
+    for r in holdout:
+        loss = _number(r.get("scalingbench_loss"))
+        if r["state"] != "complete" or loss is None:
+            continue
+        measured, predicted = _number(r.get("scalingbench_accuracy")), float(fit.predict(loss))
+        rows.append(
+            {
+                "trial": r["trial"],
+                "scalingbench_loss": loss,
+                "accuracy": measured,
+                "predicted_accuracy": predicted,
+                "error": None if measured is None else measured - predicted,
+            }
+        )
+    return fit, {**fit.to_dict(), "points": len(points), "holdout": rows}
+
+
+def _plot_accuracy(
+    records: list[dict], fit: fits.SigmoidFit, holdout: list[dict], path: pathlib.Path
+) -> None:
+    """ScalingBench accuracy vs loss: the fit's models, the fitted sigmoid, each held-out model's predicted
+    accuracy (circle) and measured one (star)."""
+    loss = [r["scalingbench_loss"] for r in records] + [h["scalingbench_loss"] for h in holdout]
+    grid = np.linspace(min(loss) - 0.05 * np.ptp(loss), max(loss) + 0.05 * np.ptp(loss), 200)
+    fig = Figure(figsize=(5.5, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(
+        loss[: len(records)], [r["scalingbench_accuracy"] for r in records], s=14, label="fit's models"
+    )
+    ax.plot(grid, fit.predict(grid), color="C1", label=f"sigmoid fit (rmse {fit.rmse:.3f})")
+    for i, h in enumerate(holdout):
+        ax.scatter(
+            [h["scalingbench_loss"]],
+            [h["predicted_accuracy"]],
+            color="k",
+            facecolor="none",
+            s=60,
+            label="held-out: predicted" if i == 0 else None,
+            zorder=3,
+        )
+        if h["accuracy"] is not None:
+            ax.scatter(
+                [h["scalingbench_loss"]],
+                [h["accuracy"]],
+                marker="*",
+                s=120,
+                color="k",
+                label="held-out: measured" if i == 0 else None,
+                zorder=3,
+            )
+    ax.set(xlabel="ScalingBench loss", ylabel="ScalingBench accuracy", title="accuracy = sigmoid(loss)")
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+
+
 def write_report(
     records: Sequence[dict],
     out_dir: str,
@@ -544,7 +632,8 @@ def write_report(
     paths and fits.
 
     `metric` is the loss the plots and fits use; `predict` = (N, D) adds a loss prediction to fits.json;
-    `holdout` records (runs kept out of the fits) are compared with the L(N, D) prediction.
+    `holdout` records (runs kept out of the fits) are compared with the L(N, D) prediction and with the
+    accuracy the ScalingBench sigmoid predicts (fits.json `accuracy`).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -575,6 +664,16 @@ def write_report(
     if nd_fit is not None:
         _plot_loss_nd(usable, metric, nd_fit, fit_results.get("holdout", []), out / "loss_nd.png")
         plots.append(out / "loss_nd.png")
+    try:
+        accuracy_fit, fit_results["accuracy"] = _fit_accuracy(records, holdout)
+        prediction = fit_results.get("prediction", {})
+        if metric == "scalingbench_loss" and "loss" in prediction:
+            prediction["accuracy"] = float(accuracy_fit.predict(prediction["loss"]))
+        path = out / "accuracy_vs_scalingbench.png"
+        _plot_accuracy(_accuracy_points(records), accuracy_fit, fit_results["accuracy"]["holdout"], path)
+        plots.append(path)
+    except ValueError as e:
+        fit_results["skipped"]["accuracy"] = f"{e} (complete trials with scalingbench_loss and _accuracy)"
     fit_results |= {"lr_optima": optima, "lr_transfer": transfer}
     costed = [r for r in usable if _number(r.get("flops"))]
     if costed:
