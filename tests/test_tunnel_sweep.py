@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy
 
 from mct.errors import UserError
+from mct.run.task_files import read_tasks
 from mct.tunnel import sweep
 from mct.tunnel.coord_check import coord_check
 from tests.data_fixtures import make_tiny_dataset
@@ -197,3 +198,16 @@ def test_a_study_names_its_base_config(tmp_path):
     """The library holds no repo-relative default: a study without base_config is one line naming the key."""
     with pytest.raises(UserError, match="study study: base_config is empty"):
         sweep.trial_config(sweep.default_study(), {"lr": 0.01}, str(tmp_path / "t"))
+
+
+def test_scalingbench_tasks_are_each_trials_eval_tasks_and_their_mean_acc_its_accuracy(tmp_path):
+    study = sweep.default_study()
+    study.base_config = str(REPO / "experiments/configs/tiny_cpu.py")
+    study.scalingbench_tasks = 4
+    config = sweep.trial_config(study, {"lr": 0.01}, str(tmp_path / "t"))
+    tasks = read_tasks(config.eval.tasks)
+    assert [(t.name, len(t.docs)) for t in tasks] == [("scalingbench_math", 4), ("scalingbench_code", 4)]
+    assert all(t.path.parent == tmp_path / "t" / "scalingbench_tasks" for t in tasks)
+    logged = {"task/scalingbench_math/acc": 0.5, "task/scalingbench_code/acc": 0.75, "task/other/acc": 0.0}
+    assert sweep.scalingbench_accuracy(logged | {"task/scalingbench_math/acc_norm": 1.0}) == 0.625
+    assert sweep.scalingbench_accuracy({"eval_loss": 3.0}) is None

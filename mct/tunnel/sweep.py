@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -26,7 +27,9 @@ import sqlalchemy
 from mct.config.run import Config
 from mct.errors import TrainingDiverged, UserError
 from mct.model.flops import matmul_params, train_flops_per_token
+from mct.run.scalingbench_tasks import write_tasks
 from mct.run.training_run import train
+from mct.train.metrics import logged_metrics
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ def default_study() -> ml_collections.ConfigDict:
             decay_frac=0.2,
             metric="eval_loss",  # eval_loss | scalingbench_loss | train_loss
             scalingbench="default",
+            scalingbench_tasks=0,  # > 0: problems per ScalingBench task scored at each run's end (accuracy)
             sampler="grid",  # grid | tpe
             n_trials=0,  # TPE studies: trials to run (0 -> the size of the space's product)
             seed=0,
@@ -210,6 +214,8 @@ def trial_config(study: ml_collections.ConfigDict, params: dict, workdir: str) -
     c.schedule.decay_steps = max(1, min(decay_steps, steps - c.schedule.warmup_steps))
     c.eval.every_steps = steps
     c.eval.scalingbench = study.scalingbench
+    if study.scalingbench_tasks:  # the task files go in the trial's workdir (no two workers write one file)
+        c.eval.tasks = write_tasks(pathlib.Path(workdir) / "scalingbench_tasks", study.scalingbench_tasks)
     c.checkpoint.every_steps = study.checkpoint_every or steps
     c.train.log_every_steps = max(1, steps // 10)
     c.workdir = workdir
@@ -303,7 +309,14 @@ def _train_record(config: ml_collections.ConfigDict, base: dict) -> dict:
         "train_loss": result.get("loss"),
         "eval_loss": result.get("eval_loss"),
         "scalingbench_loss": result.get("scalingbench_loss"),
+        "scalingbench_accuracy": scalingbench_accuracy(logged_metrics(config.workdir)),
     }
+
+
+def scalingbench_accuracy(metrics: dict) -> float | None:
+    """The mean acc of a run's ScalingBench tasks (`task/scalingbench_*/acc` as logged), None without them."""
+    accs = [v for k, v in metrics.items() if re.fullmatch(r"task/scalingbench_\w+/acc", k)]
+    return sum(accs) / len(accs) if accs else None
 
 
 def run_trial(study: ml_collections.ConfigDict, trial: optuna.Trial) -> float:
