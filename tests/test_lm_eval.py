@@ -18,11 +18,12 @@ from mct.run.task_files import read_tasks
 from tests.test_eval import WORDS, dataset, merging_split, run, write_jsonl  # noqa: F401
 from tests.tiny_runs import REPO
 
-STOP = " the"  # generation's stop string
 
-
-def yaml_tasks(root: pathlib.Path, mc: pathlib.Path, text: pathlib.Path, gen: pathlib.Path) -> None:
-    """Three lm-eval tasks over local JSON files: multiple choice, rolling perplexity and generation."""
+def yaml_tasks(
+    root: pathlib.Path, mc: pathlib.Path, text: pathlib.Path, gen: pathlib.Path, stop: str
+) -> None:
+    """Three lm-eval tasks over local JSON files: multiple choice, rolling perplexity and generation (greedy,
+    4 tokens, cut before `stop`)."""
     common = "dataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
     (root / "mct_mc.yaml").write_text(
         "task: mct_mc\n"
@@ -40,7 +41,7 @@ def yaml_tasks(root: pathlib.Path, mc: pathlib.Path, text: pathlib.Path, gen: pa
         "task: mct_gen\n"
         + common.format(path=gen)
         + "output_type: generate_until\ndoc_to_text: prompt\ndoc_to_target: answer\n"
-        + f'generation_kwargs:\n  until: ["{STOP}"]\n  max_gen_toks: 4\n'
+        + f"generation_kwargs:\n  until: [{json.dumps(stop)}]\n  max_gen_toks: 4\n"
         + "metric_list:\n  - metric: exact_match\n"
     )
 
@@ -62,7 +63,12 @@ def test_lm_eval_runs_local_yaml_tasks_with_mct_evals_numbers(tmp_path, run):
     files = [
         write_jsonl(tmp_path / f"{n}.jsonl", rows) for n, rows in (("mc", mc), ("text", texts), ("gen", gen))
     ]
-    yaml_tasks(tmp_path, *files)
+    ours = evaluate(
+        checkpoint, tokenizer, read_tasks(",".join(map(str, files))), Options(batch_size=8, max_new_tokens=4)
+    )
+    mc_ours, text_ours, gen_ours = ours
+    stop = gen_ours.samples[0]["prediction"][1]  # a stop string the first generation holds
+    yaml_tasks(tmp_path, *files, stop)
     env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     command = [
         *(sys.executable, "-m", "mct.lm_eval", "--model", "mct", "--model_args", f"workdir={workdir}"),
@@ -78,22 +84,15 @@ def test_lm_eval_runs_local_yaml_tasks_with_mct_evals_numbers(tmp_path, run):
         (path,) = glob.glob(str(tmp_path / "out" / "**" / f"samples_{task}_*.jsonl"), recursive=True)
         return sorted(map(json.loads, pathlib.Path(path).read_text().splitlines()), key=lambda s: s["doc_id"])
 
-    ours = evaluate(
-        checkpoint, tokenizer, read_tasks(",".join(map(str, files))), Options(batch_size=8, max_new_tokens=4)
-    )
-    mc_ours, text_ours, gen_ours = ours
     for metric in ("acc", "acc_norm"):
         assert harness["mct_mc"][f"{metric},none"] == mc_ours.metrics[metric]
         assert np.isclose(harness["mct_mc"][f"{metric}_stderr,none"], mc_ours.stderr[metric], rtol=1e-12)
     for theirs, mine in zip(samples("mct_mc"), mc_ours.samples):  # lm-eval logs responses as strings
-        np.testing.assert_allclose(
-            [float(r[0][0]) for r in theirs["resps"]], mine["loglikelihoods"], atol=1e-5
-        )
+        assert [float(r[0][0]) for r in theirs["resps"]] == mine["loglikelihoods"]  # one scorer: equal
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
-        np.testing.assert_allclose(
-            harness["mct_text"][f"{metric},none"], text_ours.metrics[metric], rtol=1e-5
-        )
-    cut = [s["prediction"].split(STOP)[0] for s in gen_ours.samples]  # the decode loop's text to the stop
+        assert harness["mct_text"][f"{metric},none"] == text_ours.metrics[metric]
+    cut = [s["prediction"].split(stop)[0] for s in gen_ours.samples]  # the decode loop's text to the stop
+    assert cut[0] != gen_ours.samples[0]["prediction"]
     assert [s["resps"][0][0] for s in samples("mct_gen")] == cut
 
 
