@@ -3,11 +3,11 @@ whose data is on disk runs on it (`python -m mct.lm_eval --model mct --model_arg
 --tasks ... [--include_path DIR]`).
 
 Scoring is mct.eval's own: `loglikelihood` and `loglikelihood_rolling` are `mct.run.tasks.Scorer`'s on the
-run's mesh (packed batches of `batch_size` rows of seq_len, lm-eval's `--batch_size`; `auto`: the run's
-train.batch_size), `generate_until` is `mct.evaluation.generation.generate_until` (greedy, cut at the first
-stop string). A request that cannot be scored whole (longer than max_position) is an error naming its task
-and document, never truncated. Importing this module registers the model with lm-eval (`register_model`, the
-way lm-eval 0.4.13 takes a model from outside its tree); it needs the `eval` extra (lm-eval).
+run's mesh (packed batches of `batch_size` rows of seq_len, lm-eval's `--batch_size`; `auto` or `auto:N`:
+the run's train.batch_size), `generate_until` is `mct.evaluation.generation.generate_until` (greedy, cut at
+the first stop string). A request that cannot be scored whole (longer than max_position) is an error naming
+its task and document, never truncated. Importing this module registers the model with lm-eval
+(`register_model`, the way lm-eval 0.4.13 takes a model from outside its tree); it needs the `eval` extra.
 """
 
 from collections.abc import Sequence
@@ -48,7 +48,8 @@ class MctLM(LM):
             self.tokenizer = self.run.tokenizer()
         except (OSError, ValueError) as e:
             raise UserError(str(e)) from None
-        rows = self.run.config.train.batch_size if batch_size in (None, "auto") else int(batch_size)
+        auto = batch_size is None or str(batch_size).startswith("auto")  # lm-eval's auto and auto:N
+        rows = self.run.config.train.batch_size if auto else int(batch_size)
         self.params = self.run.read_params()
         self.scorer, self.placed = sharded_scorer(self.run, self.tokenizer, self.params, rows)
         self.chat = chat
