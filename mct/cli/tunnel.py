@@ -5,7 +5,7 @@ commands:
                fit L(N, D) to a CSV of N, D, loss
   report       (--records FILE | --study NAME --storage URL [--holdout_study NAME]) --out DIR [--predict N,D]
                [--metric M] [--json]
-               tables, plots and fits for a sweep's trial records
+               tables, plots and fits for a sweep's trial records (L(N, D), and accuracy = sigmoid(ScalingBench loss))
   sweep        --config FILE [--workers K]
                run or resume a wind-tunnel study
   worker       --study NAME --storage URL
