@@ -31,6 +31,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from data_pipelines.extras import exit_without_extra
+
 
 def _not_gcp_notice(record: logging.LogRecord) -> bool:
     """Beam's GCP IO warns at import that its optional apitools client is missing; we never use GCP IO."""
@@ -38,6 +40,8 @@ def _not_gcp_notice(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger().addFilter(_not_gcp_notice)
+if __name__ == "__main__":  # run as a program without the `beam` extra: one line, before the import fails
+    exit_without_extra("apache_beam", "beam")
 import apache_beam as beam  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 

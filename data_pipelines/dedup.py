@@ -15,7 +15,8 @@ import hashlib
 from collections.abc import Iterator
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
+
+from data_pipelines.extras import import_extra
 
 SIGNATURE_DTYPE = np.dtype("<u8")
 
@@ -49,8 +50,8 @@ def shingles(normalised: str, n: int) -> list[bytes]:
 
 
 @functools.cache
-def _template(num_perm: int, seed: int) -> MinHash:
-    return MinHash(
+def _template(num_perm: int, seed: int):
+    return import_extra("datasketch", "quality").MinHash(
         num_perm=num_perm, seed=seed
     )  # its permutations are made once per process, not per document
 
@@ -58,7 +59,7 @@ def _template(num_perm: int, seed: int) -> MinHash:
 def signature(normalised: str, settings: MinHashSettings) -> np.ndarray:
     """The MinHash signature `[num_perm]` uint64 of the text's word shingles."""
     template = _template(settings.num_perm, settings.seed)
-    minhash = MinHash(
+    minhash = import_extra("datasketch", "quality").MinHash(
         num_perm=settings.num_perm,
         seed=settings.seed,
         permutations=template.permutations,
@@ -71,7 +72,7 @@ def signature(normalised: str, settings: MinHashSettings) -> np.ndarray:
 @functools.cache
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows per band) that datasketch's MinHashLSH picks for the threshold."""
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    lsh = import_extra("datasketch", "quality").MinHashLSH(threshold=threshold, num_perm=num_perm)
     return lsh.b, lsh.r
 
 

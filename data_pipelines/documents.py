@@ -19,9 +19,9 @@ import sysconfig
 import zlib
 from collections.abc import Iterator
 
-import pyarrow
-import pyarrow.parquet as pq
 import zstandard
+
+from data_pipelines.extras import import_extra
 
 # Reasons a document or file is skipped (the manifest counts each).
 UNSUPPORTED = "unsupported file type"
@@ -38,8 +38,8 @@ _TEXT_SUFFIXES = (".txt", ".md", ".py")  # one file = one document
 _COMPRESSED_SUFFIXES = (".gz", ".zst")
 _CHECK_CHUNK = 1 << 20  # bytes decompressed per read while checking a compressed file
 # What reading a damaged or unreadable file raises: OS errors (gzip's CRC and length checks among them), a
-# truncated stream's EOFError, and the decompressors' and parquet's own errors.
-_READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException)
+# truncated stream's EOFError, and the decompressors' own errors (parquet's: _read_parquet).
+_READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 _DEFAULT_CORPUS_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib"}
 # Up to the last ASCII whitespace before a non-whitespace character (ASCII: whitespace to the tokenizer's
 # regex too, which is not so for all of Python's \s, e.g. "\x1c").
@@ -229,12 +229,18 @@ def _field_document(key: str, value: object) -> Document | Skipped:
 
 
 def _read_parquet(path: str, name: str, text_field: str) -> Iterator[Document | Skipped]:
-    parquet = pq.ParquetFile(path)
-    if text_field not in parquet.schema_arrow.names:
-        yield Skipped(name, MISSING_FIELD)
-        return
-    row = 0
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            yield _field_document(f"{name}:{row}", value)
+    """A parquet file's rows (pyarrow: the `beam` extra); a damaged file ends in one UNREADABLE skip."""
+    pyarrow = import_extra("pyarrow", "beam")
+    parquet_module = import_extra("pyarrow.parquet", "beam")
+    try:
+        parquet = parquet_module.ParquetFile(path)
+        if text_field not in parquet.schema_arrow.names:
+            yield Skipped(name, MISSING_FIELD)
+            return
+        row = 0
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                yield _field_document(f"{name}:{row}", value)
+    except pyarrow.ArrowException:
+        yield Skipped(name, UNREADABLE)

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from data_pipelines import documents, prepare
+from data_pipelines.extras import import_extra
 from data_pipelines.normalise import normalise
 
 POSITIVE, NEGATIVE = "__label__hq", "__label__lq"
@@ -70,7 +71,7 @@ class Classifier:
 
 def load_classifier(path: str | pathlib.Path) -> Classifier:
     """A model saved by train; ValueError naming the file when it is missing or not a fastText model."""
-    import fasttext
+    fasttext = import_extra("fasttext", "quality")
 
     path = pathlib.Path(path)
     if not path.is_file():
@@ -113,7 +114,7 @@ def _confidently(score: float, label: str, sure: float) -> bool:
 
 
 def _fit(examples: list[tuple[str, str]], settings: TrainSettings) -> Classifier:
-    import fasttext
+    fasttext = import_extra("fasttext", "quality")
 
     order = np.random.default_rng(settings.seed).permutation(
         len(examples)

@@ -1,8 +1,8 @@
-"""Dense causal attention through the accelerators' own kernels: splash attention on TPU, the Pallas (Triton)
-flash kernel on GPU. Same contract as blockwise_attention.causal_attention: q [batch, seq, q_heads, d],
+"""Dense causal attention through the accelerators' own kernels: splash attention on TPU, a Pallas (Triton)
+flash loop on GPU. Same contract as blockwise_attention.causal_attention: q [batch, seq, q_heads, d],
 k, v [batch, seq, kv_heads, d], segment_ids [batch, seq] (a token sees earlier tokens of its own segment);
 softmax scale 1/sqrt(d). Both run on CPU in interpret mode (the tests); cuDNN's fused attention cannot
-express packed segments without a dense [seq, seq] mask, so the GPU path is the Pallas flash kernel.
+express packed segments without a dense [seq, seq] mask, so the GPU path is a Pallas flash loop.
 """
 
 import functools
@@ -10,11 +10,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+from jax.experimental import pallas as pl
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-_BLOCK = 512  # splash / flash tile along the sequence (clipped to the sequence length)
+from pallas_kernels.infllm_v2.pallas_gpu import pallas_gpu_sparse_attention
+
+_BLOCK = 512  # splash tile along the sequence (clipped to the sequence length)
+_GPU_BLOCK = 64  # key block of the GPU kernel
 
 
 @functools.lru_cache(maxsize=32)
@@ -54,25 +57,13 @@ def splash_attention(
 def gpu_flash_attention(
     q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *, interpret: bool = False
 ) -> jnp.ndarray:
-    """The Pallas Triton flash kernel (causal, segment ids); GQA by repeating each kv head over its group."""
-    group = q.shape[2] // k.shape[2]
-    k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
-    block = min(128, q.shape[1])
-    sizes = gpu_attention.BlockSizes(
-        block_q=block,
-        block_k=block,
-        block_q_dkv=block,
-        block_kv_dkv=block,
-        block_q_dq=block,
-        block_kv_dq=block,
-    )
-    return gpu_attention.mha(
-        q,
-        k,
-        v,
-        segment_ids,
-        sm_scale=1.0 / math.sqrt(q.shape[-1]),
-        causal=True,
-        block_sizes=sizes,
-        interpret=interpret,
-    )
+    """Dense causal attention on GPU (segment ids, GQA): InfLLM v2's Pallas Triton kernel with every causal key
+    block selected, so one flash loop (pallas_kernels/flash_math.py) serves both. jax 0.12 dropped the Pallas
+    Triton flash-attention op this used to call; a program here is one query token, not a block of them."""
+    b, seq, _, _ = q.shape
+    block = min(_GPU_BLOCK, pl.next_power_of_2(seq))
+    blocks = jnp.arange(pl.cdiv(seq, block), dtype=jnp.int32)  # [n_blocks]
+    own = (jnp.arange(seq, dtype=jnp.int32) // block)[:, None]  # [seq, 1]: each token's own block
+    causal = jnp.where(blocks[None, :] <= own, blocks[None, :], -1)  # [seq, n_blocks], ascending, -1 padded
+    indices = jnp.broadcast_to(causal, (b, k.shape[2], seq, blocks.shape[0]))  # [b, kv_heads, seq, n_blocks]
+    return pallas_gpu_sparse_attention(q, k, v, indices, segment_ids, block, interpret=interpret)

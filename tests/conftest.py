@@ -1,15 +1,22 @@
 """Test session setup: 8 simulated CPU devices (before JAX initialises), a fixed matmul peak (each training run
-would otherwise measure it; tests/test_hooks.py measures it once) and shared tiny fixtures."""
+would otherwise measure it; tests/test_hooks.py measures it once), one persistent compilation cache and shared
+tiny fixtures."""
 
 import fcntl
 import os
 import pathlib
+import tempfile
 
 import pytest
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MCT_MATMUL_PEAK", "1e11")  # mct.model.flops reads it, in subprocesses too
+# XLA's persistent cache, shared by both xdist workers and every CLI a test starts: a tiny program that many
+# tests build (the same train step, the same decode loop) compiles once per machine, not once per process.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", f"{tempfile.gettempdir()}/mct-tests-xla-cache-{os.getuid()}"
+)
 
 
 @pytest.fixture(scope="session")

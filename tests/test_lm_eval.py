@@ -103,5 +103,5 @@ def test_without_lm_eval_the_entry_point_names_the_extra():
     )
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "error: lm-eval is not installed: install mct's eval extra, pip install 'mct[eval]' (lm-eval==0.4.13)"
+        "error: lm_eval is not installed: it comes with mct's `eval` extra (pip install -e '.[eval]')"
     ]

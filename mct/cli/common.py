@@ -14,6 +14,7 @@ from typing import NamedTuple
 from absl import app, flags
 from ml_collections import ConfigDict
 
+from data_pipelines.extras import MissingExtra
 from data_pipelines.shards import DatasetError
 from data_pipelines.tokenizer import TokenizerError
 from mct.config.run import Config
@@ -23,6 +24,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     MctError,
     DatasetError,
     TokenizerError,
+    MissingExtra,
 )  # printed as one line, exit 2
 
 

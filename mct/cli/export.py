@@ -16,9 +16,9 @@ Flags and wiring only: `mct.export.hf_export` does the work.
 from absl import flags
 from safetensors import SafetensorError
 
+from data_pipelines.extras import import_extra
 from mct.cli import common as cli
 from mct.errors import UserError
-from mct.export import gguf_export
 from mct.export.hf_export import DTYPES, FORMATS, GGUF, export, read_run
 
 
@@ -54,11 +54,11 @@ def _define_flags() -> None:
         "model.sparse.dense_len tokens).",
     )
     flags.DEFINE_string("freq_vocab", None, "FR-Spec vocabulary file to include (data_pipelines.freq_vocab).")
-    flags.DEFINE_enum(
+    flags.DEFINE_string(
         "gguf_type",
         "f16",
-        list(gguf_export.GGUF_TYPES),
-        "--format gguf: the tensor type (q4_k_m through llama.cpp's quantizer; tq2_0 for ternary QAT runs).",
+        "--format gguf: the tensor type, f32, f16, q8_0, q4_k_m (through llama.cpp's quantizer) or tq2_0 (ternary "
+        "QAT runs).",
     )
 
 
@@ -66,7 +66,8 @@ def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
     try:
-        if f.format == GGUF:
+        if f.format == GGUF:  # the `gguf` extra: imported only here
+            gguf_export = import_extra("mct.export.gguf_export", "gguf")
             out = gguf_export.export_gguf(
                 *read_run(f.workdir, f.step, f.tokenizer), f.out, f.gguf_type, f.allow_dense
             )

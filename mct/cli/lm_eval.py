@@ -11,23 +11,16 @@ lm-eval installed (the `eval` extra) it prints one line naming the extra and exi
 
 import sys
 
+from data_pipelines.extras import import_extra
 from mct.cli import common as cli
-from mct.errors import UserError
-
-LM_EVAL = "lm-eval==0.4.13"  # requirements.txt's pin of the eval extra
 
 
 def main(argv: list[str]) -> None:
     del argv  # lm-eval's parser reads sys.argv
-    try:
-        import lm_eval.__main__ as harness
-        import lm_eval.models  # noqa: F401  lm-eval's own models, registered before mct's (its lazy registry)
-    except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] != "lm_eval":
-            raise  # lm-eval is there but broken: its traceback says how
-        raise UserError(
-            f"lm-eval is not installed: install mct's eval extra, pip install 'mct[eval]' ({LM_EVAL})"
-        ) from None
+    import_extra("lm_eval", "eval")
+    import lm_eval.__main__ as harness
+    import lm_eval.models  # noqa: F401  lm-eval's own models, registered before mct's (its lazy registry)
+
     import mct.evaluation.lm_eval_model  # noqa: F401  registers the model `mct`
 
     harness.cli_evaluate()

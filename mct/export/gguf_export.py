@@ -33,10 +33,10 @@ import dataclasses
 import os
 import pathlib
 
-import gguf
 import numpy as np
 from tqdm import tqdm
 
+from data_pipelines.extras import import_extra
 from data_pipelines.output_dirs import fresh_file, temporary_file_beside
 from data_pipelines.tokenizer import TextTokenizer
 from mct.config.model import ModelConfig
@@ -46,6 +46,8 @@ from mct.model import quant
 from mct.model.decoder import width_multiplier
 from mct.model.rope import rope_tables
 from mct.run.reader import RunCheckpoint
+
+gguf = import_extra("gguf", "gguf")  # llama.cpp's own writer (the `gguf` extra)
 
 ARCH = gguf.MODEL_ARCH.MINICPM
 ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
@@ -256,12 +258,7 @@ def write_gguf(run: RunCheckpoint, vocab: gguf_vocab.Vocab, kind: GGUFType, path
 
 def llama_cpp_quantize(source: pathlib.Path, target: pathlib.Path, ftype: int) -> None:
     """llama.cpp's quantizer (llama_model_quantize, the K-quants' only implementation) from source to target."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ValueError(
-            "gguf_type q4_k_m needs llama.cpp's quantizer: pip install llama-cpp-python"
-        ) from None
+    llama_cpp = import_extra("llama_cpp", "gguf")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1

@@ -24,13 +24,15 @@ import json
 from collections.abc import Mapping
 from typing import NamedTuple
 
-import gguf
 import sentencepiece
 from tokenizers import Tokenizer
 
 from data_pipelines.chat import CHAT_TEMPLATE
+from data_pipelines.extras import import_extra
 from data_pipelines.sentencepiece_tokenizer import SentencePieceTokenizer
 from data_pipelines.tokenizer import BOS, EOS, PAD, BpeTokenizer
+
+gguf = import_extra("gguf", "gguf")  # llama.cpp's own writer (the `gguf` extra)
 
 SPACE = "\u2581"  # SentencePiece's visible space
 ADDED_SCORE, PAD_SCORE = -1000.0, -10000.0  # llama.cpp's converter's scores for added tokens and pads

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
 
+from data_pipelines.extras import import_extra
 from mct.config.run import Config
 from mct.errors import CompileError, ConfigError, UserError
 from mct.model import flops
@@ -108,6 +109,7 @@ def topology_devices(acc: Accelerator, num_slices: int = 1) -> list:
         ("TPU_WORKER_HOSTNAMES", "localhost"),
     ):
         os.environ.setdefault(key, value)
+    import_extra("libtpu", "tpu")  # the TPU compiler describes the slice and compiles for it
     try:
         topology = topologies.get_topology_desc(
             platform="tpu",
