@@ -11,10 +11,10 @@ prompt of --prompt_len tokens, a larger batch has prompts of different lengths (
 time). "before" calls the jitted step once per token and reads its tokens back, as the host loop did; "after" is
 loop.decode. The bandwidth limit is (bandwidth of a large reduction) / (weight bytes a step reads).
 
-Continuous batching (mct.infer.engine), fp32: --requests prompts of different lengths (as a batch's) asking for
-different numbers of tokens (a quarter of --max_new_tokens to all of it) through each --slots count; its decode
-rate (tokens after each request's first, over the token loops' time) and its rate over prefill and decode
-together, each beside the batch-1 engine rate of the same run.
+Continuous batching (mct.infer.engine), with the first of --quants: --requests prompts of different lengths
+(as a batch's) asking for different numbers of tokens (a quarter of --max_new_tokens to all of it) through each
+--slots count; its decode rate (tokens after each request's first, over the token loops' time) and its rate
+over prefill and decode together, beside the batch-1 rate of loop.decode in the same run.
 """
 
 import functools
@@ -154,14 +154,22 @@ def engine_row(
 
 
 def continuous_rows(
-    w: DecodeWeights, slots: list[int], requests: int, prompt_len: int, max_new: int, repeats: int
+    w: DecodeWeights,
+    slots: list[int],
+    requests: int,
+    prompt_len: int,
+    max_new: int,
+    repeats: int,
+    one: float | None,
 ) -> list[dict]:
-    """An engine_row per slot count, each beside the batch-1 rate of loop.decode in this run."""
+    """An engine_row per slot count, each beside `one`, the batch-1 rate of loop.decode in this run (measured
+    here when None)."""
     if not slots:
         return []
-    tokens, lengths = pad_prompts(prompts_of(w.model.cfg, 1, prompt_len))
-    strategy = lambda: sampling_strategy(w, GREEDY, tokens, lengths, prompt_len + max_new)
-    one, _ = best(lambda: engine_rate(strategy(), 1, max_new), repeats, lambda r: r[0])
+    if one is None:
+        tokens, lengths = pad_prompts(prompts_of(w.model.cfg, 1, prompt_len))
+        strategy = lambda: sampling_strategy(w, GREEDY, tokens, lengths, prompt_len + max_new)
+        one, _ = best(lambda: engine_rate(strategy(), 1, max_new), repeats, lambda r: r[0])
     rows = []
     for n in slots:
         row = engine_row(w, n, requests, prompt_len, max_new, repeats)
@@ -214,7 +222,9 @@ def measure(
         for batch in batches:
             rows.append({**context, **measure_row(w, batch, prompt_len, max_new, repeats)})
             show(rows[-1])
-    engine_rows = continuous_rows(decode_weights(cfg, params), slots, requests, prompt_len, max_new, repeats)
+    first = decode_weights(cfg, params, quants[0])  # continuous batching runs on the first weight format
+    one = next((r["after_tokens_per_s"] for r in rows if r["quant"] == quants[0] and r["batch"] == 1), None)
+    engine_rows = continuous_rows(first, slots, requests, prompt_len, max_new, repeats, one)
     return {
         "platform": jax.devices()[0].platform,
         "load_average": os.getloadavg(),
