@@ -8,12 +8,12 @@ Prompts are encoded with the run's tokenizer and start with BOS, like training d
 With --chat each prompt is a user turn of the chat format (data_pipelines.chat) and the answer ends at `<|im_end|>`.
 One prompt streams token by token; several (--prompt repeated, and/or --prompts_file: one {"prompt": text} a
 line) are decoded by continuous batching over --slots cache rows (mct.infer.engine; prompt i samples with
-seed + i) and printed when done. With
---draft_workdir, a smaller model of the same tokenizer drafts tokens (FR-Spec speculative decoding, its LM
-head cut to the --freq_vocab ids); with --speculative mtp, the model's own MTP block drafts one token per
-pass (mct.infer.mtp_speculative). The output distribution is the same. --quant int8 / int4 decodes with
-weight-only quantised hidden matrices (mct/model/weight_quant.py). With --json the last line is one JSON
-object: texts, tokens, decode and prefill tokens/s (without compiling), compile_s, batch, slots.
+seed + i) and printed when done. With --draft_workdir, a smaller model of the same tokenizer drafts tokens
+(FR-Spec speculative decoding, its LM head cut to the --freq_vocab ids; a batch, not the engine); with
+--speculative mtp, the model's own MTP block drafts one token per pass (mct.infer.mtp_speculative). The output
+distribution is the same. --quant int8 / int4 decodes with weight-only quantised hidden matrices
+(mct/model/weight_quant.py). With --json the last line is one JSON object: texts, tokens, decode and prefill
+tokens/s (without compiling), compile_s, batch, slots.
 
 Flags and wiring only: `mct.infer.generate` does the work.
 """
