@@ -81,7 +81,7 @@ BENCHMARKS: dict[str, tuple[Flags, str]] = {
     "experiments.benchmarks.decode": (
         lambda tmp, data: (
             ["--shape=9m", "--prompt_len=6", "--max_new_tokens=4", "--batches=1"]
-            + ["--quants=int8", "--repeats=1"]
+            + ["--quants=int8", "--repeats=1", "--slots=2", "--requests=3"]
         ),
         "rows",
     ),

@@ -107,7 +107,7 @@ def test_greedy_tokens_at_bucket_edges_match_the_full_forward_and_reuse_the_comp
     params = random_params(cfg, seed=3)
     rng = np.random.default_rng(2)
     # prompt widths 15 | 16 | 17 and caches of 16 | 32 | 33+ positions: each side of the buckets' edges
-    for lengths, max_new in (((15, 3), 1), ((16, 2), 16), ((17, 9), 16), ((5, 16), 17)):
+    for lengths, max_new in (((15, 3), 1), ((16, 2, 4, 1), 16), ((17, 9), 16), ((5, 16), 17)):
         prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
         out = generate(cfg, params, prompts, max_new_tokens=max_new)
         for prompt, tokens in zip(prompts, out):
@@ -116,7 +116,8 @@ def test_greedy_tokens_at_bucket_edges_match_the_full_forward_and_reuse_the_comp
                 seq.append(int(np.argmax(full_logits(cfg, params, seq, pad_to=64)[-1])))
             assert tokens == seq[len(prompt) :], (lengths, max_new)
     compiled = _run._cache_size()
-    generate(cfg, params, [[1] * 18, [2] * 20], max_new_tokens=12)  # a new prompt length, the same buckets
+    # a new prompt length and batch size (3 rows: 4, one of them padding), the same buckets
+    generate(cfg, params, [[1] * 18, [2] * 20, [3]], max_new_tokens=12)
     assert _run._cache_size() == compiled
 
 

@@ -1,18 +1,21 @@
-"""InfLLM v2 decoding over a KV cache: per-query dense/sparse rule, selection from the cached chunk sums, and
-greedy generation of a sparse model against its full forward pass."""
+"""InfLLM v2 decoding over a KV cache: per-query dense/sparse rule and OpenBMB's whole-prompt rule for a
+prefill (chunked too), selection from the cached chunk sums, and greedy generation of a sparse model (plain
+and by the engine) against its full forward pass."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mct.infer.decoding import generate
+from mct.infer.decoding import decode_weights, generate
+from mct.infer.engine import Engine, Request
 from mct.model.attention import KVCache, cached_attend, naive_attention
 from pallas_kernels.infllm_v2.api import sparse_attention
 from pallas_kernels.infllm_v2.config import SparseConfig
 from pallas_kernels.infllm_v2.selection import select_blocks
 from tests.test_decoding import full_logits, tiny_cfg
 from tests.test_export import random_params
+from tests.test_infllm_selection import numpy_select_blocks
 
 SPARSE = dict(
     block_size=4, kernel_size=4, kernel_stride=2, init_blocks=1, window_size=8, topk=4, dense_len=20
@@ -69,3 +72,44 @@ def test_sparse_model_greedy_generation_matches_full_forward():
     dense_cfg = tiny_cfg()
     dense_logits = full_logits(dense_cfg, params, text, pad_to=64)
     assert np.abs(dense_logits[40:] - logits[40:]).max() > 1e-3  # the sparse model is not the dense one
+
+
+def test_a_prompt_reaching_dense_len_is_sparse_at_every_position_when_prefilled_in_chunks():
+    """OpenBMB's rule against the NumPy selection oracle: row 0's 32-token prompt reaches dense_len, so all its
+    queries are sparse, chunk by chunk; row 1's 12-token one does not: dense until its cache holds dense_len."""
+    cfg = SparseConfig(**SPARSE)
+    model_cfg = tiny_cfg(attention="infllm_v2", sparse=SPARSE)
+    b, seq, capacity, kv, d = 2, 40, 48, 2, 8
+    q, k, v = (jax.random.normal(jax.random.key(i), (b, seq, h, d)) for i, h in enumerate((4, kv, kv)))
+    blocks = numpy_select_blocks(np.asarray(q), np.asarray(k), cfg, np.ones((b, seq), np.int32))
+    sparse = np.asarray(sparse_attention(q, k, v, cfg, implementation="reference", block_indices=blocks))
+    dense = np.asarray(naive_attention(q, k, v, jnp.ones((b, seq), jnp.int32)))
+    per_query = np.where((np.arange(seq) + 1 >= cfg.dense_len)[:, None, None], sparse[1], dense[1])
+    zeros = jnp.zeros((b, capacity, kv, d))
+    cache = KVCache(zeros, zeros, jnp.zeros((b, capacity // cfg.kernel_stride, kv, d)))
+    step = jax.jit(lambda q, k, v, pos, cache, ctx: cached_attend(q, k, v, pos, cache, model_cfg, ctx))
+    got = []
+    context = jnp.asarray([32, 12])  # prefill in chunks of 8, then decode (no context) from position 32
+    for lo, hi, ctx in [(p, p + 8, context) for p in range(0, 32, 8)] + [
+        (p, p + 1, None) for p in range(32, 40)
+    ]:
+        pos = jnp.broadcast_to(jnp.arange(lo, hi, dtype=jnp.int32), (b, hi - lo))
+        out, cache = step(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], pos, cache, ctx)
+        got.append(np.asarray(out))
+    got = np.concatenate(got, axis=1)
+    np.testing.assert_allclose(got[0], sparse[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], per_query, rtol=1e-5, atol=1e-5)
+    assert np.abs(sparse[0, 16:20] - dense[0, 16:20]).max() > 1e-2  # the rule matters before dense_len
+
+
+def test_the_engine_decodes_a_sparse_model_as_its_full_forward_with_chunked_prefill():
+    """A 30-token prompt (>= dense_len: sparse throughout, as the training forward of its text) prefilled 8
+    tokens at a time beside a short one, through one slot: greedy tokens are the argmax of the full logits."""
+    cfg = tiny_cfg(attention="infllm_v2", sparse={**SPARSE, "dense_len": 24, "implementation": "reference"})
+    params = random_params(cfg, seed=2)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, cfg.vocab_size, 30).tolist(), [9, 30, 31]]
+    out = Engine(decode_weights(cfg, params), slots=1, prefill_chunk=8).run([Request(p, 10) for p in prompts])
+    for prompt, completion in zip(prompts, out):
+        logits = full_logits(cfg, params, prompt + completion.tokens, pad_to=64)
+        np.testing.assert_array_equal(np.argmax(logits[len(prompt) - 1 : -1], axis=-1), completion.tokens)

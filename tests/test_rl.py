@@ -71,7 +71,6 @@ def test_chunked_and_unchunked_greedy_rollouts_are_identical(params):
         stop_ids=[],
         sampling=Sampling(),
         seed=0,
-        capacity=CAPACITY,
     )
     stop = probe[1].response[6]  # a token row 1 emits mid-way: some rows stop early, others run to the limit
     runs = {}
@@ -87,7 +86,6 @@ def test_chunked_and_unchunked_greedy_rollouts_are_identical(params):
                 stop_ids=[stop],
                 sampling=Sampling(),
                 seed=0,
-                capacity=CAPACITY,
             ),
             ts,
         )
@@ -115,7 +113,6 @@ def test_a_trajectory_cut_into_three_chunks_keeps_its_cached_logprobs_and_versio
             sampling=Sampling(),
             key=jax.random.key(0),
             version=version,
-            capacity=CAPACITY,
         )
         snapshots.append([list(t.logprobs) for t in ts])
     for t in ts:

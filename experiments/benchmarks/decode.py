@@ -2,7 +2,7 @@
 replaced, for fp32 / int8 / int4 weights, and the memory-bandwidth limit of a batch-1 step.
 
 python -m experiments.benchmarks.decode [--shape 30m --prompt_len 32 --max_new_tokens 128 --batches 1,16
-    --quants none,int8,int4 --repeats 2] --json
+    --quants none,int8,int4 --slots 4,16 --requests 16 --repeats 2] --json
 
 Random weights of the tunnel shape (speed does not depend on them), greedy, no stop token: batch 1 is one
 prompt of --prompt_len tokens, a larger batch has prompts of different lengths (half to all of it). For every
@@ -10,6 +10,11 @@ prompt of --prompt_len tokens, a larger batch has prompts of different lengths (
 --repeats times; the best decode rate counts (all rows' tokens after the prefill's first, over the token loop's
 time). "before" calls the jitted step once per token and reads its tokens back, as the host loop did; "after" is
 loop.decode. The bandwidth limit is (bandwidth of a large reduction) / (weight bytes a step reads).
+
+Continuous batching (mct.infer.engine), with the first of --quants: --requests prompts of different lengths
+(as a batch's) asking for different numbers of tokens (a quarter of --max_new_tokens to all of it) through each
+--slots count; its decode rate (tokens after each request's first, over the token loops' time) and its rate
+over prefill and decode together, beside the batch-1 rate of loop.decode in the same run.
 """
 
 import functools
@@ -27,6 +32,7 @@ from mct.cli.common import run
 from mct.config.model import ModelConfig
 from mct.config.run import Config
 from mct.infer.decoding import GREEDY, DecodeWeights, decode_weights, pad_prompts, sampling_strategy
+from mct.infer.engine import Engine, Request
 from mct.infer.loop import Bound, StopRule, Strategy, Timings, decode
 from mct.model.decoder import ParamsModel
 from mct.model.quant import QUANTISED
@@ -36,6 +42,8 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens (the longest
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens generated per row.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "16"], "Batch sizes.")
 _QUANTS = flags.DEFINE_list("quants", ["none", "int8", "int4"], "Weight formats (decoding.decode_weights).")
+_SLOTS = flags.DEFINE_list("slots", ["4", "16"], "Continuous batching: slot counts (none: no such rows).")
+_REQUESTS = flags.DEFINE_integer("requests", 16, "Continuous batching: requests per run.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per loop (the best counts).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object on the last line.")
 
@@ -123,6 +131,63 @@ def measure_row(w: DecodeWeights, batch: int, prompt_len: int, max_new: int, rep
     }
 
 
+def engine_row(
+    w: DecodeWeights, slots: int, requests: int, prompt_len: int, max_new: int, repeats: int
+) -> dict:
+    """Continuous batching's rates for `requests` prompts of different lengths and token limits over `slots`."""
+    limits = np.linspace(max(max_new // 4, 2), max_new, requests).astype(int)[::-1]  # long ones first
+    batch = [Request(p, int(n)) for p, n in zip(prompts_of(w.model.cfg, requests, prompt_len), limits)]
+
+    def run_once() -> tuple[float, float]:
+        timings = Timings()
+        out = Engine(w, slots).run(batch, timings)
+        decoded = sum(len(c.tokens) - 1 for c in out)
+        return decoded / timings.decode_s, (decoded + len(out)) / (timings.decode_s + timings.prefill_s)
+
+    decode_rate, overall = best(run_once, repeats, lambda r: r[0])
+    return {
+        "slots": slots,
+        "requests": requests,
+        "decode_tokens_per_s": round(decode_rate, 1),
+        "tokens_per_s_with_prefill": round(overall, 1),
+    }
+
+
+def continuous_rows(
+    w: DecodeWeights,
+    slots: list[int],
+    requests: int,
+    prompt_len: int,
+    max_new: int,
+    repeats: int,
+    one: float | None,
+) -> list[dict]:
+    """An engine_row per slot count, each beside `one`, the batch-1 rate of loop.decode in this run (measured
+    here when None)."""
+    if not slots:
+        return []
+    if one is None:
+        tokens, lengths = pad_prompts(prompts_of(w.model.cfg, 1, prompt_len))
+        strategy = lambda: sampling_strategy(w, GREEDY, tokens, lengths, prompt_len + max_new)
+        one, _ = best(lambda: engine_rate(strategy(), 1, max_new), repeats, lambda r: r[0])
+    rows = []
+    for n in slots:
+        row = engine_row(w, n, requests, prompt_len, max_new, repeats)
+        rows.append(
+            {
+                **row,
+                "batch1_tokens_per_s": round(one, 1),
+                "vs_batch1": round(row["decode_tokens_per_s"] / one, 2),
+            }
+        )
+        print(
+            f"engine: {requests} requests over {n:>3} slots {row['decode_tokens_per_s']:8.1f} tokens/s "
+            f"(x{rows[-1]['vs_batch1']} batch 1 {one:.1f})",
+            flush=True,
+        )
+    return rows
+
+
 def show(row: dict) -> None:
     """One measured row as a line of text, printed as soon as it is measured."""
     print(
@@ -134,7 +199,14 @@ def show(row: dict) -> None:
 
 
 def measure(
-    cfg: ModelConfig, prompt_len: int, max_new: int, batches: list[int], quants: list[str], repeats: int
+    cfg: ModelConfig,
+    prompt_len: int,
+    max_new: int,
+    batches: list[int],
+    quants: list[str],
+    repeats: int,
+    slots: list[int],
+    requests: int,
 ) -> dict:
     """The benchmark's rows and context, as one JSON-able dict."""
     params = ParamsModel(cfg).init(0)
@@ -150,6 +222,9 @@ def measure(
         for batch in batches:
             rows.append({**context, **measure_row(w, batch, prompt_len, max_new, repeats)})
             show(rows[-1])
+    first = decode_weights(cfg, params, quants[0])  # continuous batching runs on the first weight format
+    one = next((r["after_tokens_per_s"] for r in rows if r["quant"] == quants[0] and r["batch"] == 1), None)
+    engine_rows = continuous_rows(first, slots, requests, prompt_len, max_new, repeats, one)
     return {
         "platform": jax.devices()[0].platform,
         "load_average": os.getloadavg(),
@@ -157,6 +232,7 @@ def measure(
         "prompt_len": prompt_len,
         "max_new_tokens": max_new,
         "rows": rows,
+        "continuous_batching": engine_rows,
     }
 
 
@@ -170,6 +246,8 @@ def main(argv: list[str]) -> None:
         [int(b) for b in _BATCHES.value],
         _QUANTS.value,
         _REPEATS.value,
+        [int(n) for n in _SLOTS.value],
+        _REQUESTS.value,
     )
     if _JSON.value:
         print(json.dumps({"shape": _SHAPE.value, **result}))

@@ -108,9 +108,7 @@ def run_steps(setup: TrainSetup, ref_fn: Callable, config: RLRunConfig, chunk_to
             sampling=Sampling(1.0),
             key=jax.random.key(step),
             version=step,
-            capacity=config.data.seq_len,
-            row_multiple=rows_per_step,
-            width_multiple=64,
+            slots=rows_per_step,
         )
         for t in active:
             n = targets[id(t)]

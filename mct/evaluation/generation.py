@@ -1,4 +1,4 @@
-"""Generation tasks `{"prompt", "answer"}`: greedy continuations from mct's decode loop (mct.infer.decoding),
+"""Generation tasks `{"prompt", "answer"}`: greedy continuations by continuous batching (mct.infer.engine),
 judged by RL's `exact` and `numeric` rewards; with `chat` each prompt is a user turn of the chat format.
 
 `generate_until` is what lm-eval's LM method of that name needs (greedy text per prompt, up to a stop), so an
@@ -11,7 +11,7 @@ from data_pipelines.chat import im_end_id
 from data_pipelines.tokenizer import EOS, TextTokenizer
 from mct.config.model import ModelConfig
 from mct.errors import UserError
-from mct.infer.decoding import generate
+from mct.infer.engine import generate_many
 from mct.infer.generate import encode_prompts
 from mct.posttrain.rewards import exact, numeric
 from mct.run.task_files import Task
@@ -28,13 +28,11 @@ def generate_until(
     batch_size: int,
     stop_id: int,
 ) -> list[str]:
-    """The greedy continuation (text) of each encoded prompt, decoded `batch_size` prompts at a time."""
-    texts = []
-    for first in range(0, len(prompts), batch_size):
-        batch = prompts[first : first + batch_size]
-        outputs = generate(cfg, params, batch, max_new_tokens=max_new_tokens, eos_id=stop_id)
-        texts += [tokenizer.decode(ids) for ids in outputs]
-    return texts
+    """The greedy continuation (text) of each encoded prompt, decoded over `batch_size` engine slots."""
+    outputs = generate_many(
+        cfg, params, prompts, max_new_tokens=max_new_tokens, slots=batch_size, eos_id=stop_id
+    )
+    return [tokenizer.decode(ids) for ids in outputs]
 
 
 def check_prompt(where: str, prompt: list[int], max_new_tokens: int, max_position: int) -> None:

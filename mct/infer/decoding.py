@@ -20,7 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from mct.config.model import ModelConfig
-from mct.infer.loop import Bound, Proposal, StopRule, Strategy, Timings, TokenCallback, bucket, decode
+from mct.infer.loop import (
+    Bound,
+    Proposal,
+    StopRule,
+    Strategy,
+    Timings,
+    TokenCallback,
+    bucket,
+    decode,
+    rows_bucket,
+)
 from mct.model.attention import KVCache
 from mct.model.decoder import MiniCPM, ParamsModel, compute_dtype
 from mct.model.quant import QUANTISED, quantised_once
@@ -59,13 +69,17 @@ def token_probs(logits: jnp.ndarray, sampling: Sampling) -> jnp.ndarray:
     if sampling.temperature == 0:
         return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
     probs = jax.nn.softmax(logits / sampling.temperature, axis=-1)
-    if sampling.top_p < 1:
-        sorted_probs = -jnp.sort(-probs, axis=-1)  # descending
-        kept = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs < sampling.top_p  # mass before it < top_p
-        threshold = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
-        probs = jnp.where(probs >= threshold, probs, 0.0)
-        probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-    return probs
+    return nucleus(probs, sampling.top_p) if sampling.top_p < 1 else probs
+
+
+def nucleus(probs: jnp.ndarray, top_p: float | jnp.ndarray) -> jnp.ndarray:
+    """probs [..., vocab] cut to the fewest likeliest tokens holding top_p of the mass (a float, or an array
+    [..., 1] per row), renormalised."""
+    sorted_probs = -jnp.sort(-probs, axis=-1)  # descending
+    kept = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs < top_p  # mass before it < top_p
+    threshold = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
+    probs = jnp.where(probs >= threshold, probs, 0.0)
+    return probs / jnp.sum(probs, axis=-1, keepdims=True)
 
 
 def sample(probs: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
@@ -93,15 +107,17 @@ def forward(
     start: jnp.ndarray,
     cache: KVCache,
     last: jnp.ndarray | None = None,
+    context: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, KVCache]:
     """Runs tokens [batch, T] at positions start[b] + (0..T-1) through the cache; logits via `head`.
 
     head: [d_model, vocab'] (the full head_weight(), or some of its columns for an FR-Spec draft). Returns
     logits [batch, T, vocab'] (fp32), or [batch, vocab'] at token index last[b] when `last` is given.
+    context: a prefill's prompt lengths [batch] (InfLLM v2's sparse rule, MiniCPM.extend).
     """
     positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # [batch, T]
     m, layers = bind(model, params)
-    hidden, cache = m.extend(tokens, positions, cache, layer_weights=layers)  # [batch, T, d_model]
+    hidden, cache = m.extend(tokens, positions, cache, layer_weights=layers, context=context)
     if last is not None:
         hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [batch, d_model]
     return jnp.einsum("...d,dv->...v", hidden.astype(jnp.float32), head), cache
@@ -184,10 +200,12 @@ def next_token(
     last: jnp.ndarray,
     cache: KVCache,
     key: jax.Array,
+    context: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, KVCache]:
     """Runs tokens [batch, T] from positions start [batch] and samples each row's next token at index last
-    [batch]: (token [batch], its log-prob [batch] under logits / temperature (1 when greedy), cache)."""
-    logits, cache = forward(model, params, head, tokens, start, cache, last=last)  # [batch, vocab] fp32
+    [batch]: (token [batch], its log-prob [batch] under logits / temperature (1 when greedy), cache).
+    context: forward's."""
+    logits, cache = forward(model, params, head, tokens, start, cache, last, context)  # [batch, vocab] fp32
     token = sample(token_probs(logits, sampling), key)
     logprobs = jax.nn.log_softmax(logits / (sampling.temperature or 1.0), axis=-1)
     return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0], cache
@@ -212,7 +230,9 @@ def _sample_prompts(
 ) -> tuple[Proposal, SamplingState]:
     """Caches right-padded prompts tokens [batch, P] (lengths [batch]); samples each row's next token."""
     zeros = jnp.zeros_like(lengths)
-    token, logprob, cache = next_token(model, sampling, params, head, tokens, zeros, lengths - 1, cache, key)
+    token, logprob, cache = next_token(
+        model, sampling, params, head, tokens, zeros, lengths - 1, cache, key, lengths
+    )
     return _one_each(token, logprob), SamplingState(cache, token, lengths)
 
 
@@ -259,9 +279,12 @@ def bucketed(cfg: ModelConfig, tokens: np.ndarray, capacity: int) -> tuple[np.nd
     return np.pad(tokens, ((0, 0), (0, width - tokens.shape[1]))), capacity
 
 
-def eos_rule(batch: int, max_new_tokens: int, eos_id: int | None) -> StopRule:
-    """generate's stop rule: every row stops at eos_id (not kept) or after max_new_tokens tokens."""
-    return StopRule.of([max_new_tokens] * batch, [[] if eos_id is None else [eos_id]] * batch)
+def eos_rule(batch: int, max_new_tokens: int, eos_id: int | None, rows: int | None = None) -> StopRule:
+    """generate's stop rule: every row stops at eos_id (not kept) or after max_new_tokens tokens; the rows
+    past `batch` (up to `rows`: a batch bucket's padding) emit nothing."""
+    rows = rows or batch
+    limits = [max_new_tokens] * batch + [0] * (rows - batch)
+    return StopRule.of(limits, [[] if eos_id is None else [eos_id]] * rows)
 
 
 def generate(
@@ -279,15 +302,17 @@ def generate(
 ) -> list[list[int]]:
     """Continues each prompt (token ids) by up to max_new_tokens tokens; EOS ends a row (and is not kept).
     `timings`, when given, is filled in (loop.decode); quant: decode_weights'."""
-    tokens, lengths = pad_prompts(prompts)
+    rows = rows_bucket(len(prompts))  # a new batch size reuses the compiled loop: padding rows emit nothing
+    tokens, lengths = pad_prompts([*prompts, *[[0]] * (rows - len(prompts))])
     strategy = sampling_strategy(
         decode_weights(cfg, params, quant), sampling, tokens, lengths, tokens.shape[1] + max_new_tokens
     )
+    stream = on_tokens and (lambda new: on_tokens(new[: len(prompts)]))
     out, _ = decode(
         strategy,
-        eos_rule(len(prompts), max_new_tokens, eos_id),
+        eos_rule(len(prompts), max_new_tokens, eos_id, rows),
         jax.random.key(seed),
-        on_tokens,
+        stream,
         timings=timings,
     )
-    return out.tokens
+    return out.tokens[: len(prompts)]

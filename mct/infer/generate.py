@@ -6,6 +6,7 @@ format (data_pipelines.chat) and its answer ends at `<|im_end|>`. The output dis
 every strategy.
 """
 
+import json
 import sys
 
 from data_pipelines.chat import encode_chat
@@ -37,6 +38,26 @@ class StreamPrinter:
         self._printed = len(text)
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """The prompts of a JSON-lines file, one {"prompt": text} a line (blank lines skipped); ValueError naming
+    the file and line of a bad one."""
+    prompts = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                prompt = json.loads(line).get("prompt")
+            except (json.JSONDecodeError, AttributeError):
+                prompt = None
+            if not isinstance(prompt, str):
+                raise ValueError(f'{path}:{number}: expected a JSON object with a "prompt" string')
+            prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
 def encode_prompts(tokenizer: TextTokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:
     """[BOS] + ids of each prompt, verbatim (its control strings are control tokens, as llama.cpp and
     transformers read a prompt); with `chat`, each prompt is the content of a user turn (text: it cannot forge
@@ -49,9 +70,10 @@ def encode_prompts(tokenizer: TextTokenizer, prompts: list[str], chat: bool = Fa
 
 
 def report(
-    tokenizer: TextTokenizer, prompts: list[list[int]], outputs: list[list[int]], timings: Timings
+    tokenizer: TextTokenizer, prompts: list[list[int]], outputs: list[list[int]], timings: Timings, slots: int
 ) -> dict:
-    """`mct.generate --json`'s summary of a batch: each row's text and tokens, and its rates (all rows).
+    """`mct.generate --json`'s summary of a batch: each row's text and tokens, and its rates (all rows); slots:
+    the rows decoded at once (continuous batching, mct.infer.engine; the batch otherwise).
 
     decode_tokens_per_s counts the tokens of the token loop (a row's first token comes from the prefill) over
     its time; neither rate includes compiling, which compile_s reports.
@@ -65,4 +87,5 @@ def report(
         "prefill_tokens_per_s": rate(sum(map(len, prompts)), timings.prefill_s),
         "compile_s": timings.compile_s,
         "batch": len(prompts),
+        "slots": slots,
     }

@@ -39,6 +39,11 @@ def bucket(n: int, cap: int | None = None) -> int:
     return size if cap is None else max(min(size, cap), n)
 
 
+def rows_bucket(n: int) -> int:
+    """The batch bucket of n rows: the next power of two (the rows past n are inactive padding)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 class Proposal(NamedTuple):
     """Each row's next tokens: row b offers the first counts[b] of tokens[b], in order."""
 

@@ -115,10 +115,10 @@ def _prefill(
     """Both caches over the right-padded prompts tokens [batch, P] (lengths [batch]); the target's first token."""
     zeros = jnp.zeros_like(lengths)
     first, _, target_cache = next_token(
-        target, sampling, target_params, target_head, tokens, zeros, lengths - 1, target_cache, key
+        target, sampling, target_params, target_head, tokens, zeros, lengths - 1, target_cache, key, lengths
     )
     _, _, draft_cache = next_token(
-        draft, sampling, draft_params, draft_head, tokens, zeros, lengths - 1, draft_cache, key
+        draft, sampling, draft_params, draft_head, tokens, zeros, lengths - 1, draft_cache, key, lengths
     )
     last2 = jnp.stack([tokens[jnp.arange(tokens.shape[0]), lengths - 1], first], axis=1)
     state = DraftState(target_cache, draft_cache, last2, lengths + 1, jnp.asarray(NO_ROUNDS))

@@ -114,11 +114,13 @@ def cached_attend(
     positions: jnp.ndarray,
     cache: KVCache,
     cfg: ModelConfig,
+    context: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, KVCache]:
     """Decoding: writes k, v [batch, T, kv_heads, d] into one layer's cache at positions [batch, T]
     (consecutive per row), then attends q [batch, T, q_heads, d] to the slots up to each query's position.
 
-    Dense, or InfLLM v2 (infllm_v2.decode) when the cache carries k_sums. Returns (output, updated cache).
+    Dense, or InfLLM v2 (infllm_v2.decode) when the cache carries k_sums; a prefill's context [batch] (prompt
+    lengths) makes a prompt that reaches sparse.dense_len sparse throughout. Returns (output, updated cache).
     """
     start = positions[:, 0]
     k_cache, v_cache = _write(cache.k, k, start), _write(cache.v, v, start)
@@ -126,7 +128,7 @@ def cached_attend(
         sums = infllm_v2_decode.update_stride_sums(
             cache.k_sums, k_cache, start, k.shape[1], cfg.sparse.kernel_stride
         )
-        out = infllm_v2_decode.cached_attention(q, k_cache, v_cache, sums, positions, cfg.sparse)
+        out = infllm_v2_decode.cached_attention(q, k_cache, v_cache, sums, positions, cfg.sparse, context)
         return out, KVCache(k_cache, v_cache, sums)
     b, t, q_heads, d = q.shape
     qg = group_queries(q, k.shape[2])  # [b, kv, T, group, d]

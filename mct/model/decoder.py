@@ -266,6 +266,7 @@ class MiniCPM(nnx.Module):
         *,
         with_residual: bool = False,
         layer_weights: dict | None = None,
+        context: jnp.ndarray | None = None,
     ) -> tuple[jnp.ndarray, KVCache] | tuple[jnp.ndarray, KVCache, jnp.ndarray]:
         """Decoding: runs `tokens` [batch, T] at `positions` [batch, T] against a KV cache.
 
@@ -276,7 +277,8 @@ class MiniCPM(nnx.Module):
         the cache (LongRoPE keeps one factor list per generation). Returns the final hidden states
         [batch, T, d_model] and the updated cache (with_residual: and the last block's output before the
         final norm, which MTP drafting reads). layer_weights replace some stacked layer weights (weight-only
-        quantised matrices, mct/model/weight_quant.py).
+        quantised matrices, mct/model/weight_quant.py). context: a prefill's prompt lengths [batch]: an InfLLM v2
+        prompt that reaches dense_len is sparse at every position (OpenBMB's rule; cached_attend).
         """
         cfg = self.cfg
         rope = rope_tables(cfg.rope, cfg.head_dim, cache.k.shape[2], cfg.max_position)
@@ -285,7 +287,7 @@ class MiniCPM(nnx.Module):
 
         def layer(h, xs):
             w, layer_cache = xs  # one layer's weights and KVCache (no leading layers axis)
-            attention = lambda q, k, v: cached_attend(q, k, v, positions, layer_cache, cfg)
+            attention = lambda q, k, v: cached_attend(q, k, v, positions, layer_cache, cfg, context)
             h, layer_cache, _ = decoder_layer(cfg, h, w, positions, rope, attention, mlp)
             return h, layer_cache
 

@@ -243,8 +243,7 @@ class Rollouts:
                 sampling=self.sampling,
                 key=key,
                 version=step,
-                capacity=r.max_prompt_tokens + r.max_response_tokens,
-                row_multiple=r.group_size * r.prompts_per_step,
+                slots=r.group_size * r.prompts_per_step,
             )
         for t in pending:
             if t.finished:

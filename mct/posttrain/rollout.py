@@ -1,24 +1,25 @@
 """Chunk-wise rollout (MiniCPM4 report section 3.2): each call decodes at most `chunk_tokens` new tokens per
-unfinished trajectory with the training job's own params, by plain sampling in the decode loop every decoder
-shares (mct.infer.loop; the stop token is kept in the response).
+unfinished trajectory with the training job's own params, by continuous batching (mct.infer.engine: a
+trajectory that finishes or uses its chunk leaves its slot to the next one; the stop token is kept in the
+response).
 
 A trajectory that stops (a stop token, e.g. `<|im_end|>`, or max_response_tokens) is finished; one that used
 its chunk is carried: it stays in the replay buffer with its tokens, the log-prob each token had under the
 policy that sampled it and that policy's version, and the next call re-encodes prompt + response under the
 newer params and continues, merged with the new prompts. The importance ratio of every token is then taken
 against the cached log-prob, i.e. the policy version that generated its chunk. InfLLM v2 models decode
-sparsely past sparse.dense_len (the decoder's cache does it).
+sparsely past sparse.dense_len (the decoder's cache does it). Trajectory i of a call samples with its own seed
+drawn from the call's key, so its tokens do not depend on the slot it decodes in.
 """
 
 import dataclasses
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 
 from mct.config.model import ModelConfig
-from mct.infer.decoding import Sampling, decode_weights, pad_prompts, sampling_strategy
-from mct.infer.loop import StopRule, decode
+from mct.infer.decoding import Sampling, decode_weights
+from mct.infer.engine import Engine, Request
 
 
 @dataclasses.dataclass
@@ -37,10 +38,6 @@ class Trajectory:
     reward: float | None = None  # set once finished
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def rollout_chunk(
     cfg: ModelConfig,
     params: dict,
@@ -52,33 +49,32 @@ def rollout_chunk(
     sampling: Sampling,
     key: jax.Array,
     version: int,
-    capacity: int,
-    row_multiple: int = 8,
-    width_multiple: int = 32,
+    slots: int | None = None,
 ) -> int:
-    """Extends every unfinished trajectory (in place) by up to chunk_tokens tokens; returns the tokens decoded.
-
-    Rows are padded to a multiple of row_multiple and the re-encoded contexts to a multiple of width_multiple
-    (so the jitted steps compile for few shapes); capacity is the cache length (prompt + response at most).
-    """
+    """Extends every unfinished trajectory (in place) by up to chunk_tokens tokens through `slots` engine rows
+    (default: one per trajectory); returns the tokens decoded."""
     active = [t for t in trajectories if not t.finished]
     if not active:
         return 0
-    rows = _round_up(len(active), row_multiple)
-    tokens, lengths = pad_prompts([t.prompt + t.response for t in active] + [[0]] * (rows - len(active)))
-    width = min(_round_up(tokens.shape[1], width_multiple), capacity)
-    tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))  # [rows, width]
-    budgets = [min(chunk_tokens, max_response_tokens - len(t.response)) for t in active]
-    rule = StopRule.of(budgets + [0] * (rows - len(active)), [stop_ids] * rows, keep_stop=True)
-    strategy = sampling_strategy(decode_weights(cfg, params), sampling, tokens, lengths, capacity)
-    out, _ = decode(strategy, rule, key)
-    for row, t in enumerate(active):
-        t.response.extend(out.tokens[row])
-        t.logprobs.extend(out.logprobs[row])
-        t.versions.extend([version] * len(out.tokens[row]))
-        t.finished = bool(out.stopped[row]) or len(t.response) >= max_response_tokens
-        t.truncated = t.finished and not out.stopped[row]
-    return sum(len(new) for new in out.tokens)
+    seeds = jax.device_get(jax.random.randint(key, (len(active),), 0, 2**31 - 1))
+    requests = [
+        Request(
+            t.prompt + t.response,
+            min(chunk_tokens, max_response_tokens - len(t.response)),
+            stop_ids,
+            sampling,
+            int(s),
+        )
+        for t, s in zip(active, seeds)
+    ]
+    out = Engine(decode_weights(cfg, params), slots or len(active), keep_stop=True).run(requests)
+    for t, done in zip(active, out):
+        t.response.extend(done.tokens)
+        t.logprobs.extend(done.logprobs)
+        t.versions.extend([version] * len(done.tokens))
+        t.finished = done.stopped or len(t.response) >= max_response_tokens
+        t.truncated = t.finished and not done.stopped
+    return sum(len(done.tokens) for done in out)
 
 
 def rollout(
@@ -91,7 +87,6 @@ def rollout(
     stop_ids: Sequence[int],
     sampling: Sampling,
     seed: int,
-    capacity: int,
     **kwargs,
 ) -> int:
     """Chunks until every trajectory is finished (one params version per chunk: 0, 1, ...); returns the number
@@ -108,7 +103,6 @@ def rollout(
             sampling=sampling,
             key=jax.random.fold_in(jax.random.key(seed), chunks),
             version=chunks,
-            capacity=capacity,
             **kwargs,
         )
         chunks += 1

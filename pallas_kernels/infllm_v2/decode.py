@@ -2,10 +2,13 @@
 
 A query at position p attends densely to slots 0..p while p + 1 < dense_len, and from there only to the blocks
 it selects: the rule MiniCPM4's inference applies by context length, per query, so a cached position's
-attention never depends on how much text follows it. Selection is exactly `select_blocks` for that query.
-Next to K and V the cache keeps the sums of K over kernel_stride chunks (`selection.stride_sums`), refreshed
-for the chunks a step writes; the compressed keys come from those sums, so a sparse step reads
-capacity / kernel_stride sums plus its topk selected blocks of K and V instead of the whole cache.
+attention never depends on how much text follows it. A prefill may name each row's prompt length (`context`):
+every query of a prompt that reaches dense_len is then sparse, as OpenBMB's modeling code runs a whole prompt
+sparse once its length does, also when the prompt is cached a chunk at a time. Selection is exactly
+`select_blocks` for that query. Next to K and V the cache keeps the sums of K over kernel_stride chunks
+(`selection.stride_sums`), refreshed for the chunks a step writes; the compressed keys come from those sums,
+so a sparse step reads capacity / kernel_stride sums plus its topk selected blocks of K and V instead of the
+whole cache.
 """
 
 import jax
@@ -44,11 +47,13 @@ def cached_attention(
     sums: jnp.ndarray,
     positions: jnp.ndarray,
     cfg: SparseConfig,
+    context: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """Attention of q [batch, T, q_heads, d] at positions [batch, T] over the cache (already holding them).
 
-    k_cache, v_cache: [batch, capacity, kv_heads, d]; sums: update_stride_sums of k_cache. Returns
-    [batch, T, q_heads, d] in q's dtype.
+    k_cache, v_cache: [batch, capacity, kv_heads, d]; sums: update_stride_sums of k_cache; context: [batch]
+    prompt lengths of a prefill (a row is sparse throughout when its prompt reaches dense_len), None: the
+    per-query rule alone. Returns [batch, T, q_heads, d] in q's dtype.
     """
     b, t, q_heads, d = q.shape
     capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -66,6 +71,7 @@ def cached_attention(
     qg = group_queries(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))), kv_heads)  # [b, kv, T', g, d]
     qg = jnp.moveaxis(qg.reshape(b, kv_heads, -1, chunk, *qg.shape[3:]), 2, 0)  # [n, b, kv, chunk, g, d]
     pos = jnp.moveaxis(jnp.pad(positions, ((0, 0), (0, pad))).reshape(b, -1, chunk), 1, 0)  # [n, b, chunk]
+    reach = jnp.zeros(b, jnp.int32) if context is None else context.astype(jnp.int32)  # [b]
 
     dense = lambda qc, pc: cache_prefix_attention(qc, k_cache, v_cache, pc)
 
@@ -90,7 +96,7 @@ def cached_attention(
 
     def query_chunk(args):
         qc, pc = args  # [b, kv, chunk, g, d], [b, chunk]
-        is_sparse = pc + 1 >= cfg.dense_len
+        is_sparse = jnp.maximum(pc + 1, reach[:, None]) >= cfg.dense_len  # [b, chunk]
         both = lambda: jnp.where(is_sparse[:, None, :, None, None], sparse(qc, pc), dense(qc, pc))
         return lax.cond(
             jnp.all(is_sparse),
