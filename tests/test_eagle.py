@@ -1,19 +1,27 @@
 """EAGLE draft heads: training on a frozen target (the trained head agrees with the target more often than a
-random one), and bad input named in one line."""
+random one); decoding with one keeps plain greedy decoding's tokens and the target's sampling distribution, and
+drafts only FR-Spec subset ids; a head of another target is named in one line."""
 
+import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from data_pipelines.loader import make_eval_batches
 from mct.config.posttrain import EagleRunConfig
 from mct.errors import UserError
+from mct.infer.decoding import Sampling, decode_weights, generate, init_cache, pad_prompts
+from mct.infer.eagle import Head, _prefill, draft_chain, eagle_generate, head_model, read_head
 from mct.model.decoder import ParamsModel
 from mct.model.eagle import EagleParams
 from mct.posttrain.eagle import WithTarget, eagle_config, eagle_objective, read_target, train_eagle
-from tests.tiny_runs import make_config
+from mct.run.reader import RunCheckpoint
+from tests.test_decoding import random_params, tiny_cfg
+from tests.test_speculative import assert_second_and_third_follow_the_target
+from tests.tiny_runs import make_config, save_params_run
 
 ONE = jax.devices()[:1]
 
@@ -22,7 +30,7 @@ def eagle_run(root, target, dataset, **extra):
     """The tiny config of a head for `target` in root/draft."""
     o = {
         "eagle.target": str(target),
-        "train.steps": 40,
+        "train.steps": 20,
         "optimizer.lr": 3e-3,
         "schedule.warmup_steps": 2,
         "schedule.decay_steps": 5,
@@ -47,7 +55,11 @@ def agreement(config: EagleRunConfig, head_params: dict) -> float:
     target = read_target(config.eagle.target)
     model = WithTarget(EagleParams(config.model), ParamsModel(config.model), target.read_params())
     batches = make_eval_batches(
-        config.data, batch_size=8, num_batches=2, process_index=0, process_count=1,
+        config.data,
+        batch_size=8,
+        num_batches=2,
+        process_index=0,
+        process_count=1,
         model_vocab_size=config.model.vocab_size,
     )
     objective = eagle_objective(1.0, 0.1)
@@ -64,5 +76,73 @@ def test_trained_head_agrees_with_the_target_more_than_a_random_head(trained_hea
     trained = read_target(workdir)
     random_head = EagleParams(config.model).init(0)
     got = agreement(config, trained.checkpoint.read_params(jax.eval_shape(lambda: random_head)))
-    print("agreement", got, agreement(config, random_head))
     assert got > agreement(config, random_head)
+
+
+def test_greedy_output_equals_plain_greedy_decoding(trained_head):
+    workdir, config = trained_head
+    target = read_target(config.eagle.target)
+    params, head = target.read_params(), read_head(workdir, target)
+    prompts = [[1, 17, 3, 8, 40, 41], [1], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]]
+    want = generate(config.model, params, prompts, max_new_tokens=20)
+    got, spec = eagle_generate(config.model, params, head, prompts, max_new_tokens=20, num_draft=3)
+    assert got == want
+    assert 0 < spec.accepted < 3 * spec.rounds  # kept and rejected drafts both happen (measured: 35 of 48)
+    random_head = head_model(config.model).init(1)
+    subset = np.arange(0, config.model.vocab_size, 4)
+    got, _ = eagle_generate(config.model, params, random_head, prompts, max_new_tokens=20, draft_vocab=subset)
+    assert got == want
+    eos = want[0][5]
+    got, _ = eagle_generate(config.model, params, head, prompts, max_new_tokens=20, eos_id=eos)
+    assert got == generate(config.model, params, prompts, max_new_tokens=20, eos_id=eos)
+
+
+def test_drafts_stay_in_the_frequency_subset():
+    cfg = tiny_cfg()
+    w = decode_weights(cfg, random_params(cfg, seed=0))
+    models = Head(head_model(cfg), w.model)
+    head = models.head.init(3)
+    subset = jnp.asarray(np.random.default_rng(0).permutation(cfg.vocab_size)[:12], jnp.int32)
+    tokens, lengths = pad_prompts([[5, 17, 3], [9]])
+    caches = [init_cache(c, 2, 32) for c in (cfg, dataclasses.replace(cfg, n_layers=1))]
+    cols = w.head[:, subset]
+    sampling = Sampling(temperature=1.0)
+    _, state = _prefill(
+        models, sampling, w.params, w.head, head, cols, tokens, lengths, *caches, jax.random.key(0)
+    )
+    drafts, q, _ = draft_chain(models, sampling, 4, w.params, head, cols, subset, state, jax.random.key(1))
+    assert np.isin(np.asarray(drafts), np.asarray(subset)).all()
+    outside = np.setdiff1d(np.arange(cfg.vocab_size), np.asarray(subset))
+    assert np.asarray(q)[..., outside].max() == 0
+    np.testing.assert_allclose(np.asarray(q).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_sampled_tokens_follow_the_target_distribution():
+    cfg = tiny_cfg(vocab_size=12)
+    params = random_params(cfg, seed=3)
+    head = head_model(cfg).init(4)
+    prompt, n = [3, 7, 1], 4000
+    out, _ = eagle_generate(
+        cfg,
+        params,
+        head,
+        [prompt] * n,
+        max_new_tokens=3,
+        num_draft=2,
+        draft_vocab=np.arange(0, 12, 2),
+        sampling=Sampling(temperature=1.0, top_p=0.95),
+    )
+    assert_second_and_third_follow_the_target(np.array(out), cfg, params, prompt)
+
+
+def test_a_head_of_another_target_is_named_with_both_workdirs(trained_head, pretrained, tmp_path):
+    workdir, config = trained_head
+    _, dataset = pretrained
+    other = make_config(tmp_path / "other", dataset, **{"model.d_model": 32, "model.d_mlp": 64})
+    save_params_run(tmp_path / "other", other, ParamsModel(other.model).init(0))
+    with pytest.raises(
+        UserError,
+        match=f"{workdir} is a draft head for another target than {tmp_path / 'other'} "
+        r"\(d_model 64 vs 32, d_mlp 128 vs 64\)",
+    ):
+        read_head(workdir, RunCheckpoint(tmp_path / "other"))

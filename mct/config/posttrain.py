@@ -1,7 +1,8 @@
 """The post-training entry points' run configs: `Config` plus each algorithm's own section and checks.
 
-`mct.dpo` reads a `DPORunConfig`, `mct.rl` an `RLRunConfig`, `mct.eagle` an `EagleRunConfig`; pre-training's `Config` (and its checkpoints)
-carries neither section. Every run's learning rate is `optimizer.lr` under the `schedule` section.
+`mct.dpo` reads a `DPORunConfig`, `mct.rl` an `RLRunConfig`, `mct.eagle` an `EagleRunConfig`; pre-training's
+`Config` (and its checkpoints) carries none of these sections. Every run's learning rate is `optimizer.lr`
+under the `schedule` section.
 """
 
 import dataclasses

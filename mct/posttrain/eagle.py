@@ -152,7 +152,9 @@ class TargetData(RunData):
             out_shardings=(setup.state_shardings, None),
             donate_argnums=0,
         )
-        return dataclasses.replace(setup, step_fn=lambda state, batch, index: jitted(state, batch, index, params))
+        return dataclasses.replace(
+            setup, step_fn=lambda state, batch, index: jitted(state, batch, index, params)
+        )
 
 
 def train_eagle(
