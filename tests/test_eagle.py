@@ -13,13 +13,15 @@ import pytest
 from data_pipelines.loader import make_eval_batches
 from mct.config.posttrain import EagleRunConfig
 from mct.errors import UserError
-from mct.infer.decoding import Sampling, decode_weights, generate, init_cache, pad_prompts
-from mct.infer.eagle import Head, _prefill, draft_chain, eagle_generate, head_model, read_head
+from mct.infer.decoding import Sampling, decode_weights, forward, generate, init_cache, pad_prompts
+from mct.infer.eagle import Head, _prefill, draft_chain, head_model
+from mct.infer.eagle_decoding import eagle_generate, read_head
+from mct.infer.eagle_tree import Tree, TreeShape, keep_path, verify_tree
 from mct.model.decoder import ParamsModel
 from mct.model.eagle import EagleParams
 from mct.posttrain.eagle import WithTarget, eagle_config, eagle_objective, read_target, train_eagle
 from mct.run.reader import RunCheckpoint
-from tests.test_decoding import random_params, tiny_cfg
+from tests.test_decoding import full_logits, random_params, tiny_cfg
 from tests.test_speculative import assert_second_and_third_follow_the_target
 from tests.tiny_runs import make_config, save_params_run
 
@@ -146,3 +148,54 @@ def test_a_head_of_another_target_is_named_with_both_workdirs(trained_head, pret
         r"\(d_model 64 vs 32, d_mlp 128 vs 64\)",
     ):
         read_head(workdir, RunCheckpoint(tmp_path / "other"))
+
+
+def test_tree_verification_sees_each_node_s_path_and_keeps_the_accepted_one():
+    """Every tree node's target logits equal a full forward pass over the prompt and its root-to-node path; after
+    keep_path the accepted path's keys and values sit where plain decoding of that path puts them."""
+    cfg = tiny_cfg()
+    w = decode_weights(cfg, random_params(cfg, seed=0))
+    models = Head(head_model(cfg), w.model)
+    prompt = [5, 17, 3, 8]
+    tree = Tree(  # root -> 11 -> (12 -> 14), 13 -> 15; node indices 0..4
+        jnp.asarray([[11, 13, 12, 15, 14]], jnp.int32),
+        jnp.asarray([[-1, -1, 0, 1, 2]], jnp.int32),
+        jnp.asarray([[1, 1, 2, 2, 3]], jnp.int32),
+    )
+    paths = [[11], [13], [11, 12], [13, 15], [11, 12, 14]]
+    n = jnp.asarray([len(prompt)], jnp.int32)
+    cache = init_cache(cfg, 1, 32)
+    _, cache = forward(w.model, w.params, w.head, jnp.asarray([prompt[:-1]]), jnp.zeros(1, jnp.int32), cache)
+    pending = jnp.asarray([[prompt[-1]]], jnp.int32)
+    logits, _, cache = verify_tree(models, w.params, w.head, tree, 3, pending, n, cache)
+    want = [full_logits(cfg, w.params, prompt)[-1]] + [
+        full_logits(cfg, w.params, prompt + p)[-1] for p in paths
+    ]
+    np.testing.assert_allclose(np.asarray(logits[0]), np.stack(want), atol=2e-4)
+
+    path = jnp.asarray([[1, 3, 5]], jnp.int32)  # block indices of 11, 12, 14
+    kept = keep_path(cache, path, n)
+    plain = init_cache(cfg, 1, 32)
+    _, plain = forward(
+        w.model, w.params, w.head, jnp.asarray([prompt + [11, 12, 14]]), jnp.zeros(1, jnp.int32), plain
+    )
+    end = len(prompt) + 3
+    np.testing.assert_allclose(np.asarray(kept.k[:, :, :end]), np.asarray(plain.k[:, :, :end]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kept.v[:, :, :end]), np.asarray(plain.v[:, :, :end]), atol=1e-5)
+
+
+def test_tree_drafting_keeps_plain_greedy_output(trained_head):
+    workdir, config = trained_head
+    target = read_target(config.eagle.target)
+    params, head = target.read_params(), read_head(workdir, target)
+    prompts = [[1, 17, 3, 8, 40, 41], [1], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]]
+    want = generate(config.model, params, prompts, max_new_tokens=20)
+    tree = TreeShape(top_k=3, depth=3, total_tokens=8)
+    got, spec = eagle_generate(config.model, params, head, prompts, max_new_tokens=20, tree=tree)
+    assert got == want
+    assert spec.accepted > 0  # measured: 17 drafts kept over 41 rounds
+    subset = np.arange(0, config.model.vocab_size, 8)
+    got, _ = eagle_generate(
+        config.model, params, head, prompts, max_new_tokens=20, tree=tree, draft_vocab=subset
+    )
+    assert got == want

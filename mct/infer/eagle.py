@@ -13,25 +13,21 @@ re-writes them; no query reads a slot past its own position.
 """
 
 import functools
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mct.config.model import ModelConfig
-from mct.errors import UserError
 from mct.infer import decoding
-from mct.infer.decoding import DecodeWeights, Sampling, sample, token_probs
-from mct.infer.loop import Bound, Proposal, Strategy, Timings, TokenCallback, decode
+from mct.infer.decoding import Sampling, sample, token_probs
+from mct.infer.loop import Proposal
 from mct.infer.mtp_speculative import target_pass
-from mct.infer.speculative import NO_ROUNDS, SpeculativeStats, accept, tally, verified_run
+from mct.infer.speculative import NO_ROUNDS, accept, tally, verified_run
 from mct.model.attention import KVCache, cached_attend
 from mct.model.decoder import ParamsModel
-from mct.model.eagle import EagleParams, draft_logits, head_config
+from mct.model.eagle import EagleParams, draft_logits
 from mct.model.rope import rope_tables
-from mct.run.reader import RunCheckpoint
 
 
 class EagleState(NamedTuple):
@@ -134,6 +130,30 @@ def _prefill(
     return Proposal(first[:, None], jnp.ones_like(first)), state
 
 
+def window_logits(
+    models: Head, width: int, target_params, head_params, cols, state: EagleState
+) -> tuple[jnp.ndarray, jnp.ndarray, KVCache]:
+    """The head over the `width` positions ending at N - 2 on the true (f_t, x_{t+1}): (logits [batch, V'] for
+    x_N, the predicted feature f_hat_{N-1} [batch, 1, d], the head's cache)."""
+    start = jnp.maximum(state.n - width - 1, 0)
+    logits, predicted, cache = head_pass(
+        models,
+        target_params,
+        head_params,
+        cols,
+        _window(state.features, start, width),
+        _window(state.tokens, start + 1, width),
+        start,
+        state.draft_cache,
+    )
+    last = (state.n - 2 - start)[:, None, None]
+    return (
+        jnp.take_along_axis(logits, last, axis=1)[:, 0],
+        jnp.take_along_axis(predicted, last, axis=1),
+        cache,
+    )
+
+
 def draft_chain(
     models: Head,
     sampling: Sampling,
@@ -149,21 +169,7 @@ def draft_chain(
     the full vocabulary [batch, k, vocab] (0 outside vocab_ids), the head's cache)."""
     n, batch = state.n, state.n.shape[0]
     vocab = models.target.cfg.vocab_size
-    width = k + 2
-    start = jnp.maximum(n - width - 1, 0)  # the window ends at N - 2
-    logits, predicted, cache = head_pass(
-        models,
-        target_params,
-        head_params,
-        cols,
-        _window(state.features, start, width),
-        _window(state.tokens, start + 1, width),
-        start,
-        state.draft_cache,
-    )
-    last = (n - 2 - start)[:, None, None]
-    logits = jnp.take_along_axis(logits, last, axis=1)[:, 0]  # [batch, V']
-    feature = jnp.take_along_axis(predicted, last, axis=1)  # [batch, 1, d]
+    logits, feature, cache = window_logits(models, k + 2, target_params, head_params, cols, state)
     keys = jax.random.split(key, k)
     drafts, q = [], []
     for i in range(k):
@@ -210,107 +216,3 @@ def _round(
     n = jnp.where(active, n + proposal.counts, n)
     new = EagleState(target_cache, draft_cache, tokens, features, n, tally(state.tally, active, proposal))
     return proposal, new
-
-
-def eagle_strategy(
-    target: DecodeWeights,
-    head: EagleParams,
-    head_params: dict,
-    vocab_ids: jnp.ndarray,
-    sampling: Sampling,
-    num_draft: int,
-    tokens: np.ndarray,
-    lengths: np.ndarray,
-    capacity: int,
-) -> Strategy:
-    """EAGLE chain decoding of right-padded prompts tokens [batch, P] (lengths [batch]): num_draft drafts of
-    the head over the vocab_ids [V'] columns of the target's head, verified in one target pass."""
-    cfg = target.model.cfg
-    tokens, capacity = decoding.bucketed(cfg, tokens, capacity)
-    models = Head(head, target.model)
-    cols = target.head[:, vocab_ids]  # [d_model, V']: FR-Spec's cut LM head
-    caches = lambda: (
-        decoding.init_cache(cfg, len(lengths), capacity),
-        decoding.init_cache(head_config(cfg), len(lengths), capacity),
-    )
-    prefill = lambda key: _prefill(
-        models, sampling, target.params, target.head, head_params, cols, tokens, lengths, *caches(), key
-    )
-    step = Bound(_round, (models, sampling, num_draft))
-    return Strategy(prefill, step, (target.params, target.head, head_params, cols, vocab_ids))
-
-
-def subset_ids(vocab_size: int, draft_vocab: np.ndarray | None) -> jnp.ndarray:
-    """The FR-Spec ids the head keeps ([V'] int32; all when None); ValueError when outside the vocabulary."""
-    ids = (
-        jnp.arange(vocab_size, dtype=jnp.int32)
-        if draft_vocab is None
-        else jnp.asarray(draft_vocab, jnp.int32)
-    )
-    if ids.size == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-        raise ValueError(f"draft_vocab ids must lie in [0, {vocab_size})")
-    return ids
-
-
-def eagle_generate(
-    cfg: ModelConfig,
-    params: dict,
-    head_params: dict,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    num_draft: int = 4,
-    draft_vocab: np.ndarray | None = None,
-    sampling: Sampling = decoding.GREEDY,
-    eos_id: int | None = None,
-    seed: int = 0,
-    on_tokens: TokenCallback | None = None,
-    timings: Timings | None = None,
-    quant: str = "none",
-) -> tuple[list[list[int]], SpeculativeStats]:
-    """decoding.generate's output distribution (its exact tokens when greedy), num_draft drafts of the EAGLE
-    head (head_params, for the target cfg / params) per target pass, over its draft_vocab columns (FR-Spec;
-    None: all)."""
-    if num_draft < 1:
-        raise ValueError(f"num_draft must be at least 1, got {num_draft}")
-    vocab_ids = subset_ids(cfg.vocab_size, draft_vocab)
-    target = decoding.decode_weights(cfg, params, quant)
-    tokens, lengths = decoding.pad_prompts(prompts)
-    capacity = tokens.shape[1] + max_new_tokens + 2 * num_draft + 2
-    head = head_model(target.model.cfg)
-    strategy = eagle_strategy(
-        target, head, head_params, vocab_ids, sampling, num_draft, tokens, lengths, capacity
-    )
-    out, state = decode(
-        strategy,
-        decoding.eos_rule(len(prompts), max_new_tokens, eos_id),
-        jax.random.key(seed),
-        on_tokens,
-        timings=timings,
-    )
-    return out.tokens, SpeculativeStats.of(state.tally)
-
-
-def read_head(draft_workdir: str, target: RunCheckpoint) -> dict:
-    """The head params of a mct.eagle run for `target`; UserError naming both workdirs when it was trained
-    for another target (model shape, vocabulary or tokenizer)."""
-    try:
-        draft = RunCheckpoint(draft_workdir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--draft_workdir {draft_workdir}: {e}") from None
-    ours, theirs = draft.model_cfg, target.model_cfg
-    keys = ("d_model", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "d_mlp")
-    differ = [
-        f"{k} {getattr(ours, k)} vs {getattr(theirs, k)}"
-        for k in keys
-        if getattr(ours, k) != getattr(theirs, k)
-    ]
-    if not differ and draft.tokenizer_sha256 and target.tokenizer_sha256:
-        if not draft.tokenizer_sha256 & target.tokenizer_sha256:
-            differ.append("tokenizer hash")
-    if differ:
-        raise UserError(
-            f"--draft_workdir {draft_workdir} is a draft head for another target than {target.workdir} "
-            f"({', '.join(differ)})"
-        )
-    return draft.checkpoint.read_params(EagleParams(ours).abstract())
