@@ -119,21 +119,24 @@ def test_drafts_stay_in_the_frequency_subset():
     np.testing.assert_allclose(np.asarray(q).sum(-1), 1.0, rtol=1e-5)
 
 
-def test_sampled_tokens_follow_the_target_distribution():
+@pytest.mark.parametrize("tree", [None, TreeShape(top_k=2, depth=2, total_tokens=6)], ids=["chain", "tree"])
+def test_sampled_tokens_follow_the_target_distribution(tree):
     cfg = tiny_cfg(vocab_size=12)
     params = random_params(cfg, seed=3)
     head = head_model(cfg).init(4)
     prompt, n = [3, 7, 1], 4000
-    out, _ = eagle_generate(
+    out, spec = eagle_generate(
         cfg,
         params,
         head,
         [prompt] * n,
         max_new_tokens=3,
         num_draft=2,
+        tree=tree,
         draft_vocab=np.arange(0, 12, 2),
         sampling=Sampling(temperature=1.0, top_p=0.95),
     )
+    assert spec.accepted > 0  # the residual draws and the kept drafts both shape the output
     assert_second_and_third_follow_the_target(np.array(out), cfg, params, prompt)
 
 

@@ -83,13 +83,17 @@ def eagle_generate(
 ) -> tuple[list[list[int]], SpeculativeStats]:
     """decoding.generate's output distribution (its exact tokens when greedy), drafted by the EAGLE head
     (head_params, for the target cfg / params) over its draft_vocab columns (FR-Spec; None: all): num_draft
-    chained drafts per target pass, or an EAGLE-2 `tree` (greedy decoding only)."""
+    chained drafts per target pass, or an EAGLE-2 `tree` (sampling: the whole tree, unpruned)."""
     if num_draft < 1:
         raise ValueError(f"num_draft must be at least 1, got {num_draft}")
     if tree is not None:
         tree.check()
-        if sampling.temperature != 0:
-            raise ValueError("EAGLE-2 tree drafting decodes greedily here; sample with the chain (no tree)")
+        full = tree.top_k + (tree.depth - 1) * tree.top_k**2
+        if sampling.temperature != 0 and tree.total_tokens != full:
+            raise ValueError(
+                f"sampling verifies the whole drafted tree (pruning by the drafts' values would bias it): "
+                f"tree total_tokens must be top_k + (depth - 1) * top_k^2 = {full}, got {tree.total_tokens}"
+            )
     vocab_ids = subset_ids(cfg.vocab_size, draft_vocab)
     target = decoding.decode_weights(cfg, params, quant)
     tokens, lengths = decoding.pad_prompts(prompts)

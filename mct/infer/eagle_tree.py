@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mct.infer import decoding
+from mct.infer.decoding import Sampling, sample, token_probs
 from mct.infer.eagle import EagleState, Head, _put, window_logits
 from mct.infer.loop import Proposal
 from mct.infer.speculative import tally
@@ -76,19 +77,49 @@ def _head_tree_pass(
     return logits, predicted, jax.tree.map(lambda c: c[None], layer_cache)
 
 
+class Expanded(NamedTuple):
+    """What sampling's verification needs of the drafting: the draft distribution of every expanded node."""
+
+    ids: jnp.ndarray  # [batch, (depth-1) * top_k] node ids of the expanded nodes below the root, depth order
+    q: jnp.ndarray  # [batch, 1 + (depth-1) * top_k, V'] their draft probabilities, the root's first
+
+
+def _children(logits, sampling: Sampling, k: int, key) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Each node's k children from its draft logits [..., V']: (log-probabilities [..., k], subset indices
+    [..., k], draft probabilities [..., V']). Greedy: the top k. Sampling: k draws without replacement from q
+    (Gumbel top-k), in draw order, as recursive rejection sampling needs (Jeon et al. 2024, section 3)."""
+    q = token_probs(logits, sampling)
+    if sampling.temperature == 0:
+        score, index = jax.lax.top_k(jax.nn.log_softmax(logits, -1), k)
+        return score, index, q
+    log_q = jnp.log(q)
+    _, index = jax.lax.top_k(log_q + jax.random.gumbel(key, q.shape), k)
+    return jnp.take_along_axis(log_q, index, axis=-1), index, q
+
+
 def draft_tree(
-    models: Head, shape: TreeShape, target_params, head_params, cols, vocab_ids, state: EagleState
-) -> tuple[Tree, KVCache]:
-    """EAGLE-2's dynamic tree of every row (see the module docstring) and the head's cache."""
+    models: Head,
+    sampling: Sampling,
+    shape: TreeShape,
+    target_params,
+    head_params,
+    cols,
+    vocab_ids,
+    state: EagleState,
+    key,
+) -> tuple[Tree, Expanded, KVCache]:
+    """EAGLE-2's dynamic tree of every row (see the module docstring), its expanded nodes, the head's cache."""
     k, n = shape.top_k, state.n
     batch = n.shape[0]
+    keys = jax.random.split(key, shape.depth)
     logits, feature, cache = window_logits(models, shape.depth + 2, target_params, head_params, cols, state)
     capacity = cache.k.shape[2]
-    score, index = jax.lax.top_k(jax.nn.log_softmax(logits, -1), k)  # [batch, K]
+    score, index, q = _children(logits, sampling, k, keys[0])  # [batch, K]
     tokens, scores, parents = [vocab_ids[index]], [score], [jnp.full((batch, k), -1, jnp.int32)]
     ids = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (batch, k))  # frontier node ids
     frontier = (vocab_ids[index], score, ids, jnp.repeat(feature, k, axis=1))
     seen = jnp.zeros((batch, k, capacity), bool)  # each frontier node's ancestors' head slots
+    expanded, qs = [], [q[:, None]]
     for j in range(1, shape.depth):
         token, score, ids, features = frontier
         start = n - 1 + (j - 1) * k
@@ -97,7 +128,9 @@ def draft_tree(
         logits, predicted, cache = _head_tree_pass(
             models, target_params, head_params, cols, features, token, n - 2 + j, start, mask, cache
         )
-        child_score, child = jax.lax.top_k(jax.nn.log_softmax(logits, -1), k)  # [batch, K, K]
+        child_score, child, q = _children(logits, sampling, k, keys[j])  # [batch, K, K]
+        expanded.append(ids)
+        qs.append(q)
         child_score = (score[:, :, None] + child_score).reshape(batch, k * k)
         offset = k + (j - 1) * k * k  # the id of this depth's first child
         tokens.append(vocab_ids[child].reshape(batch, k * k))
@@ -123,7 +156,9 @@ def draft_tree(
         kept_parents < 0, -1, jnp.take_along_axis(where, jnp.maximum(kept_parents, 0), 1)
     )
     depth = _depths(tree_parents, shape.depth)
-    return Tree(jnp.take_along_axis(tokens, keep, axis=1), tree_parents, depth), cache
+    tree = Tree(jnp.take_along_axis(tokens, keep, axis=1), tree_parents, depth)
+    ids = jnp.concatenate(expanded, axis=1) if expanded else jnp.zeros((batch, 0), jnp.int32)
+    return tree, Expanded(ids, jnp.concatenate(qs, axis=1)), cache
 
 
 def ancestors(parents: jnp.ndarray, depth: int) -> jnp.ndarray:
@@ -179,6 +214,57 @@ def greedy_walk(logits: jnp.ndarray, tree: Tree, depth: int) -> tuple[jnp.ndarra
     return path, n_accepted, jnp.take_along_axis(want, cur[:, None], axis=1)[:, 0].astype(jnp.int32)
 
 
+def _renormalise(x: jnp.ndarray) -> jnp.ndarray:
+    """x [batch, vocab] >= 0 scaled to sum 1 (rows summing to 0 stay 0)."""
+    total = x.sum(-1, keepdims=True)
+    return jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def sampling_walk(
+    probs: jnp.ndarray, tree: Tree, expanded: Expanded, vocab_ids, shape: TreeShape, key
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Recursive rejection sampling down the full (unpruned) tree: at a node, its children in draw order are
+    each kept with probability min(1, p(c) / q(c)); after a rejection p <- norm(max(0, p - q)) and q loses c
+    (renormalised). A kept child continues the walk; otherwise the next token is drawn from p. probs: the
+    target's [batch, 1+T, vocab]. Returns greedy_walk's (path, n_accepted, following)."""
+    batch, vocab = probs.shape[0], probs.shape[-1]
+    k = shape.top_k
+    rows = jnp.arange(batch)
+    q_full = jnp.zeros(expanded.q.shape[:2] + (vocab,), jnp.float32).at[:, :, vocab_ids].set(expanded.q)
+    keys = jax.random.split(key, shape.depth * k + 1)
+    cur = jnp.zeros(batch, jnp.int32)  # block index
+    node = jnp.zeros(batch, jnp.int32)  # expanded index: 0 the root, -1 a node never expanded
+    alive = jnp.ones(batch, bool)
+    p = probs[:, 0]
+    path = []
+    for d in range(shape.depth):
+        q = q_full[rows, jnp.maximum(node, 0)]
+        depth_of = (node - 1) // k + 1  # the expanded node's depth (root: 0)
+        first = jnp.where(node == 0, 0, k + (depth_of - 1) * k * k + ((node - 1) % k) * k)
+        open_ = alive & (node >= 0)
+        chosen = jnp.full(batch, -1, jnp.int32)
+        for i in range(k):
+            child = jnp.minimum(first + i, tree.tokens.shape[1] - 1)
+            token = tree.tokens[rows, child]
+            q_c, p_c = q[rows, token], p[rows, token]
+            tried = open_ & (chosen < 0) & (q_c > 0)
+            kept = tried & (jax.random.uniform(keys[d * k + i], (batch,)) * q_c < p_c)
+            chosen = jnp.where(kept, child, chosen)
+            rejected = (tried & ~kept)[:, None]
+            p = jnp.where(rejected, _renormalise(jnp.maximum(p - q, 0.0)), p)
+            q = jnp.where(rejected, _renormalise(q.at[rows, token].set(0.0)), q)
+        moved = chosen >= 0
+        alive = alive & moved
+        cur = jnp.where(moved, chosen + 1, cur)
+        path.append(jnp.where(moved, cur, 0))
+        match = expanded.ids == chosen[:, None]  # [batch, (depth-1) * K]
+        node = jnp.where(moved, jnp.where(match.any(1), jnp.argmax(match, 1) + 1, -1), node)
+        p = jnp.where(moved[:, None], probs[rows, cur], p)
+    path = jnp.stack(path, axis=1)
+    following = sample(p, keys[-1])
+    return path, (path > 0).sum(axis=1).astype(jnp.int32), following
+
+
 def keep_path(cache: KVCache, path: jnp.ndarray, n: jnp.ndarray) -> KVCache:
     """The cache with the accepted path's entries (block indices path [batch, depth], 0 past the end: at
     slots N-1+path) moved to slots N .. N+depth-1; entries past the path are left where they are."""
@@ -193,15 +279,21 @@ def keep_path(cache: KVCache, path: jnp.ndarray, n: jnp.ndarray) -> KVCache:
 def _tree_round(
     models, sampling, shape, target_params, target_head, head_params, cols, vocab_ids, state, active, key
 ):
-    """One EAGLE-2 round (greedy): up to depth + 1 committed tokens per row; the new state."""
-    del sampling, key  # greedy only (eagle_tree_strategy checks)
-    tree, draft_cache = draft_tree(models, shape, target_params, head_params, cols, vocab_ids, state)
+    """One EAGLE-2 round: up to depth + 1 committed tokens per row; the new state."""
+    key_draft, key_accept = jax.random.split(key)
+    tree, expanded, draft_cache = draft_tree(
+        models, sampling, shape, target_params, head_params, cols, vocab_ids, state, key_draft
+    )
     n = state.n
     pending = jnp.take_along_axis(state.tokens, (n - 1)[:, None], axis=1)
     logits, residual, target_cache = verify_tree(
         models, target_params, target_head, tree, shape.depth, pending, n, state.target_cache
     )
-    path, n_accepted, following = greedy_walk(logits, tree, shape.depth)
+    if sampling.temperature == 0:
+        path, n_accepted, following = greedy_walk(logits, tree, shape.depth)
+    else:
+        probs = token_probs(logits, sampling)
+        path, n_accepted, following = sampling_walk(probs, tree, expanded, vocab_ids, shape, key_accept)
     target_cache = keep_path(target_cache, path, n)
     block = jnp.concatenate([pending, tree.tokens], axis=1)
     path_tokens = jnp.take_along_axis(block, path, axis=1)  # [batch, depth]
