@@ -4,12 +4,15 @@ drafts only FR-Spec subset ids; a head of another target is named in one line.""
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data_pipelines.freq_vocab import build_freq_vocab
 from data_pipelines.loader import make_eval_batches
 from mct.config.posttrain import EagleRunConfig
 from mct.errors import UserError
@@ -202,3 +205,33 @@ def test_tree_drafting_keeps_plain_greedy_output(trained_head):
         config.model, params, head, prompts, max_new_tokens=20, tree=tree, draft_vocab=subset
     )
     assert got == want
+
+
+def test_generate_cli_drafts_with_the_head_and_names_bad_input(trained_head, pretrained, tmp_path):
+    workdir, config = trained_head
+    target_dir, dataset = pretrained
+    freq = tmp_path / "freq.json"
+    freq.write_text(json.dumps(build_freq_vocab(dataset, config.model.vocab_size // 4)))
+    target = read_target(str(target_dir))
+    prompt = [1] + target.tokenizer().encode_verbatim("the river")
+    want = generate(config.model, target.read_params(), [prompt], max_new_tokens=12, eos_id=2)
+    generate_cli = [sys.executable, "-m", "mct.generate", f"--workdir={target_dir}", "--prompt=the river"]
+    eagle = ["--speculative=eagle", f"--draft_workdir={workdir}", "--max_new_tokens=12"]
+    tree = ["--tree_top_k=3", "--tree_depth=3", "--tree_total_tokens=8", f"--freq_vocab={freq}", "--json"]
+    printed = subprocess.run(generate_cli + eagle + tree, check=True, capture_output=True, text=True).stdout
+    summary = json.loads(printed.splitlines()[-1])
+    assert summary["tokens"] == want
+    assert summary["accepted_length_mean"] >= 1 and summary["decode_tokens_per_s"] > 0
+
+    record = json.loads(freq.read_text()) | {"tokenizer_sha256": "0" * 64}
+    freq.write_text(json.dumps(record))
+    bad = subprocess.run(generate_cli + eagle + tree, capture_output=True, text=True)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert last.startswith("error:") and "was counted with another tokenizer" in last
+
+    missing = tmp_path / "no-target"
+    cmd = [sys.executable, "-m", "mct.eagle", f"--target={missing}", f"--config.workdir={tmp_path / 'd'}"]
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and str(missing) in last
