@@ -92,7 +92,7 @@ def test_greedy_output_equals_plain_greedy_decoding(trained_head):
     want = generate(config.model, params, prompts, max_new_tokens=20)
     got, spec = eagle_generate(config.model, params, head, prompts, max_new_tokens=20, num_draft=3)
     assert got == want
-    assert 0 < spec.accepted < 3 * spec.rounds  # kept and rejected drafts both happen (measured: 35 of 48)
+    assert 0 < spec.accepted < 3 * spec.rounds  # kept and rejected drafts both happen
     random_head = head_model(config.model).init(1)
     subset = np.arange(0, config.model.vocab_size, 4)
     got, _ = eagle_generate(config.model, params, random_head, prompts, max_new_tokens=20, draft_vocab=subset)
