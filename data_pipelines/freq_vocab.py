@@ -72,14 +72,23 @@ def build_freq_vocab(dataset_dir: str | pathlib.Path, top: int, split: str = "tr
     }
 
 
-def read_freq_vocab(path: str | pathlib.Path, vocab_size: int) -> np.ndarray:
-    """The ids [V] int32 of an FR-Spec vocabulary file, checked against a model's vocab_size."""
+def read_freq_vocab(
+    path: str | pathlib.Path, vocab_size: int, tokenizer_sha256: str | None = None
+) -> np.ndarray:
+    """The ids [V] int32 of an FR-Spec vocabulary file, checked against a model's vocab_size (and, when given,
+    its tokenizer's fingerprint: ids counted with another tokenizer mean other tokens)."""
     try:
         record = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"FR-Spec vocabulary {path} cannot be read: {e}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT or "ids" not in record:
         raise ValueError(f"{path} is not an FR-Spec vocabulary (format {FORMAT!r} with an 'ids' list)")
+    theirs = record.get("tokenizer_sha256")
+    if tokenizer_sha256 and theirs and theirs != tokenizer_sha256:
+        raise ValueError(
+            f"{path} was counted with another tokenizer (sha256 {theirs[:12]}) than the model's "
+            f"({tokenizer_sha256[:12]})"
+        )
     ids = np.asarray(record["ids"], np.int64)
     if ids.ndim != 1 or ids.size == 0 or len(np.unique(ids)) != ids.size:
         raise ValueError(f"{path}: 'ids' must be a non-empty list of distinct token ids")

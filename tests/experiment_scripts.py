@@ -73,7 +73,8 @@ BENCHMARKS: dict[str, tuple[Flags, str]] = {
     ),
     "experiments.benchmarks.speculative": (
         lambda tmp, data: (
-            [f"--work_dir={tmp}", "--train_steps=2", "--num_draft=2", "--num_batches=1"]
+            [f"--work_dir={tmp}", "--train_steps=2", "--num_draft=2", "--num_batches=1", "--tree=2,2,4"]
+            + ["--drafters=eagle_tree", "--fractions=4", "--notime_draft"]
             + ["--prompt_len=8", "--max_new_tokens=4", *tiny_config(data)]
         ),
         "variants",

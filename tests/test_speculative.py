@@ -170,10 +170,15 @@ def test_sampled_tokens_follow_the_target_distribution():
         sampling=sampling,
         seed=0,
     )
-    out = np.array(
-        out
-    )  # [n, 3]: token 0 comes from the target's prefill, tokens 1 and 2 from one draft round
-    probs = lambda seq: numpy_token_probs(full_logits(target_cfg, target_params, seq)[-1:], 1.0, 0.95)[0]
+    # [n, 3]: token 0 comes from the target's prefill, tokens 1 and 2 from one draft round
+    assert_second_and_third_follow_the_target(np.array(out), target_cfg, target_params, prompt)
+
+
+def assert_second_and_third_follow_the_target(out: np.ndarray, cfg, params, prompt: list[int]) -> None:
+    """Chi-square: the 2nd and 3rd sampled tokens of out [n, 3] (temperature 1, top_p 0.95) follow the
+    target's marginals, computed exactly from full forward passes."""
+    vocab, n = cfg.vocab_size, len(out)
+    probs = lambda seq: numpy_token_probs(full_logits(cfg, params, seq)[-1:], 1.0, 0.95)[0]
     p1 = probs(prompt)
     p2 = {x: probs(prompt + [x]) for x in range(vocab) if p1[x] > 0}
     second = sum(p1[x] * p2[x] for x in p2)

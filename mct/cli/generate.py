@@ -2,7 +2,8 @@
 
     python -m mct.generate --workdir DIR --prompt "def main(" [--prompt "..."] [--prompts_file FILE.jsonl]
         [--max_new_tokens N --temperature T --top_p P --seed S --step N --chat --json --quant Q --slots N
-        --prefill_chunk N] [--draft_workdir DIR --freq_vocab FILE --num_draft K]
+        --prefill_chunk N] [--draft_workdir DIR --freq_vocab FILE --num_draft K] [--speculative eagle
+        --draft_workdir HEAD_DIR --freq_vocab FILE --num_draft K --tree_top_k K --tree_depth D --tree_total_tokens T]
 
 Prompts are encoded with the run's tokenizer and start with BOS, like training documents; EOS ends a row.
 With --chat each prompt is a user turn of the chat format (data_pipelines.chat) and the answer ends at `<|im_end|>`.
@@ -10,10 +11,13 @@ One prompt streams token by token; several (--prompt repeated, and/or --prompts_
 line) are decoded by continuous batching over --slots cache rows (mct.infer.engine; prompt i samples with
 seed + i) and printed when done. With --draft_workdir, a smaller model of the same tokenizer drafts tokens
 (FR-Spec speculative decoding, its LM head cut to the --freq_vocab ids; a batch, not the engine); with
---speculative mtp, the model's own MTP block drafts one token per pass (mct.infer.mtp_speculative). The output
+--speculative mtp, the model's own MTP block drafts one token per pass (mct.infer.mtp_speculative); with
+--speculative eagle, the EAGLE head of --draft_workdir (trained by mct.eagle for this run) drafts a chain, or an
+EAGLE-2 tree with --tree_top_k (mct.infer.eagle_tree), over the --freq_vocab subset of the head. The output
 distribution is the same. --quant int8 / int4 decodes with weight-only quantised hidden matrices
 (mct/model/weight_quant.py). With --json the last line is one JSON object: texts, tokens, decode and prefill
-tokens/s (without compiling), compile_s, batch, slots.
+tokens/s (without compiling), compile_s, batch, slots, and with a draft accepted_length_mean (tokens committed
+per target pass).
 
 Flags and wiring only: `mct.infer.generate` does the work.
 """
@@ -21,6 +25,7 @@ Flags and wiring only: `mct.infer.generate` does the work.
 import functools
 import json
 import sys
+from collections.abc import Callable
 
 from absl import flags, logging
 
@@ -30,6 +35,8 @@ from data_pipelines.tokenizer import EOS
 from mct.cli import common as cli
 from mct.errors import UserError
 from mct.infer.decoding import Sampling, check_quant, generate
+from mct.infer.eagle_decoding import eagle_generate, read_head
+from mct.infer.eagle_tree import TreeShape
 from mct.infer.engine import PREFILL_CHUNK, generate_many
 from mct.infer.generate import StreamPrinter, encode_prompts, read_prompts_file, report
 from mct.infer.loop import Timings
@@ -57,8 +64,15 @@ def _define_flags() -> None:
     flags.DEFINE_string("freq_vocab", None, "Speculative decoding: FR-Spec ids the draft head keeps.")
     flags.DEFINE_integer("num_draft", 4, "Speculative decoding: draft tokens per target pass.")
     flags.DEFINE_enum(
-        "speculative", None, ["mtp"], "mtp: the model's MTP block drafts (model.mtp.depth >= 1)."
+        "speculative",
+        None,
+        ["mtp", "eagle"],
+        "mtp: the model's MTP block drafts (model.mtp.depth >= 1); eagle: the EAGLE head of --draft_workdir "
+        "(a mct.eagle run) drafts --num_draft tokens, or an EAGLE-2 tree with --tree_top_k.",
     )
+    flags.DEFINE_integer("tree_top_k", 0, "--speculative eagle: EAGLE-2 tree children per node (0: a chain).")
+    flags.DEFINE_integer("tree_depth", 4, "--speculative eagle: the tree's depth.")
+    flags.DEFINE_integer("tree_total_tokens", 16, "--speculative eagle: tree nodes verified per target pass.")
     flags.DEFINE_bool(
         "chat",
         False,
@@ -93,16 +107,24 @@ def main(argv: list[str]) -> None:
         tokenizer = run.tokenizer()
         params = run.read_params()
         check_quant(run.model_cfg, f.quant)
-        decode, slots = functools.partial(generate, run.model_cfg, params), len(texts)
+        decode = lambda prompts, **kwargs: (generate(run.model_cfg, params, prompts, **kwargs), None)
+        slots = len(texts)
         if len(texts) > 1 and not (f.draft_workdir or f.speculative):  # continuous batching
             slots = min(f.slots, len(texts))
-            decode = functools.partial(
+            many = functools.partial(
                 generate_many, run.model_cfg, params, slots=f.slots, prefill_chunk=f.prefill_chunk
             )
-        if f.draft_workdir:
+            decode = lambda prompts, **kwargs: (many(prompts, **kwargs), None)
+        vocab = (
+            read_freq_vocab(f.freq_vocab, run.model_cfg.vocab_size, tokenizer.fingerprint)
+            if f.freq_vocab
+            else None
+        )
+        if f.speculative == "eagle":
+            decode = eagle_decoder(run, params, vocab)
+        elif f.draft_workdir:
             draft = RunCheckpoint(f.draft_workdir)
-            vocab = read_freq_vocab(f.freq_vocab, run.model_cfg.vocab_size) if f.freq_vocab else None
-            speculative = functools.partial(
+            decode = functools.partial(
                 speculative_generate,
                 run.model_cfg,
                 params,
@@ -111,14 +133,13 @@ def main(argv: list[str]) -> None:
                 num_draft=f.num_draft,
                 draft_vocab=vocab,
             )
-            decode = lambda prompts, **kwargs: speculative(prompts, **kwargs)[0]
         if f.speculative == "mtp":
             if f.draft_workdir or not run.model_cfg.mtp.depth:
                 raise ValueError(
                     f"--speculative mtp needs a run with an MTP block (model.mtp.depth="
                     f"{run.model_cfg.mtp.depth}) and no --draft_workdir"
                 )
-            decode = lambda prompts, **kwargs: mtp_generate(run.model_cfg, params, prompts, **kwargs)[0]
+            decode = functools.partial(mtp_generate, run.model_cfg, params)
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
     try:
@@ -138,7 +159,7 @@ def main(argv: list[str]) -> None:
         sys.stdout.write(shown[0])
     timings = Timings()
     streaming = {"on_tokens": stream} if stream else {}
-    outputs = decode(
+    outputs, spec = decode(
         prompts,
         max_new_tokens=f.max_new_tokens,
         sampling=sampling,
@@ -154,7 +175,23 @@ def main(argv: list[str]) -> None:
         for prompt, text, tokens in zip(texts, shown, outputs):
             print(f"--- {prompt!r} ({len(tokens)} tokens)\n{text}{tokenizer.decode(tokens)}")
     if f.json:
-        print(json.dumps(report(tokenizer, prompts, outputs, timings, slots)))
+        accepted = {"accepted_length_mean": spec.mean_accepted_length} if spec else {}
+        print(json.dumps(report(tokenizer, prompts, outputs, timings, slots) | accepted))
+
+
+def eagle_decoder(run: RunCheckpoint, params: dict, vocab) -> Callable:
+    """decode(prompts, **kwargs) -> (outputs, stats) with the EAGLE head of --draft_workdir (checked to be a
+    head for this run), a chain of --num_draft or a tree of --tree_* drafts."""
+    f = flags.FLAGS
+    if not f.draft_workdir:
+        raise ValueError(
+            "--speculative eagle needs --draft_workdir (a head trained by mct.eagle for this run)"
+        )
+    head = read_head(f.draft_workdir, run)
+    tree = TreeShape(f.tree_top_k, f.tree_depth, f.tree_total_tokens) if f.tree_top_k else None
+    return functools.partial(
+        eagle_generate, run.model_cfg, params, head, num_draft=f.num_draft, tree=tree, draft_vocab=vocab
+    )
 
 
 def entry() -> None:

@@ -1,7 +1,8 @@
 """The post-training entry points' run configs: `Config` plus each algorithm's own section and checks.
 
-`mct.dpo` reads a `DPORunConfig`, `mct.rl` an `RLRunConfig`; pre-training's `Config` (and its checkpoints)
-carries neither section. Every run's learning rate is `optimizer.lr` under the `schedule` section.
+`mct.dpo` reads a `DPORunConfig`, `mct.rl` an `RLRunConfig`, `mct.eagle` an `EagleRunConfig`; pre-training's
+`Config` (and its checkpoints) carries none of these sections. Every run's learning rate is `optimizer.lr`
+under the `schedule` section.
 """
 
 import dataclasses
@@ -50,6 +51,17 @@ class RLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EagleConfig:
+    """An EAGLE draft head trained on a frozen target (mct/posttrain/eagle.py): loss = feature_weight x
+    smooth-L1 of the next feature + token_weight x cross-entropy to the target's next-token distribution
+    (EAGLE section 3.2: 1.0 and 0.1)."""
+
+    target: str = ""  # the target run's workdir (python -m mct.eagle --target WORKDIR)
+    feature_weight: float = 1.0
+    token_weight: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
 class DPORunConfig(Config):
     """One DPO run (python -m mct.dpo): a run config with the `dpo` section."""
 
@@ -58,6 +70,23 @@ class DPORunConfig(Config):
     def validate(self, n_devices: int, n_processes: int = 1) -> None:
         d = self.dpo
         require(d.beta > 0 and d.sft_weight >= 0, f"dpo.beta={d.beta} must be > 0, dpo.sft_weight >= 0")
+        super().validate(n_devices, n_processes)
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleRunConfig(Config):
+    """One draft-head run (python -m mct.eagle): a run config with the `eagle` section; its model section is
+    the target's (the head has the target's width, heads and RoPE)."""
+
+    eagle: EagleConfig = EagleConfig()
+
+    def validate(self, n_devices: int, n_processes: int = 1) -> None:
+        e = self.eagle
+        require(
+            e.feature_weight >= 0 and e.token_weight >= 0 and e.feature_weight + e.token_weight > 0,
+            f"eagle.feature_weight={e.feature_weight} and eagle.token_weight={e.token_weight} must be >= 0, "
+            "not both 0",
+        )
         super().validate(n_devices, n_processes)
 
 

@@ -18,7 +18,7 @@ from mct.errors import ConfigError
 
 DECAY_SHAPES = ("exponential", "linear", "cosine", "1-sqrt")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-POSTTRAIN_SECTIONS = ("dpo", "rl")  # the sections mct.config.posttrain's run configs add to Config
+POSTTRAIN_SECTIONS = ("dpo", "rl", "eagle")  # the sections mct.config.posttrain's run configs add to Config
 
 
 @dataclasses.dataclass(frozen=True)

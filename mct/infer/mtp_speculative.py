@@ -30,7 +30,7 @@ from mct.model.mtp import mtp_step, mtp_weights
 from mct.model.rope import rope_tables
 
 
-def _target(model: ParamsModel, params, head, tokens, start, cache):
+def target_pass(model: ParamsModel, params, head, tokens, start, cache):
     """tokens [batch, T] at positions start + (0..T-1) -> (logits [batch, T, vocab], cache, residual
     [batch, T, d_model])."""
     positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
@@ -70,7 +70,7 @@ class MtpState(NamedTuple):
 def _prefill(model, sampling, params, head, tokens, lengths, target_cache, draft_cache, key):
     """Both caches over the right-padded prompts [batch, P]; the first token; the round state."""
     zeros = jnp.zeros_like(lengths)
-    logits, target_cache, residual = _target(model, params, head, tokens, zeros, target_cache)
+    logits, target_cache, residual = target_pass(model, params, head, tokens, zeros, target_cache)
     rows = jnp.arange(tokens.shape[0])
     first = sample(token_probs(logits[rows, lengths - 1], sampling), key)
     # the MTP cache at positions 0 .. P-2: (h_i, x_{i+1}); slots past a row's prompt are re-written later
@@ -90,7 +90,7 @@ def _round(model, sampling, params, head, state: MtpState, active, key):
     q = token_probs(logits[:, -1], sampling)  # [batch, vocab]
     drafts = sample(q, key_draft)[:, None]  # [batch, 1]
     block = jnp.concatenate([last2[:, 1:], drafts], axis=1)  # x_{N-1}, draft at positions N-1, N
-    target_logits, target_cache, residual = _target(model, params, head, block, n - 1, state.target_cache)
+    target_logits, target_cache, residual = target_pass(model, params, head, block, n - 1, state.target_cache)
     n_accepted, following = accept(token_probs(target_logits, sampling), q[:, None], drafts, key_accept)
     proposal = verified_run(drafts, n_accepted, following)
     keep = proposal.counts[:, None] + jnp.arange(2)  # [batch, 2]: indices of the new last two

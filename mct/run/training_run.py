@@ -27,8 +27,10 @@ from data_pipelines.loader import (
 )
 from data_pipelines.prefetch import prefetch
 from data_pipelines.tokenizer import BOS, EOS, TextTokenizer, has_tokenizer, load_tokenizer
+from mct.config.model import ModelConfig
 from mct.config.run import Config
 from mct.errors import ConfigError, UserError, WorkdirLocked
+from mct.model.decoder import ParamsModel
 from mct.parallel.distributed import gather_json, global_batch
 from mct.run.checkpoint import Checkpointer, run_meta
 from mct.run.init_from import continued_data_state, init_from_state, parse_spec
@@ -240,11 +242,13 @@ def train(
     *,
     objective: Objective = next_token_objective,
     data: RunData | None = None,
+    model_fn: Callable[[ModelConfig], ParamsModel] = ParamsModel,
 ) -> dict:
     """Runs (or resumes) training to train.steps on `devices` (default: all), minimising `objective` over
-    `data`'s steps (default: pre-training's batches); returns the last logged metrics and eval losses."""
+    `data`'s steps (default: pre-training's batches) for the params of model_fn (build's); returns the last
+    logged metrics and eval losses."""
     check_workdir(config.workdir)
-    setup = build(config, devices, objective)
+    setup = build(config, devices, objective, model_fn)
     config = setup.config
     with job_lock(config.workdir):
         ckpt = Checkpointer(

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from mct.config.model import ModelConfig
 from mct.config.run import Config
 from mct.errors import TrainingDiverged
 from mct.model.attention import pin_attention
@@ -58,17 +59,19 @@ class TrainSetup:
 
 
 def build(
-    config: Config, devices: list | None = None, objective: Objective = next_token_objective
+    config: Config,
+    devices: list | None = None,
+    objective: Objective = next_token_objective,
+    model_fn: Callable[[ModelConfig], ParamsModel] = ParamsModel,
 ) -> TrainSetup:
-    """Resolves and validates `config` for `devices` (default: all), then builds its model and the jitted step
-    minimising `objective` (next-token loss for pre-training; post-training passes its own)."""
+    """Resolves and validates `config` for `devices` (default: all), then builds its model (model_fn of
+    config.model: the decoder, or a draft head for it) and the jitted step minimising `objective`
+    (next-token loss for pre-training; post-training passes its own)."""
     config = config.resolve()
     devices = jax.devices() if devices is None else devices
     config.validate(len(devices), len({d.process_index for d in devices}))  # hosts (AOT: the topology's)
     mesh = make_mesh(config.mesh, devices)
-    model = ParamsModel(
-        pin_attention(config.model, devices[0].platform)
-    )  # "auto" attention for these devices
+    model = model_fn(pin_attention(config.model, devices[0].platform))  # "auto" attention for these devices
     tx = make_optimizer(config, model)
     schedule = schedule_from_config(config)
     specs = state_specs(model.metadata("logical_axes"), tx, model.abstract())
