@@ -205,11 +205,11 @@ def tq2_0_weights(params: dict) -> dict:
 def test_tq2_0_logits_equal_a_numpy_model_of_ggml_products(runs, files, dataset):
     """llama.cpp's logits of the ternary QAT run in TQ2_0 equal a NumPy forward (tests/reference_model.py, float64)
     whose every matrix product is ggml's: TQ2_0 x Q8_K for the ternary matrices, f16 x f16 for the head.
-    Errors, as fractions of max |logit| per position (measured over 98 positions): most are f32 arithmetic
-    (median 1e-7); a few positions (10) hold an activation that llama.cpp's f32 forward and the float64 model
-    round to neighbouring Q8_K codes (inputs within ~1e-4 of a half step), worst 1.0e-3 there and less at the
-    positions attending to it. The same forward without Q8_K (f32 activations) is off by 1.7e-3 to 1e-2 at every
-    position, median 4e-3."""
+    Errors, as fractions of max |logit| per position, measured on two trained models (their data's temporary
+    path differs): f32 arithmetic (1e-7) where nothing differs, but an activation that llama.cpp's f32 forward
+    and the float64 model put on two sides of a Q8_K half step (inputs within ~1e-4 of it) moves that position
+    by up to 1.2e-3 and the positions attending to it by less: median 1e-7 and 8.4e-6, worst 1.0e-3 and
+    1.2e-3. The same forward with f32 activations (no Q8_K) misses by 1.6e-3 at least, median 4e-3."""
     run = runs["qat"]
     weights, cfg = tq2_0_weights(run.read_params()), run.model_cfg
     sequences = [d[:CTX].tolist() for d in _documents(dataset)[:3]]
@@ -221,8 +221,8 @@ def test_tq2_0_logits_equal_a_numpy_model_of_ggml_products(runs, files, dataset)
         plain_errors.append(np.abs(got - plain).max(-1) / np.abs(want).max())
     errors, plain_errors = np.concatenate(errors), np.concatenate(plain_errors)
     print(f"tq2_0 vs NumPy ggml products: median {np.median(errors):.1e}, worst {errors.max():.1e}")
-    assert np.median(errors) < 1e-6 and errors.max() < 2e-3
-    assert np.median(plain_errors) > 1e-3  # Q8_K is what the model adds: without it, no position matches
+    assert np.median(errors) < 1e-4 and errors.max() < 2e-3
+    assert np.median(plain_errors) > 1e-3  # the model needs Q8_K: without it the median is 40 times the bound
 
 
 def perplexity(path, windows: list[list[int]]) -> float:
