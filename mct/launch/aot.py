@@ -319,8 +319,9 @@ def estimate(config: Config, acc: Accelerator, num_slices: int, flops_per_device
     when a probe does not fit."""
     try:
         seconds = estimated_step_s(config, acc, num_slices)
-    except OutOfMemory:
-        return {"estimated_step_s": None, "estimated_mfu": None}
+    except OutOfMemory:  # unrolled, the loops' buffers can be live at once
+        note = "no step-time estimate: an unrolled probe does not fit HBM"
+        return {"estimated_step_s": None, "estimated_mfu": None, "estimate_note": note}
     return {
         "estimated_step_s": seconds,
         "estimated_mfu": flops_per_device / seconds / acc.generation.bf16_flops,
@@ -467,6 +468,8 @@ def describe_report(r: dict) -> list[str]:
             f"estimated step (the TPU compiler's estimate, every loop counted; not a measurement): "
             f"{r['estimated_step_s']:.3f} s, MFU {r['estimated_mfu']:.3f} (mct.model.flops over the bf16 peak)"
         )
+    if "estimate_note" in r:
+        lines.append(r["estimate_note"])
     need, hbm = r["bytes_per_device"], r["hbm_per_device"]
     verdict = f"fits, headroom {gib(hbm - need)}" if r["fits"] else "does not fit"
     lines.append(f"needs {gib(need)} of {gib(hbm)} HBM per device: {verdict}")
