@@ -51,6 +51,38 @@ SPARSE = {
     "data.seq_len": 256,
     "train.batch_size": 4,
 }
+# fsdp 2 x tensor 2 on v5p-8 (4 chips), splash attention, remat full: what a layer adds to a device's bytes
+TENSOR_PARALLEL = {
+    **TINY,
+    "model.d_model": 256,
+    "model.n_heads": 4,
+    "model.head_dim": 64,
+    "model.d_mlp": 512,
+    "model.vocab_size": 1024,
+    "model.attention": "splash",
+    "model.compute_dtype": "bfloat16",
+    "model.remat": "full",
+    "model.loss_chunk": 256,
+    "model.scan_layers": True,
+    "data.vocab_size": 1024,
+    "data.seq_len": 1024,
+    "train.batch_size": 16,
+}
+# The compiler's own bytes a layer beyond its state, gradients and saved input (2.68 MiB measured with libtpu
+# 0.0.42.1): re-record with a new libtpu
+TP_COMPILER_PER_LAYER = 2.7 * 2**20
+# A scanned, accumulated, chunked-loss step: three loops whose bodies XLA's cost analysis counts once
+LOOPS = {
+    **TINY,
+    "model.n_layers": 4,
+    "model.scan_layers": True,
+    "model.loss_chunk": 8,
+    "model.compute_dtype": "bfloat16",
+    "model.remat": "full",
+    "train.grad_accum": 2,
+}
+# |estimate / fully unrolled compile - 1|: 0.23% measured with libtpu 0.0.42.1 (the issue's bar: 2%)
+ESTIMATE_REL = 0.005
 # 8 x 8192-wide layers: ~92 GB of fp32 params + Adam moments against 4 x 16 GiB
 TOO_LARGE = {
     **TINY,
@@ -199,7 +231,59 @@ def test_cli_too_large_exits_3_with_one_line():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert not report["fits"] and report["bytes_per_device"] > report["hbm_per_device"]
     assert report["compile_s"] > 0 and report["flops_per_step"] is None  # no executable to count
+    assert report["estimated_step_s"] is None and report["estimated_mfu"] is None
     assert report["topology"] == "v5e-4" and report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+
+
+@needs_libtpu
+def test_tensor_parallel_layer_keeps_its_input_split_over_tensor():
+    """Bytes per device a layer adds on fsdp 2 x tensor 2, from two compiles (4 and 8 layers), against its
+    shapes: its share of fp32 params, Adam moments and gradients (16 bytes a matrix entry over 4 devices, the
+    replicated norms whole), plus the input remat full saves, bf16 [batch / fsdp, seq, d_model / tensor] (2 MiB),
+    plus the compiler's recorded own. With the residual stream replicated over tensor the layer's input costs
+    2 MiB more (8.61 MiB a layer measured; minicpm4_8b on v5p-128, fsdp 32 x tensor 2: 71.50 -> 54.48 GiB)."""
+    c = lambda layers: config({**TENSOR_PARALLEL, "model.n_layers": layers})
+    total = lambda layers: aot.analyze(c(layers), aot.accelerator("v5p-8"))["bytes_per_device"]
+    per_layer = (total(8) - total(4)) / 4
+    m, fsdp, tensor = c(4).model, 2, 2
+    matrices = m.d_model * (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim + 3 * m.d_model * m.d_mlp
+    state = 16 * matrices / (fsdp * tensor) + 16 * 2 * m.d_model
+    saved_input = TENSOR_PARALLEL["train.batch_size"] // fsdp * 1024 * m.d_model * 2 / tensor
+    assert per_layer <= state + saved_input + TP_COMPILER_PER_LAYER
+
+
+@needs_libtpu
+def test_estimated_step_counts_every_loop_as_a_fully_unrolled_compile_does():
+    """Unrolled probes of 1 and 2 layers extrapolated to 4 against the compiler's estimate of the same step with
+    every loop unrolled (layers, micro-batches, loss chunks); the scanned step's own estimate counts each loop
+    body once (3.7x too low here)."""
+    c, acc = config(LOOPS), aot.accelerator("v5e-4")
+    full = aot.optimal_seconds(aot.unrolled(c, 4), acc)
+    assert aot.estimated_step_s(c, acc) == pytest.approx(full, rel=ESTIMATE_REL)
+    assert aot.optimal_seconds(c, acc) < full / 2
+
+
+def test_remat_ranking_puts_the_fitting_policies_fastest_first(monkeypatch):
+    reports = {"none": (False, 90, None), "full": (True, 50, 2.0), "save_qkv_proj": (True, 70, 1.5)}
+
+    def analyze(c, acc, num_slices, with_estimate):
+        fits, need, seconds = reports[c.model.remat]
+        mfu = seconds and 0.6 / seconds
+        return {
+            "fits": fits,
+            "bytes_per_device": need * aot.GiB,
+            "estimated_step_s": seconds,
+            "estimated_mfu": mfu,
+        }
+
+    monkeypatch.setattr(aot, "analyze", analyze)
+    rows = aot.rank_remat(config(TINY), aot.accelerator("v5e-4"), 1, list(reports))
+    assert [r["remat"] for r in rows] == ["save_qkv_proj", "full", "none"]
+    assert aot.describe_ranking(rows)[1:] == [
+        "  1. save_qkv_proj: 1.500 s, MFU 0.400, 70.00 GiB",
+        "  2. full: 2.000 s, MFU 0.300, 50.00 GiB",
+        "  do not fit: none",
+    ]
 
 
 def test_cli_unknown_topology_is_one_line_exit_2():

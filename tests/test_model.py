@@ -102,10 +102,11 @@ def test_packed_documents_match_separate_runs(attention):
     np.testing.assert_allclose(got, np.concatenate(alone), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("loss_chunk", [0, 8])
-def test_fused_loss_and_gradients_match_plain_autodiff(loss_chunk):
-    """The custom-VJP loss (chunked or not) against jax.grad of a plain log-softmax loss over full logits."""
-    cfg = tiny_model_cfg(tie_embeddings=False, loss_chunk=loss_chunk)
+@pytest.mark.parametrize("loss_chunk, unroll", [(0, False), (8, False), (8, True)])
+def test_fused_loss_and_gradients_match_plain_autodiff(loss_chunk, unroll):
+    """The custom-VJP loss (chunked or not, its chunk loop unrolled or not) against jax.grad of a plain
+    log-softmax loss over full logits."""
+    cfg = tiny_model_cfg(tie_embeddings=False, loss_chunk=loss_chunk, unroll_loops=unroll)
     model = ParamsModel(cfg)
     params = perturbed_params(model)
     rng = np.random.default_rng(3)

@@ -35,6 +35,7 @@ RUN = {
     "data.eval_batches": 1,
     "data.num_logical_shards": 4,
     "train.batch_size": 4,
+    "train.grad_accum": 1,
     "train.steps": 20,
     "train.log_every_steps": 5,
     "schedule.warmup_fraction": 0.1,

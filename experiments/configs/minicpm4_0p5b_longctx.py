@@ -22,6 +22,7 @@ def get_config():
     c.data.mixture = long_context_stage_mixture(max_tokens=CONTEXT)
     c.data.packing_bins = 4  # 32K rows: keep the packer's memory bounded
     c.train.batch_size = 64  # 2M tokens per step
+    c.train.grad_accum = 1
     c.train.steps = 10_000
     c.optimizer.lr = 0.005
     c.schedule.warmup_fraction = 0.02

@@ -38,7 +38,9 @@ def get_config():
     c.data.mixture = pretrain_mixture()
     c.train.steps = 1_000_000
     c.train.batch_size = 2048  # 8M tokens per step
-    c.train.grad_accum = 2  # fits v5p-128 with remat full: 71.5 GiB of 95 per chip (mct.aot); 1 needs 97.7
+    # fits v5p-128 (fsdp 32 x tensor 2) with remat full: 54.48 GiB of 95 per chip; 1 needs 108.51 (mct.aot,
+    # libtpu 0.0.42.1)
+    c.train.grad_accum = 2
     c.data.num_logical_shards = 64  # a multiple of the hosts: 16 on v5p-128, 64 on v5p-512
     c.optimizer.lr = 7e-3
     c.schedule.warmup_fraction = 0.002  # 2000 of 1M steps

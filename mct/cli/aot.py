@@ -1,13 +1,15 @@
 """Compile the train step ahead of time for a Cloud TPU slice, on any machine: does it fit, and what it costs.
 
 python -m mct.aot --config experiments/configs/minicpm4_8b.py --topology v5p-128 [--num_slices N] [--json]
-                  [--config.mesh.fsdp=... any other override]
+                  [--noestimate] [--rank_remat=full,save_qkv_proj,...] [--config.mesh.fsdp=... any other override]
 
 `mct.train.trainer.build` runs on the abstract devices of the named slice (libtpu describes them; no TPU needed),
 then the real TPU compiler compiles `TrainSetup.step_fn` for the abstract state and a batch of ShapeDtypeStructs.
 Printed per device: the compiler's argument / output / temporary bytes against the chip's HBM, the compile
-time, and XLA's FLOP count next to mct.model.flops'. Exit 0 when it fits; 3 and one line `does not fit: ...` when
-it does not; 2 and one line `error: ...` for bad input or a compiler rejection (a kernel's name and shape).
+time, XLA's FLOP count next to mct.model.flops', and the compiler's estimated step time and MFU (its cost
+model, every loop counted: mct.launch.aot.estimated_step_s), also for each --rank_remat policy. Exit 0 when it
+fits; 3 and one line `does not fit: ...` when it does not; 2 and one line `error: ...` for bad input or a
+compiler rejection (a kernel's name and shape).
 
 Flags and wiring only: `mct.launch.aot` does the work.
 """
@@ -22,7 +24,16 @@ from ml_collections import config_flags
 
 from mct.cli import common as cli
 from mct.errors import UserError
-from mct.launch.aot import FIT_EXIT, accelerator, analyze, describe_report, known_accelerators, not_fit_line
+from mct.launch.aot import (
+    FIT_EXIT,
+    accelerator,
+    analyze,
+    describe_ranking,
+    describe_report,
+    known_accelerators,
+    not_fit_line,
+    rank_remat,
+)
 
 
 @functools.cache
@@ -36,6 +47,12 @@ def _define_flags() -> None:
         "num_slices", 1, "Slices (multislice over DCN: the data axis spans them).", lower_bound=1
     )
     flags.DEFINE_bool("json", False, "End with one JSON line of the report.")
+    flags.DEFINE_bool(
+        "estimate", True, "Also the TPU compiler's estimated step time and MFU (3 more, loop-free compiles)."
+    )
+    flags.DEFINE_list(
+        "rank_remat", [], "model.remat policies to rank by estimated step time among those that fit."
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -47,8 +64,12 @@ def main(argv: list[str]) -> None:
     if not F.topology:
         raise UserError(f"pass --topology, one of {', '.join(known_accelerators())}")
     acc = accelerator(F.topology)
-    report = analyze(cli.config_from_flag(F.config), acc, F.num_slices)
+    config = cli.config_from_flag(F.config)
+    report = analyze(config, acc, F.num_slices, with_estimate=F.estimate)
     print("\n".join(describe_report(report)))
+    if F.rank_remat:
+        report["remat_ranking"] = rank_remat(config, acc, F.num_slices, F.rank_remat)
+        print("\n".join(describe_ranking(report["remat_ranking"])))
     if not report["fits"]:
         print(not_fit_line(report), file=sys.stderr)
     if F.json:

@@ -121,6 +121,9 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan over the stacked layers (False: unrolled, slower compile)
     remat: str = "none"  # REMAT_NAMES: the jax.checkpoint policy of a layer
     loss_chunk: int = 0  # tokens per cross-entropy chunk (0 = whole sequence at once)
+    # the step's micro-batch and loss-chunk loops unrolled (layers too when scan_layers is off): XLA's cost
+    # analysis counts a loop body once, an unrolled one fully (mct.aot's step-time estimate); not for training
+    unroll_loops: bool = False
     mtp: MTPConfig = MTPConfig()
     moe: MoEConfig = MoEConfig()
     fp8: bool = False  # linear layers in float8_e4m3fn with block scales (mct/model/fp8.py); attention, head stay bf16

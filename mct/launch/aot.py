@@ -30,10 +30,11 @@ FIT_EXIT = 3
 
 
 class Generation(NamedTuple):
-    """One TPU generation: jax's topology prefix, HBM per chip, and its GCP sizes."""
+    """One TPU generation: jax's topology prefix, HBM and bf16 matmul peak per chip, and its GCP sizes."""
 
     prefix: str  # jax topology names are "<prefix>:<topology>", e.g. "v5p:4x4x4"
     hbm_gib: int
+    bf16_flops: float  # peak FLOP/s per chip (= per device: megacore chips are one device), Cloud TPU's specs
     chip_config: str  # libtpu's: "megacore" = one device per two-TensorCore chip (v4, v5p)
     topologies: dict[int, str]  # the number in the GCP name -> chips along each torus axis
 
@@ -56,11 +57,11 @@ _PLANES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "
 
 
 GENERATIONS = {
-    "v4": Generation("v4", 32, "megacore", _CUBES),
-    "v5p": Generation("v5p", 95, "megacore", _CUBES),
-    "v5e": Generation("v5e", 16, "default", _PLANES),
-    "v5litepod": Generation("v5e", 16, "default", _PLANES),  # v5e's other GCP name
-    "v6e": Generation("v6e", 32, "default", _PLANES),
+    "v4": Generation("v4", 32, 275e12, "megacore", _CUBES),
+    "v5p": Generation("v5p", 95, 459e12, "megacore", _CUBES),
+    "v5e": Generation("v5e", 16, 197e12, "default", _PLANES),
+    "v5litepod": Generation("v5e", 16, 197e12, "default", _PLANES),  # v5e's other GCP name
+    "v6e": Generation("v6e", 32, 918e12, "default", _PLANES),
 }
 
 
@@ -289,8 +290,49 @@ def advice(parts: dict[str, float], config: Config, budget: float) -> str:
     return f"biggest: {biggest} {parts[biggest] / GiB:.2f} GiB; try {', or '.join(tips)}"
 
 
-def analyze(config: Config, acc: Accelerator, num_slices: int = 1) -> dict:
-    """Compiles `config`'s train step for `num_slices` slices of `acc`; the JSON report (bytes per device)."""
+def unrolled(config: Config, layers: int) -> Config:
+    """`config` with `layers` layers and every loop of its step unrolled (layers, micro-batches, loss chunks):
+    XLA's cost analysis counts a loop body once, so only such a step is counted in full."""
+    model = dataclasses.replace(config.model, n_layers=layers, scan_layers=False, unroll_loops=True)
+    return config.replace(model=model)
+
+
+def optimal_seconds(config: Config, acc: Accelerator, num_slices: int = 1) -> float:
+    """The TPU compiler's estimate of one run of `config`'s compiled step (cost_analysis' optimal_seconds)."""
+    compiled, _ = compile_step(build_for(config, acc, num_slices))
+    return float(compiled.cost_analysis()["optimal_seconds"])
+
+
+def estimated_step_s(config: Config, acc: Accelerator, num_slices: int = 1) -> float:
+    """The TPU compiler's estimate of one step's seconds with every loop counted in full: unrolled probes of
+    1 and 2 layers (quick to compile at any depth) give T_1 and a layer's T_2 - T_1; step = T_1 + (layers - 1)
+    x (T_2 - T_1)."""
+    layers = config.model.n_layers
+    one = optimal_seconds(unrolled(config, 1), acc, num_slices)
+    return (
+        one + (layers - 1) * (optimal_seconds(unrolled(config, 2), acc, num_slices) - one)
+        if layers > 1
+        else one
+    )
+
+
+def estimate(config: Config, acc: Accelerator, num_slices: int, flops_per_device: float) -> dict:
+    """estimated_step_s and estimated_mfu (mct.model.flops' count over the chip's bf16 peak), or None for both
+    when a probe does not fit."""
+    try:
+        seconds = estimated_step_s(config, acc, num_slices)
+    except OutOfMemory:  # unrolled, the loops' buffers can be live at once
+        note = "no step-time estimate: an unrolled probe does not fit HBM"
+        return {"estimated_step_s": None, "estimated_mfu": None, "estimate_note": note}
+    return {
+        "estimated_step_s": seconds,
+        "estimated_mfu": flops_per_device / seconds / acc.generation.bf16_flops,
+    }
+
+
+def analyze(config: Config, acc: Accelerator, num_slices: int = 1, with_estimate: bool = False) -> dict:
+    """Compiles `config`'s train step for `num_slices` slices of `acc`; the JSON report (bytes per device), and
+    with_estimate the compiler's estimated step time when it fits."""
     setup = build_for(config, acc, num_slices)
     report = {
         "topology": acc.name,
@@ -316,6 +358,8 @@ def analyze(config: Config, acc: Accelerator, num_slices: int = 1) -> dict:
             "fits": False,
             "bytes_per_device": int(oom.needs),
             "flops_per_step": None,
+            "estimated_step_s": None,
+            "estimated_mfu": None,
             "note": note,
         }
     mem = memory(compiled, setup)
@@ -326,9 +370,12 @@ def analyze(config: Config, acc: Accelerator, num_slices: int = 1) -> dict:
         "batch": mem["batch"],
         "activations and temporaries": mem["temporaries"],
     }
+    fits = mem["total"] <= acc.hbm_bytes
+    if with_estimate and fits:
+        report.update(estimate(setup.config, acc, num_slices, analytic))
     return {
         **report,
-        "fits": mem["total"] <= acc.hbm_bytes,
+        "fits": fits,
         "bytes_per_device": mem["total"],
         "memory": mem,
         "flops_per_step": xla,
@@ -337,6 +384,31 @@ def analyze(config: Config, acc: Accelerator, num_slices: int = 1) -> dict:
         "dot_operand_types": dot_operand_types(compiled.as_text()),
         "note": advice(parts, setup.config, acc.hbm_bytes),
     }
+
+
+def rank_remat(config: Config, acc: Accelerator, num_slices: int, policies: list[str]) -> list[dict]:
+    """Each model.remat policy's fit, bytes per device and estimated step: those that fit first, fastest first."""
+    rows = []
+    for policy in policies:
+        r = analyze(
+            config.replace(model=dataclasses.replace(config.model, remat=policy)), acc, num_slices, True
+        )
+        keys = ("fits", "bytes_per_device", "estimated_step_s", "estimated_mfu")
+        rows.append({"remat": policy, **{k: r[k] for k in keys}})
+    fast = lambda r: (r["estimated_step_s"] is None, r["estimated_step_s"] or 0.0, r["bytes_per_device"])
+    return sorted(rows, key=fast)
+
+
+def describe_ranking(rows: list[dict]) -> list[str]:
+    """One line a policy: the fitting ones ranked by the compiler's estimated step time."""
+    lines = ["remat policies by the TPU compiler's estimated step time (those that fit):"]
+    for i, r in enumerate(x for x in rows if x["estimated_step_s"] is not None):
+        lines.append(
+            f"  {i + 1}. {r['remat']}: {r['estimated_step_s']:.3f} s, MFU {r['estimated_mfu']:.3f}, "
+            f"{r['bytes_per_device'] / GiB:.2f} GiB"
+        )
+    unfit = [r["remat"] for r in rows if not r["fits"]]
+    return lines + ([f"  do not fit: {', '.join(unfit)}"] if unfit else [])
 
 
 _DEF = re.compile(r"(%[\w.-]+) = (\w+)\[")  # an instruction's name and element type
@@ -393,6 +465,13 @@ def describe_report(r: dict) -> list[str]:
             f"mct.model.flops {r['analytic_flops_per_step']:.4g}",
             "dots by element type: " + ", ".join(f"{k}: {n}" for k, n in r["dot_operand_types"].items()),
         ]
+    if r.get("estimated_step_s") is not None:
+        lines.append(
+            f"estimated step (the TPU compiler's estimate, every loop counted; not a measurement): "
+            f"{r['estimated_step_s']:.3f} s, MFU {r['estimated_mfu']:.3f} (mct.model.flops over the bf16 peak)"
+        )
+    if "estimate_note" in r:
+        lines.append(r["estimate_note"])
     need, hbm = r["bytes_per_device"], r["hbm_per_device"]
     verdict = f"fits, headroom {gib(hbm - need)}" if r["fits"] else "does not fit"
     lines.append(f"needs {gib(need)} of {gib(hbm)} HBM per device: {verdict}")

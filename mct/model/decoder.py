@@ -244,12 +244,12 @@ class MiniCPM(nnx.Module):
         def layer(h, w):  # h: [batch, seq, d_model]
             attention = lambda q, k, v: (attend(q, k, v, segment_ids, cfg), None)
             h, _, stats = decoder_layer(cfg, h, w, positions, rope, attention, mlp)
-            h = constrain(h, ("batch", None, None))
+            h = constrain(h, ("batch", None, "activation_embed"))
             return h, ((h if return_layers else None), stats)
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat))
-        h0 = constrain(self.embed_tokens(tokens), ("batch", None, None))
+        h0 = constrain(self.embed_tokens(tokens), ("batch", None, "activation_embed"))
         residual, (layers, stats) = scan_layers(cfg, layer, h0, self._block_weights())
         return Forward(rms_norm(residual, self.final_norm[...], cfg.rms_eps), residual, layers, stats)
 

@@ -53,8 +53,9 @@ def _chunk_pass(h, w, targets, mask, with_grads: bool):
     return losses, dh, dw
 
 
-def _all_chunks(h, w, targets, mask, chunk: int, with_grads: bool):
-    """_chunk_pass over the sequence in chunks: losses [batch, seq], dh [batch, seq, d_model], dw [d_model, vocab]."""
+def _all_chunks(h, w, targets, mask, chunk: int, with_grads: bool, unroll: bool = False):
+    """_chunk_pass over the sequence in chunks (a loop, or unrolled): losses [batch, seq], dh [batch, seq,
+    d_model], dw [d_model, vocab]."""
     if not chunk or chunk >= h.shape[1]:
         return _chunk_pass(h, w, targets, mask, with_grads)
 
@@ -64,23 +65,27 @@ def _all_chunks(h, w, targets, mask, chunk: int, with_grads: bool):
         return (dw + dw_chunk if with_grads else dw), (losses, dh)
 
     dw0 = jnp.zeros_like(w) if with_grads else None
-    dw, (losses, dh) = jax.lax.scan(body, dw0, tuple(_split(x, chunk) for x in (h, targets, mask)))
+    xs = tuple(_split(x, chunk) for x in (h, targets, mask))
+    dw, (losses, dh) = jax.lax.scan(body, dw0, xs, unroll=unroll)
     return _merge(losses), (_merge(dh) if with_grads else None), dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def masked_loss_sum(h: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, mask: jnp.ndarray, chunk: int):
-    """sum(mask * cross_entropy(h @ w, targets)) as an fp32 scalar; h: [batch, seq, d_model], w: [d_model, vocab]."""
-    losses, _, _ = _all_chunks(h, w, targets, mask, chunk, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def masked_loss_sum(
+    h: jnp.ndarray, w: jnp.ndarray, targets: jnp.ndarray, mask: jnp.ndarray, chunk: int, unroll: bool
+):
+    """sum(mask * cross_entropy(h @ w, targets)) as an fp32 scalar; h: [batch, seq, d_model], w: [d_model, vocab];
+    unroll: the chunk loop unrolled (model.unroll_loops)."""
+    losses, _, _ = _all_chunks(h, w, targets, mask, chunk, False, unroll)
     return jnp.sum(losses * mask)
 
 
-def _loss_fwd(h, w, targets, mask, chunk):
-    losses, dh, dw = _all_chunks(h, w, targets, mask, chunk, with_grads=True)
+def _loss_fwd(h, w, targets, mask, chunk, unroll):
+    losses, dh, dw = _all_chunks(h, w, targets, mask, chunk, True, unroll)
     return jnp.sum(losses * mask), (dh, dw)
 
 
-def _loss_bwd(chunk, residuals, g):
+def _loss_bwd(chunk, unroll, residuals, g):
     dh, dw = residuals
     return (g * dh).astype(dh.dtype), g * dw, None, None
 
@@ -100,7 +105,8 @@ def loss_sums(model: MiniCPM, batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarra
     """(sum of masked token losses, number of counted tokens): summable across micro-batches and hosts."""
     mask = batch["loss_mask"].astype(jnp.float32)
     h = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [batch, seq, d_model]
-    total = masked_loss_sum(h, model.head_weight(), batch["targets"], mask, model.cfg.loss_chunk)
+    cfg = model.cfg
+    total = masked_loss_sum(h, model.head_weight(), batch["targets"], mask, cfg.loss_chunk, cfg.unroll_loops)
     return total, jnp.sum(mask)
 
 

@@ -73,6 +73,8 @@ def mtp_loss_sums(model: MiniCPM, residual: jnp.ndarray, batch: dict) -> tuple[j
     total = count = jnp.zeros((), jnp.float32)
     for k, h in enumerate(mtp_hidden(model, residual, batch)):
         targets, mask = mtp_targets(batch, k)
-        total = total + masked_loss_sum(h, model.head_weight(), targets, mask, cfg.loss_chunk)
+        total = total + masked_loss_sum(
+            h, model.head_weight(), targets, mask, cfg.loss_chunk, cfg.unroll_loops
+        )
         count = count + jnp.sum(mask)
     return total / cfg.mtp.depth, count / cfg.mtp.depth

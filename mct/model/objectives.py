@@ -19,7 +19,9 @@ def pretraining_objective(model: MiniCPM, batch: dict) -> tuple[jnp.ndarray, jnp
     cfg = model.cfg
     mask = batch["loss_mask"].astype(jnp.float32)
     out = model.forward(batch["tokens"], batch["positions"], batch["segment_ids"])
-    ntp = masked_loss_sum(out.hidden, model.head_weight(), batch["targets"], mask, cfg.loss_chunk)
+    ntp = masked_loss_sum(
+        out.hidden, model.head_weight(), batch["targets"], mask, cfg.loss_chunk, cfg.unroll_loops
+    )
     count = jnp.sum(mask)
     total, extras = ntp, {}
     if cfg.mtp.depth:

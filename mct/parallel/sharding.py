@@ -16,6 +16,9 @@ from mct.errors import ConfigError
 RULES = {
     "batch": ("data", "fsdp", "expert"),  # activations: batch split over every data-parallel axis
     "embed": "fsdp",  # parameters: ZeRO-3 style sharding of the model dimension
+    # activations: the residual stream's model dimension between layers (each layer's saved input under remat)
+    # is split over tensor, not replicated on it; the layer all-gathers it for its matmuls
+    "activation_embed": "tensor",
     "vocab": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",

@@ -59,7 +59,8 @@ def make_train_step(
 
             first = jax.eval_shape(loss_and_grad, params, jax.tree.map(lambda x: x[0], micro))
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), first)
-            ((loss_sum, count, extras), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            unroll = model.cfg.unroll_loops
+            ((loss_sum, count, extras), grads), _ = jax.lax.scan(accumulate, zeros, micro, unroll=unroll)
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
