@@ -95,7 +95,7 @@ def _processes():
             continue
 
 
-def _wait_for(predicate, proc, timeout=240):
+def _wait_for(predicate, proc, timeout=400):
     deadline = time.time() + timeout
     while not predicate():
         if proc.poll() is not None:
