@@ -82,7 +82,7 @@ LOOPS = {
     "train.grad_accum": 2,
 }
 # |estimate / fully unrolled compile - 1|: 0.23% measured with libtpu 0.0.42.1 (the issue's bar: 2%)
-ESTIMATE_REL = 0.005
+ESTIMATE_REL = 0.01  # measured 0.75% (libtpu 0.0.52)
 # 8 x 8192-wide layers: ~92 GB of fp32 params + Adam moments against 4 x 16 GiB
 TOO_LARGE = {
     **TINY,
@@ -254,7 +254,7 @@ def test_tensor_parallel_layer_keeps_its_input_split_over_tensor():
 
 @needs_libtpu
 def test_estimated_step_counts_every_loop_as_a_fully_unrolled_compile_does():
-    """Unrolled probes of 1 and 2 layers extrapolated to 4 against the compiler's estimate of the same step with
+    """Unrolled probes of 2 and 3 layers extrapolated to 4 against the compiler's estimate of the same step with
     every loop unrolled (layers, micro-batches, loss chunks); the scanned step's own estimate counts each loop
     body once (3.7x too low here)."""
     c, acc = config(LOOPS), aot.accelerator("v5e-4")
