@@ -221,7 +221,7 @@ def test_bad_input_fails_clearly_and_leaves_nothing(tmp_path, dataset):
     # the CLI: one line, exit 2, for an unknown type (listing the known ones) and tq2_0 of a dense run
     export = [sys.executable, "-m", "mct.export", "--workdir", str(tmp_path / "wd"), "--format", "gguf"]
     for flags, message in (
-        (["--gguf_type", "q3"], "unknown gguf_type .q3.; choose one of f32, f16, q8_0, q4_k_m, tq2_0"),
+        (["--gguf_type", "q3"], "unknown gguf_type 'q3'; choose one of f32, f16, q8_0, q4_k_m, tq2_0"),
         (["--gguf_type", "tq2_0"], "tq2_0 needs a ternary QAT run"),
     ):
         result = subprocess.run(

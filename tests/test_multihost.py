@@ -39,7 +39,9 @@ def launch(processes: int, workdir, dataset, *, wait: bool = True, **extra):
         "--",
         *train_flags(workdir, dataset, **{**RUN, **extra}),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # no XLA_FLAGS (each process has its own devices) and no persistent compilation cache: with jax 0.12.1, two
+    # CPU processes that both load their step from a warm cache hang before their first checkpoint
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if not wait:
         return proc
