@@ -1,4 +1,4 @@
-"""GGUF exports run in llama.cpp itself (llama-cpp-python, built from its sdist: requirements.txt): f32 logits and
+"""GGUF exports run in llama.cpp itself (llama-cpp-python, built from its sdist: the gguf extra): f32 logits and
 greedy tokens equal mct's (tied; untied with LongRoPE's long factors active), q8_0 / q4_k_m perplexity stays
 within 1% / 2% of f32, a ternary QAT model in tq2_0 gives the logits of a NumPy model of ggml's TQ2_0 x Q8_K
 products, llama3 RoPE gives mct's logits, and llama.cpp tokenizes and renders chats as mct does. llama.cpp runs in
