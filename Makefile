@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.core: requirements.txt pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: mct needs Python 3.12 or 3.13 (python3.12 on PATH, or make PYTHON=...)"; exit 2; }
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)  # a fresh venv: an older one may hold another Python
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e .
 	touch $@
