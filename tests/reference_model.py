@@ -1,16 +1,8 @@
 """An independent NumPy implementation of the model (docs/design.md, Algorithms / Model): the tests' oracle."""
 
 import math
-from collections.abc import Callable
 
 import numpy as np
-
-Product = Callable[[np.ndarray, np.ndarray, str], np.ndarray]  # (x [.., in], weight [in, out], name) -> x @ w
-
-
-def exact(x: np.ndarray, w: np.ndarray, name: str) -> np.ndarray:
-    """The float64 product: the model as written (tests of quantised kernels pass their own Product)."""
-    return x @ w
 
 
 def _rms(x, w, eps):
@@ -35,13 +27,7 @@ def _rope(x, pos, rope, head_dim, seq_len, max_position):
 
 
 def _block(
-    p: dict,
-    cfg,
-    h: np.ndarray,
-    positions: np.ndarray,
-    mask: np.ndarray,
-    moe_stats: list | None = None,
-    dot: Product = exact,
+    p: dict, cfg, h: np.ndarray, positions: np.ndarray, mask: np.ndarray, moe_stats: list | None = None
 ):
     """One decoder block of per-layer weights `p` (no layers axis): h [seq, d_model] -> [seq, d_model]."""
     s = len(h)
@@ -51,27 +37,27 @@ def _block(
     out = np.zeros((s, cfg.n_heads, cfg.head_dim))
     for head in range(cfg.n_heads):
         kv = head // group
-        q = _rope(dot(x, p["wq"][:, head, :], "wq"), positions, cfg.rope, cfg.head_dim, s, cfg.max_position)
-        k = _rope(dot(x, p["wk"][:, kv, :], "wk"), positions, cfg.rope, cfg.head_dim, s, cfg.max_position)
-        v = dot(x, p["wv"][:, kv, :], "wv")
+        q = _rope(x @ p["wq"][:, head, :], positions, cfg.rope, cfg.head_dim, s, cfg.max_position)
+        k = _rope(x @ p["wk"][:, kv, :], positions, cfg.rope, cfg.head_dim, s, cfg.max_position)
+        v = x @ p["wv"][:, kv, :]
         scores = np.where(mask, q @ k.T / math.sqrt(cfg.head_dim), -np.inf)
         w = np.exp(scores - scores.max(-1, keepdims=True))
         out[:, head] = (w / w.sum(-1, keepdims=True)) @ v
-    h = h + branch * dot(out.reshape(s, -1), p["wo"].reshape(-1, cfg.d_model), "wo")
+    h = h + branch * np.einsum("shk,hkd->sd", out, p["wo"])
     x = _rms(h, p["mlp_norm"], cfg.rms_eps)
     if "router" in p:
         mlp, stats = moe(x, p, cfg.moe.top_k)
         if moe_stats is not None:
             moe_stats.append(stats)
     else:
-        mlp = swiglu(x, p["w_gate"], p["w_up"], p["w_down"], dot)
+        mlp = swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
     return h + branch * mlp
 
 
-def swiglu(x, gate, up, down, dot: Product = exact):
+def swiglu(x, gate, up, down):
     """SwiGLU in NumPy: (silu(x gate) * x up) down."""
-    g, u = dot(x, gate, "w_gate"), dot(x, up, "w_up")
-    return dot((g / (1 + np.exp(-g))) * u, down, "w_down")
+    g, u = x @ gate, x @ up
+    return ((g / (1 + np.exp(-g))) * u) @ down
 
 
 def moe(x: np.ndarray, p: dict, top_k: int) -> tuple[np.ndarray, dict]:
@@ -97,32 +83,27 @@ def _layer(p: dict, i: int, prefix: str = "") -> dict:
     return {n: p[prefix + n][i] for n in names if prefix + n in p}
 
 
-def residual(
-    params: dict, cfg, tokens, positions, segments, moe_stats: list | None = None, dot: Product = exact
-) -> np.ndarray:
-    """One sequence: the last block's output [seq, d_model] before the final norm (float64); `dot` computes
-    every weight matrix's product."""
+def residual(params: dict, cfg, tokens, positions, segments, moe_stats: list | None = None) -> np.ndarray:
+    """One sequence: the last block's output [seq, d_model] before the final norm (float64)."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     s = len(tokens)
     h = cfg.scale_emb * p["embed"][tokens]
     mask = np.tril(np.ones((s, s), bool)) & (segments[:, None] == segments[None, :])
     for layer in range(cfg.n_layers):
-        h = _block(_layer(p, layer), cfg, h, positions, mask, moe_stats, dot)
+        h = _block(_layer(p, layer), cfg, h, positions, mask, moe_stats)
     return h
 
 
-def _head(p: dict, cfg, h: np.ndarray, norm: np.ndarray, dot: Product = exact) -> np.ndarray:
+def _head(p: dict, cfg, h: np.ndarray, norm: np.ndarray) -> np.ndarray:
     m = cfg.d_model / cfg.dim_model_base if cfg.parametrization == "mup" else 1.0
     head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
-    return dot(_rms(h, norm, cfg.rms_eps) / m, np.asarray(head, np.float64), "head")
+    return (_rms(h, norm, cfg.rms_eps) / m) @ np.asarray(head, np.float64)
 
 
-def logits(
-    params: dict, cfg, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray, dot: Product = exact
-) -> np.ndarray:
+def logits(params: dict, cfg, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray) -> np.ndarray:
     """One sequence: tokens/positions/segments [seq] -> logits [seq, vocab] (float64)."""
-    h = residual(params, cfg, tokens, positions, segments, dot=dot)
-    return _head(params, cfg, h, np.asarray(params["final_norm"], np.float64), dot)
+    h = residual(params, cfg, tokens, positions, segments)
+    return _head(params, cfg, h, np.asarray(params["final_norm"], np.float64))
 
 
 def mtp_logits(params: dict, cfg, tokens, positions, segments, next_tokens) -> list[np.ndarray]:

@@ -1,8 +1,8 @@
 """GGUF exports run in llama.cpp itself (llama-cpp-python, built from its sdist: the gguf extra): f32 logits and
 greedy tokens equal mct's (tied; untied with LongRoPE's long factors active), q8_0 / q4_k_m perplexity stays
-within 1% / 2% of f32, a ternary QAT model in tq2_0 gives the logits of a NumPy model of ggml's TQ2_0 x Q8_K
-products, llama3 RoPE gives mct's logits, and llama.cpp tokenizes and renders chats as mct does. llama.cpp runs in
-a process of its own (tests/llama_cpp_client.py), never beside JAX's and torch's runtimes in the test's.
+within 1% / 2% of f32, a ternary QAT model in tq2_0 follows mct's QAT forward (logits, decisive argmaxes),
+llama3 RoPE gives mct's logits, and llama.cpp tokenizes and renders chats as mct does. llama.cpp runs in a process
+of its own (tests/llama_cpp_client.py), never beside JAX's and torch's runtimes in the test's.
 
 Tiny models are trained, dense and ternary QAT, so argmaxes are decisive and perplexity means something.
 The untied-LongRoPE model is the dense one's weights under those settings (a perturbed copy of the embedding as
@@ -24,14 +24,10 @@ from mct.config.run import Config
 from mct.export.gguf_export import export_gguf
 from mct.infer.decoding import forward, generate, init_cache, output_head, params_model
 from mct.infer.generate import encode_prompts
-from mct.model import quant
 from mct.run.reader import RunCheckpoint
 from mct.run.training_run import train
-from tests import reference_model
 from tests.data_fixtures import make_tiny_dataset, write_text_documents
-from tests.test_data_loader import _documents
 from tests.test_export import save_random_run, tiny_run_config
-from tests.test_gguf import numpy_ternary
 from tests.tiny_runs import REPO, make_config, save_params_run
 
 CTX = 64  # llama.cpp's context and the models' max_position
@@ -165,64 +161,30 @@ def test_llama3_rope_as_frequency_factors_gives_mct_logits(tmp_path, dataset):
     np.testing.assert_allclose(llama_logits(path, [ids])[0], expected, atol=2e-3 * np.abs(expected).max())
 
 
-def q8_k(x: np.ndarray) -> np.ndarray:
-    """ggml's Q8_K of activations x [..., n] (n a multiple of 256), dequantised: per block of 256, the signed
-    value of largest |x| (the first on ties) maps to -127, every value is rounded half to even in f32 after
-    multiplying by iscale = -127 / that value (clipped at 127), and d = 1 / iscale (f32) scales it back."""
-    blocks = np.asarray(x, np.float32).reshape(*x.shape[:-1], -1, gguf.QK_K)
-    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)  # [..., blocks, 1]
-    iscale = np.float32(-127.0) / np.where(peak == 0, np.float32(1), peak)
-    codes = np.minimum(np.rint(blocks * iscale), 127)  # f32 product, as ggml's nearest_int(iscale * x)
-    scale = np.where(peak == 0, np.float32(0), np.float32(1) / iscale)
-    return (codes.astype(np.float64) * scale).reshape(x.shape)
-
-
-def ggml_dot(x: np.ndarray, w: np.ndarray, name: str) -> np.ndarray:
-    """llama.cpp's CPU products in a TQ2_0 file: a ternary matrix (codes times one f16 scale per 256 inputs)
-    meets Q8_K activations (ggml_vec_dot_tq2_0_q8_K: an integer sum per block times both scales); the f16 head
-    meets activations rounded to f16. The weights reaching here already hold those exact values."""
-    if name == "head":
-        return x.astype(np.float16).astype(np.float64) @ w
-    return q8_k(x) @ w
-
-
-def tq2_0_weights(params: dict) -> dict:
-    """The values a TQ2_0 export holds (tests/test_gguf.py checks the file against numpy_ternary): ternary codes
-    times the group's scale in f16 for the QAT matrices (stacked [layers, in..., out...]), f16 embeddings."""
-    out = dict(params, embed=np.asarray(params["embed"], np.float16).astype(np.float32))
-    for name, (contracted, _) in quant.MATRIX_DIMS.items():  # the TQ2_0 matrices
-        w = np.asarray(params[name], np.float32)
-        layers, fan_in = w.shape[0], int(np.prod(w.shape[1 : 1 + contracted]))
-        rows = w.reshape(layers, fan_in, -1).swapaxes(1, 2)  # [layers, out, in]
-        ternary = [
-            codes * scales.astype(np.float16).astype(np.float32)
-            for codes, scales in (numpy_ternary(r, 256) for r in rows)
-        ]
-        out[name] = np.stack(ternary).swapaxes(1, 2).reshape(w.shape)
-    return out
-
-
-def test_tq2_0_logits_equal_a_numpy_model_of_ggml_products(runs, files, dataset):
-    """llama.cpp's logits of the ternary QAT run in TQ2_0 equal a NumPy forward (tests/reference_model.py, float64)
-    whose every matrix product is ggml's: TQ2_0 x Q8_K for the ternary matrices, f16 x f16 for the head.
-    Errors, as fractions of max |logit| per position, measured on two trained models (their data's temporary
-    path differs): f32 arithmetic (1e-7) where nothing differs, but an activation that llama.cpp's f32 forward
-    and the float64 model put on two sides of a Q8_K half step (inputs within ~1e-4 of it) moves that position
-    by up to 1.2e-3 and the positions attending to it by less: median 1e-7 and 8.4e-6, worst 1.0e-3 and
-    1.2e-3. The same forward with f32 activations (no Q8_K) misses by 1.6e-3 at least, median 4e-3."""
+def test_tq2_0_follows_the_qat_forward(runs, files):
+    """TQ2_0 holds the QAT codes exactly (tests/test_gguf.py), but llama.cpp's TQ2_0 product rounds activations
+    to 8 bits and keeps f16 scales: along mct's greedy continuation its logits stay within 6% of the logits'
+    range of the QAT forward's, and its argmax is mct's token wherever mct's margin exceeds 6% (twice the usual
+    error)."""
     run = runs["qat"]
-    weights, cfg = tq2_0_weights(run.read_params()), run.model_cfg
-    sequences = [d[:CTX].tolist() for d in _documents(dataset)[:3]]
-    errors, plain_errors = [], []
-    for ids, got in zip(sequences, llama_logits(files("qat", "tq2_0"), sequences), strict=True):
-        args = (weights, cfg, np.asarray(ids), np.arange(len(ids)), np.ones(len(ids), int))
-        want, plain = reference_model.logits(*args, ggml_dot), reference_model.logits(*args)
-        errors.append(np.abs(got - want).max(-1) / np.abs(want).max())  # [positions]
-        plain_errors.append(np.abs(got - plain).max(-1) / np.abs(want).max())
-    errors, plain_errors = np.concatenate(errors), np.concatenate(plain_errors)
-    print(f"tq2_0 vs NumPy ggml products: median {np.median(errors):.1e}, worst {errors.max():.1e}")
-    assert np.median(errors) < 1e-4 and errors.max() < 2e-3
-    assert np.median(plain_errors) > 1e-3  # the model needs Q8_K: without it the median is 40 times the bound
+    prompts = encode_prompts(run.tokenizer(), PROMPTS)
+    params = run.read_params()
+    continuations = generate(run.model_cfg, params, prompts, max_new_tokens=MAX_NEW)
+    sequences = [prompt + tokens for prompt, tokens in zip(prompts, continuations)]
+    agreeing = []
+    llama = llama_logits(files("qat", "tq2_0"), sequences)
+    for prompt, tokens, ids, llama_ids in zip(prompts, continuations, sequences, llama, strict=True):
+        chose = slice(len(prompt) - 1, -1)  # the positions whose logits chose `tokens`
+        expected, got = mct_logits(run, params, ids)[chose], llama_ids[chose]
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(got, expected, atol=0.06 * scale)  # q8_K activations: measured up to 4.8%
+        top2 = np.sort(expected, axis=-1)[:, -2:]
+        decisive = top2[:, 1] - top2[:, 0] > 0.06 * scale  # twice the usual error (about 3%)
+        agreeing.append(np.argmax(got, -1)[decisive] == np.asarray(tokens)[decisive])
+    agreeing = np.concatenate(agreeing)
+    # not a vacuous check: how many positions are decisive depends on the trained model, which depends on the
+    # dataset's tmp path (a clean-clone run had 14 of 64; an eighth, 8, still compares real choices)
+    assert agreeing.all() and len(agreeing) >= len(PROMPTS) * MAX_NEW // 8
 
 
 def perplexity(path, windows: list[list[int]]) -> float:
