@@ -69,17 +69,7 @@ def train_run(name: str, shape: dict) -> RunCheckpoint:
     config = _CONFIG.value.copy_and_resolve_references()
     config.workdir = str(pathlib.Path(_WORK_DIR.value) / name)
     config.model.update(shape)
-    config.data.seq_len = 128
-    config.train.steps = _TRAIN_STEPS.value
-    config.train.batch_size = 16
-    config.schedule.warmup_fraction, config.schedule.decay_fraction = 0.1, 0.2
-    config.eval.every_steps = config.checkpoint.every_steps = _TRAIN_STEPS.value
-    ckpt = Checkpointer(config.workdir)
-    finished = ckpt.latest_step() == config.train.steps
-    ckpt.close()
-    if not finished:
-        train(Config.from_dict(config.to_dict()))
-    return RunCheckpoint(config.workdir)
+    return train_unless_done(config, lambda c: train(Config.from_dict(c.to_dict())))
 
 
 def train_head(target: RunCheckpoint) -> RunCheckpoint:
@@ -88,17 +78,22 @@ def train_head(target: RunCheckpoint) -> RunCheckpoint:
     config = tiny_cpu_eagle.get_config()
     config.workdir = str(pathlib.Path(_WORK_DIR.value) / "eagle")
     config.eagle.target = str(target.workdir)
+    config.schedule.warmup_steps = 0
+    return train_unless_done(config, lambda c: train_eagle(EagleRunConfig.from_dict(c.to_dict())))
+
+
+def train_unless_done(config, run) -> RunCheckpoint:
+    """run(config) with the benchmark's step and batch settings, unless its workdir already holds the last step."""
     config.data.seq_len = 128
     config.train.steps = _TRAIN_STEPS.value
     config.train.batch_size = 16
-    config.schedule.warmup_steps = 0
     config.schedule.warmup_fraction, config.schedule.decay_fraction = 0.1, 0.2
     config.eval.every_steps = config.checkpoint.every_steps = _TRAIN_STEPS.value
     ckpt = Checkpointer(config.workdir)
     finished = ckpt.latest_step() == config.train.steps
     ckpt.close()
     if not finished:
-        train_eagle(EagleRunConfig.from_dict(config.to_dict()))
+        run(config)
     return RunCheckpoint(config.workdir)
 
 
